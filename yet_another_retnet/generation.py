@@ -1,0 +1,151 @@
+"""Text generation for RetNet: chunkwise prompt prefill, then O(1) recurrent decoding.
+
+:class:`GenerationMixin` gives a model ``generate`` and ``stream_generate``. It relies only on the
+model's ``_forward(input_ids, state, mode, chunk_size, labels, token_mask)`` and ``_check_inputs``,
+so it knows nothing of the model's internals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def _check_generation_args(
+    max_new_tokens: object, do_sample: bool, temperature: object, top_k: object, top_p: object,
+    eos_token_id: object, pad_token_id: object, vocab_size: int,
+) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, int | float) or isinstance(temperature, bool):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    for name, token in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if token is not None and (isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size):
+            raise ValueError(f"{name} must be a token id in [0, {vocab_size}) or None, got {token!r}")
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Set to ``-inf`` every logit outside the ``top_k`` largest and the ``top_p`` nucleus.
+
+    ``logits`` ``(batch, vocab)``; the most likely token always survives.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already cover top_p.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(
+    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Pick one token per row from ``logits`` ``(batch, vocab)``: argmax, or a filtered sample."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class GenerationMixin:
+    """``generate`` and ``stream_generate`` for a model with a stateful ``_forward``."""
+
+    config: Any
+    _forward: Any
+    _check_inputs: Any
+
+    def stream_generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        pad_token_id: int | None = None,
+        chunk_size: int | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield the next token of every row, ``(batch,)`` long, one step at a time.
+
+        The prompt ``input_ids`` ``(batch, length)`` is prefilled in chunkwise form; each new token
+        costs one recurrent step, whatever the context length. Rows that produced
+        ``eos_token_id`` yield ``pad_token_id`` (default: the eos id) from then on; the stream ends
+        after ``max_new_tokens`` or when every row has finished.
+        """
+        _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+                               pad_token_id, self.config.vocab_size)
+        token_mask = self._check_inputs(input_ids, None, None, chunk_size, None, attention_mask)
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one prompt token per row")
+        if token_mask is not None and not bool(token_mask[:, -1].all()):
+            raise ValueError("attention_mask: every row needs at least one real (1) prompt token")
+        if max_new_tokens == 0:
+            return
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        # Each model call runs under inference_mode, but never across a ``yield``: grad mode is
+        # thread-local, and a generator suspended inside the context would leak it to the caller.
+        with torch.inference_mode():
+            out = self._forward(input_ids, None, "chunkwise", chunk_size, None, token_mask)
+            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        state, logits = out.state, out.logits[:, -1]
+        for step in range(max_new_tokens):
+            with torch.inference_mode():
+                token = next_tokens(logits, do_sample, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    assert pad is not None
+                    token = torch.where(finished, torch.full_like(token, pad), token)
+                    finished = finished | (token == eos_token_id)
+            yield token
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
+                return
+            with torch.inference_mode():
+                out = self._forward(token[:, None], state, "recurrent", None)
+            state, logits = out.state, out.logits[:, -1]
+
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        attention_mask: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        pad_token_id: int | None = None,
+        chunk_size: int | None = None,
+    ) -> Tensor:
+        """The prompt followed by up to ``max_new_tokens`` tokens: ``(batch, prompt + new)`` long.
+
+        Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and
+        ``top_p`` from ``generator``. Left-padded prompts (``attention_mask`` 0 on the left) give
+        each row what its prompt gives alone. Generation stops early once every row has emitted
+        ``eos_token_id``.
+        """
+        new = list(self.stream_generate(
+            input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
+            attention_mask, generator, pad_token_id, chunk_size,
+        ))
+        if not new:
+            return input_ids.clone()
+        return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)

@@ -1,0 +1,114 @@
+"""``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``, atomic writes.
+
+Each file is written to a temporary name in the target directory, flushed to disk and renamed
+over the old one, so a crash leaves either the old file or the new one, never half of either.
+The weights file also carries the config in its metadata, so a pair that does not belong
+together (a crash between the two renames, a hand-edited config) is caught on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import RetNetConfig
+
+if TYPE_CHECKING:
+    from .retnet import RetNet
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)``, fsync the result, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _weights_of(model: RetNet) -> dict[str, torch.Tensor]:
+    state = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)  # the same tensor as embed_tokens.weight
+    return state
+
+
+def save_pretrained(model: RetNet, directory: str | Path) -> None:
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
+    config_json = model.config.to_json()
+    tensors = {name: t.detach().contiguous().cpu() for name, t in _weights_of(model).items()}
+    atomic_write(directory / WEIGHTS_NAME,
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "config": config_json}))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_json))
+
+
+def read_config(directory: Path) -> RetNetConfig:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    try:
+        return RetNetConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid RetNetConfig: {err}") from err
+
+
+def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> RetNet:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"from_pretrained: {directory} is not a directory")
+    config = read_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+    try:
+        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise OSError(f"{weights_path} is truncated or corrupt: {err}") from err
+    saved = metadata.get("config")
+    if saved is not None and RetNetConfig.from_json(saved) != config:
+        raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {weights_path}")
+
+    target_dtype = dtype or next(iter(tensors.values()), torch.empty(0)).dtype
+    model = cls(config, dtype=target_dtype)
+    expected = {name: t.shape for name, t in _weights_of(model).items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(tensors) if tuple(tensors[n].shape) != tuple(expected[n]))
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{weights_path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong shape {wrong[:5]}"
+        )
+    model.load_state_dict(tensors, strict=False)
+    model.eval()
+    return model.to(device=device or "cpu")

@@ -1,0 +1,179 @@
+"""``RetNetConfig``: every hyper-parameter of a RetNet language model, validated, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..layers.feedforward import ACTIVATIONS, BLOCK_NORMS, FFN_KINDS
+from ..layers.retention import GATE_ACTIVATIONS, HEAD_NORMS
+from ..ops.decay import DECAY_SCHEDULES
+
+
+@dataclass
+class RetNetConfig:
+    """Configuration of :class:`~yet_another_retnet.RetNet`.
+
+    Widths follow the paper: queries and keys are ``d_model`` wide (key head dim
+    ``d_model / num_heads``), values ``value_factor * d_model`` (paper: 2).
+
+    Attributes:
+        vocab_size: number of token ids.
+        d_model: model width. num_heads: retention heads. num_layers: decoder layers.
+        ffn_dim: hidden width of the feed-forward network (paper: 2 * d_model).
+        value_factor: value width over ``d_model``.
+        dropout: dropout on each block's output and the embeddings (paper: 0.1).
+        activation_dropout: dropout inside the FFN.
+        ffn: ``"mlp"`` (paper: GELU MLP) or ``"glu"`` (torchscale).
+        activation: FFN activation, ``"gelu"``, ``"swish"`` or ``"relu"``.
+        gate_activation: activation of the retention gate (paper: swish).
+        block_norm: ``"layernorm"`` or ``"rmsnorm"`` before each block and at the end.
+        head_norm: ``"groupnorm"`` (paper) or ``"rmsnorm"`` (torchscale) over each head.
+        norm_eps: epsilon of every norm.
+        bias: biases in the linear layers and the LayerNorms.
+        tie_embeddings: the LM head shares the embedding matrix.
+        decay: ``"eq8"`` (paper Eq. 8) or ``"log-spaced"`` (the paper's experiments).
+        chunk_size: default chunk length of the chunkwise form.
+        embed_scale: factor on the token embeddings (torchscale: ``sqrt(d_model)``).
+        embedding_norm: a norm right after the embedding (torchscale's ``layernorm_embedding``).
+        residual_scale: factor on the residual branch (torchscale DeepNorm's alpha; 1 otherwise).
+        relative_position: rotate queries and keys by position.
+        init_std: standard deviation of the embedding initialisation.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 256
+    num_heads: int = 4
+    num_layers: int = 4
+    ffn_dim: int = 512
+    value_factor: float = 2.0
+    dropout: float = 0.1
+    activation_dropout: float = 0.0
+    ffn: str = "mlp"
+    activation: str = "gelu"
+    gate_activation: str = "swish"
+    block_norm: str = "layernorm"
+    head_norm: str = "groupnorm"
+    norm_eps: float = 1e-6
+    bias: bool = False
+    tie_embeddings: bool = True
+    decay: str = "eq8"
+    chunk_size: int = 512
+    embed_scale: float = 1.0
+    embedding_norm: bool = False
+    residual_scale: float = 1.0
+    relative_position: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that is wrong."""
+        for name in ("vocab_size", "d_model", "num_heads", "num_layers", "ffn_dim", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
+        if self.relative_position and (self.d_model // self.num_heads) % 2:
+            raise ValueError(
+                f"d_model / num_heads = {self.d_model // self.num_heads} must be even with relative_position"
+            )
+        value_dim = self.d_model * self.value_factor
+        if self.value_factor <= 0 or value_dim != int(value_dim) or int(value_dim) % self.num_heads:
+            raise ValueError(
+                f"value_factor ({self.value_factor}) must make d_model * value_factor an integer divisible by num_heads"
+            )
+        for name in ("dropout", "activation_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        choices = {
+            "ffn": FFN_KINDS,
+            "activation": tuple(ACTIVATIONS),
+            "gate_activation": tuple(GATE_ACTIVATIONS),
+            "block_norm": BLOCK_NORMS,
+            "head_norm": HEAD_NORMS,
+            "decay": DECAY_SCHEDULES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("norm_eps", "embed_scale", "residual_scale", "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        for name in ("bias", "tie_embeddings", "embedding_norm", "relative_position"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def key_head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def value_head_dim(self) -> int:
+        return int(self.d_model * self.value_factor) // self.num_heads
+
+    # ----------------------------------------------------------------------------------------
+    # Serialisation
+    # ----------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetNetConfig:
+        if not isinstance(data, dict):
+            raise ValueError(f"a RetNetConfig must be read from a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown RetNetConfig fields: {unknown}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> RetNetConfig:
+        """From a JSON string or a path to a JSON file."""
+        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        else:
+            text = str(text_or_path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"invalid RetNetConfig JSON: {err}") from err
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:
+        """A named preset (see :data:`PRESETS`), with fields overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+#: Named configurations. ``1.3b``, ``2.7b`` and ``6.7b`` are the paper's sizes (Table 2: width,
+#: depth, heads, FFN = 2 * width, value factor 2) at a 50k vocabulary; the small ones are for
+#: laptops and tests.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"vocab_size": 256, "d_model": 128, "num_heads": 4, "num_layers": 4, "ffn_dim": 256},
+    "small": {"vocab_size": 256, "d_model": 256, "num_heads": 4, "num_layers": 4, "ffn_dim": 512},
+    "base": {"vocab_size": 256, "d_model": 768, "num_heads": 12, "num_layers": 12, "ffn_dim": 2048},
+    "1.3b": {"vocab_size": 50000, "d_model": 2048, "num_heads": 8, "num_layers": 24, "ffn_dim": 4096},
+    "2.7b": {"vocab_size": 50000, "d_model": 2560, "num_heads": 10, "num_layers": 32, "ffn_dim": 5120},
+    "6.7b": {"vocab_size": 50000, "d_model": 4096, "num_heads": 16, "num_layers": 32, "ffn_dim": 8192},
+}

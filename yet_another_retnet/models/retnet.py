@@ -1,0 +1,363 @@
+"""The RetNet language model: embedding, pre-norm retention blocks, final norm, LM head.
+
+    x = embed(ids) * embed_scale            (then an optional embedding norm)
+    for each layer:
+        x = alpha * x + MSR(norm(x))        (alpha = residual_scale, 1 unless DeepNorm)
+        x = alpha * x + FFN(norm(x))
+    logits = head(norm(x))
+
+The same weights run in three modes that give the same logits: ``parallel`` (training, short
+inputs), ``chunkwise`` (long inputs, prompt prefill) and ``recurrent`` (decoding, O(1) per token).
+Every call returns a :class:`RetNetState`; handing it back continues the sequence exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..generation import GenerationMixin
+from ..layers.feedforward import FeedForward, build_norm
+from ..layers.retention import MultiScaleRetention, RetentionState, positions_for
+from ..ops.retention import compute_dtype
+from .config import RetNetConfig
+
+MODES = ("parallel", "chunkwise", "recurrent")
+
+
+@dataclass
+class RetNetState:
+    """The whole model's state after some tokens: O(1) in their number.
+
+    Attributes:
+        memories: one ``(batch, heads, dk, dv)`` retention state per layer (float32, or float64).
+        position: ``(batch,)`` int64, the absolute position of each row's next token.
+    """
+
+    memories: list[Tensor]
+    position: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.position.shape[0])
+
+    def layer(self, i: int) -> RetentionState:
+        return RetentionState(self.memories[i], self.position)
+
+    def nbytes(self) -> int:
+        """Bytes held by the state (what replaces a Transformer's KV cache)."""
+        return sum(m.numel() * m.element_size() for m in self.memories) + self.position.numel() * 8
+
+
+@dataclass
+class RetNetOutput:
+    """``logits`` ``(batch, length, vocab)``, the ``state`` to continue from, and ``loss`` if asked."""
+
+    logits: Tensor
+    state: RetNetState
+    loss: Tensor | None = None
+
+
+class RetNetDecoderLayer(nn.Module):
+    """One pre-norm block: multi-scale retention, then a feed-forward network."""
+
+    def __init__(self, config: RetNetConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.residual_scale = config.residual_scale
+        self.dropout = config.dropout
+        self.retention_norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias, **kw)
+        self.retention = MultiScaleRetention(
+            config.d_model,
+            config.num_heads,
+            value_factor=config.value_factor,
+            bias=config.bias,
+            gate_activation=config.gate_activation,
+            head_norm=config.head_norm,
+            norm_eps=config.norm_eps,
+            relative_position=config.relative_position,
+            decay=config.decay,
+            **kw,
+        )
+        self.ffn_norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias, **kw)
+        self.ffn = FeedForward(
+            config.d_model, config.ffn_dim, config.ffn, config.activation, config.bias,
+            config.activation_dropout, **kw,
+        )
+
+    def _residual(self, x: Tensor, branch: Tensor) -> Tensor:
+        branch = F.dropout(branch, p=self.dropout, training=self.training)
+        return x + branch if self.residual_scale == 1.0 else x * self.residual_scale + branch
+
+    def forward(
+        self,
+        x: Tensor,
+        state: RetentionState | None,
+        mode: str,
+        chunk_size: int | None = None,
+        rotation: tuple[Tensor, Tensor] | None = None,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, RetentionState]:
+        """``x`` ``(batch, length, d_model)`` -> same shape, and this layer's next state."""
+        h = self.retention_norm(x)
+        h, new_state, _ = self.retention.retain(h, h, h, state, mode, chunk_size, rotation, token_mask)
+        x = self._residual(x, h)
+        x = self._residual(x, self.ffn(self.ffn_norm(x)))
+        return x, new_state
+
+
+class RetNetDecoder(nn.Module):
+    """The stack of decoder layers and the final norm, on hidden states ``(batch, length, d_model)``.
+
+    Use it directly for a model with its own embedding or head.
+    """
+
+    def __init__(self, config: RetNetConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(RetNetDecoderLayer(config, device, dtype) for _ in range(config.num_layers))
+        self.norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias,
+                               device=device, dtype=dtype)
+        self.gradient_checkpointing = False
+
+    def empty_state(self, batch_size: int, device: torch.device | str | None = None,
+                    dtype: torch.dtype | None = None) -> RetNetState:
+        first = self.layers[0].retention
+        proto = first.empty_state(batch_size, device, dtype)
+        memories = [proto.memory] + [torch.zeros_like(proto.memory) for _ in range(len(self.layers) - 1)]
+        return RetNetState(memories, proto.position)
+
+    def check_state(self, state: object, batch_size: int) -> RetNetState:
+        if not isinstance(state, RetNetState):
+            raise TypeError(f"state must be a RetNetState (or None), got {type(state).__name__}")
+        if len(state.memories) != len(self.layers):
+            raise ValueError(
+                f"state has {len(state.memories)} layer memories but the model has {len(self.layers)} layers"
+            )
+        if state.batch_size != batch_size:
+            raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
+        for i, layer in enumerate(self.layers):
+            layer.retention.check_state(state.layer(i), batch_size, name=f"state.memories[{i}]")
+        return state
+
+    def forward(
+        self,
+        hidden: Tensor,
+        state: RetNetState | None = None,
+        mode: str = "parallel",
+        chunk_size: int | None = None,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, RetNetState]:
+        """``hidden`` ``(batch, length, d_model)`` -> normed hidden states and the next state."""
+        batch, length, _ = hidden.shape
+        start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=hidden.device)
+        positions, next_position = positions_for(start, length, token_mask)
+        # One rotation table for all layers: every layer has the same key head dim.
+        rotation = self.layers[0].retention.rotation(positions, hidden.dtype)
+        memories = []
+        for i, layer in enumerate(self.layers):
+            layer_state = state.layer(i) if state is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden, new = checkpoint(
+                    layer, hidden, layer_state, mode, chunk_size, rotation, token_mask, use_reentrant=False
+                )
+            else:
+                hidden, new = layer(hidden, layer_state, mode, chunk_size, rotation, token_mask)
+            memories.append(new.memory)
+        return self.norm(hidden), RetNetState(memories, next_position)
+
+
+class RetNet(GenerationMixin, nn.Module):
+    """A RetNet language model.
+
+    ``model(input_ids)`` returns a :class:`RetNetOutput`; ``model.generate(...)`` decodes with a
+    chunkwise prefill and recurrent steps; ``save_pretrained``/``from_pretrained`` use safetensors.
+    """
+
+    def __init__(self, config: RetNetConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        if not isinstance(config, RetNetConfig):
+            raise TypeError(f"config must be a RetNetConfig, got {type(config).__name__}")
+        self.config = config
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, **kw)
+        self.embedding_norm = (
+            build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias, **kw)
+            if config.embedding_norm else None
+        )
+        self.decoder = RetNetDecoder(config, **kw)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **kw)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        if self.embed_tokens.weight.device.type != "meta":
+            nn.init.normal_(self.embed_tokens.weight, std=config.init_std)
+            if not config.tie_embeddings:
+                nn.init.normal_(self.lm_head.weight, std=config.init_std)
+
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied head counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def empty_state(self, batch_size: int) -> RetNetState:
+        """The state before any token."""
+        return self.decoder.empty_state(batch_size, self.device, self.dtype)
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        self.decoder.gradient_checkpointing = enabled
+
+    def pick_mode(self, length: int, state: RetNetState | None, chunk_size: int) -> str:
+        """The fastest correct form for an input of ``length`` tokens."""
+        if length == 1:
+            return "recurrent"
+        return "parallel" if length <= chunk_size else "chunkwise"
+
+    # ----------------------------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids: object, state: object, mode: object, chunk_size: object,
+                      labels: object, attention_mask: object) -> Tensor | None:
+        if not isinstance(input_ids, Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise IndexError(
+                    f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), found values in [{low}, {high}]"
+                )
+        batch = input_ids.shape[0]
+        if state is not None:
+            self.decoder.check_state(state, batch)
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.is_floating_point():
+                raise TypeError("labels must be an integer tensor of shape (batch, length)")
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if attention_mask is None:
+            return None
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+            )
+        mask = attention_mask.to(torch.bool)
+        if bool(mask.all()):
+            return None
+        # Padding is supported on the left only, at the start of a sequence: a padded token
+        # after a real one would decay the state, and one after a state would shift positions.
+        if bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
+            raise ValueError("attention_mask must be left-padded: zeros may only come before the first 1 of a row")
+        if state is not None:
+            raise ValueError("attention_mask with padding is only supported on a sequence's first call (state=None)")
+        return mask
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: RetNetState | None = None,
+        mode: str | None = None,
+        chunk_size: int | None = None,
+        labels: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> RetNetOutput:
+        """Logits for ``input_ids`` ``(batch, length)``, continuing from ``state`` if given.
+
+        Args:
+            mode: ``"parallel"``, ``"chunkwise"``, ``"recurrent"`` or ``None`` (fastest correct).
+            chunk_size: chunk length in chunkwise mode (default: ``config.chunk_size``).
+            labels: ``(batch, length)`` targets; the loss is next-token cross entropy (labels are
+                shifted inside), positions labelled ``-100`` ignored.
+            attention_mask: ``(batch, length)``, 1 for real tokens, 0 for left padding.
+        """
+        token_mask = self._check_inputs(input_ids, state, mode, chunk_size, labels, attention_mask)
+        return self._forward(input_ids, state, mode, chunk_size, labels, token_mask)
+
+    def _forward(
+        self,
+        input_ids: Tensor,
+        state: RetNetState | None,
+        mode: str | None,
+        chunk_size: int | None,
+        labels: Tensor | None = None,
+        token_mask: Tensor | None = None,
+    ) -> RetNetOutput:
+        chunk = chunk_size or self.config.chunk_size
+        mode = mode or self.pick_mode(input_ids.shape[1], state, chunk)
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
+        x = F.dropout(x, p=self.config.dropout, training=self.training)
+        hidden, new_state = self.decoder(x, state, mode, chunk, token_mask)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1).long(),
+                ignore_index=-100,
+            )
+        return RetNetOutput(logits, new_state, loss)
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints and conversion live in their own modules; these are the entry points.
+    # ----------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``, atomically."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None) -> RetNet:
+        """Load a model written by :meth:`save_pretrained`."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, directory, device=device, dtype=dtype)
+
+    @classmethod
+    def from_torchscale(cls, state_dict: dict[str, Tensor], config: Any) -> RetNet:
+        """Build a model in torchscale's architecture from its ``RetNetDecoder`` weights.
+
+        ``config`` is torchscale's ``RetNetConfig`` or a dict of its fields.
+        """
+        from .torchscale import from_torchscale
+
+        return from_torchscale(cls, state_dict, config)
+
+
+
+def count_parameters(config: RetNetConfig) -> int:
+    """Parameters of a model with ``config``, counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = RetNet(config, device="meta")
+    return model.num_parameters()

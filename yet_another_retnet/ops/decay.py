@@ -1,0 +1,87 @@
+"""Decay schedules and decay masks: the one source of truth for every ``gamma`` in the package.
+
+Retention weighs the contribution of token ``m`` to token ``n`` by ``gamma ** (n - m)``. The
+parallel, chunkwise and recurrent forms all take their powers of gamma from this module, so
+they cannot drift apart.
+
+Everything here is computed in float64 from ``log(gamma)`` and only then cast to the compute
+dtype: in bfloat16, ``1 - 2**-12`` rounds to exactly 1.0 (no decay at all), and
+``gamma ** n`` for large ``n`` loses all precision when taken by repeated products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Names accepted for ``decay``: ``"eq8"`` is the paper's Eq. 8, ``gamma_i = 1 - 2^(-5-i)``
+#: (torchscale and flash-linear-attention use it); ``"log-spaced"`` is the schedule of the
+#: paper's experiments, ``gamma = 1 - exp(linspace(log 1/32, log 1/512, heads))``.
+DECAY_SCHEDULES = ("eq8", "log-spaced")
+
+DecaySpec = str | Tensor | None
+
+
+def decay_gammas(
+    num_heads: int, schedule: str = "eq8", device: torch.device | str | None = None
+) -> Tensor:
+    """Per-head decay rates ``gamma`` of shape ``(num_heads,)`` in float64."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if schedule == "eq8":
+        exponent = -5.0 - torch.arange(num_heads, dtype=torch.float64, device=device)
+        return 1.0 - torch.pow(2.0, exponent)
+    if schedule == "log-spaced":
+        rates = torch.linspace(
+            math.log(1 / 32), math.log(1 / 512), num_heads, dtype=torch.float64, device=device
+        )
+        return 1.0 - torch.exp(rates)
+    raise ValueError(f"decay must be one of {DECAY_SCHEDULES} or a tensor of gammas, got {schedule!r}")
+
+
+def resolve_log_decay(decay: DecaySpec, num_heads: int, device: torch.device) -> Tensor:
+    """``log(gamma)`` of shape ``(num_heads,)`` in float64 from a schedule name or a tensor.
+
+    ``decay`` may be ``None`` (Eq. 8), a name from :data:`DECAY_SCHEDULES`, or a tensor of
+    ``num_heads`` gammas in ``(0, 1]``.
+    """
+    if decay is None or isinstance(decay, str):
+        gammas = decay_gammas(num_heads, decay or "eq8", device=device)
+    elif isinstance(decay, Tensor):
+        if decay.dim() != 1 or decay.shape[0] != num_heads:
+            raise ValueError(
+                f"decay must have shape ({num_heads},) (one gamma per head), got {tuple(decay.shape)}"
+            )
+        if not decay.is_floating_point():
+            raise TypeError(f"decay must be a floating tensor, got {decay.dtype}")
+        gammas = decay.detach().to(device=device, dtype=torch.float64)
+        if bool(((gammas <= 0) | (gammas > 1)).any()):
+            raise ValueError("decay values (gammas) must lie in (0, 1]")
+    else:
+        raise TypeError(f"decay must be None, a schedule name or a tensor, got {type(decay).__name__}")
+    return torch.log(gammas)
+
+
+def decay_powers(log_gamma: Tensor, exponents: Tensor, dtype: torch.dtype) -> Tensor:
+    """``gamma ** exponents`` for every head: shape ``(heads, *exponents.shape)``.
+
+    Computed as ``exp(exponent * log(gamma))`` in float64, then cast to ``dtype``.
+    """
+    shape = (-1,) + (1,) * exponents.dim()
+    powers = torch.exp(log_gamma.view(shape) * exponents.to(torch.float64))
+    return powers.to(dtype)
+
+
+def decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype) -> Tensor:
+    """The causal decay matrix ``D[h, n, m] = gamma_h ** (n - m)`` for ``n >= m``, else 0.
+
+    Shape ``(heads, length, length)``.
+    """
+    index = torch.arange(length, device=log_gamma.device, dtype=torch.float64)
+    distance = index[:, None] - index[None, :]
+    powers = torch.exp(log_gamma[:, None, None] * distance.clamp(min=0))
+    return torch.where(distance >= 0, powers, torch.zeros((), dtype=torch.float64, device=log_gamma.device)).to(
+        dtype
+    )

@@ -1,0 +1,40 @@
+"""Relative-position rotation ("xPos" in the paper, RoPE-like everywhere): one source of truth.
+
+Queries and keys are rotated by their token's absolute (0-based) position; the dot product of
+a rotated query and key then depends only on the distance between them. The decay
+``gamma ** (n - m)`` replaces xPos's scale term, so only the rotation lives here.
+
+Angles are computed in float64 and cast afterwards: in float32, ``position * theta`` at
+position 2048 is already off by ~1e-4 rad, and bfloat16 cannot even count past 256.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def rotation_frequencies(key_dim: int, device: torch.device | str | None = None) -> Tensor:
+    """``theta`` of shape ``(key_dim,)`` in float64, each frequency repeated for an (even, odd) pair."""
+    if key_dim % 2 != 0:
+        raise ValueError(f"the key head dim must be even to apply the rotation, got {key_dim}")
+    theta = 1.0 / 10000 ** torch.linspace(0, 1, key_dim // 2, dtype=torch.float64, device=device)
+    return theta.repeat_interleave(2)
+
+
+def rotation_tables(positions: Tensor, key_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` tables for integer ``positions`` of any shape ``P``: each ``(*P, key_dim)``."""
+    theta = rotation_frequencies(key_dim, device=positions.device)
+    angles = positions.to(torch.float64).unsqueeze(-1) * theta
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def rotate_every_two(x: Tensor) -> Tensor:
+    """Maps each (even, odd) pair ``(a, b)`` of the last dim to ``(-b, a)``."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rotation(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``x * cos + rotate_every_two(x) * sin``; ``cos``/``sin`` broadcast against ``x``."""
+    return x * cos + rotate_every_two(x) * sin

@@ -1,0 +1,284 @@
+"""Retention, the function at the heart of RetNet, in its three equivalent forms.
+
+For one head, with decay ``gamma``, keys scaled by ``scale`` (default ``dk ** -0.5``)::
+
+    state_n = gamma * state_{n-1} + k_n^T v_n          (dk x dv)
+    out_n   = q_n @ state_n
+
+- :func:`retention_parallel` computes all outputs at once, ``(Q K^T * D) V`` with the decay
+  mask ``D``: quadratic in length, like attention.
+- :func:`retention_recurrent` takes one step of the recurrence above: constant cost per token.
+- :func:`retention_chunkwise` splits the sequence into chunks, runs the parallel form inside a
+  chunk and the recurrence between chunks: linear in length.
+
+Shapes: ``q``, ``k`` are ``(batch, heads, length, dk)``, ``v`` is ``(batch, heads, length, dv)``,
+a state is ``(batch, heads, dk, dv)``. ``dk`` and ``dv`` may differ.
+
+Precision: float64 inputs are computed in float64; everything else (float32, bfloat16, float16)
+is computed in float32 and the output cast back to the input dtype. States are returned in the
+compute dtype, so a long half-precision run accumulates its state in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .decay import DecaySpec, decay_mask, decay_powers, resolve_log_decay
+
+__all__ = ["retention_chunkwise", "retention_parallel", "retention_recurrent"]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype retention runs in for inputs of ``dtype``: float64 stays, the rest use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: a wrong shape must fail loudly, never broadcast into a silent wrong answer.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, x: object, rank: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, rank: int) -> None:
+    layout = "(batch, heads, length, dim)" if rank == 4 else "(batch, heads, dim)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, x, rank)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {layout}: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if v.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"v must match q in every dim but the last {layout}: q {tuple(q.shape)}, v {tuple(v.shape)}"
+        )
+
+
+def _check_state(prev_state: Tensor | None, q: Tensor, v: Tensor) -> Tensor | None:
+    if prev_state is None:
+        return None
+    _check_tensor("prev_state", prev_state, 4)
+    expected = (q.shape[0], q.shape[1], q.shape[-1], v.shape[-1])
+    if tuple(prev_state.shape) != expected:
+        raise ValueError(
+            f"prev_state must have shape (batch, heads, dk, dv) = {expected}, got {tuple(prev_state.shape)}"
+        )
+    if prev_state.device != q.device:
+        raise ValueError(f"prev_state is on {prev_state.device} but q is on {q.device}")
+    return prev_state.to(compute_dtype(q.dtype))
+
+
+def _resolve_scale(scale: float | None, key_dim: int) -> float:
+    if scale is None:
+        return key_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, int | float):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    return float(scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The three forms.
+# --------------------------------------------------------------------------------------------
+
+
+def retention_parallel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    decay: DecaySpec = None,
+    scale: float | None = None,
+    prev_state: Tensor | None = None,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Parallel retention ``(Q K^T * D) V``.
+
+    Args:
+        q, k: ``(batch, heads, length, dk)``. v: ``(batch, heads, length, dv)``.
+        decay: ``None`` (paper Eq. 8), a schedule name or a ``(heads,)`` tensor of gammas.
+        scale: factor on the keys, default ``dk ** -0.5``.
+        prev_state: optional ``(batch, heads, dk, dv)`` state of the tokens before ``q``.
+        need_weights: also return the decayed retention scores ``(batch, heads, length, length)``.
+
+    Returns:
+        ``(out, weights)``: out is ``(batch, heads, length, dv)`` in the input dtype; weights is
+        ``None`` unless ``need_weights``.
+    """
+    _check_qkv(q, k, v, rank=4)
+    state = _check_state(prev_state, q, v)
+    ct = compute_dtype(q.dtype)
+    log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
+    qc, kc, vc = q.to(ct), k.to(ct) * _resolve_scale(scale, q.shape[-1]), v.to(ct)
+    length = q.shape[2]
+    weights = (qc @ kc.transpose(-1, -2)) * decay_mask(log_gamma, length, ct)
+    out = weights @ vc
+    if state is not None:
+        out = out + _cross_term(qc, state, log_gamma, ct)
+    return out.to(q.dtype), (weights.to(q.dtype) if need_weights else None)
+
+
+def retention_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prev_state: Tensor | None = None,
+    *,
+    decay: DecaySpec = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One step of recurrent retention.
+
+    Args:
+        q, k: ``(batch, heads, dk)`` for the current token. v: ``(batch, heads, dv)``.
+        prev_state: ``(batch, heads, dk, dv)`` or ``None`` for the first token.
+
+    Returns:
+        ``(out, state)``: out is ``(batch, heads, dv)`` in the input dtype; state is the new
+        ``(batch, heads, dk, dv)`` state in the compute dtype.
+    """
+    _check_qkv(q, k, v, rank=3)
+    state = _check_state(prev_state, q, v)
+    ct = compute_dtype(q.dtype)
+    log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
+    kc = k.to(ct) * _resolve_scale(scale, q.shape[-1])
+    new_state = kc.unsqueeze(-1) * v.to(ct).unsqueeze(-2)
+    if state is not None:
+        gamma = torch.exp(log_gamma).to(ct)
+        new_state = new_state + gamma[:, None, None] * state
+    out = (q.to(ct).unsqueeze(-2) @ new_state).squeeze(-2)
+    return out.to(q.dtype), new_state
+
+
+def retention_chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prev_state: Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    decay: DecaySpec = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Chunkwise retention: parallel inside chunks of ``chunk_size``, recurrent between them.
+
+    Any length works, whether or not ``chunk_size`` divides it (the last chunk is shorter), and
+    calling this chunk by chunk, handing the returned state on, equals one call.
+
+    Args:
+        q, k: ``(batch, heads, length, dk)``. v: ``(batch, heads, length, dv)``.
+        prev_state: ``(batch, heads, dk, dv)`` state of earlier tokens, or ``None``.
+        chunk_size: tokens per chunk, ``>= 1``; ``None`` processes the input as one chunk.
+
+    Returns:
+        ``(out, state)``: out ``(batch, heads, length, dv)`` in the input dtype and the state after
+        the last token, ``(batch, heads, dk, dv)`` in the compute dtype.
+    """
+    _check_qkv(q, k, v, rank=4)
+    state = _check_state(prev_state, q, v)
+    length = q.shape[2]
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = length if chunk_size is None else min(chunk_size, length)
+    ct = compute_dtype(q.dtype)
+    log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
+    qc, kc, vc = q.to(ct), k.to(ct) * _resolve_scale(scale, q.shape[-1]), v.to(ct)
+    if length == 0:
+        batch, heads, _, dk = q.shape
+        empty_state = torch.zeros(batch, heads, dk, v.shape[-1], dtype=ct, device=q.device)
+        return v.new_zeros(v.shape), (empty_state if state is None else state)
+
+    full = (length // chunk) * chunk
+    outs = []
+    if full:
+        out, state = _chunks(qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma)
+        outs.append(out)
+    if full < length:  # the last, shorter chunk uses its own length in place of chunk
+        rest = length - full
+        out, state = _chunks(qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, rest, log_gamma)
+        outs.append(out)
+    assert state is not None
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out.to(q.dtype), state
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces. Keys arrive already scaled, everything in the compute dtype.
+# --------------------------------------------------------------------------------------------
+
+
+def _along_length(powers: Tensor, like: Tensor) -> Tensor:
+    """Reshape per-head, per-position factors ``(heads, c)`` to scale rows of ``like``.
+
+    ``like`` is ``(batch, heads, [chunks,] c, d)``; the result broadcasts against it.
+    """
+    extra = (1,) * (like.dim() - 4)
+    return powers.view(powers.shape[0], *extra, powers.shape[1], 1)
+
+
+def _cross_term(q: Tensor, state: Tensor, log_gamma: Tensor, ct: torch.dtype) -> Tensor:
+    """Contribution of an earlier state to the tokens of one chunk: ``gamma^(j+1) q_j @ state``.
+
+    ``q`` ``(batch, heads, [chunks,] c, dk)``, ``state`` ``(batch, heads, [chunks,] dk, dv)``.
+    """
+    j = torch.arange(q.shape[-2], device=q.device)
+    return (q @ state) * _along_length(decay_powers(log_gamma, j + 1, ct), q)
+
+
+def state_update(k: Tensor, v: Tensor, prev_state: Tensor | None, log_gamma: Tensor) -> Tensor:
+    """The state after one chunk of ``c`` tokens: ``K^T (V * gamma^(c-1-j)) + gamma^c prev``.
+
+    ``k`` ``(batch, heads, [chunks,] c, dk)`` (already scaled) and ``v`` likewise with ``dv``, in the
+    compute dtype; returns ``(batch, heads, [chunks,] dk, dv)``. ``prev_state`` only without chunks.
+    """
+    ct = k.dtype
+    c = k.shape[-2]
+    j = torch.arange(c, device=k.device)
+    new = k.transpose(-1, -2) @ (v * _along_length(decay_powers(log_gamma, c - 1 - j, ct), v))
+    if prev_state is not None:
+        new = new + decay_powers(log_gamma, torch.tensor(c, device=k.device), ct).view(-1, 1, 1) * prev_state
+    return new
+
+
+def _chunks(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int, log_gamma: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Equal-length chunks at once: inputs ``(batch, heads, n * chunk, d)``; returns out, state."""
+    batch, heads, length, dk = q.shape
+    dv = v.shape[-1]
+    n = length // chunk
+    ct = q.dtype
+    qs = q.view(batch, heads, n, chunk, dk)
+    ks = k.view(batch, heads, n, chunk, dk)
+    vs = v.view(batch, heads, n, chunk, dv)
+    # Inside each chunk: the parallel form.
+    mask = decay_mask(log_gamma, chunk, ct).unsqueeze(1)  # (heads, 1, chunk, chunk)
+    out = ((qs @ ks.transpose(-1, -2)) * mask) @ vs
+    # Between chunks: what each chunk adds to the state, then the recurrence over chunks.
+    contributions = state_update(ks, vs, None, log_gamma)  # (batch, heads, n, dk, dv)
+    chunk_decay = decay_powers(log_gamma, torch.tensor(chunk, device=q.device), ct).view(heads, 1, 1)
+    befores = []
+    running = state
+    for i in range(n):
+        befores.append(running)
+        added = contributions[:, :, i]
+        running = added if running is None else chunk_decay * running + added
+    assert running is not None
+    if state is not None or n > 1:
+        zero = torch.zeros(batch, heads, dk, dv, dtype=ct, device=q.device)
+        stacked = torch.stack([zero if s is None else s for s in befores], dim=2)
+        out = out + _cross_term(qs, stacked, log_gamma, ct)
+    return out.view(batch, heads, length, dv), running

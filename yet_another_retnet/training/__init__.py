@@ -1,0 +1,1 @@
+"""Training: data, the training loop, checkpoints for resuming, distributed runs."""
