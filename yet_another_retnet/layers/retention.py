@@ -246,13 +246,16 @@ class MultiScaleRetention(nn.Module):
         """Head norm, gate and output projection: retained ``(b, h, L, dv)`` -> ``(b, L, embed_dim)``."""
         batch, _, length, _ = retained.shape
         y = retained.transpose(1, 2)  # (b, L, h, dv)
+        # The norm runs in float32 for half inputs, in float64 for float64 ones (.float() would
+        # silently drop a float64 layer to float32 precision).
+        nt = compute_dtype(y.dtype)
         if self.head_norm == "groupnorm":
-            y = F.layer_norm(y.float(), (self.head_dim,), eps=self.norm_eps).to(query.dtype)
+            y = F.layer_norm(y.to(nt), (self.head_dim,), eps=self.norm_eps).to(query.dtype)
             y = y.reshape(batch, length, self.value_dim)
             assert self.norm_weight is not None and self.norm_bias is not None
             y = y * self.norm_weight + self.norm_bias
         else:
-            yf = y.float()
+            yf = y.to(nt)
             y = (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(query.dtype)
             y = y.reshape(batch, length, self.value_dim)
         gate = self.g_proj(query)
