@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ACTIVATIONS = {"gelu": F.gelu, "swish": F.silu, "silu": F.silu, "relu": F.relu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "swish": F.silu, "silu": F.silu, "relu": F.relu}
 FFN_KINDS = ("mlp", "glu")
 BLOCK_NORMS = ("layernorm", "rmsnorm")
 
 
 class RMSNorm(nn.Module):
-    """``x / sqrt(mean(x^2) + eps) * weight``, computed in float32 whatever the input dtype."""
+    """``x / sqrt(mean(x^2) + eps) * weight``, computed in float32 (float64 for float64 inputs)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -21,7 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        # float32 for half precision, but float64 stays float64 (``.float()`` would round it).
+        xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 

@@ -10,6 +10,7 @@ position, so a caller never passes an index and any form can continue where anot
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,7 +143,7 @@ class MultiScaleRetention(nn.Module):
         self.norm_eps = norm_eps
         self.relative_position = relative_position
 
-        kw = {"device": device, "dtype": dtype}
+        kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(embed_dim, value_dim, bias=bias, **kw)
@@ -159,6 +160,7 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"decay must have shape ({num_heads},), got {tuple(gammas.shape)}")
         # Kept in float64 and out of the state dict: it is configuration, not a weight, and a
         # model cast to bfloat16 must not round gamma = 1 - 2^-12 to 1.
+        self.gammas: Tensor
         self.register_buffer("gammas", gammas.detach().to(torch.float64), persistent=False)
         self.reset_parameters()
 
@@ -173,7 +175,7 @@ class MultiScaleRetention(nn.Module):
             nn.init.ones_(self.norm_weight)
             nn.init.zeros_(self.norm_bias)
 
-    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn: Any, recurse: bool = True) -> MultiScaleRetention:
         # .to(device) moves the decay buffer, but no cast may change its float64 dtype: rebuild it
         # from the float64 original on whatever device the cast left it.
         gammas = self.gammas
@@ -304,14 +306,14 @@ class MultiScaleRetention(nn.Module):
             retained, new_memory = retention_chunkwise(q, k, v, memory, chunk_size, decay=self.gammas)
         elif mode == "recurrent":
             steps = []
-            new_memory = memory
+            running = memory
             for t in range(length):
-                out_t, new_memory = retention_recurrent(
-                    q[:, :, t], k[:, :, t], v[:, :, t], new_memory, decay=self.gammas
+                out_t, running = retention_recurrent(
+                    q[:, :, t], k[:, :, t], v[:, :, t], running, decay=self.gammas
                 )
                 steps.append(out_t)
-            if new_memory is None:  # zero-length input
-                new_memory = self.empty_state(batch, query.device, query.dtype).memory
+            # A zero-length input leaves the state as it was (or empty).
+            new_memory = running if running is not None else self.empty_state(batch, query.device, query.dtype).memory
             retained = torch.stack(steps, dim=2) if steps else v
         else:
             raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")

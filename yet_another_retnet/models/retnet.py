@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,6 @@ from torch.utils.checkpoint import checkpoint
 from ..generation import GenerationMixin
 from ..layers.feedforward import FeedForward, build_norm
 from ..layers.retention import MultiScaleRetention, RetentionState, positions_for
-from ..ops.retention import compute_dtype
 from .config import RetNetConfig
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -128,9 +127,12 @@ class RetNetDecoder(nn.Module):
                                device=device, dtype=dtype)
         self.gradient_checkpointing = False
 
+    def _retention(self, i: int) -> MultiScaleRetention:
+        return cast(MultiScaleRetention, self.layers[i].retention)
+
     def empty_state(self, batch_size: int, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> RetNetState:
-        first = self.layers[0].retention
+        first = self._retention(0)
         proto = first.empty_state(batch_size, device, dtype)
         memories = [proto.memory] + [torch.zeros_like(proto.memory) for _ in range(len(self.layers) - 1)]
         return RetNetState(memories, proto.position)
@@ -144,8 +146,8 @@ class RetNetDecoder(nn.Module):
             )
         if state.batch_size != batch_size:
             raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
-        for i, layer in enumerate(self.layers):
-            layer.retention.check_state(state.layer(i), batch_size, name=f"state.memories[{i}]")
+        for i in range(len(self.layers)):
+            self._retention(i).check_state(state.layer(i), batch_size, name=f"state.memories[{i}]")
         return state
 
     def forward(
@@ -161,7 +163,7 @@ class RetNetDecoder(nn.Module):
         start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=hidden.device)
         positions, next_position = positions_for(start, length, token_mask)
         # One rotation table for all layers: every layer has the same key head dim.
-        rotation = self.layers[0].retention.rotation(positions, hidden.dtype)
+        rotation = self._retention(0).rotation(positions, hidden.dtype)
         memories = []
         for i, layer in enumerate(self.layers):
             layer_state = state.layer(i) if state is not None else None
