@@ -41,6 +41,9 @@ class RetNetConfig:
         embed_scale: factor on the token embeddings (torchscale: ``sqrt(d_model)``).
         embedding_norm: a norm right after the embedding (torchscale's ``layernorm_embedding``).
         residual_scale: factor on the residual branch (torchscale DeepNorm's alpha; 1 otherwise).
+        pre_norm: ``True`` (default, paper): ``x + f(norm(x))`` and a final norm. ``False``:
+            post-norm ``norm(alpha * x + f(x))`` without a final norm, torchscale's layout when
+            ``decoder_normalize_before`` is off (DeepNorm); needed to import such weights.
         relative_position: rotate queries and keys by position.
         init_std: standard deviation of the embedding initialisation.
     """
@@ -66,6 +69,7 @@ class RetNetConfig:
     embed_scale: float = 1.0
     embedding_norm: bool = False
     residual_scale: float = 1.0
+    pre_norm: bool = True
     relative_position: bool = True
     init_std: float = 0.02
 
@@ -110,7 +114,7 @@ class RetNetConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("bias", "tie_embeddings", "embedding_norm", "relative_position"):
+        for name in ("bias", "tie_embeddings", "embedding_norm", "relative_position", "pre_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

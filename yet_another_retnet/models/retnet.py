@@ -71,6 +71,7 @@ class RetNetDecoderLayer(nn.Module):
         super().__init__()
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.residual_scale = config.residual_scale
+        self.pre_norm = config.pre_norm
         self.dropout = config.dropout
         self.retention_norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias, **kw)
         self.retention = MultiScaleRetention(
@@ -105,6 +106,11 @@ class RetNetDecoderLayer(nn.Module):
         token_mask: Tensor | None = None,
     ) -> tuple[Tensor, RetentionState]:
         """``x`` ``(batch, length, d_model)`` -> same shape, and this layer's next state."""
+        if not self.pre_norm:
+            # Post-norm (torchscale with decoder_normalize_before off, e.g. DeepNorm).
+            h, new_state, _ = self.retention.retain(x, x, x, state, mode, chunk_size, rotation, token_mask)
+            x = self.retention_norm(self._residual(x, h))
+            return self.ffn_norm(self._residual(x, self.ffn(x))), new_state
         h = self.retention_norm(x)
         h, new_state, _ = self.retention.retain(h, h, h, state, mode, chunk_size, rotation, token_mask)
         x = self._residual(x, h)
@@ -123,8 +129,9 @@ class RetNetDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(RetNetDecoderLayer(config, device, dtype) for _ in range(config.num_layers))
+        # A post-norm stack ends normalised already: no final norm (as in torchscale).
         self.norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias,
-                               device=device, dtype=dtype)
+                               device=device, dtype=dtype) if config.pre_norm else nn.Identity()
         self.gradient_checkpointing = False
 
     def _retention(self, i: int) -> MultiScaleRetention:
