@@ -114,7 +114,8 @@ class GenerationMixin:
                     assert pad is not None
                     token = torch.where(finished, torch.full_like(token, pad), token)
                     finished = finished | (token == eos_token_id)
-            yield token
+            # An inference tensor would refuse the caller's in-place edits: hand out a normal one.
+            yield token.clone()
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 return
             with torch.inference_mode():
