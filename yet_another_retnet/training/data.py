@@ -6,7 +6,11 @@ The default corpus needs no download: it is the English help text that every CPy
 
 from __future__ import annotations
 
+import codecs
+import json
+import shutil
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -21,10 +25,36 @@ def default_corpus_text() -> str:
     return "\n\n".join(topics[name].strip() for name in sorted(topics)) + "\n"
 
 
+TOKENIZER_CONFIG = "tokenizer_config.json"
+HF_TOKENIZER_FILE = "tokenizer.json"
+
+
+class Tokenizer(Protocol):
+    """What training, evaluation and generation need of a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int] | Tensor) -> str: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
 class ByteTokenizer:
     """UTF-8 bytes as tokens: ids 0..255, nothing to download or train."""
 
     vocab_size = 256
+
+    def save(self, directory: Path) -> None:
+        """Record the choice in ``directory/tokenizer_config.json`` (atomically)."""
+        _write_tokenizer_config(directory, {"type": "byte"})
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "byte", "vocab_size": 256}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -35,6 +65,152 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
+class HFTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer read from its JSON file (``tokenizer.json``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file {path} does not exist")
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError as err:  # an optional dependency: the [train] extra
+            raise ImportError("--tokenizer needs the `tokenizers` package: pip install tokenizers") from err
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as err:  # tokenizers raises its own Exception subclass on a bad file
+            raise ValueError(f"{path} is not a Hugging Face tokenizers JSON file: {err}") from err
+        self.path = path
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int] | Tensor) -> str:
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return str(self._tok.decode([int(i) for i in ids], skip_special_tokens=False))
+
+    def save(self, directory: Path) -> None:
+        """Copy the JSON file next to the model and record it in ``tokenizer_config.json``."""
+        from ..models.checkpoint import atomic_write
+
+        if self.path.resolve() != (directory / HF_TOKENIZER_FILE).resolve():
+            atomic_write(directory / HF_TOKENIZER_FILE, lambda tmp: shutil.copyfile(self.path, tmp))
+        _write_tokenizer_config(directory, {"type": "hf", "file": HF_TOKENIZER_FILE})
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "hf", "file": str(self.path), "vocab_size": self.vocab_size}
+
+
+def _write_tokenizer_config(directory: Path, data: dict[str, Any]) -> None:
+    from ..models.checkpoint import atomic_write
+
+    text = json.dumps(data, indent=2) + "\n"
+    atomic_write(directory / TOKENIZER_CONFIG, lambda tmp: tmp.write_text(text))
+
+
+def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer saved with a model directory (the byte tokenizer when none is recorded)."""
+    directory = Path(directory)
+    path = directory / TOKENIZER_CONFIG
+    if not path.is_file():
+        return ByteTokenizer()
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "hf":
+        return HFTokenizer(directory / str(data.get("file", HF_TOKENIZER_FILE)))
+    raise ValueError(f"{path}: unknown tokenizer type {kind!r} (expected 'byte' or 'hf')")
+
+
+class StreamDecoder:
+    """Turn tokens into text as they arrive, never printing half a character.
+
+    Byte tokens go through an incremental UTF-8 decoder (a multi-byte character is held back
+    until complete). Other tokenizers re-decode the whole tail and emit what is new, holding
+    back a trailing replacement character that a later token may complete.
+    """
+
+    def __init__(self, tokenizer: ByteTokenizer | HFTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def push(self, token: int) -> str:
+        """The text that ``token`` completes (possibly empty)."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self._utf8.decode(bytes([int(token)]))
+        self._ids.append(int(token))
+        text = self.tokenizer.decode(self._ids)
+        stable = text[:-1] if text.endswith("\ufffd") else text
+        new = stable[self._emitted:]
+        self._emitted = max(self._emitted, len(stable))
+        return new
+
+    def flush(self) -> str:
+        """Whatever is still held back, with replacement characters for incomplete input."""
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self._utf8.decode(b"", final=True)
+        text = self.tokenizer.decode(self._ids)
+        new = text[self._emitted:]
+        self._emitted = len(text)
+        return new
+
+
+class WindowSampler:
+    """Random training windows of ``seq_len + 1`` tokens, drawn from a seeded generator.
+
+    Every rank of a distributed run draws the same global batch and keeps its own slice, so
+    the data a step sees does not depend on the number of processes. The generator's state is
+    the data position: saving and restoring it resumes the exact sequence of batches.
+    """
+
+    def __init__(self, tokens: Tensor, seq_len: int, seed: int) -> None:
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+        if len(tokens) < seq_len + 1:
+            raise ValueError(
+                f"the training data has {len(tokens)} tokens, fewer than one sequence of seq_len + 1 = {seq_len + 1}"
+            )
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+
+    def next_batch(self, batch_size: int) -> Tensor:
+        """``(batch_size, seq_len + 1)`` long: inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
+        starts = torch.randint(0, len(self.tokens) - self.seq_len, (batch_size,), generator=self.generator)
+        offsets = torch.arange(self.seq_len + 1)
+        self.batches_drawn += 1
+        return self.tokens[starts[:, None] + offsets]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def eval_windows(tokens: Tensor, seq_len: int) -> Tensor:
+    """Non-overlapping windows ``(n, seq_len + 1)`` covering ``tokens`` (consecutive windows share
+    one token, so every token but the first is predicted exactly once; a short tail is dropped)."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"the evaluation data has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    n = (len(tokens) - 1) // seq_len
+    starts = torch.arange(n) * seq_len
+    return tokens[starts[:, None] + torch.arange(seq_len + 1)]
+
+
 def split_tokens(tokens: Tensor, val_fraction: float = 0.05) -> tuple[Tensor, Tensor]:
     """Split a 1-D token tensor into (train, validation): the last ``val_fraction`` validates."""
     if not 0.0 < val_fraction < 1.0:
@@ -43,7 +219,7 @@ def split_tokens(tokens: Tensor, val_fraction: float = 0.05) -> tuple[Tensor, Te
     return tokens[:-n_val], tokens[-n_val:]
 
 
-def encode_corpus(text: str, tokenizer: ByteTokenizer | None = None) -> Tensor:
+def encode_corpus(text: str, tokenizer: ByteTokenizer | HFTokenizer | None = None) -> Tensor:
     """A 1-D long tensor of the tokens of ``text``."""
     tokenizer = tokenizer or ByteTokenizer()
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)

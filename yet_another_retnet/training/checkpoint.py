@@ -1,0 +1,86 @@
+"""Resumable training checkpoints: everything needed to continue a run bit for bit.
+
+``checkpoint.pt`` holds the model and optimizer state (full, unsharded tensors on the CPU, keyed
+by parameter name so DDP, FSDP and single-process runs read each other's files), the LR
+scheduler, the gradient scaler, the data sampler's generator (the data position), the RNG
+states of torch (CPU and every CUDA device) and Python, and the metrics so far. It is written
+with :func:`~yet_another_retnet.models.checkpoint.atomic_write`: a crash or ``kill -9`` at any
+moment leaves either the previous checkpoint or the new one.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..models.checkpoint import atomic_write
+
+CHECKPOINT_NAME = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of every random number generator training touches."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_python_random_state(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _as_python_random_state(value: Any) -> tuple[Any, ...]:
+    # ``random.getstate()`` is (version, tuple of 625 ints, gauss_next); a round trip through
+    # torch.load may turn inner tuples into lists, which setstate rejects.
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Unsharded model and optimizer states on the CPU, keyed by parameter name.
+
+    A collective under FSDP: every rank must call it (rank 0 receives the tensors).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                          optimizer_state: dict[str, Any]) -> None:
+    """Load states written by :func:`full_state_dicts` (every rank passes the full tensors)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(directory: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``directory/checkpoint.pt`` atomically."""
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    atomic_write(directory / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(directory: Path) -> dict[str, Any]:
+    """Read ``directory/checkpoint.pt`` (tensors on the CPU); ``OSError`` if unreadable."""
+    path = directory / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT_NAME} in {directory}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises several types on a damaged file
+        raise OSError(f"{path} is unreadable or corrupt: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        raise OSError(f"{path} is not a yet-another-retnet training checkpoint (format {FORMAT_VERSION})")
+    return payload

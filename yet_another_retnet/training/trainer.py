@@ -1,0 +1,642 @@
+"""The training loop behind ``retnet train``: language modelling on a text corpus.
+
+A run lives in one output directory::
+
+    train_config.json      the run's settings (checked on --resume)
+    config.json            the model, in save_pretrained format
+    model.safetensors      (RetNet.from_pretrained(directory) loads it)
+    tokenizer_config.json  which tokenizer the model reads (plus tokenizer.json for HF ones)
+    checkpoint.pt          everything needed to resume bit for bit
+    metrics.jsonl          one JSON object per log / evaluation line
+    loss.png               train and validation loss curves (when matplotlib is installed)
+
+Every file is replaced atomically, so a crash leaves the last complete version of each.
+
+The optimisation follows the paper's recipe (AdamW, betas 0.9/0.98, weight decay 0.05, linear
+warm-up then linear decay, gradient clipping at 2.0), scaled to the model at hand.
+``batch_size`` is the *global* batch: sequences per optimizer step summed over processes and
+accumulation steps, so a run's trajectory does not depend on how many processes share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models import PRESETS, RetNet, RetNetConfig, count_parameters
+from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from . import distributed as dist_utils
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    full_state_dicts,
+    load_checkpoint,
+    load_full_state_dicts,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .data import (
+    HF_TOKENIZER_FILE,
+    TOKENIZER_CONFIG,
+    ByteTokenizer,
+    HFTokenizer,
+    StreamDecoder,
+    WindowSampler,
+    default_corpus_text,
+    encode_corpus,
+    eval_windows,
+    read_text_files,
+    split_tokens,
+)
+from .progress import METRICS_NAME, PLOT_NAME, ProgressBar, plot_losses, write_metrics
+
+TRAIN_CONFIG_NAME = "train_config.json"
+PRECISIONS = ("fp32", "bf16", "fp16")
+#: Files a run writes; ``--overwrite`` removes exactly these and nothing else.
+RUN_FILES = (TRAIN_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_CONFIG, HF_TOKENIZER_FILE,
+             CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME)
+
+
+class TrainingError(ValueError):
+    """A user mistake in a training request (bad data, a clash with an existing run, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. ``None`` means "the preset's value" or "automatic".
+
+    The defaults are what ``retnet train`` with no arguments runs: the ``small`` preset (d 256,
+    4 layers, 4 heads, FFN 512, ~3.2M parameters) on the embedded pydoc corpus with the byte
+    tokenizer, sized to finish in about 10 minutes on 2 CPU cores.
+    """
+
+    out: str = "runs/default"
+    data: str | None = None
+    tokenizer: str | None = None
+    preset: str = "small"
+    d_model: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    ffn_dim: int | None = None
+    dropout: float | None = None
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 750
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 75
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    grad_clip: float = 2.0
+    chunk_size: int | None = None
+    precision: str = "fp32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    fsdp: bool = False
+    seed: int = 0
+    val_fraction: float = 0.05
+    eval_interval: int = 150
+    eval_max_windows: int | None = None
+    log_interval: int = 10
+    save_interval: int | None = None
+    stop_after: int | None = None
+    device: str | None = None
+    sample_prompt: str = "The "
+    sample_tokens: int = 400
+    sample_temperature: float = 0.8
+
+    #: Settings that define a run; --resume refuses to change them.
+    #: (The data, the tokenizer and the model are compared by content when the checkpoint loads.)
+    IDENTITY = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1",
+                "beta2", "grad_clip", "seed", "val_fraction")
+
+    def validate(self) -> None:
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrainingError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        for name in ("d_model", "num_layers", "num_heads", "ffn_dim", "chunk_size", "save_interval",
+                     "stop_after", "eval_max_windows"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise TrainingError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        if self.warmup_steps < 0:
+            raise TrainingError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise TrainingError(f"--lr must be a positive number, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise TrainingError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise TrainingError("--weight-decay and --grad-clip must be >= 0")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise TrainingError("AdamW betas must lie in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.preset not in PRESETS:
+            raise TrainingError(f"unknown preset {self.preset!r}; choose from {', '.join(sorted(PRESETS))}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise TrainingError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.sample_tokens < 0:
+            raise TrainingError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: steps taken, last validation numbers, the per-step losses of this call."""
+
+    step: int
+    max_steps: int
+    val_loss: float | None
+    val_bpb: float | None
+    wall_time_s: float
+    losses: list[float] = field(default_factory=list)
+    sample: str | None = None
+    interrupted: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    train: Tensor
+    val: Tensor
+    bytes_per_token: float  # of the validation text, to turn nats/token into bits/byte
+    sha256: str
+    description: str
+
+
+def build_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
+    return ByteTokenizer() if spec is None else HFTokenizer(spec)
+
+
+def load_corpus(data: str | None, tokenizer: ByteTokenizer | HFTokenizer, seq_len: int,
+                val_fraction: float) -> Corpus:
+    """Read, tokenize and split the corpus; ``TrainingError`` if it cannot make one sequence."""
+    try:
+        text = default_corpus_text() if data is None else read_text_files(data)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainingError(str(err)) from err
+    tokens = encode_corpus(text, tokenizer)
+    where = "the default corpus" if data is None else f"data path {data}"
+    if len(tokens) < 2 * (seq_len + 1):
+        raise TrainingError(
+            f"{where} has {len(tokens)} tokens, too few for a training and a validation sequence of "
+            f"seq_len {seq_len} (need at least {2 * (seq_len + 1)}); lower --seq-len or add text"
+        )
+    train, val = split_tokens(tokens, val_fraction)
+    if len(val) < 2:
+        raise TrainingError(f"{where}: the validation split is empty; raise --val-fraction")
+    if len(train) < seq_len + 1:
+        raise TrainingError(
+            f"{where}: the training split has {len(train)} tokens, fewer than one sequence of {seq_len + 1}"
+        )
+    val_bytes = len(tokenizer.decode(val).encode("utf-8"))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    description = f"{where}: {len(text.encode('utf-8')):,} bytes, {len(train):,} train / {len(val):,} val tokens"
+    return Corpus(train, val, val_bytes / len(val), digest, description)
+
+
+# --------------------------------------------------------------------------------------------
+# The run directory
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bool = False) -> TrainConfig:
+    """The run's settings: defaults, then the saved run's (on resume), then what the user gave.
+
+    Checks the output directory before anything is written: a directory that already holds a
+    run needs ``resume`` or ``overwrite``; ``resume`` needs a checkpoint and must not change a
+    setting in :attr:`TrainConfig.IDENTITY`.
+    """
+    defaults = TrainConfig()
+    out = Path(explicit.get("out", defaults.out))
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"--out {out} exists and is not a directory")
+    if resume and overwrite:
+        raise TrainingError("--resume and --overwrite exclude each other")
+    saved_path = out / TRAIN_CONFIG_NAME
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file() or not saved_path.is_file():
+            raise TrainingError(f"--resume: nothing to resume in {out} (no {CHECKPOINT_NAME})")
+        try:
+            saved = json.loads(saved_path.read_text())["train"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise TrainingError(f"--resume: {saved_path} is unreadable: {err}") from err
+        for name in TrainConfig.IDENTITY:
+            if name in explicit and explicit[name] != saved.get(name):
+                raise TrainingError(
+                    f"--{_flag(name)} {explicit[name]} differs from the run in {out} ({saved.get(name)}); "
+                    f"a resumed run keeps its settings: drop the flag or choose another --out"
+                )
+        config = TrainConfig.from_dict({**defaults.to_dict(), **saved, **explicit})
+    else:
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            if saved_path.is_file():
+                raise TrainingError(
+                    f"--out {out} already holds a training run: pass --resume to continue it, "
+                    f"--overwrite to replace it, or choose another --out"
+                )
+            raise TrainingError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
+        config = TrainConfig.from_dict({**defaults.to_dict(), **explicit})
+    config.out = str(out)
+    config.validate()
+    return config
+
+
+def build_model_config(config: TrainConfig, vocab_size: int) -> RetNetConfig:
+    overrides: dict[str, Any] = {"vocab_size": vocab_size}
+    for name in ("d_model", "num_layers", "num_heads", "ffn_dim", "dropout"):
+        if getattr(config, name) is not None:
+            overrides[name] = getattr(config, name)
+    try:
+        return RetNetConfig.from_preset(config.preset, **overrides)
+    except ValueError as err:
+        raise TrainingError(f"invalid model size: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# Optimisation
+# --------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig, fused_ok: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: norms, biases and the (tied) embedding are exempt."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                             fused=True if fused_ok else None)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then linear decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(1, config.max_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return 1.0 - (1.0 - config.min_lr_ratio) * progress
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def lm_loss(model: nn.Module, window: Tensor, chunk_size: int | None) -> Tensor:
+    """Mean next-token cross entropy (float32) of ``window`` ``(batch, seq_len + 1)``."""
+    logits = model(window[:, :-1], chunk_size=chunk_size).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device, precision: str,
+             chunk_size: int | None = None, info: dist_utils.DistInfo | None = None) -> float:
+    """Mean cross entropy in nats per token over ``windows`` ``(n, seq_len + 1)``.
+
+    Under several processes each rank scores its share and the sums are combined; every rank
+    runs the same number of forward calls (FSDP needs all of them in each).
+    """
+    info = info or dist_utils.DistInfo()
+    was_training = model.training
+    model.eval()
+    share = windows[info.rank::info.world_size]
+    per_rank = math.ceil(len(windows) / info.world_size)
+    n_batches = math.ceil(per_rank / batch_size)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in range(n_batches):
+        batch = share[b * batch_size:(b + 1) * batch_size]
+        weight = 1.0
+        if len(batch) == 0:  # this rank ran out: a dummy call that counts for nothing
+            batch, weight = windows[:1], 0.0
+        batch = batch.to(device)
+        with autocast_context(device, precision):
+            logits = model(batch[:, :-1], chunk_size=chunk_size).logits
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                               reduction="sum")
+        total += torch.stack([loss.double() * weight, torch.tensor(batch[:, 1:].numel() * weight,
+                                                                    dtype=torch.float64, device=device)])
+    total = dist_utils.all_reduce_sum(total, info)
+    model.train(was_training)
+    return float(total[0] / total[1])
+
+
+def bits_per_byte(loss: float, bytes_per_token: float) -> float:
+    return loss / math.log(2) / bytes_per_token
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next step and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        try:
+            yield
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = None) -> TrainResult:
+    """Run (or continue) the training described by ``config``; see the module docstring.
+
+    ``config`` should come from :func:`resolve_config`, which has checked the output directory.
+    Raises :class:`TrainingError` for bad input, before anything is written.
+    """
+    config.validate()
+    stream = stream if stream is not None else sys.stdout
+    started = time.perf_counter()
+    info, device = dist_utils.init_distributed(config.device)
+
+    def say(text: str) -> None:
+        if info.is_main:
+            stream.write(text + "\n")
+            stream.flush()
+
+    if config.batch_size % (info.world_size * config.grad_accum):
+        raise TrainingError(
+            f"--batch-size {config.batch_size} (the global batch) must be divisible by the number of "
+            f"processes ({info.world_size}) times --grad-accum ({config.grad_accum})"
+        )
+    micro_batch = config.batch_size // (info.world_size * config.grad_accum)
+    if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("--precision bf16: this GPU does not support bfloat16")
+
+    tokenizer = build_tokenizer(config.tokenizer)
+    corpus = load_corpus(config.data, tokenizer, config.seq_len, config.val_fraction)
+    model_config = build_model_config(config, tokenizer.vocab_size)
+    out = Path(config.out)
+
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        checkpoint = load_checkpoint(out)
+        saved = checkpoint.get("run", {})
+        if saved.get("data_sha256") != corpus.sha256:
+            raise TrainingError(f"--resume: the training data differs from the data of the run in {out}")
+        if saved.get("model_config") != model_config.to_dict():
+            raise TrainingError(f"--resume: the model configuration differs from the run in {out}")
+        if _tokenizer_identity(saved.get("tokenizer", {})) != _tokenizer_identity(tokenizer.describe()):
+            raise TrainingError(f"--resume: the tokenizer differs from the one of the run in {out}")
+        if checkpoint["step"] >= config.max_steps:
+            raise TrainingError(
+                f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
+                f"{config.max_steps}; raise --max-steps to train further"
+            )
+
+    # ---- everything is checked: from here on the run writes to ``out`` ----
+    torch.manual_seed(config.seed)
+    model = RetNet(model_config).to(device)
+    if config.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    train_module = dist_utils.wrap_model(model, info, device, config.fsdp)
+    optimizer = build_optimizer(model, config, fused_ok=device.type == "cuda" and not config.fsdp)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    sampler = WindowSampler(corpus.train, config.seq_len, config.seed)
+    metrics: list[dict[str, Any]] = []
+    step = 0
+    elapsed_before = 0.0
+    if checkpoint is not None:
+        load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        set_rng_state(checkpoint["rng"])
+        metrics = list(checkpoint["metrics"])
+        step = int(checkpoint["step"])
+        elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        # The schedule follows this call's --max-steps (a resumed run may be extended).
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_factor(step, config)
+        del checkpoint
+    forward_module: nn.Module = torch.compile(train_module) if config.compile else train_module  # type: ignore[assignment]
+
+    run_record = {"train": config.to_dict(), "model_config": model_config.to_dict(),
+                  "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            for name in RUN_FILES:  # --overwrite: a fresh run must not inherit a stale file
+                (out / name).unlink(missing_ok=True)
+        text = json.dumps(run_record, indent=2, sort_keys=True) + "\n"
+        atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
+        tokenizer.save(out)
+
+    n_params = count_parameters(model_config)
+    say(f"retnet train: {corpus.description}")
+    say(f"model: preset {config.preset}, d_model {model_config.d_model}, {model_config.num_layers} layers, "
+        f"{model_config.num_heads} heads, ffn {model_config.ffn_dim}, vocab {model_config.vocab_size}: "
+        f"{n_params / 1e6:.2f}M parameters")
+    say(f"training: {config.max_steps} steps x {config.batch_size} sequences x {config.seq_len} tokens, "
+        f"lr {config.lr:g}, {config.precision}, device {device}, {info.world_size} process(es)"
+        + (", FSDP" if config.fsdp else ", DDP" if info.enabled else "")
+        + (f"; resuming at step {step}" if resume else ""))
+    say(f"output: {out}")
+
+    val_windows = eval_windows(corpus.val, min(config.seq_len, len(corpus.val) - 1))
+    if config.eval_max_windows is not None:
+        val_windows = val_windows[:config.eval_max_windows]
+    eval_batch = max(1, micro_batch)
+
+    def run_eval() -> tuple[float, float]:
+        loss = evaluate(train_module, val_windows, eval_batch, device, config.precision, config.chunk_size, info)
+        bpb = bits_per_byte(loss, corpus.bytes_per_token)
+        return loss, bpb
+
+    def save(at_step: int) -> None:
+        model_state, optimizer_state = full_state_dicts(model, optimizer)
+        if info.is_main:
+            save_checkpoint(out, {
+                "step": at_step, "model": model_state, "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "sampler": sampler.state_dict(), "rng": rng_state(), "metrics": metrics,
+                "elapsed_s": elapsed_before + time.perf_counter() - started, "run": run_record,
+            })
+            _save_model(model_state, model_config, out)
+            write_metrics(out, metrics)
+            note = plot_losses(out, metrics)
+            if note and not getattr(save, "noted", False):
+                say(note)
+                save.noted = True  # type: ignore[attr-defined]
+        dist_utils.barrier(info)
+
+    bar = ProgressBar(config.max_steps, config.log_interval, stream) if info.is_main else None
+    tokens_per_step = config.batch_size * config.seq_len
+    save_interval = config.save_interval or config.eval_interval
+    stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, step + config.stop_after)
+    losses: list[float] = []
+    window_losses: list[float] = []
+    stopper = _StopRequest()
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    step_times: list[float] = []
+    interrupted = False
+    forward_module.train()
+
+    with stopper.installed():
+        while step < stop_at:
+            t0 = time.perf_counter()
+            batch = sampler.next_batch(config.batch_size)
+            local = batch[info.rank * config.batch_size // info.world_size:
+                          (info.rank + 1) * config.batch_size // info.world_size]
+            step_loss = torch.zeros((), device=device)
+            for i, micro in enumerate(local.split(micro_batch)):
+                last = i == config.grad_accum - 1
+                # DDP: all-reduce the gradients once, on the last micro-batch.
+                no_sync = getattr(train_module, "no_sync", None)
+                sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
+                with sync, autocast_context(device, config.precision):
+                    loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size)
+                    scaled = loss / config.grad_accum
+                scaler.scale(scaled).backward()
+                step_loss += scaled.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       config.grad_clip if config.grad_clip > 0 else math.inf)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+                grad_norm = grad_norm.full_tensor()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            mean_loss = float(dist_utils.all_reduce_mean(step_loss, info))
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"the loss became {mean_loss} at step {step}; lower --lr or use fp32")
+            losses.append(mean_loss)
+            window_losses.append(mean_loss)
+            step_times.append(time.perf_counter() - t0)
+            recent = step_times[-20:]
+            seconds_per_step = sum(recent) / len(recent)
+            if bar is not None:
+                bar.update(step, mean_loss, tokens_per_step / seconds_per_step, lr,
+                           seconds_per_step * (stop_at - step))
+            if step % config.log_interval == 0 or step == stop_at:
+                metrics.append({"kind": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
+                                "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
+                                "tokens_per_s": tokens_per_step / seconds_per_step,
+                                "elapsed_s": elapsed_before + time.perf_counter() - started})
+                window_losses = []
+            if step % config.eval_interval == 0 or step == config.max_steps:
+                val_loss, val_bpb = run_eval()
+                metrics.append({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                "val_ppl": math.exp(min(val_loss, 50.0)),
+                                "elapsed_s": elapsed_before + time.perf_counter() - started})
+                if bar is not None:
+                    bar.message(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.3f}"
+                                f" | val bits/byte {val_bpb:.4f}")
+            stop_now = dist_utils.broadcast_flag(stopper.requested, info, device)
+            if step % save_interval == 0 or step == stop_at or stop_now:
+                save(step)
+            if stop_now:
+                interrupted = True
+                say(f"stopped by a signal at step {step}; checkpoint saved: continue with --resume")
+                break
+
+    if step < config.max_steps and not interrupted:
+        say(f"stopped after {step} of {config.max_steps} steps (--stop-after); continue with --resume")
+    sample = None
+    if step == config.max_steps and config.sample_tokens > 0 and not interrupted:
+        sample = _sample(model, config, out, tokenizer, info, device, say)
+    wall = time.perf_counter() - started
+    say(f"done: step {step}/{config.max_steps} in {wall:.1f} s"
+        + (f"; val loss {val_loss:.4f}, val bits/byte {val_bpb:.4f}" if val_loss is not None and val_bpb is not None else ""))
+    dist_utils.barrier(info)
+    return TrainResult(step, config.max_steps, val_loss, val_bpb, wall, losses, sample, interrupted)
+
+
+def _tokenizer_identity(described: dict[str, Any]) -> tuple[Any, Any]:
+    return described.get("type"), described.get("vocab_size")
+
+
+def _save_model(state: dict[str, Tensor], model_config: RetNetConfig, out: Path) -> None:
+    """``save_pretrained`` from a full CPU state dict (the FSDP-safe way: no live module needed)."""
+    with torch.device("meta"):
+        shell = RetNet(model_config, device="meta")
+    shell.load_state_dict(state, assign=True, strict=False)
+    shell.save_pretrained(out)
+
+
+def _sample(model: RetNet, config: TrainConfig, out: Path, tokenizer: ByteTokenizer | HFTokenizer,
+            info: dist_utils.DistInfo, device: torch.device, say: Any) -> str | None:
+    """Generate a sample from the trained model (rank 0; under FSDP from the saved weights)."""
+    if not info.is_main:
+        return None
+    source = RetNet.from_pretrained(out) if config.fsdp else model
+    source.eval()
+    prompt_ids = tokenizer.encode(config.sample_prompt) or [0]
+    dev = source.device
+    generator = torch.Generator(device=dev).manual_seed(config.seed)
+    ids = torch.tensor([prompt_ids], device=dev)
+    decoder = StreamDecoder(tokenizer)
+    pieces = [config.sample_prompt]
+    for token in source.stream_generate(ids, config.sample_tokens, do_sample=True,
+                                        temperature=config.sample_temperature, top_k=None, top_p=0.95,
+                                        generator=generator):
+        pieces.append(decoder.push(int(token[0])))
+    pieces.append(decoder.flush())
+    text = "".join(pieces)
+    say(f"--- sample (temperature {config.sample_temperature}, top-p 0.95, prompt {config.sample_prompt!r}) ---")
+    say(text)
+    say("--- end of sample ---")
+    return text
