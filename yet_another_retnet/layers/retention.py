@@ -234,8 +234,10 @@ class MultiScaleRetention(nn.Module):
         v = self.v_proj(value).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         if rotation is not None:
             cos, sin = rotation
-            q = apply_rotation(q, cos, sin)
-            k = apply_rotation(k, cos, sin)
+            # Under autocast the projections come out in half precision while the tables follow
+            # the (float32) hidden states: rotate in the wider type, keep the projections' dtype.
+            q = apply_rotation(q, cos, sin).to(v.dtype)
+            k = apply_rotation(k, cos, sin).to(v.dtype)
         if token_mask is not None:
             # Padding must not reach the state: zero its keys and values (where, not multiply, so a
             # NaN computed at a padded position cannot leak through 0 * NaN).
