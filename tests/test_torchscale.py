@@ -235,3 +235,21 @@ def test_state_dict_not_matching_config_lists_keys() -> None:
     odd_decay = {**state, "retnet_rel_pos.decay": state["retnet_rel_pos.decay"] * 2}
     with pytest.raises(ValueError, match=r"retnet_rel_pos\.decay"):
         RetNet.from_torchscale(odd_decay, config)
+
+
+def test_recurrent_decoding_matches_torchscale_incremental_float64_eps0(float64_torchscale: None) -> None:
+    """torchscale's own recurrent path (a token at a time) against our prefill + steps."""
+    decoder, config = build_torchscale(seed=7, layernorm_eps=0.0, share_decoder_input_output_embed=True)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        incremental: dict[object, object] = {}
+        expected = torch.cat([decoder(ids[:, : t + 1], incremental_state=incremental)[0] for t in range(12)], 1)
+        model = RetNet.from_torchscale(decoder.state_dict(), config)
+        out = model(ids[:, :5], mode="chunkwise", chunk_size=2)
+        logits = [out.logits]
+        state = out.state
+        for t in range(5, 12):
+            step = model(ids[:, t : t + 1], state=state)
+            logits.append(step.logits)
+            state = step.state
+    assert rel(torch.cat(logits, 1), expected) < 1e-9
