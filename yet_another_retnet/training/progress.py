@@ -105,7 +105,8 @@ def plot_losses(directory: Path, records: list[dict[str, Any]]) -> str | None:
     ax.set_ylabel("cross entropy (nats / token)")
     ax.set_title("RetNet training")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:
+        ax.legend()
     fig.tight_layout()
     atomic_write(directory / PLOT_NAME, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

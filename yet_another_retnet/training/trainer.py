@@ -28,6 +28,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -558,7 +559,11 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            with warnings.catch_warnings():
+                # fp16: the scaler skips a step whose gradients overflowed, and the scheduler
+                # warns that the optimizer did not step; the schedule advancing anyway is intended.
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+                scheduler.step()
             step += 1
             mean_loss = float(dist_utils.all_reduce_mean(step_loss, info))
             if not math.isfinite(mean_loss):

@@ -1,0 +1,263 @@
+"""Training: resume is exact, a kill -9 leaves a usable run, the options do what they say.
+
+Every run here is tiny (a 2-layer d-32 model, sequences of 16-32 tokens, a few steps) so the
+file stays within a few tens of seconds on 2 cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from yet_another_retnet import RetNet
+from yet_another_retnet.cli import main
+from yet_another_retnet.training.checkpoint import load_checkpoint
+from yet_another_retnet.training.data import (
+    ByteTokenizer,
+    StreamDecoder,
+    WindowSampler,
+    default_corpus_text,
+    encode_corpus,
+    eval_windows,
+    split_tokens,
+)
+from yet_another_retnet.training.progress import read_metrics
+from yet_another_retnet.training.trainer import TrainConfig, build_optimizer, lr_factor
+
+TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
+        "--sample-tokens", "0"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~20 KB of real text (the start of the default corpus)."""
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(default_corpus_text()[:20_000])
+    return path
+
+
+def run_train(out: Path, data: Path, *extra: str) -> None:
+    rc = main(["train", "--data", str(data), "--out", str(out), *TINY, *extra])
+    assert rc == 0
+
+
+def weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def train_losses(directory: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(directory) if r["kind"] == "train"]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_identical_to_a_straight_run(tmp_path: Path, corpus_file: Path) -> None:
+    # Dropout stays on (0.1) so the restored torch RNG state matters, as does the sampler's.
+    args = ["--seq-len", "24", "--batch-size", "4", "--max-steps", "12", "--log-interval", "1",
+            "--eval-interval", "4", "--dropout", "0.1", "--seed", "3"]
+    run_train(tmp_path / "straight", corpus_file, *args)
+    run_train(tmp_path / "split", corpus_file, *args, "--stop-after", "6")
+    half = load_checkpoint(tmp_path / "split")
+    assert half["step"] == 6
+    assert main(["train", "--out", str(tmp_path / "split"), "--resume"]) == 0
+
+    straight, split = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert straight.keys() == split.keys()
+    for name in straight:
+        assert torch.equal(straight[name], split[name]), name
+    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "split")
+    a, b = load_checkpoint(tmp_path / "straight"), load_checkpoint(tmp_path / "split")
+    assert a["step"] == b["step"] == 12
+    for name, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][name]["exp_avg_sq"]), name
+    # The 12-step run really differs from the 6-step state (the comparison can fail).
+    assert not torch.equal(half["model"]["embed_tokens.weight"], a["model"]["embed_tokens.weight"])
+
+
+def test_kill_9_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path: Path, corpus_file: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "yet_another_retnet", "train", "--data", str(corpus_file), "--out", str(out),
+           *TINY, "--seq-len", "16", "--batch-size", "2", "--max-steps", "100000", "--save-interval", "1",
+           "--eval-interval", "50", "--eval-max-windows", "2", "--log-interval", "1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        # Saving happens every step, so a kill lands inside a save most of the time.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "checkpoint.pt").is_file() and load_checkpoint(out)["step"] >= 3:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        time.sleep(0.37)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = load_checkpoint(out)  # whole and readable, whatever moment the kill hit
+    step = state["step"]
+    assert step >= 3
+    model = RetNet.from_pretrained(out)
+    assert model.config.d_model == 32
+    assert not list(out.glob(".*.tmp")) or all(p.name.startswith(".") for p in out.glob(".*.tmp"))
+    # Resume with a smaller horizon than the killed run: train two more steps and finish.
+    assert main(["train", "--out", str(out), "--resume", "--max-steps", str(step + 2)]) == 0
+    assert load_checkpoint(out)["step"] == step + 2
+
+
+def test_options_that_must_not_change_the_math(tmp_path: Path, corpus_file: Path) -> None:
+    """Gradient checkpointing, chunkwise training and gradient accumulation reproduce the plain
+    run's loss curve (dropout 0): they change how, not what, is computed."""
+    base = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "4", "--log-interval", "1",
+            "--eval-interval", "4", "--dropout", "0", "--eval-max-windows", "2"]
+    run_train(tmp_path / "plain", corpus_file, *base)
+    run_train(tmp_path / "ckpt", corpus_file, *base, "--grad-checkpointing")
+    run_train(tmp_path / "chunk", corpus_file, *base, "--chunk-size", "8")
+    run_train(tmp_path / "accum", corpus_file, *base, "--grad-accum", "2")
+    plain = train_losses(tmp_path / "plain")
+    assert len(plain) == 4 and plain[-1] < plain[0]
+    assert train_losses(tmp_path / "ckpt") == pytest.approx(plain, rel=1e-6)
+    assert train_losses(tmp_path / "chunk") == pytest.approx(plain, rel=1e-5)
+    assert train_losses(tmp_path / "accum") == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains(tmp_path: Path, corpus_file: Path, precision: str) -> None:
+    run_train(tmp_path / precision, corpus_file, "--seq-len", "16", "--batch-size", "4", "--max-steps", "6",
+              "--log-interval", "1", "--eval-interval", "6", "--precision", precision, "--eval-max-windows", "2",
+              "--lr", "3e-3")
+    losses = train_losses(tmp_path / precision)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    ckpt = load_checkpoint(tmp_path / precision)
+    assert (ckpt["scaler"].get("scale") is not None) == (precision == "fp16")
+
+
+def test_run_directory_contents_and_eval_agree(tmp_path: Path, corpus_file: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    run_train(out, corpus_file, "--seq-len", "16", "--batch-size", "4", "--max-steps", "8", "--log-interval", "2",
+              "--eval-interval", "4", "--sample-tokens", "30")
+    printed = capsys.readouterr().out
+    assert "step 8/8" in printed and "val bits/byte" in printed and "--- sample" in printed
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json", "checkpoint.pt", "metrics.jsonl",
+                 "train_config.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"type": "byte"}
+    records = read_metrics(out)
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    # Byte tokens: bits per byte is the loss in bits.
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
+
+    # `retnet eval` on the same text scores the same windows: the same loss.
+    text = corpus_file.read_text()
+    _, val = split_tokens(encode_corpus(text), 0.05)
+    val_file = tmp_path / "val.txt"
+    val_file.write_bytes(bytes(val.tolist()))
+    assert main(["eval", str(out), "--data", str(val_file), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["windows"] == len(eval_windows(val, 16))
+    assert result["loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_hf_tokenizer_run_saves_and_reuses_the_tokenizer(tmp_path: Path, corpus_file: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.train([str(corpus_file)], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok_file = tmp_path / "my-tokenizer.json"
+    tok.save(str(tok_file))
+    out = tmp_path / "run"
+    run_train(out, corpus_file, "--tokenizer", str(tok_file), "--seq-len", "16", "--batch-size", "4",
+              "--max-steps", "3", "--eval-interval", "3")
+    assert (out / "tokenizer.json").is_file()
+    assert RetNet.from_pretrained(out).config.vocab_size == tok.get_vocab_size()
+    records = [r for r in read_metrics(out) if r["kind"] == "eval"]
+    # A BPE token covers several bytes: bits per byte is below the loss in bits.
+    assert records[-1]["val_bpb"] < records[-1]["val_loss"] / math.log(2)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "The ", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.startswith("The ")
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_window_sampler_resumes_the_same_batches() -> None:
+    tokens = torch.arange(1000)
+    a = WindowSampler(tokens, 16, seed=5)
+    first = [a.next_batch(3) for _ in range(2)]
+    state = a.state_dict()
+    later = [a.next_batch(3) for _ in range(3)]
+    b = WindowSampler(tokens, 16, seed=123)
+    b.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(later, [b.next_batch(3) for _ in range(3)], strict=True))
+    batch = first[0]
+    assert batch.shape == (3, 17)
+    assert torch.equal(batch[:, 1:] - batch[:, :-1], torch.ones(3, 16, dtype=torch.long))  # contiguous windows
+    with pytest.raises(ValueError, match="fewer than one sequence"):
+        WindowSampler(torch.arange(10), 16, seed=0)
+
+
+def test_schedule_warms_up_then_decays_linearly() -> None:
+    config = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[55] == pytest.approx(1.0 - 0.9 * 45 / 90)
+    assert lr_factor(100, config) == pytest.approx(0.1)
+    assert all(b <= a for a, b in itertools.pairwise(factors[10:]))
+
+
+def test_weight_decay_spares_norms_and_embeddings() -> None:
+    from yet_another_retnet import RetNetConfig
+
+    model = RetNet(RetNetConfig(d_model=32, num_heads=2, num_layers=1, ffn_dim=64, bias=True))
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.05), fused_ok=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in opt.param_groups[0]["params"]}
+    spared = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.05 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert "embed_tokens.weight" in spared
+    assert all(model.get_parameter(n).dim() >= 2 for n in decayed)
+    assert any("norm" in n for n in spared) and any(n.endswith("bias") for n in spared)
+    assert any("retention.q_proj" in n or "ffn" in n for n in decayed)
+    assert len(decayed) + len(spared) == len(list(model.parameters()))
+
+
+def test_stream_decoder_never_splits_a_character() -> None:
+    text = "naïve café: 3 € — 漢字 🙂"
+    tok = ByteTokenizer()
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(b) for b in tok.encode(text)]
+    assert "".join(pieces) + decoder.flush() == text
+    assert all("\ufffd" not in p for p in pieces)
+    # An incomplete character at the end is flushed as a replacement character.
+    d2 = StreamDecoder(tok)
+    assert "".join(d2.push(b) for b in "é".encode()[:1]) == ""
+    assert d2.flush() == "\ufffd"
