@@ -127,6 +127,10 @@ class TrainConfig:
     IDENTITY = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1",
                 "beta2", "grad_clip", "seed", "val_fraction")
 
+    #: Settings of one invocation, not inherited by --resume (a run started under torchrun
+    #: with FSDP may continue in one process, on another device, ...).
+    PER_CALL = ("device", "fsdp", "compile", "stop_after")
+
     def validate(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
         for name in positive:
@@ -261,7 +265,8 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
                     f"--{_flag(name)} {explicit[name]} differs from the run in {out} ({saved.get(name)}); "
                     f"a resumed run keeps its settings: drop the flag or choose another --out"
                 )
-        config = TrainConfig.from_dict({**defaults.to_dict(), **saved, **explicit})
+        inherited = {k: v for k, v in saved.items() if k not in TrainConfig.PER_CALL}
+        config = TrainConfig.from_dict({**defaults.to_dict(), **inherited, **explicit})
     else:
         if out.is_dir() and any(out.iterdir()) and not overwrite:
             if saved_path.is_file():
