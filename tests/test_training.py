@@ -114,7 +114,6 @@ def test_kill_9_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path: Path,
     assert step >= 3
     model = RetNet.from_pretrained(out)
     assert model.config.d_model == 32
-    assert not list(out.glob(".*.tmp")) or all(p.name.startswith(".") for p in out.glob(".*.tmp"))
     # Resume with a smaller horizon than the killed run: train two more steps and finish.
     assert main(["train", "--out", str(out), "--resume", "--max-steps", str(step + 2)]) == 0
     assert load_checkpoint(out)["step"] == step + 2
