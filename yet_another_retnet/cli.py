@@ -270,12 +270,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     windows = eval_windows(tokens, min(seq_len, len(tokens) - 1))
     if args.max_windows is not None:
         windows = windows[:args.max_windows]
-    scored = windows[:, :]
-    loss = evaluate(model, scored, args.batch_size, device, args.precision)
-    n_tokens = scored.shape[0] * (scored.shape[1] - 1)
+    loss = evaluate(model, windows, args.batch_size, device, args.precision)
+    n_tokens = windows.shape[0] * (windows.shape[1] - 1)
     n_bytes = len(tokenizer.decode(tokens).encode("utf-8"))
     bpb = bits_per_byte(loss, n_bytes / len(tokens))
-    result = {"data": source, "windows": int(scored.shape[0]), "seq_len": int(scored.shape[1] - 1),
+    result = {"data": source, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1] - 1),
               "tokens": int(n_tokens), "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
               "bits_per_byte": bpb}
     if args.json:
