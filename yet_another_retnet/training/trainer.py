@@ -508,6 +508,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
         bpb = bits_per_byte(loss, corpus.bytes_per_token)
         return loss, bpb
 
+    plot_notes: set[str] = set()  # say "no matplotlib" once, not at every checkpoint
+
     def save(at_step: int) -> None:
         model_state, optimizer_state = full_state_dicts(model, optimizer)
         if info.is_main:
@@ -520,9 +522,9 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
             _save_model(model_state, model_config, out)
             write_metrics(out, metrics)
             note = plot_losses(out, metrics)
-            if note and not getattr(save, "noted", False):
+            if note and note not in plot_notes:
                 say(note)
-                save.noted = True  # type: ignore[attr-defined]
+                plot_notes.add(note)
         dist_utils.barrier(info)
 
     bar = ProgressBar(config.max_steps, config.log_interval, stream) if info.is_main else None
