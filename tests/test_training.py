@@ -6,6 +6,7 @@ file stays within a few tens of seconds on 2 cores.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -32,7 +33,7 @@ from yet_another_retnet.training.data import (
     eval_windows,
     split_tokens,
 )
-from yet_another_retnet.training.progress import read_metrics
+from yet_another_retnet.training.progress import ProgressBar, plot_losses, read_metrics
 from yet_another_retnet.training.trainer import TrainConfig, build_optimizer, lr_factor
 
 TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
@@ -260,3 +261,35 @@ def test_stream_decoder_never_splits_a_character() -> None:
     d2 = StreamDecoder(tok)
     assert "".join(d2.push(b) for b in "é".encode()[:1]) == ""
     assert d2.flush() == "\ufffd"
+
+
+def test_plot_is_skipped_with_a_note_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [{"kind": "train", "step": 1, "loss": 5.0}, {"kind": "eval", "step": 1, "val_loss": 4.0}]
+    assert plot_losses(tmp_path, records) is None and (tmp_path / "loss.png").is_file()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    (tmp_path / "loss.png").unlink()
+    note = plot_losses(tmp_path, records)
+    assert note is not None and "matplotlib" in note
+    assert not (tmp_path / "loss.png").exists()
+
+
+def test_progress_bar_redraws_on_a_terminal_and_writes_lines_in_a_log() -> None:
+    class Stream(io.StringIO):
+        def __init__(self, tty: bool) -> None:
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    log, tty = Stream(False), Stream(True)
+    for stream in (log, tty):
+        bar = ProgressBar(total=4, log_interval=2, stream=stream)
+        for step in range(1, 5):
+            bar.update(step, loss=3.0 / step, tokens_per_s=2500.0, lr=1e-3, eta_s=65.0 * (4 - step))
+        bar.message("eval line")
+    lines = log.getvalue().splitlines()
+    assert lines[0].startswith("step 2/4 [") and "loss 1.5000" in lines[0] and "2.5k tok/s" in lines[0]
+    assert "ETA 2m10s" in lines[0] and lines[1].startswith("step 4/4 [####") and lines[2] == "eval line"
+    assert len(lines) == 3
+    assert tty.getvalue().count("\r") == 4 and "step 1/4" in tty.getvalue()
