@@ -118,6 +118,7 @@ def test_kill_9_leaves_a_loadable_checkpoint_and_resume_finishes(tmp_path: Path,
     # Resume with a smaller horizon than the killed run: train two more steps and finish.
     assert main(["train", "--out", str(out), "--resume", "--max-steps", str(step + 2)]) == 0
     assert load_checkpoint(out)["step"] == step + 2
+    assert not list(out.glob(".*.tmp"))  # what the kill left half-written is cleared on resume
 
 
 def test_options_that_must_not_change_the_math(tmp_path: Path, corpus_file: Path) -> None:

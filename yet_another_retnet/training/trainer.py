@@ -480,9 +480,11 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                   "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for name in RUN_FILES:  # --overwrite: a fresh run must not inherit a stale file
+        for name in RUN_FILES:
+            if not resume:  # --overwrite: a fresh run must not inherit a stale file
                 (out / name).unlink(missing_ok=True)
+            for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
+                leftover.unlink(missing_ok=True)
         text = json.dumps(run_record, indent=2, sort_keys=True) + "\n"
         atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
         tokenizer.save(out)
