@@ -11,7 +11,9 @@ dtype: in bfloat16, ``1 - 2**-12`` rounds to exactly 1.0 (no decay at all), and
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -85,3 +87,96 @@ def decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype) -> Tensor:
     return torch.where(distance >= 0, powers, torch.zeros((), dtype=torch.float64, device=log_gamma.device)).to(
         dtype
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Cached tables for the fast chunkwise and parallel forms.
+#
+# The powers of gamma only depend on (gammas, chunk length, number of chunks, dtype, device,
+# scale), never on the data, so they are computed once (float64 exp/log, then cast) and reused
+# by every layer and every step. The cache key holds the gammas as Python floats, so two layers
+# with equal gammas share one entry.
+# --------------------------------------------------------------------------------------------
+
+
+class ChunkTables(NamedTuple):
+    """Decay factors for ``num_chunks`` chunks of ``chunk`` tokens (``h`` heads, ``n`` chunks).
+
+    Attributes:
+        inner: ``(h, 1, c, c)`` ``scale * D`` (the causal decay mask times the key scale).
+        key_decay: ``(h, 1, c, 1)`` ``scale * gamma^(c-1-j)``: row ``j``'s weight in the chunk's state.
+        query_decay: ``(h, 1, c, 1)`` ``gamma^(j+1)``: row ``j``'s weight on the state before the chunk.
+        across: ``(h, n, n)`` ``gamma^(c (i-1-m))`` for ``m < i`` else 0: chunk ``m``'s share of
+            the state before chunk ``i``.
+        start: ``(h, n, 1)`` ``gamma^(c i)``: the share of a previous state before chunk ``i``.
+        chunk_decay: ``(h, 1, 1)`` ``gamma^c``.
+    """
+
+    inner: Tensor
+    key_decay: Tensor
+    query_decay: Tensor
+    across: Tensor
+    start: Tensor
+    chunk_decay: Tensor
+
+
+def _gamma_key(log_gamma: Tensor) -> tuple[float, ...]:
+    return tuple(float(x) for x in log_gamma.detach().cpu().tolist())
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_tables(
+    key: tuple[float, ...], chunk: int, num_chunks: int, dtype: torch.dtype, device: torch.device, scale: float
+) -> ChunkTables:
+    # Plain tensors even when the first call happens under inference_mode or no_grad: a cached
+    # inference tensor could not be saved for a later backward pass.
+    with torch.inference_mode(False), torch.no_grad():
+        log_gamma = torch.tensor(key, dtype=torch.float64, device=device)
+        heads = log_gamma.shape[0]
+        j = torch.arange(chunk, device=device, dtype=torch.float64)
+        inner = decay_mask(log_gamma, chunk, torch.float64) * scale
+        key_decay = torch.exp(log_gamma[:, None] * (chunk - 1 - j)) * scale
+        query_decay = torch.exp(log_gamma[:, None] * (j + 1))
+        i = torch.arange(num_chunks, device=device, dtype=torch.float64)
+        gap = i[:, None] - 1 - i[None, :]
+        across = torch.where(
+            gap >= 0,
+            torch.exp(log_gamma[:, None, None] * chunk * gap.clamp(min=0)),
+            torch.zeros((), dtype=torch.float64, device=device),
+        )
+        start = torch.exp(log_gamma[:, None] * chunk * i)
+        chunk_decay = torch.exp(log_gamma * chunk)
+        return ChunkTables(
+            inner.unsqueeze(1).to(dtype),
+            key_decay.view(heads, 1, chunk, 1).to(dtype),
+            query_decay.view(heads, 1, chunk, 1).to(dtype),
+            across.to(dtype),
+            start.view(heads, num_chunks, 1).to(dtype),
+            chunk_decay.view(heads, 1, 1).to(dtype),
+        )
+
+
+def chunk_tables(
+    log_gamma: Tensor, chunk: int, num_chunks: int, dtype: torch.dtype, scale: float = 1.0
+) -> ChunkTables:
+    """Cached :class:`ChunkTables` for ``log_gamma`` ``(heads,)`` (float64), on its device."""
+    return _chunk_tables(_gamma_key(log_gamma), chunk, num_chunks, dtype, log_gamma.device, float(scale))
+
+
+@functools.lru_cache(maxsize=8)
+def _scaled_mask(
+    key: tuple[float, ...], length: int, dtype: torch.dtype, device: torch.device, scale: float
+) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        log_gamma = torch.tensor(key, dtype=torch.float64, device=device)
+        return (decay_mask(log_gamma, length, torch.float64) * scale).to(dtype)
+
+
+def scaled_decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
+    """Cached ``scale * decay_mask(log_gamma, length)``, ``(heads, length, length)`` in ``dtype``.
+
+    Masks longer than 4,096 tokens are not cached (each is ``heads * length^2`` numbers).
+    """
+    if length > 4096:
+        return (decay_mask(log_gamma, length, torch.float64) * scale).to(dtype)
+    return _scaled_mask(_gamma_key(log_gamma), length, dtype, log_gamma.device, float(scale))

@@ -24,7 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .decay import DecaySpec, decay_mask, decay_powers, resolve_log_decay
+from .decay import (
+    DecaySpec,
+    chunk_tables,
+    decay_mask,
+    decay_powers,
+    resolve_log_decay,
+    scaled_decay_mask,
+)
 
 __all__ = ["retention_chunkwise", "retention_parallel", "retention_recurrent"]
 
@@ -119,9 +126,11 @@ def retention_parallel(
     state = _check_state(prev_state, q, v)
     ct = compute_dtype(q.dtype)
     log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
-    qc, kc, vc = q.to(ct), k.to(ct) * _resolve_scale(scale, q.shape[-1]), v.to(ct)
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
     length = q.shape[2]
-    weights = (qc @ kc.transpose(-1, -2)) * decay_mask(log_gamma, length, ct)
+    # The key scale rides on the cached decay mask: one elementwise pass fewer.
+    mask = scaled_decay_mask(log_gamma, length, ct, _resolve_scale(scale, q.shape[-1]))
+    weights = (qc @ kc.transpose(-1, -2)) * mask
     out = weights @ vc
     if state is not None:
         out = out + _cross_term(qc, state, log_gamma, ct)
@@ -184,6 +193,34 @@ def retention_chunkwise(
         ``(out, state)``: out ``(batch, heads, length, dv)`` in the input dtype and the state after
         the last token, ``(batch, heads, dk, dv)`` in the compute dtype.
     """
+    return _chunkwise(q, k, v, prev_state, chunk_size, decay, scale, fast=True)
+
+
+def retention_chunkwise_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prev_state: Tensor | None = None,
+    chunk_size: int | None = None,
+    *,
+    decay: DecaySpec = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`retention_chunkwise` the plain way: decay powers computed per call and a Python
+    loop over chunks for the state. Same arguments and results; kept to test the fast path."""
+    return _chunkwise(q, k, v, prev_state, chunk_size, decay, scale, fast=False)
+
+
+def _chunkwise(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prev_state: Tensor | None,
+    chunk_size: int | None,
+    decay: DecaySpec,
+    scale: float | None,
+    fast: bool,
+) -> tuple[Tensor, Tensor]:
     _check_qkv(q, k, v, rank=4)
     state = _check_state(prev_state, q, v)
     length = q.shape[2]
@@ -195,7 +232,11 @@ def retention_chunkwise(
     chunk = length if chunk_size is None else min(chunk_size, length)
     ct = compute_dtype(q.dtype)
     log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
-    qc, kc, vc = q.to(ct), k.to(ct) * _resolve_scale(scale, q.shape[-1]), v.to(ct)
+    key_scale = _resolve_scale(scale, q.shape[-1])
+    if fast:  # the scale is folded into the cached decay tables
+        qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    else:
+        qc, kc, vc = q.to(ct), k.to(ct) * key_scale, v.to(ct)
     if length == 0:
         batch, heads, _, dk = q.shape
         empty_state = torch.zeros(batch, heads, dk, v.shape[-1], dtype=ct, device=q.device)
@@ -204,11 +245,21 @@ def retention_chunkwise(
     full = (length // chunk) * chunk
     outs = []
     if full:
-        out, state = _chunks(qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma)
+        if fast:
+            out, state = _chunks_fast(
+                qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma, key_scale
+            )
+        else:
+            out, state = _chunks(qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma)
         outs.append(out)
     if full < length:  # the last, shorter chunk uses its own length in place of chunk
         rest = length - full
-        out, state = _chunks(qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, rest, log_gamma)
+        if fast:
+            out, state = _chunks_fast(
+                qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, rest, log_gamma, key_scale
+            )
+        else:
+            out, state = _chunks(qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, rest, log_gamma)
         outs.append(out)
     assert state is not None
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -256,7 +307,10 @@ def state_update(k: Tensor, v: Tensor, prev_state: Tensor | None, log_gamma: Ten
 def _chunks(
     q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int, log_gamma: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Equal-length chunks at once: inputs ``(batch, heads, n * chunk, d)``; returns out, state."""
+    """Equal-length chunks at once: inputs ``(batch, heads, n * chunk, d)``; returns out, state.
+
+    The reference: decay powers computed on the spot, a Python loop over chunks for the state.
+    """
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
     n = length // chunk
@@ -282,3 +336,41 @@ def _chunks(
         stacked = torch.stack([zero if s is None else s for s in befores], dim=2)
         out = out + _cross_term(qs, stacked, log_gamma, ct)
     return out.view(batch, heads, length, dv), running
+
+
+def _chunks_fast(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int, log_gamma: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`_chunks` with cached decay tables and no Python loop over chunks.
+
+    Keys arrive unscaled (``scale`` lives in the tables). The states before every chunk come from
+    one matrix product over the chunk index: ``before_i = sum_{m<i} gamma^(c (i-1-m)) R_m
+    + gamma^(c i) prev``, where ``R_m`` is what chunk ``m`` alone adds.
+    """
+    batch, heads, length, dk = q.shape
+    dv = v.shape[-1]
+    n = length // chunk
+    tables = chunk_tables(log_gamma, chunk, n, q.dtype, scale)
+    # One copy each into (batch, heads, length, d) order up front (the layer hands over transposed
+    # views): otherwise every matmul below would make its own copy, forward and backward.
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    qs = q.view(batch, heads, n, chunk, dk)
+    ks = k.view(batch, heads, n, chunk, dk)
+    vs = v.view(batch, heads, n, chunk, dv)
+    # Inside each chunk: the parallel form, scale and decay in one mask.
+    out = ((qs @ ks.transpose(-1, -2)) * tables.inner) @ vs
+    # What each chunk adds to the state: (batch, heads, n, dk, dv).
+    contributions = (ks * tables.key_decay).transpose(-1, -2) @ vs
+    flat = contributions.view(batch, heads, n, dk * dv)
+    befores = None
+    if n > 1:
+        befores = tables.across @ flat  # (heads, n, n) @ (batch, heads, n, dk*dv)
+    if state is not None:
+        from_prev = tables.start * state.reshape(batch, heads, 1, dk * dv)
+        befores = from_prev if befores is None else befores + from_prev
+    if befores is None:  # one chunk, no earlier state: the state is this chunk's contribution
+        return out.view(batch, heads, length, dv), contributions[:, :, 0]
+    befores_m = befores.view(batch, heads, n, dk, dv)
+    out = out + (qs @ befores_m) * tables.query_decay
+    final = tables.chunk_decay * befores_m[:, :, -1] + contributions[:, :, -1]
+    return out.view(batch, heads, length, dv), final

@@ -1,0 +1,181 @@
+"""The fast training paths against their plain references (and an independent float64 loop).
+
+- ``retention_chunkwise`` (cached decay tables, no Python loop over chunks) against
+  ``retention_chunkwise_reference`` (powers per call, a loop over chunks) and against the
+  token-by-token recurrence of ``tests/reference.py``: outputs, states and gradients.
+- The cached tables against the uncached ``decay_mask`` / ``decay_powers``, and their safety:
+  tables first built under ``inference_mode`` must still work in a later backward pass.
+- ``MultiScaleRetention``'s fused multi-token path (one q/k/v/g matmul, complex rotation)
+  against its plain path (``fast_path = False``), with padding, earlier states and gradients.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import reference_gammas, reference_retention
+
+from yet_another_retnet.layers.retention import MultiScaleRetention
+from yet_another_retnet.ops.decay import chunk_tables, decay_mask, decay_powers, scaled_decay_mask
+from yet_another_retnet.ops.retention import (
+    retention_chunkwise,
+    retention_chunkwise_reference,
+    retention_parallel,
+)
+
+F64 = torch.float64
+
+
+def _inputs(seed: int, batch: int, heads: int, length: int, dk: int, dv: int, dtype: torch.dtype = F64,
+            with_state: bool = False) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dk, generator=gen, dtype=F64).to(dtype)
+    k = torch.randn(batch, heads, length, dk, generator=gen, dtype=F64).to(dtype)
+    v = torch.randn(batch, heads, length, dv, generator=gen, dtype=F64).to(dtype)
+    state = torch.randn(batch, heads, dk, dv, generator=gen, dtype=F64) if with_state else None
+    return q, k, v, state
+
+
+# (batch, heads, length, dk, dv, chunk): divisible and not, chunk 1, chunk > length, one chunk.
+SHAPES = [
+    (2, 3, 37, 8, 6, 5),
+    (1, 4, 64, 8, 8, 16),
+    (2, 2, 10, 4, 4, 10),
+    (1, 2, 9, 4, 4, None),
+    (1, 2, 7, 4, 6, 1),
+    (3, 1, 5, 2, 3, 8),
+    (1, 4, 700, 8, 8, 64),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_fast_chunkwise_equals_reference_and_recurrence(shape: tuple, with_state: bool) -> None:
+    batch, heads, length, dk, dv, chunk = shape
+    q, k, v, state = _inputs(length * 7 + heads, batch, heads, length, dk, dv, with_state=with_state)
+    out, new_state = retention_chunkwise(q, k, v, state, chunk)
+    ref_out, ref_state = retention_chunkwise_reference(q, k, v, state, chunk)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new_state, ref_state, rtol=0, atol=1e-10)
+    loop_out, loop_state = reference_retention(q, k, v, reference_gammas(heads), prev_state=state)
+    torch.testing.assert_close(out, loop_out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new_state, loop_state, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("decay", ["log-spaced", "custom"])
+def test_fast_chunkwise_other_decays_and_scale(decay: str) -> None:
+    q, k, v, state = _inputs(3, 2, 3, 41, 6, 4, with_state=True)
+    spec: str | torch.Tensor = decay
+    if decay == "custom":  # gamma = 1 (no decay at all) is allowed and must stay exact
+        spec = torch.tensor([1.0, 0.5, 0.97], dtype=F64)
+    out, new_state = retention_chunkwise(q, k, v, state, 8, decay=spec, scale=0.3)
+    ref_out, ref_state = retention_chunkwise_reference(q, k, v, state, 8, decay=spec, scale=0.3)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new_state, ref_state, rtol=0, atol=1e-10)
+    gammas = spec if isinstance(spec, torch.Tensor) else reference_gammas(3, decay)
+    loop_out, loop_state = reference_retention(q, k, v, gammas, scale=0.3, prev_state=state)
+    torch.testing.assert_close(out, loop_out, rtol=0, atol=1e-10)
+    torch.testing.assert_close(new_state, loop_state, rtol=0, atol=1e-10)
+
+
+def test_fast_chunkwise_gradients_equal_reference() -> None:
+    q, k, v, state = _inputs(11, 2, 2, 45, 4, 6, with_state=True)
+    assert state is not None
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, state)]
+    weights = torch.randn(2, 2, 45, 6, generator=torch.Generator().manual_seed(5), dtype=F64)
+
+    def grads(fn: object) -> tuple[torch.Tensor, ...]:
+        out, new_state = fn(*leaves, 16)  # type: ignore[operator]
+        loss = (out * weights).sum() + new_state.pow(2).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    for fast, ref in zip(grads(retention_chunkwise), grads(retention_chunkwise_reference), strict=True):
+        torch.testing.assert_close(fast, ref, rtol=0, atol=1e-9)
+
+
+def test_fast_chunkwise_float32_and_bfloat16() -> None:
+    q, k, v, state = _inputs(2, 1, 4, 300, 16, 16, with_state=True)
+    ref_out, ref_state = reference_retention(q, k, v, reference_gammas(4), prev_state=state)
+    out32, state32 = retention_chunkwise(q.float(), k.float(), v.float(), state.float(), 64)  # type: ignore[union-attr]
+    assert out32.dtype == torch.float32 and state32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state32.double(), ref_state, rtol=1e-4, atol=1e-4)
+    bf = torch.bfloat16
+    out16, state16 = retention_chunkwise(q.to(bf), k.to(bf), v.to(bf), state, 64)
+    assert out16.dtype == bf and state16.dtype == torch.float32  # the state accumulates in float32
+    ref16, _ = reference_retention(q.to(bf), k.to(bf), v.to(bf), reference_gammas(4), prev_state=state)
+    torch.testing.assert_close(out16.double(), ref16, rtol=2e-2, atol=5e-2)
+
+
+def test_cached_tables_match_uncached_powers() -> None:
+    log_gamma = torch.log(reference_gammas(3))
+    chunk, n, scale = 6, 5, 0.25
+    tables = chunk_tables(log_gamma, chunk, n, F64, scale)
+    j = torch.arange(chunk)
+    torch.testing.assert_close(tables.inner[:, 0], decay_mask(log_gamma, chunk, F64) * scale, rtol=0, atol=1e-15)
+    torch.testing.assert_close(tables.key_decay[:, 0, :, 0], decay_powers(log_gamma, chunk - 1 - j, F64) * scale)
+    torch.testing.assert_close(tables.query_decay[:, 0, :, 0], decay_powers(log_gamma, j + 1, F64))
+    torch.testing.assert_close(tables.chunk_decay.view(3), decay_powers(log_gamma, torch.tensor(chunk), F64))
+    gamma = log_gamma.exp()
+    for i in range(n):
+        torch.testing.assert_close(tables.start[:, i, 0], gamma ** (chunk * i))
+        for m in range(n):
+            expected = gamma ** (chunk * (i - 1 - m)) if m < i else torch.zeros(3, dtype=F64)
+            torch.testing.assert_close(tables.across[:, i, m], expected)
+    # Same arguments, same cached object; a different dtype is a different entry.
+    assert chunk_tables(log_gamma, chunk, n, F64, scale) is tables
+    assert chunk_tables(log_gamma, chunk, n, torch.float32, scale).inner.dtype == torch.float32
+    torch.testing.assert_close(scaled_decay_mask(log_gamma, 9, F64, 0.5), decay_mask(log_gamma, 9, F64) * 0.5)
+
+
+def test_tables_built_under_inference_mode_still_train() -> None:
+    # A cached inference tensor could not be saved for backward: the first call (e.g. in
+    # generate()) happens under inference_mode, a later training step must still work.
+    heads, length, chunk = 3, 24, 7  # sizes used nowhere else, so these tables are new here
+    q, k, v, _ = _inputs(9, 1, heads, length, 6, 6, dtype=torch.float32)
+    with torch.inference_mode():
+        retention_chunkwise(q, k, v, None, chunk)
+        retention_parallel(q, k, v)
+    leaf = q.clone().requires_grad_(True)
+    out, _ = retention_chunkwise(leaf, k, v, None, chunk)
+    out_p, _ = retention_parallel(leaf, k, v)
+    (out.sum() + out_p.sum()).backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def _layer(value_factor: float, head_norm: str, bias: bool, relative_position: bool = True) -> MultiScaleRetention:
+    torch.manual_seed(0)
+    layer = MultiScaleRetention(16, 4, value_factor=value_factor, head_norm=head_norm, bias=bias,
+                                relative_position=relative_position).double()
+    with torch.no_grad():  # move off the init values (zero biases, unit norm weights)
+        for p in layer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return layer
+
+
+@pytest.mark.parametrize(
+    "value_factor, head_norm, bias, relative_position",
+    [(1.0, "groupnorm", False, True), (2.0, "rmsnorm", True, True), (1.0, "groupnorm", True, False)],
+)
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
+def test_layer_fused_path_equals_plain_path(value_factor: float, head_norm: str, bias: bool,
+                                            relative_position: bool, mode: str) -> None:
+    layer = _layer(value_factor, head_norm, bias, relative_position)
+    keys = sorted(layer.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 21, 16, generator=gen, dtype=F64)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, :4] = False  # left padding in the second row
+    weights = torch.randn(2, 21, 16, generator=gen, dtype=F64)
+    results = []
+    for fast in (True, False):
+        layer.fast_path = fast
+        xin = x.clone().requires_grad_(True)
+        first, state, _ = layer.retain(xin, xin, xin, None, mode, chunk_size=5, token_mask=mask)
+        second, state2, _ = layer.retain(xin[:, :9], xin[:, :9], xin[:, :9], state, mode, chunk_size=4)
+        loss = (first * weights).sum() + second.sum() + state2.memory.sum()
+        grads = torch.autograd.grad(loss, [xin, *layer.parameters()])
+        results.append((first, second, state.memory, state2.memory, *grads))
+    for fast_value, plain_value in zip(*results, strict=True):
+        torch.testing.assert_close(fast_value, plain_value, rtol=0, atol=1e-10)
+    assert sorted(layer.state_dict()) == keys  # the fused weight is never a parameter or buffer
