@@ -11,6 +11,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from reference import F64, reference_gammas, reference_msr, rel_err
 
 from yet_another_retnet.layers.retention import (
@@ -124,6 +126,29 @@ def test_long_chain_of_calls_in_every_form():
         start += size
     assert start == 40
     assert rel_err(torch.cat(ys, dim=1), ref_y) <= TOL64
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    heads=st.sampled_from([1, 2, 4]),
+    sizes=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    forms=st.lists(st.sampled_from(FORMS), min_size=4, max_size=4),
+    chunk=st.integers(1, 10),
+    head_norm=st.sampled_from(["groupnorm", "rmsnorm"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_layer_any_split_any_forms(heads, sizes, forms, chunk, head_norm, seed):
+    layer = make_layer(seed=seed, embed_dim=16, num_heads=heads, head_norm=head_norm)
+    x = inputs(1, sum(sizes), 16, seed=seed)
+    ref_y, ref_memory = reference_msr(layer, x)
+    ys, state, start = [], None, 0
+    for form, size in zip(forms, sizes, strict=False):
+        y, state = run_form(layer, form, x[:, start : start + size], state, chunk_size=chunk)
+        ys.append(y)
+        start += size
+    assert rel_err(torch.cat(ys, dim=1), ref_y) <= TOL64
+    assert rel_err(state.memory, ref_memory) <= TOL64
+    assert state.position.tolist() == [start]
 
 
 def test_rows_at_different_positions():
