@@ -551,13 +551,13 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
             step_loss = torch.zeros((), device=device)
             for i, micro in enumerate(local.split(micro_batch)):
                 last = i == config.grad_accum - 1
-                # DDP: all-reduce the gradients once, on the last micro-batch.
+                # DDP: all-reduce the gradients once, in the last micro-batch's backward pass.
                 no_sync = getattr(train_module, "no_sync", None)
-                sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
-                with sync, autocast_context(device, config.precision):
-                    loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size)
-                    scaled = loss / config.grad_accum
-                scaler.scale(scaled).backward()
+                with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                    with autocast_context(device, config.precision):
+                        loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size)
+                        scaled = loss / config.grad_accum
+                    scaler.scale(scaled).backward()
                 step_loss += scaled.detach()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
