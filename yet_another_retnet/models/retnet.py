@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..generation import GenerationMixin
-from ..layers.feedforward import FeedForward, build_norm
-from ..layers.retention import MultiScaleRetention, RetentionState, positions_for
+from ..layers.feedforward import ACTIVATIONS, FeedForward, build_norm
+from ..layers.retention import MultiScaleRetention, RetentionState, linear_step, positions_for
 from .config import RetNetConfig
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -118,6 +118,36 @@ class RetNetDecoderLayer(nn.Module):
         return x, new_state
 
 
+    def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One token, inference only: ``x`` ``(batch, d_model)`` -> same, and the layer's new memory.
+
+        The fast form of ``forward(x[:, None], state, "recurrent")`` (eval mode, no autograd).
+        """
+        retention = cast(MultiScaleRetention, self.retention)
+        scale = self.residual_scale
+        if not self.pre_norm:
+            h, memory = retention.step(x, memory, rotation)
+            x = self.retention_norm(x + h if scale == 1.0 else x * scale + h)
+            h = self._ffn_step(x)
+            return self.ffn_norm(x + h if scale == 1.0 else x * scale + h), memory
+        h, memory = retention.step(self.retention_norm(x), memory, rotation)
+        x = x + h if scale == 1.0 else x * scale + h
+        h = self._ffn_step(self.ffn_norm(x))
+        return (x + h if scale == 1.0 else x * scale + h), memory
+
+    def _ffn_step(self, x: Tensor) -> Tensor:
+        """The FFN on ``(batch, d_model)`` rows; a GLU's fc1 and gate run as one stacked matrix."""
+        ffn = cast(FeedForward, self.ffn)
+        act = ACTIVATIONS[ffn.activation]
+        if ffn.gate is None:
+            h = act(linear_step(x, ffn.fc1.weight, ffn.fc1.bias))
+        else:
+            weight, bias = _stacked(ffn, (ffn.fc1, ffn.gate))
+            h = linear_step(x, weight, bias)
+            h = act(h[:, : ffn.fc1.out_features]) * h[:, ffn.fc1.out_features :]
+        return linear_step(h, ffn.fc2.weight, ffn.fc2.bias)
+
+
 class RetNetDecoder(nn.Module):
     """The stack of decoder layers and the final norm, on hidden states ``(batch, length, d_model)``.
 
@@ -184,6 +214,24 @@ class RetNetDecoder(nn.Module):
         return self.norm(hidden), RetNetState(memories, next_position)
 
 
+    def step(self, hidden: Tensor, state: RetNetState | None) -> tuple[Tensor, RetNetState]:
+        """One token per row, inference only: ``hidden`` ``(batch, d_model)`` -> normed, next state.
+
+        The fast form of ``forward(hidden[:, None], state, "recurrent")``: fused projections,
+        cached rotation and decay tables, no checks. ``state`` is not modified.
+        """
+        if state is None:
+            state = self.empty_state(hidden.shape[0], hidden.device, hidden.dtype)
+        first = self._retention(0)
+        memories = state.memories
+        rotation = first.step_rotation(state.position, memories[0].dtype)
+        new_memories = []
+        for layer, memory in zip(self.layers, memories, strict=True):
+            hidden, memory = cast(RetNetDecoderLayer, layer).step(hidden, memory, rotation)
+            new_memories.append(memory)
+        return self.norm(hidden), RetNetState(new_memories, state.position + 1)
+
+
 class RetNet(GenerationMixin, nn.Module):
     """A RetNet language model.
 
@@ -197,6 +245,9 @@ class RetNet(GenerationMixin, nn.Module):
         if not isinstance(config, RetNetConfig):
             raise TypeError(f"config must be a RetNetConfig, got {type(config).__name__}")
         self.config = config
+        #: Decode single tokens with :meth:`RetNetDecoder.step` (in eval mode without autograd);
+        #: ``False`` runs the layer-by-layer recurrent form instead (the reference).
+        self.fast_decode = True
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, **kw)
         self.embedding_norm = (
@@ -323,6 +374,11 @@ class RetNet(GenerationMixin, nn.Module):
             x = x * self.config.embed_scale
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
+        if (mode == "recurrent" and input_ids.shape[1] == 1 and self.fast_decode and labels is None
+                and token_mask is None and not self.training and not torch.is_grad_enabled()):
+            # Decoding: the fast single-token step (same numbers as the layer-by-layer path).
+            hidden, new_state = self.decoder.step(x[:, 0], state)
+            return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
         x = F.dropout(x, p=self.config.dropout, training=self.training)
         hidden, new_state = self.decoder(x, state, mode, chunk, token_mask)
         logits = self.lm_head(hidden)
@@ -364,6 +420,23 @@ class RetNet(GenerationMixin, nn.Module):
         return from_torchscale(cls, state_dict, config)
 
 
+
+def _stacked(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
+    """The weights (and biases) of ``linears`` stacked along the output dim, cached on ``owner``.
+
+    A copy outside the state dict, keyed by each tensor's storage pointer and in-place version:
+    ``.to()``, ``load_state_dict`` and optimiser steps all invalidate it.
+    """
+    params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
+    key = tuple((p.data_ptr(), p._version) for p in params)
+    cache = owner.__dict__.get("_stacked_cache")
+    if cache is not None and cache[0] == key:
+        return cache[1]
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    owner.__dict__["_stacked_cache"] = (key, (weight, bias))
+    return weight, bias
 
 def count_parameters(config: RetNetConfig) -> int:
     """Parameters of a model with ``config``, counted on the meta device (nothing allocated)."""
