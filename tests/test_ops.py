@@ -368,3 +368,33 @@ def test_bad_input_raises_naming_the_argument():
         retention_parallel(q, k, v, decay=torch.full((3,), 1.5, dtype=F64))
     with pytest.raises(TypeError, match="scale"):
         retention_parallel(q, k, v, scale="big")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------
+# The ops benchmark runs, and records what it skips instead of crashing
+# ------------------------------------------------------------------------------------------
+
+
+def test_ops_benchmark_smoke(tmp_path):
+    import json
+
+    from yet_another_retnet.bench import ops as bench_ops
+
+    rc = bench_ops.main([
+        "--lengths", "48", "--repeats", "1", "--threads", "1", "--chunk-size", "16",
+        "--max-memory-gb", "1e-6", "--max-recurrent-length", "16", "--out", str(tmp_path),
+    ])
+    assert rc == 0
+    data = json.loads((tmp_path / "ops.json").read_text())
+    by_form = {r["form"]: r for r in data["results"]}
+    assert set(by_form) == {"parallel", "chunkwise", "recurrent"}
+    assert "max-memory-gb" in by_form["parallel"]["skipped"]
+    assert "max-recurrent-length" in by_form["recurrent"]["skipped"]
+    chunk = by_form["chunkwise"]
+    assert chunk["forward_ms"] > 0 and chunk["forward_backward_ms"] > 0
+    # fwd+bwd keeps q, k, v gradients (3 x 48 x 8 x 64 float32) alive at the end: the tensor
+    # peak cannot be below them.
+    assert chunk["peak_forward_backward_mib"] >= 3 * 48 * 8 * 64 * 4 / 2**20
+    assert data["machine"]["torch"] == torch.__version__
+    assert data["checks"]["chunkwise_beats_parallel_from_2048"] is None
+    assert "| chunkwise | 48 |" in (tmp_path / "ops.md").read_text()

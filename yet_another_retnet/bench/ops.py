@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest sequence the token-by-token recurrent form is timed at (default: 4096)")
     parser.add_argument("--max-memory-gb", type=float, default=8.0,
                         help="skip the parallel form where its (L, L) temporaries would need more (default: 8)")
-    parser.add_argument("--case-timeout", type=float, default=300.0, help="seconds per case before it is abandoned")
+    parser.add_argument("--case-timeout", type=float, default=600.0, help="seconds per case before it is abandoned")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -246,12 +246,12 @@ def run_case(job: dict[str, Any]) -> dict[str, Any]:
 def parallel_bytes_estimate(batch: int, heads: int, length: int) -> int:
     """A rough (high) peak for the parallel form's forward + backward, from its ``(L, L)`` arrays.
 
-    The float64 decay mask while it is built dominates (powers and select, 2 x 8 bytes per head
-    and pair, plus the float64 distance matrix); the float32 scores come on top. The measured
-    peaks at 1k-4k tokens (8 heads of 64, float32) were ~17 bytes per head and pair; this
-    assumes 20. Used only to decide what to skip, never reported as a measurement.
+    Per head and (n, m) pair the parallel form holds float32 scores, the decay mask and the
+    masked scores, and their gradients in the backward. Measured with this package's ops (8
+    heads of 64, float32): ~8 bytes per head and pair at 1k-4k tokens; this assumes 10. Used
+    only to decide what to skip, never reported as a measurement.
     """
-    return (batch * heads * 20 + 8) * length * length
+    return (batch * heads * 10 + 8) * length * length
 
 
 def skip_reason(form: str, length: int, args: argparse.Namespace) -> str | None:
