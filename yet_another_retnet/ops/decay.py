@@ -99,6 +99,21 @@ def decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _no_subnormals(table: Tensor, dtype: torch.dtype) -> Tensor:
+    """``table`` cast to ``dtype`` with subnormal results set to exactly 0.
+
+    Far powers of gamma (``gamma^(c i)`` across many chunks, or a long parallel mask) fall into
+    float32's subnormal range, and x86 multiplies subnormals tens of times slower: the
+    inter-chunk product at 16k tokens took 16x longer. Values below ``finfo.tiny`` (1e-38 in
+    float32) change nothing measurable.
+    """
+    cast = table.to(dtype)
+    if not cast.is_floating_point():
+        return cast
+    tiny = torch.finfo(dtype).tiny
+    return torch.where(cast.abs() < tiny, torch.zeros((), dtype=dtype, device=cast.device), cast)
+
+
 class ChunkTables(NamedTuple):
     """Decay factors for ``num_chunks`` chunks of ``chunk`` tokens (``h`` heads, ``n`` chunks).
 
@@ -147,12 +162,12 @@ def _chunk_tables(
         start = torch.exp(log_gamma[:, None] * chunk * i)
         chunk_decay = torch.exp(log_gamma * chunk)
         return ChunkTables(
-            inner.unsqueeze(1).to(dtype),
-            key_decay.view(heads, 1, chunk, 1).to(dtype),
-            query_decay.view(heads, 1, chunk, 1).to(dtype),
-            across.to(dtype),
-            start.view(heads, num_chunks, 1).to(dtype),
-            chunk_decay.view(heads, 1, 1).to(dtype),
+            _no_subnormals(inner.unsqueeze(1), dtype),
+            _no_subnormals(key_decay.view(heads, 1, chunk, 1), dtype),
+            _no_subnormals(query_decay.view(heads, 1, chunk, 1), dtype),
+            _no_subnormals(across, dtype),
+            _no_subnormals(start.view(heads, num_chunks, 1), dtype),
+            _no_subnormals(chunk_decay.view(heads, 1, 1), dtype),
         )
 
 
@@ -169,7 +184,7 @@ def _scaled_mask(
 ) -> Tensor:
     with torch.inference_mode(False), torch.no_grad():
         log_gamma = torch.tensor(key, dtype=torch.float64, device=device)
-        return (decay_mask(log_gamma, length, torch.float64) * scale).to(dtype)
+        return _no_subnormals(decay_mask(log_gamma, length, torch.float64) * scale, dtype)
 
 
 def scaled_decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype, scale: float = 1.0) -> Tensor:
