@@ -179,3 +179,19 @@ def test_layer_fused_path_equals_plain_path(value_factor: float, head_norm: str,
     for fast_value, plain_value in zip(*results, strict=True):
         torch.testing.assert_close(fast_value, plain_value, rtol=0, atol=1e-10)
     assert sorted(layer.state_dict()) == keys  # the fused weight is never a parameter or buffer
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise"])
+def test_layer_under_bfloat16_autocast_trains(mode: str) -> None:
+    # Under autocast the fused projection would come out in bfloat16 next to float32 rotation
+    # factors; the layer must still run (forward and backward) and stay near its float32 output.
+    torch.manual_seed(3)
+    layer = MultiScaleRetention(32, 4, value_factor=1.0)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    expected, _, _ = layer.retain(x, x, x, None, mode, chunk_size=16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, state, _ = layer.retain(x, x, x, None, mode, chunk_size=16)
+    got.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert torch.isfinite(state.memory).all()
+    torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)

@@ -345,8 +345,10 @@ class MultiScaleRetention(nn.Module):
         if rotation is None:
             rotation = self.rotation(positions, query.dtype)
         gate = None
-        if self.fast_path and mode != "recurrent" and key is query and value is query and query.dtype in _FAST_DTYPES:
+        if (self.fast_path and mode != "recurrent" and key is query and value is query
+                and query.dtype in _FAST_DTYPES and not torch.is_autocast_enabled(query.device.type)):
             # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
+            # (Under autocast the projections come out in half precision: the plain path copes.)
             q, k, v, gate = self._project_fused(query, rotation, token_mask)
         else:
             q, k, v = self.project(query, key, value, rotation, token_mask)
