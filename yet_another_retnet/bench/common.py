@@ -158,25 +158,54 @@ def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 3, w
     return statistics.median(timed(fn, device)[0] for _ in range(max(1, repeats)))
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, in bytes (Linux ``/proc``; psutil elsewhere)."""
+def _proc_status_kib(field: str) -> int | None:
     try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except (OSError, ValueError, IndexError):
-        import psutil
+        pass
+    return None
 
-        return int(psutil.Process().memory_info().rss)
+
+def current_rss() -> int:
+    """Resident set size of this process now, in bytes (Linux ``VmRSS``; psutil elsewhere)."""
+    kib = _proc_status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
 
 
 def peak_rss() -> int:
-    """The process's high-water resident set size, in bytes.
+    """The process's high-water resident set size, in bytes (Linux ``VmHWM``, else ``ru_maxrss``).
 
     It never goes down, so a clean per-configuration peak needs a fresh process for each
     configuration (the benchmarks run one subprocess each).
     """
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def release_free_memory() -> None:
+    """Hand memory that is freed but still held by the C allocator back to the OS (glibc only).
+
+    After a large prefill, glibc keeps the freed blocks of its heap mapped, so the resident set
+    would overstate what decoding needs. ``malloc_trim`` releases them without changing how later
+    allocations are served; elsewhere this does nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_memory(device: torch.device) -> None:

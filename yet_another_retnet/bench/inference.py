@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="untimed decode steps before them (default: 4)")
     parser.add_argument("--models", default="retnet,transformer",
                         help="comma-separated subset of retnet,transformer")
+    parser.add_argument("--kv-cache", choices=("static", "dynamic"), default="static",
+                        help="the Transformer's cache: transformers' StaticCache (preallocated, "
+                             "default, the faster on CPU) or DynamicCache (generate's default)")
     parser.add_argument("--max-cache-gib", type=float, default=8.0,
                         help="skip Transformer configurations whose KV cache would exceed this")
     parser.add_argument("--isolate", choices=("subprocess", "none"), default=None,
@@ -94,9 +97,14 @@ def _decode_summary(times: list[float], batch: int) -> dict[str, Any]:
 
 
 def _decode_memory(device: torch.device) -> int:
-    """Memory in use while decoding: resident set (CPU) or allocated bytes (GPU), right now."""
+    """Memory held while decoding, measured after the last step with the state or cache alive.
+
+    GPU: allocated bytes. CPU: the resident set after handing the allocator's free blocks back
+    to the OS (without that, heap left over from the prefill reads as decoding memory).
+    """
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
+    common.release_free_memory()
     return common.current_rss()
 
 
@@ -116,10 +124,8 @@ def _measure_retnet(job: dict[str, Any], device: torch.device, dtype: torch.dtyp
     total = job["warmup_steps"] + job["steps"]
     stream = model.stream_generate(prompt, max_new_tokens=total + 1)
     prefill_s, _ = common.timed(lambda: next(stream), device)  # prefill + the first token
-    times, decode_mem = [], 0
-    for _ in range(total):
-        times.append(common.timed(lambda: next(stream), device)[0])
-        decode_mem = max(decode_mem, _decode_memory(device))
+    times = [common.timed(lambda: next(stream), device)[0] for _ in range(total)]
+    decode_mem = _decode_memory(device)  # the stream (and its state) is still alive here
     return {
         "prefill_s": prefill_s,
         **_decode_summary(times[job["warmup_steps"]:], batch),
@@ -140,8 +146,18 @@ def _measure_transformer(job: dict[str, Any], device: torch.device, dtype: torch
     batch, context = job["batch"], job["context"]
     gen = torch.Generator().manual_seed(job["seed"] + 1)
 
-    def prefill(ids: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        out = model(ids, use_cache=True, logits_to_keep=1)
+    static = job.get("kv_cache", "static") == "static"
+    llama_config: Any = model.config
+
+    def prefill(ids: torch.Tensor, extra: int) -> tuple[torch.Tensor, Any]:
+        kw: dict[str, Any] = {}
+        if static:
+            # A preallocated cache written in place: no per-step copy of the whole cache
+            # (DynamicCache concatenates), the faster of the two on CPU.
+            from transformers.cache_utils import StaticCache
+
+            kw[cache_kw] = StaticCache(config=llama_config, max_cache_len=ids.shape[1] + extra)
+        out = model(ids, use_cache=True, logits_to_keep=1, **kw)
         return out.logits[:, -1].argmax(-1), common.llama_cache(out)
 
     def step(token: torch.Tensor, cache: Any) -> torch.Tensor:
@@ -149,21 +165,23 @@ def _measure_transformer(job: dict[str, Any], device: torch.device, dtype: torch
         return out.logits[:, -1].argmax(-1)
 
     with torch.inference_mode():
-        token, cache = prefill(torch.randint(0, config.vocab_size, (batch, 64), generator=gen).to(device))
+        token, cache = prefill(torch.randint(0, config.vocab_size, (batch, 64), generator=gen).to(device), 4)
         for _ in range(3):
             token = step(token, cache)
         del cache
         prompt = torch.randint(0, config.vocab_size, (batch, context), generator=gen).to(device)
         rss_ready = common.current_rss()
         common.reset_peak_memory(device)
-        prefill_s, (token, cache) = common.timed(lambda: prefill(prompt), device)
-        cache_bytes = common.tensor_bytes(common.kv_cache_tensors(cache))  # at `context` tokens
-        times, decode_mem = [], 0
-        for _ in range(job["warmup_steps"] + job["steps"]):
+        total = job["warmup_steps"] + job["steps"]
+        prefill_s, (token, cache) = common.timed(lambda: prefill(prompt, total + 1), device)
+        # After the prefill: `context` tokens (dynamic), or `context + total + 1` slots (static).
+        cache_bytes = common.tensor_bytes(common.kv_cache_tensors(cache))
+        times = []
+        for _ in range(total):
             current = token
             seconds, token = common.timed(lambda: step(current, cache), device)  # noqa: B023
             times.append(seconds)
-            decode_mem = max(decode_mem, _decode_memory(device))
+        decode_mem = _decode_memory(device)  # the KV cache is still alive here
     return {
         "prefill_s": prefill_s,
         **_decode_summary(times[job["warmup_steps"]:], batch),
@@ -330,8 +348,9 @@ def _markdown(data: dict[str, Any], out: Path) -> None:
                 ("retnet_peak_mib", "RetNet peak (MiB)"),
                 ("transformer_peak_mib", "Transformer peak (MiB)")]
     s = data["setup"]
-    setup = (f"RetNet preset `{s['preset']}` ({s['parameters']['retnet']:,} parameters) vs Llama "
-             f"({s['parameters']['transformer']:,} parameters), {s['dtype']}, {s['steps']} timed "
+    setup = (f"RetNet preset `{s['preset']}` ({s['parameters'].get('retnet') or 0:,} parameters) vs Llama "
+             f"({s['parameters'].get('transformer') or 0:,} parameters, transformers "
+             f"{s['kv_cache'].title()}Cache), {s['dtype']}, {s['steps']} timed "
              f"decode steps after {s['warmup_steps']} untimed ones, median reported; memory "
              f"{'isolated per configuration (fresh process)' if s['isolate'] == 'subprocess' else 'NOT isolated (one process)'}.\n")
     sections = [("Setup", setup),
@@ -376,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             job = {"model": model, "preset": preset, "context": context, "batch": batch,
                    "steps": steps, "warmup_steps": warmup, "device": args.device,
-                   "dtype": args.dtype, "seed": args.seed, "threads": args.threads}
+                   "dtype": args.dtype, "seed": args.seed, "threads": args.threads,
+                   "kv_cache": args.kv_cache}
             if model == "transformer" and kv_cache_estimate(preset, context, batch, dtype) > args.max_cache_gib * 2**30:
                 result = {"model": model, "context": context, "batch": batch,
                           "error": f"skipped: KV cache over --max-cache-gib {args.max_cache_gib}"}
@@ -401,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                   "parameters": params, "dtype": args.dtype, "contexts": contexts,
                   "batch_sizes": batch_sizes, "batch_context": batch_context, "steps": steps,
                   "warmup_steps": warmup, "isolate": isolate, "models": models,
+                  "kv_cache": args.kv_cache,
                   "memory": "peak RSS of the process (CPU) / torch.cuda.max_memory_allocated (GPU)"},
         "results": results,
         "comparisons": comparisons(results),

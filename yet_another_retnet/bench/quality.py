@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "same data, steps and optimiser on the embedded corpus.",
     )
     common.add_common_args(parser, default_out="bench-results/quality", default_preset="small")
-    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 300)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (default: 250)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 8)")
     parser.add_argument("--length", type=int, default=None, help="tokens per sequence (default: 256)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     parser.add_argument("--warmup", type=float, default=0.1,
@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clip", type=float, default=2.0, help="gradient-norm clip (default: 2.0)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations")
     parser.add_argument("--eval-tokens", type=int, default=None,
-                        help="validation tokens per evaluation (default: 32768)")
+                        help="validation tokens per evaluation (default: 16384)")
     parser.add_argument("--models", default="retnet,transformer")
     return parser
 
@@ -178,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     common.configure_threads(args.threads)
     quick = args.quick
     preset = args.preset if not quick or args.preset != "small" else "tiny"
-    args.steps = args.steps or (12 if quick else 300)
-    args.batch = args.batch or (4 if quick else 16)
+    args.steps = args.steps or (12 if quick else 250)
+    args.batch = args.batch or (4 if quick else 8)
     args.length = args.length or (64 if quick else 256)
-    eval_every = args.eval_every or max(1, args.steps // (3 if quick else 12))
-    eval_tokens = args.eval_tokens or (2048 if quick else 32768)
+    eval_every = args.eval_every or max(1, args.steps // (3 if quick else 10))
+    eval_tokens = args.eval_tokens or (2048 if quick else 16384)
     if min(args.steps, args.batch, args.length, eval_every, eval_tokens) < 1:
         raise ValueError("--steps, --batch, --length, --eval-every and --eval-tokens must be >= 1")
     if args.lr <= 0 or not 0 <= args.warmup < 1 or args.clip <= 0:
