@@ -1,0 +1,207 @@
+"""The fast decoding step (``RetNet.fast_decode``) against the plain layer-by-layer recurrent path.
+
+The reference is the same model with ``fast_decode = False``: ``retain(..., "recurrent")`` through
+``ops.retention_recurrent``, which the other test files check against independent float64
+references. Tolerances: float64 1e-10, float32 1e-5 (relative to the largest logit), and for
+bfloat16 weights the documented 5e-2 of the largest float32 logit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from yet_another_retnet import RetNet, RetNetConfig
+from yet_another_retnet.layers import retention as retention_module
+
+VOCAB = 41
+VARIANTS: dict[str, dict[str, Any]] = {
+    "paper (value x2, groupnorm, mlp)": {},
+    "torchscale-like (glu, rmsnorm, embed scale, tied)": {
+        "ffn": "glu", "block_norm": "rmsnorm", "head_norm": "rmsnorm", "embed_scale": 4.0, "tie_embeddings": True,
+    },
+    "post-norm, residual scale, swish ffn": {"pre_norm": False, "residual_scale": 1.7, "activation": "swish"},
+    "biases, embedding norm, log-spaced decay": {"bias": True, "embedding_norm": True, "decay": "log-spaced"},
+    "no rotation, no gate activation, value x1": {"relative_position": False, "gate_activation": "identity",
+                                                  "value_factor": 1.0},
+}
+
+
+def make_model(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: Any) -> RetNet:
+    fields: dict[str, Any] = {"vocab_size": VOCAB, "d_model": 16, "num_heads": 2, "num_layers": 2, "ffn_dim": 24,
+                              "dropout": 0.0, "chunk_size": 5, "tie_embeddings": False}
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    model = RetNet(RetNetConfig(**fields)).to(dtype).eval()
+    with torch.no_grad():
+        # Move every parameter off its initial value (norm weights at 1, biases at 0) so that a
+        # dropped or swapped term in the fast step cannot go unnoticed; bigger embeddings give
+        # logits well apart.
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        model.embed_tokens.weight.mul_(20.0)
+    return model
+
+
+def ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def steps(model: RetNet, fast: bool, prompt: torch.Tensor, tokens: torch.Tensor) -> tuple[list[torch.Tensor], Any]:
+    """Prefill ``prompt`` (chunkwise), then feed ``tokens`` one at a time; logits of every step."""
+    model.fast_decode = fast
+    with torch.inference_mode():
+        state = model(prompt, mode="chunkwise").state
+        logits = []
+        for t in range(tokens.shape[1]):
+            out = model(tokens[:, t : t + 1], state=state, mode="recurrent")
+            logits.append(out.logits)
+            state = out.state
+    return logits, state
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_fast_step_equals_the_recurrent_reference(variant: str, dtype: torch.dtype, tol: float) -> None:
+    model = make_model(dtype, **VARIANTS[variant])
+    prompt, tokens = ids(3, 7, seed=1), ids(3, 6, seed=2)
+    fast, fast_state = steps(model, True, prompt, tokens)
+    ref, ref_state = steps(model, False, prompt, tokens)
+    for got, want in zip(fast, ref, strict=True):
+        assert got.shape == want.shape == (3, 1, VOCAB) and got.dtype == want.dtype == dtype
+        assert rel(got, want) < tol, (variant, rel(got, want))
+    assert torch.equal(fast_state.position, ref_state.position)
+    for got, want in zip(fast_state.memories, ref_state.memories, strict=True):
+        assert got.dtype == want.dtype and rel(got, want) < tol
+
+
+def test_fast_step_from_an_empty_state_and_far_positions(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model()
+    x = ids(2, 1, seed=3)
+    with torch.inference_mode():
+        model.fast_decode = True
+        got = model(x, mode="recurrent")
+        model.fast_decode = False
+        want = model(x, mode="recurrent")
+    assert rel(got.logits, want.logits) < 1e-10 and torch.equal(got.state.position, torch.ones(2, dtype=torch.long))
+    # Positions past the first rotation table (1024 rows) grow it; past the table limit the rows
+    # are computed per step. Both must give the reference's rotation.
+    prompt, tokens = ids(2, 1100, seed=4), ids(2, 3, seed=5)
+    fast, _ = steps(model, True, prompt, tokens)
+    ref, _ = steps(model, False, prompt, tokens)
+    assert max(rel(a, b) for a, b in zip(fast, ref, strict=True)) < 1e-10
+    monkeypatch.setattr(retention_module, "_MAX_ROTATION_TABLE", 512)
+    for layer in model.decoder.layers:
+        layer.retention.__dict__.pop("_rotation_cache", None)
+    fast, _ = steps(model, True, prompt, tokens)
+    assert max(rel(a, b) for a, b in zip(fast, ref, strict=True)) < 1e-10
+
+
+def test_left_padded_rows_at_different_positions() -> None:
+    model = make_model()
+    prompt = ids(3, 9, seed=6)
+    mask = torch.ones_like(prompt)
+    mask[0, :4] = 0
+    mask[2, :7] = 0
+    outs = {}
+    for fast in (True, False):
+        model.fast_decode = fast
+        outs[fast] = model.generate(prompt, max_new_tokens=8, attention_mask=mask)
+    assert torch.equal(outs[True], outs[False])
+    # And each row still gets what its prompt alone gives.
+    model.fast_decode = True
+    alone = model.generate(prompt[2:, 7:], max_new_tokens=8)
+    assert torch.equal(outs[True][2, 7:], alone[0])
+
+
+def test_sampling_is_reproducible_and_identical_to_the_reference() -> None:
+    model = make_model()
+    prompt = ids(2, 5, seed=7)
+    outs = []
+    for fast in (True, False, True):
+        model.fast_decode = fast
+        outs.append(model.generate(prompt, max_new_tokens=10, do_sample=True, top_k=10,
+                                   generator=torch.Generator().manual_seed(11)))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_bfloat16_weights_stay_within_the_stated_tolerance_of_float32() -> None:
+    # Documented in docs/speed.md: bfloat16 weights (state and retention kept in float32) give
+    # logits within 5e-2 of the largest float32 logit over a prefill and 8 decoding steps.
+    model32 = make_model(torch.float32, d_model=32, num_heads=4, ffn_dim=48, num_layers=3)
+    model16 = make_model(torch.float32, d_model=32, num_heads=4, ffn_dim=48, num_layers=3).to(torch.bfloat16)
+    prompt, tokens = ids(2, 11, seed=8), ids(2, 8, seed=9)
+    want, _ = steps(model32, False, prompt, tokens)
+    got, state = steps(model16, True, prompt, tokens)
+    ref16, _ = steps(model16, False, prompt, tokens)
+    assert all(m.dtype == torch.float32 for m in state.memories)  # the state never drops to bf16
+    for g, w, r in zip(got, want, ref16, strict=True):
+        assert g.dtype == torch.bfloat16
+        assert rel(g, w) < 5e-2, rel(g, w)
+        assert rel(g, r) < 5e-2, rel(g, r)  # and as close to bf16's own reference path
+
+
+def test_cached_fused_weights_follow_weight_changes_and_stay_out_of_the_state_dict() -> None:
+    model = make_model(ffn="glu", bias=True)
+    keys = sorted(model.state_dict())
+    prompt, tokens = ids(2, 6, seed=10), ids(2, 3, seed=11)
+    steps(model, True, prompt, tokens)  # builds the caches
+    assert sorted(model.state_dict()) == keys  # no fused tensor leaks into checkpoints
+    # In-place edits (an optimiser step, load_state_dict) and replaced tensors must both be seen.
+    other = make_model(ffn="glu", bias=True, seed=5)
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        model.decoder.layers[0].retention.k_proj.weight.mul_(1.5)
+        model.decoder.layers[1].ffn.gate.bias.add_(0.3)
+    model.decoder.layers[1].retention.v_proj.weight = torch.nn.Parameter(
+        model.decoder.layers[1].retention.v_proj.weight.detach() * -1.0)
+    fast, _ = steps(model, True, prompt, tokens)
+    ref, _ = steps(model, False, prompt, tokens)
+    assert max(rel(a, b) for a, b in zip(fast, ref, strict=True)) < 1e-10
+    # A dtype change rebuilds them too.
+    model.float()
+    fast, _ = steps(model, True, prompt, tokens)
+    ref, _ = steps(model, False, prompt, tokens)
+    assert max(rel(a, b) for a, b in zip(fast, ref, strict=True)) < 1e-5
+
+
+def test_fast_step_leaves_the_callers_state_alone_and_skips_training() -> None:
+    model = make_model()
+    prompt = ids(2, 6, seed=12)
+    with torch.no_grad():
+        state = model(prompt, mode="chunkwise").state
+        before = [m.clone() for m in state.memories]
+        model(ids(2, 1, seed=13), state=state, mode="recurrent")
+    assert all(torch.equal(a, b) for a, b in zip(state.memories, before, strict=True))
+    # With autograd on (or in train mode) the plain path runs: gradients reach every projection.
+    out = model(ids(2, 1, seed=13), state=state, mode="recurrent")
+    out.logits.sum().backward()
+    retention = model.decoder.layers[0].retention
+    assert all(p.weight.grad is not None for p in (retention.q_proj, retention.k_proj, retention.v_proj))
+    calls: list[int] = []
+    original = type(model.decoder).step
+
+    def spy(self: Any, *args: Any) -> Any:
+        calls.append(1)
+        return original(self, *args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(type(model.decoder), "step", spy)
+    try:
+        with torch.no_grad():
+            model.train()
+            model(ids(2, 1, seed=13), state=state, mode="recurrent")
+            assert not calls
+            model.eval()
+            model(ids(2, 1, seed=13), state=state, mode="recurrent")
+            assert len(calls) == 1
+            model.generate(prompt, max_new_tokens=4)
+            assert len(calls) == 4  # one fast step per new token after the first
+    finally:
+        mp.undo()
