@@ -189,7 +189,7 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
 def _pick(runs: list[dict[str, float]]) -> dict[str, Any]:
     """The median run (by ms per token) of several repeats, with every repeat's median kept."""
     ordered = sorted(runs, key=lambda r: r["ms_per_token"])
-    chosen = dict(ordered[len(ordered) // 2])
+    chosen: dict[str, Any] = dict(ordered[len(ordered) // 2])
     chosen["repeats_ms"] = [round(r["ms_per_token"], 3) for r in runs]
     return chosen
 
