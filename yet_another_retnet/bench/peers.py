@@ -420,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="subset of decode,prefill,small,training")
     parser.add_argument("--peer-dir", default=str(default_peer_dir()),
                         help="where yet-another-retnet 0.5.1 was pip-installed with --target")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads in every worker (default: torch's choice, all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -448,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker is not None:
         job = json.loads(args.worker)
+        if job.get("threads"):
+            torch.set_num_threads(job["threads"])
         print(json.dumps(WORKERS[job["impl"]](job)), flush=True)
         return 0
+    load_start = os.getloadavg()[0]
     contexts = _ints(args.contexts) if args.contexts else ([512] if args.quick else [512, 8192])
     tokens = args.tokens or (12 if args.quick else 40)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -465,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     for impl, why in skipped.items():
         print(f"[peers] skipping {impl}: {why}", flush=True)
 
-    base_job = {"seed": args.seed, "repeats": repeats, "tokens": tokens, "warmup": 3, "peer_dir": str(peer_dir)}
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    base_job = {"seed": args.seed, "threads": args.threads, "repeats": repeats, "tokens": tokens, "warmup": 3, "peer_dir": str(peer_dir)}
     results: dict[str, Any] = {"decode": [], "prefill": [], "small": [], "training": None}
 
     def run(impl: str, task: str, dims: dict[str, int], context: int, **extra: Any) -> dict[str, Any]:
@@ -499,10 +506,12 @@ def main(argv: list[str] | None = None) -> int:
             results["training"] = peers_training.run_training_section(args.quick)
 
     summary = summarise(results, contexts)
+    machine = _machine(args.threads)
+    machine.update(load_average_1m=load_start, load_average_1m_end=os.getloadavg()[0])
     data = {"settings": {"quick": args.quick, "contexts": contexts, "tokens": tokens, "repeats": repeats,
                          "prefill_length": prefill_length, "base": BASE, "small": SMALL,
-                         "torch_threads": torch.get_num_threads(), "skipped": skipped},
-            "machine": _machine(), "results": results, "summary": summary,
+                         "torch_threads": args.threads or torch.get_num_threads(), "skipped": skipped},
+            "machine": machine, "results": results, "summary": summary,
             "command": "python -m yet_another_retnet.bench.peers " + " ".join(argv if argv is not None else sys.argv[1:])}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -514,9 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _machine() -> dict[str, Any]:
+def _machine(threads: int | None) -> dict[str, Any]:
     info: dict[str, Any] = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0]}
+                            "torch_threads": threads or torch.get_num_threads(), "python": sys.version.split()[0]}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                            if line.startswith("model name"))
@@ -565,11 +574,12 @@ def summarise(results: dict[str, Any], contexts: list[int]) -> dict[str, Any]:
 def render_markdown(data: dict[str, Any]) -> str:
     results, summary, settings = data["results"], data["summary"], data["settings"]
     machine = data["machine"]
+    load = f"{_fmt(machine.get('load_average_1m'))} / {_fmt(machine.get('load_average_1m_end'))}"
     lines = ["# Decoding and prefill against the peers\n",
              f"Command: `{data['command']}`\n",
              f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} "
-             f"torch threads), torch {machine.get('torch')}, load average at start "
-             f"{_fmt(machine.get('load_average_1m'))}. Median of {settings['repeats']} runs of "
+             f"torch threads), torch {machine.get('torch')}, 1-minute load average at "
+             f"start / end {load} (a busy machine slows everything, multi-threaded code most). Median of {settings['repeats']} runs of "
              f"{settings['tokens']} greedy tokens each (batch 1), every implementation in its own process.\n"]
     if results["decode"]:
         contexts = settings["contexts"]
