@@ -8,8 +8,22 @@
 """
 
 from .layers.retention import MultiheadRetention, MultiScaleRetention, RetentionState
-from .models import PRESETS, RetNet, RetNetConfig, RetNetDecoder, RetNetDecoderLayer, RetNetOutput, RetNetState
-from .ops import DECAY_SCHEDULES, decay_gammas, retention_chunkwise, retention_parallel, retention_recurrent
+from .models import (
+    PRESETS,
+    RetNet,
+    RetNetConfig,
+    RetNetDecoder,
+    RetNetDecoderLayer,
+    RetNetOutput,
+    RetNetState,
+)
+from .ops import (
+    DECAY_SCHEDULES,
+    decay_gammas,
+    retention_chunkwise,
+    retention_parallel,
+    retention_recurrent,
+)
 
 __version__ = "0.6.0"
 
