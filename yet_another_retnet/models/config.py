@@ -37,7 +37,9 @@ class RetNetConfig:
         bias: biases in the linear layers and the LayerNorms.
         tie_embeddings: the LM head shares the embedding matrix.
         decay: ``"eq8"`` (paper Eq. 8) or ``"log-spaced"`` (the paper's experiments).
-        chunk_size: default chunk length of the chunkwise form.
+        chunk_size: default chunk length of the chunkwise form (128: fastest measured on CPU,
+            training and prefill; see docs/speed-training.md). Inputs up to this length run
+            in the parallel form.
         embed_scale: factor on the token embeddings (torchscale: ``sqrt(d_model)``).
         embedding_norm: a norm right after the embedding (torchscale's ``layernorm_embedding``).
         residual_scale: factor on the residual branch (torchscale DeepNorm's alpha; 1 otherwise).
@@ -65,7 +67,7 @@ class RetNetConfig:
     bias: bool = False
     tie_embeddings: bool = True
     decay: str = "eq8"
-    chunk_size: int = 512
+    chunk_size: int = 128
     embed_scale: float = 1.0
     embedding_norm: bool = False
     residual_scale: float = 1.0

@@ -1,0 +1,337 @@
+"""Training-step speed against peer implementations (issue 6, training part).
+
+One training step is a forward and a backward pass (no optimiser step) of a small language model,
+fp32, d_model 256, 4 heads, 4 layers, FFN 512, value width 256, dropout 0, vocabulary 256, at
+2 x 1,024, 1 x 4,096 and 1 x 16,384 tokens. Every implementation runs in its own subprocess
+(yet-another-retnet 0.5.1 shares our package name, so it runs with its own directory first on
+``PYTHONPATH``), with a warm-up step and the median of repeats.
+
+Model FLOPs per token (the numerator of the utilisation column), counted as executed:
+
+- linear layers: ``6 * P`` where ``P`` is the number of weights in matrix products (every
+  ``nn.Linear``, the LM head included; embedding lookups excluded);
+- retention, chunk ``c`` (per layer, per head, forward): ``2 c dk + 2 c dv`` (the full ``c x c``
+  score and value products of the chunk) ``+ 4 dk dv`` (the chunk's state contribution and the
+  cross-chunk product), times 3 for forward plus backward;
+- parallel retention and attention at length ``L``: ``2 L dk + 2 L dv`` per head (the full square,
+  PaLM's convention; causal masking is not subtracted), times 3.
+
+Utilisation = model FLOPs per second / the fp32 FLOP/s of a 4,096 x 4,096 matmul measured in the
+same run.
+
+Usage: ``python -m yet_another_retnet.bench.peers_training [--quick] [--json PATH]`` (or
+``retnet bench peers_training``). Run it alone on the machine (``flock /tmp/bench.lock ...``):
+every number is wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Only the standard library at import time: this file also runs as a worker script in a process
+# whose ``yet_another_retnet`` is the 0.5.1 peer.
+
+D_MODEL, HEADS, LAYERS, FFN, VOCAB = 256, 4, 4, 512, 256
+SHAPES = ((2, 1024), (1, 4096), (1, 16384))
+#: Our chunk size for training, chosen by measurement (docs/speed-training.md).
+OUR_CHUNK = 128
+PEER_CHUNK = 128
+REPO = Path(__file__).resolve().parents[2]
+PEER_DIR = Path(os.environ.get("RETNET_PEER_051", REPO / ".peers" / "yaretnet051"))
+
+#: (impl, setting, worker kind, chunk or None)
+ROWS: tuple[tuple[str, str, str, int | None], ...] = (
+    ("yet_another_retnet (ours)", f"chunkwise {OUR_CHUNK}", "ours", OUR_CHUNK),
+    ("yet_another_retnet (ours)", "parallel", "ours", None),
+    ("yet-another-retnet 0.5.1", f"chunkwise {PEER_CHUNK}", "yaretnet051", PEER_CHUNK),
+    ("torchscale 0.3.0", f"chunkwise {PEER_CHUNK}", "torchscale", PEER_CHUNK),
+    ("HF Llama (SDPA)", "causal attention", "llama", None),
+)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP counts
+# --------------------------------------------------------------------------------------------
+
+
+def retention_flops_per_token(span: int, heads: int = HEADS, dk: int = D_MODEL // HEADS,
+                              dv: int = D_MODEL // HEADS, chunkwise: bool = True) -> int:
+    """Forward-plus-backward FLOPs per token of one retention/attention layer (see module doc).
+
+    ``span`` is the chunk size (``chunkwise``) or the sequence length (parallel / attention).
+    """
+    per_head = 2 * span * dk + 2 * span * dv + (4 * dk * dv if chunkwise else 0)
+    return 3 * heads * per_head
+
+
+def model_flops_per_token(matmul_params: int, span: int, chunkwise: bool, layers: int = LAYERS) -> int:
+    return 6 * matmul_params + layers * retention_flops_per_token(span, chunkwise=chunkwise)
+
+
+# --------------------------------------------------------------------------------------------
+# Workers (run in subprocesses)
+# --------------------------------------------------------------------------------------------
+
+
+def _matmul_params(model: Any) -> int:
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _build(kind: str, chunk: int | None) -> tuple[Any, Any]:
+    """``(model, step(x))`` for one implementation; ``step`` runs forward + backward."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    if kind == "ours":
+        from yet_another_retnet.models.config import RetNetConfig
+        from yet_another_retnet.models.retnet import RetNet
+
+        config = RetNetConfig(vocab_size=VOCAB, d_model=D_MODEL, num_heads=HEADS, num_layers=LAYERS,
+                              ffn_dim=FFN, value_factor=1.0, dropout=0.0, ffn="mlp")
+        model = RetNet(config)
+        mode = "parallel" if chunk is None else "chunkwise"
+
+        def step(x: Any) -> None:
+            model(x, mode=mode, chunk_size=chunk or x.shape[1], labels=x).loss.backward()
+
+        return model, step
+    if kind == "yaretnet051":
+        import yet_another_retnet as peer
+        from yet_another_retnet.retnet import RetNet as PeerRetNet
+
+        if not str(Path(peer.__file__).resolve()).startswith(str(PEER_DIR.resolve())):
+            raise RuntimeError(f"expected yet-another-retnet 0.5.1 from {PEER_DIR}, got {peer.__file__}")
+        model = PeerRetNet(num_tokens=VOCAB, d_model=D_MODEL, nhead=HEADS, num_layers=LAYERS,
+                           dim_feedforward=FFN, dropout=0.0)
+        assert chunk is not None
+
+        def step(x: Any) -> None:
+            states: list[Any] = []
+            logits = []
+            for start in range(0, x.shape[1], chunk):
+                out, states = model.forward_chunkwise(x[:, start:start + chunk], start, states)
+                logits.append(out)
+            full = torch.cat(logits, dim=1)
+            F.cross_entropy(full[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
+
+        return model, step
+    if kind == "torchscale":
+        _shim_timm()
+        from torchscale.architecture.config import RetNetConfig as TsConfig
+        from torchscale.architecture.retnet import RetNetDecoder
+
+        config = TsConfig(decoder_embed_dim=D_MODEL, decoder_value_embed_dim=D_MODEL,
+                          decoder_retention_heads=HEADS, decoder_ffn_embed_dim=FFN, decoder_layers=LAYERS,
+                          vocab_size=VOCAB, dropout=0.0, chunkwise_recurrent=chunk is not None,
+                          recurrent_chunk_size=chunk or 512)
+        model = RetNetDecoder(config, embed_tokens=torch.nn.Embedding(VOCAB, D_MODEL))
+
+        def step(x: Any) -> None:
+            logits, _ = model(x)
+            F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1)).backward()
+
+        return model, step
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        lconfig = LlamaConfig(vocab_size=VOCAB, hidden_size=D_MODEL, intermediate_size=FFN,
+                              num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                              max_position_embeddings=max(L for _, L in SHAPES), attention_dropout=0.0)
+        lconfig._attn_implementation = "sdpa"
+        model = LlamaForCausalLM(lconfig)
+
+        def step(x: Any) -> None:
+            model(input_ids=x, labels=x, use_cache=False).loss.backward()
+
+        return model, step
+    raise ValueError(f"unknown implementation {kind!r}")
+
+
+def _shim_timm() -> None:
+    """torchscale imports ``timm.models.layers.drop_path`` (used only with drop_path_rate > 0);
+    timm needs torchvision, which has no CPU build here."""
+    import types
+
+    if "timm.models.layers" in sys.modules:
+        return
+    try:
+        import timm.models.layers  # noqa: F401
+
+        return
+    except Exception:
+        pass
+    timm = types.ModuleType("timm")
+    models = types.ModuleType("timm.models")
+    layers = types.ModuleType("timm.models.layers")
+
+    def drop_path(x: Any, drop_prob: float = 0.0, training: bool = False) -> Any:
+        raise NotImplementedError("timm shim: drop_path is not available in this benchmark")
+
+    layers.drop_path = drop_path  # type: ignore[attr-defined]
+    models.layers = layers  # type: ignore[attr-defined]
+    timm.models = models  # type: ignore[attr-defined]
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
+
+
+def _worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    if spec["kind"] == "matmul":
+        n = 4096
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(2):
+            a @ b
+        times = []
+        for _ in range(spec["repeats"]):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return {"gflops": 2 * n**3 / statistics.median(times) / 1e9}
+    model, step = _build(spec["kind"], spec["chunk"])
+    model.train()
+    result: dict[str, Any] = {"matmul_params": _matmul_params(model)}
+    for batch, length in spec["shapes"]:
+        x = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
+        times = []
+        for i in range(1 + spec["repeats"]):
+            start = time.perf_counter()
+            step(x)
+            model.zero_grad(set_to_none=True)
+            if i:  # the first is the warm-up
+                times.append(time.perf_counter() - start)
+        result[f"{batch}x{length}"] = batch * length / statistics.median(times)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def _run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = dict(os.environ)
+    if spec["kind"] == "yaretnet051":
+        if not (PEER_DIR / "yet_another_retnet").is_dir():
+            return {"error": f"not installed: pip install --no-deps --target {PEER_DIR} yet-another-retnet==0.5.1"}
+        env["PYTHONPATH"] = os.pathsep.join([str(PEER_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        cwd = str(PEER_DIR)  # not the repo root, whose yet_another_retnet/ would shadow the peer
+    else:
+        cwd = str(REPO)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return dict(json.loads(line[len("RESULT "):]))
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"exit {done.returncode}: {tail[0][:200]}"}
+
+
+def _available(kind: str) -> str | None:
+    """Why ``kind`` cannot run here, or None."""
+    import importlib.util
+
+    if kind == "torchscale" and importlib.util.find_spec("torchscale") is None:
+        return "torchscale not installed"
+    if kind == "llama" and importlib.util.find_spec("transformers") is None:
+        return "transformers not installed"
+    return None
+
+
+def run_training_section(quick: bool = False) -> dict[str, Any]:
+    """Measure every row; returns ``{"matmul_gflops", "shapes", "rows": [...]}``.
+
+    Each row: ``impl``, ``setting``, ``tokens_per_s`` ``{"2x1024": ..., ...}`` (None where skipped),
+    ``mfu`` (model FLOPs utilisation per shape, a fraction), ``flops_per_token``, ``note``.
+    ``quick`` takes 1 repeat instead of 3 and skips 16k tokens (a smoke run).
+    """
+    repeats = 1 if quick else 3
+    shapes = [s for s in SHAPES if not (quick and s[1] > 4096)]
+    matmul = _run_worker({"kind": "matmul", "repeats": 3 if quick else 7}, timeout=600)
+    gflops = matmul.get("gflops")
+    rows = []
+    for impl, setting, kind, chunk in ROWS:
+        row: dict[str, Any] = {"impl": impl, "setting": setting, "tokens_per_s": {}, "mfu": {},
+                               "flops_per_token": {}, "note": ""}
+        why = _available(kind)
+        # Parallel retention keeps (heads x L x L) scores per layer for the backward: 17 GB at 16k.
+        run_shapes = [s for s in shapes if not (kind == "ours" and chunk is None and s[1] > 4096)]
+        result = {"error": why} if why else _run_worker(
+            {"kind": kind, "chunk": chunk, "shapes": run_shapes, "repeats": repeats}, timeout=3000
+        )
+        if "error" in result and result["error"]:
+            row["note"] = str(result["error"])
+        elif len(run_shapes) < len(shapes):
+            row["note"] = "16k skipped: the parallel form's L x L scores do not fit in memory"
+        for batch, length in shapes:
+            key = f"{batch}x{length}"
+            speed = result.get(key)
+            row["tokens_per_s"][key] = speed
+            if speed is None or "matmul_params" not in result:
+                row["mfu"][key] = None
+                continue
+            span = chunk if chunk is not None else length
+            flops = model_flops_per_token(int(result["matmul_params"]), span, chunkwise=chunk is not None)
+            row["flops_per_token"][key] = flops
+            row["mfu"][key] = speed * flops / (gflops * 1e9) if gflops else None
+        rows.append(row)
+    return {"matmul_gflops": gflops, "shapes": [f"{b}x{L}" for b, L in shapes], "rows": rows,
+            "config": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN, "vocab": VOCAB,
+                       "value_dim": D_MODEL, "dtype": "float32", "repeats": repeats}}
+
+
+def format_training_section(section: dict[str, Any]) -> str:
+    """The section as a Markdown table."""
+    shapes = section["shapes"]
+    gflops = section["matmul_gflops"]
+    lines = [
+        f"Training step (forward + backward, fp32; machine fp32 matmul: "
+        f"{gflops:.0f} GFLOP/s)" if gflops else "Training step (forward + backward, fp32)",
+        "",
+        "| impl | setting | " + " | ".join(f"tokens/s {s}" for s in shapes) + " | "
+        + " | ".join(f"MFU {s}" for s in shapes) + " | note |",
+        "|---|---|" + "---:|" * (2 * len(shapes)) + "---|",
+    ]
+    for row in section["rows"]:
+        speeds = [row["tokens_per_s"].get(s) for s in shapes]
+        mfus = [row["mfu"].get(s) for s in shapes]
+        lines.append(
+            f"| {row['impl']} | {row['setting']} | "
+            + " | ".join("-" if v is None else f"{v:,.0f}" for v in speeds) + " | "
+            + " | ".join("-" if v is None else f"{100 * v:.0f}%" for v in mfus) + f" | {row['note']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the training section (and write JSON with ``--json``)."""
+    parser = argparse.ArgumentParser(prog="retnet bench peers_training", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 repeat, no 16k run (smoke test)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
+        return 0
+    section = run_training_section(quick=args.quick)
+    print(format_training_section(section))
+    if args.json is not None:
+        args.json.write_text(json.dumps(section, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
