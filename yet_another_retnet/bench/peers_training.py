@@ -93,6 +93,7 @@ def _build(kind: str, chunk: int | None) -> tuple[Any, Any]:
     import torch.nn.functional as F
 
     torch.manual_seed(0)
+    model: Any
     if kind == "ours":
         from yet_another_retnet.models.config import RetNetConfig
         from yet_another_retnet.models.retnet import RetNet
@@ -166,7 +167,7 @@ def _shim_timm() -> None:
     if "timm.models.layers" in sys.modules:
         return
     try:
-        import timm.models.layers  # noqa: F401
+        import timm.models.layers
 
         return
     except Exception:
@@ -272,7 +273,7 @@ def run_training_section(quick: bool = False) -> dict[str, Any]:
         result = {"error": why} if why else _run_worker(
             {"kind": kind, "chunk": chunk, "shapes": run_shapes, "repeats": repeats}, timeout=3000
         )
-        if "error" in result and result["error"]:
+        if result.get("error"):
             row["note"] = str(result["error"])
         elif len(run_shapes) < len(shapes):
             row["note"] = "16k skipped: the parallel form's L x L scores do not fit in memory"
