@@ -11,12 +11,13 @@ Method:
 - Each (form, length) runs in a **fresh subprocess**, so that one configuration's memory cannot
   hide in another's numbers, and an out-of-memory kill loses only that cell.
 - Time: the median of ``--repeats`` calls after one untimed warm-up call.
-- Peak memory on CPU: the process's peak resident set size (``ru_maxrss``) minus the peak
-  reached before the measured call (torch imported, inputs allocated, one warm-up call at
-  length 64 so that thread pools and kernels are loaded). The forward is measured first, then
-  forward + backward, so the latter is ``max(forward, forward + backward)``, which is the
-  forward + backward peak since it includes the forward. On CUDA, ``max_memory_allocated``
-  minus the memory allocated before the call.
+- Peak memory: the largest total of live tensor bytes during a call, above what was live
+  before it (inputs excluded; saved activations, gradients and temporaries included), from the
+  allocation and free events of PyTorch's profiler (``profile_memory=True``) on CPU, from
+  ``max_memory_allocated`` on CUDA. The decay tables that the ops cache across calls are added
+  (see :func:`_steady_peak`). As a cross-check on CPU, the rise of the process's peak resident
+  set size (``ru_maxrss``) during the first (cold) forward and forward + backward calls is
+  recorded too; it also counts allocator caching and is blind to untouched zero pages.
 - Cases that cannot run are recorded as skipped with a reason, never extrapolated: the parallel
   form when its ``(length, length)`` temporaries would exceed ``--max-memory-gb``, and the
   recurrent form above ``--max-recurrent-length`` (one Python-level call per token).
@@ -143,20 +144,19 @@ def _memory_peak(device: torch.device) -> int:
     return peak_rss()
 
 
-def _tensor_peak(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak bytes of live tensors allocated during ``fn()``, above what was live before it.
+def _tensor_peak(fn: Callable[[], Any], device: torch.device) -> tuple[int, int] | None:
+    """``(peak, end)``: bytes of live tensors at the peak of ``fn()`` and after it, above before.
 
     On CPU: the allocation and free events that PyTorch's profiler records with
     ``profile_memory=True`` (every tensor the CPU allocator hands out, including autograd's saved
-    tensors and the gradients), summed in time order; the peak of that running sum. Unlike the
-    process RSS it ignores allocator caching and the zero pages of untouched memory, so it is
-    exactly what the ops ask for. ``None`` if this torch's profiler does not expose the events.
-    On CUDA: ``max_memory_allocated`` above the allocated bytes before the call.
+    tensors and the gradients), summed in time order. Unlike the process RSS this ignores
+    allocator caching and the zero pages of untouched memory. ``None`` if this torch's profiler
+    does not expose the events. On CUDA: ``max_memory_allocated`` and ``memory_allocated``.
     """
     if device.type == "cuda":
         base = _memory_mark(device)
         fn()
-        return _memory_peak(device) - base
+        return _memory_peak(device) - base, int(torch.cuda.memory_allocated(device)) - base
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -171,7 +171,37 @@ def _tensor_peak(fn: Callable[[], Any], device: torch.device) -> int | None:
                 peak = max(peak, live)
     except (AttributeError, RuntimeError):
         return None
-    return peak
+    return peak, live
+
+
+def _clear_op_caches() -> None:
+    """Empty every ``functools`` cache of the ops modules (their decay tables), generically."""
+    from ..ops import decay, position
+    from ..ops import retention as retention_ops
+
+    for module in (decay, position, retention_ops):
+        for obj in vars(module).values():
+            clear = getattr(obj, "cache_clear", None)
+            if callable(clear):
+                clear()
+
+
+def _steady_peak(fn: Callable[[], Any], device: torch.device) -> dict[str, float | None]:
+    """Peak tensor memory of a repeated call, counting the decay tables the ops cache.
+
+    The ops keep data-independent decay tables in a cache across calls (for the parallel form,
+    the whole ``(heads, L, L)`` mask up to some length). A warm call's peak alone would leave
+    them out, a cold call's peak would count the one-off float64 work of building them. So:
+    a cold call (caches cleared) tells how many bytes stay cached after it, and the reported
+    peak is a warm call's peak plus those bytes, the memory a training loop holds per step.
+    """
+    _clear_op_caches()
+    cold = _tensor_peak(fn, device)
+    warm = _tensor_peak(fn, device)
+    if cold is None or warm is None:
+        return {"peak": None, "cold_peak": None, "cached": None}
+    cached = max(0, cold[1] - warm[1])
+    return {"peak": (warm[0] + cached) / MiB, "cold_peak": cold[0] / MiB, "cached": cached / MiB}
 
 
 def _median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, list[float]]:
@@ -219,8 +249,8 @@ def run_case(job: dict[str, Any]) -> dict[str, Any]:
     rss_fwd = peak_rss() - base
     forward_backward()
     rss_fb = peak_rss() - base
-    peak_fwd = _tensor_peak(forward, device)
-    peak_fb = _tensor_peak(forward_backward, device)
+    peak_fwd = _steady_peak(forward, device)
+    peak_fb = _steady_peak(forward_backward, device)
 
     fwd_s, fwd_all = _median_seconds(forward, device, job["repeats"])
     fb_s, fb_all = _median_seconds(forward_backward, device, job["repeats"])
@@ -229,8 +259,11 @@ def run_case(job: dict[str, Any]) -> dict[str, Any]:
         "forward_backward_ms": 1e3 * fb_s,
         "forward_ms_all": [round(1e3 * t, 3) for t in fwd_all],
         "forward_backward_ms_all": [round(1e3 * t, 3) for t in fb_all],
-        "peak_forward_mib": None if peak_fwd is None else peak_fwd / MiB,
-        "peak_forward_backward_mib": None if peak_fb is None else peak_fb / MiB,
+        "peak_forward_mib": peak_fwd["peak"],
+        "peak_forward_backward_mib": peak_fb["peak"],
+        "cold_peak_forward_mib": peak_fwd["cold_peak"],
+        "cold_peak_forward_backward_mib": peak_fb["cold_peak"],
+        "cached_tables_mib": peak_fb["cached"],
         "rss_forward_mib": rss_fwd / MiB if device.type == "cpu" else None,
         "rss_forward_backward_mib": rss_fb / MiB if device.type == "cpu" else None,
         "input_mib": 3 * q.numel() * q.element_size() / MiB,
@@ -247,11 +280,12 @@ def parallel_bytes_estimate(batch: int, heads: int, length: int) -> int:
     """A rough (high) peak for the parallel form's forward + backward, from its ``(L, L)`` arrays.
 
     Per head and (n, m) pair the parallel form holds float32 scores, the decay mask and the
-    masked scores, and their gradients in the backward. Measured with this package's ops (8
-    heads of 64, float32): ~8 bytes per head and pair at 1k-4k tokens; this assumes 10. Used
-    only to decide what to skip, never reported as a measurement.
+    masked scores (and their gradients in the backward); where the mask is not cached it is
+    built in float64 first. Measured with this package's ops (8 heads of 64, float32): ~8 bytes
+    per head and pair up to 4k tokens, ~17 at 8k (uncached float64 mask). This assumes 20.
+    Used only to decide what to skip, never reported as a measurement.
     """
-    return (batch * heads * 10 + 8) * length * length
+    return (batch * heads * 20 + 8) * length * length
 
 
 def skip_reason(form: str, length: int, args: argparse.Namespace) -> str | None:
@@ -320,12 +354,14 @@ def render(data: dict[str, Any]) -> list[tuple[str, str]]:
              f"{s['chunk_size']}; time is the median of {s['repeats']} calls after 1 warm-up; each case "
              f"runs in a fresh process. Forward runs under `torch.no_grad()`; fwd+bwd is "
              f"`out.sum().backward()` into q, k, v.\n\n"
-             f"Peak memory (\"peak\" columns): the largest total of live tensor bytes during the call "
-             f"above what was live before it (inputs excluded, saved activations and gradients "
-             f"included), from the allocation/free events of PyTorch's profiler with "
-             f"`profile_memory=True`. \"RSS increase\": the rise of the process's peak resident set "
-             f"size during the first forward and fwd+bwd calls (affected by allocator caching and "
-             f"untouched zero pages; shown as a cross-check).\n\n")
+             f"Peak memory (\"peak\" columns): the largest total of live tensor bytes during a "
+             f"warm call above what was live before it (inputs excluded; saved activations, "
+             f"gradients and temporaries included), from the allocation/free events of PyTorch's "
+             f"profiler with `profile_memory=True`, plus the decay tables the ops keep cached "
+             f"across calls (for the parallel form up to 4,096 tokens, its whole (heads, L, L) "
+             f"mask). \"RSS increase\": the rise of the process's peak resident set size during "
+             f"the first (cold) forward and fwd+bwd calls, a cross-check that also counts "
+             f"allocator caching and one-off table building.\n\n")
     c = data["checks"]
     lines = ["| length | chunkwise fwd+bwd KiB/token | chunkwise fwd KiB/token |", "|---|---|---|"]
     for p in c["chunkwise_memory_per_token"]:
