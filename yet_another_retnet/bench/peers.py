@@ -638,19 +638,24 @@ def render_markdown(data: dict[str, Any]) -> str:
 
 
 def _training_markdown(training: dict[str, Any]) -> str:
-    """The training section's rows as a table (whatever columns its rows carry)."""
+    """The training section's rows: tokens/s per shape (with model FLOPs utilisation), then notes."""
     rows = training.get("rows") if isinstance(training, dict) else None
     if not rows:
         return "```json\n" + json.dumps(training, indent=2) + "\n```"
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
-    extra = {k: v for k, v in training.items() if k != "rows"}
-    if extra:
-        out.append("\n" + "; ".join(f"{k}: {_fmt(v) if not isinstance(v, dict | list) else json.dumps(v)}"
-                                    for k, v in extra.items()))
+    shapes = list(dict.fromkeys(k for row in rows for k in (row.get("tokens_per_s") or {})))
+    out = ["| implementation | setting | " + " | ".join(f"tokens/s {s}" for s in shapes) + " | note |",
+           "|---|---|" + "---|" * len(shapes) + "---|"]
+    for row in rows:
+        cells = []
+        for shape in shapes:
+            speed = (row.get("tokens_per_s") or {}).get(shape)
+            mfu = (row.get("mfu") or {}).get(shape)
+            cells.append(_fmt(speed) + (f" ({mfu:.0%} MFU)" if isinstance(mfu, float) else ""))
+        out.append(f"| {row.get('impl')} | {row.get('setting', '')} | " + " | ".join(cells)
+                   + f" | {row.get('note') or ''} |")
+    if training.get("matmul_gflops") is not None:
+        out.append(f"\nfloat32 matmul on this machine: {_fmt(training['matmul_gflops'])} GFLOP/s.")
     return "\n".join(out)
-
 
 if __name__ == "__main__":
     sys.exit(main())
