@@ -205,3 +205,41 @@ def test_fast_step_leaves_the_callers_state_alone_and_skips_training() -> None:
             assert len(calls) == 4  # one fast step per new token after the first
     finally:
         mp.undo()
+
+
+def test_release_decode_cache_frees_the_copies_and_decoding_still_matches() -> None:
+    model = make_model(ffn="glu")
+    prompt, tokens = ids(1, 4, seed=14), ids(1, 3, seed=15)
+    fast, _ = steps(model, True, prompt, tokens)
+    cached = [m for m in model.modules() if {"_decode_cache", "_stacked_cache"} & set(m.__dict__)]
+    assert len(cached) == 2 * model.config.num_layers  # every retention layer and every GLU
+    model.release_decode_cache()
+    assert not any({"_decode_cache", "_stacked_cache", "_rotation_cache"} & set(m.__dict__) for m in model.modules())
+    again, _ = steps(model, True, prompt, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(fast, again, strict=True))
+
+
+def test_peer_report_ratios_and_targets() -> None:
+    from yet_another_retnet.bench import peers
+
+    decode = [
+        {"impl": "ours", "context": 512, "ms_per_token": 10.0, "weight_mb": 300.0, "read_gbps": 60.0},
+        {"impl": "ours-bf16", "context": 512, "ms_per_token": 5.0, "weight_mb": 150.0},
+        {"impl": "yaretnet-0.5.1", "context": 512, "ms_per_token": 14.0},
+        {"impl": "torchscale-0.3.0", "context": 512, "ms_per_token": 12.0},
+        {"impl": "hf-llama", "context": 512, "error": "boom"},
+    ]
+    results = {"decode": decode, "prefill": [{"impl": "ours", "tokens_per_s": 300.0},
+                                             {"impl": "yaretnet-0.5.1", "tokens_per_s": 100.0}],
+               "small": [{"impl": "ours", "ms_per_token": 1.2}], "training": None}
+    summary = peers.summarise(results, [512])
+    entry = summary["decode"]["512"]
+    assert entry["best_peer"] == "torchscale-0.3.0"  # the failed row is no peer
+    assert entry["ours"]["ratio"] == pytest.approx(1.2) and entry["ours-bf16"]["ratio"] == pytest.approx(2.4)
+    assert entry["ours"]["floor_ms"] == pytest.approx(5.0) and entry["ours"]["over_floor"] == pytest.approx(2.0)
+    assert [t["pass"] for t in summary["targets"]] == [False, False, True, False]
+    assert summary["prefill_ratio"] == pytest.approx(3.0)
+    data = {"results": results, "summary": summary, "machine": {}, "command": "x",
+            "settings": {"repeats": 1, "tokens": 1, "contexts": [512], "prefill_length": 8, "skipped": {}}}
+    text = peers.render_markdown(data)
+    assert "| 1.2 | FAIL |" in text and "| 3 | PASS |" in text and "boom" in text

@@ -612,15 +612,15 @@ def render_markdown(data: dict[str, Any]) -> str:
         forms = {"ours": "chunkwise (chunk 512)", "yaretnet-0.5.1": "forward_chunkwise, 512 tokens a call",
                  "torchscale-0.3.0": "chunkwise_recurrent forward (512)", "hf-llama": "one forward, SDPA"}
         for r in results["prefill"]:
-            lines.append(f"| {r['label']} | {forms.get(r['impl'], '')} | {_fmt(r.get('tokens_per_s'))} | "
-                         f"{_fmt(r.get('seconds'))} |" if "error" not in r else f"| {r['label']} | | error | |")
+            lines.append(f"| {LABELS.get(r['impl'], r['impl'])} | {forms.get(r['impl'], '')} | {_fmt(r.get('tokens_per_s'))} | "
+                         f"{_fmt(r.get('seconds'))} |" if "error" not in r else f"| {LABELS.get(r['impl'], r['impl'])} | | error | |")
         lines.append("")
     if results["small"]:
         lines += ["## Small model decoding, d_model 256, 4 heads, 4 layers, FFN 512 (ms per token)\n",
                   "| implementation | ms/token (median) | min |", "|---|---|---|"]
         for r in results["small"]:
-            lines.append(f"| {r['label']} | {_fmt(r.get('ms_per_token'))} | {_fmt(r.get('ms_min'))} |"
-                         if "error" not in r else f"| {r['label']} | error | |")
+            lines.append(f"| {LABELS.get(r['impl'], r['impl'])} | {_fmt(r.get('ms_per_token'))} | {_fmt(r.get('ms_min'))} |"
+                         if "error" not in r else f"| {LABELS.get(r['impl'], r['impl'])} | error | |")
         lines.append("")
     if results.get("training"):
         lines += ["## Training (from bench/peers_training.py)\n", _training_markdown(results["training"]), ""]
@@ -629,7 +629,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += [f"| {t['target']} | {_fmt(t['value'])} | {'PASS' if t['pass'] else 'FAIL'} |"
                   for t in summary["targets"]]
         lines.append("")
-    errors = [f"- {r['label']} ({section}, ctx {r['context']}): {r['error']}"
+    errors = [f"- {LABELS.get(r['impl'], r['impl'])} ({section}, ctx {r['context']}): {r['error']}"
               for section in ("decode", "prefill", "small") for r in results[section] if "error" in r]
     skipped = [f"- {LABELS[i]}: {why}" for i, why in settings["skipped"].items()]
     if errors or skipped:

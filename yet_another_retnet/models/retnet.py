@@ -246,7 +246,8 @@ class RetNet(GenerationMixin, nn.Module):
             raise TypeError(f"config must be a RetNetConfig, got {type(config).__name__}")
         self.config = config
         #: Decode single tokens with :meth:`RetNetDecoder.step` (in eval mode without autograd);
-        #: ``False`` runs the layer-by-layer recurrent form instead (the reference).
+        #: ``False`` runs the layer-by-layer recurrent form instead (the reference). The fast step
+        #: keeps stacked copies of the q/k/v/g weights (see :meth:`release_decode_cache`).
         self.fast_decode = True
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, **kw)
@@ -276,6 +277,16 @@ class RetNet(GenerationMixin, nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
+
+    def release_decode_cache(self) -> None:
+        """Free the stacked q/k/v/g (and GLU) weight copies and rotation tables of the fast step.
+
+        They are built on the first fast decoding step and cost ``4 d^2``-ish extra weights per layer
+        (about 40% of a model's weights); the next fast step rebuilds them.
+        """
+        for module in self.modules():
+            for key in ("_decode_cache", "_stacked_cache", "_rotation_cache"):
+                module.__dict__.pop(key, None)
 
     def empty_state(self, batch_size: int) -> RetNetState:
         """The state before any token."""
