@@ -309,7 +309,7 @@ class MultiScaleRetention(nn.Module):
             qk = torch.view_as_real(pairs * factor).flatten(-2)
         else:
             qk = qk.unflatten(-1, (2, heads, dk))
-        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)
+        q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # unbind: its backward is one stack
         v = v.view(batch, length, heads, dv).transpose(1, 2)
         if token_mask is not None:
             keep = token_mask[:, None, :, None]
@@ -463,7 +463,7 @@ class MultiScaleRetention(nn.Module):
         """
         projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
         params = [p.weight for p in projs] + [p.bias for p in projs if p.bias is not None]
-        key = (dtype, *[(p.data_ptr(), p._version) for p in params])
+        key = (dtype, self.gammas.data_ptr(), *[(p.data_ptr(), p._version) for p in params])
         cache = self.__dict__.get("_decode_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -490,7 +490,8 @@ class MultiScaleRetention(nn.Module):
             size = max(1024, 1 << top.bit_length())
             if size > _MAX_ROTATION_TABLE:  # far positions: compute just these rows
                 return _rotation_rows(position, self.key_dim, dtype)[:, :, None]
-            cache = _rotation_rows(torch.arange(size, device=position.device), self.key_dim, dtype)
+            with torch.inference_mode(False):  # a normal tensor: it outlives this call
+                cache = _rotation_rows(torch.arange(size, device=position.device), self.key_dim, dtype)
             self.__dict__["_rotation_cache"] = cache
         return cache[position][:, :, None]
 
