@@ -226,6 +226,16 @@ def test_half_precision_layer(dtype):
         yt, st = layer.forward_recurrent(x[:, t], x[:, t], x[:, t], st)
         ys.append(yt)
     assert bool(torch.isfinite(torch.stack(ys)).all())
+    # The last 64 tokens by the models' fast decode step, from a chunkwise prefix.
+    with torch.no_grad():
+        _, st = layer.eval().forward_chunkwise(x[:, :4032], x[:, :4032], x[:, :4032], chunk_size=256)
+        memory, position, ys = st.memory, st.position, []
+        for t in range(4032, 4096):
+            yt, memory = layer.step(x[:, t], memory, layer.step_rotation(position, memory.dtype))
+            ys.append(yt)
+            position = position + 1
+    assert memory.dtype == torch.float32
+    assert rel_err(torch.stack(ys, dim=1), ref_y[:, 4032:]) <= 2e-2
 
     # The layer in half precision still decays head 8: after one token then 4,095 zero tokens
     # (no bias, so zero keys and values), the memory must shrink by gamma^4095 ~ 0.37, not 1.
@@ -274,3 +284,23 @@ def test_layer_bad_input_raises_naming_the_argument():
     bad = RetentionState(state.memory, state.position[:1])
     with pytest.raises(ValueError, match=r"prev_state\.position"):
         layer.forward_recurrent(x[:, 0], x[:, 0], x[:, 0], bad)
+
+
+@pytest.mark.parametrize(
+    ("head_norm", "relative_position", "bias"),
+    [("groupnorm", True, False), ("rmsnorm", True, True), ("groupnorm", False, True)],
+)
+def test_fast_decode_step_matches_reference(head_norm, relative_position, bias):
+    """``step`` (the models' single-token decode path) continues a chunkwise state exactly."""
+    layer = make_layer(head_norm=head_norm, relative_position=relative_position, bias=bias).eval()
+    x = inputs(2, 14, 16, seed=23)
+    ref_y, ref_memory = reference_msr(layer, x)
+    with torch.no_grad():
+        _, state = layer.forward_chunkwise(x[:, :6], x[:, :6], x[:, :6], chunk_size=4)
+        memory, position, ys = state.memory, state.position, []
+        for t in range(6, 14):
+            y, memory = layer.step(x[:, t], memory, layer.step_rotation(position, memory.dtype))
+            ys.append(y)
+            position = position + 1
+    assert rel_err(torch.stack(ys, dim=1), ref_y[:, 6:]) <= TOL64
+    assert rel_err(memory, ref_memory) <= TOL64
