@@ -188,6 +188,12 @@ def _shim_timm() -> None:
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    # "cpu": this process's CPU time, which other processes on a busy machine disturb far less
+    # than wall time (use it with threads=1 for A/B comparisons; tokens per CPU-second).
+    clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
+
     if spec["kind"] == "matmul":
         n = 4096
         a, b = torch.randn(n, n), torch.randn(n, n)
@@ -195,9 +201,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             a @ b
         times = []
         for _ in range(spec["repeats"]):
-            start = time.perf_counter()
+            start = clock()
             a @ b
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
         return {"gflops": 2 * n**3 / statistics.median(times) / 1e9}
     model, step = _build(spec["kind"], spec["chunk"])
     model.train()
@@ -206,11 +212,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         x = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
         times = []
         for i in range(1 + spec["repeats"]):
-            start = time.perf_counter()
+            start = clock()
             step(x)
             model.zero_grad(set_to_none=True)
             if i:  # the first is the warm-up
-                times.append(time.perf_counter() - start)
+                times.append(clock() - start)
         result[f"{batch}x{length}"] = batch * length / statistics.median(times)
     return result
 
@@ -252,16 +258,21 @@ def _available(kind: str) -> str | None:
     return None
 
 
-def run_training_section(quick: bool = False) -> dict[str, Any]:
+def run_training_section(quick: bool = False, threads: int | None = None, clock: str = "wall") -> dict[str, Any]:
     """Measure every row; returns ``{"matmul_gflops", "shapes", "rows": [...]}``.
 
     Each row: ``impl``, ``setting``, ``tokens_per_s`` ``{"2x1024": ..., ...}`` (None where skipped),
     ``mfu`` (model FLOPs utilisation per shape, a fraction), ``flops_per_token``, ``note``.
-    ``quick`` takes 1 repeat instead of 3 and skips 16k tokens (a smoke run).
+    ``quick`` takes 1 repeat instead of 3 and skips 16k tokens (a smoke run). ``threads`` sets
+    torch's thread count in every worker (default: torch's own); ``clock="cpu"`` times CPU
+    seconds of the worker process instead of wall seconds.
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    extra = {"threads": threads, "clock": clock}
     repeats = 1 if quick else 3
     shapes = [s for s in SHAPES if not (quick and s[1] > 4096)]
-    matmul = _run_worker({"kind": "matmul", "repeats": 3 if quick else 7}, timeout=600)
+    matmul = _run_worker({"kind": "matmul", "repeats": 3 if quick else 7, **extra}, timeout=600)
     gflops = matmul.get("gflops")
     rows = []
     for impl, setting, kind, chunk in ROWS:
@@ -271,7 +282,7 @@ def run_training_section(quick: bool = False) -> dict[str, Any]:
         # Parallel retention keeps (heads x L x L) scores per layer for the backward: 17 GB at 16k.
         run_shapes = [s for s in shapes if not (kind == "ours" and chunk is None and s[1] > 4096)]
         result = {"error": why} if why else _run_worker(
-            {"kind": kind, "chunk": chunk, "shapes": run_shapes, "repeats": repeats}, timeout=3000
+            {"kind": kind, "chunk": chunk, "shapes": run_shapes, "repeats": repeats, **extra}, timeout=3000
         )
         if result.get("error"):
             row["note"] = str(result["error"])
@@ -291,16 +302,19 @@ def run_training_section(quick: bool = False) -> dict[str, Any]:
         rows.append(row)
     return {"matmul_gflops": gflops, "shapes": [f"{b}x{L}" for b, L in shapes], "rows": rows,
             "config": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN, "vocab": VOCAB,
-                       "value_dim": D_MODEL, "dtype": "float32", "repeats": repeats}}
+                       "value_dim": D_MODEL, "dtype": "float32", "repeats": repeats, "threads": threads,
+                       "clock": clock}}
 
 
 def format_training_section(section: dict[str, Any]) -> str:
     """The section as a Markdown table."""
     shapes = section["shapes"]
     gflops = section["matmul_gflops"]
+    config = section.get("config", {})
+    how = f"{config.get('threads') or 'default'} threads, {config.get('clock', 'wall')} clock"
     lines = [
-        f"Training step (forward + backward, fp32; machine fp32 matmul: "
-        f"{gflops:.0f} GFLOP/s)" if gflops else "Training step (forward + backward, fp32)",
+        f"Training step (forward + backward, fp32, {how}; machine fp32 matmul: {gflops:.0f} GFLOP/s)"
+        if gflops else f"Training step (forward + backward, fp32, {how})",
         "",
         "| impl | setting | " + " | ".join(f"tokens/s {s}" for s in shapes) + " | "
         + " | ".join(f"MFU {s}" for s in shapes) + " | note |",
@@ -321,13 +335,16 @@ def main(argv: list[str] | None = None) -> int:
     """Print the training section (and write JSON with ``--json``)."""
     parser = argparse.ArgumentParser(prog="retnet bench peers_training", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat, no 16k run (smoke test)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: time the worker's CPU seconds (A/B runs on a busy machine, with --threads 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
-    section = run_training_section(quick=args.quick)
+    section = run_training_section(quick=args.quick, threads=args.threads, clock=args.clock)
     print(format_training_section(section))
     if args.json is not None:
         args.json.write_text(json.dumps(section, indent=2) + "\n")

@@ -371,6 +371,9 @@ def _chunks_fast(
     if befores is None:  # one chunk, no earlier state: the state is this chunk's contribution
         return out.view(batch, heads, length, dv), contributions[:, :, 0]
     befores_m = befores.view(batch, heads, n, dk, dv)
-    out = out + (qs @ befores_m) * tables.query_decay
+    # out += (gamma^(j+1) q) @ before, the add fused into the batched product.
+    out = torch.baddbmm(
+        out.view(-1, chunk, dv), (qs * tables.query_decay).view(-1, chunk, dk), befores_m.view(-1, dk, dv)
+    )
     final = tables.chunk_decay * befores_m[:, :, -1] + contributions[:, :, -1]
     return out.view(batch, heads, length, dv), final
