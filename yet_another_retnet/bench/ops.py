@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ..ops import retention_chunkwise, retention_parallel, retention_recurrent
 from .common import (
+    DTYPES,
     command_line,
     configure_threads,
     fmt,
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lengths", type=positive_ints, default=None,
                         help="comma-separated lengths (default: 512,...,32768; --quick: 512,1024,2048)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 short lengths, 2 repeats")
-    parser.add_argument("--dtype", default="float32", help="input dtype: float32, bfloat16, float16")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="input dtype (default: float32)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                         help=f"chunk size of the chunkwise form (default: {DEFAULT_CHUNK})")
@@ -400,23 +401,26 @@ def plot(data: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or, with the hidden ``--worker``, one case) and write the reports."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(run_case(json.loads(args.worker))))
         return 0
 
-    device = resolve_device(args.device)
-    resolve_dtype(args.dtype)
-    if args.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err))
+    for name in ("chunk_size", "repeats", "batch", "heads", "head_dim", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     forms = [f for f in args.forms.split(",") if f]
     unknown = sorted(set(forms) - set(FORMS))
-    if unknown:
-        raise ValueError(f"--forms must be a subset of {FORMS}, got {unknown}")
+    if not forms or unknown:
+        parser.error(f"--forms must be a comma-separated subset of {','.join(FORMS)}, got {args.forms!r}")
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
     repeats = args.repeats or (2 if args.quick else 3)
-    if repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {repeats}")
     configure_threads(args.threads)
 
     settings = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
