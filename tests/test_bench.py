@@ -65,7 +65,7 @@ def test_markdown_table_and_fmt() -> None:
 
 
 def test_peak_rss_is_at_least_current_rss() -> None:
-    assert common.peak_rss() >= common.current_rss() > 10 * 2**20
+    assert common.peak_rss() >= common.current_rss() - 2**20 > 10 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,7 +101,8 @@ def test_inference_quick_retnet_only(tmp_path: Path) -> None:
         expected = (config.num_layers * r["batch"] * config.num_heads * config.key_head_dim
                     * config.value_head_dim * 4 + r["batch"] * 8)
         assert r["cache_bytes"] == expected
-        assert r["peak_bytes"] >= r["rss_ready_bytes"] > 0
+        # Linux syncs its RSS counters lazily (per-thread caches of up to ~64 pages): allow 1 MiB.
+        assert r["peak_bytes"] >= r["rss_ready_bytes"] - 2**20 > 0
     assert data["claims"]["retnet_state_flat"]["holds"] is True
     assert data["machine"]["torch"] == torch.__version__
 

@@ -148,6 +148,20 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
+def timed_both(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
+    """Wall seconds and CPU seconds (``time.process_time``, all threads) of one call, and its result.
+
+    With one torch thread on a CPU, the CPU time is the work the step needed; unlike the wall
+    time it does not grow while other processes hold the core, so on a shared machine it is the
+    steadier of the two. It is meaningless for GPU work.
+    """
+    synchronize(device)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return time.perf_counter() - wall0, time.process_time() - cpu0, result
+
+
 def median_time(fn: Callable[[], Any], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
     """Median seconds of ``repeats`` calls after ``warmup`` untimed ones.
 

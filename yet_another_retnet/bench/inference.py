@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def _decode_summary(times: list[float], batch: int) -> dict[str, Any]:
+def _decode_summary(times: list[float], batch: int, cpu_times: list[float] | None = None) -> dict[str, Any]:
     """Per-step latency from the timed decode steps.
 
     The steps are split into four consecutive blocks; the reported latency is the lowest block
@@ -93,6 +93,8 @@ def _decode_summary(times: list[float], batch: int) -> dict[str, Any]:
         "decode_ms_p25": ordered[len(ordered) // 4],
         "decode_ms_p75": ordered[(3 * len(ordered)) // 4],
         "decode_tokens_per_s": batch * 1e3 / best,
+        # CPU time per step (one torch thread: the work itself, whatever else runs on the machine).
+        "decode_cpu_ms_per_token": statistics.median(cpu_times) * 1e3 if cpu_times else None,
     }
 
 
@@ -124,11 +126,13 @@ def _measure_retnet(job: dict[str, Any], device: torch.device, dtype: torch.dtyp
     total = job["warmup_steps"] + job["steps"]
     stream = model.stream_generate(prompt, max_new_tokens=total + 1)
     prefill_s, _ = common.timed(lambda: next(stream), device)  # prefill + the first token
-    times = [common.timed(lambda: next(stream), device)[0] for _ in range(total)]
+    both = [common.timed_both(lambda: next(stream), device) for _ in range(total)]
+    times, cpu_times = [b[0] for b in both], [b[1] for b in both]
     decode_mem = _decode_memory(device)  # the stream (and its state) is still alive here
     return {
         "prefill_s": prefill_s,
-        **_decode_summary(times[job["warmup_steps"]:], batch),
+        **_decode_summary(times[job["warmup_steps"]:], batch,
+                          cpu_times[job["warmup_steps"]:] if device.type == "cpu" else None),
         # The state has the same shape after any number of tokens: that is the point.
         "cache_bytes": model.empty_state(batch).nbytes(),
         "weights_bytes": common.module_bytes(model),
@@ -176,15 +180,17 @@ def _measure_transformer(job: dict[str, Any], device: torch.device, dtype: torch
         prefill_s, (token, cache) = common.timed(lambda: prefill(prompt, total + 1), device)
         # After the prefill: `context` tokens (dynamic), or `context + total + 1` slots (static).
         cache_bytes = common.tensor_bytes(common.kv_cache_tensors(cache))
-        times = []
+        times, cpu_times = [], []
         for _ in range(total):
             current = token
-            seconds, token = common.timed(lambda: step(current, cache), device)  # noqa: B023
+            seconds, cpu, token = common.timed_both(lambda: step(current, cache), device)  # noqa: B023
             times.append(seconds)
+            cpu_times.append(cpu)
         decode_mem = _decode_memory(device)  # the KV cache is still alive here
     return {
         "prefill_s": prefill_s,
-        **_decode_summary(times[job["warmup_steps"]:], batch),
+        **_decode_summary(times[job["warmup_steps"]:], batch,
+                          cpu_times[job["warmup_steps"]:] if device.type == "cpu" else None),
         "cache_bytes": cache_bytes,
         "weights_bytes": common.module_bytes(model),
         "parameters": common.num_parameters(model),
@@ -235,6 +241,10 @@ def comparisons(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "retnet_ms": a["decode_ms_per_token"],
             "transformer_ms": b["decode_ms_per_token"],
             "speedup": b["decode_ms_per_token"] / a["decode_ms_per_token"],
+            "retnet_cpu_ms": a.get("decode_cpu_ms_per_token"),
+            "transformer_cpu_ms": b.get("decode_cpu_ms_per_token"),
+            "speedup_cpu": (b["decode_cpu_ms_per_token"] / a["decode_cpu_ms_per_token"]
+                            if a.get("decode_cpu_ms_per_token") and b.get("decode_cpu_ms_per_token") else None),
             "retnet_state_mib": a["cache_bytes"] / MIB,
             "kv_cache_mib": b["cache_bytes"] / MIB,
             "cache_ratio": b["cache_bytes"] / a["cache_bytes"],
@@ -261,6 +271,15 @@ def check_claims(results: list[dict[str, Any]], contexts: list[int], batch_conte
             "max_over_min": max(times) / min(times),
             "holds": abs(last["decode_ms_per_token"] / first["decode_ms_per_token"] - 1) < 0.10,
         }
+        cpu: list[float] = [r["decode_cpu_ms_per_token"] for r in retnet
+                            if r.get("decode_cpu_ms_per_token") is not None]
+        if len(cpu) == len(retnet):
+            claims["retnet_decode_change"].update({
+                "cpu_ms_first": cpu[0], "cpu_ms_last": cpu[-1],
+                "cpu_relative_change": cpu[-1] / cpu[0] - 1,
+                "cpu_max_over_min": max(cpu) / min(cpu),
+                "holds_cpu": abs(cpu[-1] / cpu[0] - 1) < 0.10,
+            })
         claims["retnet_state_flat"] = {
             "state_bytes": sorted({r["cache_bytes"] for r in retnet}),
             "holds": len({r["cache_bytes"] for r in retnet}) == 1,
@@ -277,6 +296,7 @@ def check_claims(results: list[dict[str, Any]], contexts: list[int], batch_conte
             "by_config": [{"context": r["context"], "batch": r["batch"], "speedup": r["speedup"]} for r in rows],
             "min": min(r["speedup"] for r in rows),
             "max": max(r["speedup"] for r in rows),
+            "min_cpu": min((r["speedup_cpu"] for r in rows if r["speedup_cpu"]), default=None),
             "holds_for": [[r["context"], r["batch"]] for r in rows if r["speedup"] >= 5.0],
         }
         at8k = [r for r in rows if r["context"] == 8192]
@@ -329,7 +349,8 @@ def _plot(results: list[dict[str, Any]], contexts: list[int], batch_sizes: list[
 def _markdown(data: dict[str, Any], out: Path) -> None:
     cols = [("model", "model"), ("context", "context"), ("batch", "batch"),
             ("prefill_s", "prefill (s)"), ("decode_ms_per_token", "decode ms/step"),
-            ("decode_tokens_per_s", "tokens/s"), ("cache_mib", "state / KV cache (MiB)"),
+            ("decode_tokens_per_s", "tokens/s"), ("decode_cpu_ms_per_token", "CPU ms/step"),
+            ("cache_mib", "state / KV cache (MiB)"),
             ("weights_mib", "weights (MiB)"), ("decode_mib", "decode memory (MiB)"),
             ("peak_mib", "peak incl. prefill (MiB)")]
     rows = []
@@ -342,6 +363,8 @@ def _markdown(data: dict[str, Any], out: Path) -> None:
                      "peak_mib": r["peak_bytes"] / MIB, "decode_mib": r["decode_memory_bytes"] / MIB})
     cmp_cols = [("context", "context"), ("batch", "batch"), ("retnet_ms", "RetNet ms/step"),
                 ("transformer_ms", "Transformer ms/step"), ("speedup", "speed-up"),
+                ("retnet_cpu_ms", "RetNet CPU ms/step"), ("transformer_cpu_ms", "Transformer CPU ms/step"),
+                ("speedup_cpu", "speed-up (CPU time)"),
                 ("retnet_state_mib", "RetNet state (MiB)"), ("kv_cache_mib", "KV cache (MiB)"),
                 ("cache_ratio", "KV / state"), ("retnet_decode_mib", "RetNet decode mem (MiB)"),
                 ("transformer_decode_mib", "Transformer decode mem (MiB)"),
