@@ -172,8 +172,9 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"weight_mb": _weight_bytes(model) / 1e6}
     if job["task"] == "prefill":
         with torch.inference_mode():
-            model(prompt[:, :PREFILL_CHUNK], mode="chunkwise")  # warm-up
-            times = [_timeit(lambda: model(prompt, mode="chunkwise")) for _ in range(job["repeats"])]
+            chunk = job.get("chunk", PREFILL_CHUNK)
+            model(prompt[:, :PREFILL_CHUNK], mode="chunkwise", chunk_size=chunk)  # warm-up
+            times = [_timeit(lambda: model(prompt, mode="chunkwise", chunk_size=chunk)) for _ in range(job["repeats"])]
         return {**result, "tokens_per_s": job["context"] / statistics.median(times),
                 "seconds": statistics.median(times)}
     runs = []
@@ -212,8 +213,9 @@ def _yaretnet(job: dict[str, Any]) -> dict[str, Any]:
     def prefill() -> tuple[torch.Tensor, list[torch.Tensor]]:
         states: list[Any] = []
         logits = None
-        for start in range(0, prompt.shape[1], PREFILL_CHUNK):
-            logits, states = model.forward_chunkwise(prompt[:, start:start + PREFILL_CHUNK], start, states)
+        chunk = job.get("chunk", PREFILL_CHUNK)
+        for start in range(0, prompt.shape[1], chunk):
+            logits, states = model.forward_chunkwise(prompt[:, start:start + chunk], start, states)
         assert logits is not None
         return logits, states
 
@@ -280,7 +282,8 @@ def _torchscale(job: dict[str, Any]) -> dict[str, Any]:
                       decoder_retention_heads=dims["heads"], decoder_ffn_embed_dim=_equal_bytes_glu_width(dims),
                       decoder_layers=dims["layers"], vocab_size=dims["vocab"], dropout=0.0,
                       drop_path_rate=0.0, activation_dropout=0.0,
-                      chunkwise_recurrent=job["task"] == "prefill", recurrent_chunk_size=PREFILL_CHUNK)
+                      chunkwise_recurrent=job["task"] == "prefill",
+                      recurrent_chunk_size=job.get("chunk", PREFILL_CHUNK))
     model = RetNetDecoder(config, embed_tokens=torch.nn.Embedding(dims["vocab"], dims["d_model"])).eval()
     result: dict[str, Any] = {"weight_mb": _weight_bytes(model) / 1e6}
     context = job["context"]
@@ -491,8 +494,13 @@ def main(argv: list[str] | None = None) -> int:
             for impl in runnable:
                 results["decode"].append(run(impl, "decode", BASE, context, floor=impl in ("ours", "ours-bf16")))
     if "prefill" in sections:
-        for impl in [i for i in runnable if i != "ours-bf16"]:
-            results["prefill"].append(run(impl, "prefill", BASE, prefill_length))
+        for impl in runnable:
+            # Each chunked implementation at the default 512 and at 128 (faster on CPU for both
+            # RetNets: less quadratic work inside a chunk); Llama takes the prompt in one forward.
+            chunks = [None] if impl == "hf-llama" else ([128] if impl == "ours-bf16" else [512, 128])
+            for chunk in chunks:
+                extra = {} if chunk is None else {"chunk": chunk}
+                results["prefill"].append({**run(impl, "prefill", BASE, prefill_length, **extra), **extra})
     if "small" in sections:
         for impl in runnable:
             results["small"].append(run(impl, "decode", SMALL, 512))
@@ -556,13 +564,19 @@ def summarise(results: dict[str, Any], contexts: list[int]) -> dict[str, Any]:
                                            f">= {TARGETS[target_key]}x fewer ms/token than the best float32 peer",
                                            "value": ratio, "pass": ratio >= TARGETS[target_key]})
         summary["decode"][str(context)] = entry
-    prefill = {r["impl"]: r for r in results["prefill"] if "tokens_per_s" in r}
-    if "ours" in prefill and "yaretnet-0.5.1" in prefill:
-        ratio = prefill["ours"]["tokens_per_s"] / prefill["yaretnet-0.5.1"]["tokens_per_s"]
-        summary["prefill_ratio"] = ratio
-        summary["targets"].append({"target": f">= {TARGETS['prefill_ratio']}x the prefill tokens/s of "
-                                   "yet-another-retnet 0.5.1's chunkwise form", "value": ratio,
-                                   "pass": ratio >= TARGETS["prefill_ratio"]})
+    fastest: dict[str, float] = {}
+    for r in results["prefill"]:
+        if "tokens_per_s" in r:
+            fastest[r["impl"]] = max(fastest.get(r["impl"], 0.0), r["tokens_per_s"])
+    if "yaretnet-0.5.1" in fastest:
+        for impl in ("ours", "ours-bf16"):
+            if impl in fastest:
+                ratio = fastest[impl] / fastest["yaretnet-0.5.1"]
+                summary["prefill_ratio" if impl == "ours" else "prefill_ratio_bf16"] = ratio
+                summary["targets"].append({
+                    "target": f"{LABELS[impl]} prefill >= {TARGETS['prefill_ratio']}x the tokens/s of "
+                              "yet-another-retnet 0.5.1's chunkwise form (best chunk size of each)",
+                    "value": ratio, "pass": ratio >= TARGETS["prefill_ratio"]})
     small = {r["impl"]: r for r in results["small"] if "ms_per_token" in r}
     if "ours" in small:
         ms = small["ours"]["ms_per_token"]
@@ -609,11 +623,14 @@ def render_markdown(data: dict[str, Any]) -> str:
     if results["prefill"]:
         lines += [f"## Prompt prefill, {settings['prefill_length']} tokens (tokens/s, higher is better)\n",
                   "| implementation | form | tokens/s | seconds |", "|---|---|---|---|"]
-        forms = {"ours": "chunkwise (chunk 512)", "yaretnet-0.5.1": "forward_chunkwise, 512 tokens a call",
-                 "torchscale-0.3.0": "chunkwise_recurrent forward (512)", "hf-llama": "one forward, SDPA"}
+        forms = {"ours": "chunkwise, chunk {c}", "ours-bf16": "chunkwise, chunk {c}",
+                 "yaretnet-0.5.1": "forward_chunkwise, {c} tokens a call",
+                 "torchscale-0.3.0": "chunkwise_recurrent forward, chunk {c}", "hf-llama": "one forward, SDPA"}
         for r in results["prefill"]:
-            lines.append(f"| {LABELS.get(r['impl'], r['impl'])} | {forms.get(r['impl'], '')} | {_fmt(r.get('tokens_per_s'))} | "
-                         f"{_fmt(r.get('seconds'))} |" if "error" not in r else f"| {LABELS.get(r['impl'], r['impl'])} | | error | |")
+            label = LABELS.get(r["impl"], r["impl"])
+            form = forms.get(r["impl"], "").format(c=r.get("chunk"))
+            lines.append(f"| {label} | {form} | {_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('seconds'))} |"
+                         if "error" not in r else f"| {label} | {form} | error | |")
         lines.append("")
     if results["small"]:
         lines += ["## Small model decoding, d_model 256, 4 heads, 4 layers, FFN 512 (ms per token)\n",
