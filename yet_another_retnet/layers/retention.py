@@ -495,15 +495,18 @@ class MultiScaleRetention(nn.Module):
             self.__dict__["_rotation_cache"] = cache
         return cache[position][:, :, None]
 
-    def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None) -> tuple[Tensor, Tensor]:
+    def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
+             residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One token through the layer, inference only: the fast form of ``retain(..., "recurrent")``.
 
         Args:
             x: ``(batch, embed_dim)`` input (already normed by the caller).
             memory: ``(batch, heads, dk, dv)`` state in the compute dtype; not modified.
             rotation: :meth:`step_rotation` at this token's positions (``None`` without rotation).
+            residual: ``(batch, embed_dim)`` added to the output inside the output projection's
+                matrix-vector product (saves the caller's separate add).
 
-        Returns ``(y (batch, embed_dim), new_memory)``. No autograd (the fused weights are a
+        Returns ``(y (batch, embed_dim), new_memory)``, ``y`` including ``residual``. No autograd (the fused weights are a
         detached copy) and no dropout: callers use it only in eval mode with grad disabled.
         """
         weight, bias, gamma = self._decode_tables(memory.dtype)
@@ -536,20 +539,26 @@ class MultiScaleRetention(nn.Module):
         act = GATE_ACTIVATIONS[self.gate_activation]
         if act is not None:
             gate = act(gate)
-        return linear_step(gate * y, self.out_proj.weight, self.out_proj.bias), new_memory
+        return linear_step(gate * y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
 
 
-def linear_step(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear`` for the few rows of a decoding step: ``x`` ``(batch, in)`` -> ``(batch, out)``.
+def linear_step(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias) + residual`` for the few rows of a decoding step.
 
-    One row goes through ``torch.mv``: for bfloat16 it reaches ATen's dot-product gemv kernel,
-    which reads the weights ~1.4x faster than the oneDNN matmul ``F.linear`` picks for a (1, in)
-    input; for float32 both end in the same MKL gemv.
+    ``x`` ``(batch, in)`` -> ``(batch, out)``; ``residual`` ``(batch, out)`` or ``None``. One row goes
+    through ``torch.mv``/``torch.addmv`` (the residual added by the gemv itself): for bfloat16 that
+    reaches ATen's dot-product gemv kernel, which reads the weights ~1.4x faster than the oneDNN
+    matmul ``F.linear`` picks for a (1, in) input; for float32 both end in the same MKL gemv.
     """
     if x.shape[0] != 1:
-        return F.linear(x, weight, bias)
-    out = torch.mv(weight, x[0])
-    return (out if bias is None else out + bias).unsqueeze(0)
+        out = F.linear(x, weight, bias)
+        return out if residual is None else out + residual
+    add = residual[0] if residual is not None else None
+    if bias is not None:
+        add = bias if add is None else add + bias
+    out = torch.mv(weight, x[0]) if add is None else torch.addmv(add, weight, x[0])
+    return out.unsqueeze(0)
 
 
 #: Positions kept in a layer's rotation table (beyond it, rows are computed per step).

@@ -125,18 +125,17 @@ class RetNetDecoderLayer(nn.Module):
         """
         retention = cast(MultiScaleRetention, self.retention)
         scale = self.residual_scale
+        # Each residual is added inside the branch's last matrix-vector product.
         if not self.pre_norm:
-            h, memory = retention.step(x, memory, rotation)
-            x = self.retention_norm(x + h if scale == 1.0 else x * scale + h)
-            h = self._ffn_step(x)
-            return self.ffn_norm(x + h if scale == 1.0 else x * scale + h), memory
-        h, memory = retention.step(self.retention_norm(x), memory, rotation)
-        x = x + h if scale == 1.0 else x * scale + h
-        h = self._ffn_step(self.ffn_norm(x))
-        return (x + h if scale == 1.0 else x * scale + h), memory
+            h, memory = retention.step(x, memory, rotation, residual=x if scale == 1.0 else x * scale)
+            x = self.retention_norm(h)
+            return self.ffn_norm(self._ffn_step(x, x if scale == 1.0 else x * scale)), memory
+        x, memory = retention.step(self.retention_norm(x), memory, rotation,
+                                   residual=x if scale == 1.0 else x * scale)
+        return self._ffn_step(self.ffn_norm(x), x if scale == 1.0 else x * scale), memory
 
-    def _ffn_step(self, x: Tensor) -> Tensor:
-        """The FFN on ``(batch, d_model)`` rows; a GLU's fc1 and gate run as one stacked matrix."""
+    def _ffn_step(self, x: Tensor, residual: Tensor) -> Tensor:
+        """``residual + FFN(x)`` on ``(batch, d_model)`` rows; a GLU's fc1 and gate are one matrix."""
         ffn = cast(FeedForward, self.ffn)
         act = ACTIVATIONS[ffn.activation]
         if ffn.gate is None:
@@ -145,7 +144,7 @@ class RetNetDecoderLayer(nn.Module):
             weight, bias = _stacked(ffn, (ffn.fc1, ffn.gate))
             h = linear_step(x, weight, bias)
             h = act(h[:, : ffn.fc1.out_features]) * h[:, ffn.fc1.out_features :]
-        return linear_step(h, ffn.fc2.weight, ffn.fc2.bias)
+        return linear_step(h, ffn.fc2.weight, ffn.fc2.bias, residual)
 
 
 class RetNetDecoder(nn.Module):
