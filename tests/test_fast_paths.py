@@ -243,3 +243,13 @@ def test_peer_report_ratios_and_targets() -> None:
             "settings": {"repeats": 1, "tokens": 1, "contexts": [512], "prefill_length": 8, "skipped": {}}}
     text = peers.render_markdown(data)
     assert "| 1.2 | FAIL |" in text and "| 3 | PASS |" in text and "boom" in text
+
+
+def test_a_model_built_under_inference_mode_decodes_fast() -> None:
+    # Its weights are inference tensors, which keep no version counter: the caches must cope.
+    with torch.inference_mode():
+        model = make_model(ffn="glu")
+        prompt = ids(2, 5, seed=16)
+        fast = model.generate(prompt, max_new_tokens=6)
+    model.fast_decode = False
+    assert torch.equal(fast, model.generate(prompt, max_new_tokens=6))

@@ -463,7 +463,7 @@ class MultiScaleRetention(nn.Module):
         """
         projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
         params = [p.weight for p in projs] + [p.bias for p in projs if p.bias is not None]
-        key = (dtype, self.gammas.data_ptr(), *[(p.data_ptr(), p._version) for p in params])
+        key = (dtype, self.gammas.data_ptr(), *[weight_version(p) for p in params])
         cache = self.__dict__.get("_decode_cache")
         if cache is not None and cache[0] == key:
             return cache[1]
@@ -540,6 +540,16 @@ class MultiScaleRetention(nn.Module):
         if act is not None:
             gate = act(gate)
         return linear_step(gate * y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
+
+
+def weight_version(p: Tensor) -> tuple[int, int]:
+    """``(storage pointer, in-place version)`` of a weight: what a cached copy of it is keyed by.
+
+    Tensors made under ``torch.inference_mode`` keep no version counter; they count as unchanged
+    while their storage is the same (editing a weight in place inside inference mode is the one
+    change a cache keyed this way cannot see: call ``RetNet.release_decode_cache`` after it).
+    """
+    return p.data_ptr(), (0 if p.is_inference() else p._version)
 
 
 def linear_step(x: Tensor, weight: Tensor, bias: Tensor | None = None,

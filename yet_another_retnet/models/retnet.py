@@ -24,7 +24,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..generation import GenerationMixin
 from ..layers.feedforward import ACTIVATIONS, FeedForward, build_norm
-from ..layers.retention import MultiScaleRetention, RetentionState, linear_step, positions_for
+from ..layers.retention import (
+    MultiScaleRetention,
+    RetentionState,
+    linear_step,
+    positions_for,
+    weight_version,
+)
 from .config import RetNetConfig
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -438,7 +444,7 @@ def _stacked(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, 
     ``.to()``, ``load_state_dict`` and optimiser steps all invalidate it.
     """
     params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
-    key = tuple((p.data_ptr(), p._version) for p in params)
+    key = tuple(weight_version(p) for p in params)
     cache = owner.__dict__.get("_stacked_cache")
     if cache is not None and cache[0] == key:
         return cache[1]
