@@ -258,14 +258,16 @@ def _available(kind: str) -> str | None:
     return None
 
 
-def run_training_section(quick: bool = False, threads: int | None = None, clock: str = "wall") -> dict[str, Any]:
+def run_training_section(quick: bool = False, threads: int | None = None, clock: str = "wall",
+                         our_chunk: int = OUR_CHUNK) -> dict[str, Any]:
     """Measure every row; returns ``{"matmul_gflops", "shapes", "rows": [...]}``.
 
     Each row: ``impl``, ``setting``, ``tokens_per_s`` ``{"2x1024": ..., ...}`` (None where skipped),
     ``mfu`` (model FLOPs utilisation per shape, a fraction), ``flops_per_token``, ``note``.
     ``quick`` takes 1 repeat instead of 3 and skips 16k tokens (a smoke run). ``threads`` sets
     torch's thread count in every worker (default: torch's own); ``clock="cpu"`` times CPU
-    seconds of the worker process instead of wall seconds.
+    seconds of the worker process instead of wall seconds. ``our_chunk`` is our chunk size (the
+    peers keep theirs, 128).
     """
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
@@ -275,7 +277,11 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
     matmul = _run_worker({"kind": "matmul", "repeats": 3 if quick else 7, **extra}, timeout=600)
     gflops = matmul.get("gflops")
     rows = []
-    for impl, setting, kind, chunk in ROWS:
+    rows_spec = [
+        (impl, f"chunkwise {our_chunk}", kind, our_chunk) if kind == "ours" and c is not None else (impl, setting, kind, c)
+        for impl, setting, kind, c in ROWS
+    ]
+    for impl, setting, kind, chunk in rows_spec:
         row: dict[str, Any] = {"impl": impl, "setting": setting, "tokens_per_s": {}, "mfu": {},
                                "flops_per_token": {}, "note": ""}
         why = _available(kind)
@@ -335,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the training section (and write JSON with ``--json``)."""
     parser = argparse.ArgumentParser(prog="retnet bench peers_training", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 repeat, no 16k run (smoke test)")
+    parser.add_argument("--chunk", type=int, default=OUR_CHUNK, help="our chunk size (peers: 128)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="cpu: time the worker's CPU seconds (A/B runs on a busy machine, with --threads 1)")
@@ -344,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
-    section = run_training_section(quick=args.quick, threads=args.threads, clock=args.clock)
+    section = run_training_section(quick=args.quick, threads=args.threads, clock=args.clock, our_chunk=args.chunk)
     print(format_training_section(section))
     if args.json is not None:
         args.json.write_text(json.dumps(section, indent=2) + "\n")
