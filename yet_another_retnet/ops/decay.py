@@ -193,5 +193,5 @@ def scaled_decay_mask(log_gamma: Tensor, length: int, dtype: torch.dtype, scale:
     Masks longer than 4,096 tokens are not cached (each is ``heads * length^2`` numbers).
     """
     if length > 4096:
-        return (decay_mask(log_gamma, length, torch.float64) * scale).to(dtype)
+        return _no_subnormals(decay_mask(log_gamma, length, torch.float64) * scale, dtype)
     return _scaled_mask(_gamma_key(log_gamma), length, dtype, log_gamma.device, float(scale))
