@@ -89,24 +89,28 @@ def default_peer_dir() -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _step_times(steps: Iterator[Any], count: int, warmup: int) -> list[float]:
-    """Seconds between consecutive items of ``steps`` (one decoded token each), warm-up dropped."""
+def _step_times(steps: Iterator[Any], count: int, warmup: int) -> list[tuple[float, float]]:
+    """``(wall, cpu)`` seconds between consecutive items of ``steps`` (one decoded token each).
+
+    Warm-up items are dropped. CPU time is this process's (all its threads): on a shared machine
+    it is steadier than wall time, and with ``--threads 1`` it is the single-core cost.
+    """
     times = []
-    last = time.perf_counter()
+    last, last_cpu = time.perf_counter(), time.process_time()
     for i, _ in enumerate(steps):
-        now = time.perf_counter()
+        now, now_cpu = time.perf_counter(), time.process_time()
         if i > warmup:  # item 0 arrives after the prefill; the next few warm caches up
-            times.append(now - last)
-        last = now
+            times.append((now - last, now_cpu - last_cpu))
+        last, last_cpu = now, now_cpu
         if i + 1 >= count + warmup + 1:
             break
     return times
 
 
-def _summary(times: list[float]) -> dict[str, float]:
-    ms = sorted(t * 1e3 for t in times)
+def _summary(times: list[tuple[float, float]]) -> dict[str, float]:
+    ms = sorted(t[0] * 1e3 for t in times)
     return {"ms_per_token": statistics.median(ms), "ms_min": ms[0], "ms_p90": ms[int(0.9 * (len(ms) - 1))],
-            "steps": len(ms)}
+            "cpu_ms_per_token": statistics.median(t[1] * 1e3 for t in times), "steps": len(ms)}
 
 
 def _greedy_loop(step: Callable[[torch.Tensor], torch.Tensor], first: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -598,6 +602,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     if results["decode"]:
         contexts = settings["contexts"]
         lines += ["## Decoding, d_model 768, 12 heads, 12 layers (ms per token, lower is better)\n",
+                  "Wall-clock median; in brackets the process's CPU ms per token (all threads).\n",
                   "| implementation | weights MB | " + " | ".join(f"ctx {c}" for c in contexts) + " |",
                   "|---|---|" + "---|" * len(contexts)]
         for impl in IMPLS:
@@ -605,8 +610,9 @@ def render_markdown(data: dict[str, Any]) -> str:
             if not rows:
                 continue
             any_row = next(iter(rows.values()))
-            cells = [_fmt(rows[c].get("ms_per_token")) if c in rows and "error" not in rows[c]
-                     else ("error" if c in rows else "–") for c in contexts]
+            cells = [f"{_fmt(rows[c].get('ms_per_token'))} ({_fmt(rows[c].get('cpu_ms_per_token'))})"
+                     if c in rows and "error" not in rows[c] else ("error" if c in rows else "–")
+                     for c in contexts]
             lines.append(f"| {LABELS[impl]} | {_fmt(any_row.get('weight_mb'))} | " + " | ".join(cells) + " |")
         lines.append("")
         for context, entry in summary["decode"].items():
@@ -634,9 +640,10 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines.append("")
     if results["small"]:
         lines += ["## Small model decoding, d_model 256, 4 heads, 4 layers, FFN 512 (ms per token)\n",
-                  "| implementation | ms/token (median) | min |", "|---|---|---|"]
+                  "| implementation | ms/token (median) | min | CPU ms/token |", "|---|---|---|---|"]
         for r in results["small"]:
-            lines.append(f"| {LABELS.get(r['impl'], r['impl'])} | {_fmt(r.get('ms_per_token'))} | {_fmt(r.get('ms_min'))} |"
+            lines.append(f"| {LABELS.get(r['impl'], r['impl'])} | {_fmt(r.get('ms_per_token'))} | {_fmt(r.get('ms_min'))} "
+                         f"| {_fmt(r.get('cpu_ms_per_token'))} |"
                          if "error" not in r else f"| {LABELS.get(r['impl'], r['impl'])} | error | |")
         lines.append("")
     if results.get("training"):
