@@ -195,3 +195,26 @@ def test_layer_under_bfloat16_autocast_trains(mode: str) -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert torch.isfinite(state.memory).all()
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_training_bench_flop_count_and_table() -> None:
+    # The utilisation column's numerator, by hand: 4 heads of dk = dv = 64, chunk 128:
+    # 3 * 4 * (2*128*64 + 2*128*64 + 4*64*64) per layer; linear layers 6 * P with P counted from
+    # the real model (q, k, v, g, out: 5 * 256^2; FFN 2 * 256 * 512; head 256^2; 4 layers).
+    from yet_another_retnet.bench import peers_training as bench
+    from yet_another_retnet.models.config import RetNetConfig
+    from yet_another_retnet.models.retnet import RetNet
+
+    assert bench.retention_flops_per_token(128) == 3 * 4 * (2 * 128 * 64 * 2 + 4 * 64 * 64)
+    assert bench.retention_flops_per_token(1024, chunkwise=False) == 3 * 4 * (2 * 1024 * 64 * 2)
+    model = RetNet(RetNetConfig(d_model=256, num_heads=4, num_layers=4, ffn_dim=512, value_factor=1.0))
+    params = bench._matmul_params(model)
+    assert params == 4 * (5 * 256 * 256 + 2 * 256 * 512) + 256 * 256
+    assert bench.model_flops_per_token(params, 128, True) == 6 * params + 4 * bench.retention_flops_per_token(128)
+    section = {"matmul_gflops": 100.0, "shapes": ["2x1024"], "config": {"threads": 1, "clock": "cpu"},
+               "rows": [{"impl": "x", "setting": "chunkwise 128", "tokens_per_s": {"2x1024": 1234.0},
+                         "mfu": {"2x1024": 0.5}, "note": ""}]}
+    table = bench.format_training_section(section)
+    assert "| x | chunkwise 128 | 1,234 | 50% |  |" in table
+    with pytest.raises(ValueError, match="clock"):
+        bench.run_training_section(clock="sundial")
