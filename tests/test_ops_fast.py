@@ -45,6 +45,7 @@ SHAPES = [
     (1, 2, 7, 4, 6, 1),
     (3, 1, 5, 2, 3, 8),
     (1, 4, 700, 8, 8, 64),
+    (1, 2, 1100, 4, 4, 4),  # 275 chunks: more than one segment of the chunk-decay product
 ]
 
 
@@ -78,14 +79,15 @@ def test_fast_chunkwise_other_decays_and_scale(decay: str) -> None:
     torch.testing.assert_close(new_state, loop_state, rtol=0, atol=1e-10)
 
 
-def test_fast_chunkwise_gradients_equal_reference() -> None:
-    q, k, v, state = _inputs(11, 2, 2, 45, 4, 6, with_state=True)
+@pytest.mark.parametrize("length, chunk", [(45, 16), (530, 2)])  # 530 / 2: two segments
+def test_fast_chunkwise_gradients_equal_reference(length: int, chunk: int) -> None:
+    q, k, v, state = _inputs(11, 2, 2, length, 4, 6, with_state=True)
     assert state is not None
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v, state)]
-    weights = torch.randn(2, 2, 45, 6, generator=torch.Generator().manual_seed(5), dtype=F64)
+    weights = torch.randn(2, 2, length, 6, generator=torch.Generator().manual_seed(5), dtype=F64)
 
     def grads(fn: object) -> tuple[torch.Tensor, ...]:
-        out, new_state = fn(*leaves, 16)  # type: ignore[operator]
+        out, new_state = fn(*leaves, chunk)  # type: ignore[operator]
         loss = (out * weights).sum() + new_state.pow(2).sum()
         return torch.autograd.grad(loss, leaves)
 

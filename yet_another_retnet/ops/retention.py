@@ -338,6 +338,10 @@ def _chunks(
     return out.view(batch, heads, length, dv), running
 
 
+#: Most chunks handled by one (chunks x chunks) decay product in :func:`_chunks_fast`.
+_MAX_CHUNKS = 256
+
+
 def _chunks_fast(
     q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int, log_gamma: Tensor, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -350,6 +354,16 @@ def _chunks_fast(
     batch, heads, length, dk = q.shape
     dv = v.shape[-1]
     n = length // chunk
+    if n > _MAX_CHUNKS:
+        # The (n x n) chunk-decay matrix grows quadratically: go through long inputs in segments
+        # of _MAX_CHUNKS chunks, handing the state on (split, not slicing: one cat backward).
+        size = _MAX_CHUNKS * chunk
+        outs = []
+        for qp, kp, vp in zip(q.split(size, dim=2), k.split(size, dim=2), v.split(size, dim=2), strict=True):
+            out_part, state = _chunks_fast(qp, kp, vp, state, chunk, log_gamma, scale)
+            outs.append(out_part)
+        assert state is not None
+        return torch.cat(outs, dim=2), state
     tables = chunk_tables(log_gamma, chunk, n, q.dtype, scale)
     # One copy each into (batch, heads, length, d) order up front (the layer hands over transposed
     # views): otherwise every matmul below would make its own copy, forward and backward.
