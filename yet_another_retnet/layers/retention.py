@@ -513,18 +513,22 @@ class MultiScaleRetention(nn.Module):
         batch = x.shape[0]
         heads, dk, dv = self.num_heads, self.key_dim, self.head_dim
         proj = linear_step(x, weight, bias)
-        qk = proj[:, : 2 * self.embed_dim].to(memory.dtype)
-        v = proj[:, 2 * self.embed_dim : 2 * self.embed_dim + self.value_dim].to(memory.dtype)
+        qk = proj[:, : 2 * self.embed_dim]
+        v = proj[:, 2 * self.embed_dim : 2 * self.embed_dim + self.value_dim]
+        if proj.dtype != memory.dtype:  # half weights: retention runs in float32
+            qk, v = qk.to(memory.dtype), v.to(memory.dtype)
         if rotation is not None:
             # Rotating (a, b) pairs by an angle is a complex product: one op for q and k at once,
             # and the key's dk^-0.5 rides along in its factor.
             qk = torch.view_as_real(torch.view_as_complex(qk.view(batch, 2, heads, dk // 2, 2)) * rotation)
-            q, k = qk[:, 0].reshape(batch, heads, dk), qk[:, 1].reshape(batch, heads, dk)
+            q, k = qk.view(batch, 2, heads, dk).unbind(1)
         else:
-            qk = qk.view(batch, 2, heads, dk)
-            q, k = qk[:, 0], qk[:, 1] * dk**-0.5
-        new_memory = torch.addcmul(memory * gamma, k.unsqueeze(-1), v.view(batch, heads, 1, dv))
-        y = torch.matmul(q.unsqueeze(-2), new_memory).view(batch, self.value_dim)
+            q, k = qk.view(batch, 2, heads, dk).unbind(1)
+            k = k * dk**-0.5
+        new_memory = torch.addcmul(memory * gamma, k.view(batch, heads, dk, 1), v.view(batch, heads, 1, dv))
+        # bmm on flat views: matmul's broadcasting would add an expand, reshapes and a copy check.
+        y = torch.bmm(q.reshape(batch * heads, 1, dk), new_memory.view(batch * heads, dk, dv))
+        y = y.view(batch, self.value_dim)
         if self.head_norm == "groupnorm":
             if y.dtype == x.dtype:  # one fused op: per-head normalisation and the affine
                 y = F.group_norm(y, heads, self.norm_weight, self.norm_bias, self.norm_eps)
