@@ -104,7 +104,7 @@ class GenerationMixin:
         # Each model call runs under inference_mode, but never across a ``yield``: grad mode is
         # thread-local, and a generator suspended inside the context would leak it to the caller.
         with torch.inference_mode():
-            out = self._forward(input_ids, None, "chunkwise", chunk_size, None, token_mask)
+            out = self._forward(input_ids, None, "chunkwise", chunk_size, None, token_mask, last_logits_only=True)
             finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         state, logits = out.state, out.logits[:, -1]
         for step in range(max_new_tokens):

@@ -382,7 +382,11 @@ class RetNet(GenerationMixin, nn.Module):
         chunk_size: int | None,
         labels: Tensor | None = None,
         token_mask: Tensor | None = None,
+        last_logits_only: bool = False,
     ) -> RetNetOutput:
+        """The unchecked forward. ``last_logits_only`` returns logits for the last position only
+        ``(batch, 1, vocab)``: a prompt prefill needs no more, and at a large vocabulary and long
+        prompt the full logits would dwarf the state."""
         chunk = chunk_size or self.config.chunk_size
         mode = mode or self.pick_mode(input_ids.shape[1], state, chunk)
         x = self.embed_tokens(input_ids)
@@ -397,7 +401,7 @@ class RetNet(GenerationMixin, nn.Module):
             return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
         x = F.dropout(x, p=self.config.dropout, training=self.training)
         hidden, new_state = self.decoder(x, state, mode, chunk, token_mask)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden[:, -1:] if last_logits_only and labels is None else hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
