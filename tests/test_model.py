@@ -303,3 +303,19 @@ def test_foreign_states_are_rejected() -> None:
         model(ids(2, 2), state=state.memories)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids(2, 2), state=state, attention_mask=torch.tensor([[0, 1], [1, 1]]))
+
+
+def test_autocast_keeps_retention_in_float32_and_forms_agree() -> None:
+    """Under bf16 autocast the retention math (and so the state) stays float32 in every form."""
+    torch.manual_seed(11)
+    model = RetNet(RetNetConfig(d_model=64, num_heads=4, num_layers=2, ffn_dim=128, dropout=0.0)).eval()
+    ids = torch.randint(0, 256, (2, 40))
+    outs = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for mode in ("parallel", "chunkwise", "recurrent"):
+            outs[mode] = model(ids, mode=mode, chunk_size=16)
+    for mode, out in outs.items():
+        assert all(m.dtype == torch.float32 for m in out.state.memories), mode
+    ref = outs["parallel"].state.memories[1]
+    for mode in ("chunkwise", "recurrent"):
+        torch.testing.assert_close(outs[mode].state.memories[1], ref, rtol=2e-2, atol=2e-2)

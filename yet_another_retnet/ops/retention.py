@@ -21,6 +21,10 @@ compute dtype, so a long half-precision run accumulates its state in float32.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 from torch import Tensor
 
@@ -34,6 +38,29 @@ from .decay import (
 )
 
 __all__ = ["retention_chunkwise", "retention_parallel", "retention_recurrent"]
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _outside_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``fn`` with autocast off: retention picks its own precision (float32 or float64).
+
+    Under ``torch.autocast`` the matmuls inside would otherwise run in half precision again, and
+    a state accumulated over thousands of tokens would come back in bfloat16.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        first = args[0] if args else None
+        device_type = first.device.type if isinstance(first, Tensor) else "cpu"
+        if device_type not in ("cpu", "cuda"):
+            return fn(*args, **kwargs)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -99,6 +126,7 @@ def _resolve_scale(scale: float | None, key_dim: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+@_outside_autocast
 def retention_parallel(
     q: Tensor,
     k: Tensor,
@@ -137,6 +165,7 @@ def retention_parallel(
     return out.to(q.dtype), (weights.to(q.dtype) if need_weights else None)
 
 
+@_outside_autocast
 def retention_recurrent(
     q: Tensor,
     k: Tensor,
@@ -169,6 +198,7 @@ def retention_recurrent(
     return out.to(q.dtype), new_state
 
 
+@_outside_autocast
 def retention_chunkwise(
     q: Tensor,
     k: Tensor,
@@ -196,6 +226,7 @@ def retention_chunkwise(
     return _chunkwise(q, k, v, prev_state, chunk_size, decay, scale, fast=True)
 
 
+@_outside_autocast
 def retention_chunkwise_reference(
     q: Tensor,
     k: Tensor,
@@ -289,6 +320,7 @@ def _cross_term(q: Tensor, state: Tensor, log_gamma: Tensor, ct: torch.dtype) ->
     return (q @ state) * _along_length(decay_powers(log_gamma, j + 1, ct), q)
 
 
+@_outside_autocast
 def state_update(k: Tensor, v: Tensor, prev_state: Tensor | None, log_gamma: Tensor) -> Tensor:
     """The state after one chunk of ``c`` tokens: ``K^T (V * gamma^(c-1-j)) + gamma^c prev``.
 
