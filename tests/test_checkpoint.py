@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -221,3 +222,15 @@ def test_config_not_matching_the_weights(tmp_path: Path) -> None:
         RetNet.from_pretrained(tmp_path)
     path.write_text(json.dumps(data))
     assert RetNet.from_pretrained(tmp_path).config.num_layers == 2
+
+
+def test_saved_files_follow_the_umask(tmp_path: Path) -> None:
+    """Atomic writes go through a temporary file; the result must not stay owner-only (0600)."""
+    old = os.umask(0o022)
+    try:
+        model = RetNet(RetNetConfig(vocab_size=32, d_model=16, num_heads=2, num_layers=1, ffn_dim=32))
+        model.save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644

@@ -34,6 +34,9 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp (and some writers) leave the file owner-only (0600); give it the mode a plain
+        # open() would have given it.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +48,12 @@ def atomic_write(path: Path, write: Any) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _weights_of(model: RetNet) -> dict[str, torch.Tensor]:
