@@ -11,43 +11,18 @@ compared too, at float32 tolerance.
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
 
 from yet_another_retnet import RetNet, RetNetConfig
+from yet_another_retnet.bench.common import shim_timm
 from yet_another_retnet.models.torchscale import config_from_torchscale, key_map
 
 pytest.importorskip("fairscale")
 
 
-def _shim_timm() -> None:
-    """torchscale's DropPath imports ``timm.models.layers.drop_path`` (used only when
-    drop_path_rate > 0); timm needs torchvision, which has no CPU build here."""
-    if "timm.models.layers" in sys.modules:
-        return
-    try:
-        import timm.models.layers
-
-        return
-    except Exception:
-        pass
-    timm = types.ModuleType("timm")
-    models = types.ModuleType("timm.models")
-    layers = types.ModuleType("timm.models.layers")
-
-    def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
-        raise NotImplementedError("timm shim: drop_path is not available in these tests")
-
-    layers.drop_path = drop_path  # type: ignore[attr-defined]
-    models.layers = layers  # type: ignore[attr-defined]
-    timm.models = models  # type: ignore[attr-defined]
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
-
-
-_shim_timm()
+shim_timm()
 ts_retnet = pytest.importorskip("torchscale.architecture.retnet")
 ts_config = pytest.importorskip("torchscale.architecture.config")
 ts_rms = pytest.importorskip("torchscale.component.rms_norm")

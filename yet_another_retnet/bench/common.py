@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -443,3 +444,31 @@ def save_figure(fig: Any, path: Path) -> None:
 
 def command_line(module: str, argv: Sequence[str]) -> str:
     return " ".join(["retnet bench", module, *argv]).strip()
+
+
+def shim_timm() -> None:
+    """Let ``torchscale.architecture.retnet`` import without timm.
+
+    torchscale imports ``timm.models.layers.drop_path`` (used only with drop_path_rate > 0), and
+    timm's import chain wants torchvision, which has no CPU build here: when timm cannot be
+    imported, stand in a module whose ``drop_path`` refuses to run.
+    """
+    if "timm.models.layers" in sys.modules:
+        return
+    try:
+        import timm.models.layers
+
+        return
+    except Exception:
+        pass
+    timm = types.ModuleType("timm")
+    models = types.ModuleType("timm.models")
+    layers = types.ModuleType("timm.models.layers")
+
+    def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+        raise NotImplementedError("timm shim: drop_path is not available")
+
+    layers.drop_path = drop_path  # type: ignore[attr-defined]
+    models.layers = layers  # type: ignore[attr-defined]
+    timm.models = models  # type: ignore[attr-defined]
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})

@@ -54,7 +54,6 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -246,36 +245,14 @@ def _yaretnet(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def shim_timm() -> None:
-    """torchscale imports ``timm.models.layers.drop_path`` (used only with drop_path_rate > 0);
-    timm's import chain wants torchvision, which may be missing: stand in for it if needed."""
-    if "timm.models.layers" in sys.modules:
-        return
-    try:
-        import timm.models.layers
-
-        return
-    except Exception:
-        pass
-    timm = types.ModuleType("timm")
-    models = types.ModuleType("timm.models")
-    layers = types.ModuleType("timm.models.layers")
-
-    def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
-        raise NotImplementedError("timm shim: drop_path is not available")
-
-    layers.drop_path = drop_path  # type: ignore[attr-defined]
-    models.layers = layers  # type: ignore[attr-defined]
-    timm.models = models  # type: ignore[attr-defined]
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
-
-
 def _equal_bytes_glu_width(dims: dict[str, int]) -> int:
     """A GLU FFN width (3 matrices) holding the weights of our 2-matrix FFN of ``dims['ffn']``."""
     return round(2 * dims["ffn"] / 3)
 
 
 def _torchscale(job: dict[str, Any]) -> dict[str, Any]:
+    from yet_another_retnet.bench.common import shim_timm  # absolute: workers run by path
+
     shim_timm()
     from torchscale.architecture.config import RetNetConfig as TsConfig
     from torchscale.architecture.retnet import RetNetDecoder

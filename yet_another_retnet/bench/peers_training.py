@@ -128,7 +128,9 @@ def _build(kind: str, chunk: int | None) -> tuple[Any, Any]:
 
         return model, step
     if kind == "torchscale":
-        _shim_timm()
+        from yet_another_retnet.bench.common import shim_timm  # absolute: workers run by path
+
+        shim_timm()
         from torchscale.architecture.config import RetNetConfig as TsConfig
         from torchscale.architecture.retnet import RetNetDecoder
 
@@ -157,32 +159,6 @@ def _build(kind: str, chunk: int | None) -> tuple[Any, Any]:
 
         return model, step
     raise ValueError(f"unknown implementation {kind!r}")
-
-
-def _shim_timm() -> None:
-    """torchscale imports ``timm.models.layers.drop_path`` (used only with drop_path_rate > 0);
-    timm needs torchvision, which has no CPU build here."""
-    import types
-
-    if "timm.models.layers" in sys.modules:
-        return
-    try:
-        import timm.models.layers
-
-        return
-    except Exception:
-        pass
-    timm = types.ModuleType("timm")
-    models = types.ModuleType("timm.models")
-    layers = types.ModuleType("timm.models.layers")
-
-    def drop_path(x: Any, drop_prob: float = 0.0, training: bool = False) -> Any:
-        raise NotImplementedError("timm shim: drop_path is not available in this benchmark")
-
-    layers.drop_path = drop_path  # type: ignore[attr-defined]
-    models.layers = layers  # type: ignore[attr-defined]
-    timm.models = models  # type: ignore[attr-defined]
-    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
