@@ -349,14 +349,19 @@ def llama_cache_kwarg(model: nn.Module) -> str:
 
 
 def run_worker(module: str, job: dict[str, Any], timeout: float = 1800.0) -> dict[str, Any]:
-    """Run ``python -m module --worker JSON`` in a fresh process; return the JSON it prints last.
+    """Run ``python -m module --worker JSON`` in a fresh process; return the JSON it prints last."""
+    return run_json_command([sys.executable, "-m", module, "--worker", json.dumps(job)], timeout)
 
-    A failed worker gives ``{"error": ...}`` rather than an exception, so that one configuration
+
+def run_json_command(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
+                     cwd: str | None = None) -> dict[str, Any]:
+    """Run ``cmd`` and return the last JSON object line it printed.
+
+    A failed command gives ``{"error": ...}`` rather than an exception, so that one configuration
     running out of memory does not lose the rest of the grid.
     """
-    cmd = [sys.executable, "-m", module, "--worker", json.dumps(job)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -51,7 +51,6 @@ import importlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -352,16 +351,9 @@ def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     else:
         cmd = [sys.executable, "-m", "yet_another_retnet.bench.peers", "--worker", json.dumps(job)]
         cwd = None
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": f"worker exited with {proc.returncode}: {' | '.join(tail)}"}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    from yet_another_retnet.bench.common import run_json_command  # absolute: workers run by path
+
+    return run_json_command(cmd, timeout, env=env, cwd=cwd)
 
 
 def available(impl: str, peer_dir: Path) -> str | None:
