@@ -461,19 +461,14 @@ class MultiScaleRetention(nn.Module):
         pointer and in-place version, so ``.to()``, ``load_state_dict`` and optimiser steps all
         invalidate it.
         """
-        projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
-        params = [p.weight for p in projs] + [p.bias for p in projs if p.bias is not None]
-        key = (dtype, self.gammas.data_ptr(), *[weight_version(p) for p in params])
+        weight, bias = stacked_weights(self, (self.q_proj, self.k_proj, self.v_proj, self.g_proj))
+        key = (dtype, self.gammas.data_ptr())
         cache = self.__dict__.get("_decode_cache")
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        # A normal tensor even when first built inside inference_mode: it outlives the call.
-        with torch.inference_mode(False), torch.no_grad():
-            weight = torch.cat([p.weight for p in projs])
-            bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
-            gamma = self.gammas.to(dtype).view(-1, 1, 1)
-        self.__dict__["_decode_cache"] = (key, (weight, bias, gamma))
-        return weight, bias, gamma
+        if cache is None or cache[0] != key:
+            with torch.inference_mode(False):
+                cache = (key, self.gammas.to(dtype).view(-1, 1, 1))
+            self.__dict__["_decode_cache"] = cache
+        return weight, bias, cache[1]
 
     def step_rotation(self, position: Tensor, dtype: torch.dtype) -> Tensor | None:
         """Rotation factors for one new token per row at ``position`` ``(batch,)``.
@@ -544,6 +539,24 @@ class MultiScaleRetention(nn.Module):
         if act is not None:
             gate = act(gate)
         return linear_step(gate * y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
+
+
+def stacked_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
+    """The weights (and biases) of ``linears`` stacked along the output dim, cached on ``owner``.
+
+    A copy outside the state dict, keyed by each tensor's storage pointer and in-place version:
+    ``.to()``, ``load_state_dict`` and optimiser steps all invalidate it.
+    """
+    params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
+    key = tuple(weight_version(p) for p in params)
+    cache = owner.__dict__.get("_stacked_cache")
+    if cache is not None and cache[0] == key:
+        return cache[1]
+    with torch.inference_mode(False), torch.no_grad():
+        weight = torch.cat([m.weight for m in linears])
+        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    owner.__dict__["_stacked_cache"] = (key, (weight, bias))
+    return weight, bias
 
 
 def weight_version(p: Tensor) -> tuple[int, int]:

@@ -29,7 +29,7 @@ from ..layers.retention import (
     RetentionState,
     linear_step,
     positions_for,
-    weight_version,
+    stacked_weights,
 )
 from .config import RetNetConfig
 
@@ -147,7 +147,7 @@ class RetNetDecoderLayer(nn.Module):
         if ffn.gate is None:
             h = act(linear_step(x, ffn.fc1.weight, ffn.fc1.bias))
         else:
-            weight, bias = _stacked(ffn, (ffn.fc1, ffn.gate))
+            weight, bias = stacked_weights(ffn, (ffn.fc1, ffn.gate))
             h = linear_step(x, weight, bias)
             h = act(h[:, : ffn.fc1.out_features]) * h[:, ffn.fc1.out_features :]
         return linear_step(h, ffn.fc2.weight, ffn.fc2.bias, residual)
@@ -439,24 +439,6 @@ class RetNet(GenerationMixin, nn.Module):
 
         return from_torchscale(cls, state_dict, config)
 
-
-
-def _stacked(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
-    """The weights (and biases) of ``linears`` stacked along the output dim, cached on ``owner``.
-
-    A copy outside the state dict, keyed by each tensor's storage pointer and in-place version:
-    ``.to()``, ``load_state_dict`` and optimiser steps all invalidate it.
-    """
-    params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
-    key = tuple(weight_version(p) for p in params)
-    cache = owner.__dict__.get("_stacked_cache")
-    if cache is not None and cache[0] == key:
-        return cache[1]
-    with torch.inference_mode(False), torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
-        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-    owner.__dict__["_stacked_cache"] = (key, (weight, bias))
-    return weight, bias
 
 def count_parameters(config: RetNetConfig) -> int:
     """Parameters of a model with ``config``, counted on the meta device (nothing allocated)."""
