@@ -243,12 +243,7 @@ class MultiScaleRetention(nn.Module):
             # the (float32) hidden states: rotate in the wider type, keep the projections' dtype.
             q = apply_rotation(q, cos, sin).to(v.dtype)
             k = apply_rotation(k, cos, sin).to(v.dtype)
-        if token_mask is not None:
-            # Padding must not reach the state: zero its keys and values (where, not multiply, so a
-            # NaN computed at a padded position cannot leak through 0 * NaN).
-            keep = token_mask[:, None, :, None]
-            k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
-            v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        k, v = _drop_padding(k, v, token_mask)
         return q, k, v
 
     def output(self, retained: Tensor, query: Tensor, gate: Tensor | None = None) -> Tensor:
@@ -311,10 +306,7 @@ class MultiScaleRetention(nn.Module):
             qk = qk.unflatten(-1, (2, heads, dk))
         q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # unbind: its backward is one stack
         v = v.view(batch, length, heads, dv).transpose(1, 2)
-        if token_mask is not None:
-            keep = token_mask[:, None, :, None]
-            k = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
-            v = torch.where(keep, v, torch.zeros((), dtype=v.dtype, device=v.device))
+        k, v = _drop_padding(k, v, token_mask)
         return q, k, v, gate
 
     def retain(
@@ -346,7 +338,7 @@ class MultiScaleRetention(nn.Module):
             rotation = self.rotation(positions, query.dtype)
         gate = None
         if (self.fast_path and mode != "recurrent" and key is query and value is query
-                and query.dtype in _FAST_DTYPES and not torch.is_autocast_enabled(query.device.type)):
+                and query.dtype in _FAST_DTYPES and not _autocast_enabled(query.device.type)):
             # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
             # (Under autocast the projections come out in half precision: the plain path copes.)
             q, k, v, gate = self._project_fused(query, rotation, token_mask)
@@ -364,10 +356,10 @@ class MultiScaleRetention(nn.Module):
         elif mode == "recurrent":
             steps = []
             running = memory
-            for t in range(length):
-                out_t, running = retention_recurrent(
-                    q[:, :, t], k[:, :, t], v[:, :, t], running, decay=self.gammas
-                )
+            # unbind, not q[:, :, t]: one backward op for all steps instead of one full-size
+            # gradient per step (quadratic in length).
+            for q_t, k_t, v_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), strict=True):
+                out_t, running = retention_recurrent(q_t, k_t, v_t, running, decay=self.gammas)
                 steps.append(out_t)
             # A zero-length input leaves the state as it was (or empty).
             new_memory = running if running is not None else self.empty_state(batch, query.device, query.dtype).memory
@@ -603,6 +595,30 @@ def _rotation_rows(positions: Tensor, key_dim: int, dtype: torch.dtype) -> Tenso
     rows = torch.polar(torch.ones_like(angles), angles)
     scale = torch.tensor([1.0, key_dim**-0.5], dtype=torch.float64, device=positions.device)
     return (rows[:, None, :] * scale[:, None]).to(_complex(dtype))
+
+
+def _drop_padding(k: Tensor, v: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Zero the keys and values of padded tokens ``(b, h, L, d)`` so padding never reaches a state.
+
+    ``torch.where``, not a multiply, so a NaN computed at a padded position cannot leak through
+    ``0 * NaN``.
+    """
+    if token_mask is None:
+        return k, v
+    keep = token_mask[:, None, :, None]
+    zero_k = torch.zeros((), dtype=k.dtype, device=k.device)
+    zero_v = torch.zeros((), dtype=v.dtype, device=v.device)
+    return torch.where(keep, k, zero_k), torch.where(keep, v, zero_v)
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, which only torch >= 2.4 accepts."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch 2.2/2.3: one query per device kind
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
 
 
 def _final_state(k: Tensor, v: Tensor, memory: Tensor | None, gammas: Tensor) -> Tensor:
