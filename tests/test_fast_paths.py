@@ -185,14 +185,14 @@ def test_fast_step_leaves_the_callers_state_alone_and_skips_training() -> None:
     retention = model.decoder.layers[0].retention
     assert all(p.weight.grad is not None for p in (retention.q_proj, retention.k_proj, retention.v_proj))
     calls: list[int] = []
-    original = type(model.decoder).step
+    original = type(model.decoder).step_layers
 
     def spy(self: Any, *args: Any) -> Any:
         calls.append(1)
         return original(self, *args)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(type(model.decoder), "step", spy)
+    mp.setattr(type(model.decoder), "step_layers", spy)
     try:
         with torch.no_grad():
             model.train()
@@ -253,3 +253,30 @@ def test_a_model_built_under_inference_mode_decodes_fast() -> None:
         fast = model.generate(prompt, max_new_tokens=6)
     model.fast_decode = False
     assert torch.equal(fast, model.generate(prompt, max_new_tokens=6))
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_the_eager_step_and_can_be_switched_off() -> None:
+    # torch.compile of the whole step (embedding .. LM head): same logits as the eager fast step
+    # and the reference path, same greedy tokens, rows at different positions (left padding).
+    model = make_model(torch.float32, ffn="glu", bias=True, d_model=32, num_heads=4, ffn_dim=48)
+    prompt, tokens = ids(2, 7, seed=17), ids(2, 5, seed=18)
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0
+    eager, eager_state = steps(model, True, prompt, tokens)
+    ref, _ = steps(model, False, prompt, tokens)
+    eager_tokens = model.generate(prompt, max_new_tokens=6, attention_mask=mask)
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert model.compile_decode() is model
+    compiled, compiled_state = steps(model, True, prompt, tokens)
+    assert counters["stats"]["unique_graphs"] > graphs  # the step really went through dynamo
+    for got, want, base in zip(compiled, eager, ref, strict=True):
+        assert rel(got, want) < 1e-5 and rel(got, base) < 1e-5
+    assert all(rel(a, b) < 1e-5 for a, b in zip(compiled_state.memories, eager_state.memories, strict=True))
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, attention_mask=mask), eager_tokens)
+    model.compile_decode(False)
+    assert "_compiled_decode" not in model.__dict__
+    again, _ = steps(model, True, prompt, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(again, eager, strict=True))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.decay import DECAY_SCHEDULES, decay_gammas, resolve_log_decay
+from ..ops.gemv import gemv
 from ..ops.position import apply_rotation, rotation_frequencies, rotation_tables
 from ..ops.retention import (
     compute_dtype,
@@ -444,7 +445,7 @@ class MultiScaleRetention(nn.Module):
     # Fast single-token decoding (inference only; `retain(..., "recurrent")` is the reference)
     # ----------------------------------------------------------------------------------------
 
-    def _decode_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+    def decode_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
         """``(w, b, gamma)`` for :meth:`step`, rebuilt only when a weight changed.
 
         ``w`` ``(2 d + 2 dv, d)`` stacks the q, k, v and g projections (``b`` their biases) so one
@@ -483,7 +484,8 @@ class MultiScaleRetention(nn.Module):
         return cache[position][:, :, None]
 
     def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
-             residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             residual: Tensor | None = None,
+             tables: tuple[Tensor, Tensor | None, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """One token through the layer, inference only: the fast form of ``retain(..., "recurrent")``.
 
         Args:
@@ -492,11 +494,13 @@ class MultiScaleRetention(nn.Module):
             rotation: :meth:`step_rotation` at this token's positions (``None`` without rotation).
             residual: ``(batch, embed_dim)`` added to the output inside the output projection's
                 matrix-vector product (saves the caller's separate add).
+            tables: :meth:`decode_tables` for ``memory.dtype``, fetched by the caller (a compiled
+                step takes them as inputs: the cache lookup behind them is plain Python).
 
         Returns ``(y (batch, embed_dim), new_memory)``, ``y`` including ``residual``. No autograd (the fused weights are a
         detached copy) and no dropout: callers use it only in eval mode with grad disabled.
         """
-        weight, bias, gamma = self._decode_tables(memory.dtype)
+        weight, bias, gamma = tables if tables is not None else self.decode_tables(memory.dtype)
         batch = x.shape[0]
         heads, dk, dv = self.num_heads, self.key_dim, self.head_dim
         proj = linear_step(x, weight, bias)
@@ -566,9 +570,9 @@ def linear_step(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     """``F.linear(x, weight, bias) + residual`` for the few rows of a decoding step.
 
     ``x`` ``(batch, in)`` -> ``(batch, out)``; ``residual`` ``(batch, out)`` or ``None``. One row goes
-    through ``torch.mv``/``torch.addmv`` (the residual added by the gemv itself): for bfloat16 that
-    reaches ATen's dot-product gemv kernel, which reads the weights ~1.4x faster than the oneDNN
-    matmul ``F.linear`` picks for a (1, in) input; for float32 both end in the same MKL gemv.
+    through :func:`~yet_another_retnet.ops.gemv.gemv` (the residual and bias added by it): the
+    decoding kernel, or ``torch.mv``/``torch.addmv`` where it is unavailable (both read the weights
+    faster than the oneDNN matmul ``F.linear`` picks for a (1, in) input).
     """
     if x.shape[0] != 1:
         out = F.linear(x, weight, bias)
@@ -576,8 +580,7 @@ def linear_step(x: Tensor, weight: Tensor, bias: Tensor | None = None,
     add = residual[0] if residual is not None else None
     if bias is not None:
         add = bias if add is None else add + bias
-    out = torch.mv(weight, x[0]) if add is None else torch.addmv(add, weight, x[0])
-    return out.unsqueeze(0)
+    return gemv(weight, x[0], add).unsqueeze(0)
 
 
 #: Positions kept in a layer's rotation table (beyond it, rows are computed per step).

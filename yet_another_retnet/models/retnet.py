@@ -31,9 +31,13 @@ from ..layers.retention import (
     positions_for,
     stacked_weights,
 )
+from ..ops.gemv import gemv_kernel_available
 from .config import RetNetConfig
 
 MODES = ("parallel", "chunkwise", "recurrent")
+#: A decoder layer's decoding tables: the retention's ``(w_qkvg, b_qkvg, gamma)`` and a GLU's
+#: stacked ``(w, b)`` (``None`` for a plain MLP).
+LayerTables = tuple[tuple[Tensor, Tensor | None, Tensor], tuple[Tensor, Tensor | None] | None]
 
 
 @dataclass
@@ -124,31 +128,40 @@ class RetNetDecoderLayer(nn.Module):
         return x, new_state
 
 
-    def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None) -> tuple[Tensor, Tensor]:
+    def decode_tables(self, dtype: torch.dtype) -> LayerTables:
+        """What :meth:`step` reads besides the parameters: the retention's stacked q/k/v/g weights
+        and decays, and a GLU's stacked fc1/gate weights (``None`` for a plain MLP). Cached."""
+        ffn = cast(FeedForward, self.ffn)
+        glu = stacked_weights(ffn, (ffn.fc1, ffn.gate)) if ffn.gate is not None else None
+        return cast(MultiScaleRetention, self.retention).decode_tables(dtype), glu
+
+    def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
+             tables: LayerTables | None = None) -> tuple[Tensor, Tensor]:
         """One token, inference only: ``x`` ``(batch, d_model)`` -> same, and the layer's new memory.
 
         The fast form of ``forward(x[:, None], state, "recurrent")`` (eval mode, no autograd).
+        ``tables`` is :meth:`decode_tables` for ``memory.dtype`` (looked up here when ``None``).
         """
         retention = cast(MultiScaleRetention, self.retention)
+        attn_tables, glu = tables if tables is not None else self.decode_tables(memory.dtype)
         scale = self.residual_scale
         # Each residual is added inside the branch's last matrix-vector product.
         if not self.pre_norm:
-            h, memory = retention.step(x, memory, rotation, residual=x if scale == 1.0 else x * scale)
+            h, memory = retention.step(x, memory, rotation, x if scale == 1.0 else x * scale, attn_tables)
             x = self.retention_norm(h)
-            return self.ffn_norm(self._ffn_step(x, x if scale == 1.0 else x * scale)), memory
+            return self.ffn_norm(self._ffn_step(x, x if scale == 1.0 else x * scale, glu)), memory
         x, memory = retention.step(self.retention_norm(x), memory, rotation,
-                                   residual=x if scale == 1.0 else x * scale)
-        return self._ffn_step(self.ffn_norm(x), x if scale == 1.0 else x * scale), memory
+                                   x if scale == 1.0 else x * scale, attn_tables)
+        return self._ffn_step(self.ffn_norm(x), x if scale == 1.0 else x * scale, glu), memory
 
-    def _ffn_step(self, x: Tensor, residual: Tensor) -> Tensor:
+    def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
         """``residual + FFN(x)`` on ``(batch, d_model)`` rows; a GLU's fc1 and gate are one matrix."""
         ffn = cast(FeedForward, self.ffn)
         act = ACTIVATIONS[ffn.activation]
-        if ffn.gate is None:
+        if glu is None:
             h = act(linear_step(x, ffn.fc1.weight, ffn.fc1.bias))
         else:
-            weight, bias = stacked_weights(ffn, (ffn.fc1, ffn.gate))
-            h = linear_step(x, weight, bias)
+            h = linear_step(x, *glu)
             h = act(h[:, : ffn.fc1.out_features]) * h[:, ffn.fc1.out_features :]
         return linear_step(h, ffn.fc2.weight, ffn.fc2.bias, residual)
 
@@ -227,14 +240,24 @@ class RetNetDecoder(nn.Module):
         """
         if state is None:
             state = self.empty_state(hidden.shape[0], hidden.device, hidden.dtype)
-        first = self._retention(0)
-        memories = state.memories
-        rotation = first.step_rotation(state.position, memories[0].dtype)
+        dtype = state.memories[0].dtype
+        rotation = self._retention(0).step_rotation(state.position, dtype)
+        hidden, memories = self.step_layers(hidden, list(state.memories), rotation, self.decode_tables(dtype))
+        return hidden, RetNetState(memories, state.position + 1)
+
+    def decode_tables(self, dtype: torch.dtype) -> list[LayerTables]:
+        """Every layer's :meth:`RetNetDecoderLayer.decode_tables`."""
+        return [cast(RetNetDecoderLayer, layer).decode_tables(dtype) for layer in self.layers]
+
+    def step_layers(self, hidden: Tensor, memories: list[Tensor], rotation: Tensor | None,
+                    tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
+        """The body of :meth:`step`: tensors in, tensors out, no cache lookups or Python-side state,
+        so ``torch.compile`` can trace it whole (see :meth:`RetNet.compile_decode`)."""
         new_memories = []
-        for layer, memory in zip(self.layers, memories, strict=True):
-            hidden, memory = cast(RetNetDecoderLayer, layer).step(hidden, memory, rotation)
+        for layer, memory, layer_tables in zip(self.layers, memories, tables, strict=True):
+            hidden, memory = cast(RetNetDecoderLayer, layer).step(hidden, memory, rotation, layer_tables)
             new_memories.append(memory)
-        return self.norm(hidden), RetNetState(new_memories, state.position + 1)
+        return self.norm(hidden), new_memories
 
 
 class RetNet(GenerationMixin, nn.Module):
@@ -389,16 +412,11 @@ class RetNet(GenerationMixin, nn.Module):
         prompt the full logits would dwarf the state."""
         chunk = chunk_size or self.config.chunk_size
         mode = mode or self.pick_mode(input_ids.shape[1], state, chunk)
-        x = self.embed_tokens(input_ids)
-        if self.config.embed_scale != 1.0:
-            x = x * self.config.embed_scale
-        if self.embedding_norm is not None:
-            x = self.embedding_norm(x)
         if (mode == "recurrent" and input_ids.shape[1] == 1 and self.fast_decode and labels is None
                 and token_mask is None and not self.training and not torch.is_grad_enabled()):
             # Decoding: the fast single-token step (same numbers as the layer-by-layer path).
-            hidden, new_state = self.decoder.step(x[:, 0], state)
-            return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
+            return self._decode_step(input_ids[:, 0], state)
+        x = self._embed(input_ids)
         x = F.dropout(x, p=self.config.dropout, training=self.training)
         hidden, new_state = self.decoder(x, state, mode, chunk, token_mask)
         logits = self.lm_head(hidden[:, -1:] if last_logits_only and labels is None else hidden)
@@ -410,6 +428,54 @@ class RetNet(GenerationMixin, nn.Module):
                 ignore_index=-100,
             )
         return RetNetOutput(logits, new_state, loss)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        """Token ids ``(batch, ...)`` -> embeddings ``(batch, ..., d_model)``, scaled and normed."""
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
+        return x if self.embedding_norm is None else self.embedding_norm(x)
+
+    # ----------------------------------------------------------------------------------------
+    # Fast decoding
+    # ----------------------------------------------------------------------------------------
+
+    def compile_decode(self, enabled: bool = True, **compile_options: Any) -> RetNet:
+        """Run the fast decoding step through ``torch.compile`` (``False`` goes back to eager).
+
+        The whole step (embedding, every layer, final norm, LM head) becomes one graph: inductor
+        fuses the small element-wise ops and writes the matrix-vector products as vectorised
+        reductions over the weights (for bfloat16 weights about 1.5x faster than ATen's gemv on
+        this class of CPU). The first decoding step of each batch size and dtype compiles (tens of
+        seconds; inductor caches the code on disk for later processes); prefill and training are
+        unaffected. Numbers match the eager step to rounding (tested). Extra keyword arguments go
+        to ``torch.compile``; ``dynamic=False`` is the default. Returns ``self``.
+        """
+        if not enabled:
+            self.__dict__.pop("_compiled_decode", None)
+            return self
+        gemv_kernel_available()  # decided (and built) now, not while tracing
+        options: dict[str, Any] = {"dynamic": False, **compile_options}
+        options["options"] = {**_inductor_decode_options(), **options.get("options", {})}
+        self.__dict__["_compiled_decode"] = torch.compile(self._decode_logits, **options)
+        return self
+
+    def _decode_step(self, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
+        """One token per row ``(batch,)`` through the fast step, eager or compiled."""
+        if state is None:
+            state = self.empty_state(ids.shape[0])
+        dtype = state.memories[0].dtype
+        rotation = self.decoder._retention(0).step_rotation(state.position, dtype)
+        tables = self.decoder.decode_tables(dtype)
+        run = self.__dict__.get("_compiled_decode", self._decode_logits)
+        logits, memories = run(ids, list(state.memories), rotation, tables)
+        return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))
+
+    def _decode_logits(self, ids: Tensor, memories: list[Tensor], rotation: Tensor | None,
+                       tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
+        """``(logits (batch, vocab), new memories)`` for one token per row: what gets compiled."""
+        hidden, memories = self.decoder.step_layers(self._embed(ids), memories, rotation, tables)
+        return linear_step(hidden, self.lm_head.weight), memories
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints and conversion live in their own modules; these are the entry points.
@@ -445,3 +511,20 @@ def count_parameters(config: RetNetConfig) -> int:
     with torch.device("meta"):
         model = RetNet(config, device="meta")
     return model.num_parameters()
+
+
+def _inductor_decode_options() -> dict[str, Any]:
+    """Inductor settings for the decoding graph.
+
+    By default inductor inlines a cheap element-wise producer (a norm, GELU, the embedding) into
+    the reduction that consumes it; for a matrix-vector product that recomputes the producer once
+    per *output row* (measured: 12 layers of norm + GELU + two d 768 products, bfloat16, 47.6 ms
+    compiled vs 2.7 ms eager). Realising every multi-op buffer first keeps each product a plain
+    streaming reduction (1.7 ms). The setting's name differs across torch versions.
+    """
+    import torch._inductor.config as inductor_config
+
+    for key in ("realize_cpu_opcount_threshold", "realize_opcount_threshold"):
+        if hasattr(inductor_config, key):
+            return {key: 1}
+    return {}
