@@ -169,6 +169,18 @@ def test_generate_greedy_matches_the_model(trained: Path, capsys: pytest.Capture
     assert printed == bytes(ids).decode("utf-8", errors="replace") + "\n"
 
 
+@pytest.mark.slow
+def test_generate_compiled_and_bfloat16_match_the_model(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompt = torch.tensor([list(b"The ")])
+    float32, bfloat16 = RetNet.from_pretrained(trained), RetNet.from_pretrained(trained).to(torch.bfloat16)
+    for flags, reference in ((["--compile"], float32), (["--dtype", "bfloat16"], bfloat16)):
+        capsys.readouterr()
+        assert main(["generate", str(trained), "--prompt", "The ", "--max-new-tokens", "24", "--temperature", "0",
+                     "--device", "cpu", *flags]) == 0
+        ids = reference.generate(prompt, 24)[0].tolist()
+        assert capsys.readouterr().out == bytes(ids).decode("utf-8", errors="replace") + "\n", flags
+
+
 def test_generate_sampling_is_seeded(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
     texts = []
     for seed in (1, 1, 2):

@@ -112,6 +112,10 @@ def _add_generate(sub: Any) -> None:
     p.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling mass (default: 0.95)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="cast the weights (default: as saved); bfloat16 decodes ~1.5x faster on CPUs with AVX512-BF16")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (first token waits for the compiler; faster after)")
 
 
 def _add_eval(sub: Any) -> None:
@@ -214,6 +218,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     device = _pick_device(args.device)
     model, tokenizer = _load_model(args.model, device)
+    if args.dtype is not None:
+        model = model.to(getattr(torch, args.dtype))
+    if args.compile:
+        model.compile_decode()
     ids = tokenizer.encode(args.prompt) or tokenizer.encode("\n") or [0]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     greedy = args.temperature == 0

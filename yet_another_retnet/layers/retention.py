@@ -491,7 +491,8 @@ class MultiScaleRetention(nn.Module):
         Args:
             x: ``(batch, embed_dim)`` input (already normed by the caller).
             memory: ``(batch, heads, dk, dv)`` state in the compute dtype; not modified.
-            rotation: :meth:`step_rotation` at this token's positions (``None`` without rotation).
+            rotation: :meth:`step_rotation` at this token's positions (``None`` without rotation),
+                or its ``torch.view_as_real`` (inductor fuses real arithmetic, not complex).
             residual: ``(batch, embed_dim)`` added to the output inside the output projection's
                 matrix-vector product (saves the caller's separate add).
             tables: :meth:`decode_tables` for ``memory.dtype``, fetched by the caller (a compiled
@@ -511,8 +512,14 @@ class MultiScaleRetention(nn.Module):
         if rotation is not None:
             # Rotating (a, b) pairs by an angle is a complex product: one op for q and k at once,
             # and the key's dk^-0.5 rides along in its factor.
-            qk = torch.view_as_real(torch.view_as_complex(qk.view(batch, 2, heads, dk // 2, 2)) * rotation)
-            q, k = qk.view(batch, 2, heads, dk).unbind(1)
+            pairs = qk.view(batch, 2, heads, dk // 2, 2)
+            if rotation.is_complex():
+                qk = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
+            else:  # the same product in reals, (..., 2) pairs: what a compiled step passes
+                a, b = pairs.unbind(-1)
+                cos, sin = rotation.unbind(-1)
+                qk = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+            q, k = qk.reshape(batch, 2, heads, dk).unbind(1)
         else:
             q, k = qk.view(batch, 2, heads, dk).unbind(1)
             k = k * dk**-0.5
