@@ -280,3 +280,35 @@ def test_compiled_decode_step_equals_the_eager_step_and_can_be_switched_off() ->
     assert "_compiled_decode" not in model.__dict__
     again, _ = steps(model, True, prompt, tokens)
     assert all(torch.equal(a, b) for a, b in zip(again, eager, strict=True))
+
+
+@pytest.mark.slow
+def test_compiled_chunkwise_equals_eager_outputs_states_and_gradients() -> None:
+    # RetNet.compile_chunkwise: the fused chunkwise form of every layer through torch.compile.
+    # Lengths that chunk_size does not divide, a previous state, left padding; float32.
+    model = make_model(torch.float32, d_model=32, num_heads=4, ffn_dim=48, bias=True, chunk_size=8)
+    model.train()
+    prompt, more = ids(2, 21, seed=19), ids(2, 13, seed=20)
+    mask = torch.ones_like(prompt)
+    mask[0, :5] = 0
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model.zero_grad()
+        first = model(prompt, mode="chunkwise", attention_mask=mask)
+        second = model(more, state=first.state, mode="chunkwise")
+        (first.logits.square().mean() + second.logits.square().mean()).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return [first.logits, second.logits, *second.state.memories], grads
+
+    eager_out, eager_grads = run()
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    assert model.compile_chunkwise() is model
+    out, grads = run()
+    assert counters["stats"]["unique_graphs"] > graphs
+    assert len(grads) == len(eager_grads) == len(list(model.parameters()))
+    for got, want in zip([*out, *grads], [*eager_out, *eager_grads], strict=True):
+        assert rel(got.detach(), want.detach()) < 1e-5
+    model.compile_chunkwise(False)
+    assert not any("_compiled_chunkwise" in m.__dict__ for m in model.modules())

@@ -137,6 +137,17 @@ def test_options_that_must_not_change_the_math(tmp_path: Path, corpus_file: Path
     assert train_losses(tmp_path / "accum") == pytest.approx(plain, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_compile_trains_the_same_curve(tmp_path: Path, corpus_file: Path) -> None:
+    # --compile runs each retention layer's chunkwise form through torch.compile: same math.
+    base = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--log-interval", "1",
+            "--eval-interval", "3", "--dropout", "0", "--eval-max-windows", "2", "--chunk-size", "8"]
+    run_train(tmp_path / "eager", corpus_file, *base)
+    run_train(tmp_path / "compiled", corpus_file, *base, "--compile")
+    eager = train_losses(tmp_path / "eager")
+    assert len(eager) == 3 and train_losses(tmp_path / "compiled") == pytest.approx(eager, rel=1e-5)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains(tmp_path: Path, corpus_file: Path, precision: str) -> None:
     run_train(tmp_path / precision, corpus_file, "--seq-len", "16", "--batch-size", "4", "--max-steps", "6",

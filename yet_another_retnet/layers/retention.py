@@ -16,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.decay import DECAY_SCHEDULES, decay_gammas, resolve_log_decay
+from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
 from ..ops.gemv import gemv
 from ..ops.position import apply_rotation, rotation_frequencies, rotation_tables
 from ..ops.retention import (
+    chunkwise_table_shapes,
+    chunkwise_with_tables,
     compute_dtype,
     retention_chunkwise,
     retention_parallel,
@@ -287,12 +289,21 @@ class MultiScaleRetention(nn.Module):
         call (a 4 d x d copy, cheap next to the matmul) so autograd and the state dict keep seeing
         the four separate parameters.
         """
-        batch, length, _ = x.shape
-        heads, dk, dv, d = self.num_heads, self.key_dim, self.head_dim, self.embed_dim
+        return self._split_projection(self._fused_projection(x), rotation, token_mask)
+
+    def _fused_projection(self, x: Tensor) -> Tensor:
+        """``(b, L, d)`` -> ``(b, L, 2 d + 2 value_dim)``: q, k, v and g from one matmul."""
         projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
         weight = torch.cat([p.weight for p in projs])
         bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        proj = F.linear(x, weight, bias)  # (b, L, 2 d + 2 value_dim)
+        return F.linear(x, weight, bias)
+
+    def _split_projection(
+        self, proj: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """:meth:`_project_fused` after the matmul: split, rotate, lay out per head, drop padding."""
+        batch, length, _ = proj.shape
+        heads, dk, dv, d = self.num_heads, self.key_dim, self.head_dim, self.embed_dim
         # split, not slicing: its backward is one cat, where each slice's backward would fill a
         # zero tensor of the whole projection's size.
         qk, v, gate = proj.split([2 * d, self.value_dim, self.value_dim], dim=-1)
@@ -300,9 +311,14 @@ class MultiScaleRetention(nn.Module):
             # Rotating each (even, odd) pair by its angle is a complex product: one elementwise op
             # for q and k together, forward and backward (instead of the stack/neg/mul/add chain).
             cos, sin = rotation  # (b or 1, 1, L, dk), each angle repeated for its pair
-            factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2).unsqueeze(2)
-            pairs = torch.view_as_complex(qk.unflatten(-1, (2, heads, dk // 2, 2)))  # (b, L, 2, h, dk/2)
-            qk = torch.view_as_real(pairs * factor).flatten(-2)
+            if _is_compiling():  # the same product in reals: inductor fuses these, not complex ops
+                a, b = qk.unflatten(-1, (2, heads, dk // 2, 2)).unbind(-1)
+                c, s = (t[:, 0, :, None, None, 0::2] for t in (cos, sin))
+                qk = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+            else:
+                factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2).unsqueeze(2)
+                pairs = torch.view_as_complex(qk.unflatten(-1, (2, heads, dk // 2, 2)))  # (b, L, 2, h, dk/2)
+                qk = torch.view_as_real(pairs * factor).flatten(-2)
         else:
             qk = qk.unflatten(-1, (2, heads, dk))
         q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # unbind: its backward is one stack
@@ -338,14 +354,28 @@ class MultiScaleRetention(nn.Module):
         if rotation is None:
             rotation = self.rotation(positions, query.dtype)
         gate = None
-        if (self.fast_path and mode != "recurrent" and key is query and value is query
-                and query.dtype in _FAST_DTYPES and not _autocast_enabled(query.device.type)):
+        memory = state.memory if state is not None else None
+        fused = (self.fast_path and mode != "recurrent" and key is query and value is query
+                 and query.dtype in _FAST_DTYPES and not _autocast_enabled(query.device.type))
+        compiled = self.__dict__.get("_compiled_chunkwise")
+        if (compiled is not None and fused and mode == "chunkwise" and length > 0
+                and (chunk_size is None or (type(chunk_size) is int and chunk_size >= 1))
+                and (memory is None or memory.dtype == query.dtype)):
+            # The compiled fused form (RetNet.compile_chunkwise): projection, rotation, retention,
+            # head norm, gate and output in one graph; the decay tables (which it cannot trace)
+            # looked up here.
+            chunk = length if chunk_size is None else min(chunk_size, length)
+            log_gamma = resolve_log_decay(self.gammas, self.num_heads, query.device)
+            tables = {shape: chunk_tables(log_gamma, *shape, query.dtype, self.key_dim**-0.5)
+                      for shape in chunkwise_table_shapes(length, chunk)}
+            y, new_memory = compiled(query, memory, chunk, rotation, token_mask, tables)
+            return y, RetentionState(new_memory, next_position), None
+        if fused:
             # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
             # (Under autocast the projections come out in half precision: the plain path copes.)
             q, k, v, gate = self._project_fused(query, rotation, token_mask)
         else:
             q, k, v = self.project(query, key, value, rotation, token_mask)
-        memory = state.memory if state is not None else None
         weights = None
         if mode == "parallel":
             retained, weights = retention_parallel(
@@ -373,6 +403,16 @@ class MultiScaleRetention(nn.Module):
     # ----------------------------------------------------------------------------------------
     # Public forms
     # ----------------------------------------------------------------------------------------
+
+    def _fused_chunkwise(
+        self, x: Tensor, memory: Tensor | None, chunk: int, rotation: tuple[Tensor, Tensor] | None,
+        token_mask: Tensor | None, tables: dict[tuple[int, int], ChunkTables],
+    ) -> tuple[Tensor, Tensor]:
+        """Chunkwise self-retention of ``x`` ``(b, L, d)`` through the fused projection, decay tables
+        given: what :meth:`RetNet.compile_chunkwise` compiles. Returns ``(y (b, L, d), new memory)``."""
+        q, k, v, gate = self._project_fused(x, rotation, token_mask)
+        retained, new_memory = chunkwise_with_tables(q, k, v, memory, chunk, lambda c, n: tables[(c, n)])
+        return self.output(retained, x, gate), new_memory
 
     def _checked(self, query: Tensor, key: Tensor, value: Tensor, rank: int,
                  prev_state: RetentionState | None) -> None:
@@ -619,6 +659,14 @@ def _drop_padding(k: Tensor, v: Tensor, token_mask: Tensor | None) -> tuple[Tens
     zero_k = torch.zeros((), dtype=k.dtype, device=k.device)
     zero_v = torch.zeros((), dtype=v.dtype, device=v.device)
     return torch.where(keep, k, zero_k), torch.where(keep, v, zero_v)
+
+
+def _is_compiling() -> bool:
+    """Whether dynamo is tracing this call (``torch.compiler.is_compiling`` is torch >= 2.3)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return bool(torch._dynamo.is_compiling())
 
 
 def _autocast_enabled(device_type: str) -> bool:

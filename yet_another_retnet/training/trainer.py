@@ -474,7 +474,14 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, config)
         del checkpoint
-    forward_module: nn.Module = torch.compile(train_module) if config.compile else train_module  # type: ignore[assignment]
+    forward_module: nn.Module = train_module
+    if config.compile:
+        if config.fsdp:  # sharded parameters: compile the wrapped module as a whole
+            forward_module = torch.compile(train_module)  # type: ignore[assignment]
+        else:
+            # Each retention layer's chunkwise form (measured faster than compiling the whole
+            # model, whose input checks break the graph); evaluation shares it.
+            model.compile_chunkwise()
 
     run_record = {"train": config.to_dict(), "model_config": model_config.to_dict(),
                   "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
