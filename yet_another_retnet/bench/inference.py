@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--isolate", choices=("subprocess", "none"), default=None,
                         help="one fresh process per configuration (default; clean peak RSS) or "
                              "all in this process (default with --quick)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="RetNet decodes through model.compile_decode() (torch.compile of the step)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -116,6 +118,8 @@ def _measure_retnet(job: dict[str, Any], device: torch.device, dtype: torch.dtyp
     config = common.retnet_config(job["preset"])
     torch.manual_seed(job["seed"])
     model = RetNet(config, device=device, dtype=dtype).eval()
+    if job.get("compile_decode"):
+        model.compile_decode()  # compiled by the warm-up below (the step's graph fits any context)
     batch, context = job["batch"], job["context"]
     gen = torch.Generator().manual_seed(job["seed"] + 1)
     # Warm-up: lazy initialisation, allocator, kernels for both forms.
@@ -419,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             job = {"model": model, "preset": preset, "context": context, "batch": batch,
                    "steps": steps, "warmup_steps": warmup, "device": args.device,
                    "dtype": args.dtype, "seed": args.seed, "threads": args.threads,
-                   "kv_cache": args.kv_cache}
+                   "kv_cache": args.kv_cache, "compile_decode": args.compile_decode}
             if model == "transformer" and kv_cache_estimate(preset, context, batch, dtype) > args.max_cache_gib * 2**30:
                 result = {"model": model, "context": context, "batch": batch,
                           "error": f"skipped: KV cache over --max-cache-gib {args.max_cache_gib}"}
