@@ -54,7 +54,10 @@ def test_kernel_matches_float64(shape: tuple[int, int], wdtype: torch.dtype, xdt
     # ... and it is what the fallback (torch.mv / torch.addmv, which rounds more often) computes.
     ct = torch.promote_types(wdtype, xdtype)
     want = torch.mv(w.to(ct), x.to(ct)) if add is None else torch.addmv(add.to(ct), w.to(ct), x.to(ct))
-    assert bool(((got.double() - want.double()).abs() <= 3 * tol + 1e-30).all())
+    # Its bfloat16 roundings of intermediates (the product, then the sum with add) are bounded by
+    # the terms' magnitudes, not by the (possibly cancelled) result.
+    rounding = scale * 2**-7 if ct == torch.bfloat16 else 0
+    assert bool(((got.double() - want.double()).abs() <= 3 * tol + rounding + 1e-30).all())
 
 
 def test_kernel_takes_non_contiguous_weights_and_rejects_bad_shapes() -> None:
