@@ -354,13 +354,8 @@ WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
 
 
 def run_job(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One (implementation, task) in a fresh process; ``{"error": ...}`` if it fails.
-
-    Every worker, ours and the peers', starts with the same allocator settings
-    (:func:`yet_another_retnet.runtime.allocator_env`)."""
-    from yet_another_retnet.runtime import allocator_env  # absolute: workers run by path
-
-    env = {**os.environ, **allocator_env()}
+    """One (implementation, task) in a fresh process; ``{"error": ...}`` if it fails."""
+    env = dict(os.environ)
     if job["impl"] == "yaretnet-0.5.1":
         # Run this file as a plain script so that ``import yet_another_retnet`` finds 0.5.1.
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
@@ -524,9 +519,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _machine(threads: int | None) -> dict[str, Any]:
-    from yet_another_retnet.runtime import allocator_env
-
-    info: dict[str, Any] = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "allocator_env": allocator_env(),
+    info: dict[str, Any] = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
                             "torch_threads": threads or torch.get_num_threads(), "python": sys.version.split()[0]}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -590,8 +583,7 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} "
              f"torch threads), torch {machine.get('torch')}, 1-minute load average at "
              f"start / end {load} (a busy machine slows everything, multi-threaded code most). Median of {settings['repeats']} runs of "
-             f"{settings['tokens']} greedy tokens each (batch 1), every implementation in its own process, "
-             f"all started with the allocator settings {machine.get('allocator_env') or 'of the system'}.\n"]
+             f"{settings['tokens']} greedy tokens each (batch 1), every implementation in its own process.\n"]
     if results["decode"]:
         contexts = settings["contexts"]
         lines += ["## Decoding, d_model 768, 12 heads, 12 layers (ms per token, lower is better)\n",

@@ -206,10 +206,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_worker(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    # Every worker, ours and the peers', starts with the same allocator settings.
-    from yet_another_retnet.runtime import allocator_env  # absolute: workers run by path
-
-    env = {**os.environ, **allocator_env()}
+    env = dict(os.environ)
     if spec["kind"] == "yaretnet051":
         if not (PEER_DIR / "yet_another_retnet").is_dir():
             return {"error": f"not installed: pip install --no-deps --target {PEER_DIR} yet-another-retnet==0.5.1"}
@@ -253,8 +250,6 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
     """
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
-    from yet_another_retnet.runtime import allocator_env
-
     extra = {"threads": threads, "clock": clock}
     repeats = 1 if quick else 3
     shapes = [s for s in SHAPES if not (quick and s[1] > 4096)]
@@ -292,7 +287,7 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
             row["mfu"][key] = speed * flops / (gflops * 1e9) if gflops else None
         rows.append(row)
     return {"matmul_gflops": gflops, "shapes": [f"{b}x{L}" for b, L in shapes], "rows": rows,
-            "config": {"allocator_env": allocator_env(), "d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN, "vocab": VOCAB,
+            "config": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN, "vocab": VOCAB,
                        "value_dim": D_MODEL, "dtype": "float32", "repeats": repeats, "threads": threads,
                        "clock": clock}}
 
@@ -303,8 +298,6 @@ def format_training_section(section: dict[str, Any]) -> str:
     gflops = section["matmul_gflops"]
     config = section.get("config", {})
     how = f"{config.get('threads') or 'default'} threads, {config.get('clock', 'wall')} clock"
-    if config.get("allocator_env"):
-        how += ", every worker with " + " ".join(f"{k}={v}" for k, v in config["allocator_env"].items())
     lines = [
         f"Training step (forward + backward, fp32, {how}; machine fp32 matmul: {gflops:.0f} GFLOP/s)"
         if gflops else f"Training step (forward + backward, fp32, {how})",

@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from ..models import PRESETS, RetNet, RetNetConfig, count_parameters
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write
-from ..runtime import keep_freed_memory
 from . import distributed as dist_utils
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -413,8 +412,6 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     stream = stream if stream is not None else sys.stdout
     started = time.perf_counter()
     info, device = dist_utils.init_distributed(config.device)
-    if device.type == "cpu":
-        keep_freed_memory()  # large activations reused, not page-faulted in every step
 
     def say(text: str) -> None:
         if info.is_main:
