@@ -289,21 +289,12 @@ class MultiScaleRetention(nn.Module):
         call (a 4 d x d copy, cheap next to the matmul) so autograd and the state dict keep seeing
         the four separate parameters.
         """
-        return self._split_projection(self._fused_projection(x), rotation, token_mask)
-
-    def _fused_projection(self, x: Tensor) -> Tensor:
-        """``(b, L, d)`` -> ``(b, L, 2 d + 2 value_dim)``: q, k, v and g from one matmul."""
+        batch, length, _ = x.shape
+        heads, dk, dv, d = self.num_heads, self.key_dim, self.head_dim, self.embed_dim
         projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
         weight = torch.cat([p.weight for p in projs])
         bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
-        return F.linear(x, weight, bias)
-
-    def _split_projection(
-        self, proj: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`_project_fused` after the matmul: split, rotate, lay out per head, drop padding."""
-        batch, length, _ = proj.shape
-        heads, dk, dv, d = self.num_heads, self.key_dim, self.head_dim, self.embed_dim
+        proj = F.linear(x, weight, bias)  # (b, L, 2 d + 2 value_dim)
         # split, not slicing: its backward is one cat, where each slice's backward would fill a
         # zero tensor of the whole projection's size.
         qk, v, gate = proj.split([2 * d, self.value_dim, self.value_dim], dim=-1)
@@ -312,9 +303,8 @@ class MultiScaleRetention(nn.Module):
             # for q and k together, forward and backward (instead of the stack/neg/mul/add chain).
             cos, sin = rotation  # (b or 1, 1, L, dk), each angle repeated for its pair
             if _is_compiling():  # the same product in reals: inductor fuses these, not complex ops
-                a, b = qk.unflatten(-1, (2, heads, dk // 2, 2)).unbind(-1)
                 c, s = (t[:, 0, :, None, None, 0::2] for t in (cos, sin))
-                qk = torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)
+                qk = _rotate_pairs(qk.unflatten(-1, (2, heads, dk // 2, 2)), c, s).flatten(-2)
             else:
                 factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2).unsqueeze(2)
                 pairs = torch.view_as_complex(qk.unflatten(-1, (2, heads, dk // 2, 2)))  # (b, L, 2, h, dk/2)
@@ -400,10 +390,6 @@ class MultiScaleRetention(nn.Module):
         y = self.output(retained, query, gate)
         return y, RetentionState(new_memory, next_position), weights
 
-    # ----------------------------------------------------------------------------------------
-    # Public forms
-    # ----------------------------------------------------------------------------------------
-
     def _fused_chunkwise(
         self, x: Tensor, memory: Tensor | None, chunk: int, rotation: tuple[Tensor, Tensor] | None,
         token_mask: Tensor | None, tables: dict[tuple[int, int], ChunkTables],
@@ -413,6 +399,10 @@ class MultiScaleRetention(nn.Module):
         q, k, v, gate = self._project_fused(x, rotation, token_mask)
         retained, new_memory = chunkwise_with_tables(q, k, v, memory, chunk, lambda c, n: tables[(c, n)])
         return self.output(retained, x, gate), new_memory
+
+    # ----------------------------------------------------------------------------------------
+    # Public forms
+    # ----------------------------------------------------------------------------------------
 
     def _checked(self, query: Tensor, key: Tensor, value: Tensor, rank: int,
                  prev_state: RetentionState | None) -> None:
@@ -556,9 +546,7 @@ class MultiScaleRetention(nn.Module):
             if rotation.is_complex():
                 qk = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
             else:  # the same product in reals, (..., 2) pairs: what a compiled step passes
-                a, b = pairs.unbind(-1)
-                cos, sin = rotation.unbind(-1)
-                qk = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+                qk = _rotate_pairs(pairs, *rotation.unbind(-1))
             q, k = qk.reshape(batch, 2, heads, dk).unbind(1)
         else:
             q, k = qk.view(batch, 2, heads, dk).unbind(1)
@@ -659,6 +647,13 @@ def _drop_padding(k: Tensor, v: Tensor, token_mask: Tensor | None) -> tuple[Tens
     zero_k = torch.zeros((), dtype=k.dtype, device=k.device)
     zero_v = torch.zeros((), dtype=v.dtype, device=v.device)
     return torch.where(keep, k, zero_k), torch.where(keep, v, zero_v)
+
+
+def _rotate_pairs(pairs: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``(a, b)`` pairs ``(..., 2)`` rotated by the angles of ``cos``/``sin`` (broadcasting against
+    ``(...)``): the complex product ``(a + ib) e^{i theta}`` in real arithmetic."""
+    a, b = pairs.unbind(-1)
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
 
 
 def _is_compiling() -> bool:

@@ -444,12 +444,13 @@ class RetNet(GenerationMixin, nn.Module):
         """Run the fast decoding step through ``torch.compile`` (``False`` goes back to eager).
 
         The whole step (embedding, every layer, final norm, LM head) becomes one graph: inductor
-        fuses the small element-wise ops and writes the matrix-vector products as vectorised
-        reductions over the weights (for bfloat16 weights about 1.5x faster than ATen's gemv on
-        this class of CPU). The first decoding step of each batch size and dtype compiles (tens of
-        seconds; inductor caches the code on disk for later processes); prefill and training are
-        unaffected. Numbers match the eager step to rounding (tested). Extra keyword arguments go
-        to ``torch.compile``; ``dynamic=False`` is the default. Returns ``self``.
+        fuses the ~25 small ops per layer into a few kernels and the matrix-vector products stay
+        calls of the gemv kernel (:mod:`yet_another_retnet.ops.gemv`). Measured at d 768, 2
+        threads: float32 14.3 -> 10.9 ms per token, bfloat16 11.1 -> 6.0-6.3 ms (docs/speed.md).
+        The first decoding step of each batch size and dtype compiles (~30 s; inductor caches the
+        code on disk for later processes); prefill and training are unaffected. Numbers match the
+        eager step to rounding (tested). Extra keyword arguments go to ``torch.compile``;
+        ``dynamic=False`` is the default. Returns ``self``.
         """
         if not enabled:
             self.__dict__.pop("_compiled_decode", None)
@@ -466,7 +467,8 @@ class RetNet(GenerationMixin, nn.Module):
         Training and prompt prefill in ``"chunkwise"`` mode (float32/float64, self-retention) then
         run projections, rotation, chunkwise retention, head norm and gate of a layer as one graph,
         forward and backward: inductor fuses the element-wise work between the matrix products
-        (measured at 16k tokens, d 256: one layer's forward + backward 303 -> 233 ms). Every layer
+        (measured at 16k tokens, d 256: one layer's forward + backward 310 -> 268 ms; a whole
+        training step 5-15% faster, docs/speed-training.md). Every layer
         shares the compiled code; the first call of each new length and chunk size compiles (seconds
         to a minute). Parallel and recurrent modes are unaffected. ``False`` goes back to eager.
         Extra keyword arguments go to ``torch.compile`` (``dynamic=False`` by default). Returns ``self``.
@@ -482,17 +484,16 @@ class RetNet(GenerationMixin, nn.Module):
 
     def _decode_step(self, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
         """One token per row ``(batch,)`` through the fast step, eager or compiled."""
+        compiled = self.__dict__.get("_compiled_decode")
+        if compiled is None:
+            hidden, new_state = self.decoder.step(self._embed(ids), state)
+            return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
         if state is None:
             state = self.empty_state(ids.shape[0])
         dtype = state.memories[0].dtype
         rotation = self.decoder._retention(0).step_rotation(state.position, dtype)
-        tables = self.decoder.decode_tables(dtype)
-        compiled = self.__dict__.get("_compiled_decode")
-        if compiled is None:
-            logits, memories = self._decode_logits(ids, list(state.memories), rotation, tables)
-        else:
-            real = None if rotation is None else torch.view_as_real(rotation)
-            logits, memories = compiled(ids, list(state.memories), real, tables)
+        real = None if rotation is None else torch.view_as_real(rotation)  # inductor: no complex ops
+        logits, memories = compiled(ids, list(state.memories), real, self.decoder.decode_tables(dtype))
         return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))
 
     def _decode_logits(self, ids: Tensor, memories: list[Tensor], rotation: Tensor | None,
