@@ -16,7 +16,13 @@ import torch
 from reference import reference_gammas, reference_retention
 
 from yet_another_retnet.layers.retention import MultiScaleRetention
-from yet_another_retnet.ops.decay import chunk_tables, decay_mask, decay_powers, scaled_decay_mask
+from yet_another_retnet.ops.decay import (
+    ChunkTables,
+    chunk_tables,
+    decay_mask,
+    decay_powers,
+    scaled_decay_mask,
+)
 from yet_another_retnet.ops.retention import (
     retention_chunkwise,
     retention_chunkwise_reference,
@@ -220,3 +226,24 @@ def test_training_bench_flop_count_and_table() -> None:
     assert "| x | chunkwise 128 | 1,234 | 50% |  |" in table
     with pytest.raises(ValueError, match="clock"):
         bench.run_training_section(clock="sundial")
+
+
+@pytest.mark.parametrize(("length", "chunk"), [(1, 1), (7, 3), (12, 4), (5, 8), (700, 2), (1030, 4), (515, 2)])
+def test_chunkwise_table_shapes_lists_what_the_fast_path_asks_for(length: int, chunk: int) -> None:
+    # A compiled caller hands in exactly these tables; the eager path must ask for no others.
+    from yet_another_retnet.ops.decay import resolve_log_decay
+    from yet_another_retnet.ops.retention import chunkwise_table_shapes, chunkwise_with_tables
+
+    q, k, v = (torch.randn(1, 2, length, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    log_gamma = resolve_log_decay(None, 2, q.device)
+    asked = []
+
+    def lookup(c: int, n: int) -> ChunkTables:
+        asked.append((c, n))
+        return chunk_tables(log_gamma, c, n, torch.float64, 4**-0.5)
+
+    out, state = chunkwise_with_tables(q, k, v, None, min(chunk, length), lookup)
+    assert list(dict.fromkeys(asked)) == chunkwise_table_shapes(length, min(chunk, length))
+    want, want_state = retention_chunkwise(q, k, v, chunk_size=chunk)
+    assert torch.allclose(out, want, atol=1e-12) and torch.allclose(state, want_state, atol=1e-12)

@@ -280,17 +280,30 @@ def _chunkwise(
 
         out, state = chunkwise_with_tables(qc, kc, vc, state, chunk, lookup)
         return out.to(q.dtype), state
+    out, state = _walk_chunks(qc, kc, vc, state, chunk,
+                              lambda q_, k_, v_, s_, c_: _chunks(q_, k_, v_, s_, c_, log_gamma))
+    return out.to(q.dtype), state
+
+
+#: One run of whole chunks: ``(q, k, v, state, chunk) -> (out, state)``.
+_Block = Callable[[Tensor, Tensor, Tensor, "Tensor | None", int], tuple[Tensor, Tensor]]
+
+
+def _walk_chunks(q: Tensor, k: Tensor, v: Tensor, state: Tensor | None, chunk: int,
+                 block: _Block) -> tuple[Tensor, Tensor]:
+    """The whole chunks through ``block``, then the shorter last chunk (its own length in place
+    of ``chunk``), the state handed on. ``q``, ``k``, ``v`` ``(b, h, L, d)``, ``L >= 1``."""
+    length = q.shape[2]
     full = (length // chunk) * chunk
     outs = []
     if full:
-        out, state = _chunks(qc[:, :, :full], kc[:, :, :full], vc[:, :, :full], state, chunk, log_gamma)
+        out, state = block(q[:, :, :full], k[:, :, :full], v[:, :, :full], state, chunk)
         outs.append(out)
-    if full < length:  # the last, shorter chunk uses its own length in place of chunk
-        out, state = _chunks(qc[:, :, full:], kc[:, :, full:], vc[:, :, full:], state, length - full, log_gamma)
+    if full < length:
+        out, state = block(q[:, :, full:], k[:, :, full:], v[:, :, full:], state, length - full)
         outs.append(out)
     assert state is not None
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-    return out.to(q.dtype), state
+    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), state
 
 
 #: ``(chunk, num_chunks) -> ChunkTables``: where the fast chunkwise path gets its decay tables.
@@ -307,18 +320,8 @@ def chunkwise_with_tables(
     A compiled caller (``torch.compile`` cannot trace the table cache) passes a dict's
     ``__getitem__`` holding the :func:`chunkwise_table_shapes` of its call.
     """
-    length = q.shape[2]
-    full = (length // chunk) * chunk
-    outs = []
-    if full:
-        out, state = _chunks_fast(q[:, :, :full], k[:, :, :full], v[:, :, :full], state, chunk, tables)
-        outs.append(out)
-    if full < length:  # the last, shorter chunk uses its own length in place of chunk
-        rest = length - full
-        out, state = _chunks_fast(q[:, :, full:], k[:, :, full:], v[:, :, full:], state, rest, tables)
-        outs.append(out)
-    assert state is not None
-    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)), state
+    return _walk_chunks(q, k, v, state, chunk,
+                        lambda q_, k_, v_, s_, c_: _chunks_fast(q_, k_, v_, s_, c_, tables))
 
 
 def chunkwise_table_shapes(length: int, chunk: int) -> list[tuple[int, int]]:
