@@ -81,6 +81,6 @@ def gemv(weight: Tensor, x: Tensor, add: Tensor | None = None) -> Tensor:
     """
     if (weight.device.type == "cpu" and weight.dtype in _DTYPES and weight.dim() == 2 and x.dim() == 1
             and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            and (_kernel if _kernel is not None else gemv_kernel_available())):
+            and gemv_kernel_available()):
         return torch.ops.yaretnet.gemv(weight, x, add)
     return torch.mv(weight, x) if add is None else torch.addmv(add, weight, x)
