@@ -245,6 +245,30 @@ def test_peer_report_ratios_and_targets() -> None:
     assert "| 1.2 | FAIL |" in text and "| 3 | PASS |" in text and "boom" in text
 
 
+def test_training_targets_take_our_best_row_against_the_best_peer() -> None:
+    from yet_another_retnet.bench import peers, peers_training
+
+    def row(impl: str, setting: str, speeds: list[float], mfus: list[float]) -> dict[str, object]:
+        shapes = ["2x1024", "1x4096", "1x16384"]
+        return {"impl": impl, "setting": setting, "tokens_per_s": dict(zip(shapes, speeds, strict=True)),
+                "mfu": dict(zip(shapes, mfus, strict=True)), "note": ""}
+
+    section = {"shapes": ["2x1024", "1x4096", "1x16384"], "matmul_gflops": 300.0, "rows": [
+        row("yet_another_retnet (ours)", "plain", [9_000.0, 9_000.0, 7_000.0], [0.5, 0.5, 0.4]),
+        row("yet_another_retnet (ours)", "fast", [10_000.0, 11_000.0, 12_000.0], [0.6, 0.66, 0.7]),
+        row("torchscale 0.3.0", "chunkwise", [8_000.0, 7_000.0, 6_000.0], [0.4, 0.4, 0.3]),
+        row("HF Llama (SDPA)", "attention", [9_000.0, 5_000.0, 1_000.0], [0.5, 0.6, 0.6]),
+    ]}
+    targets = peers_training.training_targets(section)
+    values = [(t["value"], t["pass"]) for t in targets]
+    assert values == [(pytest.approx(10 / 9), False), (0.6, False), (pytest.approx(11 / 7), True), (0.66, True),
+                      (pytest.approx(2.0), True), (0.7, True), (pytest.approx(10 / 12), False)]
+    assert "(fast)" in targets[0]["target"] and "HF Llama" in targets[0]["target"]
+    summary = peers.summarise({"decode": [], "prefill": [], "small": [], "training": section}, [512])
+    assert summary["targets"] == targets
+    assert "- FAIL training 2x1024" in peers_training.format_training_section(section)
+
+
 def test_a_model_built_under_inference_mode_decodes_fast() -> None:
     # Its weights are inference tensors, which keep no version counter: the caches must cope.
     with torch.inference_mode():

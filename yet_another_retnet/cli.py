@@ -90,6 +90,8 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--chunk-size", type=int, metavar="N", help="chunkwise retention with chunks of N tokens for sequences longer than N (default: the model's, 512)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in the backward pass")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no-buffer-cache", dest="buffer_cache", action="store_false",
+                   help="CPU: do not reuse large buffers between steps (the cache is faster at long sequences)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard) under torchrun")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, metavar="N", help=f"steps per progress line (default: {d.log_interval})")

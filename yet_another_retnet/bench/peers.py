@@ -571,6 +571,10 @@ def summarise(results: dict[str, Any], contexts: list[int]) -> dict[str, Any]:
             ms = small[impl]["ms_per_token"]
             summary["targets"].append({"target": f"small model (d 256, 4 layers), {LABELS[impl]}: decoding < "
                                        f"{TARGETS['small_ms']} ms/token", "value": ms, "pass": ms < TARGETS["small_ms"]})
+    training = results.get("training")
+    if isinstance(training, dict) and training.get("rows"):
+        peers_training = importlib.import_module("yet_another_retnet.bench.peers_training")
+        summary["targets"] += peers_training.training_targets(training)
     return summary
 
 

@@ -27,6 +27,7 @@ every number is wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -49,6 +50,7 @@ PEER_DIR = Path(os.environ.get("RETNET_PEER_051", REPO / ".peers" / "yaretnet051
 
 #: (impl, setting, worker kind, chunk or None)
 ROWS: tuple[tuple[str, str, str, int | None], ...] = (
+    ("yet_another_retnet (ours)", f"chunkwise {OUR_CHUNK}, no buffer cache", "ours-nocache", OUR_CHUNK),
     ("yet_another_retnet (ours)", f"chunkwise {OUR_CHUNK}", "ours", OUR_CHUNK),
     ("yet_another_retnet (ours)", f"chunkwise {OUR_CHUNK}, compile_chunkwise()", "ours-compiled", OUR_CHUNK),
     ("yet_another_retnet (ours)", "parallel", "ours", None),
@@ -88,6 +90,10 @@ def _matmul_params(model: Any) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
+#: Our rows. All but "ours-nocache" run inside ``cached_cpu_memory()``, as ``retnet train`` does.
+OURS = ("ours", "ours-compiled", "ours-nocache")
+
+
 def _build(kind: str, chunk: int | None) -> tuple[Any, Any]:
     """``(model, step(x))`` for one implementation; ``step`` runs forward + backward."""
     import torch
@@ -95,7 +101,7 @@ def _build(kind: str, chunk: int | None) -> tuple[Any, Any]:
 
     torch.manual_seed(0)
     model: Any
-    if kind in ("ours", "ours-compiled"):
+    if kind in OURS:
         from yet_another_retnet.models.config import RetNetConfig
         from yet_another_retnet.models.retnet import RetNet
 
@@ -187,6 +193,18 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     model, step = _build(spec["kind"], spec["chunk"])
     model.train()
     result: dict[str, Any] = {"matmul_params": _matmul_params(model)}
+    with contextlib.ExitStack() as stack:
+        if spec["kind"] in OURS and spec["kind"] != "ours-nocache":
+            from yet_another_retnet.ops.memory import cached_cpu_memory
+
+            result["buffer_cache"] = stack.enter_context(cached_cpu_memory())
+        _time_shapes(spec, model, step, clock, result)
+    return result
+
+
+def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result: dict[str, Any]) -> None:
+    import torch
+
     for batch, length in spec["shapes"]:
         x = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
         times = []
@@ -197,7 +215,6 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             if i:  # the first is the warm-up
                 times.append(clock() - start)
         result[f"{batch}x{length}"] = batch * length / statistics.median(times)
-    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +309,42 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
                        "clock": clock}}
 
 
+#: Issue 6's training targets: our best row over the best peer at each shape, and utilisation.
+RATIO_TARGETS = {"2x1024": 1.15, "1x4096": 1.5, "1x16384": 1.9}
+MFU_TARGET = 0.65
+
+
+def training_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """``[{"target", "value", "pass"}]``: per shape, the fastest of our rows against the fastest
+    peer and its utilisation; then how flat our fastest row is over the shapes (min / max)."""
+    targets: list[dict[str, Any]] = []
+    ours_rows = [r for r in section["rows"] if r["impl"].endswith("(ours)")]
+    peer_rows = [r for r in section["rows"] if not r["impl"].endswith("(ours)")]
+    best_speeds = []
+    for shape in section["shapes"]:
+        ours = [(r["tokens_per_s"].get(shape), r) for r in ours_rows if r["tokens_per_s"].get(shape)]
+        peers = [(r["tokens_per_s"].get(shape), r) for r in peer_rows if r["tokens_per_s"].get(shape)]
+        if not ours:
+            continue
+        speed, row = max(ours, key=lambda t: t[0])
+        best_speeds.append(speed)
+        if peers and shape in RATIO_TARGETS:
+            peer_speed, peer = max(peers, key=lambda t: t[0])
+            ratio = speed / peer_speed
+            targets.append({"target": f"training {shape}: ours ({row['setting']}) >= {RATIO_TARGETS[shape]}x "
+                                      f"the best peer ({peer['impl']})",
+                            "value": ratio, "pass": ratio >= RATIO_TARGETS[shape]})
+        mfu = row["mfu"].get(shape)
+        if mfu is not None:
+            targets.append({"target": f"training {shape}: ours ({row['setting']}) >= {MFU_TARGET:.0%} model "
+                                      "FLOPs utilisation", "value": mfu, "pass": mfu >= MFU_TARGET})
+    if len(best_speeds) > 1:
+        flat = min(best_speeds) / max(best_speeds)
+        targets.append({"target": "training: our fastest tokens/s the same at every length (min / max >= 0.9)",
+                        "value": flat, "pass": flat >= 0.9})
+    return targets
+
+
 def format_training_section(section: dict[str, Any]) -> str:
     """The section as a Markdown table."""
     shapes = section["shapes"]
@@ -314,6 +367,9 @@ def format_training_section(section: dict[str, Any]) -> str:
             + " | ".join("-" if v is None else f"{v:,.0f}" for v in speeds) + " | "
             + " | ".join("-" if v is None else f"{100 * v:.0f}%" for v in mfus) + f" | {row['note']} |"
         )
+    targets = training_targets(section)
+    if targets:
+        lines += [""] + [f"- {'PASS' if t['pass'] else 'FAIL'} {t['target']}: {t['value']:.2f}" for t in targets]
     return "\n".join(lines)
 
 

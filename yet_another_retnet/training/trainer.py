@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from ..models import PRESETS, RetNet, RetNetConfig, count_parameters
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from ..ops.memory import cached_cpu_memory
 from . import distributed as dist_utils
 from .checkpoint import (
     CHECKPOINT_NAME,
@@ -109,6 +110,7 @@ class TrainConfig:
     precision: str = "fp32"
     grad_checkpointing: bool = False
     compile: bool = False
+    buffer_cache: bool = True
     fsdp: bool = False
     seed: int = 0
     val_fraction: float = 0.05
@@ -129,7 +131,7 @@ class TrainConfig:
 
     #: Settings of one invocation, not inherited by --resume (a run started under torchrun
     #: with FSDP may continue in one process, on another device, ...).
-    PER_CALL = ("device", "fsdp", "compile", "stop_after")
+    PER_CALL = ("device", "fsdp", "compile", "buffer_cache", "stop_after")
 
     def validate(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
@@ -549,7 +551,10 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     interrupted = False
     forward_module.train()
 
-    with stopper.installed():
+    # On CPU, large buffers are reused from step to step instead of being page-faulted in afresh
+    # (+15-20% per step at 16k tokens, ops/memory.py); the cache is freed when the loop ends.
+    reuse = cached_cpu_memory() if device.type == "cpu" and config.buffer_cache else contextlib.nullcontext()
+    with stopper.installed(), reuse:
         while step < stop_at:
             t0 = time.perf_counter()
             batch = sampler.next_batch(config.batch_size)
