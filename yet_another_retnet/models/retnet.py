@@ -31,6 +31,7 @@ from ..layers.retention import (
     positions_for,
     stacked_weights,
 )
+from ..ops.chunk_scan import chunk_scan_kernel_available
 from ..ops.gemv import gemv_kernel_available
 from .config import RetNetConfig
 
@@ -474,6 +475,8 @@ class RetNet(GenerationMixin, nn.Module):
         Extra keyword arguments go to ``torch.compile`` (``dynamic=False`` by default). Returns ``self``.
         """
         options: dict[str, Any] = {"dynamic": False, **compile_options}
+        if enabled:
+            chunk_scan_kernel_available()  # decided (and built) now, not while tracing
         for module in self.modules():
             if isinstance(module, MultiScaleRetention):
                 if enabled:

@@ -1,7 +1,7 @@
 """Build and load the package's C++ extension (``csrc/*.cpp``) once per process.
 
-The extension holds the decoding gemv kernel (:mod:`.gemv`) and the CPU buffer cache
-(:mod:`.memory`). ``torch.utils.cpp_extension`` compiles it the first time one of them is needed
+The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
+chunkwise retention (:mod:`.chunk_scan`) and the CPU buffer cache (:mod:`.memory`). ``torch.utils.cpp_extension`` compiles it the first time one of them is needed
 (a C++ compiler and ninja are required; about 10 s, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
 returns ``False`` and the callers use their plain PyTorch paths.
@@ -13,12 +13,13 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 _log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "cpu_memory.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "chunk_scan.cpp", "cpu_memory.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
@@ -39,20 +40,53 @@ def _build() -> bool:
             name=name, sources=[str(s) for s in _SOURCES], is_python_module=False, verbose=False,
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
         )
-        _register_fake()
+        _register_python_parts()
         return True
     except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back
         _log.warning("CPU extension unavailable, using plain PyTorch (%s: %s)", type(exc).__name__, exc)
         return False
 
 
-def _register_fake() -> None:
-    """Shape-only implementations, so ``torch.compile`` can trace through the ops."""
+def _register_python_parts() -> None:
+    """Shape-only implementations (so ``torch.compile`` can trace through the ops) and the
+    chunk scan's backward."""
     register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
 
     @register("yaretnet::gemv")
     def _(weight: Tensor, x: Tensor, add: Tensor | None = None) -> Tensor:
         return weight.new_empty(weight.shape[0])
+
+    @register("yaretnet::chunk_scan")
+    def _(contributions: Tensor, decay: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
+        batch, heads, _, size = contributions.shape
+        return torch.empty_like(contributions, memory_format=torch.contiguous_format), \
+            contributions.new_empty(batch, heads, size)
+
+    @register("yaretnet::chunk_scan_backward")
+    def _(grad_befores: Tensor, grad_final: Tensor, decay: Tensor, has_prev: bool) -> tuple[Tensor, Tensor]:
+        batch, heads, _, size = grad_befores.shape
+        return (torch.empty_like(grad_befores, memory_format=torch.contiguous_format),
+                grad_befores.new_empty((batch, heads, size) if has_prev else (0,)))
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        contributions, decay, prev = inputs
+        ctx.save_for_backward(decay)
+        ctx.has_prev = prev is not None
+        ctx.shape = contributions.shape
+
+    def backward(ctx: Any, grad_befores: Tensor | None, grad_final: Tensor | None) -> tuple[Tensor | None, ...]:
+        (decay,) = ctx.saved_tensors
+        batch, heads, n, size = ctx.shape
+        if grad_befores is None:
+            grad_befores = decay.new_zeros(batch, heads, n, size)
+        if grad_final is None:
+            grad_final = decay.new_zeros(batch, heads, size)
+        grad_contributions, grad_prev = torch.ops.yaretnet.chunk_scan_backward(
+            grad_befores, grad_final, decay, ctx.has_prev)
+        return grad_contributions, None, (grad_prev if ctx.has_prev else None)  # decay: a constant table
+
+    if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain form
+        torch.library.register_autograd("yaretnet::chunk_scan", backward, setup_context=setup_context)
 
 
 def load() -> bool:

@@ -28,6 +28,7 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
+from .chunk_scan import chunk_scan, chunk_scan_applies
 from .decay import (
     ChunkTables,
     DecaySpec,
@@ -446,19 +447,21 @@ def _chunks_fast(
     out = ((qs @ ks.transpose(-1, -2)) * tables.inner) @ vs
     # What each chunk adds to the state: (batch, heads, n, dk, dv).
     contributions = (ks * tables.key_decay).transpose(-1, -2) @ vs
-    flat = contributions.view(batch, heads, n, dk * dv)
-    befores = None
-    if n > 1:
-        befores = tables.across @ flat  # (heads, n, n) @ (batch, heads, n, dk*dv)
-    if state is not None:
-        from_prev = tables.start * state.reshape(batch, heads, 1, dk * dv)
-        befores = from_prev if befores is None else befores + from_prev
-    if befores is None:  # one chunk, no earlier state: the state is this chunk's contribution
+    if n == 1 and state is None:  # one chunk, no earlier state: the state is this chunk's contribution
         return out.view(batch, heads, length, dv), contributions[:, :, 0]
-    befores_m = befores.view(batch, heads, n, dk, dv)
+    flat = contributions.view(batch, heads, n, dk * dv)
+    prev = None if state is None else state.reshape(batch, heads, dk * dv)
+    decay = tables.chunk_decay.view(heads)
+    if chunk_scan_applies(flat, decay):  # CPU: a scan over the chunks (n times less work)
+        befores, final_flat = chunk_scan(flat, decay, prev)
+        final = final_flat.view(batch, heads, dk, dv)
+    else:  # one decay-matrix product over the chunk index
+        befores = tables.across @ flat if n > 1 else torch.zeros_like(flat)  # (h, n, n) @ (b, h, n, dk*dv)
+        if prev is not None:
+            befores = befores + tables.start * prev.unsqueeze(2)
+        final = tables.chunk_decay * befores.view(batch, heads, n, dk, dv)[:, :, -1] + contributions[:, :, -1]
     # out += (gamma^(j+1) q) @ before, the add fused into the batched product.
     out = torch.baddbmm(
-        out.view(-1, chunk, dv), (qs * tables.query_decay).view(-1, chunk, dk), befores_m.view(-1, dk, dv)
+        out.view(-1, chunk, dv), (qs * tables.query_decay).view(-1, chunk, dk), befores.reshape(-1, dk, dv)
     )
-    final = tables.chunk_decay * befores_m[:, :, -1] + contributions[:, :, -1]
     return out.view(batch, heads, length, dv), final
