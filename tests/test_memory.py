@@ -100,3 +100,24 @@ def test_without_the_extension_the_cache_is_off_and_harmless() -> None:
     env = {**os.environ, "YARETNET_CPU_KERNELS": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_long_forward_inside_the_cache_equals_the_plain_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    from yet_another_retnet.models import retnet as retnet_module
+
+    # Big enough that the FFN's hidden activations (2 MiB) and the logits (1 MiB) go through the cache.
+    config = RetNetConfig(vocab_size=64, d_model=64, num_heads=2, num_layers=3, ffn_dim=256, dropout=0.0)
+    torch.manual_seed(5)
+    model = RetNet(config).eval()
+    tokens = torch.randint(0, 64, (2, 2048), generator=torch.Generator().manual_seed(6))
+    monkeypatch.setattr(retnet_module, "_CACHE_FROM_TOKENS", 10**9)
+    with torch.no_grad():
+        plain = model(tokens, mode="chunkwise", chunk_size=128)
+    monkeypatch.setattr(retnet_module, "_CACHE_FROM_TOKENS", 16)  # this input now runs in the cache
+    with torch.no_grad():
+        cached = model(tokens, mode="chunkwise", chunk_size=128)
+        again = model(tokens, mode="chunkwise", chunk_size=128)  # on recycled buffers
+    for out in (cached, again):
+        torch.testing.assert_close(out.logits, plain.logits, rtol=1e-6, atol=1e-6)
+        for a, b in zip(out.state.memories, plain.state.memories, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -49,5 +49,7 @@ def chunk_scan(contributions: Tensor, decay: Tensor, prev: Tensor | None) -> tup
         ``befores`` ``(batch, heads, n, size)`` (the state before each chunk) and ``final``
         ``(batch, heads, size)``. Only for inputs where :func:`chunk_scan_applies`.
     """
+    if not chunk_scan_kernel_available():
+        raise RuntimeError("chunk_scan: the C++ extension is unavailable here (see chunk_scan_applies)")
     befores, final = torch.ops.yaretnet.chunk_scan(contributions, decay, prev)
     return befores, final
