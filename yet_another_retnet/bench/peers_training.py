@@ -4,7 +4,9 @@ One training step is a forward and a backward pass (no optimiser step) of a smal
 fp32, d_model 256, 4 heads, 4 layers, FFN 512, value width 256, dropout 0, vocabulary 256, at
 2 x 1,024, 1 x 4,096 and 1 x 16,384 tokens. Every implementation runs in its own subprocess
 (yet-another-retnet 0.5.1 shares our package name, so it runs with its own directory first on
-``PYTHONPATH``), with a warm-up step and the median of repeats.
+``PYTHONPATH``), with a warm-up step and the median of repeats. Our rows run inside
+``cached_cpu_memory()`` as ``retnet train`` does on CPU (large buffers reused between steps),
+except the one marked "no buffer cache".
 
 Model FLOPs per token (the numerator of the utilisation column), counted as executed:
 
