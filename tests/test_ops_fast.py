@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 from reference import reference_gammas, reference_retention
@@ -226,6 +228,42 @@ def test_training_bench_flop_count_and_table() -> None:
     assert "| x | chunkwise 128 | 1,234 | 50% |  |" in table
     with pytest.raises(ValueError, match="clock"):
         bench.run_training_section(clock="sundial")
+    with pytest.raises(ValueError, match="rounds"):
+        bench.run_training_section(rounds=0)
+
+
+def test_training_bench_interleaves_rounds_and_takes_medians(monkeypatch: pytest.MonkeyPatch) -> None:
+    from yet_another_retnet.bench import peers_training as bench
+
+    calls: list[str] = []
+    round_of = {"n": -1}
+
+    def fake_worker(spec: dict[str, object], timeout: float) -> dict[str, object]:
+        kind = str(spec["kind"])
+        calls.append(kind)
+        if kind == "matmul":
+            round_of["n"] += 1
+            return {"gflops": [100.0, 200.0, 400.0][round_of["n"]]}
+        # every row gets faster by the round (the host speeding up), ours twice as fast as the peers
+        speed = (1 + round_of["n"]) * (2000.0 if kind.startswith("ours") else 1000.0)
+        return {"matmul_params": 1000, **{f"{b}x{L}": speed for b, L in spec["shapes"]}}  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(bench, "_run_worker", fake_worker)
+    monkeypatch.setattr(bench, "_available", lambda kind: None)
+    section = bench.run_training_section(quick=True, rounds=3)
+    kinds = [kind for _, _, kind, _ in bench.ROWS]
+    rows_per_round = len(kinds) + 1
+    assert len(calls) == 3 * rows_per_round
+    for r in range(3):  # each round: the matmul, then every row once, starting one row later
+        assert calls[r * rows_per_round] == "matmul"
+        assert calls[r * rows_per_round + 1] == kinds[r % len(kinds)]
+    assert section["matmul_gflops"] == 200.0 and section["matmul_gflops_per_round"] == [100.0, 200.0, 400.0]
+    ours = section["rows"][0]
+    assert ours["per_round"]["2x1024"] == [2000.0, 4000.0, 6000.0] and ours["tokens_per_s"]["2x1024"] == 4000.0
+    flops = ours["flops_per_token"]["2x1024"]
+    # utilisation pairs each round's speed with that round's matmul: median of 2000/100, 4000/200, 6000/400
+    assert ours["mfu"]["2x1024"] == pytest.approx(statistics.median([20.0, 20.0, 15.0]) * flops / 1e9)
+    assert "median of 3 interleaved rounds" in bench.format_training_section(section)
 
 
 @pytest.mark.parametrize(("length", "chunk"), [(1, 1), (7, 3), (12, 4), (5, 8), (700, 2), (1030, 4), (515, 2)])

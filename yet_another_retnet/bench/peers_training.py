@@ -4,7 +4,9 @@ One training step is a forward and a backward pass (no optimiser step) of a smal
 fp32, d_model 256, 4 heads, 4 layers, FFN 512, value width 256, dropout 0, vocabulary 256, at
 2 x 1,024, 1 x 4,096 and 1 x 16,384 tokens. Every implementation runs in its own subprocess
 (yet-another-retnet 0.5.1 shares our package name, so it runs with its own directory first on
-``PYTHONPATH``), with a warm-up step and the median of repeats. Our rows run inside
+``PYTHONPATH``). The host's speed drifts, so the rows are measured in interleaved rounds (default
+3: the matmul, then every row once, the order rotating), and each figure is a median over the
+rounds (:func:`run_training_section`). Our rows run inside
 ``cached_cpu_memory()`` as ``retnet train`` does on CPU (large buffers reused between steps),
 except the one marked "no buffer cache".
 
@@ -257,57 +259,76 @@ def _available(kind: str) -> str | None:
 
 
 def run_training_section(quick: bool = False, threads: int | None = None, clock: str = "wall",
-                         our_chunk: int = OUR_CHUNK) -> dict[str, Any]:
-    """Measure every row; returns ``{"matmul_gflops", "shapes", "rows": [...]}``.
+                         our_chunk: int = OUR_CHUNK, rounds: int | None = None) -> dict[str, Any]:
+    """Measure every row; returns ``{"matmul_gflops", "shapes", "rows": [...], "rounds": [...]}``.
 
     Each row: ``impl``, ``setting``, ``tokens_per_s`` ``{"2x1024": ..., ...}`` (None where skipped),
     ``mfu`` (model FLOPs utilisation per shape, a fraction), ``flops_per_token``, ``note``.
-    ``quick`` takes 1 repeat instead of 3 and skips 16k tokens (a smoke run). ``threads`` sets
-    torch's thread count in every worker (default: torch's own); ``clock="cpu"`` times CPU
-    seconds of the worker process instead of wall seconds. ``our_chunk`` is our chunk size (the
-    peers keep theirs, 128).
+
+    The machine's speed drifts (other guests on a shared host), so the rows are measured in
+    ``rounds`` (default 3; ``quick``: 1) that interleave them: each round measures the fp32 matmul
+    and then every row once (a warm-up step and two timed steps per shape, in a fresh process), the
+    order of the rows rotating from round to round. A row's tokens/s is its median over the rounds,
+    its utilisation the median over the rounds of tokens/s x FLOPs over that round's matmul FLOP/s.
+    ``quick`` also skips 16k tokens (a smoke run). ``threads`` sets torch's thread count in every
+    worker (default: torch's own); ``clock="cpu"`` times CPU seconds of the worker process instead
+    of wall seconds. ``our_chunk`` is our chunk size (the peers keep theirs, 128).
     """
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    rounds = rounds if rounds is not None else (1 if quick else 3)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int >= 1, got {rounds!r}")
     extra = {"threads": threads, "clock": clock}
-    repeats = 1 if quick else 3
     shapes = [s for s in SHAPES if not (quick and s[1] > 4096)]
-    matmul = _run_worker({"kind": "matmul", "repeats": 3 if quick else 7, **extra}, timeout=600)
-    gflops = matmul.get("gflops")
-    rows = []
+    keys = [f"{b}x{L}" for b, L in shapes]
     rows_spec = [
         (impl, setting.replace(f"chunkwise {OUR_CHUNK}", f"chunkwise {our_chunk}"), kind, our_chunk)
         if kind.startswith("ours") and c is not None else (impl, setting, kind, c)
         for impl, setting, kind, c in ROWS
     ]
-    for impl, setting, kind, chunk in rows_spec:
+    # Parallel retention keeps (heads x L x L) scores per layer for the backward: 17 GB at 16k.
+    run_shapes = [[s for s in shapes if not (kind == "ours" and chunk is None and s[1] > 4096)]
+                  for _, _, kind, chunk in rows_spec]
+    results: list[list[dict[str, Any]]] = [[] for _ in rows_spec]
+    round_gflops: list[float | None] = []
+    for r in range(rounds):
+        round_gflops.append(_run_worker({"kind": "matmul", "repeats": 5, **extra}, timeout=600).get("gflops"))
+        for i in [(r + j) % len(rows_spec) for j in range(len(rows_spec))]:
+            _, _, kind, chunk = rows_spec[i]
+            why = _available(kind)
+            results[i].append({"error": why} if why else _run_worker(
+                {"kind": kind, "chunk": chunk, "shapes": run_shapes[i], "repeats": 2, **extra}, timeout=3000))
+    rows = []
+    for (impl, setting, _, chunk), runs, measured in zip(rows_spec, results, run_shapes, strict=True):
         row: dict[str, Any] = {"impl": impl, "setting": setting, "tokens_per_s": {}, "mfu": {},
-                               "flops_per_token": {}, "note": ""}
-        why = _available(kind)
-        # Parallel retention keeps (heads x L x L) scores per layer for the backward: 17 GB at 16k.
-        run_shapes = [s for s in shapes if not (kind == "ours" and chunk is None and s[1] > 4096)]
-        result = {"error": why} if why else _run_worker(
-            {"kind": kind, "chunk": chunk, "shapes": run_shapes, "repeats": repeats, **extra}, timeout=3000
-        )
-        if result.get("error"):
-            row["note"] = str(result["error"])
-        elif len(run_shapes) < len(shapes):
+                               "flops_per_token": {}, "per_round": {}, "note": ""}
+        errors = [str(res["error"]) for res in runs if res.get("error")]
+        if errors:
+            row["note"] = errors[0]
+        elif len(measured) < len(shapes):
             row["note"] = "16k skipped: the parallel form's L x L scores do not fit in memory"
-        for batch, length in shapes:
-            key = f"{batch}x{length}"
-            speed = result.get(key)
-            row["tokens_per_s"][key] = speed
-            if speed is None or "matmul_params" not in result:
+        for key, (_, length) in zip(keys, shapes, strict=True):
+            # (tokens/s, that round's matmul GFLOP/s) for every round that measured this shape
+            speeds = [(float(res[key]), g) for res, g in zip(runs, round_gflops, strict=True)
+                      if res.get(key) is not None]
+            params = next((res["matmul_params"] for res in runs if "matmul_params" in res), None)
+            row["per_round"][key] = [speed for speed, _ in speeds]
+            row["tokens_per_s"][key] = statistics.median(speed for speed, _ in speeds) if speeds else None
+            if not speeds or params is None:
                 row["mfu"][key] = None
                 continue
             span = chunk if chunk is not None else length
-            flops = model_flops_per_token(int(result["matmul_params"]), span, chunkwise=chunk is not None)
+            flops = model_flops_per_token(int(params), span, chunkwise=chunk is not None)
             row["flops_per_token"][key] = flops
-            row["mfu"][key] = speed * flops / (gflops * 1e9) if gflops else None
+            mfus = [speed * flops / (g * 1e9) for speed, g in speeds if g]
+            row["mfu"][key] = statistics.median(mfus) if mfus else None
         rows.append(row)
-    return {"matmul_gflops": gflops, "shapes": [f"{b}x{L}" for b, L in shapes], "rows": rows,
+    measured_gflops = [g for g in round_gflops if g]
+    return {"matmul_gflops": statistics.median(measured_gflops) if measured_gflops else None,
+            "matmul_gflops_per_round": round_gflops, "shapes": keys, "rows": rows,
             "config": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN, "vocab": VOCAB,
-                       "value_dim": D_MODEL, "dtype": "float32", "repeats": repeats, "threads": threads,
+                       "value_dim": D_MODEL, "dtype": "float32", "rounds": rounds, "threads": threads,
                        "clock": clock}}
 
 
@@ -352,9 +373,12 @@ def format_training_section(section: dict[str, Any]) -> str:
     shapes = section["shapes"]
     gflops = section["matmul_gflops"]
     config = section.get("config", {})
-    how = f"{config.get('threads') or 'default'} threads, {config.get('clock', 'wall')} clock"
+    how = (f"{config.get('threads') or 'default'} threads, {config.get('clock', 'wall')} clock, "
+           f"median of {config.get('rounds', 1)} interleaved rounds")
+    per_round = ", ".join("-" if g is None else f"{g:.0f}" for g in section.get("matmul_gflops_per_round", []))
     lines = [
-        f"Training step (forward + backward, fp32, {how}; machine fp32 matmul: {gflops:.0f} GFLOP/s)"
+        f"Training step (forward + backward, fp32, {how}; machine fp32 matmul: {gflops:.0f} GFLOP/s, "
+        f"per round {per_round})"
         if gflops else f"Training step (forward + backward, fp32, {how})",
         "",
         "| impl | setting | " + " | ".join(f"tokens/s {s}" for s in shapes) + " | "
@@ -378,7 +402,9 @@ def format_training_section(section: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Print the training section (and write JSON with ``--json``)."""
     parser = argparse.ArgumentParser(prog="retnet bench peers_training", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 repeat, no 16k run (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="1 round, no 16k run (smoke test)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds over all rows; medians are reported (default 3)")
     parser.add_argument("--chunk", type=int, default=OUR_CHUNK, help="our chunk size (peers: 128)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -389,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         print("RESULT " + json.dumps(_worker(json.loads(args.worker))), flush=True)
         return 0
-    section = run_training_section(quick=args.quick, threads=args.threads, clock=args.clock, our_chunk=args.chunk)
+    section = run_training_section(quick=args.quick, threads=args.threads, clock=args.clock, our_chunk=args.chunk,
+                                   rounds=args.rounds)
     print(format_training_section(section))
     if args.json is not None:
         args.json.write_text(json.dumps(section, indent=2) + "\n")
