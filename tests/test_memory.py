@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -121,3 +123,25 @@ def test_long_forward_inside_the_cache_equals_the_plain_forward(monkeypatch: pyt
         torch.testing.assert_close(out.logits, plain.logits, rtol=1e-6, atol=1e-6)
         for a, b in zip(out.state.memories, plain.state.memories, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_a_forked_child_can_allocate_inside_the_cache() -> None:
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    with cached_cpu_memory() as on:
+        if not on:
+            pytest.skip("extension unavailable")
+        big = torch.ones(1 << 20)
+        pid = os.fork()
+        if pid == 0:  # the child: allocate through the inherited cache, then leave at once
+            torch.set_num_threads(1)  # OpenMP's pool does not survive fork (as in DataLoader workers)
+            ok = float((big + torch.ones(1 << 20)).sum()) == 2.0 * (1 << 20)
+            os._exit(0 if ok else 1)
+        deadline = time.monotonic() + 60
+        while (waited := os.waitpid(pid, os.WNOHANG))[0] == 0:  # a deadlocked child must not hang CI
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(waited[1]) == 0

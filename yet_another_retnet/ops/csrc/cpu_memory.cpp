@@ -24,6 +24,8 @@
 #include <c10/mobile/CPUCachingAllocator.h>
 #include <torch/library.h>
 
+#include <pthread.h>
+
 #include <atomic>
 #include <cstdint>
 #include <mutex>
@@ -77,6 +79,11 @@ class CachingFront final : public c10::Allocator {
     min_bytes_.store(static_cast<size_t>(min_bytes), std::memory_order_relaxed);
   }
 
+  // fork() while another thread holds the lock would hand the child a lock nobody releases: take
+  // it around the fork (the cache's own lock is only ever taken under this one).
+  static void lock_for_fork() { mutex_.lock(); }
+  static void unlock_after_fork() { mutex_.unlock(); }
+
   // Switch it off: the blocks waiting in the cache go back to the OS now.
   void disable() {
     std::lock_guard<std::mutex> guard(mutex_);
@@ -100,6 +107,8 @@ c10::CPUCachingAllocator* CachingFront::cache_ = nullptr;
 CachingFront* front() {
   static CachingFront* instance = [] {
     auto* made = new CachingFront(c10::GetCPUAllocator());
+    pthread_atfork(&CachingFront::lock_for_fork, &CachingFront::unlock_after_fork,
+                   &CachingFront::unlock_after_fork);
     c10::SetCPUAllocator(made, /*priority=*/1);
     return made;
   }();
