@@ -260,10 +260,12 @@ def _available(kind: str) -> str | None:
 
 def run_training_section(quick: bool = False, threads: int | None = None, clock: str = "wall",
                          our_chunk: int = OUR_CHUNK, rounds: int | None = None) -> dict[str, Any]:
-    """Measure every row; returns ``{"matmul_gflops", "shapes", "rows": [...], "rounds": [...]}``.
+    """Measure every row; returns ``{"matmul_gflops", "matmul_gflops_per_round", "shapes", "rows",
+    "config"}``.
 
     Each row: ``impl``, ``setting``, ``tokens_per_s`` ``{"2x1024": ..., ...}`` (None where skipped),
-    ``mfu`` (model FLOPs utilisation per shape, a fraction), ``flops_per_token``, ``note``.
+    ``mfu`` (model FLOPs utilisation per shape, a fraction), ``flops_per_token``, ``per_round``
+    (each round's tokens/s per shape), ``note``.
 
     The machine's speed drifts (other guests on a shared host), so the rows are measured in
     ``rounds`` (default 3; ``quick``: 1) that interleave them: each round measures the fp32 matmul

@@ -1,8 +1,9 @@
 """Build and load the package's C++ extension (``csrc/*.cpp``) once per process.
 
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
-chunkwise retention (:mod:`.chunk_scan`) and the CPU buffer cache (:mod:`.memory`). ``torch.utils.cpp_extension`` compiles it the first time one of them is needed
-(a C++ compiler and ninja are required; about 10 s, cached under ``~/.cache/torch_extensions``).
+chunkwise retention (:mod:`.chunk_scan`) and the CPU buffer cache (:mod:`.memory`).
+``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
+ninja are required; about 15 s, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
 returns ``False`` and the callers use their plain PyTorch paths.
 """
