@@ -20,15 +20,10 @@ from . import _extension
 
 __all__ = ["chunk_scan", "chunk_scan_applies", "chunk_scan_kernel_available"]
 
-_available: bool | None = None
-
-
 def chunk_scan_kernel_available() -> bool:
-    """Whether the scan kernel is loaded (building the extension on the first call)."""
-    global _available
-    if _available is None:
-        _available = _extension.load() and hasattr(torch.library, "register_autograd")
-    return _available
+    """Whether the scan kernel is loaded (building the extension on the first call; its backward
+    needs ``torch.library.register_autograd``, torch >= 2.4)."""
+    return _extension.load() and hasattr(torch.library, "register_autograd")
 
 
 def chunk_scan_applies(contributions: Tensor, decay: Tensor) -> bool:

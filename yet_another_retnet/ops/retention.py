@@ -456,9 +456,14 @@ def _chunks_fast(
         befores, final_flat = chunk_scan(flat, decay, prev)
         final = final_flat.view(batch, heads, dk, dv)
     else:  # one decay-matrix product over the chunk index
-        befores = tables.across @ flat if n > 1 else torch.zeros_like(flat)  # (h, n, n) @ (b, h, n, dk*dv)
-        if prev is not None:
-            befores = befores + tables.start * prev.unsqueeze(2)
+        from_prev = None if prev is None else tables.start * prev.unsqueeze(2)
+        if n == 1:  # then there is a previous state (the other case returned above)
+            assert from_prev is not None
+            befores = from_prev
+        else:
+            befores = tables.across @ flat  # (h, n, n) @ (b, h, n, dk*dv)
+            if from_prev is not None:
+                befores = befores + from_prev
         final = tables.chunk_decay * befores.view(batch, heads, n, dk, dv)[:, :, -1] + contributions[:, :, -1]
     # out += (gamma^(j+1) q) @ before, the add fused into the batched product.
     out = torch.baddbmm(

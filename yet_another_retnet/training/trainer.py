@@ -552,7 +552,7 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     forward_module.train()
 
     # On CPU, large buffers are reused from step to step instead of being page-faulted in afresh
-    # (+15-20% per step at 16k tokens, ops/memory.py); the cache is freed when the loop ends.
+    # (+10-25% per step at 16k tokens, ops/memory.py); the cache is freed when the loop ends.
     reuse = cached_cpu_memory() if device.type == "cpu" and config.buffer_cache else contextlib.nullcontext()
     with stopper.installed(), reuse:
         while step < stop_at:
