@@ -280,7 +280,8 @@ class MultiScaleRetention(nn.Module):
         return F.dropout(out, p=self.dropout, training=self.training)
 
     def _project_fused(
-        self, x: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None
+        self, x: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
+        halves: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`project` for self-retention, plus the gate's pre-activation, in one matmul.
 
@@ -288,12 +289,24 @@ class MultiScaleRetention(nn.Module):
         ``(b, h, L, dv)`` and gate ``(b, L, value_dim)``. The four weights are concatenated on each
         call (a 4 d x d copy, cheap next to the matmul) so autograd and the state dict keep seeing
         the four separate parameters.
+
+        ``halves`` (with a rotation): q and k come out with each head's key dimensions reordered,
+        the even ones then the odd ones (see :func:`_to_halves`). Retention only ever sums over the
+        key dimension, so its output is unchanged; a state it builds has its key axis in the same
+        order. The rotation's pairs are then two contiguous halves, which a compiler vectorizes
+        (interleaved pairs compile to scalar code on CPU); ``rotation`` is then
+        :func:`_half_tables`' ``(cos, sin)``.
         """
         batch, length, _ = x.shape
         heads, dk, dv, d = self.num_heads, self.key_dim, self.head_dim, self.embed_dim
         projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
-        weight = torch.cat([p.weight for p in projs])
-        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        halves = halves and rotation is not None
+        # Reordering the (small) weight rows reorders the projection's output features for free.
+        def rows(t: Tensor, i: int) -> Tensor:  # q's and k's rows in the halves order
+            return _to_halves(t, heads, dim=0) if halves and i < 2 else t
+
+        weight = torch.cat([rows(p.weight, i) for i, p in enumerate(projs)])
+        bias = torch.cat([rows(p.bias, i) for i, p in enumerate(projs)]) if self.q_proj.bias is not None else None
         proj = F.linear(x, weight, bias)  # (b, L, 2 d + 2 value_dim)
         # split, not slicing: its backward is one cat, where each slice's backward would fill a
         # zero tensor of the whole projection's size.
@@ -302,7 +315,12 @@ class MultiScaleRetention(nn.Module):
             # Rotating each (even, odd) pair by its angle is a complex product: one elementwise op
             # for q and k together, forward and backward (instead of the stack/neg/mul/add chain).
             cos, sin = rotation  # (b or 1, 1, L, dk), each angle repeated for its pair
-            if _is_compiling():  # the same product in reals: inductor fuses these, not complex ops
+            if halves:  # (a, b) = (even, odd) halves of each head: (a, b) c + (-b, a) s
+                # One pointwise expression over the whole tensor (the halves swapped by a flip, a
+                # load index to the compiler), so it fuses with what follows; a cat would not.
+                pairs = qk.unflatten(-1, (2, heads, 2, dk // 2))
+                qk = (pairs * cos[:, :, None, None] + pairs.flip(-2) * sin[:, :, None, None]).flatten(-2)
+            elif _is_compiling():  # the same product in reals: inductor fuses these, not complex ops
                 c, s = (t[:, 0, :, None, None, 0::2] for t in (cos, sin))
                 qk = _rotate_pairs(qk.unflatten(-1, (2, heads, dk // 2, 2)), c, s).flatten(-2)
             else:
@@ -358,7 +376,7 @@ class MultiScaleRetention(nn.Module):
             log_gamma = resolve_log_decay(self.gammas, self.num_heads, query.device)
             tables = {shape: chunk_tables(log_gamma, *shape, query.dtype, self.key_dim**-0.5)
                       for shape in chunkwise_table_shapes(length, chunk)}
-            y, new_memory = compiled(query, memory, chunk, rotation, token_mask, tables)
+            y, new_memory = compiled(query, memory, chunk, _half_tables(rotation), token_mask, tables)
             return y, RetentionState(new_memory, next_position), None
         if fused:
             # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
@@ -395,9 +413,15 @@ class MultiScaleRetention(nn.Module):
         token_mask: Tensor | None, tables: dict[tuple[int, int], ChunkTables],
     ) -> tuple[Tensor, Tensor]:
         """Chunkwise self-retention of ``x`` ``(b, L, d)`` through the fused projection, decay tables
-        given: what :meth:`RetNet.compile_chunkwise` compiles. Returns ``(y (b, L, d), new memory)``."""
-        q, k, v, gate = self._project_fused(x, rotation, token_mask)
+        given: what :meth:`RetNet.compile_chunkwise` compiles. ``rotation`` as from
+        :func:`_half_tables`. Returns ``(y (b, L, d), new memory)``."""
+        halves = rotation is not None
+        q, k, v, gate = self._project_fused(x, rotation, token_mask, halves=halves)
+        if halves and memory is not None:  # the state's key axis in q's and k's order
+            memory = _to_halves(memory, 1, dim=-2)
         retained, new_memory = chunkwise_with_tables(q, k, v, memory, chunk, lambda c, n: tables[(c, n)])
+        if halves:
+            new_memory = _from_halves(new_memory, 1, dim=-2)
         return self.output(retained, x, gate), new_memory
 
     # ----------------------------------------------------------------------------------------
@@ -647,6 +671,28 @@ def _drop_padding(k: Tensor, v: Tensor, token_mask: Tensor | None) -> tuple[Tens
     zero_k = torch.zeros((), dtype=k.dtype, device=k.device)
     zero_v = torch.zeros((), dtype=v.dtype, device=v.device)
     return torch.where(keep, k, zero_k), torch.where(keep, v, zero_v)
+
+
+def _half_tables(rotation: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+    """``(cos, sin)`` ``(b, 1, L, dk)`` (each angle twice, for its pair) -> the tables of
+    :meth:`MultiScaleRetention._project_fused`'s ``halves`` layout, ``(b, L, 2, dk / 2)``
+    contiguous: ``(cos, cos)`` and ``(-sin, sin)``. (Strided tables would keep a compiled rotation
+    from vectorizing.)"""
+    if rotation is None:
+        return None
+    cos, sin = (t[:, 0, :, 0::2] for t in rotation)
+    return torch.stack((cos, cos), dim=-2), torch.stack((-sin, sin), dim=-2)
+
+
+def _to_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
+    """Reorder axis ``dim`` of ``t`` (``heads * dk`` long) within each head: the even key
+    dimensions, then the odd ones (``[0, 2, ..., dk-2, 1, 3, ..., dk-1]``)."""
+    return t.movedim(dim, -1).unflatten(-1, (heads, -1, 2)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
+
+
+def _from_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
+    """The inverse of :func:`_to_halves`."""
+    return t.movedim(dim, -1).unflatten(-1, (heads, 2, -1)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
 
 
 def _rotate_pairs(pairs: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
