@@ -1,7 +1,8 @@
 """Build and load the package's C++ extension (``csrc/*.cpp``) once per process.
 
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
-chunkwise retention (:mod:`.chunk_scan`) and the CPU buffer cache (:mod:`.memory`).
+chunkwise retention (:mod:`.chunk_scan`), the inside of its chunks (:mod:`.intra_chunk`) and the
+CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 15 s, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
@@ -20,7 +21,8 @@ import torch
 from torch import Tensor
 
 _log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("gemv.cpp", "chunk_scan.cpp", "cpu_memory.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("gemv.cpp", "chunk_scan.cpp", "intra_chunk.cpp", "cpu_memory.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
@@ -50,7 +52,7 @@ def _build() -> bool:
 
 def _register_python_parts() -> None:
     """Shape-only implementations (so ``torch.compile`` can trace through the ops) and the
-    chunk scan's backward."""
+    backwards of the chunk scan and the intra-chunk product."""
     register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
 
     @register("yaretnet::gemv")
@@ -86,8 +88,25 @@ def _register_python_parts() -> None:
             grad_befores, grad_final, decay, ctx.has_prev)
         return grad_contributions, None, (grad_prev if ctx.has_prev else None)  # decay: a constant table
 
-    if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain form
+    @register("yaretnet::intra_chunk")
+    def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+    @register("yaretnet::intra_chunk_backward")
+    def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))  # type: ignore[return-value]
+
+    def intra_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)  # q, k, v, mask: the scores are recomputed, not kept
+
+    def intra_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.yaretnet.intra_chunk_backward(grad, q, k, v, mask)
+        return dq, dk, dv, None  # mask: a constant table
+
+    if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain forms
         torch.library.register_autograd("yaretnet::chunk_scan", backward, setup_context=setup_context)
+        torch.library.register_autograd("yaretnet::intra_chunk", intra_backward, setup_context=intra_setup_context)
 
 
 def load() -> bool:

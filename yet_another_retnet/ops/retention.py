@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .chunk_scan import chunk_scan, chunk_scan_applies
+from .intra_chunk import intra_chunk
 from .decay import (
     ChunkTables,
     DecaySpec,
@@ -443,8 +444,8 @@ def _chunks_fast(
     qs = q.view(batch, heads, n, chunk, dk)
     ks = k.view(batch, heads, n, chunk, dk)
     vs = v.view(batch, heads, n, chunk, dv)
-    # Inside each chunk: the parallel form, scale and decay in one mask.
-    out = ((qs @ ks.transpose(-1, -2)) * tables.inner) @ vs
+    # Inside each chunk: the parallel form, scale and decay in one mask (a causal kernel on CPU).
+    out = intra_chunk(qs, ks, vs, tables.inner)
     # What each chunk adds to the state: (batch, heads, n, dk, dv).
     contributions = (ks * tables.key_decay).transpose(-1, -2) @ vs
     if n == 1 and state is None:  # one chunk, no earlier state: the state is this chunk's contribution
