@@ -29,7 +29,6 @@ import torch
 from torch import Tensor
 
 from .chunk_scan import chunk_scan, chunk_scan_applies
-from .intra_chunk import intra_chunk
 from .decay import (
     ChunkTables,
     DecaySpec,
@@ -39,6 +38,7 @@ from .decay import (
     resolve_log_decay,
     scaled_decay_mask,
 )
+from .intra_chunk import intra_chunk
 
 __all__ = ["retention_chunkwise", "retention_parallel", "retention_recurrent"]
 
