@@ -1,7 +1,7 @@
 """Build and load the package's C++ extension (``csrc/*.cpp``) once per process.
 
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
-chunkwise retention (:mod:`.chunk_scan`), the inside of its chunks (:mod:`.intra_chunk`) and the
+chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`) and the
 CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 15 s, cached under ``~/.cache/torch_extensions``).
@@ -22,7 +22,7 @@ from torch import Tensor
 
 _log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("gemv.cpp", "chunk_scan.cpp", "intra_chunk.cpp", "cpu_memory.cpp")]
+            for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "cpu_memory.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
@@ -52,7 +52,7 @@ def _build() -> bool:
 
 def _register_python_parts() -> None:
     """Shape-only implementations (so ``torch.compile`` can trace through the ops) and the
-    backwards of the chunk scan and the intra-chunk product."""
+    backwards of the chunk scan and the per-chunk products."""
     register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
 
     @register("yaretnet::gemv")
@@ -88,25 +88,52 @@ def _register_python_parts() -> None:
             grad_befores, grad_final, decay, ctx.has_prev)
         return grad_contributions, None, (grad_prev if ctx.has_prev else None)  # decay: a constant table
 
-    @register("yaretnet::intra_chunk")
-    def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        return torch.empty_like(v, memory_format=torch.contiguous_format)
+    def like(t: Tensor) -> Tensor:  # the kernels' outputs and gradients are contiguous
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
 
-    @register("yaretnet::intra_chunk_backward")
-    def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))  # type: ignore[return-value]
+    @register("yaretnet::chunk_contributions")
+    def _(k: Tensor, v: Tensor, key_decay: Tensor) -> Tensor:
+        return k.new_empty(*k.shape[:3], k.shape[-1], v.shape[-1])
 
-    def intra_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        ctx.save_for_backward(*inputs)  # q, k, v, mask: the scores are recomputed, not kept
+    @register("yaretnet::chunk_contributions_backward")
+    def _(grad: Tensor, k: Tensor, v: Tensor, key_decay: Tensor) -> tuple[Tensor, Tensor]:
+        return like(k), like(v)
 
-    def intra_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        q, k, v, mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.yaretnet.intra_chunk_backward(grad, q, k, v, mask)
-        return dq, dk, dv, None  # mask: a constant table
+    @register("yaretnet::chunk_output")
+    def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor, befores: Tensor | None) -> Tensor:
+        return v.new_empty(v.shape)
+
+    @register("yaretnet::chunk_output_backward")
+    def _(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor,
+          befores: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dbefores = q.new_empty(0) if befores is None else befores.new_empty(befores.shape)
+        return like(q), like(k), like(v), dbefores
+
+    # The backwards keep the inputs and recompute each chunk's scores (no c x c tensor is saved).
+    def contributions_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        ctx.save_for_backward(*inputs)
+
+    def contributions_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        k, v, key_decay = ctx.saved_tensors
+        dk, dv = torch.ops.yaretnet.chunk_contributions_backward(grad, k, v, key_decay)
+        return dk, dv, None  # the decay table: a constant
+
+    def output_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        q, k, v, mask, query_decay, befores = inputs
+        ctx.has_befores = befores is not None
+        ctx.save_for_backward(q, k, v, mask, query_decay, *([befores] if befores is not None else []))
+
+    def output_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, mask, query_decay, *befores = ctx.saved_tensors
+        dq, dk, dv, dbefores = torch.ops.yaretnet.chunk_output_backward(
+            grad, q, k, v, mask, query_decay, befores[0] if befores else None)
+        return dq, dk, dv, None, None, (dbefores if ctx.has_befores else None)
 
     if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain forms
         torch.library.register_autograd("yaretnet::chunk_scan", backward, setup_context=setup_context)
-        torch.library.register_autograd("yaretnet::intra_chunk", intra_backward, setup_context=intra_setup_context)
+        torch.library.register_autograd("yaretnet::chunk_contributions", contributions_backward,
+                                        setup_context=contributions_setup)
+        torch.library.register_autograd("yaretnet::chunk_output", output_backward, setup_context=output_setup)
 
 
 def load() -> bool:

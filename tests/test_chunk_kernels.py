@@ -1,0 +1,138 @@
+"""The per-chunk CPU kernels (``ops/csrc/chunk_kernels.cpp``) against float64 PyTorch."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from tests.reference import reference_gammas, reference_retention
+from yet_another_retnet.ops import _extension
+from yet_another_retnet.ops.chunk_kernels import (
+    chunk_contributions,
+    chunk_contributions_reference,
+    chunk_kernels_apply,
+    chunk_output,
+    chunk_output_reference,
+)
+from yet_another_retnet.ops.retention import retention_chunkwise
+
+SHAPES = [(1, 2, 3, 32, 32, 32), (2, 3, 2, 128, 64, 64), (1, 1, 2, 64, 32, 96)]
+
+
+def kernels_available() -> bool:
+    return _extension.load() and hasattr(torch.library, "register_autograd")
+
+
+def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Largest error relative to the largest entry (sums of up to 128 float32 products)."""
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+def inputs(shape: tuple[int, ...], strided: bool) -> tuple[torch.Tensor, ...]:
+    """q, k ``(b, h, n, c, dk)``, v ``(b, h, n, c, dv)`` needing gradients, a causal mask with random
+    positive entries (every lower-triangle entry must reach the output), decay tables and states.
+    ``strided``: q, k, v as transposed views of one projection, the layout the layer hands over."""
+    batch, heads, chunks, c, dk, dv = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, strided)).encode()))
+    if strided:
+        proj = torch.randn(batch, chunks, c, heads, 2 * dk + dv, generator=gen)
+        q, k, v = (t.permute(0, 3, 1, 2, 4).detach().requires_grad_() for t in proj.split([dk, dk, dv], -1))
+    else:
+        q, k = (torch.randn(batch, heads, chunks, c, dk, generator=gen, requires_grad=True) for _ in range(2))
+        v = torch.randn(batch, heads, chunks, c, dv, generator=gen, requires_grad=True)
+    mask = (torch.rand(heads, 1, c, c, generator=gen) + 0.5).tril()
+    key_decay, query_decay = (torch.rand(heads, 1, c, 1, generator=gen) + 0.5 for _ in range(2))
+    befores = torch.randn(batch, heads, chunks, dk, dv, generator=gen, requires_grad=True)
+    return q, k, v, mask, key_decay, query_decay, befores
+
+
+def check_against_float64(fn, ref, args: list[torch.Tensor], diff: list[int]) -> None:
+    """``fn(*args)`` and its gradients in ``args[i]`` for ``i in diff`` against ``ref`` in float64."""
+    out = fn(*args)
+    args64 = [a.detach().double().requires_grad_(i in diff) for i, a in enumerate(args)]
+    want = ref(*args64)
+    assert max_err(out, want) < 1e-6
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, [args[i] for i in diff], grad)
+    wanted = torch.autograd.grad(want, [args64[i] for i in diff], grad.double())
+    for g, w in zip(got, wanted, strict=True):
+        assert g.shape == w.shape and max_err(g, w) < 1e-6
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_output_kernel_matches_float64(shape: tuple[int, ...], strided: bool) -> None:
+    if not kernels_available():
+        pytest.skip("kernels unavailable")
+    q, k, v, mask, _, query_decay, befores = inputs(shape, strided)
+    assert chunk_kernels_apply(q, v, mask, query_decay)
+    assert chunk_output(q, k, v, mask, query_decay, befores).grad_fn.name().find("yaretnet") >= 0  # the kernel ran
+    check_against_float64(chunk_output, chunk_output_reference, [q, k, v, mask, query_decay, befores], [0, 1, 2, 5])
+    # Without a previous state: the inside of the chunks alone.
+    check_against_float64(lambda *a: chunk_output(*a, None), lambda *a: chunk_output_reference(*a, None),
+                          [q, k, v, mask, query_decay], [0, 1, 2])
+
+
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contributions_kernel_matches_float64(shape: tuple[int, ...], strided: bool) -> None:
+    if not kernels_available():
+        pytest.skip("kernels unavailable")
+    _, k, v, _, key_decay, _, _ = inputs(shape, strided)
+    assert chunk_contributions(k, v, key_decay).grad_fn.name().find("yaretnet") >= 0  # the kernel ran
+    check_against_float64(chunk_contributions, chunk_contributions_reference, [k, v, key_decay], [0, 1])
+
+
+def test_falls_back_where_the_kernels_do_not_apply() -> None:
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 3, 24, 16, generator=gen) for _ in range(3))  # chunk 24: not a multiple of 32
+    mask = (torch.rand(2, 1, 24, 24, generator=gen)).tril()
+    decay = torch.rand(2, 1, 24, 1, generator=gen)
+    assert not chunk_kernels_apply(q, v, mask, decay)
+    torch.testing.assert_close(chunk_output(q, k, v, mask, decay, None), chunk_output_reference(q, k, v, mask, decay, None))
+    torch.testing.assert_close(chunk_contributions(k, v, decay), chunk_contributions_reference(k, v, decay))
+    q64 = torch.randn(1, 1, 1, 32, 32, dtype=torch.float64, generator=gen)
+    assert not chunk_kernels_apply(q64, q64, torch.ones(1, 1, 32, 32, dtype=torch.float64))
+    q32 = q64.float()
+    learned = torch.rand(1, 1, 32, 32, generator=gen).tril().requires_grad_()
+    assert not chunk_kernels_apply(q32, q32, learned)  # a table that needs a gradient: the plain form
+    chunk_output(q32, q32, q32, learned, torch.ones(1, 1, 32, 1), None).sum().backward()
+    assert learned.grad is not None
+
+
+def test_kernels_reject_bad_shapes() -> None:
+    if not kernels_available():
+        pytest.skip("kernels unavailable")
+    q = torch.randn(1, 2, 1, 32, 32)
+    qd = torch.ones(2, 1, 32, 1)
+    with pytest.raises(RuntimeError, match=r"mask must be \(heads, 1, chunk, 32\)"):
+        torch.ops.yaretnet.chunk_output(q, q, q, torch.ones(1, 1, 32, 32), qd, None)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        torch.ops.yaretnet.chunk_output(q[..., :16], q[..., :16], q[..., :16], torch.ones(2, 1, 32, 32), qd, None)
+    with pytest.raises(RuntimeError, match=r"befores must be \(batch, heads, chunks, dk, dv\)"):
+        torch.ops.yaretnet.chunk_output(q, q, q, torch.ones(2, 1, 32, 32), qd, torch.ones(1, 2, 1, 32, 16))
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        torch.ops.yaretnet.chunk_contributions(q.double(), q.double(), qd.double())
+    with pytest.raises(RuntimeError, match=r"key_decay must be \(heads, 1, chunk, 1\)"):
+        torch.ops.yaretnet.chunk_contributions(q, q, torch.ones(2, 1, 16, 1))
+
+
+@pytest.mark.parametrize("length", [256, 64 * 5 + 17])
+def test_chunkwise_through_the_kernels_equals_float64_retention(length: int) -> None:
+    # The whole chunkwise form with chunk 64 and head size 32 (the kernels' path on CPU float32),
+    # a previous state, a length the chunk does not divide: outputs, state and gradients against
+    # the independent float64 recurrence.
+    gen = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(2, 4, length, 32, generator=gen, requires_grad=True) for _ in range(3))
+    prev = torch.randn(2, 4, 32, 32, generator=gen)
+    out, state = retention_chunkwise(q, k, v, prev, chunk_size=64)
+    ref = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    want_out, want_state = reference_retention(*ref, reference_gammas(4), prev_state=prev.double())
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(state.double(), want_state, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(out.sum() + state.sum(), (q, k, v))
+    wanted = torch.autograd.grad(want_out.sum() + want_state.sum(), ref)
+    for g, w in zip(grads, wanted, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-3)

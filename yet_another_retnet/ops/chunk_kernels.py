@@ -1,0 +1,94 @@
+"""The per-chunk products of chunkwise retention as CPU kernels (``csrc/chunk_kernels.cpp``).
+
+For every chunk of ``c`` tokens (``M`` the head's decay mask with the key scale folded in, ``kd``
+and ``qd`` its per-row decay factors, ``B`` the state before the chunk)::
+
+    contributions   R = (K * kd)^T V                        what the chunk adds to the state
+    output          O = ((Q K^T) * M) V + (Q * qd) B         inside the chunk plus the past
+
+On CPU float32 (chunk, dk and dv multiples of 32) the kernels read q, k, v in place, skip the
+tiles above the causal diagonal, keep each chunk's scores in cache and recompute them in the
+backward. The ``*_reference`` functions are the same in PyTorch ops: the path everywhere else
+(other devices or dtypes, other sizes, tables that need a gradient, no C++ toolchain,
+torch < 2.4, ``YARETNET_CPU_KERNELS=0``) and what the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _extension
+
+__all__ = [
+    "chunk_contributions",
+    "chunk_contributions_reference",
+    "chunk_kernels_apply",
+    "chunk_output",
+    "chunk_output_reference",
+]
+
+#: The kernels' tile width: chunk size, dk and dv must be multiples of it.
+_TILE = 32
+
+
+def chunk_kernels_apply(q: Tensor, v: Tensor, *tables: Tensor) -> bool:
+    """Whether the kernels take these inputs (building the extension on the first call): CPU
+    float32 ``(batch, heads, chunks, c, d)`` with ``c``, ``dk``, ``dv`` multiples of 32 and
+    constant tables."""
+    return (q.device.type == "cpu" and q.dtype == v.dtype == torch.float32 and q.dim() == 5
+            and q.shape[-2] % _TILE == 0 and q.shape[-1] % _TILE == 0 and v.shape[-1] % _TILE == 0
+            and all(t.dtype == torch.float32 and not t.requires_grad for t in tables)
+            and _extension.load() and hasattr(torch.library, "register_autograd"))
+
+
+def chunk_contributions_reference(k: Tensor, v: Tensor, key_decay: Tensor) -> Tensor:
+    """``(k * key_decay)^T @ v`` per chunk: the plain form of :func:`chunk_contributions`."""
+    return (k * key_decay).transpose(-1, -2) @ v
+
+
+def chunk_output_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor,
+                           befores: Tensor | None) -> Tensor:
+    """``((q @ k^T) * mask) @ v + (q * query_decay) @ befores``: the plain form of :func:`chunk_output`."""
+    out = ((q @ k.transpose(-1, -2)) * mask) @ v
+    if befores is None:
+        return out
+    # The add fused into the batched product.
+    c, dk, dv = q.shape[-2], q.shape[-1], v.shape[-1]
+    return torch.baddbmm(out.reshape(-1, c, dv), (q * query_decay).reshape(-1, c, dk),
+                         befores.reshape(-1, dk, dv)).view(out.shape)
+
+
+def chunk_contributions(k: Tensor, v: Tensor, key_decay: Tensor) -> Tensor:
+    """What each chunk adds to the state, differentiable in ``k`` and ``v``.
+
+    Args:
+        k: ``(batch, heads, chunks, c, dk)``; v: ``(batch, heads, chunks, c, dv)``; any strides.
+        key_decay: ``(heads, 1, c, 1)``, row ``j``'s weight in its chunk's state.
+
+    Returns:
+        ``(batch, heads, chunks, dk, dv)``. The kernel where :func:`chunk_kernels_apply`, else
+        :func:`chunk_contributions_reference`.
+    """
+    if chunk_kernels_apply(k, v, key_decay):
+        return torch.ops.yaretnet.chunk_contributions(k, v, key_decay)
+    return chunk_contributions_reference(k, v, key_decay)
+
+
+def chunk_output(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor,
+                 befores: Tensor | None) -> Tensor:
+    """Each chunk's output: its own tokens through the decay mask plus the state before it.
+
+    Args:
+        q, k: ``(batch, heads, chunks, c, dk)``; v: ``(batch, heads, chunks, c, dv)``; any strides.
+        mask: ``(heads, 1, c, c)``, zero above the diagonal (the kernel never computes the tiles
+            there). query_decay: ``(heads, 1, c, 1)``.
+        befores: ``(batch, heads, chunks, dk, dv)`` the state before each chunk, or ``None`` (none).
+
+    Returns:
+        ``(batch, heads, chunks, c, dv)``, differentiable in ``q``, ``k``, ``v`` and ``befores``.
+        The kernel where :func:`chunk_kernels_apply`, else :func:`chunk_output_reference`.
+    """
+    if chunk_kernels_apply(q, v, mask, query_decay) and (befores is None or befores.dtype == torch.float32):
+        return torch.ops.yaretnet.chunk_output(q, k, v, mask, query_decay, befores)
+    return chunk_output_reference(q, k, v, mask, query_decay, befores)

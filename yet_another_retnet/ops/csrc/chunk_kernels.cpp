@@ -1,0 +1,406 @@
+// The per-chunk products of chunkwise retention on the CPU, one chunk at a time.
+//
+// Per chunk (c tokens, key width dk, value width dv; M the head's c x c decay mask with the key
+// scale folded in, zero above the diagonal; kd and qd the head's per-row decay factors; B the
+// state before the chunk, from the scan in chunk_scan.cpp):
+//   contributions   R = (K * kd)^T V                            what the chunk adds to the state
+//   output          O = ((Q K^T) * M) V + (Q * qd) B             inside the chunk plus the past
+// and their backwards:
+//   contributions   dK = (V dR^T) * kd;  dV = (K dR) * kd
+//   output          P = (Q K^T) * M;  dS = (dO V^T) * M;  dV = P^T dO;  dK = dS^T Q;
+//                   dQ = dS K + (dO * qd) B^T;  dB = (Q * qd)^T dO
+//
+// Why: as batched PyTorch products every chunk computes its full c x c scores, half of which the
+// mask then zeroes, writes them out for the mask, the second product and the backward, and the
+// state products and decay factors are further passes over q, k and v. Those small products ran
+// at ~50% of the machine's matmul speed (profile in docs/speed-training.md). Here, one chunk at a
+// time, the scores stay in a per-thread buffer in cache, the tiles above the diagonal are skipped
+// (~half the work), the decay factors ride along, and the backward recomputes the scores instead
+// of keeping them. Inputs may have any strides with a contiguous last dim (rows that are not
+// contiguous are copied per chunk); outputs and gradients are contiguous.
+//
+// Every product is one tile routine over 8 rows x 32 columns accumulating in registers:
+// C(i, :) += sum_p A(i, p) B(p, :), A read at any strides (a transposed operand costs nothing),
+// B row-major. Causality bounds the p range (or the column tiles) of each row tile. GCC/Clang
+// vector types: 512-bit registers where the build has AVX-512, two 256-bit ones with AVX2.
+// c, dk and dv must be multiples of 32 (ops/chunk_kernels.py checks); the plain PyTorch form in
+// ops/retention.py covers every other case and is the reference this is tested against.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+typedef float vec16 __attribute__((vector_size(64)));
+constexpr int kRows = 8;   // rows per tile
+constexpr int kCols = 32;  // columns per tile: two vec16
+
+inline vec16 load(const float* p) {
+  vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+struct Tile {
+  vec16 acc[kRows][2];
+
+  Tile() {
+    for (auto& row : acc) {
+      row[0] = vec16{};
+      row[1] = vec16{};
+    }
+  }
+
+  // acc(r, :) += sum_{p in [p0, p1)} A(r, p) * B(p, 0:32), A(r, p) = a[r * ar + p * ap], B's row p at
+  // b + p * ldb.
+  void add(const float* a, int64_t ar, int64_t ap, const float* b, int64_t ldb, int p0, int p1) {
+    for (int p = p0; p < p1; ++p) {
+      const vec16 b0 = load(b + p * ldb);
+      const vec16 b1 = load(b + p * ldb + 16);
+      const float* col = a + p * ap;
+#pragma GCC unroll 8
+      for (int r = 0; r < kRows; ++r) {
+        const float x = col[r * ar];
+        acc[r][0] += x * b0;
+        acc[r][1] += x * b1;
+      }
+    }
+  }
+
+  // Row r to out + r * ld, times scale[r] if given.
+  void put(float* out, int64_t ld, const float* scale = nullptr) const {
+    for (int r = 0; r < kRows; ++r) {
+      const float s = scale != nullptr ? scale[r] : 1.0f;
+      store(out + r * ld, acc[r][0] * s);
+      store(out + r * ld + 16, acc[r][1] * s);
+    }
+  }
+};
+
+// A chunk's rows of a (batch, heads, chunks, c, width) tensor with any strides but the last.
+struct Rows {
+  const float* base;
+  int64_t sb, sh, sn, row;
+  int64_t heads, chunks;
+
+  explicit Rows(const at::Tensor& t)
+      : base(t.data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)), row(t.stride(3)),
+        heads(t.size(1)), chunks(t.size(2)) {}
+
+  const float* at(int64_t g) const {
+    return base + (g / (heads * chunks)) * sb + ((g / chunks) % heads) * sh + (g % chunks) * sn;
+  }
+
+  // Chunk g's c rows of `width` floats, contiguous: in place when they are, else copied into buf.
+  // (The layer's views have rows 1-4 KiB apart: read in place, the tiles' columns of 8 rows hit
+  // the same cache set and a new page per row; one copy per chunk costs less.)
+  const float* packed(int64_t g, int c, int width, std::vector<float>& buf) const {
+    const float* src = at(g);
+    if (row == width) {
+      return src;
+    }
+    for (int i = 0; i < c; ++i) {
+      std::memcpy(buf.data() + static_cast<int64_t>(i) * width, src + i * row, sizeof(float) * width);
+    }
+    return buf.data();
+  }
+};
+
+// out (c x c, row-major) = (A B^T) * M on and below the diagonal tiles, A (c x k) rows at stride
+// lda, Bt = B^T (k x c) row-major. Entries right of a row tile's last tile are left unset (the
+// products below never read them).
+void masked_scores(const float* a, int64_t lda, const float* bt, const float* mask, int c, int k, float* out) {
+  for (int i0 = 0; i0 < c; i0 += kRows) {
+    for (int j0 = 0; j0 < i0 + kRows; j0 += kCols) {
+      Tile t;
+      t.add(a + i0 * lda, lda, 1, bt + j0, c, 0, k);
+      for (int r = 0; r < kRows; ++r) {
+        const int64_t at = static_cast<int64_t>(i0 + r) * c + j0;
+        store(out + at, t.acc[r][0] * load(mask + at));
+        store(out + at + 16, t.acc[r][1] * load(mask + at + 16));
+      }
+    }
+  }
+}
+
+// x (rows x cols, rows at stride ld) -> out (cols x rows) row-major, row i scaled by scale[i] if given.
+void transpose(const float* x, int64_t ld, int rows, int cols, float* out, const float* scale = nullptr) {
+  for (int i = 0; i < rows; ++i) {
+    const float s = scale != nullptr ? scale[i] : 1.0f;
+    for (int j = 0; j < cols; ++j) {
+      out[j * rows + i] = x[i * ld + j] * s;
+    }
+  }
+}
+
+// out (rows x cols) row-major = x (rows at stride ld) with row i scaled by scale[i].
+void scale_rows(const float* x, int64_t ld, int rows, int cols, const float* scale, float* out) {
+  for (int i = 0; i < rows; ++i) {
+    for (int j = 0; j < cols; ++j) {
+      out[i * cols + j] = x[i * ld + j] * scale[i];
+    }
+  }
+}
+
+struct Dims {
+  int64_t groups, heads, chunks;  // groups = batch * heads * chunks
+  int c, dk, dv;
+};
+
+void check_float(const char* op, std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), op, ": float32 CPU tensors only");
+  }
+}
+
+// Checks (batch, heads, chunks, c, dk) keys and (..., dv) values and a (heads, 1, c, rows_cols...)
+// table; returns the sizes.
+Dims dims(const char* op, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(k.dim() == 5 && v.dim() == 5, op, ": inputs must be (batch, heads, chunks, chunk, dim), got ",
+              k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(v.sizes().slice(0, 4) == k.sizes().slice(0, 4), op, ": inputs must agree in all but the last dim, got ",
+              k.sizes(), " and ", v.sizes());
+  const int64_t c = k.size(3);
+  TORCH_CHECK(c % kCols == 0 && k.size(4) % kCols == 0 && v.size(4) % kCols == 0, op,
+              ": chunk, dk and dv must be multiples of ", kCols, ", got ", c, ", ", k.size(4), ", ", v.size(4));
+  return {k.size(0) * k.size(1) * k.size(2), k.size(1), k.size(2), static_cast<int>(c), static_cast<int>(k.size(4)),
+          static_cast<int>(v.size(4))};
+}
+
+// (heads, 1, c, n) table -> contiguous, checked.
+at::Tensor table(const char* op, const char* name, const at::Tensor& t, const Dims& d, int64_t n) {
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == d.heads && t.size(1) == 1 && t.size(2) == d.c && t.size(3) == n, op, ": ",
+              name, " must be (heads, 1, chunk, ", n, ") = (", d.heads, ", 1, ", d.c, ", ", n, "), got ", t.sizes());
+  return t.contiguous();
+}
+
+// Last dim contiguous (what Rows needs); other strides as they come.
+at::Tensor rows_ok(const at::Tensor& t) { return t.stride(4) == 1 ? t : t.contiguous(); }
+
+at::Tensor chunk_contributions(const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& key_decay_in) {
+  const char* op = "chunk_contributions";
+  check_float(op, {&k_in, &v_in, &key_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  const at::Tensor k = rows_ok(k_in), v = rows_ok(v_in), kd = table(op, "key_decay", key_decay_in, d, 1);
+  at::Tensor out = at::empty({k.size(0), k.size(1), k.size(2), d.dk, d.dv}, k.options());
+  const Rows kr(k), vr(v);
+  const float* kdp = kd.data_ptr<float>();
+  float* op_ = out.data_ptr<float>();
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> ktd(static_cast<size_t>(dk) * c), vbuf(static_cast<size_t>(c) * dv);
+    for (int64_t g = begin; g < end; ++g) {
+      transpose(kr.at(g), kr.row, c, dk, ktd.data(), kdp + (g / d.chunks % d.heads) * c);  // (K * kd)^T
+      const float* vg = vr.packed(g, c, dv, vbuf);
+      float* r_out = op_ + g * dk * dv;
+      for (int p0 = 0; p0 < dk; p0 += kRows) {
+        for (int e0 = 0; e0 < dv; e0 += kCols) {
+          Tile t;
+          t.add(ktd.data() + p0 * c, c, 1, vg + e0, dv, 0, c);
+          t.put(r_out + p0 * dv + e0, dv);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> chunk_contributions_backward(const at::Tensor& grad_in, const at::Tensor& k_in,
+                                                                const at::Tensor& v_in,
+                                                                const at::Tensor& key_decay_in) {
+  const char* op = "chunk_contributions_backward";
+  check_float(op, {&grad_in, &k_in, &v_in, &key_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  const at::Tensor k = rows_ok(k_in), v = rows_ok(v_in), kd = table(op, "key_decay", key_decay_in, d, 1);
+  const at::Tensor grad = grad_in.contiguous();
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({k.size(0), k.size(1), k.size(2), d.dk, d.dv}), op,
+              ": grad must be (batch, heads, chunks, dk, dv), got ", grad.sizes());
+  at::Tensor dk_t = at::empty(k.sizes(), k.options()), dv_t = at::empty(v.sizes(), v.options());
+  const Rows kr(k), vr(v);
+  const float *kdp = kd.data_ptr<float>(), *gp = grad.data_ptr<float>();
+  float *dkp = dk_t.data_ptr<float>(), *dvp = dv_t.data_ptr<float>();
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> gt(static_cast<size_t>(dv) * dk);
+    std::vector<float> kbuf(static_cast<size_t>(c) * dk), vbuf(static_cast<size_t>(c) * dv);
+    for (int64_t g = begin; g < end; ++g) {
+      const float* scale = kdp + (g / d.chunks % d.heads) * c;
+      const float* dr = gp + g * dk * dv;
+      const float *kg = kr.packed(g, c, dk, kbuf), *vg = vr.packed(g, c, dv, vbuf);
+      transpose(dr, dv, dk, dv, gt.data());  // dR^T (dv x dk)
+      for (int i0 = 0; i0 < c; i0 += kRows) {
+        for (int p0 = 0; p0 < dk; p0 += kCols) {  // dK = (V dR^T) * kd
+          Tile t;
+          t.add(vg + i0 * dv, dv, 1, gt.data() + p0, dk, 0, dv);
+          t.put(dkp + g * c * dk + i0 * dk + p0, dk, scale + i0);
+        }
+        for (int e0 = 0; e0 < dv; e0 += kCols) {  // dV = (K dR) * kd
+          Tile t;
+          t.add(kg + i0 * dk, dk, 1, dr + e0, dv, 0, dk);
+          t.put(dvp + g * c * dv + i0 * dv + e0, dv, scale + i0);
+        }
+      }
+    }
+  });
+  return {dk_t, dv_t};
+}
+
+// befores_in (if given) checked and made contiguous.
+at::Tensor checked_befores(const char* op, const std::optional<at::Tensor>& befores_in, const at::Tensor& k,
+                           const Dims& d) {
+  if (!befores_in.has_value()) {
+    return at::Tensor();
+  }
+  check_float(op, {&*befores_in});
+  TORCH_CHECK(befores_in->sizes() == at::IntArrayRef({k.size(0), k.size(1), k.size(2), d.dk, d.dv}), op,
+              ": befores must be (batch, heads, chunks, dk, dv), got ", befores_in->sizes());
+  return befores_in->contiguous();
+}
+
+at::Tensor chunk_output(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                        const at::Tensor& mask_in, const at::Tensor& query_decay_in,
+                        const std::optional<at::Tensor>& befores_in) {
+  const char* op = "chunk_output";
+  check_float(op, {&q_in, &k_in, &v_in, &mask_in, &query_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  TORCH_CHECK(q_in.sizes() == k_in.sizes(), op, ": q must have the shape of k, got ", q_in.sizes(), " and ",
+              k_in.sizes());
+  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in);
+  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
+  const at::Tensor befores = checked_befores(op, befores_in, k, d);
+  at::Tensor out = at::empty(v.sizes(), v.options());
+  const Rows qr(q), kr(k), vr(v);
+  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>();
+  const float* bp = befores.defined() ? befores.data_ptr<float>() : nullptr;
+  float* op_ = out.data_ptr<float>();
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(static_cast<size_t>(dk) * c), scores(static_cast<size_t>(c) * c);
+    std::vector<float> qbuf(static_cast<size_t>(c) * dk), vbuf(static_cast<size_t>(c) * dv);
+    std::vector<float> qs(bp != nullptr ? static_cast<size_t>(c) * dk : 0);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t head = g / d.chunks % d.heads;
+      const float *qg = qr.packed(g, c, dk, qbuf), *vg = vr.packed(g, c, dv, vbuf);
+      transpose(kr.at(g), kr.row, c, dk, kt.data());
+      masked_scores(qg, dk, kt.data(), mp + head * c * c, c, dk, scores.data());
+      if (bp != nullptr) {
+        scale_rows(qg, dk, c, dk, qdp + head * c, qs.data());
+      }
+      float* o = op_ + g * c * dv;
+      for (int i0 = 0; i0 < c; i0 += kRows) {
+        for (int e0 = 0; e0 < dv; e0 += kCols) {
+          Tile t;
+          t.add(scores.data() + i0 * c, c, 1, vg + e0, dv, 0, i0 + kRows);
+          if (bp != nullptr) {
+            t.add(qs.data() + i0 * dk, dk, 1, bp + g * dk * dv + e0, dv, 0, dk);
+          }
+          t.put(o + i0 * dv + e0, dv);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_output_backward(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& mask_in, const at::Tensor& query_decay_in, const std::optional<at::Tensor>& befores_in) {
+  const char* op = "chunk_output_backward";
+  check_float(op, {&grad_in, &q_in, &k_in, &v_in, &mask_in, &query_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  TORCH_CHECK(q_in.sizes() == k_in.sizes() && grad_in.sizes() == v_in.sizes(), op,
+              ": q must have the shape of k and grad that of v, got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
+              grad_in.sizes(), ", ", v_in.sizes());
+  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in), grad = rows_ok(grad_in);
+  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
+  const at::Tensor befores = checked_befores(op, befores_in, k, d);
+  const at::Tensor dbefores = befores.defined() ? at::empty_like(befores) : at::empty({0}, q.options());
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk_t = at::empty(k.sizes(), k.options());
+  at::Tensor dv_t = at::empty(v.sizes(), v.options());
+  const Rows qr(q), kr(k), vr(v), gr(grad);
+  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>();
+  const float* bp = befores.defined() ? befores.data_ptr<float>() : nullptr;
+  float* dbp = bp != nullptr ? dbefores.data_ptr<float>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk_t.data_ptr<float>(), *dvp = dv_t.data_ptr<float>();
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> t_buf(static_cast<size_t>(std::max(dk, dv)) * c);
+    std::vector<float> scores(static_cast<size_t>(c) * c), dscores(static_cast<size_t>(c) * c);
+    std::vector<float> qbuf(static_cast<size_t>(c) * dk), kbuf(static_cast<size_t>(c) * dk);
+    std::vector<float> gbuf(static_cast<size_t>(c) * dv);
+    std::vector<float> qs(bp != nullptr ? static_cast<size_t>(c) * dk : 0);
+    std::vector<float> gs(bp != nullptr ? static_cast<size_t>(c) * dv : 0);
+    std::vector<float> bt(bp != nullptr ? static_cast<size_t>(dv) * dk : 0);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t head = g / d.chunks % d.heads;
+      const float *m = mp + head * c * c, *scale = qdp + head * c;
+      const float *qg = qr.packed(g, c, dk, qbuf), *kg = kr.packed(g, c, dk, kbuf), *og = gr.packed(g, c, dv, gbuf);
+      transpose(kg, dk, c, dk, t_buf.data());
+      masked_scores(qg, dk, t_buf.data(), m, c, dk, scores.data());  // P = (Q K^T) * M
+      transpose(vr.at(g), vr.row, c, dv, t_buf.data());
+      masked_scores(og, dv, t_buf.data(), m, c, dv, dscores.data());  // dS = (dO V^T) * M
+      if (bp != nullptr) {
+        scale_rows(og, dv, c, dv, scale, gs.data());                 // dO * qd
+        transpose(bp + g * dk * dv, dv, dk, dv, bt.data());           // B^T (dv x dk)
+        scale_rows(qg, dk, c, dk, scale, qs.data());                 // Q * qd
+      }
+      float *dqg = dqp + g * c * dk, *dkg = dkp + g * c * dk, *dvg = dvp + g * c * dv;
+      for (int i0 = 0; i0 < c; i0 += kRows) {
+        for (int e0 = 0; e0 < dv; e0 += kCols) {  // dV = P^T dO
+          Tile t;
+          t.add(scores.data() + i0, 1, c, og + e0, dv, i0, c);
+          t.put(dvg + i0 * dv + e0, dv);
+        }
+        for (int p0 = 0; p0 < dk; p0 += kCols) {
+          Tile tq;  // dQ = dS K (+ (dO * qd) B^T)
+          tq.add(dscores.data() + i0 * c, c, 1, kg + p0, dk, 0, i0 + kRows);
+          if (bp != nullptr) {
+            tq.add(gs.data() + i0 * dv, dv, 1, bt.data() + p0, dk, 0, dv);
+          }
+          tq.put(dqg + i0 * dk + p0, dk);
+          Tile tk;  // dK = dS^T Q
+          tk.add(dscores.data() + i0, 1, c, qg + p0, dk, i0, c);
+          tk.put(dkg + i0 * dk + p0, dk);
+        }
+      }
+      if (bp != nullptr) {  // dB = (Q * qd)^T dO
+        for (int p0 = 0; p0 < dk; p0 += kRows) {
+          for (int e0 = 0; e0 < dv; e0 += kCols) {
+            Tile t;
+            t.add(qs.data() + p0, 1, dk, og + e0, dv, 0, c);
+            t.put(dbp + g * dk * dv + p0 * dv + e0, dv);
+          }
+        }
+      }
+    }
+  });
+  return {dq, dk_t, dv_t, dbefores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
+  m.def("chunk_contributions(Tensor k, Tensor v, Tensor key_decay) -> Tensor");
+  m.def("chunk_contributions_backward(Tensor grad, Tensor k, Tensor v, Tensor key_decay) -> (Tensor, Tensor)");
+  m.def("chunk_output(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor query_decay, Tensor? befores) -> Tensor");
+  m.def(
+      "chunk_output_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor mask, Tensor query_decay, "
+      "Tensor? befores) -> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {
+  m.impl("chunk_contributions", &chunk_contributions);
+  m.impl("chunk_contributions_backward", &chunk_contributions_backward);
+  m.impl("chunk_output", &chunk_output);
+  m.impl("chunk_output_backward", &chunk_output_backward);
+}
