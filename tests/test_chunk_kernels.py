@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import zlib
 
 import pytest
@@ -136,3 +137,22 @@ def test_chunkwise_through_the_kernels_equals_float64_retention(length: int) -> 
     wanted = torch.autograd.grad(want_out.sum() + want_state.sum(), ref)
     for g, w in zip(grads, wanted, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-3)
+
+
+def test_double_backward_through_the_kernels_equals_float64() -> None:
+    # The kernels' backwards are not differentiable: create_graph=True must take the plain form's
+    # backward (no warning, no silently wrong second derivative).
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 96, 32, generator=gen, requires_grad=True) for _ in range(3))
+
+    def second(out: torch.Tensor, state: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        (gq,) = torch.autograd.grad(out.square().sum() + state.square().sum(), inputs[0], create_graph=True)
+        return torch.autograd.grad(gq.square().sum(), inputs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "an autograd kernel was not registered"
+        got = second(*retention_chunkwise(q, k, v, None, chunk_size=32), (q, k, v))
+    ref = tuple(x.detach().double().requires_grad_() for x in (q, k, v))
+    want = second(*reference_retention(*ref, reference_gammas(2)), ref)
+    for g, w in zip(got, want, strict=True):
+        assert max_err(g, w) < 1e-5

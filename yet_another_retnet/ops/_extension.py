@@ -4,7 +4,7 @@ The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk
 chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`) and the
 CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
-ninja are required; about 15 s, cached under ``~/.cache/torch_extensions``).
+ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
 returns ``False`` and the callers use their plain PyTorch paths.
 """
@@ -113,8 +113,20 @@ def _register_python_parts() -> None:
     def contributions_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.save_for_backward(*inputs)
 
+    def differentiable_grads(reference: Any, inputs: list[Tensor | None], grad: Tensor) -> list[Tensor | None]:
+        """The backward through the plain PyTorch form, recording a graph: what a double backward
+        (``create_graph=True``) gets, since the kernels' backwards are not differentiable."""
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(reference(*inputs), wanted, grad, create_graph=True, allow_unused=True))
+        return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+
     def contributions_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         k, v, key_decay = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            from .chunk_kernels import chunk_contributions_reference
+
+            dk, dv, _ = differentiable_grads(chunk_contributions_reference, [k, v, key_decay], grad)
+            return dk, dv, None
         dk, dv = torch.ops.yaretnet.chunk_contributions_backward(grad, k, v, key_decay)
         return dk, dv, None  # the decay table: a constant
 
@@ -125,8 +137,14 @@ def _register_python_parts() -> None:
 
     def output_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, mask, query_decay, *befores = ctx.saved_tensors
-        dq, dk, dv, dbefores = torch.ops.yaretnet.chunk_output_backward(
-            grad, q, k, v, mask, query_decay, befores[0] if befores else None)
+        before = befores[0] if befores else None
+        if torch.is_grad_enabled():  # create_graph=True
+            from .chunk_kernels import chunk_output_reference
+
+            dq, dk, dv, _, _, dbefores = differentiable_grads(
+                chunk_output_reference, [q, k, v, mask, query_decay, before], grad)
+            return dq, dk, dv, None, None, dbefores
+        dq, dk, dv, dbefores = torch.ops.yaretnet.chunk_output_backward(grad, q, k, v, mask, query_decay, before)
         return dq, dk, dv, None, None, (dbefores if ctx.has_befores else None)
 
     if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain forms

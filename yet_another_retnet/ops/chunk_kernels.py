@@ -10,7 +10,9 @@ On CPU float32 (chunk, dk and dv multiples of 32) the kernels read q, k, v in pl
 tiles above the causal diagonal, keep each chunk's scores in cache and recompute them in the
 backward. The ``*_reference`` functions are the same in PyTorch ops: the path everywhere else
 (other devices or dtypes, other sizes, tables that need a gradient, no C++ toolchain,
-torch < 2.4, ``YARETNET_CPU_KERNELS=0``) and what the kernels are tested against.
+torch < 2.4, ``YARETNET_CPU_KERNELS=0``) and what the kernels are tested against. A double
+backward (``create_graph=True``) goes through the plain form's backward, which records a graph;
+the kernels' own backwards do not.
 """
 
 from __future__ import annotations
