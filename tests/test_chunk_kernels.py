@@ -140,19 +140,24 @@ def test_chunkwise_through_the_kernels_equals_float64_retention(length: int) -> 
 
 
 def test_double_backward_through_the_kernels_equals_float64() -> None:
-    # The kernels' backwards are not differentiable: create_graph=True must take the plain form's
-    # backward (no warning, no silently wrong second derivative).
+    # The kernels' and the scan's backwards are not kernels with their own backward: with
+    # create_graph=True the chunk kernels take the plain form's backward and the scan's backward
+    # is differentiated by the forward scan. Every first-order gradient (q, k, v and a previous
+    # state: k and v reach the output directly and through the states) differentiated again,
+    # against the float64 recurrence; no warning (torch only warns, then returns a wrong result,
+    # when a backward cannot be differentiated).
     gen = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(1, 2, 96, 32, generator=gen, requires_grad=True) for _ in range(3))
+    prev = torch.randn(1, 2, 32, 32, generator=gen, requires_grad=True)
 
     def second(out: torch.Tensor, state: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        (gq,) = torch.autograd.grad(out.square().sum() + state.square().sum(), inputs[0], create_graph=True)
-        return torch.autograd.grad(gq.square().sum(), inputs)
+        firsts = torch.autograd.grad(out.square().sum() + state.square().sum(), inputs, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in firsts), inputs)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # e.g. "an autograd kernel was not registered"
-        got = second(*retention_chunkwise(q, k, v, None, chunk_size=32), (q, k, v))
-    ref = tuple(x.detach().double().requires_grad_() for x in (q, k, v))
-    want = second(*reference_retention(*ref, reference_gammas(2)), ref)
+        warnings.simplefilter("error")
+        got = second(*retention_chunkwise(q, k, v, prev, chunk_size=32), (q, k, v, prev))
+    ref = tuple(x.detach().double().requires_grad_() for x in (q, k, v, prev))
+    want = second(*reference_retention(*ref[:3], reference_gammas(2), prev_state=ref[3]), ref)
     for g, w in zip(got, want, strict=True):
         assert max_err(g, w) < 1e-5

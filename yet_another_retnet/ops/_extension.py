@@ -88,6 +88,23 @@ def _register_python_parts() -> None:
             grad_befores, grad_final, decay, ctx.has_prev)
         return grad_contributions, None, (grad_prev if ctx.has_prev else None)  # decay: a constant table
 
+    # The scan's backward is the transpose of a linear map, so its own backward (for a double
+    # backward) is the forward scan again.
+    def scan_backward_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        grad_befores, _, decay, has_prev = inputs
+        ctx.save_for_backward(decay)
+        ctx.has_prev = has_prev
+        ctx.shape = grad_befores.shape
+
+    def scan_backward_backward(ctx: Any, gg_contributions: Tensor | None,
+                               gg_prev: Tensor | None) -> tuple[Tensor | None, ...]:
+        (decay,) = ctx.saved_tensors
+        if gg_contributions is None:
+            gg_contributions = decay.new_zeros(ctx.shape)
+        prev = gg_prev if ctx.has_prev and gg_prev is not None else None
+        befores, final = torch.ops.yaretnet.chunk_scan(gg_contributions, decay, prev)
+        return befores, final, None, None
+
     def like(t: Tensor) -> Tensor:  # the kernels' outputs and gradients are contiguous
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
@@ -115,10 +132,15 @@ def _register_python_parts() -> None:
 
     def differentiable_grads(reference: Any, inputs: list[Tensor | None], grad: Tensor) -> list[Tensor | None]:
         """The backward through the plain PyTorch form, recording a graph: what a double backward
-        (``create_graph=True``) gets, since the kernels' backwards are not differentiable."""
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(reference(*inputs), wanted, grad, create_graph=True, allow_unused=True))
-        return [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+        (``create_graph=True``) gets, since the kernels' backwards are not differentiable.
+
+        Each input enters through an alias (a view), so the gradient is this op's own partial
+        derivative: an input computed from another (the state from k and v) must not pass its
+        share on here; autograd routes that share through the op that made it."""
+        aliases = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
+        wanted = [t for t in aliases if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(reference(*aliases), wanted, grad, create_graph=True, allow_unused=True))
+        return [next(grads) if t is not None and t.requires_grad else None for t in aliases]
 
     def contributions_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         k, v, key_decay = ctx.saved_tensors
@@ -149,6 +171,8 @@ def _register_python_parts() -> None:
 
     if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain forms
         torch.library.register_autograd("yaretnet::chunk_scan", backward, setup_context=setup_context)
+        torch.library.register_autograd("yaretnet::chunk_scan_backward", scan_backward_backward,
+                                        setup_context=scan_backward_setup)
         torch.library.register_autograd("yaretnet::chunk_contributions", contributions_backward,
                                         setup_context=contributions_setup)
         torch.library.register_autograd("yaretnet::chunk_output", output_backward, setup_context=output_setup)
