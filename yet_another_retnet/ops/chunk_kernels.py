@@ -6,9 +6,10 @@ and ``qd`` its per-row decay factors, ``B`` the state before the chunk)::
     contributions   R = (K * kd)^T V                        what the chunk adds to the state
     output          O = ((Q K^T) * M) V + (Q * qd) B         inside the chunk plus the past
 
-On CPU float32 (chunk, dk and dv multiples of 32) the kernels read q, k, v in place, skip the
-tiles above the causal diagonal, keep each chunk's scores in cache and recompute them in the
-backward. The ``*_reference`` functions are the same in PyTorch ops: the path everywhere else
+On CPU float32 (chunk, dk and dv multiples of 32) the kernels work one chunk at a time: they skip
+the tiles above the causal diagonal, keep each chunk's scores in cache and recompute them in the
+backward. Inputs may have any strides with a contiguous last dim (rows that are not contiguous are
+copied per chunk, which costs: the caller passes contiguous tensors); outputs are contiguous. The ``*_reference`` functions are the same in PyTorch ops: the path everywhere else
 (other devices or dtypes, other sizes, tables that need a gradient, no C++ toolchain,
 torch < 2.4, ``YARETNET_CPU_KERNELS=0``) and what the kernels are tested against. A double
 backward (``create_graph=True``) goes through the plain form's backward, which records a graph;
