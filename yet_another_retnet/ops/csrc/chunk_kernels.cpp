@@ -163,8 +163,8 @@ void check_float(const char* op, std::initializer_list<const at::Tensor*> ts) {
   }
 }
 
-// Checks (batch, heads, chunks, c, dk) keys and (..., dv) values and a (heads, 1, c, rows_cols...)
-// table; returns the sizes.
+// Checks (batch, heads, chunks, c, dk) keys and (..., dv) values (the tables: table() below);
+// returns the sizes.
 Dims dims(const char* op, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(k.dim() == 5 && v.dim() == 5, op, ": inputs must be (batch, heads, chunks, chunk, dim), got ",
               k.sizes(), " and ", v.sizes());
