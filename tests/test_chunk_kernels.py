@@ -28,7 +28,7 @@ def kernels_available() -> bool:
 
 def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """Largest error relative to the largest entry (sums of up to 128 float32 products)."""
-    return float((got.double() - want).abs().max() / want.abs().max())
+    return float((got.detach().double() - want.detach()).abs().max() / want.detach().abs().max())
 
 
 def inputs(shape: tuple[int, ...], strided: bool) -> tuple[torch.Tensor, ...]:
