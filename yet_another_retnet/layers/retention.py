@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
 from ..ops.gemv import gemv
+from ..ops.norm_gate import head_group_norm, norm_gate
 from ..ops.position import apply_rotation, rotation_frequencies, rotation_tables
 from ..ops.retention import (
     chunkwise_table_shapes,
@@ -255,25 +256,22 @@ class MultiScaleRetention(nn.Module):
         ``gate`` ``(b, L, value_dim)``, if given, is ``g_proj(query)`` already computed (before the
         activation) by the fused projection.
         """
-        batch, _, length, _ = retained.shape
-        y = retained.transpose(1, 2)  # (b, L, h, dv)
-        # The norm runs in float32 for half inputs, in float64 for float64 ones (.float() would
-        # silently drop a float64 layer to float32 precision).
-        nt = compute_dtype(y.dtype)
-        if self.head_norm == "groupnorm":
-            y = F.layer_norm(y.to(nt), (self.head_dim,), eps=self.norm_eps).to(query.dtype)
-            y = y.reshape(batch, length, self.value_dim)
-            assert self.norm_weight is not None and self.norm_bias is not None
-            # One fused op for the affine. (F.group_norm would do norm and affine in one call, but
-            # measured slower on CPU than layer_norm + addcmul, forward plus backward.)
-            y = torch.addcmul(self.norm_bias, y, self.norm_weight)
-        else:
-            yf = y.to(nt)
-            y = (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(query.dtype)
-            y = y.reshape(batch, length, self.value_dim)
         if gate is None:
             gate = self.g_proj(query)
         act = GATE_ACTIVATIONS[self.gate_activation]
+        if self.head_norm == "groupnorm":
+            assert self.norm_weight is not None and self.norm_bias is not None
+            if act is F.silu:  # the paper's layer: one kernel on CPU float32 (ops/norm_gate.py)
+                out = self.out_proj(norm_gate(retained, gate, self.norm_weight, self.norm_bias, self.norm_eps,
+                                              query.dtype))
+                return F.dropout(out, p=self.dropout, training=self.training)
+            y = head_group_norm(retained, self.norm_weight, self.norm_bias, self.norm_eps, query.dtype)
+        else:
+            batch, _, length, _ = retained.shape
+            # float32 for half inputs, float64 for float64 ones (.float() would round float64)
+            yf = retained.transpose(1, 2).to(compute_dtype(retained.dtype))  # (b, L, h, dv)
+            y = (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(query.dtype)
+            y = y.reshape(batch, length, self.value_dim)
         if act is not None:
             gate = act(gate)
         out = self.out_proj(gate * y)

@@ -1,8 +1,8 @@
 """Build and load the package's C++ extension (``csrc/*.cpp``) once per process.
 
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
-chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`) and the
-CPU buffer cache (:mod:`.memory`).
+chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`), the head
+norm and gate that end a retention layer (:mod:`.norm_gate`) and the CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
@@ -22,7 +22,7 @@ from torch import Tensor
 
 _log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "cpu_memory.cpp")]
+            for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "cpu_memory.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
@@ -52,7 +52,7 @@ def _build() -> bool:
 
 def _register_python_parts() -> None:
     """Shape-only implementations (so ``torch.compile`` can trace through the ops) and the
-    backwards of the chunk scan and the per-chunk products."""
+    backwards of the chunk scan, the per-chunk products and the norm-gate."""
     register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
 
     @register("yaretnet::gemv")
@@ -169,6 +169,31 @@ def _register_python_parts() -> None:
         dq, dk, dv, dbefores = torch.ops.yaretnet.chunk_output_backward(grad, q, k, v, mask, query_decay, before)
         return dq, dk, dv, None, None, (dbefores if ctx.has_befores else None)
 
+    @register("yaretnet::norm_gate")
+    def _(retained: Tensor, gate: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+        return like(gate)
+
+    @register("yaretnet::norm_gate_backward")
+    def _(grad: Tensor, retained: Tensor, gate: Tensor, weight: Tensor, bias: Tensor,
+          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return like(retained), like(gate), like(weight), like(bias)
+
+    def norm_gate_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        retained, gate, weight, bias, eps = inputs
+        ctx.eps = eps
+        ctx.save_for_backward(retained, gate, weight, bias)
+
+    def norm_gate_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        retained, gate, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            from .norm_gate import norm_gate_reference
+
+            def reference(x: Tensor, z: Tensor, w: Tensor, b: Tensor) -> Tensor:
+                return norm_gate_reference(x, z, w, b, ctx.eps)
+
+            return (*differentiable_grads(reference, [retained, gate, weight, bias], grad), None)
+        return (*torch.ops.yaretnet.norm_gate_backward(grad, retained, gate, weight, bias, ctx.eps), None)
+
     if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain forms
         torch.library.register_autograd("yaretnet::chunk_scan", backward, setup_context=setup_context)
         torch.library.register_autograd("yaretnet::chunk_scan_backward", scan_backward_backward,
@@ -176,6 +201,7 @@ def _register_python_parts() -> None:
         torch.library.register_autograd("yaretnet::chunk_contributions", contributions_backward,
                                         setup_context=contributions_setup)
         torch.library.register_autograd("yaretnet::chunk_output", output_backward, setup_context=output_setup)
+        torch.library.register_autograd("yaretnet::norm_gate", norm_gate_backward, setup_context=norm_gate_setup)
 
 
 def load() -> bool:
