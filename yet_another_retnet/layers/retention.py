@@ -29,6 +29,7 @@ from ..ops.retention import (
     retention_recurrent,
     state_update,
 )
+from ..ops.split_heads import split_heads, split_heads_apply
 
 HEAD_NORMS = ("groupnorm", "rmsnorm")
 #: Input dtypes of the fused multi-token path (half inputs take the plain path).
@@ -306,6 +307,13 @@ class MultiScaleRetention(nn.Module):
         weight = torch.cat([rows(p.weight, i) for i, p in enumerate(projs)])
         bias = torch.cat([rows(p.bias, i) for i, p in enumerate(projs)]) if self.q_proj.bias is not None else None
         proj = F.linear(x, weight, bias)  # (b, L, 2 d + 2 value_dim)
+        if not halves and not _is_compiling():
+            # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py).
+            cos, sin = (None, None) if rotation is None else (rotation[0][:, 0], rotation[1][:, 0])
+            if split_heads_apply(proj, cos):
+                q, k, v, gate = split_heads(proj, cos, sin, heads, dk)
+                k, v = _drop_padding(k, v, token_mask)
+                return q, k, v, gate
         # split, not slicing: its backward is one cat, where each slice's backward would fill a
         # zero tensor of the whole projection's size.
         qk, v, gate = proj.split([2 * d, self.value_dim, self.value_dim], dim=-1)

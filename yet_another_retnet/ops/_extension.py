@@ -2,7 +2,8 @@
 
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
 chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`), the head
-norm and gate that end a retention layer (:mod:`.norm_gate`) and the CPU buffer cache (:mod:`.memory`).
+norm and gate that end a retention layer (:mod:`.norm_gate`), the split of its projection into
+rotated heads (:mod:`.split_heads`) and the CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
@@ -22,7 +23,8 @@ from torch import Tensor
 
 _log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "cpu_memory.cpp")]
+            for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
+                           "cpu_memory.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
@@ -52,7 +54,7 @@ def _build() -> bool:
 
 def _register_python_parts() -> None:
     """Shape-only implementations (so ``torch.compile`` can trace through the ops) and the
-    backwards of the chunk scan, the per-chunk products and the norm-gate."""
+    backwards of the chunk scan, the per-chunk products, the norm-gate and the head split."""
     register = getattr(torch.library, "register_fake", None) or torch.library.impl_abstract
 
     @register("yaretnet::gemv")
@@ -194,6 +196,41 @@ def _register_python_parts() -> None:
             return (*differentiable_grads(reference, [retained, gate, weight, bias], grad), None)
         return (*torch.ops.yaretnet.norm_gate_backward(grad, retained, gate, weight, bias, ctx.eps), None)
 
+    @register("yaretnet::split_heads")
+    def _(proj: Tensor, cos: Tensor | None, sin: Tensor | None, heads: int,
+          key_dim: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch, length, width = proj.shape
+        dv = (width - 2 * heads * key_dim) // (2 * heads)
+        return (proj.new_empty(batch, heads, length, key_dim), proj.new_empty(batch, heads, length, key_dim),
+                proj.new_empty(batch, heads, length, dv), proj.new_empty(batch, length, heads * dv))
+
+    @register("yaretnet::split_heads_backward")
+    def _(dq: Tensor | None, dk: Tensor | None, dv: Tensor | None, dgate: Tensor | None, cos: Tensor | None,
+          sin: Tensor | None, batch: int, length: int, width: int, heads: int, key_dim: int) -> Tensor:
+        like_any = next(t for t in (dq, dk, dv, dgate) if t is not None)
+        return like_any.new_empty(batch, length, width)
+
+    def split_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        proj, cos, sin, heads, key_dim = inputs
+        ctx.args = (*proj.shape, heads, key_dim)
+        ctx.save_for_backward(cos, sin)
+
+    def split_backward(ctx: Any, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
+                       dgate: Tensor | None) -> tuple[Tensor | None, ...]:
+        cos, sin = ctx.saved_tensors
+        if all(g is None for g in (dq, dk, dv, dgate)):
+            return None, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the plain form's backward (a linear map)
+            from .split_heads import split_heads_reference
+
+            batch, length, width, heads, key_dim = ctx.args
+            proj = torch.zeros(batch, length, width, dtype=torch.float32, requires_grad=True)
+            outs = split_heads_reference(proj, cos, sin, heads, key_dim)
+            used = [(o, g) for o, g in zip(outs, (dq, dk, dv, dgate), strict=True) if g is not None]
+            (dproj,) = torch.autograd.grad([o for o, _ in used], proj, [g for _, g in used], create_graph=True)
+            return dproj, None, None, None, None
+        return torch.ops.yaretnet.split_heads_backward(dq, dk, dv, dgate, cos, sin, *ctx.args), None, None, None, None
+
     if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain forms
         torch.library.register_autograd("yaretnet::chunk_scan", backward, setup_context=setup_context)
         torch.library.register_autograd("yaretnet::chunk_scan_backward", scan_backward_backward,
@@ -202,6 +239,7 @@ def _register_python_parts() -> None:
                                         setup_context=contributions_setup)
         torch.library.register_autograd("yaretnet::chunk_output", output_backward, setup_context=output_setup)
         torch.library.register_autograd("yaretnet::norm_gate", norm_gate_backward, setup_context=norm_gate_setup)
+        torch.library.register_autograd("yaretnet::split_heads", split_backward, setup_context=split_setup)
 
 
 def load() -> bool:
