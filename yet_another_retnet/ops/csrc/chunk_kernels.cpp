@@ -30,6 +30,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec16.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -43,17 +45,11 @@
 
 namespace {
 
-typedef float vec16 __attribute__((vector_size(64)));
+using yaretnet_cpu::load;
+using yaretnet_cpu::store;
+using yaretnet_cpu::vec16;
 constexpr int kRows = 8;   // rows per tile
 constexpr int kCols = 32;  // columns per tile: two vec16
-
-inline vec16 load(const float* p) {
-  vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 struct Tile {
   vec16 acc[kRows][2];

@@ -21,6 +21,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vec16.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -30,17 +32,11 @@
 
 namespace {
 
-typedef float vec16 __attribute__((vector_size(64)));
+using yaretnet_cpu::load;
+using yaretnet_cpu::store;
+using yaretnet_cpu::vec16;
 typedef int32_t ivec16 __attribute__((vector_size(64)));
 constexpr int kLanes = 16;
-
-inline vec16 load(const float* p) {
-  vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store(float* p, vec16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline vec16 splat(float x) { return vec16{} + x; }
 
