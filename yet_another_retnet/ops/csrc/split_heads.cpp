@@ -21,6 +21,7 @@
 #include <cstring>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace {
 
@@ -80,8 +81,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_heads(const at:
   TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together");
   const Dims d = dims(op, proj_in.size(0), proj_in.size(1), proj_in.size(2), heads, key_dim);
   const at::Tensor proj = proj_in.stride(2) == 1 ? proj_in : proj_in.contiguous();
-  const auto [cos, cb] = table(op, "cos", cos_in, d);
-  const auto [sin, sb] = table(op, "sin", sin_in, d);
+  // (Plain variables, not structured bindings: the loops below capture the strides, which C++17
+  // does not allow for bindings.)
+  const std::pair<at::Tensor, int64_t> cos_table = table(op, "cos", cos_in, d);
+  const std::pair<at::Tensor, int64_t> sin_table = table(op, "sin", sin_in, d);
+  const at::Tensor &cos = cos_table.first, &sin = sin_table.first;
+  const int64_t cb = cos_table.second, sb = sin_table.second;
   const at::TensorOptions o = proj.options();
   at::Tensor q = at::empty({d.batch, d.heads, d.length, d.dk}, o), k = at::empty({d.batch, d.heads, d.length, d.dk}, o);
   at::Tensor v = at::empty({d.batch, d.heads, d.length, d.dv}, o), gate = at::empty({d.batch, d.length, d.heads * d.dv}, o);
@@ -119,8 +124,12 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
   const char* op = "split_heads_backward";
   TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together");
   const Dims d = dims(op, batch, length, width, heads, key_dim);
-  const auto [cos, cb] = table(op, "cos", cos_in, d);
-  const auto [sin, sb] = table(op, "sin", sin_in, d);
+  // (Plain variables, not structured bindings: the loops below capture the strides, which C++17
+  // does not allow for bindings.)
+  const std::pair<at::Tensor, int64_t> cos_table = table(op, "cos", cos_in, d);
+  const std::pair<at::Tensor, int64_t> sin_table = table(op, "sin", sin_in, d);
+  const at::Tensor &cos = cos_table.first, &sin = sin_table.first;
+  const int64_t cb = cos_table.second, sb = sin_table.second;
   // A gradient that is absent (that output unused) contributes zeros.
   auto grad = [&](const std::optional<at::Tensor>& t, int64_t w, const char* name) -> at::Tensor {
     if (!t.has_value() || !t->defined()) {
