@@ -53,6 +53,8 @@ std::pair<at::Tensor, int64_t> table(const char* op, const char* name, const std
   return {c, c.size(0) == 1 ? 0 : d.length * d.dk};
 }
 
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
 // out[j] = x[j] c[j] + r[j] s[j], r = (-x_1, x_0, -x_3, x_2, ...): the forward rotation of one row.
 inline void rotate(const float* x, const float* c, const float* s, int64_t n, float* out) {
   for (int64_t i = 0; i < n; i += 2) {
@@ -89,9 +91,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_heads(const at:
   const int64_t cb = cos_table.second, sb = sin_table.second;
   const at::TensorOptions o = proj.options();
   at::Tensor q = at::empty({d.batch, d.heads, d.length, d.dk}, o), k = at::empty({d.batch, d.heads, d.length, d.dk}, o);
-  at::Tensor v = at::empty({d.batch, d.heads, d.length, d.dv}, o), gate = at::empty({d.batch, d.length, d.heads * d.dv}, o);
+  at::Tensor v = at::empty({d.batch, d.heads, d.length, d.dv}, o);
+  at::Tensor gate = at::empty({d.batch, d.length, d.heads * d.dv}, o);
   const float* pp = proj.data_ptr<float>();
-  const float *cp = cos.defined() ? cos.data_ptr<float>() : nullptr, *sp = sin.defined() ? sin.data_ptr<float>() : nullptr;
+  const float *cp = data_or_null(cos), *sp = data_or_null(sin);
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(), *gp = gate.data_ptr<float>();
   const int64_t pb = proj.stride(0), pl = proj.stride(1), hk = d.heads * d.dk, hv = d.heads * d.dv;
   at::parallel_for(0, d.batch * d.length, 64, [&](int64_t begin, int64_t end) {
@@ -101,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_heads(const at:
       const float* c = cp != nullptr ? cp + b * cb + l * d.dk : nullptr;
       const float* s = sp != nullptr ? sp + b * sb + l * d.dk : nullptr;
       for (int64_t h = 0; h < d.heads; ++h) {
-        const int64_t at_k = ((b * d.heads + h) * d.length + l) * d.dk, at_v = ((b * d.heads + h) * d.length + l) * d.dv;
+        const int64_t head_row = (b * d.heads + h) * d.length + l;  // row of (b, h, L, .)
+        const int64_t at_k = head_row * d.dk, at_v = head_row * d.dv;
         if (cp != nullptr) {
           rotate(row + h * d.dk, c, s, d.dk, qp + at_k);
           rotate(row + hk + h * d.dk, c, s, d.dk, kp + at_k);
@@ -142,10 +146,8 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
   const at::Tensor dq = grad(dq_in, d.heads * d.dk, "dq"), dk = grad(dk_in, d.heads * d.dk, "dk");
   const at::Tensor dv = grad(dv_in, d.heads * d.dv, "dv"), dgate = grad(dgate_in, d.heads * d.dv, "dgate");
   at::Tensor out = at::empty({d.batch, d.length, d.width}, at::TensorOptions().dtype(at::kFloat));
-  const float *cp = cos.defined() ? cos.data_ptr<float>() : nullptr, *sp = sin.defined() ? sin.data_ptr<float>() : nullptr;
-  const float *dqp = dq.defined() ? dq.data_ptr<float>() : nullptr, *dkp = dk.defined() ? dk.data_ptr<float>() : nullptr;
-  const float *dvp = dv.defined() ? dv.data_ptr<float>() : nullptr;
-  const float* dgp = dgate.defined() ? dgate.data_ptr<float>() : nullptr;
+  const float *cp = data_or_null(cos), *sp = data_or_null(sin);
+  const float *dqp = data_or_null(dq), *dkp = data_or_null(dk), *dvp = data_or_null(dv), *dgp = data_or_null(dgate);
   float* op_ = out.data_ptr<float>();
   const int64_t hk = d.heads * d.dk, hv = d.heads * d.dv;
   at::parallel_for(0, d.batch * d.length, 64, [&](int64_t begin, int64_t end) {
@@ -155,7 +157,8 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
       const float* c = cp != nullptr ? cp + b * cb + l * d.dk : nullptr;
       const float* s = sp != nullptr ? sp + b * sb + l * d.dk : nullptr;
       for (int64_t h = 0; h < d.heads; ++h) {
-        const int64_t at_k = ((b * d.heads + h) * d.length + l) * d.dk, at_v = ((b * d.heads + h) * d.length + l) * d.dv;
+        const int64_t head_row = (b * d.heads + h) * d.length + l;  // row of (b, h, L, .)
+        const int64_t at_k = head_row * d.dk, at_v = head_row * d.dv;
         for (const auto& [src, dst] : {std::pair{dqp, row + h * d.dk}, std::pair{dkp, row + hk + h * d.dk}}) {
           if (src == nullptr) {
             std::memset(dst, 0, sizeof(float) * d.dk);
@@ -185,7 +188,9 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
-  m.def("split_heads(Tensor proj, Tensor? cos, Tensor? sin, int heads, int key_dim) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "split_heads(Tensor proj, Tensor? cos, Tensor? sin, int heads, int key_dim) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
   m.def(
       "split_heads_backward(Tensor? dq, Tensor? dk, Tensor? dv, Tensor? dgate, Tensor? cos, Tensor? sin, int batch, "
       "int length, int width, int heads, int key_dim) -> Tensor");
