@@ -51,7 +51,7 @@ def norm_gate_reference(retained: Tensor, gate: Tensor, weight: Tensor, bias: Te
 def norm_gate_apply(retained: Tensor, gate: Tensor, weight: Tensor, bias: Tensor) -> bool:
     """Whether the kernel takes these inputs (building the extension on the first call): all CPU
     float32, ``retained`` 4-D with ``head_dim`` a multiple of 16."""
-    return (retained.device.type == "cpu" and retained.dim() == 4 and retained.shape[-1] % _LANES == 0
+    return (retained.dim() == 4 and retained.shape[-1] % _LANES == 0
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (retained, gate, weight, bias))
             and _extension.load() and hasattr(torch.library, "register_autograd"))
 

@@ -38,20 +38,39 @@ Dims dims(const char* op, int64_t batch, int64_t length, int64_t width, int64_t 
   return {batch, length, heads, dk, rest / (2 * heads), width};
 }
 
-// (1 or batch, length, dk) float32 table -> contiguous, and its batch stride (0 when shared).
-std::pair<at::Tensor, int64_t> table(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                                     const Dims& d) {
-  if (!t.has_value()) {
-    return {at::Tensor(), 0};
+// The rotation's (1 or batch, length, dk) cos and sin tables, checked and contiguous, or none.
+struct Rotation {
+  at::Tensor cos, sin;
+  const float *cp = nullptr, *sp = nullptr;
+  int64_t cos_batch = 0, sin_batch = 0;  // batch strides: 0 when the batch shares one table
+
+  Rotation(const char* op, const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in,
+           const Dims& d) {
+    TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together");
+    if (!cos_in.has_value()) {
+      return;
+    }
+    for (const auto& [name, t] : {std::pair{"cos", &*cos_in}, std::pair{"sin", &*sin_in}}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), op, ": ", name,
+                  " must be float32 on the CPU");
+      TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == d.batch) && t->size(1) == d.length &&
+                      t->size(2) == d.dk,
+                  op, ": ", name, " must be (1 or batch, length, key_dim) = (1 or ", d.batch, ", ", d.length, ", ",
+                  d.dk, "), got ", t->sizes());
+    }
+    cos = cos_in->contiguous();
+    sin = sin_in->contiguous();
+    cp = cos.data_ptr<float>();
+    sp = sin.data_ptr<float>();
+    cos_batch = cos.size(0) == 1 ? 0 : d.length * d.dk;
+    sin_batch = sin.size(0) == 1 ? 0 : d.length * d.dk;
   }
-  TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), op, ": ", name, " must be float32 on the CPU");
-  TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == d.batch) && t->size(1) == d.length &&
-                  t->size(2) == d.dk,
-              op, ": ", name, " must be (1 or batch, length, key_dim) = (1 or ", d.batch, ", ", d.length, ", ", d.dk,
-              "), got ", t->sizes());
-  at::Tensor c = t->contiguous();
-  return {c, c.size(0) == 1 ? 0 : d.length * d.dk};
-}
+
+  bool any() const { return cp != nullptr; }
+  // Row (b, l)'s cos and sin (dk values each).
+  const float* cos_at(int64_t b, int64_t l, int64_t dk) const { return cp + b * cos_batch + l * dk; }
+  const float* sin_at(int64_t b, int64_t l, int64_t dk) const { return sp + b * sin_batch + l * dk; }
+};
 
 const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
@@ -80,33 +99,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_heads(const at:
   const char* op = "split_heads";
   TORCH_CHECK(proj_in.scalar_type() == at::kFloat && proj_in.device().is_cpu() && proj_in.dim() == 3, op,
               ": proj must be a float32 CPU (batch, length, width) tensor, got ", proj_in.sizes());
-  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together");
   const Dims d = dims(op, proj_in.size(0), proj_in.size(1), proj_in.size(2), heads, key_dim);
   const at::Tensor proj = proj_in.stride(2) == 1 ? proj_in : proj_in.contiguous();
-  // (Plain variables, not structured bindings: the loops below capture the strides, which C++17
-  // does not allow for bindings.)
-  const std::pair<at::Tensor, int64_t> cos_table = table(op, "cos", cos_in, d);
-  const std::pair<at::Tensor, int64_t> sin_table = table(op, "sin", sin_in, d);
-  const at::Tensor &cos = cos_table.first, &sin = sin_table.first;
-  const int64_t cb = cos_table.second, sb = sin_table.second;
+  const Rotation rot(op, cos_in, sin_in, d);
   const at::TensorOptions o = proj.options();
   at::Tensor q = at::empty({d.batch, d.heads, d.length, d.dk}, o), k = at::empty({d.batch, d.heads, d.length, d.dk}, o);
   at::Tensor v = at::empty({d.batch, d.heads, d.length, d.dv}, o);
   at::Tensor gate = at::empty({d.batch, d.length, d.heads * d.dv}, o);
   const float* pp = proj.data_ptr<float>();
-  const float *cp = data_or_null(cos), *sp = data_or_null(sin);
   float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(), *gp = gate.data_ptr<float>();
   const int64_t pb = proj.stride(0), pl = proj.stride(1), hk = d.heads * d.dk, hv = d.heads * d.dv;
   at::parallel_for(0, d.batch * d.length, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / d.length, l = r % d.length;
       const float* row = pp + b * pb + l * pl;
-      const float* c = cp != nullptr ? cp + b * cb + l * d.dk : nullptr;
-      const float* s = sp != nullptr ? sp + b * sb + l * d.dk : nullptr;
+      const float* c = rot.any() ? rot.cos_at(b, l, d.dk) : nullptr;
+      const float* s = rot.any() ? rot.sin_at(b, l, d.dk) : nullptr;
       for (int64_t h = 0; h < d.heads; ++h) {
         const int64_t head_row = (b * d.heads + h) * d.length + l;  // row of (b, h, L, .)
         const int64_t at_k = head_row * d.dk, at_v = head_row * d.dv;
-        if (cp != nullptr) {
+        if (rot.any()) {
           rotate(row + h * d.dk, c, s, d.dk, qp + at_k);
           rotate(row + hk + h * d.dk, c, s, d.dk, kp + at_k);
         } else {
@@ -126,14 +138,8 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
                                 const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in,
                                 int64_t batch, int64_t length, int64_t width, int64_t heads, int64_t key_dim) {
   const char* op = "split_heads_backward";
-  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together");
   const Dims d = dims(op, batch, length, width, heads, key_dim);
-  // (Plain variables, not structured bindings: the loops below capture the strides, which C++17
-  // does not allow for bindings.)
-  const std::pair<at::Tensor, int64_t> cos_table = table(op, "cos", cos_in, d);
-  const std::pair<at::Tensor, int64_t> sin_table = table(op, "sin", sin_in, d);
-  const at::Tensor &cos = cos_table.first, &sin = sin_table.first;
-  const int64_t cb = cos_table.second, sb = sin_table.second;
+  const Rotation rot(op, cos_in, sin_in, d);
   // A gradient that is absent (that output unused) contributes zeros.
   auto grad = [&](const std::optional<at::Tensor>& t, int64_t w, const char* name) -> at::Tensor {
     if (!t.has_value() || !t->defined()) {
@@ -146,7 +152,6 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
   const at::Tensor dq = grad(dq_in, d.heads * d.dk, "dq"), dk = grad(dk_in, d.heads * d.dk, "dk");
   const at::Tensor dv = grad(dv_in, d.heads * d.dv, "dv"), dgate = grad(dgate_in, d.heads * d.dv, "dgate");
   at::Tensor out = at::empty({d.batch, d.length, d.width}, at::TensorOptions().dtype(at::kFloat));
-  const float *cp = data_or_null(cos), *sp = data_or_null(sin);
   const float *dqp = data_or_null(dq), *dkp = data_or_null(dk), *dvp = data_or_null(dv), *dgp = data_or_null(dgate);
   float* op_ = out.data_ptr<float>();
   const int64_t hk = d.heads * d.dk, hv = d.heads * d.dv;
@@ -154,15 +159,15 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / d.length, l = r % d.length;
       float* row = op_ + r * d.width;
-      const float* c = cp != nullptr ? cp + b * cb + l * d.dk : nullptr;
-      const float* s = sp != nullptr ? sp + b * sb + l * d.dk : nullptr;
+      const float* c = rot.any() ? rot.cos_at(b, l, d.dk) : nullptr;
+      const float* s = rot.any() ? rot.sin_at(b, l, d.dk) : nullptr;
       for (int64_t h = 0; h < d.heads; ++h) {
         const int64_t head_row = (b * d.heads + h) * d.length + l;  // row of (b, h, L, .)
         const int64_t at_k = head_row * d.dk, at_v = head_row * d.dv;
         for (const auto& [src, dst] : {std::pair{dqp, row + h * d.dk}, std::pair{dkp, row + hk + h * d.dk}}) {
           if (src == nullptr) {
             std::memset(dst, 0, sizeof(float) * d.dk);
-          } else if (cp != nullptr) {
+          } else if (rot.any()) {
             unrotate(src + at_k, c, s, d.dk, dst);
           } else {
             std::memcpy(dst, src + at_k, sizeof(float) * d.dk);
