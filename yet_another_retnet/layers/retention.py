@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
+from ..ops.decode_step import retention_step, retention_step_reference
 from ..ops.gemv import gemv
 from ..ops.norm_gate import head_group_norm, norm_gate
-from ..ops.position import apply_rotation, rotation_frequencies, rotation_tables
+from ..ops.position import apply_rotation, rotate_pairs, rotation_frequencies, rotation_tables
 from ..ops.retention import (
     chunkwise_table_shapes,
     chunkwise_with_tables,
@@ -328,7 +329,7 @@ class MultiScaleRetention(nn.Module):
                 qk = (pairs * cos[:, :, None, None] + pairs.flip(-2) * sin[:, :, None, None]).flatten(-2)
             elif _is_compiling():  # the same product in reals: inductor fuses these, not complex ops
                 c, s = (t[:, 0, :, None, None, 0::2] for t in (cos, sin))
-                qk = _rotate_pairs(qk.unflatten(-1, (2, heads, dk // 2, 2)), c, s).flatten(-2)
+                qk = rotate_pairs(qk.unflatten(-1, (2, heads, dk // 2, 2)), c, s).flatten(-2)
             else:
                 factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2).unsqueeze(2)
                 pairs = torch.view_as_complex(qk.unflatten(-1, (2, heads, dk // 2, 2)))  # (b, L, 2, h, dk/2)
@@ -562,44 +563,12 @@ class MultiScaleRetention(nn.Module):
         detached copy) and no dropout: callers use it only in eval mode with grad disabled.
         """
         weight, bias, gamma = tables if tables is not None else self.decode_tables(memory.dtype)
-        batch = x.shape[0]
-        heads, dk, dv = self.num_heads, self.key_dim, self.head_dim
         proj = linear_step(x, weight, bias)
-        qk = proj[:, : 2 * self.embed_dim]
-        v = proj[:, 2 * self.embed_dim : 2 * self.embed_dim + self.value_dim]
-        if proj.dtype != memory.dtype:  # half weights: retention runs in float32
-            qk, v = qk.to(memory.dtype), v.to(memory.dtype)
-        if rotation is not None:
-            # Rotating (a, b) pairs by an angle is a complex product: one op for q and k at once,
-            # and the key's dk^-0.5 rides along in its factor.
-            pairs = qk.view(batch, 2, heads, dk // 2, 2)
-            if rotation.is_complex():
-                qk = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
-            else:  # the same product in reals, (..., 2) pairs: what a compiled step passes
-                qk = _rotate_pairs(pairs, *rotation.unbind(-1))
-            q, k = qk.reshape(batch, 2, heads, dk).unbind(1)
-        else:
-            q, k = qk.view(batch, 2, heads, dk).unbind(1)
-            k = k * dk**-0.5
-        new_memory = torch.addcmul(memory * gamma, k.view(batch, heads, dk, 1), v.view(batch, heads, 1, dv))
-        # bmm on flat views: matmul's broadcasting would add an expand, reshapes and a copy check.
-        y = torch.bmm(q.reshape(batch * heads, 1, dk), new_memory.view(batch * heads, dk, dv))
-        y = y.view(batch, self.value_dim)
-        if self.head_norm == "groupnorm":
-            if y.dtype == x.dtype:  # one fused op: per-head normalisation and the affine
-                y = F.group_norm(y, heads, self.norm_weight, self.norm_bias, self.norm_eps)
-            else:
-                y = F.group_norm(y, heads, None, None, self.norm_eps).to(x.dtype)
-                y = torch.addcmul(self.norm_bias, y, self.norm_weight)  # type: ignore[arg-type]
-        else:
-            y = y.view(batch, heads, dv)
-            y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(x.dtype)
-            y = y.view(batch, self.value_dim)
-        gate = proj[:, 2 * self.embed_dim + self.value_dim :]
-        act = GATE_ACTIVATIONS[self.gate_activation]
-        if act is not None:
-            gate = act(gate)
-        return linear_step(gate * y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
+        # Under torch.compile the PyTorch form (inductor fuses it); eager, one kernel call.
+        step = retention_step_reference if _is_compiling() else retention_step
+        y, new_memory = step(proj, memory, rotation, gamma, self.norm_weight, self.norm_bias, self.norm_eps,
+                             self.head_norm == "rmsnorm", GATE_ACTIVATIONS[self.gate_activation])
+        return linear_step(y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
 
 
 def stacked_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
@@ -699,13 +668,6 @@ def _to_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
 def _from_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
     """The inverse of :func:`_to_halves`."""
     return t.movedim(dim, -1).unflatten(-1, (heads, 2, -1)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
-
-
-def _rotate_pairs(pairs: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``(a, b)`` pairs ``(..., 2)`` rotated by the angles of ``cos``/``sin`` (broadcasting against
-    ``(...)``): the complex product ``(a + ib) e^{i theta}`` in real arithmetic."""
-    a, b = pairs.unbind(-1)
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
 
 
 def _is_compiling() -> bool:

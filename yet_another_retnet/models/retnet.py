@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..generation import GenerationMixin
-from ..layers.feedforward import ACTIVATIONS, FeedForward, build_norm
+from ..layers.feedforward import ACTIVATIONS, FeedForward, RMSNorm, build_norm
 from ..layers.retention import (
+    GATE_ACTIVATIONS,
     MultiScaleRetention,
     RetentionState,
     _is_compiling,
@@ -34,6 +35,7 @@ from ..layers.retention import (
     stacked_weights,
 )
 from ..ops.chunk_scan import chunk_scan_kernel_available
+from ..ops.decode_step import decoder_layer_step, decoder_layer_step_available
 from ..ops.gemv import gemv_kernel_available
 from ..ops.memory import cached_cpu_memory
 from .config import RetNetConfig
@@ -148,6 +150,10 @@ class RetNetDecoderLayer(nn.Module):
         """
         retention = cast(MultiScaleRetention, self.retention)
         attn_tables, glu = tables if tables is not None else self.decode_tables(memory.dtype)
+        if self.pre_norm and not _is_compiling():  # compiled, inductor fuses the ops below instead
+            fused = self._fused_step(x, memory, rotation, attn_tables, glu)
+            if fused is not None:
+                return fused
         scale = self.residual_scale
         # Each residual is added inside the branch's last matrix-vector product.
         if not self.pre_norm:
@@ -157,6 +163,33 @@ class RetNetDecoderLayer(nn.Module):
         x, memory = retention.step(self.retention_norm(x), memory, rotation,
                                    x if scale == 1.0 else x * scale, attn_tables)
         return self._ffn_step(self.ffn_norm(x), x if scale == 1.0 else x * scale, glu), memory
+
+    def _fused_step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
+                    attn_tables: tuple[Tensor, Tensor | None, Tensor],
+                    glu: tuple[Tensor, Tensor | None] | None) -> tuple[Tensor, Tensor] | None:
+        """:meth:`step` as one kernel call (``ops/decode_step.py``), or ``None`` where it does not
+        apply (batch > 1, other devices or dtypes, no C++ toolchain): the caller then runs the
+        PyTorch ops it is tested against."""
+        retention = cast(MultiScaleRetention, self.retention)
+        ffn = cast(FeedForward, self.ffn)
+        first, second = _block_norm(self.retention_norm), _block_norm(self.ffn_norm)
+        if first is None or second is None:
+            return None
+        (w1, b1, eps, rms), (w2, b2, _, _) = first, second
+        fc1 = glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias)
+        weight, bias, gamma = attn_tables
+        out, fc2 = retention.out_proj, ffn.fc2
+        params = [w1, b1, w2, b2, weight, bias, retention.norm_weight, retention.norm_bias, *fc1,
+                  out.weight, out.bias, fc2.weight, fc2.bias]
+        gate_act, ffn_act = GATE_ACTIVATIONS[retention.gate_activation], ACTIVATIONS[ffn.activation]
+        if not decoder_layer_step_available(x, memory, params, (gate_act, ffn_act)):
+            return None
+        return decoder_layer_step(
+            x, memory, rotation, norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma,
+            head_norm=(retention.norm_weight, retention.norm_bias), out=(out.weight, out.bias), norm2=(w2, b2),
+            fc1=fc1, fc2=(fc2.weight, fc2.bias), block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
+            head_rms=retention.head_norm == "rmsnorm", gate_act=gate_act, ffn_act=ffn_act, glu=glu is not None,
+            residual_scale=self.residual_scale)
 
     def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
         """``residual + FFN(x)`` on ``(batch, d_model)`` rows; a GLU's fc1 and gate are one matrix."""
@@ -168,6 +201,16 @@ class RetNetDecoderLayer(nn.Module):
             h = linear_step(x, *glu)
             h = act(h[:, : ffn.fc1.out_features]) * h[:, ffn.fc1.out_features :]
         return linear_step(h, ffn.fc2.weight, ffn.fc2.bias, residual)
+
+
+def _block_norm(norm: nn.Module) -> tuple[Tensor, Tensor | None, float, bool] | None:
+    """``(weight, bias, eps, is_rms)`` of a block norm for the fused decoding step; ``None`` for a
+    norm it does not know (then the layer steps in PyTorch ops)."""
+    if isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1:
+        return norm.weight, norm.bias, norm.eps, False
+    if isinstance(norm, RMSNorm):
+        return norm.weight, None, norm.eps, True
+    return None
 
 
 class RetNetDecoder(nn.Module):

@@ -3,7 +3,8 @@
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
 chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`), the head
 norm and gate that end a retention layer (:mod:`.norm_gate`), the split of its projection into
-rotated heads (:mod:`.split_heads`) and the CPU buffer cache (:mod:`.memory`).
+rotated heads (:mod:`.split_heads`), the fused decoding steps (:mod:`.decode_step`)
+and the CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
@@ -24,7 +25,7 @@ from torch import Tensor
 _log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
-                           "cpu_memory.cpp")]
+                           "decode_step.cpp", "cpu_memory.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None

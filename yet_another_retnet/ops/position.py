@@ -38,3 +38,10 @@ def rotate_every_two(x: Tensor) -> Tensor:
 def apply_rotation(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """``x * cos + rotate_every_two(x) * sin``; ``cos``/``sin`` broadcast against ``x``."""
     return x * cos + rotate_every_two(x) * sin
+
+
+def rotate_pairs(pairs: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``(a, b)`` pairs ``(..., 2)`` rotated by the angles of ``cos``/``sin`` (broadcasting against
+    ``(...)``): the complex product ``(a + ib) e^{i theta}`` in real arithmetic."""
+    a, b = pairs.unbind(-1)
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)

@@ -35,43 +35,10 @@ namespace {
 using yaretnet_cpu::load;
 using yaretnet_cpu::store;
 using yaretnet_cpu::vec16;
-typedef int32_t ivec16 __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
-
-inline vec16 splat(float x) { return vec16{} + x; }
-
-inline float sum(vec16 v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) {
-    s += v[i];
-  }
-  return s;
-}
-
-// exp(x) lane by lane: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
-// (relative error ~1e-7, float rounding), times 2^n built in the exponent bits. Inputs are
-// clamped to [-87, 88] (exp stays a normal float); sigmoid only needs exp to saturate there.
-inline vec16 exp16(vec16 x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  x = x > 88.0f ? splat(88.0f) : x;
-  const vec16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const vec16 n = (x * 1.44269504088896341f + magic) - magic;
-  const vec16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
-  vec16 p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const ivec16 bits = (__builtin_convertvector(n, ivec16) + 127) << 23;
-  vec16 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-inline vec16 sigmoid16(vec16 z) { return 1.0f / (1.0f + exp16(-z)); }
+using yaretnet_cpu::kLanes;
+using yaretnet_cpu::sigmoid16;
+using yaretnet_cpu::splat;
+using yaretnet_cpu::sum;
 
 struct Dims {
   int64_t batch, heads, length, dv;

@@ -1,0 +1,226 @@
+"""The decoding-step CPU kernels (``ops/csrc/decode_step.cpp``) against float64 math.
+
+``retention_step`` (a retention layer's core for one token per row) is checked against the formula
+written out in float64; ``decoder_layer_step`` (a whole pre-norm layer in one call) against a
+float64 copy of the model decoding through its recurrent reference form.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import yet_another_retnet.models.retnet as retnet_module
+from yet_another_retnet import RetNet, RetNetConfig
+from yet_another_retnet.ops import _extension
+from yet_another_retnet.ops.decode_step import decoder_layer_step_available, retention_step
+
+pytestmark = pytest.mark.skipif(not _extension.load(), reason="the C++ extension is not built here")
+
+EPS = 1e-5
+ACTS = {"identity": None, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+def float64_act(name: str, z: torch.Tensor) -> torch.Tensor:
+    if name == "silu":
+        return z / (1 + torch.exp(-z))
+    if name == "gelu":
+        return 0.5 * z * (1 + torch.special.erf(z / math.sqrt(2)))
+    if name == "relu":
+        return z.clamp_min(0)
+    return z
+
+
+def float64_core(proj: torch.Tensor, memory: torch.Tensor, angles: torch.Tensor | None, gamma: torch.Tensor,
+                 w: torch.Tensor | None, b: torch.Tensor | None, rms: bool, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step written out: pair rotation by ``angles`` ``(batch, dk / 2)``, the decayed memory
+    update, the read-out, the head norm and the gate, all float64."""
+    batch, heads, dk, dv = memory.shape
+    p, s = proj.double(), memory.double()
+    q = p[:, : heads * dk].reshape(batch, heads, dk)
+    k = p[:, heads * dk : 2 * heads * dk].reshape(batch, heads, dk)
+    v = p[:, 2 * heads * dk : 2 * heads * dk + heads * dv].reshape(batch, heads, dv)
+    g = p[:, 2 * heads * dk + heads * dv :]
+    if angles is not None:
+        cos, sin = torch.cos(angles)[:, None], torch.sin(angles)[:, None]
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            even, odd = x[..., 0::2], x[..., 1::2]
+            return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+
+        q, k = rotate(q), rotate(k)
+    k = k / math.sqrt(dk)
+    new = gamma.double().view(1, heads, 1, 1) * s + k[..., :, None] * v[..., None, :]
+    y = torch.einsum("bhi,bhij->bhj", q, new)
+    if rms:
+        y = y / torch.sqrt(y.square().mean(-1, keepdim=True) + EPS)
+    else:
+        centred = y - y.mean(-1, keepdim=True)
+        y = centred / torch.sqrt(centred.square().mean(-1, keepdim=True) + EPS)
+    y = y.reshape(batch, heads * dv)
+    if w is not None and b is not None:
+        y = y * w.double() + b.double()
+    return float64_act(act, g) * y, new
+
+
+def core_inputs(batch: int, heads: int, dk: int, dv: int, dtype: torch.dtype, seed: str) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(zlib.crc32(seed.encode()))
+    width = 2 * heads * (dk + dv)
+    # A column slice of a wider tensor (rows not contiguous); gate values up to ~+-12 so the
+    # activations' tails are exercised.
+    wide = torch.randn(batch, width + 5, generator=gen)
+    wide[:, 3 + width - heads * dv : 3 + width] *= 4
+    return {
+        "proj": wide.to(dtype)[:, 3 : 3 + width],
+        "memory": torch.randn(batch, heads, dk, dv, generator=gen),
+        "angles": torch.rand(batch, dk // 2, generator=gen, dtype=torch.float64) * 1000,
+        "gamma": 1 - torch.rand(heads, generator=gen) * 0.1,
+        "w": (1 + 0.5 * torch.randn(heads * dv, generator=gen)).to(dtype),
+        "b": (0.3 * torch.randn(heads * dv, generator=gen)).to(dtype),
+    }
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("rotation", [True, False])
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_retention_step_kernel_equals_the_float64_formula(dtype: torch.dtype, tol: float, rotation: bool, rms: bool,
+                                                          act: str) -> None:
+    batch, heads, dk, dv = 3, 4, 16, 24
+    x = core_inputs(batch, heads, dk, dv, dtype, f"{dtype}{rotation}{rms}{act}")
+    angles = x["angles"] if rotation else None
+    factors = None
+    if angles is not None:  # what MultiScaleRetention.step_rotation hands over: query, then key with dk^-0.5
+        unit = torch.polar(torch.ones_like(angles), angles)
+        factors = torch.stack((unit, unit * dk**-0.5), dim=1)[:, :, None].to(torch.complex64)
+    w, b = (None, None) if rms else (x["w"], x["b"])
+    memory_before = x["memory"].clone()
+    with torch.inference_mode():
+        out, new = retention_step(x["proj"], x["memory"], factors, x["gamma"].view(-1, 1, 1), w, b, EPS, rms, ACTS[act])
+    want_out, want_new = float64_core(x["proj"], x["memory"], angles, x["gamma"], w, b, rms, act)
+    assert out.dtype == dtype and out.shape == (batch, heads * dv) and new.dtype == torch.float32
+    assert rel(new, want_new) < 1e-6
+    assert rel(out, want_out) < tol, rel(out, want_out)
+    assert torch.equal(x["memory"], memory_before)  # the caller's memory is left alone
+
+
+def make_model(dtype: torch.dtype, **overrides: Any) -> RetNet:
+    fields: dict[str, Any] = {"vocab_size": 53, "d_model": 48, "num_heads": 3, "num_layers": 2, "ffn_dim": 40,
+                              "dropout": 0.0, "chunk_size": 4, "tie_embeddings": False}
+    fields.update(overrides)
+    torch.manual_seed(zlib.crc32(repr(sorted(overrides.items())).encode()))
+    model = RetNet(RetNetConfig(**fields)).eval()
+    with torch.no_grad():  # every parameter off its initial value, so a dropped term shows
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        model.embed_tokens.weight.mul_(10.0)
+    return model.to(dtype)
+
+
+LAYERS: dict[str, dict[str, Any]] = {
+    "paper (value x2, groupnorm, gelu mlp, swish gate)": {},
+    "torchscale-like (glu, swish, rmsnorm, biases)": {"ffn": "glu", "activation": "swish", "block_norm": "rmsnorm",
+                                                      "head_norm": "rmsnorm", "bias": True},
+    "no rotation, gelu gate, relu ffn, residual scale": {"relative_position": False, "gate_activation": "gelu",
+                                                         "activation": "relu", "residual_scale": 1.3},
+    "identity gate, value x1, layernorm without bias": {"gate_activation": "identity", "value_factor": 1.0,
+                                                        "bias": False, "embedding_norm": True},
+}
+
+
+def decode(model: RetNet, tokens: torch.Tensor, fast: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Prefill the first 5 tokens chunkwise, then one token at a time; the logits of every step."""
+    model.fast_decode = fast
+    with torch.inference_mode():
+        state = model(tokens[:, :5], mode="chunkwise").state
+        logits = []
+        for t in range(5, tokens.shape[1]):
+            out = model(tokens[:, t : t + 1], state=state, mode="recurrent")
+            logits.append(out.logits)
+            state = out.state
+    return torch.cat(logits, dim=1), state.memories
+
+
+@pytest.mark.parametrize("variant", sorted(LAYERS))
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decoder_layer_step_kernel_equals_the_float64_recurrent_form(variant: str, dtype: torch.dtype, tol: float,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(dtype, **LAYERS[variant])
+    reference = copy.deepcopy(model).double()  # for bf16: the same (rounded) weights in float64
+    calls = []
+    kernel = retnet_module.decoder_layer_step
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(retnet_module, "decoder_layer_step", counted)
+    tokens = torch.randint(0, 53, (1, 14), generator=torch.Generator().manual_seed(3))
+    got, got_memories = decode(model, tokens, fast=True)
+    assert len(calls) == 9 * 2  # every step of every layer went through the kernel
+    want, want_memories = decode(reference, tokens, fast=False)
+    assert got.dtype == dtype and got.shape == want.shape == (1, 9, 53)
+    assert rel(got, want) < tol, rel(got, want)
+    for g, w in zip(got_memories, want_memories, strict=True):
+        assert g.dtype == torch.float32 and rel(g, w) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_the_layer_kernel_steps_aside_where_it_does_not_apply() -> None:
+    model = make_model(torch.float32)
+    layer = model.decoder.layers[0]
+    attn, _ = layer.decode_tables(torch.float32)
+    params = [attn[0], attn[1], layer.ffn.fc1.weight]
+    memory = torch.zeros(1, 3, 16, 32)
+    acts = (F.silu, F.gelu)
+    with torch.inference_mode():
+        assert decoder_layer_step_available(torch.zeros(1, 48), memory, params, acts)
+        assert not decoder_layer_step_available(torch.zeros(2, 48), memory, params, acts)  # batch 2
+        assert not decoder_layer_step_available(torch.zeros(1, 48, dtype=torch.float64), memory, params, acts)
+        assert not decoder_layer_step_available(torch.zeros(1, 48), memory, params, (F.silu, F.mish))
+    assert not decoder_layer_step_available(torch.zeros(1, 48), memory, params, acts)  # grad mode on
+    post_norm = make_model(torch.float32, pre_norm=False)
+    post_norm.fast_decode = True
+    with torch.inference_mode():  # a post-norm layer keeps its PyTorch step (and still decodes)
+        out = post_norm(torch.tensor([[1, 2]]), mode="recurrent")
+    assert torch.isfinite(out.logits).all()
+
+
+def test_kernels_reject_bad_shapes_with_the_argument_named() -> None:
+    x = core_inputs(1, 2, 8, 8, torch.float32, "errors")
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="proj must be"):
+            torch.ops.yaretnet.retention_step(x["proj"][:, :-1], x["memory"], None, x["gamma"], None, None, EPS,
+                                              True, 0)
+        with pytest.raises(RuntimeError, match="memory must be"):
+            torch.ops.yaretnet.retention_step(x["proj"], x["memory"].double(), None, x["gamma"], None, None, EPS,
+                                              True, 0)
+        with pytest.raises(RuntimeError, match="norm_weight must be"):
+            torch.ops.yaretnet.retention_step(x["proj"], x["memory"], None, x["gamma"], x["w"][:-1], x["b"], EPS,
+                                              False, 0)
+        model = make_model(torch.float32)
+        layer = model.decoder.layers[0]
+        (weight, bias, gamma), _ = layer.decode_tables(torch.float32)
+        r, f = layer.retention, layer.ffn
+        args = [torch.zeros(1, 48), torch.zeros(1, 3, 16, 32), None, layer.retention_norm.weight,
+                layer.retention_norm.bias, weight, bias, gamma.view(-1), r.norm_weight, r.norm_bias,
+                r.out_proj.weight, r.out_proj.bias, layer.ffn_norm.weight, layer.ffn_norm.bias, f.fc1.weight,
+                f.fc1.bias, f.fc2.weight, f.fc2.bias, 1e-5, 1e-5, False, False, 1, 2, False, 1.0]
+        torch.ops.yaretnet.decoder_layer_step(*args)  # as the layer passes them: fine
+        bad = list(args)
+        bad[5] = weight[:-1]
+        with pytest.raises(RuntimeError, match="qkvg_weight must be"):
+            torch.ops.yaretnet.decoder_layer_step(*bad)
+        bad = list(args)
+        bad[0] = torch.zeros(2, 48)
+        with pytest.raises(RuntimeError, match="one contiguous row"):
+            torch.ops.yaretnet.decoder_layer_step(*bad)

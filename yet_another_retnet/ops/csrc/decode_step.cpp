@@ -1,0 +1,386 @@
+// Decoding steps on the CPU, one token per row, inference only.
+//
+// retention_step: a retention layer's core, from the fused q/k/v/g projection to what goes into
+// the output projection, per row b and head h:
+//
+//   q, k = rotate(proj[b, q | k part of head h])    (the key's factor includes dk^-0.5)
+//   S'   = gamma_h S + k^T v                          (dk x dv: the new memory)
+//   out  = act(g) * head_norm(q S')                   (groupnorm with its affine, or rmsnorm)
+//
+// decoder_layer_step: one token (batch 1) through a whole pre-norm decoder layer:
+//
+//   proj = Wqkvg norm1(x) + b;   (y, S') = the core above;   x1 = s x + Wout y + b
+//   x2   = s x1 + W2 act(W1 norm2(x1) + b1) + b2        (GLU: act(first half) * second half)
+//
+// Why: the layer in PyTorch ops is ~25 calls (four matrix-vector products, the norms, a complex
+// multiply, addcmul, bmm, group_norm, the activations, views). Each product streams megabytes of
+// weights through the caches, so every small op after it starts cold: measured ~20 us of cache
+// misses per op on our CPUs, against ~5 us of work. Here a layer is one call: the products are
+// the gemv kernel's rows (gemv.h) and everything between them runs on float32 buffers that stay
+// in cache. The memory and all arithmetic are float32; weights and the output are in the model's
+// dtype (float32 or bfloat16), the output rounded once. The PyTorch forms beside these
+// (ops/decode_step.py, the decoder layer's step) are the references they are tested against and
+// the path for every other case.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include "gemv.h"
+#include "vec16.h"
+
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using yaretnet_cpu::gemv_parallel;
+using yaretnet_cpu::kLanes;
+using yaretnet_cpu::load;
+using yaretnet_cpu::sigmoid16;
+using yaretnet_cpu::splat;
+using yaretnet_cpu::store;
+using yaretnet_cpu::vec16;
+
+// Activations, numbered as ops/decode_step.py passes them.
+enum Act : int64_t { kIdentity = 0, kSilu = 1, kGelu = 2, kRelu = 3 };
+
+float activate(float z, int64_t act) {
+  switch (act) {
+    case kSilu: return z / (1.0f + std::exp(-z));
+    case kGelu: return 0.5f * z * (1.0f + std::erf(z * 0.70710678118654752f));
+    case kRelu: return z > 0.0f ? z : 0.0f;
+    default: return z;
+  }
+}
+
+// z = act(z) over n floats, sixteen lanes at a time.
+void activate(float* z, int64_t n, int64_t act) {
+  if (act == kIdentity) return;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vec16 v = load(z + i);
+    store(z + i, act == kSilu ? v * sigmoid16(v) : act == kGelu ? yaretnet_cpu::gelu16(v) : (v > 0.0f ? v : splat(0.0f)));
+  }
+  for (; i < n; ++i) z[i] = activate(z[i], act);
+}
+
+// The gemv kernel reads bfloat16 weights as their bits.
+inline const float* bits(const float* p) { return p; }
+inline const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+
+template <typename P>
+inline float value(const P* p, int64_t i) {
+  return p == nullptr ? 0.0f : static_cast<float>(p[i]);
+}
+
+template <typename P>
+const P* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<P>() : nullptr;
+}
+
+struct Heads {
+  int64_t heads, dk, dv;
+};
+
+// The core for one (row, head): `row` is the row's projection [q (H dk) | k (H dk) | v (H dv) |
+// g (H dv)]; `rot` its (2, dk / 2, 2) rotation factors, query then key, or null (the key is then
+// scaled by dk^-0.5 alone); `out` the row's (H dv) output. Norm parameters in the model's dtype P.
+template <typename In, typename P, typename Out>
+void step_head(const In* row, const float* rot, const float* memory, float* new_memory, float gamma,
+               const P* norm_weight, const P* norm_bias, float eps, bool rms_norm, int64_t act, const Heads& d,
+               int64_t h, Out* out) {
+  const int64_t dk = d.dk, dv = d.dv, key_dim = d.heads * dk, value_dim = d.heads * dv;
+  std::vector<float> buffer(2 * dk + 3 * dv);
+  float* q = buffer.data();
+  float* k = q + dk;
+  float* v = k + dk;
+  float* y = v + dv;
+  float* gate = y + dv;
+  const In* q_in = row + h * dk;
+  const In* k_in = row + key_dim + h * dk;
+  if (rot != nullptr) {
+    const float* rq = rot;
+    const float* rk = rot + dk;
+    for (int64_t i = 0; i < dk / 2; ++i) {  // (a, b) -> (a cos - b sin, a sin + b cos)
+      const float qa = static_cast<float>(q_in[2 * i]), qb = static_cast<float>(q_in[2 * i + 1]);
+      const float ka = static_cast<float>(k_in[2 * i]), kb = static_cast<float>(k_in[2 * i + 1]);
+      q[2 * i] = qa * rq[2 * i] - qb * rq[2 * i + 1];
+      q[2 * i + 1] = qa * rq[2 * i + 1] + qb * rq[2 * i];
+      k[2 * i] = ka * rk[2 * i] - kb * rk[2 * i + 1];
+      k[2 * i + 1] = ka * rk[2 * i + 1] + kb * rk[2 * i];
+    }
+  } else {
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dk));
+    for (int64_t i = 0; i < dk; ++i) {
+      q[i] = static_cast<float>(q_in[i]);
+      k[i] = static_cast<float>(k_in[i]) * scale;
+    }
+  }
+  const In* v_in = row + 2 * key_dim + h * dv;
+  const In* g_in = row + 2 * key_dim + value_dim + h * dv;
+  for (int64_t j = 0; j < dv; ++j) {
+    v[j] = static_cast<float>(v_in[j]);
+    gate[j] = static_cast<float>(g_in[j]);
+    y[j] = 0.0f;
+  }
+  // S' = gamma S + k v^T and y = q S' in one pass over the memory.
+  for (int64_t i = 0; i < dk; ++i) {
+    const float* __restrict__ s = memory + i * dv;
+    float* __restrict__ n = new_memory + i * dv;
+    float* __restrict__ acc = y;
+    const float* __restrict__ vv = v;
+    const float ki = k[i], qi = q[i];
+    for (int64_t j = 0; j < dv; ++j) {
+      const float updated = gamma * s[j] + ki * vv[j];
+      n[j] = updated;
+      acc[j] += qi * updated;
+    }
+  }
+  // The head norm over the dv values.
+  float mean = 0.0f;
+  if (!rms_norm) {
+    for (int64_t j = 0; j < dv; ++j) mean += y[j];
+    mean /= static_cast<float>(dv);
+  }
+  float square = 0.0f;
+  for (int64_t j = 0; j < dv; ++j) square += (y[j] - mean) * (y[j] - mean);
+  const float rstd = 1.0f / std::sqrt(square / static_cast<float>(dv) + eps);
+  activate(gate, dv, act);
+  for (int64_t j = 0; j < dv; ++j) {
+    float normed = (y[j] - mean) * rstd;
+    if (norm_weight != nullptr) normed *= static_cast<float>(norm_weight[h * dv + j]);
+    normed += value(norm_bias, h * dv + j);
+    out[h * dv + j] = static_cast<Out>(gate[j] * normed);
+  }
+}
+
+// The checks both ops make of the memory and the rotation; returns the head sizes.
+Heads check_memory(const char* op, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation) {
+  TORCH_CHECK(memory.dim() == 4 && memory.scalar_type() == at::kFloat && memory.is_contiguous(), op,
+              ": memory must be contiguous float32 (batch, heads, dk, dv), got ", memory.sizes(), " ",
+              memory.scalar_type());
+  const Heads d{memory.size(1), memory.size(2), memory.size(3)};
+  TORCH_CHECK(d.dk % 2 == 0, op, ": the key head dim must be even, got ", d.dk);
+  TORCH_CHECK(!rotation.has_value() || (rotation->scalar_type() == at::kFloat && rotation->is_contiguous() &&
+                                        rotation->numel() == memory.size(0) * 2 * d.dk),
+              op, ": rotation must be contiguous float32 (batch, 2, dk / 2, 2)");
+  return d;
+}
+
+void check_vector(const char* op, const char* name, const c10::optional<at::Tensor>& t, int64_t size,
+                  at::ScalarType dtype) {
+  TORCH_CHECK(!t.has_value() || (t->numel() == size && t->is_contiguous() && t->scalar_type() == dtype), op, ": ",
+              name, " must be a contiguous ", dtype, " vector of ", size, " values");
+}
+
+// The core for `batch` rows (parallel over rows and heads).
+template <typename In, typename P, typename Out>
+void run_core(const In* proj, int64_t row_stride, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
+              const at::Tensor& gamma, const P* norm_weight, const P* norm_bias, float eps, bool rms_norm, int64_t act,
+              float* new_memory, Out* out) {
+  const Heads d{memory.size(1), memory.size(2), memory.size(3)};
+  const int64_t batch = memory.size(0), state = d.dk * d.dv, value_dim = d.heads * d.dv;
+  const float* rot = rotation.has_value() ? rotation->data_ptr<float>() : nullptr;
+  const float* mem = memory.data_ptr<float>();
+  const float* decay = gamma.data_ptr<float>();
+  at::parallel_for(0, batch * d.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / d.heads, h = task % d.heads;
+      step_head<In, P, Out>(proj + b * row_stride, rot == nullptr ? nullptr : rot + b * 2 * d.dk, mem + task * state,
+                            new_memory + task * state, decay[h], norm_weight, norm_bias, eps, rms_norm, act, d, h,
+                            out + b * value_dim);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> retention_step(const at::Tensor& proj, const at::Tensor& memory,
+                                                  const c10::optional<at::Tensor>& rotation, const at::Tensor& gamma,
+                                                  const c10::optional<at::Tensor>& norm_weight,
+                                                  const c10::optional<at::Tensor>& norm_bias, double eps,
+                                                  bool rms_norm, int64_t gate_act) {
+  const char* op = "yaretnet::retention_step";
+  const Heads d = check_memory(op, memory, rotation);
+  const int64_t batch = memory.size(0), value_dim = d.heads * d.dv;
+  const auto dtype = proj.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": proj must be float32 or bfloat16, got ", dtype);
+  TORCH_CHECK(proj.dim() == 2 && proj.size(0) == batch && proj.size(1) == 2 * d.heads * (d.dk + d.dv) &&
+                  proj.stride(1) == 1,
+              op, ": proj must be (batch, 2 heads (dk + dv)) with unit column stride, got ", proj.sizes());
+  check_vector(op, "gamma", gamma, d.heads, at::kFloat);
+  check_vector(op, "norm_weight", norm_weight, value_dim, dtype);
+  check_vector(op, "norm_bias", norm_bias, value_dim, dtype);
+  TORCH_CHECK(gate_act >= kIdentity && gate_act <= kRelu, op, ": unknown gate activation ", gate_act);
+  at::Tensor new_memory = at::empty_like(memory);
+  at::Tensor out = at::empty({batch, value_dim}, proj.options());
+  auto run = [&](auto* typed) {
+    using P = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
+    run_core<P, P, P>(proj.data_ptr<P>(), proj.stride(0), memory, rotation, gamma, data_or_null<P>(norm_weight),
+                      data_or_null<P>(norm_bias), static_cast<float>(eps), rms_norm, gate_act,
+                      new_memory.data_ptr<float>(), out.data_ptr<P>());
+  };
+  if (dtype == at::kFloat) {
+    run(static_cast<float*>(nullptr));
+  } else {
+    run(static_cast<c10::BFloat16*>(nullptr));
+  }
+  return {out, new_memory};
+}
+
+// A block norm of one row: LayerNorm (with its bias, if any) or RMSNorm, times its weight.
+template <typename P>
+void block_norm(const float* x, float* out, int64_t n, const P* weight, const P* bias, float eps, bool rms) {
+  float mean = 0.0f;
+  if (!rms) {
+    for (int64_t i = 0; i < n; ++i) mean += x[i];
+    mean /= static_cast<float>(n);
+  }
+  float square = 0.0f;
+  for (int64_t i = 0; i < n; ++i) square += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.0f / std::sqrt(square / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * rstd * static_cast<float>(weight[i]) + value(bias, i);
+}
+
+// y = W x + b (+ scale * residual), W (rows, cols) in the model's dtype, the rest float32.
+template <typename P>
+void linear(const P* weight, const P* bias, const float* x, float* y, int64_t rows, int64_t cols,
+            const float* residual = nullptr, float scale = 1.0f) {
+  gemv_parallel(bits(weight), x, y, rows, cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    y[r] += value(bias, r);
+    if (residual != nullptr) y[r] += scale * residual[r];
+  }
+}
+
+struct LayerWeights {
+  const at::Tensor& norm1_weight;
+  const c10::optional<at::Tensor>& norm1_bias;
+  const at::Tensor& qkvg_weight;
+  const c10::optional<at::Tensor>& qkvg_bias;
+  const c10::optional<at::Tensor>& head_weight;
+  const c10::optional<at::Tensor>& head_bias;
+  const at::Tensor& out_weight;
+  const c10::optional<at::Tensor>& out_bias;
+  const at::Tensor& norm2_weight;
+  const c10::optional<at::Tensor>& norm2_bias;
+  const at::Tensor& fc1_weight;
+  const c10::optional<at::Tensor>& fc1_bias;
+  const at::Tensor& fc2_weight;
+  const c10::optional<at::Tensor>& fc2_bias;
+};
+
+struct LayerOptions {
+  float block_eps, head_eps;
+  bool block_rms, head_rms;
+  int64_t gate_act, ffn_act;
+  bool glu;
+  float residual_scale;
+};
+
+template <typename P>
+at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
+                      const at::Tensor& gamma, const LayerWeights& w, const LayerOptions& o, at::Tensor& new_memory) {
+  const int64_t dim = x.size(1), proj_rows = w.qkvg_weight.size(0), value_dim = w.out_weight.size(1);
+  const int64_t fc1_rows = w.fc1_weight.size(0), hidden = w.fc2_weight.size(1);
+  std::vector<float> buffer(4 * dim + proj_rows + value_dim + fc1_rows);
+  float* xf = buffer.data();
+  float* normed = xf + dim;
+  float* x1 = normed + dim;
+  float* x2 = x1 + dim;
+  float* proj = x2 + dim;
+  float* y = proj + proj_rows;
+  float* u = y + value_dim;
+  const P* xp = x.data_ptr<P>();
+  for (int64_t i = 0; i < dim; ++i) xf[i] = static_cast<float>(xp[i]);
+
+  block_norm(xf, normed, dim, w.norm1_weight.data_ptr<P>(), data_or_null<P>(w.norm1_bias), o.block_eps, o.block_rms);
+  linear(w.qkvg_weight.data_ptr<P>(), data_or_null<P>(w.qkvg_bias), normed, proj, proj_rows, dim);
+  run_core<float, P, float>(proj, proj_rows, memory, rotation, gamma, data_or_null<P>(w.head_weight),
+                            data_or_null<P>(w.head_bias), o.head_eps, o.head_rms, o.gate_act,
+                            new_memory.data_ptr<float>(), y);
+  linear(w.out_weight.data_ptr<P>(), data_or_null<P>(w.out_bias), y, x1, dim, value_dim, xf, o.residual_scale);
+
+  block_norm(x1, normed, dim, w.norm2_weight.data_ptr<P>(), data_or_null<P>(w.norm2_bias), o.block_eps, o.block_rms);
+  linear(w.fc1_weight.data_ptr<P>(), data_or_null<P>(w.fc1_bias), normed, u, fc1_rows, dim);
+  activate(u, hidden, o.ffn_act);
+  if (o.glu)
+    for (int64_t i = 0; i < hidden; ++i) u[i] *= u[hidden + i];
+  linear(w.fc2_weight.data_ptr<P>(), data_or_null<P>(w.fc2_bias), u, x2, dim, hidden, x1, o.residual_scale);
+
+  at::Tensor out = at::empty_like(x);
+  P* op = out.data_ptr<P>();
+  for (int64_t i = 0; i < dim; ++i) op[i] = static_cast<P>(x2[i]);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
+    const at::Tensor& x, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
+    const at::Tensor& norm1_weight, const c10::optional<at::Tensor>& norm1_bias, const at::Tensor& qkvg_weight,
+    const c10::optional<at::Tensor>& qkvg_bias, const at::Tensor& gamma, const c10::optional<at::Tensor>& head_weight,
+    const c10::optional<at::Tensor>& head_bias, const at::Tensor& out_weight, const c10::optional<at::Tensor>& out_bias,
+    const at::Tensor& norm2_weight, const c10::optional<at::Tensor>& norm2_bias, const at::Tensor& fc1_weight,
+    const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
+    double block_eps, double head_eps, bool block_rms, bool head_rms, int64_t gate_act, int64_t ffn_act, bool glu,
+    double residual_scale) {
+  const char* op = "yaretnet::decoder_layer_step";
+  const Heads d = check_memory(op, memory, rotation);
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": x must be float32 or bfloat16, got ", dtype);
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && memory.size(0) == 1, op,
+              ": one contiguous row (1, d_model) and a batch-1 memory, got ", x.sizes(), " and ", memory.sizes());
+  const int64_t dim = x.size(1), key_dim = d.heads * d.dk, value_dim = d.heads * d.dv;
+  const int64_t hidden = fc2_weight.dim() == 2 ? fc2_weight.size(1) : -1;
+  auto check_matrix = [&](const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous() &&
+                    t.scalar_type() == dtype,
+                op, ": ", name, " must be a contiguous ", dtype, " (", rows, ", ", cols, ") matrix, got ", t.sizes(),
+                " ", t.scalar_type());
+  };
+  check_matrix("qkvg_weight", qkvg_weight, 2 * (key_dim + value_dim), dim);
+  check_matrix("out_weight", out_weight, dim, value_dim);
+  check_matrix("fc1_weight", fc1_weight, glu ? 2 * hidden : hidden, dim);
+  check_matrix("fc2_weight", fc2_weight, dim, hidden);
+  check_vector(op, "norm1_weight", norm1_weight, dim, dtype);
+  check_vector(op, "norm2_weight", norm2_weight, dim, dtype);
+  check_vector(op, "norm1_bias", norm1_bias, dim, dtype);
+  check_vector(op, "norm2_bias", norm2_bias, dim, dtype);
+  check_vector(op, "qkvg_bias", qkvg_bias, 2 * (key_dim + value_dim), dtype);
+  check_vector(op, "head_weight", head_weight, value_dim, dtype);
+  check_vector(op, "head_bias", head_bias, value_dim, dtype);
+  check_vector(op, "out_bias", out_bias, dim, dtype);
+  check_vector(op, "fc1_bias", fc1_bias, fc1_weight.size(0), dtype);
+  check_vector(op, "fc2_bias", fc2_bias, dim, dtype);
+  check_vector(op, "gamma", gamma, d.heads, at::kFloat);
+  TORCH_CHECK(gate_act >= kIdentity && gate_act <= kRelu && ffn_act >= kIdentity && ffn_act <= kRelu, op,
+              ": unknown activation ", gate_act, " / ", ffn_act);
+  const LayerWeights w{norm1_weight, norm1_bias, qkvg_weight, qkvg_bias, head_weight, head_bias, out_weight,
+                       out_bias,     norm2_weight, norm2_bias, fc1_weight, fc1_bias,  fc2_weight, fc2_bias};
+  const LayerOptions o{static_cast<float>(block_eps), static_cast<float>(head_eps), block_rms, head_rms, gate_act,
+                       ffn_act, glu, static_cast<float>(residual_scale)};
+  at::Tensor new_memory = at::empty_like(memory);
+  at::Tensor out = dtype == at::kFloat ? layer_step<float>(x, memory, rotation, gamma, w, o, new_memory)
+                                       : layer_step<c10::BFloat16>(x, memory, rotation, gamma, w, o, new_memory);
+  return {out, new_memory};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
+  m.def(
+      "retention_step(Tensor proj, Tensor memory, Tensor? rotation, Tensor gamma, Tensor? norm_weight, "
+      "Tensor? norm_bias, float eps, bool rms_norm, int gate_act) -> (Tensor, Tensor)");
+  m.def(
+      "decoder_layer_step(Tensor x, Tensor memory, Tensor? rotation, Tensor norm1_weight, Tensor? norm1_bias, "
+      "Tensor qkvg_weight, Tensor? qkvg_bias, Tensor gamma, Tensor? head_weight, Tensor? head_bias, "
+      "Tensor out_weight, Tensor? out_bias, Tensor norm2_weight, Tensor? norm2_bias, Tensor fc1_weight, "
+      "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, float block_eps, float head_eps, bool block_rms, "
+      "bool head_rms, int gate_act, int ffn_act, bool glu, float residual_scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {
+  m.impl("retention_step", &retention_step);
+  m.impl("decoder_layer_step", &decoder_layer_step);
+}

@@ -1,0 +1,98 @@
+// The rows of a matrix-vector product y = W x for decoding (see gemv.cpp for why it looks like
+// this), shared by the gemv op and the fused decoding step (decode_step.cpp).
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace yaretnet_cpu {
+
+// bfloat16 holds the top 16 bits of a float32: widening is a shift.
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+template <typename W>
+inline float load_weight(const W* p);
+template <>
+inline float load_weight<float>(const float* p) { return *p; }
+template <>
+inline float load_weight<uint16_t>(const uint16_t* p) { return bf16_to_float(*p); }
+
+#if defined(__AVX512F__)
+// 16 consecutive weights as float32 (masked for a tail of fewer than 16).
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  __m256i raw = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
+// Rows [begin, end) of y = W x, W row-major (rows x cols), x float32; W float32 or bfloat16 bits.
+template <typename W>
+void gemv_rows(const W* w, const float* x, float* y, int64_t cols, int64_t begin, int64_t end) {
+  int64_t r = begin;
+#if defined(__AVX512F__)
+  const int64_t full = cols - cols % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1u);
+  // kStreams rows a kStreams-th of the range apart: independent streams through memory keep
+  // more cache-line fills in flight than adjacent rows (one stream) do.
+  constexpr int kStreams = 8;
+  const int64_t q = (end - begin) / kStreams;
+  for (; r < begin + q; ++r) {
+    const W* w0 = w + r * cols;
+    __m512 acc[kStreams];
+    for (int i = 0; i < kStreams; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; c += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + c);
+      for (int i = 0; i < kStreams; ++i) acc[i] = _mm512_fmadd_ps(load16(w0 + i * q * cols + c), xv, acc[i]);
+      // Software prefetch 1 KB ahead in every stream, once per cache line (prefetches never
+      // fault, so running past a row's end is harmless). Measured: bfloat16 ~12% faster.
+      if ((c * sizeof(W)) % 64 == 0)
+        for (int i = 0; i < kStreams; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * q * cols + c) + 1024, _MM_HINT_T0);
+    }
+    if (tail) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
+      for (int i = 0; i < kStreams; ++i) acc[i] = _mm512_fmadd_ps(load16(w0 + i * q * cols + full, tail), xv, acc[i]);
+    }
+    for (int i = 0; i < kStreams; ++i) y[r + i * q] = _mm512_reduce_add_ps(acc[i]);
+  }
+  r = begin + kStreams * q;
+#endif
+  for (; r < end; ++r) {  // remaining rows (all rows without AVX-512)
+    const W* row = w + r * cols;
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += load_weight(row + c + j) * x[c + j];
+    float sum = 0;
+    for (; c < cols; ++c) sum += load_weight(row + c) * x[c];
+    for (float a : acc) sum += a;
+    y[r] = sum;
+  }
+}
+
+// y = W x over PyTorch's thread pool. At least ~64 KB of weights per task amortises the scheduling.
+template <typename W>
+void gemv_parallel(const W* w, const float* x, float* y, int64_t rows, int64_t cols) {
+  const int64_t grain = std::max<int64_t>(8, 65536 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(W))));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { gemv_rows(w, x, y, cols, b, e); });
+}
+
+}  // namespace yaretnet_cpu

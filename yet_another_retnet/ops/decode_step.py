@@ -1,0 +1,162 @@
+"""Decoding steps (one token per row, inference only) as CPU kernels (``csrc/decode_step.cpp``).
+
+:func:`retention_step` is a retention layer's core. From the fused projection of one token per row, ``proj`` ``(batch, 2 h dk + 2 h dv)`` laid out
+``[q | k | v | g]``, and each layer's memory ``S`` ``(batch, h, dk, dv)``::
+
+    q, k = rotate(q), rotate(k) * dk ** -0.5          # xPos/RoPE-style pair rotation (optional)
+    S'   = gamma S + k^T v                             # the new memory, per head
+    out  = act(g) * head_norm(q S')                    # (batch, h dv): what the output projection reads
+
+:func:`retention_step_reference` is the same in PyTorch ops: the path under ``torch.compile``
+(inductor fuses it), on other devices and for float64, without a C++ toolchain, and what the kernel
+is tested against. :func:`retention_step` picks the kernel for CPU float32/bfloat16 projections
+with a float32 memory outside autograd; both return the same values to float32 rounding.
+
+:func:`decoder_layer_step` runs a whole pre-norm decoder layer for one token in one call: block
+norm, the q/k/v/g product, the core, the output product and residual, block norm, the FFN and
+its residual. Its reference is the decoder layer's own step in PyTorch ops (``models/retnet.py``).
+Why one call: every matrix-vector product streams megabytes of weights through the caches, so
+each small op after one starts cold (~20 us of cache misses for ~5 us of work, measured); a layer
+in PyTorch ops is ~25 of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _extension
+from .position import rotate_pairs
+
+__all__ = ["decoder_layer_step", "decoder_layer_step_available", "retention_step", "retention_step_reference"]
+
+Activation = Callable[[Tensor], Tensor]
+#: The gate activations the kernel knows, by the number it takes for them (``None``: identity).
+_KERNEL_ACTIVATIONS: dict[Activation | None, int] = {None: 0, F.silu: 1, F.gelu: 2, F.relu: 3}
+
+
+def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma: Tensor,
+                   norm_weight: Tensor | None, norm_bias: Tensor | None, eps: float, rms_norm: bool,
+                   act: Activation | None) -> tuple[Tensor, Tensor]:
+    """``(out (batch, h dv) in proj's dtype, new memory (batch, h, dk, dv))`` for one token per row.
+
+    Args:
+        proj: ``(batch, 2 h dk + 2 h dv)`` the fused q/k/v/g projection (unit column stride).
+        memory: ``(batch, h, dk, dv)`` the layer's memory in the compute dtype; not modified.
+        rotation: the rotation factors of this token, complex ``(batch, 2, 1, dk / 2)`` (query,
+            then key including ``dk ** -0.5``) or their ``torch.view_as_real``; ``None`` without
+            rotation (the key is then scaled by ``dk ** -0.5`` alone).
+        gamma: ``(h, 1, 1)`` decays in the memory's dtype.
+        norm_weight, norm_bias: ``(h dv,)`` the group norm's affine (``None`` for none).
+        eps: the head norm's epsilon.
+        rms_norm: RMS norm over each head instead of the group norm (no affine).
+        act: the gate activation (``None`` for identity).
+    """
+    code = _KERNEL_ACTIVATIONS.get(act)
+    if (code is not None and _kernel_inputs(proj, memory, norm_weight, norm_bias) and proj.dim() == 2
+            and proj.stride(-1) == 1 and _extension.load()):
+        out, new_memory = torch.ops.yaretnet.retention_step(proj, memory.contiguous(), _real(rotation),
+                                                            gamma.reshape(-1), norm_weight, norm_bias, eps,
+                                                            rms_norm, code)
+        return out, new_memory
+    return retention_step_reference(proj, memory, rotation, gamma, norm_weight, norm_bias, eps, rms_norm, act)
+
+
+def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma: Tensor,
+                             norm_weight: Tensor | None, norm_bias: Tensor | None, eps: float, rms_norm: bool,
+                             act: Activation | None) -> tuple[Tensor, Tensor]:
+    """:func:`retention_step` in PyTorch ops (same arguments and results)."""
+    batch, heads, dk, dv = memory.shape
+    key_dim, value_dim = heads * dk, heads * dv
+    qk = proj[:, : 2 * key_dim]
+    v = proj[:, 2 * key_dim : 2 * key_dim + value_dim]
+    if proj.dtype != memory.dtype:  # half weights: retention runs in float32
+        qk, v = qk.to(memory.dtype), v.to(memory.dtype)
+    if rotation is not None:
+        # Rotating (a, b) pairs by an angle is a complex product: one op for q and k at once,
+        # and the key's dk^-0.5 rides along in its factor.
+        pairs = qk.view(batch, 2, heads, dk // 2, 2)
+        if rotation.is_complex():
+            qk = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
+        else:  # the same product in reals, (..., 2) pairs: what a compiled step passes
+            qk = rotate_pairs(pairs, *rotation.unbind(-1))
+        q, k = qk.reshape(batch, 2, heads, dk).unbind(1)
+    else:
+        q, k = qk.view(batch, 2, heads, dk).unbind(1)
+        k = k * dk**-0.5
+    new_memory = torch.addcmul(memory * gamma, k.view(batch, heads, dk, 1), v.view(batch, heads, 1, dv))
+    # bmm on flat views: matmul's broadcasting would add an expand, reshapes and a copy check.
+    y = torch.bmm(q.reshape(batch * heads, 1, dk), new_memory.view(batch * heads, dk, dv))
+    y = y.view(batch, value_dim)
+    if not rms_norm:
+        if y.dtype == proj.dtype:  # one fused op: per-head normalisation and the affine
+            y = F.group_norm(y, heads, norm_weight, norm_bias, eps)
+        else:
+            y = F.group_norm(y, heads, None, None, eps).to(proj.dtype)
+            y = torch.addcmul(norm_bias, y, norm_weight)  # type: ignore[arg-type]
+    else:
+        y = y.view(batch, heads, dv)
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(proj.dtype)
+        y = y.view(batch, value_dim)
+    gate = proj[:, 2 * key_dim + value_dim :]
+    if act is not None:
+        gate = act(gate)
+    return gate * y, new_memory
+
+
+def decoder_layer_step_available(x: Tensor, memory: Tensor, params: list[Tensor | None],
+                                 activations: tuple[Activation | None, ...]) -> bool:
+    """Whether :func:`decoder_layer_step` runs for these inputs: one CPU float32/bfloat16 row
+    with a float32 memory, outside autograd, every parameter in ``x``'s dtype, known activations,
+    the kernel built."""
+    return (x.shape[0] == 1 and all(act in _KERNEL_ACTIVATIONS for act in activations)
+            and _kernel_inputs(x, memory, *params) and _extension.load())
+
+
+def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None, *, norm1: tuple[Tensor, Tensor | None],
+                       qkvg: tuple[Tensor, Tensor | None], gamma: Tensor, head_norm: tuple[Tensor | None, Tensor | None],
+                       out: tuple[Tensor, Tensor | None], norm2: tuple[Tensor, Tensor | None],
+                       fc1: tuple[Tensor, Tensor | None], fc2: tuple[Tensor, Tensor | None], block_eps: float,
+                       head_eps: float, block_rms: bool, head_rms: bool, gate_act: Activation | None,
+                       ffn_act: Activation | None, glu: bool, residual_scale: float) -> tuple[Tensor, Tensor]:
+    """One token through a pre-norm decoder layer in one kernel call (check
+    :func:`decoder_layer_step_available` first).
+
+    Args:
+        x: ``(1, d_model)`` the layer's input (the residual stream, not normed).
+        memory: ``(1, h, dk, dv)`` float32 memory; not modified.
+        rotation: as for :func:`retention_step`.
+        norm1, norm2: ``(weight, bias or None)`` of the block norms before retention and FFN
+            (``block_rms``: RMSNorm, weight only).
+        qkvg: the stacked q/k/v/g projection ``((2 h dk + 2 h dv, d_model), bias)``.
+        gamma: ``(h, 1, 1)`` float32 decays.
+        head_norm: the group norm's ``(weight, bias)`` (``(None, None)`` with ``head_rms``).
+        out: the output projection ``((d_model, h dv), bias)``.
+        fc1, fc2: the FFN's products, ``fc1`` ``(ffn, d_model)`` or for a GLU ``(2 ffn, d_model)``
+            (fc1 and gate stacked), ``fc2`` ``(d_model, ffn)``.
+        gate_act, ffn_act: the gate's and the FFN's activations (``None``: identity).
+        residual_scale: what the residual is multiplied by (DeepNorm's alpha; 1 for the paper).
+
+    Returns ``(x_out (1, d_model) in x's dtype, new memory (1, h, dk, dv))``.
+    """
+    return torch.ops.yaretnet.decoder_layer_step(
+        x.contiguous(), memory.contiguous(), _real(rotation), *norm1, *qkvg, gamma.reshape(-1), *head_norm, *out,
+        *norm2, *fc1, *fc2, block_eps, head_eps, block_rms, head_rms, _KERNEL_ACTIVATIONS[gate_act],
+        _KERNEL_ACTIVATIONS[ffn_act], glu, residual_scale)
+
+
+def _kernel_inputs(x: Tensor, memory: Tensor, *params: Tensor | None) -> bool:
+    """CPU float32/bfloat16 ``x``, float32 memory, parameters in ``x``'s dtype, no autograd."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and memory.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and all(p is None or (p.dtype == x.dtype and p.device.type == "cpu") for p in params))
+
+
+def _real(rotation: Tensor | None) -> Tensor | None:
+    """The kernels' rotation argument: float32 ``(batch, 2, dk / 2, 2)`` contiguous."""
+    if rotation is None:
+        return None
+    return (torch.view_as_real(rotation) if rotation.is_complex() else rotation).contiguous()
