@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yet_another_retnet.models.retnet as retnet_module
 from yet_another_retnet import RetNet, RetNetConfig
 from yet_another_retnet.ops import _extension
-from yet_another_retnet.ops.decode_step import decoder_layer_step_available, retention_step
+from yet_another_retnet.ops.decode_step import decoder_layer_step, layer_step_plan, retention_step
 
 pytestmark = pytest.mark.skipif(not _extension.load(), reason="the C++ extension is not built here")
 
@@ -178,21 +178,44 @@ def test_decoder_layer_step_kernel_equals_the_float64_recurrent_form(variant: st
 def test_the_layer_kernel_steps_aside_where_it_does_not_apply() -> None:
     model = make_model(torch.float32)
     layer = model.decoder.layers[0]
-    attn, _ = layer.decode_tables(torch.float32)
-    params = [attn[0], attn[1], layer.ffn.fc1.weight]
+    attn, glu = layer.decode_tables(torch.float32)
+    plan = layer._step_plan(attn, glu)
+    assert plan is not None and plan.dtype == torch.float32
     memory = torch.zeros(1, 3, 16, 32)
-    acts = (F.silu, F.gelu)
     with torch.inference_mode():
-        assert decoder_layer_step_available(torch.zeros(1, 48), memory, params, acts)
-        assert not decoder_layer_step_available(torch.zeros(2, 48), memory, params, acts)  # batch 2
-        assert not decoder_layer_step_available(torch.zeros(1, 48, dtype=torch.float64), memory, params, acts)
-        assert not decoder_layer_step_available(torch.zeros(1, 48), memory, params, (F.silu, F.mish))
-    assert not decoder_layer_step_available(torch.zeros(1, 48), memory, params, acts)  # grad mode on
+        assert decoder_layer_step(torch.zeros(1, 48), memory, None, plan) is not None
+        assert decoder_layer_step(torch.zeros(2, 48), memory.expand(2, -1, -1, -1), None, plan) is None  # batch 2
+        assert decoder_layer_step(torch.zeros(1, 48, dtype=torch.bfloat16), memory, None, plan) is None  # dtype
+        assert decoder_layer_step(torch.zeros(1, 48), memory.double(), None, plan) is None
+    assert decoder_layer_step(torch.zeros(1, 48), memory, None, plan) is None  # grad mode on
+    kw = {"norm1": (layer.retention_norm.weight, None), "qkvg": attn[:2], "gamma": attn[2],
+          "head_norm": (layer.retention.norm_weight, layer.retention.norm_bias),
+          "out": (layer.retention.out_proj.weight, None), "norm2": (layer.ffn_norm.weight, None),
+          "fc1": (layer.ffn.fc1.weight, None), "fc2": (layer.ffn.fc2.weight, None), "block_eps": 1e-5,
+          "head_eps": 1e-5, "block_rms": False, "head_rms": False, "gate_act": F.silu, "ffn_act": F.gelu,
+          "glu": False, "residual_scale": 1.0}
+    assert layer_step_plan(**kw) is not None
+    assert layer_step_plan(**{**kw, "ffn_act": F.mish}) is None  # an activation the kernel does not know
+    assert layer_step_plan(**{**kw, "out": (layer.retention.out_proj.weight.double(), None)}) is None  # mixed dtypes
     post_norm = make_model(torch.float32, pre_norm=False)
     post_norm.fast_decode = True
     with torch.inference_mode():  # a post-norm layer keeps its PyTorch step (and still decodes)
         out = post_norm(torch.tensor([[1, 2]]), mode="recurrent")
     assert torch.isfinite(out.logits).all()
+
+
+def test_the_cached_plan_follows_replaced_and_updated_weights() -> None:
+    model = make_model(torch.float32)
+    tokens = torch.randint(0, 53, (1, 12), generator=torch.Generator().manual_seed(5))
+    decode(model, tokens, fast=True)  # builds the plans
+    with torch.no_grad():
+        model.decoder.layers[1].ffn.fc2.weight.mul_(1.5)  # in place
+        model.decoder.layers[0].retention.out_proj.weight = torch.nn.Parameter(
+            torch.randn_like(model.decoder.layers[0].retention.out_proj.weight))  # replaced
+        model.decoder.layers[0].retention.q_proj.weight.add_(0.1)  # into the stacked q/k/v/g copy
+    got, _ = decode(model, tokens, fast=True)
+    want, _ = decode(copy.deepcopy(model).double(), tokens, fast=False)
+    assert rel(got, want) < 1e-5, rel(got, want)
 
 
 def test_kernels_reject_bad_shapes_with_the_argument_named() -> None:

@@ -35,7 +35,7 @@ from ..layers.retention import (
     stacked_weights,
 )
 from ..ops.chunk_scan import chunk_scan_kernel_available
-from ..ops.decode_step import decoder_layer_step, decoder_layer_step_available
+from ..ops.decode_step import LayerStepPlan, decoder_layer_step, layer_step_plan
 from ..ops.gemv import gemv_kernel_available
 from ..ops.memory import cached_cpu_memory
 from .config import RetNetConfig
@@ -172,24 +172,37 @@ class RetNetDecoderLayer(nn.Module):
         PyTorch ops it is tested against."""
         retention = cast(MultiScaleRetention, self.retention)
         ffn = cast(FeedForward, self.ffn)
+        out, fc1, fc2, n1, n2 = retention.out_proj, ffn.fc1, ffn.fc2, self.retention_norm, self.ffn_norm
+        params = (n1, n2, getattr(n1, "weight", None), getattr(n1, "bias", None), getattr(n2, "weight", None),
+                  getattr(n2, "bias", None), retention.norm_weight, retention.norm_bias, out.weight, out.bias,
+                  fc1.weight, fc1.bias, fc2.weight, fc2.bias)
+        # The plan is rebuilt when any of these objects changes: a new decode table (the cached
+        # stacks follow weight updates), a replaced module or parameter. It holds them all, so an
+        # id cannot be reused while it is cached.
+        key = tuple(map(id, (*attn_tables, *(glu or ()), *params)))
+        cached = self.__dict__.get("_step_plan_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self._step_plan(attn_tables, glu), attn_tables, glu, params)
+            self.__dict__["_step_plan_cache"] = cached
+        plan = cached[1]
+        return None if plan is None else decoder_layer_step(x, memory, rotation, plan)
+
+    def _step_plan(self, attn_tables: tuple[Tensor, Tensor | None, Tensor],
+                   glu: tuple[Tensor, Tensor | None] | None) -> LayerStepPlan | None:
+        retention = cast(MultiScaleRetention, self.retention)
+        ffn = cast(FeedForward, self.ffn)
         first, second = _block_norm(self.retention_norm), _block_norm(self.ffn_norm)
         if first is None or second is None:
             return None
         (w1, b1, eps, rms), (w2, b2, _, _) = first, second
-        fc1 = glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias)
         weight, bias, gamma = attn_tables
         out, fc2 = retention.out_proj, ffn.fc2
-        params = [w1, b1, w2, b2, weight, bias, retention.norm_weight, retention.norm_bias, *fc1,
-                  out.weight, out.bias, fc2.weight, fc2.bias]
-        gate_act, ffn_act = GATE_ACTIVATIONS[retention.gate_activation], ACTIVATIONS[ffn.activation]
-        if not decoder_layer_step_available(x, memory, params, (gate_act, ffn_act)):
-            return None
-        return decoder_layer_step(
-            x, memory, rotation, norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma,
-            head_norm=(retention.norm_weight, retention.norm_bias), out=(out.weight, out.bias), norm2=(w2, b2),
-            fc1=fc1, fc2=(fc2.weight, fc2.bias), block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
-            head_rms=retention.head_norm == "rmsnorm", gate_act=gate_act, ffn_act=ffn_act, glu=glu is not None,
-            residual_scale=self.residual_scale)
+        return layer_step_plan(
+            norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma, head_norm=(retention.norm_weight, retention.norm_bias),
+            out=(out.weight, out.bias), norm2=(w2, b2), fc1=glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias),
+            fc2=(fc2.weight, fc2.bias), block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
+            head_rms=retention.head_norm == "rmsnorm", gate_act=GATE_ACTIVATIONS[retention.gate_activation],
+            ffn_act=ACTIVATIONS[ffn.activation], glu=glu is not None, residual_scale=self.residual_scale)
 
     def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
         """``residual + FFN(x)`` on ``(batch, d_model)`` rows; a GLU's fc1 and gate are one matrix."""
@@ -364,7 +377,7 @@ class RetNet(GenerationMixin, nn.Module):
         (about 40% of a model's weights); the next fast step rebuilds them.
         """
         for module in self.modules():
-            for key in ("_decode_cache", "_stacked_cache", "_rotation_cache"):
+            for key in ("_decode_cache", "_stacked_cache", "_rotation_cache", "_step_plan_cache"):
                 module.__dict__.pop(key, None)
 
     def empty_state(self, batch_size: int) -> RetNetState:

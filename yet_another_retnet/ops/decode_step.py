@@ -12,7 +12,8 @@
 is tested against. :func:`retention_step` picks the kernel for CPU float32/bfloat16 projections
 with a float32 memory outside autograd; both return the same values to float32 rounding.
 
-:func:`decoder_layer_step` runs a whole pre-norm decoder layer for one token in one call: block
+:func:`decoder_layer_step` runs a whole pre-norm decoder layer for one token in one call (its
+weights gathered once by :func:`layer_step_plan`): block
 norm, the q/k/v/g product, the core, the output product and residual, block norm, the FFN and
 its residual. Its reference is the decoder layer's own step in PyTorch ops (``models/retnet.py``).
 Why one call: every matrix-vector product streams megabytes of weights through the caches, so
@@ -23,6 +24,7 @@ in PyTorch ops is ~25 of them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +33,10 @@ from torch import Tensor
 from . import _extension
 from .position import rotate_pairs
 
-__all__ = ["decoder_layer_step", "decoder_layer_step_available", "retention_step", "retention_step_reference"]
+__all__ = ["LayerStepPlan", "decoder_layer_step", "layer_step_plan", "retention_step", "retention_step_reference"]
 
 Activation = Callable[[Tensor], Tensor]
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 #: The gate activations the kernel knows, by the number it takes for them (``None``: identity).
 _KERNEL_ACTIVATIONS: dict[Activation | None, int] = {None: 0, F.silu: 1, F.gelu: 2, F.relu: 3}
 
@@ -107,28 +110,27 @@ def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | No
     return gate * y, new_memory
 
 
-def decoder_layer_step_available(x: Tensor, memory: Tensor, params: list[Tensor | None],
-                                 activations: tuple[Activation | None, ...]) -> bool:
-    """Whether :func:`decoder_layer_step` runs for these inputs: one CPU float32/bfloat16 row
-    with a float32 memory, outside autograd, every parameter in ``x``'s dtype, known activations,
-    the kernel built."""
-    return (x.shape[0] == 1 and all(act in _KERNEL_ACTIVATIONS for act in activations)
-            and _kernel_inputs(x, memory, *params) and _extension.load())
+class LayerStepPlan(NamedTuple):
+    """What :func:`decoder_layer_step` reads besides the input, memory and rotation, in the kernel's
+    argument order: built once per layer by :func:`layer_step_plan` (parameters are held by
+    reference, so in-place updates reach the kernel)."""
+
+    tensors: tuple[Tensor | None, ...]
+    options: tuple[float | bool | int, ...]
+    dtype: torch.dtype
 
 
-def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None, *, norm1: tuple[Tensor, Tensor | None],
-                       qkvg: tuple[Tensor, Tensor | None], gamma: Tensor, head_norm: tuple[Tensor | None, Tensor | None],
-                       out: tuple[Tensor, Tensor | None], norm2: tuple[Tensor, Tensor | None],
-                       fc1: tuple[Tensor, Tensor | None], fc2: tuple[Tensor, Tensor | None], block_eps: float,
-                       head_eps: float, block_rms: bool, head_rms: bool, gate_act: Activation | None,
-                       ffn_act: Activation | None, glu: bool, residual_scale: float) -> tuple[Tensor, Tensor]:
-    """One token through a pre-norm decoder layer in one kernel call (check
-    :func:`decoder_layer_step_available` first).
+def layer_step_plan(*, norm1: tuple[Tensor, Tensor | None], qkvg: tuple[Tensor, Tensor | None], gamma: Tensor,
+                    head_norm: tuple[Tensor | None, Tensor | None], out: tuple[Tensor, Tensor | None],
+                    norm2: tuple[Tensor, Tensor | None], fc1: tuple[Tensor, Tensor | None],
+                    fc2: tuple[Tensor, Tensor | None], block_eps: float, head_eps: float, block_rms: bool,
+                    head_rms: bool, gate_act: Activation | None, ffn_act: Activation | None, glu: bool,
+                    residual_scale: float) -> LayerStepPlan | None:
+    """A pre-norm decoder layer's weights for :func:`decoder_layer_step`, or ``None`` where the
+    kernel cannot run them (not all CPU float32 or all CPU bfloat16, an activation it does not
+    know, no C++ toolchain).
 
     Args:
-        x: ``(1, d_model)`` the layer's input (the residual stream, not normed).
-        memory: ``(1, h, dk, dv)`` float32 memory; not modified.
-        rotation: as for :func:`retention_step`.
         norm1, norm2: ``(weight, bias or None)`` of the block norms before retention and FFN
             (``block_rms``: RMSNorm, weight only).
         qkvg: the stacked q/k/v/g projection ``((2 h dk + 2 h dv, d_model), bias)``.
@@ -139,18 +141,43 @@ def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None, *, no
             (fc1 and gate stacked), ``fc2`` ``(d_model, ffn)``.
         gate_act, ffn_act: the gate's and the FFN's activations (``None``: identity).
         residual_scale: what the residual is multiplied by (DeepNorm's alpha; 1 for the paper).
-
-    Returns ``(x_out (1, d_model) in x's dtype, new memory (1, h, dk, dv))``.
     """
-    return torch.ops.yaretnet.decoder_layer_step(
-        x.contiguous(), memory.contiguous(), _real(rotation), *norm1, *qkvg, gamma.reshape(-1), *head_norm, *out,
-        *norm2, *fc1, *fc2, block_eps, head_eps, block_rms, head_rms, _KERNEL_ACTIVATIONS[gate_act],
-        _KERNEL_ACTIVATIONS[ffn_act], glu, residual_scale)
+    weights = (*norm1, *qkvg, *head_norm, *out, *norm2, *fc1, *fc2)  # all in the model's dtype
+    dtype = qkvg[0].dtype
+    if (gate_act not in _KERNEL_ACTIVATIONS or ffn_act not in _KERNEL_ACTIVATIONS or dtype not in _KERNEL_DTYPES
+            or gamma.dtype != torch.float32 or gamma.device.type != "cpu" or not _extension.load()
+            or any(t is not None and (t.dtype != dtype or t.device.type != "cpu") for t in weights)):
+        return None
+    tensors = (*norm1, *qkvg, gamma.reshape(-1), *head_norm, *out, *norm2, *fc1, *fc2)
+    options = (block_eps, head_eps, block_rms, head_rms, _KERNEL_ACTIVATIONS[gate_act], _KERNEL_ACTIVATIONS[ffn_act],
+               glu, residual_scale)
+    return LayerStepPlan(tensors, options, dtype)
+
+
+def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None,
+                       plan: LayerStepPlan) -> tuple[Tensor, Tensor] | None:
+    """One token through a pre-norm decoder layer in one kernel call.
+
+    Args:
+        x: ``(1, d_model)`` the layer's input (the residual stream, not normed).
+        memory: ``(1, h, dk, dv)`` float32 memory; not modified.
+        rotation: as for :func:`retention_step`.
+        plan: the layer's :func:`layer_step_plan`.
+
+    Returns ``(x_out (1, d_model) in x's dtype, new memory (1, h, dk, dv))``, or ``None`` where the
+    kernel does not apply to these inputs (batch > 1, another dtype or device, autograd on): the
+    caller then steps in PyTorch ops.
+    """
+    if (x.shape[0] != 1 or x.dtype != plan.dtype or x.device.type != "cpu" or memory.dtype != torch.float32
+            or torch.is_grad_enabled()):
+        return None
+    return torch.ops.yaretnet.decoder_layer_step(x.contiguous(), memory.contiguous(), _real(rotation), *plan.tensors,
+                                                 *plan.options)
 
 
 def _kernel_inputs(x: Tensor, memory: Tensor, *params: Tensor | None) -> bool:
     """CPU float32/bfloat16 ``x``, float32 memory, parameters in ``x``'s dtype, no autograd."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and memory.dtype == torch.float32
+    return (x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and memory.dtype == torch.float32
             and not torch.is_grad_enabled()
             and all(p is None or (p.dtype == x.dtype and p.device.type == "cpu") for p in params))
 
