@@ -266,6 +266,45 @@ def test_training_bench_interleaves_rounds_and_takes_medians(monkeypatch: pytest
     assert "median of 3 interleaved rounds" in bench.format_training_section(section)
 
 
+def test_training_bench_divides_by_the_matmul_measured_in_the_same_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from yet_another_retnet.bench import peers_training as bench
+
+    # The worker measures the matmul right before each shape and reports it beside the speed ...
+    measured = iter([150.0, 250.0])
+    monkeypatch.setattr(bench, "_matmul_gflops", lambda clock, repeats: next(measured))
+    steps: list[tuple[int, ...]] = []
+
+    class Model:
+        def zero_grad(self, set_to_none: bool) -> None:
+            pass
+
+    result: dict[str, object] = {}
+    ticks = iter(range(100))
+    bench._time_shapes({"shapes": [(2, 8), (1, 16)], "repeats": 2}, Model(),
+                       lambda x: steps.append(tuple(x.shape)), lambda: float(next(ticks)), result)
+    assert result == {"2x8 matmul_gflops": 150.0, "2x8": 16.0, "1x16 matmul_gflops": 250.0, "1x16": 16.0}
+    assert steps == [(2, 8)] * 3 + [(1, 16)] * 3  # a warm-up and two timed steps per shape
+
+    # ... and the utilisation divides each round's speed by that, not by the round's own matmul.
+    round_of = {"n": -1}
+
+    def fake_worker(spec: dict[str, object], timeout: float) -> dict[str, object]:
+        if spec["kind"] == "matmul":
+            round_of["n"] += 1
+            return {"gflops": 1000.0}
+        speed, gflops = [(2000.0, 100.0), (4000.0, 400.0), (6000.0, 200.0)][round_of["n"]]
+        return {"matmul_params": 1000, **{f"{b}x{L}": speed for b, L in spec["shapes"]},  # type: ignore[attr-defined]
+                **{f"{b}x{L} matmul_gflops": gflops for b, L in spec["shapes"]}}  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(bench, "_run_worker", fake_worker)
+    monkeypatch.setattr(bench, "_available", lambda kind: None)
+    section = bench.run_training_section(quick=True, rounds=3)
+    ours = section["rows"][0]
+    flops = ours["flops_per_token"]["2x1024"]
+    assert ours["mfu"]["2x1024"] == pytest.approx(statistics.median([20.0, 10.0, 30.0]) * flops / 1e9)
+    assert section["matmul_gflops"] == 1000.0
+
+
 @pytest.mark.parametrize(("length", "chunk"), [(1, 1), (7, 3), (12, 4), (5, 8), (700, 2), (1030, 4), (515, 2)])
 def test_chunkwise_table_shapes_lists_what_the_fast_path_asks_for(length: int, chunk: int) -> None:
     # A compiled caller hands in exactly these tables; the eager path must ask for no others.

@@ -668,7 +668,8 @@ def _training_markdown(training: dict[str, Any]) -> str:
         out.append(f"| {row.get('impl')} | {row.get('setting', '')} | " + " | ".join(cells)
                    + f" | {row.get('note') or ''} |")
     if training.get("matmul_gflops") is not None:
-        out.append(f"\nfloat32 matmul on this machine: {_fmt(training['matmul_gflops'])} GFLOP/s.")
+        out.append(f"\nfloat32 matmul on this machine: {_fmt(training['matmul_gflops'])} GFLOP/s (median of the "
+                   "rounds; each MFU divides by the matmul its worker measured right before that shape).")
     return "\n".join(out)
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ Model FLOPs per token (the numerator of the utilisation column), counted as exec
 - parallel retention and attention at length ``L``: ``2 L dk + 2 L dv`` per head (the full square,
   PaLM's convention; causal masking is not subtracted), times 3.
 
-Utilisation = model FLOPs per second / the fp32 FLOP/s of a 4,096 x 4,096 matmul measured in the
-same run.
+Utilisation = model FLOPs per second / the fp32 FLOP/s of a 4,096 x 4,096 matmul, measured in the
+same worker process right before that shape's steps (the host's speed drifts within minutes, so
+a round-wide figure paired loosely: two rows 0.1% apart in tokens/s once came out 62.5% and 68%).
+Each round also measures the matmul on its own, for the machine's figure in the report.
 
 Usage: ``python -m yet_another_retnet.bench.peers_training [--quick] [--json PATH]`` (or
 ``retnet bench peers_training``). Run it alone on the machine (``flock /tmp/bench.lock ...``):
@@ -49,6 +51,8 @@ SHAPES = ((2, 1024), (1, 4096), (1, 16384))
 #: Our chunk size for training, chosen by measurement (docs/speed-training.md).
 OUR_CHUNK = 128
 PEER_CHUNK = 128
+#: Timed 4,096 x 4,096 matmuls before each shape of each row (after one warm-up).
+MATMUL_REPEATS = 3
 REPO = Path(__file__).resolve().parents[2]
 PEER_DIR = Path(os.environ.get("RETNET_PEER_051", REPO / ".peers" / "yaretnet051"))
 
@@ -184,16 +188,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
 
     if spec["kind"] == "matmul":
-        n = 4096
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        for _ in range(2):
-            a @ b
-        times = []
-        for _ in range(spec["repeats"]):
-            start = clock()
-            a @ b
-            times.append(clock() - start)
-        return {"gflops": 2 * n**3 / statistics.median(times) / 1e9}
+        return {"gflops": _matmul_gflops(clock, spec["repeats"])}
     model, step = _build(spec["kind"], spec["chunk"])
     model.train()
     result: dict[str, Any] = {"matmul_params": _matmul_params(model)}
@@ -206,10 +201,28 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _matmul_gflops(clock: Any, repeats: int) -> float:
+    """fp32 GFLOP/s of a 4,096 x 4,096 matmul in this process: median of ``repeats`` after one warm-up."""
+    import torch
+
+    n = 4096
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = clock()
+        a @ b
+        times.append(clock() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
 def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result: dict[str, Any]) -> None:
     import torch
 
     for batch, length in spec["shapes"]:
+        # The machine's matmul speed right before this shape, in this process: the utilisation's
+        # denominator, paired with the steps it divides (the host's speed drifts within minutes).
+        result[f"{batch}x{length} matmul_gflops"] = _matmul_gflops(clock, MATMUL_REPEATS)
         x = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
         times = []
         for i in range(1 + spec["repeats"]):
@@ -271,7 +284,8 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
     ``rounds`` (default 3; ``quick``: 1) that interleave them: each round measures the fp32 matmul
     and then every row once (a warm-up step and two timed steps per shape, in a fresh process), the
     order of the rows rotating from round to round. A row's tokens/s is its median over the rounds,
-    its utilisation the median over the rounds of tokens/s x FLOPs over that round's matmul FLOP/s.
+    its utilisation the median over the rounds of tokens/s x FLOPs over the matmul FLOP/s the worker
+    measured just before that shape (the round's figure where a worker reports none).
     ``quick`` also skips 16k tokens (a smoke run). ``threads`` sets torch's thread count in every
     worker (default: torch's own); ``clock="cpu"`` times CPU seconds of the worker process instead
     of wall seconds. ``our_chunk`` is our chunk size (the peers keep theirs, 128).
@@ -311,9 +325,10 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
         elif len(measured) < len(shapes):
             row["note"] = "16k skipped: the parallel form's L x L scores do not fit in memory"
         for key, (_, length) in zip(keys, shapes, strict=True):
-            # (tokens/s, that round's matmul GFLOP/s) for every round that measured this shape
-            speeds = [(float(res[key]), g) for res, g in zip(runs, round_gflops, strict=True)
-                      if res.get(key) is not None]
+            # (tokens/s, the matmul GFLOP/s measured just before it in the same worker, else that
+            # round's) for every round that measured this shape
+            speeds = [(float(res[key]), res.get(f"{key} matmul_gflops") or g)
+                      for res, g in zip(runs, round_gflops, strict=True) if res.get(key) is not None]
             params = next((res["matmul_params"] for res in runs if "matmul_params" in res), None)
             row["per_round"][key] = [speed for speed, _ in speeds]
             row["tokens_per_s"][key] = statistics.median(speed for speed, _ in speeds) if speeds else None
@@ -380,7 +395,7 @@ def format_training_section(section: dict[str, Any]) -> str:
     per_round = ", ".join("-" if g is None else f"{g:.0f}" for g in section.get("matmul_gflops_per_round", []))
     lines = [
         f"Training step (forward + backward, fp32, {how}; machine fp32 matmul: {gflops:.0f} GFLOP/s, "
-        f"per round {per_round})"
+        f"per round {per_round}; each MFU divides by the matmul its worker measured just before that shape)"
         if gflops else f"Training step (forward + backward, fp32, {how})",
         "",
         "| impl | setting | " + " | ".join(f"tokens/s {s}" for s in shapes) + " | "
