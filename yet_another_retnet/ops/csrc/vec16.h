@@ -57,8 +57,8 @@ inline vec16 exp16(vec16 x) {
 
 inline vec16 sigmoid16(vec16 z) { return 1.0f / (1.0f + exp16(-z)); }
 
-// erf(x) lane by lane (Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7, which float32
-// rounding matches): 1 - (a1 t + ... + a5 t^5) exp(-x^2), t = 1 / (1 + p |x|), odd in x.
+// erf(x) lane by lane (Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7, about float32's
+// rounding near 1): 1 - (a1 t + ... + a5 t^5) exp(-x^2), t = 1 / (1 + p |x|), odd in x.
 inline vec16 erf16(vec16 x) {
   const vec16 ax = x < 0.0f ? -x : x;
   const vec16 t = 1.0f / (1.0f + 0.3275911f * ax);
