@@ -282,7 +282,8 @@ def test_training_bench_divides_by_the_matmul_measured_in_the_same_worker(monkey
     ticks = iter(range(100))
     bench._time_shapes({"shapes": [(2, 8), (1, 16)], "repeats": 2}, Model(),
                        lambda x: steps.append(tuple(x.shape)), lambda: float(next(ticks)), result)
-    assert result == {"2x8 matmul_gflops": 150.0, "2x8": 16.0, "1x16 matmul_gflops": 250.0, "1x16": 16.0}
+    assert result == {"2x8 matmul_gflops": 150.0, "2x8": 16.0, "1x16 matmul_gflops": 250.0, "1x16": 16.0,
+                      "buffer_cache": None}
     assert steps == [(2, 8)] * 3 + [(1, 16)] * 3  # a warm-up and two timed steps per shape
 
     # ... and the utilisation divides each round's speed by that, not by the round's own matmul.

@@ -192,45 +192,52 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     model, step = _build(spec["kind"], spec["chunk"])
     model.train()
     result: dict[str, Any] = {"matmul_params": _matmul_params(model)}
-    with contextlib.ExitStack() as stack:
-        if spec["kind"] in OURS and spec["kind"] != "ours-nocache":
-            from yet_another_retnet.ops.memory import cached_cpu_memory
+    buffers: Any = contextlib.nullcontext
+    if spec["kind"] in OURS and spec["kind"] != "ours-nocache":
+        from yet_another_retnet.ops.memory import cached_cpu_memory
 
-            result["buffer_cache"] = stack.enter_context(cached_cpu_memory())
-        _time_shapes(spec, model, step, clock, result)
+        buffers = cached_cpu_memory
+    _time_shapes(spec, model, step, clock, result, buffers)
     return result
 
 
 def _matmul_gflops(clock: Any, repeats: int) -> float:
-    """fp32 GFLOP/s of a 4,096 x 4,096 matmul in this process: median of ``repeats`` after one warm-up."""
+    """fp32 GFLOP/s of a 4,096 x 4,096 matmul in this process: median of ``repeats`` after one
+    warm-up, into a preallocated output (a fresh 64 MB result would add page faults to the time)."""
     import torch
 
     n = 4096
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    torch.matmul(a, b, out=c)
     times = []
     for _ in range(repeats):
         start = clock()
-        a @ b
+        torch.matmul(a, b, out=c)
         times.append(clock() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result: dict[str, Any]) -> None:
+def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result: dict[str, Any],
+                 buffers: Any = contextlib.nullcontext) -> None:
+    """Per shape: the matmul, then a warm-up step and ``spec["repeats"]`` timed steps inside
+    ``buffers()`` (our rows: the CPU buffer cache, as ``retnet train`` runs)."""
     import torch
 
     for batch, length in spec["shapes"]:
-        # The machine's matmul speed right before this shape, in this process: the utilisation's
-        # denominator, paired with the steps it divides (the host's speed drifts within minutes).
+        # The machine's matmul speed right before this shape, in this process and outside the
+        # buffer cache (the same measurement for every row): the utilisation's denominator, paired
+        # with the steps it divides (the host's speed drifts within minutes).
         result[f"{batch}x{length} matmul_gflops"] = _matmul_gflops(clock, MATMUL_REPEATS)
         x = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
         times = []
-        for i in range(1 + spec["repeats"]):
-            start = clock()
-            step(x)
-            model.zero_grad(set_to_none=True)
-            if i:  # the first is the warm-up
-                times.append(clock() - start)
+        with buffers() as active:
+            result["buffer_cache"] = active
+            for i in range(1 + spec["repeats"]):
+                start = clock()
+                step(x)
+                model.zero_grad(set_to_none=True)
+                if i:  # the first is the warm-up
+                    times.append(clock() - start)
         result[f"{batch}x{length}"] = batch * length / statistics.median(times)
 
 
