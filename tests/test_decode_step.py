@@ -38,7 +38,8 @@ def float64_act(name: str, z: torch.Tensor) -> torch.Tensor:
 
 
 def float64_core(proj: torch.Tensor, memory: torch.Tensor, angles: torch.Tensor | None, gamma: torch.Tensor,
-                 w: torch.Tensor | None, b: torch.Tensor | None, rms: bool, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+                 w: torch.Tensor | None, b: torch.Tensor | None, rms: bool,
+                 act: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The step written out: pair rotation by ``angles`` ``(batch, dk / 2)``, the decayed memory
     update, the read-out, the head norm and the gate, all float64."""
     batch, heads, dk, dv = memory.shape

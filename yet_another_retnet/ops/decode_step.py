@@ -1,7 +1,8 @@
 """Decoding steps (one token per row, inference only) as CPU kernels (``csrc/decode_step.cpp``).
 
-:func:`retention_step` is a retention layer's core. From the fused projection of one token per row, ``proj`` ``(batch, 2 h dk + 2 h dv)`` laid out
-``[q | k | v | g]``, and each layer's memory ``S`` ``(batch, h, dk, dv)``::
+:func:`retention_step` is a retention layer's core. From the fused projection of one token per
+row, ``proj`` ``(batch, 2 h dk + 2 h dv)`` laid out ``[q | k | v | g]``, and each layer's memory
+``S`` ``(batch, h, dk, dv)``::
 
     q, k = rotate(q), rotate(k) * dk ** -0.5          # xPos/RoPE-style pair rotation (optional)
     S'   = gamma S + k^T v                             # the new memory, per head
@@ -37,7 +38,7 @@ __all__ = ["LayerStepPlan", "decoder_layer_step", "layer_step_plan", "retention_
 
 Activation = Callable[[Tensor], Tensor]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-#: The gate activations the kernel knows, by the number it takes for them (``None``: identity).
+#: The activations the kernels know (gate and FFN), by the number they take for them (``None``: identity).
 _KERNEL_ACTIVATIONS: dict[Activation | None, int] = {None: 0, F.silu: 1, F.gelu: 2, F.relu: 3}
 
 

@@ -63,7 +63,8 @@ void activate(float* z, int64_t n, int64_t act) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     const vec16 v = load(z + i);
-    store(z + i, act == kSilu ? v * sigmoid16(v) : act == kGelu ? yaretnet_cpu::gelu16(v) : (v > 0.0f ? v : splat(0.0f)));
+    const vec16 relu = v > 0.0f ? v : splat(0.0f);
+    store(z + i, act == kSilu ? v * sigmoid16(v) : act == kGelu ? yaretnet_cpu::gelu16(v) : relu);
   }
   for (; i < n; ++i) z[i] = activate(z[i], act);
 }
@@ -80,6 +81,23 @@ inline float value(const P* p, int64_t i) {
 template <typename P>
 const P* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<P>() : nullptr;
+}
+
+// What a norm over n values subtracts and multiplies by: LayerNorm's mean and 1 / sqrt(var + eps),
+// or for RMSNorm 0 and 1 / sqrt(mean(x^2) + eps).
+struct Moments {
+  float mean, rstd;
+};
+
+Moments moments(const float* x, int64_t n, float eps, bool rms) {
+  float mean = 0.0f;
+  if (!rms) {
+    for (int64_t i = 0; i < n; ++i) mean += x[i];
+    mean /= static_cast<float>(n);
+  }
+  float square = 0.0f;
+  for (int64_t i = 0; i < n; ++i) square += (x[i] - mean) * (x[i] - mean);
+  return {mean, 1.0f / std::sqrt(square / static_cast<float>(n) + eps)};
 }
 
 struct Heads {
@@ -140,18 +158,10 @@ void step_head(const In* row, const float* rot, const float* memory, float* new_
       acc[j] += qi * updated;
     }
   }
-  // The head norm over the dv values.
-  float mean = 0.0f;
-  if (!rms_norm) {
-    for (int64_t j = 0; j < dv; ++j) mean += y[j];
-    mean /= static_cast<float>(dv);
-  }
-  float square = 0.0f;
-  for (int64_t j = 0; j < dv; ++j) square += (y[j] - mean) * (y[j] - mean);
-  const float rstd = 1.0f / std::sqrt(square / static_cast<float>(dv) + eps);
+  const Moments head = moments(y, dv, eps, rms_norm);  // the head norm over the dv values
   activate(gate, dv, act);
   for (int64_t j = 0; j < dv; ++j) {
-    float normed = (y[j] - mean) * rstd;
+    float normed = (y[j] - head.mean) * head.rstd;
     if (norm_weight != nullptr) normed *= static_cast<float>(norm_weight[h * dv + j]);
     normed += value(norm_bias, h * dv + j);
     out[h * dv + j] = static_cast<Out>(gate[j] * normed);
@@ -233,15 +243,8 @@ std::tuple<at::Tensor, at::Tensor> retention_step(const at::Tensor& proj, const 
 // A block norm of one row: LayerNorm (with its bias, if any) or RMSNorm, times its weight.
 template <typename P>
 void block_norm(const float* x, float* out, int64_t n, const P* weight, const P* bias, float eps, bool rms) {
-  float mean = 0.0f;
-  if (!rms) {
-    for (int64_t i = 0; i < n; ++i) mean += x[i];
-    mean /= static_cast<float>(n);
-  }
-  float square = 0.0f;
-  for (int64_t i = 0; i < n; ++i) square += (x[i] - mean) * (x[i] - mean);
-  const float rstd = 1.0f / std::sqrt(square / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - mean) * rstd * static_cast<float>(weight[i]) + value(bias, i);
+  const Moments m = moments(x, n, eps, rms);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m.mean) * m.rstd * static_cast<float>(weight[i]) + value(bias, i);
 }
 
 // y = W x + b (+ scale * residual), W (rows, cols) in the model's dtype, the rest float32.
