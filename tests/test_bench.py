@@ -127,6 +127,41 @@ def test_inference_quick_against_transformer(tmp_path: Path) -> None:
         data["setup"]["parameters"]["retnet"], rel=0.01)
 
 
+def test_inference_rounds_repeat_the_retnet_sweep_and_keep_medians(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, int, int]] = []
+    # ms/step in call order: round 1 (64, 256, then the batch sweep's (128, 1) and (128, 2)), then
+    # 256 and 64 (round 2, rotated), then 64 and 256 (round 3)
+    speeds = iter([1.0, 5.0, 9.0, 2.0, 3.0, 7.0, 4.0, 8.0])
+
+    def fake_measure(job: dict) -> dict:
+        calls.append((job["model"], job["context"], job["batch"]))
+        ms = next(speeds)
+        return {"model": job["model"], "context": job["context"], "batch": job["batch"], "prefill_s": 0.1,
+                "decode_ms_per_token": ms, "decode_tokens_per_s": job["batch"] * 1e3 / ms,
+                "decode_cpu_ms_per_token": ms, "peak_bytes": 2**20, "rss_ready_bytes": 2**20,
+                "decode_memory_bytes": 2**20, "cache_bytes": 8, "weights_bytes": 8, "parameters": 2}
+
+    monkeypatch.setattr(inference, "measure", fake_measure)
+    monkeypatch.setattr(inference, "_plot", lambda *args: [])
+    out = tmp_path / "rounds"
+    assert inference.main(["--quick", "--contexts", "64,256", "--batch-sizes", "1,2", "--batch-context", "128",
+                           "--models", "retnet", "--rounds", "3", "--out", str(out)]) == 0
+    # Round 1: every configuration once; then the batch-1 sweep twice more, the order rotating.
+    assert calls == [("retnet", 64, 1), ("retnet", 256, 1), ("retnet", 128, 1), ("retnet", 128, 2),
+                     ("retnet", 256, 1), ("retnet", 64, 1), ("retnet", 64, 1), ("retnet", 256, 1)]
+    rows = {(r["context"], r["batch"]): r for r in json.loads((out / "inference.json").read_text())["results"]}
+    # 64: runs 1.0, 7.0, 4.0 -> 4.0; 256: 5.0, 3.0, 8.0 -> 5.0; the batch sweep is measured once.
+    assert rows[(64, 1)]["decode_ms_per_token"] == 4.0 and rows[(64, 1)]["decode_ms_per_round"] == [1.0, 7.0, 4.0]
+    assert rows[(256, 1)]["decode_ms_per_token"] == 5.0
+    assert rows[(128, 2)]["decode_ms_per_token"] == 2.0 and "decode_ms_per_round" not in rows[(128, 2)]
+    assert rows[(128, 1)]["decode_ms_per_token"] == 9.0
+    assert inference.median_run([{"decode_ms_per_token": 2.0}, {"error": "x"}, {"decode_ms_per_token": 1.0}]) == {
+        "decode_ms_per_token": 1.0, "decode_ms_per_round": [2.0, 1.0]}
+    with pytest.raises(ValueError, match="rounds"):
+        inference.main(["--quick", "--rounds", "0", "--out", str(out)])
+
+
 def test_inference_dynamic_cache_holds_exactly_the_context(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     out = tmp_path / "dynamic"
