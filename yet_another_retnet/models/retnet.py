@@ -147,6 +147,8 @@ class RetNetDecoderLayer(nn.Module):
 
         The fast form of ``forward(x[:, None], state, "recurrent")`` (eval mode, no autograd).
         ``tables`` is :meth:`decode_tables` for ``memory.dtype`` (looked up here when ``None``).
+        A pre-norm layer with one CPU row runs as one kernel call (:meth:`_fused_step`); the
+        PyTorch ops below are the path everywhere else and its reference.
         """
         retention = cast(MultiScaleRetention, self.retention)
         attn_tables, glu = tables if tables is not None else self.decode_tables(memory.dtype)
