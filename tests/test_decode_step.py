@@ -180,7 +180,7 @@ def test_the_layer_kernel_steps_aside_where_it_does_not_apply() -> None:
     model = make_model(torch.float32)
     layer = model.decoder.layers[0]
     attn, glu = layer.decode_tables(torch.float32)
-    plan = layer._step_plan(attn, glu)
+    plan = layer.step_plan((attn, glu))
     assert plan is not None and plan.dtype == torch.float32
     memory = torch.zeros(1, 3, 16, 32)
     with torch.inference_mode():
@@ -209,6 +209,11 @@ def test_the_cached_plan_follows_replaced_and_updated_weights() -> None:
     model = make_model(torch.float32)
     tokens = torch.randint(0, 53, (1, 12), generator=torch.Generator().manual_seed(5))
     decode(model, tokens, fast=True)  # builds the plans
+    with torch.no_grad():  # only an in-place change to a weight copied into the stacked q/k/v/g table
+        model.decoder.layers[1].retention.v_proj.weight.mul_(-1.0)
+    got, _ = decode(model, tokens, fast=True)
+    want, _ = decode(copy.deepcopy(model).double(), tokens, fast=False)
+    assert rel(got, want) < 1e-5, rel(got, want)
     with torch.no_grad():
         model.decoder.layers[1].ffn.fc2.weight.mul_(1.5)  # in place
         model.decoder.layers[0].retention.out_proj.weight = torch.nn.Parameter(
@@ -217,6 +222,22 @@ def test_the_cached_plan_follows_replaced_and_updated_weights() -> None:
     got, _ = decode(model, tokens, fast=True)
     want, _ = decode(copy.deepcopy(model).double(), tokens, fast=False)
     assert rel(got, want) < 1e-5, rel(got, want)
+    # A replaced submodule, and a replaced decay buffer, are seen too.
+    norm = torch.nn.LayerNorm(48)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model.decoder.layers[1].ffn_norm = norm
+    model.decoder.layers[1].retention.gammas = model.decoder.layers[1].retention.gammas * 0.9
+    got, _ = decode(model, tokens, fast=True)
+    want, _ = decode(copy.deepcopy(model).double(), tokens, fast=False)
+    assert rel(got, want) < 1e-5, rel(got, want)
+    # So is a new dtype, and a whole state dict loaded in place.
+    other = make_model(torch.float32, bias=False)
+    model.load_state_dict(other.state_dict(), strict=False)
+    model = model.to(torch.bfloat16)
+    got, _ = decode(model, tokens, fast=True)
+    want, _ = decode(copy.deepcopy(model).double(), tokens, fast=False)
+    assert got.dtype == torch.bfloat16 and rel(got, want) < 2e-2, rel(got, want)
 
 
 def test_kernels_reject_bad_shapes_with_the_argument_named() -> None:

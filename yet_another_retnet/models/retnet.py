@@ -33,6 +33,7 @@ from ..layers.retention import (
     linear_step,
     positions_for,
     stacked_weights,
+    weight_version,
 )
 from ..ops.chunk_scan import chunk_scan_kernel_available
 from ..ops.decode_step import LayerStepPlan, decoder_layer_step, layer_step_plan
@@ -147,15 +148,12 @@ class RetNetDecoderLayer(nn.Module):
 
         The fast form of ``forward(x[:, None], state, "recurrent")`` (eval mode, no autograd).
         ``tables`` is :meth:`decode_tables` for ``memory.dtype`` (looked up here when ``None``).
-        A pre-norm layer with one CPU row runs as one kernel call (:meth:`_fused_step`); the
-        PyTorch ops below are the path everywhere else and its reference.
+        These are PyTorch ops: the reference of the one-call layer kernel that
+        :meth:`RetNetDecoder.step` runs for a single CPU row (:meth:`step_plan`), and the path
+        everywhere else.
         """
         retention = cast(MultiScaleRetention, self.retention)
         attn_tables, glu = tables if tables is not None else self.decode_tables(memory.dtype)
-        if self.pre_norm and not _is_compiling():  # compiled, inductor fuses the ops below instead
-            fused = self._fused_step(x, memory, rotation, attn_tables, glu)
-            if fused is not None:
-                return fused
         scale = self.residual_scale
         # Each residual is added inside the branch's last matrix-vector product.
         if not self.pre_norm:
@@ -166,35 +164,15 @@ class RetNetDecoderLayer(nn.Module):
                                    x if scale == 1.0 else x * scale, attn_tables)
         return self._ffn_step(self.ffn_norm(x), x if scale == 1.0 else x * scale, glu), memory
 
-    def _fused_step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
-                    attn_tables: tuple[Tensor, Tensor | None, Tensor],
-                    glu: tuple[Tensor, Tensor | None] | None) -> tuple[Tensor, Tensor] | None:
-        """:meth:`step` as one kernel call (``ops/decode_step.py``), or ``None`` where it does not
-        apply (batch > 1, other devices or dtypes, no C++ toolchain): the caller then runs the
-        PyTorch ops it is tested against."""
-        retention = cast(MultiScaleRetention, self.retention)
-        ffn = cast(FeedForward, self.ffn)
-        out, fc1, fc2, n1, n2 = retention.out_proj, ffn.fc1, ffn.fc2, self.retention_norm, self.ffn_norm
-        params = (n1, n2, getattr(n1, "weight", None), getattr(n1, "bias", None), getattr(n2, "weight", None),
-                  getattr(n2, "bias", None), retention.norm_weight, retention.norm_bias, out.weight, out.bias,
-                  fc1.weight, fc1.bias, fc2.weight, fc2.bias)
-        # The plan is rebuilt when any of these objects changes: a new decode table (the cached
-        # stacks follow weight updates), a replaced module or parameter. It holds them all, so an
-        # id cannot be reused while it is cached.
-        key = tuple(map(id, (*attn_tables, *(glu or ()), *params)))
-        cached = self.__dict__.get("_step_plan_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self._step_plan(attn_tables, glu), attn_tables, glu, params)
-            self.__dict__["_step_plan_cache"] = cached
-        plan = cached[1]
-        return None if plan is None else decoder_layer_step(x, memory, rotation, plan)
-
-    def _step_plan(self, attn_tables: tuple[Tensor, Tensor | None, Tensor],
-                   glu: tuple[Tensor, Tensor | None] | None) -> LayerStepPlan | None:
+    def step_plan(self, tables: LayerTables) -> LayerStepPlan | None:
+        """This layer's weights for the one-call decoding kernel (``ops/decode_step.py``), with
+        ``tables`` from :meth:`decode_tables`; ``None`` where the kernel does not run it (post-norm,
+        an unknown norm or activation, other dtypes or devices, no C++ toolchain)."""
+        attn_tables, glu = tables
         retention = cast(MultiScaleRetention, self.retention)
         ffn = cast(FeedForward, self.ffn)
         first, second = _block_norm(self.retention_norm), _block_norm(self.ffn_norm)
-        if first is None or second is None:
+        if not self.pre_norm or first is None or second is None:
             return None
         (w1, b1, eps, rms), (w2, b2, _, _) = first, second
         weight, bias, gamma = attn_tables
@@ -206,6 +184,27 @@ class RetNetDecoderLayer(nn.Module):
             head_rms=retention.head_norm == "rmsnorm", gate_act=GATE_ACTIVATIONS[retention.gate_activation],
             ffn_act=ACTIVATIONS[ffn.activation], glu=glu is not None, residual_scale=self.residual_scale)
 
+    def plan_dependencies(self) -> tuple[list[tuple[dict[str, Any], str, Any]], list[Tensor]]:
+        """What a :meth:`step_plan` stays valid for: ``(owner dict, name, object)`` for every
+        submodule, parameter and buffer it was built from (replacing one invalidates it), and the
+        weights copied into the stacked tables (an in-place change to one invalidates it too)."""
+        retention = cast(MultiScaleRetention, self.retention)
+        ffn = cast(FeedForward, self.ffn)
+        modules: list[nn.Module] = [self, retention, ffn]
+        owned: list[nn.Module] = [self.retention_norm, self.ffn_norm, retention.q_proj, retention.k_proj,
+                                  retention.v_proj, retention.g_proj, retention.out_proj, ffn.fc1, ffn.fc2]
+        if ffn.gate is not None:
+            owned.append(ffn.gate)
+        watch: list[tuple[dict[str, Any], str, Any]] = []
+        for module in modules + owned:
+            for table in (module._modules, module._parameters, module._buffers):
+                watch.extend((table, name, obj) for name, obj in table.items())
+        stacked = [retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj]
+        if ffn.gate is not None:
+            stacked += [ffn.fc1, ffn.gate]
+        copied = [p for m in stacked for p in (m.weight, m.bias) if p is not None]
+        return watch, copied
+
     def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
         """``residual + FFN(x)`` on ``(batch, d_model)`` rows; a GLU's fc1 and gate are one matrix."""
         ffn = cast(FeedForward, self.ffn)
@@ -216,6 +215,20 @@ class RetNetDecoderLayer(nn.Module):
             h = linear_step(x, *glu)
             h = act(h[:, : ffn.fc1.out_features]) * h[:, ffn.fc1.out_features :]
         return linear_step(h, ffn.fc2.weight, ffn.fc2.bias, residual)
+
+
+@dataclass
+class _PlanCache:
+    """:meth:`RetNetDecoder._step_plans`' cache: the plans and what they depend on."""
+
+    dtype: torch.dtype
+    plans: list[LayerStepPlan] | None
+    watch: list[tuple[dict[str, Any], str, Any]]
+    versions: list[tuple[Tensor, tuple[int, int]]]
+
+    def valid(self) -> bool:
+        return (all(owner.get(name) is obj for owner, name, obj in self.watch)
+                and all(weight_version(p) == version for p, version in self.versions))
 
 
 def _block_norm(norm: nn.Module) -> tuple[Tensor, Tensor | None, float, bool] | None:
@@ -304,8 +317,48 @@ class RetNetDecoder(nn.Module):
             state = self.empty_state(hidden.shape[0], hidden.device, hidden.dtype)
         dtype = state.memories[0].dtype
         rotation = self._retention(0).step_rotation(state.position, dtype)
+        plans = self._step_plans(dtype) if hidden.shape[0] == 1 else None
+        if plans is not None:
+            # One kernel call per layer; a layer the kernel declines (another dtype) steps in
+            # PyTorch ops.
+            memories = []
+            for i, (plan, memory) in enumerate(zip(plans, state.memories, strict=True)):
+                out = decoder_layer_step(hidden, memory, rotation, plan)
+                if out is None:
+                    layer = cast(RetNetDecoderLayer, self.layers[i])
+                    out = layer.step(hidden, memory, rotation, layer.decode_tables(dtype))
+                hidden, memory = out
+                memories.append(memory)
+            return self.norm(hidden), RetNetState(memories, state.position + 1)
         hidden, memories = self.step_layers(hidden, list(state.memories), rotation, self.decode_tables(dtype))
         return hidden, RetNetState(memories, state.position + 1)
+
+    def _step_plans(self, dtype: torch.dtype) -> list[LayerStepPlan] | None:
+        """Every layer's :meth:`RetNetDecoderLayer.step_plan`, or ``None`` if any layer has none.
+
+        Cached, and checked on every call in one flat pass (this runs per token, and each Python
+        step after a layer's weight stream runs on cold caches): every submodule, parameter and
+        buffer the plans came from must still be the same object, and the weights copied into
+        stacked tables must keep their storage and version.
+        """
+        cached = self.__dict__.get("_step_plans_cache")
+        if cached is not None and cached.dtype == dtype and cached.valid():
+            return cached.plans
+        layers = [cast(RetNetDecoderLayer, layer) for layer in self.layers]
+        tables = self.decode_tables(dtype)
+        plans = [layer.step_plan(t) for layer, t in zip(layers, tables, strict=True)]
+        watch: list[tuple[dict[str, Any], str, Any]] = [(self._modules, "layers", self.layers)]
+        watch += [(self.layers._modules, name, layer) for name, layer in self.layers._modules.items()]
+        copied: list[Tensor] = []
+        for layer in layers:
+            layer_watch, layer_copied = layer.plan_dependencies()
+            watch += layer_watch
+            copied += layer_copied
+        ready = [plan for plan in plans if plan is not None]
+        cached = _PlanCache(dtype, ready if len(ready) == len(plans) else None, watch,
+                            [(p, weight_version(p)) for p in copied])
+        self.__dict__["_step_plans_cache"] = cached
+        return cached.plans
 
     def decode_tables(self, dtype: torch.dtype) -> list[LayerTables]:
         """Every layer's :meth:`RetNetDecoderLayer.decode_tables`."""
@@ -379,7 +432,7 @@ class RetNet(GenerationMixin, nn.Module):
         (about 40% of a model's weights); the next fast step rebuilds them.
         """
         for module in self.modules():
-            for key in ("_decode_cache", "_stacked_cache", "_rotation_cache", "_step_plan_cache"):
+            for key in ("_decode_cache", "_stacked_cache", "_rotation_cache", "_step_plans_cache"):
                 module.__dict__.pop(key, None)
 
     def empty_state(self, batch_size: int) -> RetNetState:
