@@ -320,7 +320,9 @@ class RetNetDecoder(nn.Module):
         plans = self._step_plans(dtype) if hidden.shape[0] == 1 else None
         if plans is not None:
             # One kernel call per layer; a layer the kernel declines (another dtype) steps in
-            # PyTorch ops.
+            # PyTorch ops. Both take the rotation in reals: converted once here, not per layer.
+            if rotation is not None:
+                rotation = torch.view_as_real(rotation)
             memories = []
             for i, (plan, memory) in enumerate(zip(plans, state.memories, strict=True)):
                 out = decoder_layer_step(hidden, memory, rotation, plan)
