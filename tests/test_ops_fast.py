@@ -282,9 +282,9 @@ def test_training_bench_divides_by_the_matmul_measured_in_the_same_worker(monkey
     ticks = iter(range(100))
     bench._time_shapes({"shapes": [(2, 8), (1, 16)], "repeats": 2}, Model(),
                        lambda x: steps.append(tuple(x.shape)), lambda: float(next(ticks)), result)
-    assert result == {"2x8 matmul_gflops": 150.0, "2x8": 16.0, "1x16 matmul_gflops": 250.0, "1x16": 16.0,
-                      "buffer_cache": None}
-    assert steps == [(2, 8)] * 3 + [(1, 16)] * 3  # a warm-up and two timed steps per shape
+    assert result == {"2x8 matmul_gflops": 150.0, "2x8": 16.0, "2x8 steps": 2, "1x16 matmul_gflops": 250.0,
+                      "1x16": 16.0, "1x16 steps": 2, "buffer_cache": None}
+    assert steps == [(2, 8)] * 3 + [(1, 16)] * 3  # a warm-up and two timed steps per shape (1 s each)
 
     # ... and the utilisation divides each round's speed by that, not by the round's own matmul.
     round_of = {"n": -1}
@@ -325,3 +325,32 @@ def test_chunkwise_table_shapes_lists_what_the_fast_path_asks_for(length: int, c
     assert list(dict.fromkeys(asked)) == chunkwise_table_shapes(length, min(chunk, length))
     want, want_state = retention_chunkwise(q, k, v, chunk_size=chunk)
     assert torch.allclose(out, want, atol=1e-12) and torch.allclose(state, want_state, atol=1e-12)
+
+
+def test_training_bench_times_short_steps_for_at_least_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    from yet_another_retnet.bench import peers_training as bench
+
+    monkeypatch.setattr(bench, "_matmul_gflops", lambda clock, repeats: 100.0)
+
+    class Model:
+        def zero_grad(self, set_to_none: bool) -> None:
+            pass
+
+    # Steps of 0.3 s: two are 0.6 s, so it times four (1.2 s) and reports their median.
+    durations = iter([0.3] * 5 + [0.25] * 20)
+    now = {"t": 0.0}
+
+    def clock() -> float:
+        return now["t"]
+
+    def step(x: object) -> None:
+        now["t"] += next(durations)
+
+    result: dict[str, object] = {}
+    bench._time_shapes({"shapes": [(1, 6)], "repeats": 2}, Model(), step, clock, result)
+    assert result["1x6 steps"] == 4
+    assert result["1x6"] == pytest.approx(6 / 0.3)
+    # Very short steps: capped at MAX_TIMED_STEPS.
+    durations = iter([0.01] * 100)
+    bench._time_shapes({"shapes": [(1, 6)], "repeats": 2}, Model(), step, clock, result)
+    assert result["1x6 steps"] == bench.MAX_TIMED_STEPS

@@ -53,6 +53,11 @@ OUR_CHUNK = 128
 PEER_CHUNK = 128
 #: Timed 4,096 x 4,096 matmuls before each shape of each row (after one warm-up).
 MATMUL_REPEATS = 3
+#: Timed steps per shape and round: at least ``repeats`` (2) and, while under this many seconds
+#: in all, more (up to ``MAX_TIMED_STEPS``): a 2 x 1,024 step of ours takes ~0.15 s, and a
+#: median of two such steps swung several percent with the host (timeit's autorange, in short).
+MIN_TIMED_S = 1.0
+MAX_TIMED_STEPS = 10
 REPO = Path(__file__).resolve().parents[2]
 PEER_DIR = Path(os.environ.get("RETNET_PEER_051", REPO / ".peers" / "yaretnet051"))
 
@@ -219,8 +224,9 @@ def _matmul_gflops(clock: Any, repeats: int) -> float:
 
 def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result: dict[str, Any],
                  buffers: Any = contextlib.nullcontext) -> None:
-    """Per shape: the matmul, then a warm-up step and ``spec["repeats"]`` timed steps inside
-    ``buffers()`` (our rows: the CPU buffer cache, as ``retnet train`` runs)."""
+    """Per shape: the matmul, then a warm-up step and timed steps (at least ``spec["repeats"]``,
+    more while under ``MIN_TIMED_S`` seconds in all, at most ``MAX_TIMED_STEPS``; their median)
+    inside ``buffers()`` (our rows: the CPU buffer cache, as ``retnet train`` runs)."""
     import torch
 
     for batch, length in spec["shapes"]:
@@ -229,16 +235,19 @@ def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result
         # with the steps it divides (the host's speed drifts within minutes).
         result[f"{batch}x{length} matmul_gflops"] = _matmul_gflops(clock, MATMUL_REPEATS)
         x = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
-        times = []
+        times: list[float] = []
         with buffers() as active:
             result["buffer_cache"] = active
-            for i in range(1 + spec["repeats"]):
+            for i in range(1 + MAX_TIMED_STEPS):
                 start = clock()
                 step(x)
                 model.zero_grad(set_to_none=True)
                 if i:  # the first is the warm-up
                     times.append(clock() - start)
+                    if len(times) >= spec["repeats"] and sum(times) >= MIN_TIMED_S:
+                        break
         result[f"{batch}x{length}"] = batch * length / statistics.median(times)
+        result[f"{batch}x{length} steps"] = len(times)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,12 +294,13 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
 
     Each row: ``impl``, ``setting``, ``tokens_per_s`` ``{"2x1024": ..., ...}`` (None where skipped),
     ``mfu`` (model FLOPs utilisation per shape, a fraction), ``flops_per_token``, ``per_round``
-    (each round's tokens/s per shape), ``note``.
+    (each round's tokens/s per shape), ``steps_per_round`` (the timed steps behind each), ``note``.
 
     The machine's speed drifts (other guests on a shared host), so the rows are measured in
     ``rounds`` (default 3; ``quick``: 1) that interleave them: each round measures the fp32 matmul
-    and then every row once (a warm-up step and two timed steps per shape, in a fresh process), the
-    order of the rows rotating from round to round. A row's tokens/s is its median over the rounds,
+    and then every row once (per shape a warm-up step and the median of at least two timed steps,
+    more while under a second in all, in a fresh process), the order of the rows rotating from
+    round to round. A row's tokens/s is its median over the rounds,
     its utilisation the median over the rounds of tokens/s x FLOPs over the matmul FLOP/s the worker
     measured just before that shape (the round's figure where a worker reports none).
     ``quick`` also skips 16k tokens (a smoke run). ``threads`` sets torch's thread count in every
@@ -325,7 +335,7 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
     rows = []
     for (impl, setting, _, chunk), runs, measured in zip(rows_spec, results, run_shapes, strict=True):
         row: dict[str, Any] = {"impl": impl, "setting": setting, "tokens_per_s": {}, "mfu": {},
-                               "flops_per_token": {}, "per_round": {}, "note": ""}
+                               "flops_per_token": {}, "per_round": {}, "steps_per_round": {}, "note": ""}
         errors = [str(res["error"]) for res in runs if res.get("error")]
         if errors:
             row["note"] = errors[0]
@@ -338,6 +348,7 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
                       for res, g in zip(runs, round_gflops, strict=True) if res.get(key) is not None]
             params = next((res["matmul_params"] for res in runs if "matmul_params" in res), None)
             row["per_round"][key] = [speed for speed, _ in speeds]
+            row["steps_per_round"][key] = [res.get(f"{key} steps") for res in runs if res.get(key) is not None]
             row["tokens_per_s"][key] = statistics.median(speed for speed, _ in speeds) if speeds else None
             if not speeds or params is None:
                 row["mfu"][key] = None
