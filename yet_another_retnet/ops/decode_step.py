@@ -169,8 +169,7 @@ def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None,
     kernel does not apply to these inputs (batch > 1, another dtype or device, autograd on): the
     caller then steps in PyTorch ops.
     """
-    if (x.shape[0] != 1 or x.dtype != plan.dtype or x.device.type != "cpu" or memory.dtype != torch.float32
-            or torch.is_grad_enabled()):
+    if x.shape[0] != 1 or x.dtype != plan.dtype or not _kernel_inputs(x, memory):
         return None
     return torch.ops.yaretnet.decoder_layer_step(x.contiguous(), memory.contiguous(), _real(rotation), *plan.tensors,
                                                  *plan.options)
