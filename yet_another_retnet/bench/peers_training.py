@@ -300,8 +300,8 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
     ``rounds`` (default 3; ``quick``: 1) that interleave them: each round measures the fp32 matmul
     and then every row once (per shape a warm-up step and the median of at least two timed steps,
     more while under a second in all, in a fresh process), the order of the rows rotating from
-    round to round. A row's tokens/s is its median over the rounds,
-    its utilisation the median over the rounds of tokens/s x FLOPs over the matmul FLOP/s the worker
+    round to round. A row's tokens/s is its median over the rounds, its utilisation the median
+    over the rounds of tokens/s x FLOPs over the matmul FLOP/s the worker
     measured just before that shape (the round's figure where a worker reports none).
     ``quick`` also skips 16k tokens (a smoke run). ``threads`` sets torch's thread count in every
     worker (default: torch's own); ``clock="cpu"`` times CPU seconds of the worker process instead
