@@ -9,13 +9,17 @@ import pytest
 import torch
 
 from tests.reference import reference_gammas, reference_retention
-from yet_another_retnet.ops import _extension
+from yet_another_retnet.ops import _extension, chunk_kernels
+from yet_another_retnet.ops import retention as retention_ops
 from yet_another_retnet.ops.chunk_kernels import (
     chunk_contributions,
     chunk_contributions_reference,
     chunk_kernels_apply,
     chunk_output,
     chunk_output_reference,
+    chunk_retention,
+    chunk_retention_applies,
+    chunk_retention_reference,
 )
 from yet_another_retnet.ops.retention import retention_chunkwise
 
@@ -120,11 +124,122 @@ def test_kernels_reject_bad_shapes() -> None:
         torch.ops.yaretnet.chunk_contributions(q, q, torch.ones(2, 1, 16, 1))
 
 
+def retention_tables(heads: int, c: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """mask, query_decay, key_decay as from :func:`inputs` and a ``(heads,)`` chunk decay in (0.5, 1)."""
+    mask = (torch.rand(heads, 1, c, c, generator=gen) + 0.5).tril()
+    query_decay, key_decay = (torch.rand(heads, 1, c, 1, generator=gen) + 0.5 for _ in range(2))
+    return mask, query_decay, key_decay, torch.rand(heads, generator=gen) * 0.5 + 0.5
+
+
+@pytest.mark.parametrize("with_final", [False, True])
+@pytest.mark.parametrize("with_prev", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_retention_kernel_matches_float64(shape: tuple[int, ...], strided: bool, with_prev: bool,
+                                          with_final: bool) -> None:
+    # The fused op (both products and the scan between them) called directly, so it runs whatever
+    # the thread count: outputs, final state and the gradients of q, k, v and the previous state
+    # against the plain composition in float64, with and without a gradient on the final state.
+    if not kernels_available():
+        pytest.skip("kernels unavailable")
+    q, k, v, *_ = inputs(shape, strided)
+    batch, heads, _, c, dk, dv = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, strided, with_prev)).encode()))
+    tables = retention_tables(heads, c, gen)
+    prev = torch.randn(batch, heads, dk, dv, generator=gen, requires_grad=True) if with_prev else None
+    out, final, _ = torch.ops.yaretnet.chunk_retention(q, k, v, *tables, prev, True)
+    assert out.grad_fn.name().find("yaretnet") >= 0  # the kernel ran
+    leaves = [q, k, v] + ([prev] if prev is not None else [])
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    want_out, want_final = chunk_retention_reference(*leaves64[:3], *(t.double() for t in tables),
+                                                     leaves64[3] if with_prev else None)
+    assert max_err(out, want_out) < 1e-6 and max_err(final, want_final) < 1e-6
+    grad_out = torch.randn(out.shape, generator=gen)
+    grad_final = torch.randn(final.shape, generator=gen) if with_final else None
+    used = [(out, grad_out)] + ([(final, grad_final)] if grad_final is not None else [])
+    got = torch.autograd.grad([o for o, _ in used], leaves, [g for _, g in used])
+    wanted = torch.autograd.grad([want_out] + ([want_final] if with_final else []), leaves64,
+                                 [g.double() for _, g in used])
+    for g, w in zip(got, wanted, strict=True):
+        assert g.shape == w.shape and max_err(g, w) < 1e-6
+    # Without a graph (inference) the op keeps no states for a backward: the same numbers.
+    with torch.no_grad():
+        plain_out, plain_final, befores = torch.ops.yaretnet.chunk_retention(q, k, v, *tables, prev, False)
+    assert befores.numel() == 0
+    assert torch.equal(plain_out, out.detach()) and torch.equal(plain_final, final.detach())
+
+
+def test_retention_op_is_taken_where_the_work_spreads_over_the_threads() -> None:
+    # Its only parallelism is over batch * heads: with 3 sequences on 2 threads one thread would
+    # do twice the work, so the separate ops (parallel over chunks too) are taken there.
+    if not kernels_available():
+        pytest.skip("kernels unavailable")
+    threads = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(5)
+    tables = retention_tables(1, 32, gen)
+    for groups in (1, 2, 3, 4, 6, 8, 9):
+        q = torch.randn(groups, 1, 2, 32, 32, generator=gen)
+        expect = groups % threads == 0 or groups >= 4 * threads
+        assert chunk_retention_applies(q, q, *tables) == expect
+        out, final = chunk_retention(q, q, q, *tables, None)  # kernel or reference: equal either way
+        want_out, want_final = chunk_retention_reference(*(t.double() for t in (q, q, q, *tables)), None)
+        assert max_err(out, want_out) < 1e-6 and max_err(final, want_final) < 1e-6
+
+
+def test_retention_op_double_backward_equals_float64() -> None:
+    # Its backward is not differentiable itself: with create_graph=True it goes through the plain
+    # composition's backward, recording a graph.
+    if not kernels_available():
+        pytest.skip("kernels unavailable")
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(1, 2, 3, 32, 32, generator=gen, requires_grad=True) for _ in range(3))
+    prev = torch.randn(1, 2, 32, 32, generator=gen, requires_grad=True)
+    tables = retention_tables(2, 32, gen)
+
+    def second(fn, leaves: tuple[torch.Tensor, ...], tabs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        out, final = fn(*leaves[:3], *tabs, leaves[3])
+        firsts = torch.autograd.grad(out.square().sum() + final.square().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in firsts), leaves)
+
+    def kernel(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out, final, _ = torch.ops.yaretnet.chunk_retention(*args, True)
+        return out, final
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = second(kernel, (q, k, v, prev), tables)
+    ref = tuple(x.detach().double().requires_grad_() for x in (q, k, v, prev))
+    want = second(chunk_retention_reference, ref, tuple(t.double() for t in tables))
+    for g, w in zip(got, want, strict=True):
+        assert max_err(g, w) < 1e-5
+
+
+def test_retention_op_rejects_bad_shapes() -> None:
+    if not kernels_available():
+        pytest.skip("kernels unavailable")
+    q = torch.randn(1, 2, 1, 32, 32)
+    mask, qd, kd, decay = torch.ones(2, 1, 32, 32), torch.ones(2, 1, 32, 1), torch.ones(2, 1, 32, 1), torch.ones(2)
+    op = torch.ops.yaretnet.chunk_retention
+    with pytest.raises(RuntimeError, match=r"chunk_decay must be \(heads,\) = \(2\)"):
+        op(q, q, q, mask, qd, kd, torch.ones(3), None, False)
+    with pytest.raises(RuntimeError, match=r"prev must be \(batch, heads, dk, dv\)"):
+        op(q, q, q, mask, qd, kd, decay, torch.ones(1, 2, 32, 16), False)
+    with pytest.raises(RuntimeError, match=r"key_decay must be \(heads, 1, chunk, 1\)"):
+        op(q, q, q, mask, qd, torch.ones(2, 1, 16, 1), decay, None, False)
+    with pytest.raises(RuntimeError, match="float32 CPU"):
+        op(q, q, q, mask, qd, kd, decay.double(), None, False)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("length", [256, 64 * 5 + 17])
-def test_chunkwise_through_the_kernels_equals_float64_retention(length: int) -> None:
+def test_chunkwise_through_the_kernels_equals_float64_retention(length: int, fused: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # The whole chunkwise form with chunk 64 and head size 32 (the kernels' path on CPU float32),
     # a previous state, a length the chunk does not divide: outputs, state and gradients against
-    # the independent float64 recurrence.
+    # the independent float64 recurrence. Through the fused op (whatever the thread count) and
+    # through the three separate ops.
+    for module in (retention_ops, chunk_kernels):
+        monkeypatch.setattr(module, "chunk_retention_applies", chunk_kernels_apply if fused else lambda *a: False)
     gen = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(2, 4, length, 32, generator=gen, requires_grad=True) for _ in range(3))
     prev = torch.randn(2, 4, 32, 32, generator=gen)

@@ -129,6 +129,20 @@ def _register_python_parts() -> None:
         dbefores = q.new_empty(0) if befores is None else befores.new_empty(befores.shape)
         return like(q), like(k), like(v), dbefores
 
+    @register("yaretnet::chunk_retention")
+    def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor, key_decay: Tensor,
+          chunk_decay: Tensor, prev: Tensor | None, keep_befores: bool) -> tuple[Tensor, Tensor, Tensor]:
+        state = (*k.shape[:2], k.shape[-1], v.shape[-1])
+        befores = k.new_empty(*k.shape[:3], *state[2:]) if keep_befores else k.new_empty(0)
+        return v.new_empty(v.shape), k.new_empty(state), befores
+
+    @register("yaretnet::chunk_retention_backward")
+    def _(grad: Tensor, grad_final: Tensor | None, q: Tensor, k: Tensor, v: Tensor, befores: Tensor,
+          mask: Tensor, query_decay: Tensor, key_decay: Tensor, chunk_decay: Tensor,
+          has_prev: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        dprev = k.new_empty(*k.shape[:2], k.shape[-1], v.shape[-1]) if has_prev else k.new_empty(0)
+        return like(q), like(k), like(v), dprev
+
     # The backwards keep the inputs and recompute each chunk's scores (no c x c tensor is saved).
     def contributions_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.save_for_backward(*inputs)
@@ -171,6 +185,36 @@ def _register_python_parts() -> None:
             return dq, dk, dv, None, None, dbefores
         dq, dk, dv, dbefores = torch.ops.yaretnet.chunk_output_backward(grad, q, k, v, mask, query_decay, before)
         return dq, dk, dv, None, None, (dbefores if ctx.has_befores else None)
+
+    def retention_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        q, k, v, mask, query_decay, key_decay, chunk_decay, prev, keep_befores = inputs
+        if not keep_befores:
+            raise RuntimeError("chunk_retention: a backward needs keep_befores=True")
+        ctx.has_prev = prev is not None
+        ctx.save_for_backward(q, k, v, output[2], mask, query_decay, key_decay, chunk_decay,
+                              *([prev] if prev is not None else []))
+
+    def retention_backward(ctx: Any, grad: Tensor | None, grad_final: Tensor | None,
+                           _: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, befores, mask, query_decay, key_decay, chunk_decay, *prev = ctx.saved_tensors
+        tables = (mask, query_decay, key_decay, chunk_decay)
+        if torch.is_grad_enabled():  # create_graph=True: through the plain form
+            from .chunk_kernels import chunk_retention_reference
+
+            inputs = [t.view_as(t) if t.requires_grad else t for t in (q, k, v, *prev)]
+            outs = chunk_retention_reference(inputs[0], inputs[1], inputs[2], mask, query_decay, key_decay,
+                                             chunk_decay, inputs[3] if prev else None)
+            used = [(o, g) for o, g in zip(outs, (grad, grad_final), strict=True) if g is not None]
+            wanted = [t for t in inputs if t.requires_grad]
+            found = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used],
+                                             create_graph=True, allow_unused=True))
+            dq, dk, dv, *dprev = [next(found) if t.requires_grad else None for t in inputs]
+            return dq, dk, dv, None, None, None, None, (dprev[0] if prev else None), None
+        if grad is None:
+            grad = torch.zeros_like(v)
+        dq, dk, dv, dprev = torch.ops.yaretnet.chunk_retention_backward(
+            grad, grad_final, q, k, v, befores, *tables, ctx.has_prev)
+        return dq, dk, dv, None, None, None, None, (dprev if ctx.has_prev else None), None
 
     @register("yaretnet::norm_gate")
     def _(retained: Tensor, gate: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -239,6 +283,8 @@ def _register_python_parts() -> None:
         torch.library.register_autograd("yaretnet::chunk_contributions", contributions_backward,
                                         setup_context=contributions_setup)
         torch.library.register_autograd("yaretnet::chunk_output", output_backward, setup_context=output_setup)
+        torch.library.register_autograd("yaretnet::chunk_retention", retention_backward,
+                                        setup_context=retention_setup)
         torch.library.register_autograd("yaretnet::norm_gate", norm_gate_backward, setup_context=norm_gate_setup)
         torch.library.register_autograd("yaretnet::split_heads", split_backward, setup_context=split_setup)
 

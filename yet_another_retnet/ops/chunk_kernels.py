@@ -6,6 +6,10 @@ and ``qd`` its per-row decay factors, ``B`` the state before the chunk)::
     contributions   R = (K * kd)^T V                        what the chunk adds to the state
     output          O = ((Q K^T) * M) V + (Q * qd) B         inside the chunk plus the past
 
+and, as one op, the whole chunkwise core of a layer (:func:`chunk_retention`): both products and
+the scan over the chunks' states between them (``B_{i+1} = d B_i + R_i``, ``d = gamma^c``), forward
+and backward, a chunk's rows read once while in cache and the two ops' gradients summed in registers.
+
 On CPU float32 (chunk, dk and dv multiples of 32) the kernels work one chunk at a time: they skip
 the tiles above the causal diagonal, keep each chunk's scores in cache and recompute them in the
 backward. Inputs may have any strides with a contiguous last dim (rows that are not contiguous are
@@ -29,6 +33,9 @@ __all__ = [
     "chunk_kernels_apply",
     "chunk_output",
     "chunk_output_reference",
+    "chunk_retention",
+    "chunk_retention_applies",
+    "chunk_retention_reference",
 ]
 
 #: The kernels' tile width: chunk size, dk and dv must be multiples of it.
@@ -95,3 +102,50 @@ def chunk_output(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Ten
     if chunk_kernels_apply(q, v, mask, query_decay) and (befores is None or befores.dtype == torch.float32):
         return torch.ops.yaretnet.chunk_output(q, k, v, mask, query_decay, befores)
     return chunk_output_reference(q, k, v, mask, query_decay, befores)
+
+
+def chunk_retention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor,
+                              key_decay: Tensor, chunk_decay: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`chunk_retention` in plain PyTorch: the contributions, a loop over the chunks for the
+    states before each, then the outputs. Returns ``(out, final)``."""
+    contributions = chunk_contributions_reference(k, v, key_decay)  # (b, h, n, dk, dv)
+    decay = chunk_decay.view(-1, 1, 1)
+    state = torch.zeros_like(contributions[:, :, 0]) if prev is None else prev
+    befores = []
+    for added in contributions.unbind(2):
+        befores.append(state)
+        state = decay * state + added
+    return chunk_output_reference(q, k, v, mask, query_decay, torch.stack(befores, dim=2)), state
+
+
+def chunk_retention_applies(q: Tensor, v: Tensor, *tables: Tensor) -> bool:
+    """Whether :func:`chunk_retention` takes the kernel for these inputs: where
+    :func:`chunk_kernels_apply`, and the ``batch * heads`` sequences (the op's only parallelism: it
+    walks each one's chunks in order) spread evenly over the threads. Otherwise the three separate
+    ops, which also split the work by chunk, keep every thread busy."""
+    groups, threads = q.shape[0] * q.shape[1], torch.get_num_threads()
+    return (groups % threads == 0 or groups >= 4 * threads) and chunk_kernels_apply(q, v, *tables)
+
+
+def chunk_retention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor, key_decay: Tensor,
+                    chunk_decay: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The chunkwise core of a layer over whole chunks: outputs and the final state.
+
+    Args:
+        q, k: ``(batch, heads, chunks, c, dk)``; v: ``(batch, heads, chunks, c, dv)``; any strides.
+        mask, query_decay, key_decay: as for :func:`chunk_output` and :func:`chunk_contributions`.
+        chunk_decay: ``(heads,)``, ``gamma^c``.
+        prev: ``(batch, heads, dk, dv)``, the state before the first chunk, or ``None`` (zero).
+
+    Returns:
+        ``(out (batch, heads, chunks, c, dv), final (batch, heads, dk, dv))``, differentiable in
+        ``q``, ``k``, ``v`` and ``prev``. One kernel call where :func:`chunk_retention_applies`,
+        else :func:`chunk_retention_reference`.
+    """
+    tables = (mask, query_decay, key_decay, chunk_decay)
+    if chunk_retention_applies(q, v, *tables) and (prev is None or prev.dtype == torch.float32):
+        # The states before each chunk are kept only for a backward.
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, prev))
+        out, final, _ = torch.ops.yaretnet.chunk_retention(q, k, v, *tables, prev, keep)
+        return out, final
+    return chunk_retention_reference(q, k, v, *tables, prev)

@@ -28,7 +28,12 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
-from .chunk_kernels import chunk_contributions, chunk_output
+from .chunk_kernels import (
+    chunk_contributions,
+    chunk_output,
+    chunk_retention,
+    chunk_retention_applies,
+)
 from .chunk_scan import chunk_scan, chunk_scan_applies
 from .decay import (
     ChunkTables,
@@ -442,6 +447,11 @@ def _chunks_fast(
     # views): otherwise every product below would make its own copy, forward and backward. (The
     # CPU kernels could read the views in place, but rows 2-4 KiB apart made them ~40% slower.)
     qs, ks, vs = (t.contiguous().view(batch, heads, n, chunk, t.shape[-1]) for t in (q, k, v))
+    decay = tables.chunk_decay.view(heads)
+    if chunk_retention_applies(qs, vs, tables.inner, tables.query_decay, tables.key_decay, decay):
+        # CPU: the products below and the scan between them in one op, chunk after chunk.
+        out, final = chunk_retention(qs, ks, vs, tables.inner, tables.query_decay, tables.key_decay, decay, state)
+        return out.view(batch, heads, length, dv), final
     # What each chunk adds to the state: (batch, heads, n, dk, dv).
     contributions = chunk_contributions(ks, vs, tables.key_decay)
     if n == 1 and state is None:  # one chunk, no earlier state: the state is this chunk's contribution
@@ -449,7 +459,6 @@ def _chunks_fast(
         return out.view(batch, heads, length, dv), contributions[:, :, 0]
     flat = contributions.view(batch, heads, n, dk * dv)
     prev = None if state is None else state.reshape(batch, heads, dk * dv)
-    decay = tables.chunk_decay.view(heads)
     if chunk_scan_applies(flat, decay):  # CPU: a scan over the chunks (n times less work)
         befores, final_flat = chunk_scan(flat, decay, prev)
         final = final_flat.view(batch, heads, dk, dv)

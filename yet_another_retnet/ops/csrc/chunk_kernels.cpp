@@ -440,6 +440,258 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_output_backward
   return {dq, dk_t, dv_t, dbefores};
 }
 
+// ---------------------------------------------------------------------------------------------
+// The whole chunkwise core of one layer in one op: per (batch, head), the chunks in order, each
+// chunk's output from the state before it, then the state carried on (the scan of chunk_scan.cpp
+// folded in):
+//   O_m = ((Q K^T) * M) V + (Q * qd) B_m,   B_{m+1} = d B_m + (K * kd)^T V,   B_0 = prev, final = B_n
+// and the backward in reverse chunk order, with G the gradient reaching B_{m+1} (dfinal for the
+// last chunk): the output's backward above, plus the contribution's  dK += (V * kd) G^T,
+// dV += (K * kd) G,  then  G <- d G + (Q * qd)^T dO  for the chunk before; dprev is the last G.
+//
+// Why: the three ops above (contributions, scan, output) each stream q, k, v and the states
+// through memory, and their backwards add two k- and v-sized gradients after them. Here a chunk's
+// rows are read once, forward and backward, while they are in cache, and the gradients are
+// summed in registers. The price is parallelism: only over batch * heads, so the Python side
+// (ops/chunk_kernels.py) takes this op when that spreads evenly over the threads, and the three
+// ops otherwise.
+// ---------------------------------------------------------------------------------------------
+
+// The (heads,) chunk decay d = gamma^c, checked and contiguous.
+at::Tensor chunk_decay_table(const char* op, const at::Tensor& t, const Dims& d) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == d.heads, op, ": chunk_decay must be (heads,) = (", d.heads, "), got ",
+              t.sizes());
+  return t.contiguous();
+}
+
+// prev (if given) as (batch, heads, dk, dv) float32, contiguous.
+at::Tensor checked_prev(const char* op, const std::optional<at::Tensor>& prev_in, const at::Tensor& k,
+                        const Dims& d) {
+  if (!prev_in.has_value()) {
+    return at::Tensor();
+  }
+  check_float(op, {&*prev_in});
+  TORCH_CHECK(prev_in->sizes() == at::IntArrayRef({k.size(0), k.size(1), d.dk, d.dv}), op,
+              ": prev must be (batch, heads, dk, dv), got ", prev_in->sizes());
+  return prev_in->contiguous();
+}
+
+// Returns (out, final, befores): befores (batch, heads, chunks, dk, dv) holds B_m for the
+// backward when keep_befores, else it is empty and each thread keeps the running state itself.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_retention(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& mask_in,
+    const at::Tensor& query_decay_in, const at::Tensor& key_decay_in, const at::Tensor& chunk_decay_in,
+    const std::optional<at::Tensor>& prev_in, bool keep_befores) {
+  const char* op = "chunk_retention";
+  check_float(op, {&q_in, &k_in, &v_in, &mask_in, &query_decay_in, &key_decay_in, &chunk_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  TORCH_CHECK(q_in.sizes() == k_in.sizes(), op, ": q must have the shape of k, got ", q_in.sizes(), " and ",
+              k_in.sizes());
+  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in);
+  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
+  const at::Tensor kd = table(op, "key_decay", key_decay_in, d, 1), decay = chunk_decay_table(op, chunk_decay_in, d);
+  const at::Tensor prev = checked_prev(op, prev_in, k, d);
+  at::Tensor out = at::empty(v.sizes(), v.options());
+  at::Tensor final = at::empty({k.size(0), k.size(1), d.dk, d.dv}, k.options());
+  at::Tensor befores = keep_befores ? at::empty({k.size(0), k.size(1), k.size(2), d.dk, d.dv}, k.options())
+                                    : at::empty({0}, k.options());
+  const Rows qr(q), kr(k), vr(v);
+  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>(), *kdp = kd.data_ptr<float>();
+  const float *dp = decay.data_ptr<float>(), *pp = prev.defined() ? prev.data_ptr<float>() : nullptr;
+  float *op_ = out.data_ptr<float>(), *fp = final.data_ptr<float>();
+  float* bp = keep_befores ? befores.data_ptr<float>() : nullptr;
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  const int64_t n = d.chunks, state = static_cast<int64_t>(dk) * dv;
+  at::parallel_for(0, d.groups / n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> kt(static_cast<size_t>(dk) * c), ktd(static_cast<size_t>(dk) * c);
+    std::vector<float> scores(static_cast<size_t>(c) * c), qs(static_cast<size_t>(c) * dk);
+    std::vector<float> qbuf(static_cast<size_t>(c) * dk), vbuf(static_cast<size_t>(c) * dv);
+    std::vector<float> running(keep_befores ? 0 : 2 * state);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t head = bh % d.heads;
+      const float *m = mp + head * c * c, *qdh = qdp + head * c, *kdh = kdp + head * c;
+      const float decay_c = dp[head];
+      // B_m: in befores when kept, else alternating between two local buffers.
+      auto state_at = [&](int64_t i) -> float* {
+        return keep_befores ? bp + (bh * n + i) * state : running.data() + (i % 2) * state;
+      };
+      const bool has_prev = pp != nullptr;
+      if (has_prev) {
+        std::memcpy(state_at(0), pp + bh * state, sizeof(float) * state);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t g = bh * n + i;
+        const bool past = has_prev || i > 0;  // B_i is nonzero
+        const float* before = state_at(i);
+        const float *qg = qr.packed(g, c, dk, qbuf), *vg = vr.packed(g, c, dv, vbuf);
+        transpose(kr.at(g), kr.row, c, dk, kt.data());
+        masked_scores(qg, dk, kt.data(), m, c, dk, scores.data());
+        if (past) {
+          scale_rows(qg, dk, c, dk, qdh, qs.data());
+        }
+        float* o = op_ + g * c * dv;
+        for (int i0 = 0; i0 < c; i0 += kRows) {
+          for (int e0 = 0; e0 < dv; e0 += kCols) {
+            Tile t;
+            t.add(scores.data() + i0 * c, c, 1, vg + e0, dv, 0, i0 + kRows);
+            if (past) {
+              t.add(qs.data() + i0 * dk, dk, 1, before + e0, dv, 0, dk);
+            }
+            t.put(o + i0 * dv + e0, dv);
+          }
+        }
+        // B_{i+1} = d B_i + (K * kd)^T V
+        float* after = i + 1 < n ? state_at(i + 1) : fp + bh * state;
+        transpose(kr.at(g), kr.row, c, dk, ktd.data(), kdh);
+        for (int p0 = 0; p0 < dk; p0 += kRows) {
+          for (int e0 = 0; e0 < dv; e0 += kCols) {
+            Tile t;
+            t.add(ktd.data() + p0 * c, c, 1, vg + e0, dv, 0, c);
+            for (int r = 0; r < kRows; ++r) {
+              const int64_t at = static_cast<int64_t>(p0 + r) * dv + e0;
+              vec16 lo = t.acc[r][0], hi = t.acc[r][1];
+              if (past) {
+                lo += decay_c * load(before + at);
+                hi += decay_c * load(before + at + 16);
+              }
+              store(after + at, lo);
+              store(after + at + 16, hi);
+            }
+          }
+        }
+      }
+      if (keep_befores && !has_prev) {  // B_0: the zero state
+        std::memset(state_at(0), 0, sizeof(float) * state);
+      }
+    }
+  });
+  return {out, final, befores};
+}
+
+// Returns (dq, dk, dv, dprev); dprev is empty unless has_prev. grad_final may be undefined (no
+// gradient reaches the final state).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_retention_backward(
+    const at::Tensor& grad_in, const std::optional<at::Tensor>& grad_final_in, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& befores_in, const at::Tensor& mask_in,
+    const at::Tensor& query_decay_in, const at::Tensor& key_decay_in, const at::Tensor& chunk_decay_in,
+    bool has_prev) {
+  const char* op = "chunk_retention_backward";
+  check_float(op, {&grad_in, &q_in, &k_in, &v_in, &befores_in, &mask_in, &query_decay_in, &key_decay_in,
+                   &chunk_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  TORCH_CHECK(q_in.sizes() == k_in.sizes() && grad_in.sizes() == v_in.sizes(), op,
+              ": q must have the shape of k and grad that of v, got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
+              grad_in.sizes(), ", ", v_in.sizes());
+  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in), grad = rows_ok(grad_in);
+  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
+  const at::Tensor kd = table(op, "key_decay", key_decay_in, d, 1), decay = chunk_decay_table(op, chunk_decay_in, d);
+  const at::Tensor befores = checked_befores(op, befores_in, k, d);
+  at::Tensor grad_final;
+  if (grad_final_in.has_value()) {
+    grad_final = checked_prev(op, grad_final_in, k, d);
+  }
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk_t = at::empty(k.sizes(), k.options());
+  at::Tensor dv_t = at::empty(v.sizes(), v.options());
+  at::Tensor dprev = has_prev ? at::empty({k.size(0), k.size(1), d.dk, d.dv}, k.options()) : at::empty({0}, k.options());
+  const Rows qr(q), kr(k), vr(v), gr(grad);
+  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>(), *kdp = kd.data_ptr<float>();
+  const float *dp = decay.data_ptr<float>(), *bp = befores.data_ptr<float>();
+  const float* gfp = grad_final.defined() ? grad_final.data_ptr<float>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk_t.data_ptr<float>(), *dvp = dv_t.data_ptr<float>();
+  float* dpp = has_prev ? dprev.data_ptr<float>() : nullptr;
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  const int64_t n = d.chunks, state = static_cast<int64_t>(dk) * dv;
+  at::parallel_for(0, d.groups / n, 1, [&](int64_t begin, int64_t end) {
+    const size_t cd = static_cast<size_t>(c) * std::max(dk, dv);
+    std::vector<float> t_buf(cd), scores(static_cast<size_t>(c) * c), dscores(static_cast<size_t>(c) * c);
+    std::vector<float> qbuf(cd), kbuf(cd), vbuf(cd), gbuf(cd), qs(cd), gs(cd), ks(cd), vs(cd);
+    std::vector<float> bt(static_cast<size_t>(state)), gt(static_cast<size_t>(state)), run(static_cast<size_t>(state));
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t head = bh % d.heads;
+      const float *m = mp + head * c * c, *qdh = qdp + head * c, *kdh = kdp + head * c;
+      const float decay_c = dp[head];
+      bool live = gfp != nullptr;  // whether G (run) is nonzero
+      if (live) {
+        std::memcpy(run.data(), gfp + bh * state, sizeof(float) * state);
+      }
+      for (int64_t i = n - 1; i >= 0; --i) {
+        const int64_t g = bh * n + i;
+        const bool past = has_prev || i > 0;  // B_i is nonzero, and dB_i is wanted
+        const float *qg = qr.packed(g, c, dk, qbuf), *kg = kr.packed(g, c, dk, kbuf);
+        const float *vg = vr.packed(g, c, dv, vbuf), *og = gr.packed(g, c, dv, gbuf);
+        transpose(kg, dk, c, dk, t_buf.data());
+        masked_scores(qg, dk, t_buf.data(), m, c, dk, scores.data());  // P = (Q K^T) * M
+        transpose(vg, dv, c, dv, t_buf.data());
+        masked_scores(og, dv, t_buf.data(), m, c, dv, dscores.data());  // dS = (dO V^T) * M
+        if (past) {
+          scale_rows(og, dv, c, dv, qdh, gs.data());                     // dO * qd
+          transpose(bp + g * state, dv, dk, dv, bt.data());              // B^T (dv x dk)
+          scale_rows(qg, dk, c, dk, qdh, qs.data());                     // Q * qd
+        }
+        if (live) {
+          scale_rows(kg, dk, c, dk, kdh, ks.data());  // K * kd
+          scale_rows(vg, dv, c, dv, kdh, vs.data());  // V * kd
+          transpose(run.data(), dv, dk, dv, gt.data());  // G^T (dv x dk)
+        }
+        float *dqg = dqp + g * c * dk, *dkg = dkp + g * c * dk, *dvg = dvp + g * c * dv;
+        for (int i0 = 0; i0 < c; i0 += kRows) {
+          for (int e0 = 0; e0 < dv; e0 += kCols) {  // dV = P^T dO (+ (K * kd) G)
+            Tile t;
+            t.add(scores.data() + i0, 1, c, og + e0, dv, i0, c);
+            if (live) {
+              t.add(ks.data() + i0 * dk, dk, 1, run.data() + e0, dv, 0, dk);
+            }
+            t.put(dvg + i0 * dv + e0, dv);
+          }
+          for (int p0 = 0; p0 < dk; p0 += kCols) {
+            Tile tq;  // dQ = dS K (+ (dO * qd) B^T)
+            tq.add(dscores.data() + i0 * c, c, 1, kg + p0, dk, 0, i0 + kRows);
+            if (past) {
+              tq.add(gs.data() + i0 * dv, dv, 1, bt.data() + p0, dk, 0, dv);
+            }
+            tq.put(dqg + i0 * dk + p0, dk);
+            Tile tk;  // dK = dS^T Q (+ (V * kd) G^T)
+            tk.add(dscores.data() + i0, 1, c, qg + p0, dk, i0, c);
+            if (live) {
+              tk.add(vs.data() + i0 * dv, dv, 1, gt.data() + p0, dk, 0, dv);
+            }
+            tk.put(dkg + i0 * dk + p0, dk);
+          }
+        }
+        if (past) {  // G <- d G + (Q * qd)^T dO: the gradient reaching B_i
+          for (int p0 = 0; p0 < dk; p0 += kRows) {
+            for (int e0 = 0; e0 < dv; e0 += kCols) {
+              Tile t;
+              t.add(qs.data() + p0, 1, dk, og + e0, dv, 0, c);
+              for (int r = 0; r < kRows; ++r) {
+                float* at = run.data() + static_cast<int64_t>(p0 + r) * dv + e0;
+                vec16 lo = t.acc[r][0], hi = t.acc[r][1];
+                if (live) {
+                  lo += decay_c * load(at);
+                  hi += decay_c * load(at + 16);
+                }
+                store(at, lo);
+                store(at + 16, hi);
+              }
+            }
+          }
+          live = true;
+        } else if (live) {  // i == 0 without prev: nothing earlier wants G
+          live = false;
+        }
+      }
+      if (dpp != nullptr) {  // dprev: the gradient reaching B_0
+        if (live) {
+          std::memcpy(dpp + bh * state, run.data(), sizeof(float) * state);
+        } else {
+          std::memset(dpp + bh * state, 0, sizeof(float) * state);
+        }
+      }
+    }
+  });
+  return {dq, dk_t, dv_t, dprev};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
@@ -449,6 +701,13 @@ TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
   m.def(
       "chunk_output_backward(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor mask, Tensor query_decay, "
       "Tensor? befores) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "chunk_retention(Tensor q, Tensor k, Tensor v, Tensor mask, Tensor query_decay, Tensor key_decay, "
+      "Tensor chunk_decay, Tensor? prev, bool keep_befores) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "chunk_retention_backward(Tensor grad, Tensor? grad_final, Tensor q, Tensor k, Tensor v, Tensor befores, "
+      "Tensor mask, Tensor query_decay, Tensor key_decay, Tensor chunk_decay, bool has_prev) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {
@@ -456,4 +715,6 @@ TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {
   m.impl("chunk_contributions_backward", &chunk_contributions_backward);
   m.impl("chunk_output", &chunk_output);
   m.impl("chunk_output_backward", &chunk_output_backward);
+  m.impl("chunk_retention", &chunk_retention);
+  m.impl("chunk_retention_backward", &chunk_retention_backward);
 }
