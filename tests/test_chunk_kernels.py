@@ -228,6 +228,8 @@ def test_retention_op_rejects_bad_shapes() -> None:
         op(q, q, q, mask, qd, torch.ones(2, 1, 16, 1), decay, None, False)
     with pytest.raises(RuntimeError, match="float32 CPU"):
         op(q, q, q, mask, qd, kd, decay.double(), None, False)
+    with pytest.raises(RuntimeError, match="at least one chunk"):  # not a division by zero
+        op(q[:, :, :0], q[:, :, :0], q[:, :, :0], mask, qd, kd, decay, None, False)
 
 
 @pytest.mark.parametrize("fused", [False, True])

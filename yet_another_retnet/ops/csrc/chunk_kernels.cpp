@@ -457,6 +457,132 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_output_backward
 // ops otherwise.
 // ---------------------------------------------------------------------------------------------
 
+// One thread's buffers for one chunk's forward: see ChunkForward::run.
+struct ChunkForward {
+  int c, dk, dv;
+  std::vector<float> kt, ktd, scores, qs;
+
+  ChunkForward(int c_, int dk_, int dv_)
+      : c(c_), dk(dk_), dv(dv_), kt(static_cast<size_t>(dk_) * c_), ktd(static_cast<size_t>(dk_) * c_),
+        scores(static_cast<size_t>(c_) * c_), qs(static_cast<size_t>(c_) * dk_) {}
+
+  // O (c x dv, rows at stride ldo) = ((Q K^T) * M) V + (Q * qd) B and after = d B + (K * kd)^T V,
+  // B = before (dk x dv; nullptr: the zero state). q (c x dk) and v (c x dv) contiguous rows, k
+  // rows at stride ldk.
+  void run(const float* q, const float* k, int64_t ldk, const float* v, const float* mask, const float* qd,
+           const float* kd, float decay, const float* before, float* after, float* o, int64_t ldo) {
+    transpose(k, ldk, c, dk, kt.data());
+    masked_scores(q, dk, kt.data(), mask, c, dk, scores.data());
+    if (before != nullptr) {
+      scale_rows(q, dk, c, dk, qd, qs.data());
+    }
+    for (int i0 = 0; i0 < c; i0 += kRows) {
+      for (int e0 = 0; e0 < dv; e0 += kCols) {
+        Tile t;
+        t.add(scores.data() + i0 * c, c, 1, v + e0, dv, 0, i0 + kRows);
+        if (before != nullptr) {
+          t.add(qs.data() + i0 * dk, dk, 1, before + e0, dv, 0, dk);
+        }
+        t.put(o + i0 * ldo + e0, ldo);
+      }
+    }
+    transpose(k, ldk, c, dk, ktd.data(), kd);  // (K * kd)^T
+    for (int p0 = 0; p0 < dk; p0 += kRows) {
+      for (int e0 = 0; e0 < dv; e0 += kCols) {
+        Tile t;
+        t.add(ktd.data() + p0 * c, c, 1, v + e0, dv, 0, c);
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t at = static_cast<int64_t>(p0 + r) * dv + e0;
+          vec16 lo = t.acc[r][0], hi = t.acc[r][1];
+          if (before != nullptr) {
+            lo += decay * load(before + at);
+            hi += decay * load(before + at + 16);
+          }
+          store(after + at, lo);
+          store(after + at + 16, hi);
+        }
+      }
+    }
+  }
+};
+
+// One thread's buffers for one chunk's backward: see ChunkBackward::run.
+struct ChunkBackward {
+  int c, dk, dv;
+  std::vector<float> t_buf, scores, dscores, qs, gs, ks, vs, bt, gt;
+
+  ChunkBackward(int c_, int dk_, int dv_)
+      : c(c_), dk(dk_), dv(dv_), t_buf(static_cast<size_t>(c_) * std::max(dk_, dv_)),
+        scores(static_cast<size_t>(c_) * c_), dscores(static_cast<size_t>(c_) * c_),
+        qs(static_cast<size_t>(c_) * dk_), gs(static_cast<size_t>(c_) * dv_), ks(static_cast<size_t>(c_) * dk_),
+        vs(static_cast<size_t>(c_) * dv_), bt(static_cast<size_t>(dk_) * dv_), gt(static_cast<size_t>(dk_) * dv_) {}
+
+  // dq, dk (c x dk) and dv (c x dv), contiguous, of one chunk from its rows q, k, v and output
+  // gradient og (contiguous), B = before (nullptr: the zero state, whose gradient nobody wants)
+  // and G = state_grad (dk x dv), the gradient reaching the state after the chunk (live: nonzero).
+  // When before is given, G becomes the gradient reaching B: d G + (Q * qd)^T dO.
+  void run(const float* q, const float* k, const float* v, const float* og, const float* mask, const float* qd,
+           const float* kd, float decay, const float* before, float* state_grad, bool live, float* dq, float* dk_out,
+           float* dv_out) {
+    transpose(k, dk, c, dk, t_buf.data());
+    masked_scores(q, dk, t_buf.data(), mask, c, dk, scores.data());  // P = (Q K^T) * M
+    transpose(v, dv, c, dv, t_buf.data());
+    masked_scores(og, dv, t_buf.data(), mask, c, dv, dscores.data());  // dS = (dO V^T) * M
+    if (before != nullptr) {
+      scale_rows(og, dv, c, dv, qd, gs.data());  // dO * qd
+      transpose(before, dv, dk, dv, bt.data());  // B^T (dv x dk)
+      scale_rows(q, dk, c, dk, qd, qs.data());   // Q * qd
+    }
+    if (live) {
+      scale_rows(k, dk, c, dk, kd, ks.data());         // K * kd
+      scale_rows(v, dv, c, dv, kd, vs.data());         // V * kd
+      transpose(state_grad, dv, dk, dv, gt.data());  // G^T (dv x dk)
+    }
+    for (int i0 = 0; i0 < c; i0 += kRows) {
+      for (int e0 = 0; e0 < dv; e0 += kCols) {  // dV = P^T dO (+ (K * kd) G)
+        Tile t;
+        t.add(scores.data() + i0, 1, c, og + e0, dv, i0, c);
+        if (live) {
+          t.add(ks.data() + i0 * dk, dk, 1, state_grad + e0, dv, 0, dk);
+        }
+        t.put(dv_out + i0 * dv + e0, dv);
+      }
+      for (int p0 = 0; p0 < dk; p0 += kCols) {
+        Tile tq;  // dQ = dS K (+ (dO * qd) B^T)
+        tq.add(dscores.data() + i0 * c, c, 1, k + p0, dk, 0, i0 + kRows);
+        if (before != nullptr) {
+          tq.add(gs.data() + i0 * dv, dv, 1, bt.data() + p0, dk, 0, dv);
+        }
+        tq.put(dq + i0 * dk + p0, dk);
+        Tile tk;  // dK = dS^T Q (+ (V * kd) G^T)
+        tk.add(dscores.data() + i0, 1, c, q + p0, dk, i0, c);
+        if (live) {
+          tk.add(vs.data() + i0 * dv, dv, 1, gt.data() + p0, dk, 0, dv);
+        }
+        tk.put(dk_out + i0 * dk + p0, dk);
+      }
+    }
+    if (before != nullptr) {  // G <- d G + (Q * qd)^T dO: the gradient reaching B
+      for (int p0 = 0; p0 < dk; p0 += kRows) {
+        for (int e0 = 0; e0 < dv; e0 += kCols) {
+          Tile t;
+          t.add(qs.data() + p0, 1, dk, og + e0, dv, 0, c);
+          for (int r = 0; r < kRows; ++r) {
+            float* at = state_grad + static_cast<int64_t>(p0 + r) * dv + e0;
+            vec16 lo = t.acc[r][0], hi = t.acc[r][1];
+            if (live) {
+              lo += decay * load(at);
+              hi += decay * load(at + 16);
+            }
+            store(at, lo);
+            store(at + 16, hi);
+          }
+        }
+      }
+    }
+  }
+};
+
 // The (heads,) chunk decay d = gamma^c, checked and contiguous.
 at::Tensor chunk_decay_table(const char* op, const at::Tensor& t, const Dims& d) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == d.heads, op, ": chunk_decay must be (heads,) = (", d.heads, "), got ",
@@ -464,17 +590,57 @@ at::Tensor chunk_decay_table(const char* op, const at::Tensor& t, const Dims& d)
   return t.contiguous();
 }
 
-// prev (if given) as (batch, heads, dk, dv) float32, contiguous.
-at::Tensor checked_prev(const char* op, const std::optional<at::Tensor>& prev_in, const at::Tensor& k,
-                        const Dims& d) {
-  if (!prev_in.has_value()) {
+// A (batch, heads, dk, dv) state (prev, or a final state's gradient), if given: float32, contiguous.
+at::Tensor checked_state(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t batch,
+                         const Dims& d) {
+  if (!t.has_value()) {
     return at::Tensor();
   }
-  check_float(op, {&*prev_in});
-  TORCH_CHECK(prev_in->sizes() == at::IntArrayRef({k.size(0), k.size(1), d.dk, d.dv}), op,
-              ": prev must be (batch, heads, dk, dv), got ", prev_in->sizes());
-  return prev_in->contiguous();
+  check_float(op, {&*t});
+  TORCH_CHECK(t->sizes() == at::IntArrayRef({batch, d.heads, d.dk, d.dv}), op, ": ", name,
+              " must be (batch, heads, dk, dv) = (", batch, ", ", d.heads, ", ", d.dk, ", ", d.dv, "), got ",
+              t->sizes());
+  return t->contiguous();
 }
+
+// The decay tables of a (batch, heads) walk over the chunks, checked.
+struct Tables {
+  at::Tensor mask, qd, kd, decay;
+
+  Tables(const char* op, const at::Tensor& mask_in, const at::Tensor& qd_in, const at::Tensor& kd_in,
+         const at::Tensor& decay_in, const Dims& d)
+      : mask(table(op, "mask", mask_in, d, d.c)), qd(table(op, "query_decay", qd_in, d, 1)),
+        kd(table(op, "key_decay", kd_in, d, 1)), decay(chunk_decay_table(op, decay_in, d)) {
+    check_float(op, {&mask_in, &qd_in, &kd_in, &decay_in});
+  }
+
+  const float* mask_of(int64_t head, int c) const { return mask.data_ptr<float>() + head * c * c; }
+  const float* qd_of(int64_t head, int c) const { return qd.data_ptr<float>() + head * c; }
+  const float* kd_of(int64_t head, int c) const { return kd.data_ptr<float>() + head * c; }
+  float decay_of(int64_t head) const { return decay.data_ptr<float>()[head]; }
+};
+
+// The states B_0 .. B_{n-1} of one (batch, head) walk: in `kept` (n x state floats) when the
+// backward needs them, else in two alternating buffers. B_0 = prev (nullptr: zero).
+struct StateWalk {
+  float* kept;
+  std::vector<float> local;
+  int64_t n, size;
+  bool has_prev;
+
+  StateWalk(float* kept_, int64_t n_, int64_t size_, const float* prev)
+      : kept(kept_), local(kept_ != nullptr ? 0 : 2 * size_), n(n_), size(size_), has_prev(prev != nullptr) {
+    if (prev != nullptr) {
+      std::memcpy(at(0), prev, sizeof(float) * size);
+    } else if (kept != nullptr) {
+      std::memset(kept, 0, sizeof(float) * size);  // B_0 for the backward's bookkeeping
+    }
+  }
+
+  float* at(int64_t i) { return kept != nullptr ? kept + i * size : local.data() + (i % 2) * size; }
+  // B_i, or nullptr when it is the zero state.
+  const float* before(int64_t i) { return has_prev || i > 0 ? at(i) : nullptr; }
+};
 
 // Returns (out, final, befores): befores (batch, heads, chunks, dk, dv) holds B_m for the
 // backward when keep_befores, else it is empty and each thread keeps the running state itself.
@@ -483,85 +649,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_retention(
     const at::Tensor& query_decay_in, const at::Tensor& key_decay_in, const at::Tensor& chunk_decay_in,
     const std::optional<at::Tensor>& prev_in, bool keep_befores) {
   const char* op = "chunk_retention";
-  check_float(op, {&q_in, &k_in, &v_in, &mask_in, &query_decay_in, &key_decay_in, &chunk_decay_in});
+  check_float(op, {&q_in, &k_in, &v_in});
   const Dims d = dims(op, k_in, v_in);
   TORCH_CHECK(q_in.sizes() == k_in.sizes(), op, ": q must have the shape of k, got ", q_in.sizes(), " and ",
               k_in.sizes());
+  TORCH_CHECK(d.chunks > 0, op, ": inputs must hold at least one chunk, got ", k_in.sizes());
   const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in);
-  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
-  const at::Tensor kd = table(op, "key_decay", key_decay_in, d, 1), decay = chunk_decay_table(op, chunk_decay_in, d);
-  const at::Tensor prev = checked_prev(op, prev_in, k, d);
+  const Tables tabs(op, mask_in, query_decay_in, key_decay_in, chunk_decay_in, d);
+  const at::Tensor prev = checked_state(op, "prev", prev_in, k.size(0), d);
   at::Tensor out = at::empty(v.sizes(), v.options());
   at::Tensor final = at::empty({k.size(0), k.size(1), d.dk, d.dv}, k.options());
   at::Tensor befores = keep_befores ? at::empty({k.size(0), k.size(1), k.size(2), d.dk, d.dv}, k.options())
                                     : at::empty({0}, k.options());
   const Rows qr(q), kr(k), vr(v);
-  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>(), *kdp = kd.data_ptr<float>();
-  const float *dp = decay.data_ptr<float>(), *pp = prev.defined() ? prev.data_ptr<float>() : nullptr;
+  const float* pp = prev.defined() ? prev.data_ptr<float>() : nullptr;
   float *op_ = out.data_ptr<float>(), *fp = final.data_ptr<float>();
   float* bp = keep_befores ? befores.data_ptr<float>() : nullptr;
   const int c = d.c, dk = d.dk, dv = d.dv;
   const int64_t n = d.chunks, state = static_cast<int64_t>(dk) * dv;
   at::parallel_for(0, d.groups / n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(static_cast<size_t>(dk) * c), ktd(static_cast<size_t>(dk) * c);
-    std::vector<float> scores(static_cast<size_t>(c) * c), qs(static_cast<size_t>(c) * dk);
+    ChunkForward fwd(c, dk, dv);
     std::vector<float> qbuf(static_cast<size_t>(c) * dk), vbuf(static_cast<size_t>(c) * dv);
-    std::vector<float> running(keep_befores ? 0 : 2 * state);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t head = bh % d.heads;
-      const float *m = mp + head * c * c, *qdh = qdp + head * c, *kdh = kdp + head * c;
-      const float decay_c = dp[head];
-      // B_m: in befores when kept, else alternating between two local buffers.
-      auto state_at = [&](int64_t i) -> float* {
-        return keep_befores ? bp + (bh * n + i) * state : running.data() + (i % 2) * state;
-      };
-      const bool has_prev = pp != nullptr;
-      if (has_prev) {
-        std::memcpy(state_at(0), pp + bh * state, sizeof(float) * state);
-      }
+      StateWalk states(bp != nullptr ? bp + bh * n * state : nullptr, n, state, pp ? pp + bh * state : nullptr);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t g = bh * n + i;
-        const bool past = has_prev || i > 0;  // B_i is nonzero
-        const float* before = state_at(i);
-        const float *qg = qr.packed(g, c, dk, qbuf), *vg = vr.packed(g, c, dv, vbuf);
-        transpose(kr.at(g), kr.row, c, dk, kt.data());
-        masked_scores(qg, dk, kt.data(), m, c, dk, scores.data());
-        if (past) {
-          scale_rows(qg, dk, c, dk, qdh, qs.data());
-        }
-        float* o = op_ + g * c * dv;
-        for (int i0 = 0; i0 < c; i0 += kRows) {
-          for (int e0 = 0; e0 < dv; e0 += kCols) {
-            Tile t;
-            t.add(scores.data() + i0 * c, c, 1, vg + e0, dv, 0, i0 + kRows);
-            if (past) {
-              t.add(qs.data() + i0 * dk, dk, 1, before + e0, dv, 0, dk);
-            }
-            t.put(o + i0 * dv + e0, dv);
-          }
-        }
-        // B_{i+1} = d B_i + (K * kd)^T V
-        float* after = i + 1 < n ? state_at(i + 1) : fp + bh * state;
-        transpose(kr.at(g), kr.row, c, dk, ktd.data(), kdh);
-        for (int p0 = 0; p0 < dk; p0 += kRows) {
-          for (int e0 = 0; e0 < dv; e0 += kCols) {
-            Tile t;
-            t.add(ktd.data() + p0 * c, c, 1, vg + e0, dv, 0, c);
-            for (int r = 0; r < kRows; ++r) {
-              const int64_t at = static_cast<int64_t>(p0 + r) * dv + e0;
-              vec16 lo = t.acc[r][0], hi = t.acc[r][1];
-              if (past) {
-                lo += decay_c * load(before + at);
-                hi += decay_c * load(before + at + 16);
-              }
-              store(after + at, lo);
-              store(after + at + 16, hi);
-            }
-          }
-        }
-      }
-      if (keep_befores && !has_prev) {  // B_0: the zero state
-        std::memset(state_at(0), 0, sizeof(float) * state);
+        float* after = i + 1 < n ? states.at(i + 1) : fp + bh * state;
+        fwd.run(qr.packed(g, c, dk, qbuf), kr.at(g), kr.row, vr.packed(g, c, dv, vbuf), tabs.mask_of(head, c),
+                tabs.qd_of(head, c), tabs.kd_of(head, c), tabs.decay_of(head), states.before(i), after,
+                op_ + g * c * dv, dv);
       }
     }
   });
@@ -576,116 +693,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_retention_backw
     const at::Tensor& query_decay_in, const at::Tensor& key_decay_in, const at::Tensor& chunk_decay_in,
     bool has_prev) {
   const char* op = "chunk_retention_backward";
-  check_float(op, {&grad_in, &q_in, &k_in, &v_in, &befores_in, &mask_in, &query_decay_in, &key_decay_in,
-                   &chunk_decay_in});
+  check_float(op, {&grad_in, &q_in, &k_in, &v_in, &befores_in});
   const Dims d = dims(op, k_in, v_in);
   TORCH_CHECK(q_in.sizes() == k_in.sizes() && grad_in.sizes() == v_in.sizes(), op,
               ": q must have the shape of k and grad that of v, got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
               grad_in.sizes(), ", ", v_in.sizes());
+  TORCH_CHECK(d.chunks > 0, op, ": inputs must hold at least one chunk, got ", k_in.sizes());
   const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in), grad = rows_ok(grad_in);
-  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
-  const at::Tensor kd = table(op, "key_decay", key_decay_in, d, 1), decay = chunk_decay_table(op, chunk_decay_in, d);
+  const Tables tabs(op, mask_in, query_decay_in, key_decay_in, chunk_decay_in, d);
   const at::Tensor befores = checked_befores(op, befores_in, k, d);
-  at::Tensor grad_final;
-  if (grad_final_in.has_value()) {
-    grad_final = checked_prev(op, grad_final_in, k, d);
-  }
+  const at::Tensor grad_final = checked_state(op, "grad_final", grad_final_in, k.size(0), d);
   at::Tensor dq = at::empty(q.sizes(), q.options()), dk_t = at::empty(k.sizes(), k.options());
   at::Tensor dv_t = at::empty(v.sizes(), v.options());
   at::Tensor dprev = has_prev ? at::empty({k.size(0), k.size(1), d.dk, d.dv}, k.options()) : at::empty({0}, k.options());
   const Rows qr(q), kr(k), vr(v), gr(grad);
-  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>(), *kdp = kd.data_ptr<float>();
-  const float *dp = decay.data_ptr<float>(), *bp = befores.data_ptr<float>();
+  const float* bp = befores.data_ptr<float>();
   const float* gfp = grad_final.defined() ? grad_final.data_ptr<float>() : nullptr;
   float *dqp = dq.data_ptr<float>(), *dkp = dk_t.data_ptr<float>(), *dvp = dv_t.data_ptr<float>();
   float* dpp = has_prev ? dprev.data_ptr<float>() : nullptr;
   const int c = d.c, dk = d.dk, dv = d.dv;
   const int64_t n = d.chunks, state = static_cast<int64_t>(dk) * dv;
   at::parallel_for(0, d.groups / n, 1, [&](int64_t begin, int64_t end) {
+    ChunkBackward bwd(c, dk, dv);
     const size_t cd = static_cast<size_t>(c) * std::max(dk, dv);
-    std::vector<float> t_buf(cd), scores(static_cast<size_t>(c) * c), dscores(static_cast<size_t>(c) * c);
-    std::vector<float> qbuf(cd), kbuf(cd), vbuf(cd), gbuf(cd), qs(cd), gs(cd), ks(cd), vs(cd);
-    std::vector<float> bt(static_cast<size_t>(state)), gt(static_cast<size_t>(state)), run(static_cast<size_t>(state));
+    std::vector<float> qbuf(cd), kbuf(cd), vbuf(cd), gbuf(cd), running(static_cast<size_t>(state));
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t head = bh % d.heads;
-      const float *m = mp + head * c * c, *qdh = qdp + head * c, *kdh = kdp + head * c;
-      const float decay_c = dp[head];
-      bool live = gfp != nullptr;  // whether G (run) is nonzero
+      bool live = gfp != nullptr;  // whether G (running) is nonzero
       if (live) {
-        std::memcpy(run.data(), gfp + bh * state, sizeof(float) * state);
+        std::memcpy(running.data(), gfp + bh * state, sizeof(float) * state);
       }
       for (int64_t i = n - 1; i >= 0; --i) {
         const int64_t g = bh * n + i;
-        const bool past = has_prev || i > 0;  // B_i is nonzero, and dB_i is wanted
-        const float *qg = qr.packed(g, c, dk, qbuf), *kg = kr.packed(g, c, dk, kbuf);
-        const float *vg = vr.packed(g, c, dv, vbuf), *og = gr.packed(g, c, dv, gbuf);
-        transpose(kg, dk, c, dk, t_buf.data());
-        masked_scores(qg, dk, t_buf.data(), m, c, dk, scores.data());  // P = (Q K^T) * M
-        transpose(vg, dv, c, dv, t_buf.data());
-        masked_scores(og, dv, t_buf.data(), m, c, dv, dscores.data());  // dS = (dO V^T) * M
-        if (past) {
-          scale_rows(og, dv, c, dv, qdh, gs.data());                     // dO * qd
-          transpose(bp + g * state, dv, dk, dv, bt.data());              // B^T (dv x dk)
-          scale_rows(qg, dk, c, dk, qdh, qs.data());                     // Q * qd
-        }
-        if (live) {
-          scale_rows(kg, dk, c, dk, kdh, ks.data());  // K * kd
-          scale_rows(vg, dv, c, dv, kdh, vs.data());  // V * kd
-          transpose(run.data(), dv, dk, dv, gt.data());  // G^T (dv x dk)
-        }
-        float *dqg = dqp + g * c * dk, *dkg = dkp + g * c * dk, *dvg = dvp + g * c * dv;
-        for (int i0 = 0; i0 < c; i0 += kRows) {
-          for (int e0 = 0; e0 < dv; e0 += kCols) {  // dV = P^T dO (+ (K * kd) G)
-            Tile t;
-            t.add(scores.data() + i0, 1, c, og + e0, dv, i0, c);
-            if (live) {
-              t.add(ks.data() + i0 * dk, dk, 1, run.data() + e0, dv, 0, dk);
-            }
-            t.put(dvg + i0 * dv + e0, dv);
-          }
-          for (int p0 = 0; p0 < dk; p0 += kCols) {
-            Tile tq;  // dQ = dS K (+ (dO * qd) B^T)
-            tq.add(dscores.data() + i0 * c, c, 1, kg + p0, dk, 0, i0 + kRows);
-            if (past) {
-              tq.add(gs.data() + i0 * dv, dv, 1, bt.data() + p0, dk, 0, dv);
-            }
-            tq.put(dqg + i0 * dk + p0, dk);
-            Tile tk;  // dK = dS^T Q (+ (V * kd) G^T)
-            tk.add(dscores.data() + i0, 1, c, qg + p0, dk, i0, c);
-            if (live) {
-              tk.add(vs.data() + i0 * dv, dv, 1, gt.data() + p0, dk, 0, dv);
-            }
-            tk.put(dkg + i0 * dk + p0, dk);
-          }
-        }
-        if (past) {  // G <- d G + (Q * qd)^T dO: the gradient reaching B_i
-          for (int p0 = 0; p0 < dk; p0 += kRows) {
-            for (int e0 = 0; e0 < dv; e0 += kCols) {
-              Tile t;
-              t.add(qs.data() + p0, 1, dk, og + e0, dv, 0, c);
-              for (int r = 0; r < kRows; ++r) {
-                float* at = run.data() + static_cast<int64_t>(p0 + r) * dv + e0;
-                vec16 lo = t.acc[r][0], hi = t.acc[r][1];
-                if (live) {
-                  lo += decay_c * load(at);
-                  hi += decay_c * load(at + 16);
-                }
-                store(at, lo);
-                store(at + 16, hi);
-              }
-            }
-          }
-          live = true;
-        } else if (live) {  // i == 0 without prev: nothing earlier wants G
-          live = false;
-        }
+        const float* before = has_prev || i > 0 ? bp + g * state : nullptr;
+        bwd.run(qr.packed(g, c, dk, qbuf), kr.packed(g, c, dk, kbuf), vr.packed(g, c, dv, vbuf),
+                gr.packed(g, c, dv, gbuf), tabs.mask_of(head, c), tabs.qd_of(head, c), tabs.kd_of(head, c),
+                tabs.decay_of(head), before, running.data(), live, dqp + g * c * dk, dkp + g * c * dk,
+                dvp + g * c * dv);
+        live = before != nullptr;
       }
-      if (dpp != nullptr) {  // dprev: the gradient reaching B_0
-        if (live) {
-          std::memcpy(dpp + bh * state, run.data(), sizeof(float) * state);
-        } else {
-          std::memset(dpp + bh * state, 0, sizeof(float) * state);
-        }
+      if (dpp != nullptr) {  // dprev: the gradient reaching B_0 (has_prev: never the zero state)
+        std::memcpy(dpp + bh * state, running.data(), sizeof(float) * state);
       }
     }
   });
