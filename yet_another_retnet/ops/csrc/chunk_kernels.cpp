@@ -320,143 +320,6 @@ at::Tensor checked_befores(const char* op, const std::optional<at::Tensor>& befo
   return befores_in->contiguous();
 }
 
-at::Tensor chunk_output(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                        const at::Tensor& mask_in, const at::Tensor& query_decay_in,
-                        const std::optional<at::Tensor>& befores_in) {
-  const char* op = "chunk_output";
-  check_float(op, {&q_in, &k_in, &v_in, &mask_in, &query_decay_in});
-  const Dims d = dims(op, k_in, v_in);
-  TORCH_CHECK(q_in.sizes() == k_in.sizes(), op, ": q must have the shape of k, got ", q_in.sizes(), " and ",
-              k_in.sizes());
-  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in);
-  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
-  const at::Tensor befores = checked_befores(op, befores_in, k, d);
-  at::Tensor out = at::empty(v.sizes(), v.options());
-  const Rows qr(q), kr(k), vr(v);
-  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>();
-  const float* bp = befores.defined() ? befores.data_ptr<float>() : nullptr;
-  float* op_ = out.data_ptr<float>();
-  const int c = d.c, dk = d.dk, dv = d.dv;
-  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kt(static_cast<size_t>(dk) * c), scores(static_cast<size_t>(c) * c);
-    std::vector<float> qbuf(static_cast<size_t>(c) * dk), vbuf(static_cast<size_t>(c) * dv);
-    std::vector<float> qs(bp != nullptr ? static_cast<size_t>(c) * dk : 0);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t head = g / d.chunks % d.heads;
-      const float *qg = qr.packed(g, c, dk, qbuf), *vg = vr.packed(g, c, dv, vbuf);
-      transpose(kr.at(g), kr.row, c, dk, kt.data());
-      masked_scores(qg, dk, kt.data(), mp + head * c * c, c, dk, scores.data());
-      if (bp != nullptr) {
-        scale_rows(qg, dk, c, dk, qdp + head * c, qs.data());
-      }
-      float* o = op_ + g * c * dv;
-      for (int i0 = 0; i0 < c; i0 += kRows) {
-        for (int e0 = 0; e0 < dv; e0 += kCols) {
-          Tile t;
-          t.add(scores.data() + i0 * c, c, 1, vg + e0, dv, 0, i0 + kRows);
-          if (bp != nullptr) {
-            t.add(qs.data() + i0 * dk, dk, 1, bp + g * dk * dv + e0, dv, 0, dk);
-          }
-          t.put(o + i0 * dv + e0, dv);
-        }
-      }
-    }
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_output_backward(
-    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& mask_in, const at::Tensor& query_decay_in, const std::optional<at::Tensor>& befores_in) {
-  const char* op = "chunk_output_backward";
-  check_float(op, {&grad_in, &q_in, &k_in, &v_in, &mask_in, &query_decay_in});
-  const Dims d = dims(op, k_in, v_in);
-  TORCH_CHECK(q_in.sizes() == k_in.sizes() && grad_in.sizes() == v_in.sizes(), op,
-              ": q must have the shape of k and grad that of v, got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
-              grad_in.sizes(), ", ", v_in.sizes());
-  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in), grad = rows_ok(grad_in);
-  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
-  const at::Tensor befores = checked_befores(op, befores_in, k, d);
-  const at::Tensor dbefores = befores.defined() ? at::empty_like(befores) : at::empty({0}, q.options());
-  at::Tensor dq = at::empty(q.sizes(), q.options()), dk_t = at::empty(k.sizes(), k.options());
-  at::Tensor dv_t = at::empty(v.sizes(), v.options());
-  const Rows qr(q), kr(k), vr(v), gr(grad);
-  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>();
-  const float* bp = befores.defined() ? befores.data_ptr<float>() : nullptr;
-  float* dbp = bp != nullptr ? dbefores.data_ptr<float>() : nullptr;
-  float *dqp = dq.data_ptr<float>(), *dkp = dk_t.data_ptr<float>(), *dvp = dv_t.data_ptr<float>();
-  const int c = d.c, dk = d.dk, dv = d.dv;
-  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> t_buf(static_cast<size_t>(std::max(dk, dv)) * c);
-    std::vector<float> scores(static_cast<size_t>(c) * c), dscores(static_cast<size_t>(c) * c);
-    std::vector<float> qbuf(static_cast<size_t>(c) * dk), kbuf(static_cast<size_t>(c) * dk);
-    std::vector<float> gbuf(static_cast<size_t>(c) * dv);
-    std::vector<float> qs(bp != nullptr ? static_cast<size_t>(c) * dk : 0);
-    std::vector<float> gs(bp != nullptr ? static_cast<size_t>(c) * dv : 0);
-    std::vector<float> bt(bp != nullptr ? static_cast<size_t>(dv) * dk : 0);
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t head = g / d.chunks % d.heads;
-      const float *m = mp + head * c * c, *scale = qdp + head * c;
-      const float *qg = qr.packed(g, c, dk, qbuf), *kg = kr.packed(g, c, dk, kbuf), *og = gr.packed(g, c, dv, gbuf);
-      transpose(kg, dk, c, dk, t_buf.data());
-      masked_scores(qg, dk, t_buf.data(), m, c, dk, scores.data());  // P = (Q K^T) * M
-      transpose(vr.at(g), vr.row, c, dv, t_buf.data());
-      masked_scores(og, dv, t_buf.data(), m, c, dv, dscores.data());  // dS = (dO V^T) * M
-      if (bp != nullptr) {
-        scale_rows(og, dv, c, dv, scale, gs.data());                 // dO * qd
-        transpose(bp + g * dk * dv, dv, dk, dv, bt.data());           // B^T (dv x dk)
-        scale_rows(qg, dk, c, dk, scale, qs.data());                 // Q * qd
-      }
-      float *dqg = dqp + g * c * dk, *dkg = dkp + g * c * dk, *dvg = dvp + g * c * dv;
-      for (int i0 = 0; i0 < c; i0 += kRows) {
-        for (int e0 = 0; e0 < dv; e0 += kCols) {  // dV = P^T dO
-          Tile t;
-          t.add(scores.data() + i0, 1, c, og + e0, dv, i0, c);
-          t.put(dvg + i0 * dv + e0, dv);
-        }
-        for (int p0 = 0; p0 < dk; p0 += kCols) {
-          Tile tq;  // dQ = dS K (+ (dO * qd) B^T)
-          tq.add(dscores.data() + i0 * c, c, 1, kg + p0, dk, 0, i0 + kRows);
-          if (bp != nullptr) {
-            tq.add(gs.data() + i0 * dv, dv, 1, bt.data() + p0, dk, 0, dv);
-          }
-          tq.put(dqg + i0 * dk + p0, dk);
-          Tile tk;  // dK = dS^T Q
-          tk.add(dscores.data() + i0, 1, c, qg + p0, dk, i0, c);
-          tk.put(dkg + i0 * dk + p0, dk);
-        }
-      }
-      if (bp != nullptr) {  // dB = (Q * qd)^T dO
-        for (int p0 = 0; p0 < dk; p0 += kRows) {
-          for (int e0 = 0; e0 < dv; e0 += kCols) {
-            Tile t;
-            t.add(qs.data() + p0, 1, dk, og + e0, dv, 0, c);
-            t.put(dbp + g * dk * dv + p0 * dv + e0, dv);
-          }
-        }
-      }
-    }
-  });
-  return {dq, dk_t, dv_t, dbefores};
-}
-
-// ---------------------------------------------------------------------------------------------
-// The whole chunkwise core of one layer in one op: per (batch, head), the chunks in order, each
-// chunk's output from the state before it, then the state carried on (the scan of chunk_scan.cpp
-// folded in):
-//   O_m = ((Q K^T) * M) V + (Q * qd) B_m,   B_{m+1} = d B_m + (K * kd)^T V,   B_0 = prev, final = B_n
-// and the backward in reverse chunk order, with G the gradient reaching B_{m+1} (dfinal for the
-// last chunk): the output's backward above, plus the contribution's  dK += (V * kd) G^T,
-// dV += (K * kd) G,  then  G <- d G + (Q * qd)^T dO  for the chunk before; dprev is the last G.
-//
-// Why: the three ops above (contributions, scan, output) each stream q, k, v and the states
-// through memory, and their backwards add two k- and v-sized gradients after them. Here a chunk's
-// rows are read once, forward and backward, while they are in cache, and the gradients are
-// summed in registers. The price is parallelism: only over batch * heads, so the Python side
-// (ops/chunk_kernels.py) takes this op when that spreads evenly over the threads, and the three
-// ops otherwise.
-// ---------------------------------------------------------------------------------------------
-
 // One thread's buffers for one chunk's forward: see ChunkForward::run.
 struct ChunkForward {
   int c, dk, dv;
@@ -466,9 +329,9 @@ struct ChunkForward {
       : c(c_), dk(dk_), dv(dv_), kt(static_cast<size_t>(dk_) * c_), ktd(static_cast<size_t>(dk_) * c_),
         scores(static_cast<size_t>(c_) * c_), qs(static_cast<size_t>(c_) * dk_) {}
 
-  // O (c x dv, rows at stride ldo) = ((Q K^T) * M) V + (Q * qd) B and after = d B + (K * kd)^T V,
-  // B = before (dk x dv; nullptr: the zero state). q (c x dk) and v (c x dv) contiguous rows, k
-  // rows at stride ldk.
+  // O (c x dv, rows at stride ldo) = ((Q K^T) * M) V + (Q * qd) B and after = d B + (K * kd)^T V
+  // (after == nullptr: O alone), B = before (dk x dv; nullptr: the zero state). q (c x dk) and v
+  // (c x dv) contiguous rows, k rows at stride ldk.
   void run(const float* q, const float* k, int64_t ldk, const float* v, const float* mask, const float* qd,
            const float* kd, float decay, const float* before, float* after, float* o, int64_t ldo) {
     transpose(k, ldk, c, dk, kt.data());
@@ -485,6 +348,9 @@ struct ChunkForward {
         }
         t.put(o + i0 * ldo + e0, ldo);
       }
+    }
+    if (after == nullptr) {  // the output alone (chunk_output)
+      return;
     }
     transpose(k, ldk, c, dk, ktd.data(), kd);  // (K * kd)^T
     for (int p0 = 0; p0 < dk; p0 += kRows) {
@@ -519,8 +385,9 @@ struct ChunkBackward {
 
   // dq, dk (c x dk) and dv (c x dv), contiguous, of one chunk from its rows q, k, v and output
   // gradient og (contiguous), B = before (nullptr: the zero state, whose gradient nobody wants)
-  // and G = state_grad (dk x dv), the gradient reaching the state after the chunk (live: nonzero).
-  // When before is given, G becomes the gradient reaching B: d G + (Q * qd)^T dO.
+  // and G = state_grad (dk x dv), the gradient reaching the state after the chunk (live: nonzero;
+  // kd and decay are read only then). When before is given, G becomes the gradient reaching B:
+  // d G + (Q * qd)^T dO.
   void run(const float* q, const float* k, const float* v, const float* og, const float* mask, const float* qd,
            const float* kd, float decay, const float* before, float* state_grad, bool live, float* dq, float* dk_out,
            float* dv_out) {
@@ -582,6 +449,90 @@ struct ChunkBackward {
     }
   }
 };
+
+at::Tensor chunk_output(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                        const at::Tensor& mask_in, const at::Tensor& query_decay_in,
+                        const std::optional<at::Tensor>& befores_in) {
+  const char* op = "chunk_output";
+  check_float(op, {&q_in, &k_in, &v_in, &mask_in, &query_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  TORCH_CHECK(q_in.sizes() == k_in.sizes(), op, ": q must have the shape of k, got ", q_in.sizes(), " and ",
+              k_in.sizes());
+  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in);
+  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
+  const at::Tensor befores = checked_befores(op, befores_in, k, d);
+  at::Tensor out = at::empty(v.sizes(), v.options());
+  const Rows qr(q), kr(k), vr(v);
+  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>();
+  const float* bp = befores.defined() ? befores.data_ptr<float>() : nullptr;
+  float* op_ = out.data_ptr<float>();
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
+    ChunkForward fwd(c, dk, dv);
+    std::vector<float> qbuf(static_cast<size_t>(c) * dk), vbuf(static_cast<size_t>(c) * dv);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t head = g / d.chunks % d.heads;
+      fwd.run(qr.packed(g, c, dk, qbuf), kr.at(g), kr.row, vr.packed(g, c, dv, vbuf), mp + head * c * c,
+              qdp + head * c, nullptr, 0.0f, bp != nullptr ? bp + g * dk * dv : nullptr, nullptr, op_ + g * c * dv, dv);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> chunk_output_backward(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& mask_in, const at::Tensor& query_decay_in, const std::optional<at::Tensor>& befores_in) {
+  const char* op = "chunk_output_backward";
+  check_float(op, {&grad_in, &q_in, &k_in, &v_in, &mask_in, &query_decay_in});
+  const Dims d = dims(op, k_in, v_in);
+  TORCH_CHECK(q_in.sizes() == k_in.sizes() && grad_in.sizes() == v_in.sizes(), op,
+              ": q must have the shape of k and grad that of v, got ", q_in.sizes(), ", ", k_in.sizes(), ", ",
+              grad_in.sizes(), ", ", v_in.sizes());
+  const at::Tensor q = rows_ok(q_in), k = rows_ok(k_in), v = rows_ok(v_in), grad = rows_ok(grad_in);
+  const at::Tensor mask = table(op, "mask", mask_in, d, d.c), qd = table(op, "query_decay", query_decay_in, d, 1);
+  const at::Tensor befores = checked_befores(op, befores_in, k, d);
+  const at::Tensor dbefores = befores.defined() ? at::empty_like(befores) : at::empty({0}, q.options());
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk_t = at::empty(k.sizes(), k.options());
+  at::Tensor dv_t = at::empty(v.sizes(), v.options());
+  const Rows qr(q), kr(k), vr(v), gr(grad);
+  const float *mp = mask.data_ptr<float>(), *qdp = qd.data_ptr<float>();
+  const float* bp = befores.defined() ? befores.data_ptr<float>() : nullptr;
+  float* dbp = bp != nullptr ? dbefores.data_ptr<float>() : nullptr;
+  float *dqp = dq.data_ptr<float>(), *dkp = dk_t.data_ptr<float>(), *dvp = dv_t.data_ptr<float>();
+  const int c = d.c, dk = d.dk, dv = d.dv;
+  const int64_t state = static_cast<int64_t>(dk) * dv;
+  at::parallel_for(0, d.groups, 1, [&](int64_t begin, int64_t end) {
+    ChunkBackward bwd(c, dk, dv);
+    const size_t cd = static_cast<size_t>(c) * std::max(dk, dv);
+    std::vector<float> qbuf(cd), kbuf(cd), vbuf(cd), gbuf(cd);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t head = g / d.chunks % d.heads;
+      // No state after the chunk to take a gradient from (not live): dB = (Q * qd)^T dO alone.
+      bwd.run(qr.packed(g, c, dk, qbuf), kr.packed(g, c, dk, kbuf), vr.packed(g, c, dv, vbuf),
+              gr.packed(g, c, dv, gbuf), mp + head * c * c, qdp + head * c, nullptr, 0.0f,
+              bp != nullptr ? bp + g * state : nullptr, dbp != nullptr ? dbp + g * state : nullptr, false,
+              dqp + g * c * dk, dkp + g * c * dk, dvp + g * c * dv);
+    }
+  });
+  return {dq, dk_t, dv_t, dbefores};
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole chunkwise core of one layer in one op: per (batch, head), the chunks in order, each
+// chunk's output from the state before it, then the state carried on (the scan of chunk_scan.cpp
+// folded in):
+//   O_m = ((Q K^T) * M) V + (Q * qd) B_m,   B_{m+1} = d B_m + (K * kd)^T V,   B_0 = prev, final = B_n
+// and the backward in reverse chunk order, with G the gradient reaching B_{m+1} (dfinal for the
+// last chunk): the output's backward above, plus the contribution's  dK += (V * kd) G^T,
+// dV += (K * kd) G,  then  G <- d G + (Q * qd)^T dO  for the chunk before; dprev is the last G.
+//
+// Why: the three ops above (contributions, scan, output) each stream q, k, v and the states
+// through memory, and their backwards add two k- and v-sized gradients after them. Here a chunk's
+// rows are read once, forward and backward, while they are in cache, and the gradients are
+// summed in registers. The price is parallelism: only over batch * heads, so the Python side
+// (ops/chunk_kernels.py) takes this op when that spreads evenly over the threads, and the three
+// ops otherwise.
+// ---------------------------------------------------------------------------------------------
 
 // The (heads,) chunk decay d = gamma^c, checked and contiguous.
 at::Tensor chunk_decay_table(const char* op, const at::Tensor& t, const Dims& d) {
