@@ -147,16 +147,23 @@ def _register_python_parts() -> None:
     def contributions_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.save_for_backward(*inputs)
 
-    def differentiable_grads(reference: Any, inputs: list[Tensor | None], grad: Tensor) -> list[Tensor | None]:
+    def differentiable_grads(reference: Any, inputs: list[Tensor | None],
+                             grad: Tensor | tuple[Tensor | None, ...]) -> list[Tensor | None]:
         """The backward through the plain PyTorch form, recording a graph: what a double backward
         (``create_graph=True``) gets, since the kernels' backwards are not differentiable.
+        ``grad``: the output's gradient, or one per output (``None`` for an unused output) when
+        ``reference`` returns a tuple.
 
         Each input enters through an alias (a view), so the gradient is this op's own partial
         derivative: an input computed from another (the state from k and v) must not pass its
         share on here; autograd routes that share through the op that made it."""
         aliases = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
         wanted = [t for t in aliases if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(reference(*aliases), wanted, grad, create_graph=True, allow_unused=True))
+        outs = reference(*aliases)
+        pairs = zip(outs, grad, strict=True) if isinstance(grad, tuple) else [(outs, grad)]
+        used = [(o, g) for o, g in pairs if g is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], create_graph=True,
+                                         allow_unused=True))
         return [next(grads) if t is not None and t.requires_grad else None for t in aliases]
 
     def contributions_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -201,15 +208,12 @@ def _register_python_parts() -> None:
         if torch.is_grad_enabled():  # create_graph=True: through the plain form
             from .chunk_kernels import chunk_retention_reference
 
-            inputs = [t.view_as(t) if t.requires_grad else t for t in (q, k, v, *prev)]
-            outs = chunk_retention_reference(inputs[0], inputs[1], inputs[2], mask, query_decay, key_decay,
-                                             chunk_decay, inputs[3] if prev else None)
-            used = [(o, g) for o, g in zip(outs, (grad, grad_final), strict=True) if g is not None]
-            wanted = [t for t in inputs if t.requires_grad]
-            found = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used],
-                                             create_graph=True, allow_unused=True))
-            dq, dk, dv, *dprev = [next(found) if t.requires_grad else None for t in inputs]
-            return dq, dk, dv, None, None, None, None, (dprev[0] if prev else None), None
+            def reference(q: Tensor, k: Tensor, v: Tensor, prev: Tensor | None) -> tuple[Tensor, Tensor]:
+                return chunk_retention_reference(q, k, v, *tables, prev)
+
+            dq, dk, dv, dprev = differentiable_grads(reference, [q, k, v, prev[0] if prev else None],
+                                                     (grad, grad_final))
+            return dq, dk, dv, None, None, None, None, dprev, None
         if grad is None:
             grad = torch.zeros_like(v)
         dq, dk, dv, dprev = torch.ops.yaretnet.chunk_retention_backward(
