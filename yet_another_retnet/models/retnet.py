@@ -548,11 +548,14 @@ class RetNet(GenerationMixin, nn.Module):
             logits = self.lm_head(hidden[:, -1:] if last_logits_only and labels is None else hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1).long(),
-                ignore_index=-100,
-            )
+            # Position t predicts token t + 1; the last position predicts nothing (-100, ignored).
+            # Shifting the labels, not slicing the logits: with a batch, logits[:, :-1] is not
+            # contiguous, so its reshape copies the logits and its backward fills a zero tensor.
+            # Half-precision logits are scored in float32; float64 ones stay float64.
+            targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)
+            scores = logits.reshape(-1, logits.shape[-1])
+            scores = scores if scores.dtype == torch.float64 else scores.float()
+            loss = F.cross_entropy(scores, targets.reshape(-1), ignore_index=-100)
         return RetNetOutput(logits, new_state, loss)
 
     def _embed(self, input_ids: Tensor) -> Tensor:
