@@ -576,11 +576,11 @@ struct Tables {
 struct StateWalk {
   float* kept;
   std::vector<float> local;
-  int64_t n, size;
+  int64_t size;
   bool has_prev;
 
-  StateWalk(float* kept_, int64_t n_, int64_t size_, const float* prev)
-      : kept(kept_), local(kept_ != nullptr ? 0 : 2 * size_), n(n_), size(size_), has_prev(prev != nullptr) {
+  StateWalk(float* kept_, int64_t size_, const float* prev)
+      : kept(kept_), local(kept_ != nullptr ? 0 : 2 * size_), size(size_), has_prev(prev != nullptr) {
     if (prev != nullptr) {
       std::memcpy(at(0), prev, sizeof(float) * size);
     } else if (kept != nullptr) {
@@ -623,7 +623,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_retention(
     std::vector<float> qbuf(static_cast<size_t>(c) * dk), vbuf(static_cast<size_t>(c) * dv);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t head = bh % d.heads;
-      StateWalk states(bp != nullptr ? bp + bh * n * state : nullptr, n, state, pp ? pp + bh * state : nullptr);
+      StateWalk states(bp != nullptr ? bp + bh * n * state : nullptr, state, pp ? pp + bh * state : nullptr);
       for (int64_t i = 0; i < n; ++i) {
         const int64_t g = bh * n + i;
         float* after = i + 1 < n ? states.at(i + 1) : fp + bh * state;
