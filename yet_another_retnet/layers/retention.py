@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._extension import autocast_enabled as _autocast_enabled
+from ..ops._extension import is_compiling as _is_compiling
 from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
 from ..ops.decode_step import retention_step, retention_step_reference
 from ..ops.gemv import gemv
@@ -668,24 +670,6 @@ def _to_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
 def _from_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
     """The inverse of :func:`_to_halves`."""
     return t.movedim(dim, -1).unflatten(-1, (heads, 2, -1)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
-
-
-def _is_compiling() -> bool:
-    """Whether dynamo is tracing this call (``torch.compiler.is_compiling`` is torch >= 2.3)."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return bool(torch._dynamo.is_compiling())
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """``torch.is_autocast_enabled(device_type)``, which only torch >= 2.4 accepts."""
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch 2.2/2.3: one query per device kind
-        if device_type == "cpu":
-            return bool(torch.is_autocast_cpu_enabled())
-        return bool(torch.is_autocast_enabled())
 
 
 def _final_state(k: Tensor, v: Tensor, memory: Tensor | None, gammas: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
 chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`), the head
 norm and gate that end a retention layer (:mod:`.norm_gate`), the split of its projection into
-rotated heads (:mod:`.split_heads`), the fused decoding steps (:mod:`.decode_step`)
+rotated heads (:mod:`.split_heads`), the GELU with its slope for the feed-forward network
+(:mod:`.mlp`), the fused decoding steps (:mod:`.decode_step`)
 and the CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
@@ -25,7 +26,7 @@ from torch import Tensor
 _log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
-                           "decode_step.cpp", "cpu_memory.cpp")]
+                           "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
@@ -51,6 +52,44 @@ def _build() -> bool:
     except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back
         _log.warning("CPU extension unavailable, using plain PyTorch (%s: %s)", type(exc).__name__, exc)
         return False
+
+
+def is_compiling() -> bool:
+    """Whether dynamo is tracing this call (``torch.compiler.is_compiling`` is torch >= 2.3)."""
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return bool(compiler.is_compiling())
+    return bool(torch._dynamo.is_compiling())
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, which only torch >= 2.4 accepts."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch 2.2/2.3: one query per device kind
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
+def differentiable_grads(reference: Any, inputs: list[Tensor | None],
+                         grad: Tensor | tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """The backward through the plain PyTorch form, recording a graph: what a double backward
+    (``create_graph=True``) gets, since the kernels' backwards are not differentiable.
+    ``grad``: the output's gradient, or one per output (``None`` for an unused output) when
+    ``reference`` returns a tuple.
+
+    Each input enters through an alias (a view), so the gradient is this op's own partial
+    derivative: an input computed from another (the state from k and v) must not pass its
+    share on here; autograd routes that share through the op that made it."""
+    aliases = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
+    wanted = [t for t in aliases if t is not None and t.requires_grad]
+    outs = reference(*aliases)
+    pairs = zip(outs, grad, strict=True) if isinstance(grad, tuple) else [(outs, grad)]
+    used = [(o, g) for o, g in pairs if g is not None]
+    grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], create_graph=True,
+                                     allow_unused=True))
+    return [next(grads) if t is not None and t.requires_grad else None for t in aliases]
 
 
 def _register_python_parts() -> None:
@@ -147,25 +186,6 @@ def _register_python_parts() -> None:
     def contributions_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
         ctx.save_for_backward(*inputs)
 
-    def differentiable_grads(reference: Any, inputs: list[Tensor | None],
-                             grad: Tensor | tuple[Tensor | None, ...]) -> list[Tensor | None]:
-        """The backward through the plain PyTorch form, recording a graph: what a double backward
-        (``create_graph=True``) gets, since the kernels' backwards are not differentiable.
-        ``grad``: the output's gradient, or one per output (``None`` for an unused output) when
-        ``reference`` returns a tuple.
-
-        Each input enters through an alias (a view), so the gradient is this op's own partial
-        derivative: an input computed from another (the state from k and v) must not pass its
-        share on here; autograd routes that share through the op that made it."""
-        aliases = [t.view_as(t) if t is not None and t.requires_grad else t for t in inputs]
-        wanted = [t for t in aliases if t is not None and t.requires_grad]
-        outs = reference(*aliases)
-        pairs = zip(outs, grad, strict=True) if isinstance(grad, tuple) else [(outs, grad)]
-        used = [(o, g) for o, g in pairs if g is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], create_graph=True,
-                                         allow_unused=True))
-        return [next(grads) if t is not None and t.requires_grad else None for t in aliases]
-
     def contributions_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         k, v, key_decay = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
@@ -244,6 +264,10 @@ def _register_python_parts() -> None:
 
             return (*differentiable_grads(reference, [retained, gate, weight, bias], grad), None)
         return (*torch.ops.yaretnet.norm_gate_backward(grad, retained, gate, weight, bias, ctx.eps), None)
+
+    @register("yaretnet::gelu_slope")
+    def _(x: Tensor) -> tuple[Tensor, Tensor]:
+        return like(x), like(x)
 
     @register("yaretnet::split_heads")
     def _(proj: Tensor, cos: Tensor | None, sin: Tensor | None, heads: int,

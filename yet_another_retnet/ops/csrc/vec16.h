@@ -74,4 +74,23 @@ inline vec16 erf16(vec16 x) {
 // The exact (erf) GELU, x Phi(x), as F.gelu computes it by default.
 inline vec16 gelu16(vec16 x) { return 0.5f * x * (1.0f + erf16(x * 0.70710678118654752f)); }
 
+// The GELU and its slope together, for one exp: Phi(x) = (1 + erf(x / sqrt 2)) / 2 as in erf16,
+// whose exp(-x^2 / 2) is also the normal density's, phi(x) = exp(-x^2 / 2) / sqrt(2 pi); then
+// y = x Phi(x) and slope = Phi(x) + x phi(x).
+inline void gelu_slope16(vec16 x, vec16& y, vec16& slope) {
+  const vec16 u = x * 0.70710678118654752f;
+  const vec16 au = u < 0.0f ? -u : u;
+  const vec16 t = 1.0f / (1.0f + 0.3275911f * au);
+  vec16 poly = splat(1.061405429f);
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const vec16 gauss = exp16(-au * au);
+  const vec16 tail = 0.5f * poly * t * gauss;  // (1 - erf(|u|)) / 2
+  const vec16 cdf = u < 0.0f ? tail : 1.0f - tail;
+  y = x * cdf;
+  slope = cdf + x * gauss * 0.39894228040143268f;
+}
+
 }  // namespace yaretnet_cpu

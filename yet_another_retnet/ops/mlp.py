@@ -1,0 +1,84 @@
+"""The paper's feed-forward network, ``fc2(gelu(fc1 x))``, as one autograd node on CPU float32.
+
+Forward: the two products (with their biases, if any) around one kernel pass that writes the GELU
+and its slope ``Phi(h) + h phi(h)`` (``csrc/gelu_slope.cpp``). Backward: the products' gradients
+with the pre-activation's gradient as one multiply by the saved slope, where ``F.gelu``'s backward
+recomputes erf and exp per element (its costliest element-wise op: ~0.8 ms per layer at 2 x 1,024
+tokens, FFN 512). The slope is saved in place of the pre-activation, so the saved memory is the
+same: the input, the GELU's output and the slope.
+
+:func:`gelu_mlp_reference` is the same in PyTorch ops: the path everywhere else (other devices,
+dtypes, autocast, ``torch.compile`` tracing, no C++ toolchain), what a double backward
+differentiates, and what the kernel is tested against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _extension
+
+__all__ = ["gelu_mlp", "gelu_mlp_apply", "gelu_mlp_reference"]
+
+
+def gelu_mlp_reference(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)``: the plain form of :func:`gelu_mlp`."""
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def gelu_mlp_apply(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the fused node takes these inputs (building the extension on the first call): all
+    CPU float32, a gradient to come (without one the slope would be written for nothing), outside
+    autocast and ``torch.compile`` tracing."""
+    tensors = [t for t in (x, *params) if t is not None]
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and x.dim() >= 1 and not _extension.is_compiling() and not _extension.autocast_enabled("cpu")
+            and _extension.load())
+
+
+class _GeluMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        post, slope = torch.ops.yaretnet.gelu_slope(F.linear(rows, w1, b1))
+        ctx.save_for_backward(x, w1, b1, w2, b2, post, slope)
+        return F.linear(post, w2, b2).view(*x.shape[:-1], w2.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, w1, b1, w2, b2, post, slope = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: through the plain form
+            return tuple(_extension.differentiable_grads(gelu_mlp_reference, [x, w1, b1, w2, b2], grad))
+        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        dw2 = g.t().mm(post) if need_w2 else None
+        db2 = g.sum(0) if need_b2 else None
+        dpre = g.mm(w2).mul_(slope)  # a fresh product: multiplied in place
+        dw1 = dpre.t().mm(rows) if need_w1 else None
+        db1 = dpre.sum(0) if need_b1 else None
+        dx = dpre.mm(w1).view(x.shape) if need_x else None
+        return dx, dw1, db1, dw2, db2
+
+
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+    """The two-matrix GELU feed-forward network.
+
+    Args:
+        x: ``(..., embed_dim)``.
+        w1, b1: ``(ffn_dim, embed_dim)`` and ``(ffn_dim,)`` or ``None``: the first projection.
+        w2, b2: ``(embed_dim, ffn_dim)`` and ``(embed_dim,)`` or ``None``: the second.
+
+    Returns:
+        ``(..., embed_dim)``, differentiable in every tensor (twice through the plain form). The
+        fused node where :func:`gelu_mlp_apply`, else :func:`gelu_mlp_reference`.
+    """
+    if gelu_mlp_apply(x, w1, b1, w2, b2):
+        out: Tensor = _GeluMLP.apply(x, w1, b1, w2, b2)
+        return out
+    return gelu_mlp_reference(x, w1, b1, w2, b2)
