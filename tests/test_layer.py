@@ -20,6 +20,7 @@ from yet_another_retnet.layers.retention import (
     MultiScaleRetention,
     RetentionState,
 )
+from yet_another_retnet.ops.position import rotation_tables, rotation_tables_from_zero
 
 TOL64 = 1e-10
 
@@ -100,6 +101,27 @@ def test_rotation_matters():
     layer.relative_position = False
     unrotated, _ = reference_msr(layer, x)
     assert rel_err(y, unrotated) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_shared_rotation_table_first_built_under_inference_mode_serves_training(dtype):
+    """Rows counting from 0 share one cached table. Built first under inference_mode (a prompt),
+    it must still be a plain tensor: a training step saves it for its backward."""
+    rotation_tables_from_zero.cache_clear()
+    layer = make_layer(embed_dim=64, num_heads=2, dtype=dtype)
+    x = inputs(2, 11, 64, dtype=dtype)
+    with torch.inference_mode():
+        first, _ = layer.forward_chunkwise(x, x, x, chunk_size=4)
+    cos, sin = rotation_tables_from_zero(11, layer.key_dim, dtype, x.device)
+    assert not cos.is_inference() and not sin.is_inference()
+    want_cos, want_sin = rotation_tables(torch.arange(11), layer.key_dim, dtype)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    y, _ = layer.forward_chunkwise(x, x, x, chunk_size=4)  # the cached table, now with autograd
+    y.square().sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+    torch.testing.assert_close(y.detach(), first)
+    ref_y, _ = reference_msr(layer, x.to(F64))
+    assert rel_err(y, ref_y) < (TOL64 if dtype == F64 else 1e-5)
 
 
 @pytest.mark.parametrize(("first", "second"), list(itertools.product(FORMS, FORMS)))

@@ -22,7 +22,13 @@ from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas
 from ..ops.decode_step import retention_step, retention_step_reference
 from ..ops.gemv import gemv
 from ..ops.norm_gate import head_group_norm, norm_gate
-from ..ops.position import apply_rotation, rotate_pairs, rotation_frequencies, rotation_tables
+from ..ops.position import (
+    apply_rotation,
+    rotate_pairs,
+    rotation_frequencies,
+    rotation_tables,
+    rotation_tables_from_zero,
+)
 from ..ops.retention import (
     chunkwise_table_shapes,
     chunkwise_with_tables,
@@ -225,10 +231,18 @@ class MultiScaleRetention(nn.Module):
     # The shared pieces of every form
     # ----------------------------------------------------------------------------------------
 
-    def rotation(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """``(cos, sin)`` of shape ``(batch, 1, length, dk)`` for ``positions`` ``(batch, length)``."""
+    def rotation(self, positions: Tensor, dtype: torch.dtype,
+                 from_zero: bool = False) -> tuple[Tensor, Tensor] | None:
+        """``(cos, sin)`` of shape ``(batch, 1, length, dk)`` for ``positions`` ``(batch, length)``.
+
+        ``from_zero``: the caller knows every row's positions are ``0 .. length - 1`` (no state, no
+        padding); then one cached table ``(1, 1, length, dk)`` serves every row.
+        """
         if not self.relative_position:
             return None
+        if from_zero:
+            cos, sin = rotation_tables_from_zero(positions.shape[-1], self.key_dim, dtype, positions.device)
+            return cos[None, None], sin[None, None]
         cos, sin = rotation_tables(positions, self.key_dim, dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
@@ -369,7 +383,7 @@ class MultiScaleRetention(nn.Module):
         start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=query.device)
         positions, next_position = positions_for(start, length, token_mask)
         if rotation is None:
-            rotation = self.rotation(positions, query.dtype)
+            rotation = self.rotation(positions, query.dtype, from_zero=state is None and token_mask is None)
         gate = None
         memory = state.memory if state is not None else None
         fused = (self.fast_path and mode != "recurrent" and key is query and value is query

@@ -293,7 +293,7 @@ class RetNetDecoder(nn.Module):
         start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=hidden.device)
         positions, next_position = positions_for(start, length, token_mask)
         # One rotation table for all layers: every layer has the same key head dim.
-        rotation = self._retention(0).rotation(positions, hidden.dtype)
+        rotation = self._retention(0).rotation(positions, hidden.dtype, from_zero=state is None and token_mask is None)
         memories = []
         for i, layer in enumerate(self.layers):
             layer_state = state.layer(i) if state is not None else None
