@@ -129,3 +129,11 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
     a, e = actual.detach().to(F64), expected.detach().to(F64)
     denom = torch.linalg.vector_norm(e).item()
     return torch.linalg.vector_norm(a - e).item() / max(denom, 1e-300)
+
+
+def second_derivatives(fn, xs: list[Tensor]) -> tuple[Tensor, ...]:
+    """Gradients w.r.t. ``xs`` of the squared norm of the first gradients of ``sum(fn(*xs) ** 2)``:
+    a double backward through ``fn`` (``create_graph=True``), for the ops whose kernels' backwards
+    hand a double backward to their plain forms."""
+    firsts = torch.autograd.grad(fn(*xs).square().sum(), xs, create_graph=True)
+    return torch.autograd.grad(sum(g.square().sum() for g in firsts), xs)

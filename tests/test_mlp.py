@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from reference import second_derivatives
 
 from yet_another_retnet.layers.feedforward import FeedForward
 from yet_another_retnet.ops import _extension
@@ -99,14 +100,10 @@ def test_double_backward_matches_float64() -> None:
     args = [a for a in inputs((2, 7, 16), 24, True, seed=5) if a is not None]
     args64 = [a.detach().double().requires_grad_() for a in args]
 
-    def second(fn, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        firsts = torch.autograd.grad(fn(*xs).square().sum(), xs, create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in firsts), xs)
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = second(gelu_mlp, args)
-    want = second(float64_mlp, args64)
+        got = second_derivatives(gelu_mlp, args)
+    want = second_derivatives(float64_mlp, args64)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-5
 

@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 import torch
+from reference import second_derivatives
 
 from yet_another_retnet.layers.retention import MultiScaleRetention
 from yet_another_retnet.ops import _extension
@@ -82,14 +83,10 @@ def test_double_backward_matches_float64() -> None:
     args = inputs(1, 2, 7, 16)
     args64 = [a.detach().double().requires_grad_() for a in args]
 
-    def second(fn, xs: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        firsts = torch.autograd.grad(fn(*xs).square().sum(), xs, create_graph=True)
-        return torch.autograd.grad(sum(g.square().sum() for g in firsts), xs)
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        got = second(lambda *a: norm_gate(*a, EPS), args)
-    want = second(float64_norm_gate, args64)
+        got = second_derivatives(lambda *a: norm_gate(*a, EPS), args)
+    want = second_derivatives(float64_norm_gate, args64)
     for g, w in zip(got, want, strict=True):
         assert rel_err(g, w) < 1e-5
 

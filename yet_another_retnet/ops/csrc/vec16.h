@@ -57,17 +57,24 @@ inline vec16 exp16(vec16 x) {
 
 inline vec16 sigmoid16(vec16 z) { return 1.0f / (1.0f + exp16(-z)); }
 
-// erf(x) lane by lane (Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7, about float32's
-// rounding near 1): 1 - (a1 t + ... + a5 t^5) exp(-x^2), t = 1 / (1 + p |x|), odd in x.
-inline vec16 erf16(vec16 x) {
-  const vec16 ax = x < 0.0f ? -x : x;
-  const vec16 t = 1.0f / (1.0f + 0.3275911f * ax);
+// 1 - erf(a) for a >= 0 (Abramowitz & Stegun 7.1.26: absolute error below 1.5e-7, about float32's
+// rounding near 1): (a1 t + ... + a5 t^5) exp(-a^2), t = 1 / (1 + p a); exp(-a^2) also out in gauss.
+inline vec16 erfc_nonneg16(vec16 a, vec16& gauss) {
+  const vec16 t = 1.0f / (1.0f + 0.3275911f * a);
   vec16 poly = splat(1.061405429f);
   poly = poly * t - 1.453152027f;
   poly = poly * t + 1.421413741f;
   poly = poly * t - 0.284496736f;
   poly = poly * t + 0.254829592f;
-  const vec16 e = 1.0f - poly * t * exp16(-ax * ax);
+  gauss = exp16(-a * a);
+  return poly * t * gauss;
+}
+
+// erf(x) lane by lane, odd in x.
+inline vec16 erf16(vec16 x) {
+  const vec16 ax = x < 0.0f ? -x : x;
+  vec16 gauss;
+  const vec16 e = 1.0f - erfc_nonneg16(ax, gauss);
   return x < 0.0f ? -e : e;
 }
 
@@ -79,15 +86,8 @@ inline vec16 gelu16(vec16 x) { return 0.5f * x * (1.0f + erf16(x * 0.70710678118
 // y = x Phi(x) and slope = Phi(x) + x phi(x).
 inline void gelu_slope16(vec16 x, vec16& y, vec16& slope) {
   const vec16 u = x * 0.70710678118654752f;
-  const vec16 au = u < 0.0f ? -u : u;
-  const vec16 t = 1.0f / (1.0f + 0.3275911f * au);
-  vec16 poly = splat(1.061405429f);
-  poly = poly * t - 1.453152027f;
-  poly = poly * t + 1.421413741f;
-  poly = poly * t - 0.284496736f;
-  poly = poly * t + 0.254829592f;
-  const vec16 gauss = exp16(-au * au);
-  const vec16 tail = 0.5f * poly * t * gauss;  // (1 - erf(|u|)) / 2
+  vec16 gauss;
+  const vec16 tail = 0.5f * erfc_nonneg16(u < 0.0f ? -u : u, gauss);  // (1 - erf(|u|)) / 2
   const vec16 cdf = u < 0.0f ? tail : 1.0f - tail;
   y = x * cdf;
   slope = cdf + x * gauss * 0.39894228040143268f;
