@@ -31,14 +31,16 @@ def rotation_tables(positions: Tensor, key_dim: int, dtype: torch.dtype) -> tupl
     return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
 def rotation_tables_from_zero(length: int, key_dim: int, dtype: torch.dtype,
                               device: torch.device) -> tuple[Tensor, Tensor]:
     """Cached :func:`rotation_tables` of positions ``0 .. length - 1``: each ``(length, key_dim)``.
 
     Every training step and every prompt without a state counts from 0, so the same table serves
-    them all (computing it took ~0.5 ms of a 2 x 1,024-token training step). Plain tensors even
-    when the first call comes under ``inference_mode``: a later backward may save them.
+    them all (computing it took ~0.5 ms of a 2 x 1,024-token training step). A few entries: a run
+    has one or two lengths (training, evaluation), and prompts of many lengths would otherwise
+    keep a table each (4 MB at 8k tokens, key width 64). Plain tensors even when the first call
+    comes under ``inference_mode``: a later backward may save them.
     """
     with torch.inference_mode(False), torch.no_grad():
         return rotation_tables(torch.arange(length, device=device), key_dim, dtype)
