@@ -327,10 +327,12 @@ def test_compiled_chunkwise_equals_eager_outputs_states_and_gradients() -> None:
     eager_out, eager_grads = run()
     from torch._dynamo.utils import counters
 
-    graphs = counters["stats"]["unique_graphs"]
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
     assert model.compile_chunkwise() is model
     out, grads = run()
     assert counters["stats"]["unique_graphs"] > graphs
+    # One graph per layer call: a break would split it, each piece run and differentiated apart.
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
     assert len(grads) == len(eager_grads) == len(list(model.parameters()))
     for got, want in zip([*out, *grads], [*eager_out, *eager_grads], strict=True):
         assert rel(got.detach(), want.detach()) < 1e-5

@@ -118,12 +118,20 @@ def chunk_retention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, que
     return chunk_output_reference(q, k, v, mask, query_decay, torch.stack(befores, dim=2)), state
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """``torch.get_num_threads()``, a constant to ``torch.compile`` (which cannot put an int-valued
+    torch call in a graph: it would break the graph there, in every layer). A compiled graph keeps
+    the choice it made: after ``torch.set_num_threads`` it may take the slower of two exact paths."""
+    return torch.get_num_threads()
+
+
 def chunk_retention_applies(q: Tensor, v: Tensor, *tables: Tensor) -> bool:
     """Whether :func:`chunk_retention` takes the kernel for these inputs: where
     :func:`chunk_kernels_apply`, and the ``batch * heads`` sequences (the op's only parallelism: it
     walks each one's chunks in order) spread evenly over the threads. Otherwise the three separate
     ops, which also split the work by chunk, keep every thread busy."""
-    groups, threads = q.shape[0] * q.shape[1], torch.get_num_threads()
+    groups, threads = q.shape[0] * q.shape[1], _threads()
     return (groups % threads == 0 or groups >= 4 * threads) and chunk_kernels_apply(q, v, *tables)
 
 
