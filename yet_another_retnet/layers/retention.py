@@ -324,8 +324,9 @@ class MultiScaleRetention(nn.Module):
         weight = torch.cat([rows(p.weight, i) for i, p in enumerate(projs)])
         bias = torch.cat([rows(p.bias, i) for i, p in enumerate(projs)]) if self.q_proj.bias is not None else None
         proj = F.linear(x, weight, bias)  # (b, L, 2 d + 2 value_dim)
-        if not halves and not _is_compiling():
-            # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py).
+        if not halves:
+            # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py), in
+            # a compiled graph too.
             cos, sin = (None, None) if rotation is None else (rotation[0][:, 0], rotation[1][:, 0])
             if split_heads_apply(proj, cos):
                 q, k, v, gate = split_heads(proj, cos, sin, heads, dk)
@@ -394,12 +395,16 @@ class MultiScaleRetention(nn.Module):
                 and (memory is None or memory.dtype == query.dtype)):
             # The compiled fused form (RetNet.compile_chunkwise): projection, rotation, retention,
             # head norm, gate and output in one graph; the decay tables (which it cannot trace)
-            # looked up here.
+            # looked up here. Where the split kernel takes the projection (CPU float32) the graph
+            # calls it, as eager does: inductor's own split and rotation made a 2x1k training
+            # step 3-5% slower. Elsewhere the rotation goes in halves, which inductor vectorizes.
             chunk = length if chunk_size is None else min(chunk_size, length)
             log_gamma = resolve_log_decay(self.gammas, self.num_heads, query.device)
             tables = {shape: chunk_tables(log_gamma, *shape, query.dtype, self.key_dim**-0.5)
                       for shape in chunkwise_table_shapes(length, chunk)}
-            y, new_memory = compiled(query, memory, chunk, _half_tables(rotation), token_mask, tables)
+            halves = rotation is not None and not split_heads_apply(query, rotation[0])
+            y, new_memory = compiled(query, memory, chunk, _half_tables(rotation) if halves else rotation,
+                                     token_mask, tables, halves)
             return y, RetentionState(new_memory, next_position), None
         if fused:
             # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
@@ -433,12 +438,13 @@ class MultiScaleRetention(nn.Module):
 
     def _fused_chunkwise(
         self, x: Tensor, memory: Tensor | None, chunk: int, rotation: tuple[Tensor, Tensor] | None,
-        token_mask: Tensor | None, tables: dict[tuple[int, int], ChunkTables],
+        token_mask: Tensor | None, tables: dict[tuple[int, int], ChunkTables], halves: bool,
     ) -> tuple[Tensor, Tensor]:
         """Chunkwise self-retention of ``x`` ``(b, L, d)`` through the fused projection, decay tables
         given: what :meth:`RetNet.compile_chunkwise` compiles. ``rotation`` as from
-        :func:`_half_tables`. Returns ``(y (b, L, d), new memory)``."""
-        halves = rotation is not None
+        :func:`_half_tables` where ``halves`` (see :meth:`_project_fused`), else as for it.
+        Returns ``(y (b, L, d), new memory)``."""
+        halves = halves and rotation is not None
         q, k, v, gate = self._project_fused(x, rotation, token_mask, halves=halves)
         if halves and memory is not None:  # the state's key axis in q's and k's order
             memory = _to_halves(memory, 1, dim=-2)
