@@ -598,9 +598,9 @@ class RetNet(GenerationMixin, nn.Module):
         forward and backward: inductor fuses the element-wise work between the matrix products
         (measured on the plain PyTorch path at 16k tokens, d 256: one layer's forward + backward
         310 -> 268 ms). Where the eager path runs on the package's CPU kernels (CPU float32, the
-        extension built), those kernels already fuse that work and the compiled graph calls the
-        chunk and norm-gate ones too: a 2x1k training step then measures about as fast as eager
-        (1.01-1.02x its time, within the noise of this machine; docs/speed-training.md). It is for
+        extension built), those kernels already fuse that work and the compiled graph calls them
+        too (split, chunk, norm-gate): a 2x1k training step then measures as fast as eager
+        (1.00-1.02x its time, within the noise of this machine; docs/speed-training.md). It is for
         where those kernels do not apply: other devices and dtypes, or no C++ toolchain. Every
         layer shares the compiled code; the first call of each new length and chunk size compiles
         (seconds to a minute). Parallel and recurrent modes are unaffected. ``False`` goes back to
