@@ -245,6 +245,26 @@ def test_peer_report_ratios_and_targets() -> None:
     assert "| 1.2 | FAIL |" in text and "| 3 | PASS |" in text and "boom" in text
 
 
+def test_peer_rounds_give_the_median_round_and_keep_every_round() -> None:
+    from yet_another_retnet.bench import peers
+
+    decode = [{"ms_per_token": 3.0, "ms_min": 2.5}, {"error": "killed"}, {"ms_per_token": 1.0, "ms_min": 0.9},
+              {"ms_per_token": 2.0, "ms_min": 1.8}]
+    row = peers.combine_rounds(decode, "ms_per_token", higher_is_better=False)
+    # The median of the three good rounds, with that round's other fields; the failure counted.
+    assert row["ms_per_token"] == 2.0 and row["ms_min"] == 1.8
+    assert row["rounds"] == [3.0, 1.0, 2.0] and row["failed_rounds"] == 1
+    prefill = [{"tokens_per_s": 100.0}, {"tokens_per_s": 300.0}]
+    assert peers.combine_rounds(prefill, "tokens_per_s", higher_is_better=True)["tokens_per_s"] == 100.0
+    assert peers.combine_rounds([{"error": "a"}, {"error": "b"}], "tokens_per_s", True) == {"error": "a"}
+    results = {"decode": [], "prefill": [{"impl": "ours", "chunk": 128, **peers.combine_rounds(prefill, "tokens_per_s", True)}],
+               "small": [], "training": None}
+    data = {"results": results, "summary": peers.summarise(results, [512]), "machine": {}, "command": "x",
+            "settings": {"repeats": 1, "rounds": 2, "tokens": 4, "contexts": [512], "prefill_length": 8, "skipped": {}}}
+    text = peers.render_markdown(data)
+    assert "median of 2 interleaved rounds" in text and "| 100 | – | 100, 300 |" in text
+
+
 def test_training_targets_take_our_best_row_against_the_best_peer() -> None:
     from yet_another_retnet.bench import peers, peers_training
 

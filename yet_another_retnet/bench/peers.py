@@ -1,6 +1,9 @@
 """``retnet bench peers``: decoding and prefill speed against the other RetNet libraries.
 
-Side by side, in one run, on one machine, each implementation in its own fresh process:
+Side by side, in one run, on one machine, each implementation in its own fresh process, in
+interleaved rounds (``--rounds``, default 3: every job once per round, the order rotated; each row
+the median round), so that rows compared in a ratio run minutes apart at most and the host's drift
+hits them alike:
 
 - **ours** (float32, and bfloat16 weights via ``model.to(torch.bfloat16)``), decoding through
   ``model.stream_generate`` (chunkwise prompt prefill, then one fast recurrent step per token);
@@ -200,6 +203,21 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("floor"):
         result.update(_streaming_read_gbps(_weight_bytes(model)))
     return result
+
+
+def combine_rounds(runs: list[dict[str, Any]], key: str, higher_is_better: bool) -> dict[str, Any]:
+    """One job's row from its rounds: the median round by ``key`` (of an even count, the worse of
+    the middle two), with every round's value in ``"rounds"`` (in round order). Failed rounds are
+    left out and counted in ``"failed_rounds"``; if every round failed, the first failure."""
+    good = [r for r in runs if "error" not in r and r.get(key) is not None]
+    if not good:
+        return dict(runs[0])
+    ordered = sorted(good, key=lambda r: float(r[key]), reverse=higher_is_better)
+    chosen = dict(ordered[len(ordered) // 2])
+    chosen["rounds"] = [r[key] for r in good]
+    if len(good) < len(runs):
+        chosen["failed_rounds"] = len(runs) - len(good)
+    return chosen
 
 
 def _pick(runs: list[dict[str, float]]) -> dict[str, Any]:
@@ -402,7 +420,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a smoke run: context 512 only, fewer tokens, 2k prefill")
     parser.add_argument("--contexts", default=None, help="decoding contexts (default: 512,8192)")
     parser.add_argument("--tokens", type=int, default=None, help="timed tokens per run (default: 40)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs per measurement (default: 3)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds of the decode, prefill and small sections: each runs every "
+                             "job once, each in a fresh process, the order rotated; rows are the median "
+                             "round (default: 3; --quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per job inside its process (default: 1)")
     parser.add_argument("--prefill-length", type=int, default=None, help="prefill prompt length (default: 8192)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
     parser.add_argument("--sections", default="decode,prefill,small,training",
@@ -446,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     contexts = _ints(args.contexts) if args.contexts else ([512] if args.quick else [512, 8192])
     tokens = args.tokens or (12 if args.quick else 40)
-    repeats = args.repeats or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 3)
+    repeats = args.repeats or 1
+    if rounds < 1 or repeats < 1:
+        raise ValueError(f"--rounds and --repeats must be >= 1, got {rounds} and {repeats}")
     prefill_length = args.prefill_length or (2048 if args.quick else 8192)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     unknown = sorted(set(impls) - set(IMPLS))
@@ -464,21 +490,21 @@ def main(argv: list[str] | None = None) -> int:
     base_job = {"seed": args.seed, "threads": args.threads, "repeats": repeats, "tokens": tokens, "warmup": 3, "peer_dir": str(peer_dir)}
     results: dict[str, Any] = {"decode": [], "prefill": [], "small": [], "training": None}
 
-    def run(impl: str, task: str, dims: dict[str, int], context: int, **extra: Any) -> dict[str, Any]:
+    def run(impl: str, task: str, dims: dict[str, int], context: int, label: str, **extra: Any) -> dict[str, Any]:
         job = {**base_job, "impl": impl, "task": task, "dims": dims, "context": context, **extra}
         started = time.perf_counter()
         res = run_job(job, args.timeout)
-        row = {"impl": impl, "label": LABELS[impl], "context": context, **res}
         shown = res.get("ms_per_token", res.get("tokens_per_s"))
-        print(f"[peers] {task:7s} {LABELS[impl]:28s} ctx {context:6d}: "
+        print(f"[peers] {label} {task:7s} {LABELS[impl]:28s} ctx {context:6d}: "
               f"{_fmt(shown) if 'error' not in res else res['error']} "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
-        return row
+        return {"impl": impl, "label": LABELS[impl], "context": context, **res}
 
+    # (section, impl, task, dims, context, job options, options shown in the row)
+    jobs: list[tuple[str, str, str, dict[str, int], int, dict[str, Any], dict[str, Any]]] = []
     if "decode" in sections:
-        for context in contexts:
-            for impl in runnable:
-                results["decode"].append(run(impl, "decode", BASE, context, floor=impl in OURS))
+        jobs += [("decode", impl, "decode", BASE, context, {"floor": impl in OURS}, {})
+                 for context in contexts for impl in runnable]
     if "prefill" in sections:
         # compile_chunkwise covers float32 prefill; bfloat16 prefill has no compiled form.
         for impl in [i for i in runnable if i != "ours-bf16-compiled"]:
@@ -487,10 +513,21 @@ def main(argv: list[str] | None = None) -> int:
             chunks = [None] if impl == "hf-llama" else ([128] if impl.startswith("ours-") else [512, 128])
             for chunk in chunks:
                 extra = {} if chunk is None else {"chunk": chunk}
-                results["prefill"].append({**run(impl, "prefill", BASE, prefill_length, **extra), **extra})
+                jobs.append(("prefill", impl, "prefill", BASE, prefill_length, extra, extra))
     if "small" in sections:
-        for impl in [i for i in runnable if "bf16" not in i]:  # float32 at this size
-            results["small"].append(run(impl, "decode", SMALL, 512))
+        jobs += [("small", impl, "decode", SMALL, 512, {}, {}) for impl in runnable if "bf16" not in impl]
+    # The host's speed drifts over minutes: every job runs once per round and the order rotates,
+    # so the rows a ratio compares are measured side by side in each round, and none is always
+    # first or last.
+    runs: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    for r in range(rounds):
+        shift = r * len(jobs) // rounds
+        for j in [*range(shift, len(jobs)), *range(shift)]:
+            _, impl, task, dims, context, options, _ = jobs[j]
+            runs[j].append(run(impl, task, dims, context, f"round {r + 1}/{rounds}", **options))
+    for (section, _, task, _, _, _, shown), got in zip(jobs, runs, strict=True):
+        key, higher = ("tokens_per_s", True) if task == "prefill" else ("ms_per_token", False)
+        results[section].append({**combine_rounds(got, key, higher), **shown})
     if "training" in sections:
         try:
             peers_training: Any = importlib.import_module("yet_another_retnet.bench.peers_training")
@@ -503,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, contexts)
     machine = _machine(args.threads)
     machine.update(load_average_1m=load_start, load_average_1m_end=os.getloadavg()[0])
-    data = {"settings": {"quick": args.quick, "contexts": contexts, "tokens": tokens, "repeats": repeats,
+    data = {"settings": {"quick": args.quick, "contexts": contexts, "tokens": tokens, "repeats": repeats, "rounds": rounds,
                          "prefill_length": prefill_length, "base": BASE, "small": SMALL,
                          "torch_threads": args.threads or torch.get_num_threads(), "skipped": skipped},
             "machine": machine, "results": results, "summary": summary,
@@ -578,6 +615,20 @@ def summarise(results: dict[str, Any], contexts: list[int]) -> dict[str, Any]:
     return summary
 
 
+def _rounds_text(settings: dict[str, Any]) -> str:
+    rounds = settings.get("rounds", 1)
+    how = (f"Each row is the median of {rounds} interleaved rounds (every job once per round, each in a fresh "
+           "process, the order rotated between rounds)" if rounds > 1 else "One round, each job in its own process")
+    return (f"{how}; a decoding job times {settings['tokens']} greedy tokens (batch 1, the median step; the "
+            f"median of {settings['repeats']} such runs), a prefill job the median of {settings['repeats']} "
+            "passes after a warm-up.")
+
+
+def _each_round(row: dict[str, Any]) -> str:
+    values = ", ".join(_fmt(v) for v in row.get("rounds", []))
+    return values + (f" ({row['failed_rounds']} failed)" if row.get("failed_rounds") else "")
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     results, summary, settings = data["results"], data["summary"], data["settings"]
     machine = data["machine"]
@@ -586,8 +637,8 @@ def render_markdown(data: dict[str, Any]) -> str:
              f"Command: `{data['command']}`\n",
              f"Machine: {machine.get('cpu')} ({machine.get('cpu_count')} CPUs, {machine.get('torch_threads')} "
              f"torch threads), torch {machine.get('torch')}, 1-minute load average at "
-             f"start / end {load} (a busy machine slows everything, multi-threaded code most). Median of {settings['repeats']} runs of "
-             f"{settings['tokens']} greedy tokens each (batch 1), every implementation in its own process.\n"]
+             f"start / end {load} (a busy machine slows everything, multi-threaded code most). "
+             f"{_rounds_text(settings)}\n"]
     if results["decode"]:
         contexts = settings["contexts"]
         lines += ["## Decoding, d_model 768, 12 heads, 12 layers (ms per token, lower is better)\n",
@@ -617,7 +668,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines.append("")
     if results["prefill"]:
         lines += [f"## Prompt prefill, {settings['prefill_length']} tokens (tokens/s, higher is better)\n",
-                  "| implementation | form | tokens/s | seconds |", "|---|---|---|---|"]
+                  "| implementation | form | tokens/s | seconds | each round |", "|---|---|---|---|---|"]
         forms = {"ours": "chunkwise, chunk {c}", "ours-bf16": "chunkwise, chunk {c}",
                  "ours-compiled": "chunkwise, chunk {c}, compile_chunkwise()",
                  "yaretnet-0.5.1": "forward_chunkwise, {c} tokens a call",
@@ -625,16 +676,16 @@ def render_markdown(data: dict[str, Any]) -> str:
         for r in results["prefill"]:
             label = LABELS.get(r["impl"], r["impl"])
             form = forms.get(r["impl"], "").format(c=r.get("chunk"))
-            lines.append(f"| {label} | {form} | {_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('seconds'))} |"
-                         if "error" not in r else f"| {label} | {form} | error | |")
+            lines.append(f"| {label} | {form} | {_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('seconds'))} | "
+                         f"{_each_round(r)} |" if "error" not in r else f"| {label} | {form} | error | | |")
         lines.append("")
     if results["small"]:
         lines += ["## Small model decoding, d_model 256, 4 heads, 4 layers, FFN 512 (ms per token)\n",
-                  "| implementation | ms/token (median) | min | CPU ms/token |", "|---|---|---|---|"]
+                  "| implementation | ms/token (median) | min | CPU ms/token | each round |", "|---|---|---|---|---|"]
         for r in results["small"]:
             lines.append(f"| {LABELS.get(r['impl'], r['impl'])} | {_fmt(r.get('ms_per_token'))} | {_fmt(r.get('ms_min'))} "
-                         f"| {_fmt(r.get('cpu_ms_per_token'))} |"
-                         if "error" not in r else f"| {LABELS.get(r['impl'], r['impl'])} | error | |")
+                         f"| {_fmt(r.get('cpu_ms_per_token'))} | {_each_round(r)} |"
+                         if "error" not in r else f"| {LABELS.get(r['impl'], r['impl'])} | error | | | |")
         lines.append("")
     if results.get("training"):
         lines += ["## Training (from bench/peers_training.py)\n", _training_markdown(results["training"]), ""]
