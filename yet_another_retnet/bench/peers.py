@@ -619,9 +619,11 @@ def _rounds_text(settings: dict[str, Any]) -> str:
     rounds = settings.get("rounds", 1)
     how = (f"Each row is the median of {rounds} interleaved rounds (every job once per round, each in a fresh "
            "process, the order rotated between rounds)" if rounds > 1 else "One round, each job in its own process")
-    return (f"{how}; a decoding job times {settings['tokens']} greedy tokens (batch 1, the median step; the "
-            f"median of {settings['repeats']} such runs), a prefill job the median of {settings['repeats']} "
-            "passes after a warm-up.")
+    repeats = settings["repeats"]
+    decode, prefill = ("", "one pass") if repeats == 1 else (f"; the median of {repeats} such runs",
+                                                            f"the median of {repeats} passes")
+    return (f"{how}; a decoding job times {settings['tokens']} greedy tokens (batch 1, the median "
+            f"step{decode}), a prefill job {prefill} after a warm-up.")
 
 
 def _each_round(row: dict[str, Any]) -> str:
