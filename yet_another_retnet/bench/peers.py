@@ -205,25 +205,29 @@ def _ours(job: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _median_entry(runs: list[dict[str, Any]], key: str, higher_is_better: bool) -> dict[str, Any]:
+    """A copy of the median of ``runs`` by ``key`` (of an even count, the worse of the middle two)."""
+    ordered = sorted(runs, key=lambda r: float(r[key]), reverse=higher_is_better)
+    return dict(ordered[len(ordered) // 2])
+
+
 def combine_rounds(runs: list[dict[str, Any]], key: str, higher_is_better: bool) -> dict[str, Any]:
-    """One job's row from its rounds: the median round by ``key`` (of an even count, the worse of
-    the middle two), with every round's value in ``"rounds"`` (in round order). Failed rounds are
-    left out and counted in ``"failed_rounds"``; if every round failed, the first failure."""
+    """One job's row from its rounds: the median round by ``key`` (:func:`_median_entry`), with
+    every round's value in ``"rounds"`` (in round order). Failed rounds are left out and counted in
+    ``"failed_rounds"``; if every round failed, the first failure."""
     good = [r for r in runs if "error" not in r and r.get(key) is not None]
     if not good:
         return dict(runs[0])
-    ordered = sorted(good, key=lambda r: float(r[key]), reverse=higher_is_better)
-    chosen = dict(ordered[len(ordered) // 2])
+    chosen = _median_entry(good, key, higher_is_better)
     chosen["rounds"] = [r[key] for r in good]
     if len(good) < len(runs):
         chosen["failed_rounds"] = len(runs) - len(good)
     return chosen
 
 
-def _pick(runs: list[dict[str, float]]) -> dict[str, Any]:
+def _pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median run (by ms per token) of several repeats, with every repeat's median kept."""
-    ordered = sorted(runs, key=lambda r: r["ms_per_token"])
-    chosen: dict[str, Any] = dict(ordered[len(ordered) // 2])
+    chosen = _median_entry(runs, "ms_per_token", higher_is_better=False)
     chosen["repeats_ms"] = [round(r["ms_per_token"], 3) for r in runs]
     return chosen
 
