@@ -250,3 +250,60 @@ def test_bad_prompts() -> None:
         model.generate(torch.tensor([[1.0, 2.0]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="input_ids"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"pre_norm": False}, {"relative_position": False},
+                                       {"value_factor": 2.0, "bias": True}])
+def test_prefill_gives_a_full_forwards_last_logits_and_state(overrides: dict[str, Any]) -> None:
+    model = make_model(**overrides)
+    x = prompt(17, seed=20, batch=2)
+    full = model(x, mode="parallel")
+    out = model.prefill(x, chunk_size=4)
+    assert out.logits.shape == (2, 1, VOCAB) and not out.logits.requires_grad
+    torch.testing.assert_close(out.logits, full.logits[:, -1:], rtol=1e-10, atol=1e-10)
+    for got, want in zip(out.state.memories, full.state.memories, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert out.state.position.tolist() == [17, 17]
+    # From a state, and decoding on from the prefill's state gives the forward's next logits.
+    head = model.prefill(x[:, :5])
+    rest = model.prefill(x[:, 5:], state=head.state)
+    torch.testing.assert_close(rest.logits, full.logits[:, -1:], rtol=1e-10, atol=1e-10)
+    token = full.logits[:, -1].argmax(-1, keepdim=True)
+    after = model(token, state=out.state).logits
+    torch.testing.assert_close(after, model(torch.cat([x, token], 1), mode="parallel").logits[:, -1:],
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_prefill_runs_the_last_layers_ffn_on_the_last_position_only() -> None:
+    model = make_model(num_layers=3)
+    seen: list[tuple[int, ...]] = []
+    model.decoder.layers[-1].ffn.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    first: list[tuple[int, ...]] = []
+    model.decoder.layers[0].ffn.register_forward_hook(lambda m, args, out: first.append(tuple(args[0].shape)))
+    model.prefill(prompt(12, seed=21, batch=2))
+    assert seen == [(2, 1, 16)] and first == [(2, 12, 16)]
+
+
+def test_prefill_of_a_left_padded_batch_gives_each_row_its_own_state() -> None:
+    model = make_model()
+    prompts = [prompt(n, seed=30 + n)[0] for n in (8, 3, 1)]
+    batch, mask = left_pad(prompts, pad=5)
+    out = model.prefill(batch, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = model(p[None], mode="parallel")
+        torch.testing.assert_close(out.logits[i], alone.logits[0, -1:], rtol=1e-10, atol=1e-10)
+        for got, want in zip(out.state.memories, alone.state.memories, strict=True):
+            torch.testing.assert_close(got[i], want[0], rtol=1e-10, atol=1e-10)
+        assert int(out.state.position[i]) == len(p)
+
+
+def test_bad_prefill_inputs() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="input_ids"):
+        model.prefill(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model.prefill(prompt(4, seed=1), attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    with pytest.raises(TypeError, match="state"):
+        model.prefill(prompt(4, seed=1), state="nope")
+    with pytest.raises(ValueError, match="chunk_size"):
+        model.prefill(prompt(4, seed=1), chunk_size=0)

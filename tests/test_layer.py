@@ -326,3 +326,45 @@ def test_fast_decode_step_matches_reference(head_norm, relative_position, bias):
             position = position + 1
     assert rel_err(torch.stack(ys, dim=1), ref_y[:, 6:]) <= TOL64
     assert rel_err(memory, ref_memory) <= TOL64
+
+
+@pytest.mark.parametrize(
+    ("relative_position", "value_factor", "bias"),
+    list(itertools.product((True, False), (1.0, 2.0), (False, True))),
+)
+def test_absorb_gives_the_float64_reference_state(relative_position, value_factor, bias):
+    layer = make_layer(relative_position=relative_position, value_factor=value_factor, bias=bias)
+    x = inputs(2, 13, 16, seed=4)
+    _, ref_memory = reference_msr(layer, x)
+    state = layer.absorb(x, None)
+    assert rel_err(state.memory, ref_memory) <= TOL64
+    assert state.position.tolist() == [13, 13]
+    # From a state: the second half of the same sequence.
+    first = layer.absorb(x[:, :6], None)
+    second = layer.absorb(x[:, 6:], first)
+    assert rel_err(second.memory, ref_memory) <= TOL64
+    assert second.position.tolist() == [13, 13]
+
+
+def test_absorb_skips_left_padding_like_retain():
+    layer = make_layer()
+    x = inputs(2, 9, 16, seed=5)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :4] = False
+    _, expected, _ = layer.retain(x, x, x, None, "chunkwise", 4, token_mask=mask)
+    state = layer.absorb(x, None, token_mask=mask)
+    assert rel_err(state.memory, expected.memory) <= TOL64
+    assert state.position.tolist() == [5, 9]
+    # The padded row's state is the one its real tokens give alone.
+    _, alone = reference_msr(layer, x[:1, 4:])
+    assert rel_err(state.memory[:1], alone) <= TOL64
+
+
+def test_absorb_in_float32_over_a_long_input_matches_chunkwise():
+    # One decay-weighted product over 3,000 tokens: the far decay powers are zeroed rather than
+    # left subnormal, which must not change the state measurably.
+    layer = make_layer(embed_dim=32, num_heads=4, dtype=torch.float32)
+    x = inputs(1, 3000, 32, seed=6, dtype=torch.float32)
+    _, expected = layer.forward_chunkwise(x, x, x, None, chunk_size=256)
+    state = layer.absorb(x, None)
+    torch.testing.assert_close(state.memory, expected.memory, rtol=1e-4, atol=1e-5)

@@ -70,6 +70,37 @@ class GenerationMixin:
     _forward: Any
     _check_inputs: Any
 
+    def _check_prompt(self, input_ids: object, state: object, attention_mask: object,
+                      chunk_size: object) -> Tensor | None:
+        token_mask: Tensor | None = self._check_inputs(input_ids, state, None, chunk_size, None, attention_mask)
+        assert isinstance(input_ids, Tensor)
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids must hold at least one prompt token per row")
+        if token_mask is not None and not bool(token_mask[:, -1].all()):
+            raise ValueError("attention_mask: every row needs at least one real (1) prompt token")
+        return token_mask
+
+    def prefill(
+        self,
+        input_ids: Tensor,
+        state: Any = None,
+        attention_mask: Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> Any:
+        """Read a prompt ``input_ids`` ``(batch, length)``: a ``RetNetOutput`` with the logits at
+        its last position ``(batch, 1, vocab)`` and the state after it.
+
+        What :meth:`stream_generate` starts from, for a caller with a decoding loop of its own:
+        hand the state to ``model(next_ids, state=...)``. The prompt runs in chunkwise form
+        without autograd, and the last layer computes only what its last position and the state
+        need, so this does less work than ``model(input_ids)`` (whose logits at the last position
+        and state are the same, to rounding). ``state`` continues an earlier sequence;
+        ``attention_mask`` marks left padding (on a first call only).
+        """
+        token_mask = self._check_prompt(input_ids, state, attention_mask, chunk_size)
+        with torch.no_grad():
+            return self._forward(input_ids, state, "chunkwise", chunk_size, None, token_mask, last_logits_only=True)
+
     def stream_generate(
         self,
         input_ids: Tensor,
@@ -93,11 +124,7 @@ class GenerationMixin:
         """
         _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                                pad_token_id, self.config.vocab_size)
-        token_mask = self._check_inputs(input_ids, None, None, chunk_size, None, attention_mask)
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one prompt token per row")
-        if token_mask is not None and not bool(token_mask[:, -1].all()):
-            raise ValueError("attention_mask: every row needs at least one real (1) prompt token")
+        token_mask = self._check_prompt(input_ids, None, attention_mask, chunk_size)
         if max_new_tokens == 0:
             return
         pad = eos_token_id if pad_token_id is None else pad_token_id

@@ -342,17 +342,14 @@ class MultiScaleRetention(nn.Module):
             if halves:  # (a, b) = (even, odd) halves of each head: (a, b) c + (-b, a) s
                 # One pointwise expression over the whole tensor (the halves swapped by a flip, a
                 # load index to the compiler), so it fuses with what follows; a cat would not.
-                pairs = qk.unflatten(-1, (2, heads, 2, dk // 2))
-                qk = (pairs * cos[:, :, None, None] + pairs.flip(-2) * sin[:, :, None, None]).flatten(-2)
+                pairs = qk.unflatten(-1, (2 * heads, 2, dk // 2))
+                qk = (pairs * cos[:, :, None] + pairs.flip(-2) * sin[:, :, None]).flatten(-3)
             elif _is_compiling():  # the same product in reals: inductor fuses these, not complex ops
-                c, s = (t[:, 0, :, None, None, 0::2] for t in (cos, sin))
-                qk = rotate_pairs(qk.unflatten(-1, (2, heads, dk // 2, 2)), c, s).flatten(-2)
+                c, s = (t[:, 0, :, None, 0::2] for t in (cos, sin))
+                qk = rotate_pairs(qk.unflatten(-1, (2 * heads, dk // 2, 2)), c, s).flatten(-3)
             else:
-                factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2).unsqueeze(2)
-                pairs = torch.view_as_complex(qk.unflatten(-1, (2, heads, dk // 2, 2)))  # (b, L, 2, h, dk/2)
-                qk = torch.view_as_real(pairs * factor).flatten(-2)
-        else:
-            qk = qk.unflatten(-1, (2, heads, dk))
+                qk = _rotate_heads(qk, rotation)
+        qk = qk.unflatten(-1, (2, heads, dk))
         q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # unbind: its backward is one stack
         v = v.view(batch, length, heads, dv).transpose(1, 2)
         k, v = _drop_padding(k, v, token_mask)
@@ -435,6 +432,40 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
         y = self.output(retained, query, gate)
         return y, RetentionState(new_memory, next_position), weights
+
+    def absorb(
+        self,
+        x: Tensor,
+        state: RetentionState | None,
+        rotation: tuple[Tensor, Tensor] | None = None,
+        token_mask: Tensor | None = None,
+    ) -> RetentionState:
+        """The state after self-retention over ``x`` ``(batch, length, embed_dim)``, without its
+        outputs.
+
+        What a layer needs of tokens whose outputs nobody reads (the earlier positions of a prompt
+        in a model's last layer): only keys and values are projected, and the state is one
+        decay-weighted ``K^T V`` (the formula every form's state comes from), so the query and
+        gate projections, the retention of each position, the head norm and the output
+        projection are all skipped. ``rotation`` and ``token_mask`` as for :meth:`retain`.
+        """
+        batch, length, _ = x.shape
+        start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=x.device)
+        positions, next_position = positions_for(start, length, token_mask)
+        if rotation is None:
+            rotation = self.rotation(positions, x.dtype, from_zero=state is None and token_mask is None)
+        # Keys and values in one product, as in _project_fused.
+        bias = None if self.k_proj.bias is None else torch.cat([self.k_proj.bias, self.v_proj.bias])
+        k, v = F.linear(x, torch.cat([self.k_proj.weight, self.v_proj.weight]), bias).split(
+            [self.embed_dim, self.value_dim], dim=-1)
+        if rotation is not None:
+            k = _rotate_heads(k, rotation) if k.dtype in _FAST_DTYPES else apply_rotation(
+                k.unflatten(-1, (self.num_heads, self.key_dim)).transpose(1, 2), *rotation).transpose(1, 2).to(v.dtype)
+        k = k.reshape(batch, length, self.num_heads, self.key_dim).transpose(1, 2)
+        v = v.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = _drop_padding(k, v, token_mask)
+        memory = _final_state(k, v, state.memory if state is not None else None, self.gammas)
+        return RetentionState(memory, next_position)
 
     def _fused_chunkwise(
         self, x: Tensor, memory: Tensor | None, chunk: int, rotation: tuple[Tensor, Tensor] | None,
@@ -656,6 +687,18 @@ def _rotation_rows(positions: Tensor, key_dim: int, dtype: torch.dtype) -> Tenso
     return (rows[:, None, :] * scale[:, None]).to(_complex(dtype))
 
 
+def _rotate_heads(t: Tensor, rotation: tuple[Tensor, Tensor]) -> Tensor:
+    """Rotate every head of ``t`` ``(b, L, n * dk)`` (heads side by side, as a projection gives
+    them) by ``rotation``'s ``(cos, sin)`` ``(b or 1, 1, L, dk)``: each (even, odd) pair times its
+    angle's ``e^{i theta}``, one complex product (float32 and float64), instead of the
+    stack/neg/mul/add chain of :func:`apply_rotation`."""
+    cos, sin = rotation
+    dk = cos.shape[-1]
+    factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2)  # (b, L, 1, dk/2)
+    pairs = torch.view_as_complex(t.unflatten(-1, (-1, dk // 2, 2)))  # (b, L, n, dk/2)
+    return torch.view_as_real(pairs * factor).flatten(-3)
+
+
 def _drop_padding(k: Tensor, v: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Zero the keys and values of padded tokens ``(b, h, L, d)`` so padding never reaches a state.
 
@@ -696,7 +739,7 @@ def _final_state(k: Tensor, v: Tensor, memory: Tensor | None, gammas: Tensor) ->
     """The state after a parallel call, the same formula the chunkwise form uses."""
     ct = compute_dtype(k.dtype)
     log_gamma = resolve_log_decay(gammas, k.shape[1], k.device)
-    return state_update(k.to(ct) * k.shape[-1] ** -0.5, v.to(ct), memory, log_gamma)
+    return state_update(k.to(ct), v.to(ct), memory, log_gamma, k.shape[-1] ** -0.5)
 
 
 #: The name used in the original yet-another-retnet README.

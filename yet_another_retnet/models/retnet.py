@@ -134,6 +134,32 @@ class RetNetDecoderLayer(nn.Module):
         x = self._residual(x, self.ffn(self.ffn_norm(x)))
         return x, new_state
 
+    def forward_last(
+        self,
+        x: Tensor,
+        state: RetentionState | None,
+        rotation: tuple[Tensor, Tensor] | None = None,
+        token_mask: Tensor | None = None,
+    ) -> tuple[Tensor, RetentionState]:
+        """The output at the last position only ``(batch, 1, d_model)``, and the state after all
+        of ``x`` ``(batch, length, d_model)``: what the last layer of a prompt prefill must give.
+
+        The earlier positions' outputs would feed nothing, so they only pass on their keys and
+        values (:meth:`MultiScaleRetention.absorb`): their queries, gate, output projection and
+        FFN are skipped (three quarters or more of the layer's products). The last position then takes one
+        recurrent step. ``rotation`` and ``token_mask`` cover all of ``x``; the last position
+        must be a real token.
+        """
+        if token_mask is not None and not bool(token_mask[:, -1].all()):
+            raise ValueError("token_mask: the last position of every row must be a real token")
+        if x.shape[1] > 1:
+            prefix_rotation = None if rotation is None else (rotation[0][:, :, :-1], rotation[1][:, :, :-1])
+            prefix = x[:, :-1]
+            h = self.retention_norm(prefix) if self.pre_norm else prefix
+            mask = None if token_mask is None else token_mask[:, :-1]
+            state = self.retention.absorb(h, state, prefix_rotation, mask)
+        return self(x[:, -1:], state, "recurrent")
+
 
     def decode_tables(self, dtype: torch.dtype) -> LayerTables:
         """What :meth:`step` reads besides the parameters: the retention's stacked q/k/v/g weights
@@ -287,8 +313,14 @@ class RetNetDecoder(nn.Module):
         mode: str = "parallel",
         chunk_size: int | None = None,
         token_mask: Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[Tensor, RetNetState]:
-        """``hidden`` ``(batch, length, d_model)`` -> normed hidden states and the next state."""
+        """``hidden`` ``(batch, length, d_model)`` -> normed hidden states and the next state.
+
+        ``last_only``: only the last position's hidden state ``(batch, 1, d_model)`` is wanted (a
+        prompt prefill), so the last layer skips the work whose outputs only earlier positions
+        read (:meth:`RetNetDecoderLayer.forward_last`); the state is the same.
+        """
         batch, length, _ = hidden.shape
         start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=hidden.device)
         positions, next_position = positions_for(start, length, token_mask)
@@ -297,7 +329,10 @@ class RetNetDecoder(nn.Module):
         memories = []
         for i, layer in enumerate(self.layers):
             layer_state = state.layer(i) if state is not None else None
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if last_only and i == len(self.layers) - 1:
+                last = cast(RetNetDecoderLayer, layer)
+                hidden, new = last.forward_last(hidden, layer_state, rotation, token_mask)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 hidden, new = checkpoint(
                     layer, hidden, layer_state, mode, chunk_size, rotation, token_mask, use_reentrant=False
                 )
@@ -544,8 +579,9 @@ class RetNet(GenerationMixin, nn.Module):
         with cached_cpu_memory() if reuse else contextlib.nullcontext():
             x = self._embed(input_ids)
             x = F.dropout(x, p=self.config.dropout, training=self.training)
-            hidden, new_state = self.decoder(x, state, mode, chunk, token_mask)
-            logits = self.lm_head(hidden[:, -1:] if last_logits_only and labels is None else hidden)
+            last_only = last_logits_only and labels is None and input_ids.shape[1] > 0
+            hidden, new_state = self.decoder(x, state, mode, chunk, token_mask, last_only=last_only)
+            logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             # Position t predicts token t + 1; the last position predicts nothing (-100, ignored).

@@ -38,6 +38,7 @@ from .chunk_scan import chunk_scan, chunk_scan_applies
 from .decay import (
     ChunkTables,
     DecaySpec,
+    _no_subnormals,
     chunk_tables,
     decay_mask,
     decay_powers,
@@ -367,16 +368,21 @@ def _cross_term(q: Tensor, state: Tensor, log_gamma: Tensor, ct: torch.dtype) ->
 
 
 @_outside_autocast
-def state_update(k: Tensor, v: Tensor, prev_state: Tensor | None, log_gamma: Tensor) -> Tensor:
-    """The state after one chunk of ``c`` tokens: ``K^T (V * gamma^(c-1-j)) + gamma^c prev``.
+def state_update(k: Tensor, v: Tensor, prev_state: Tensor | None, log_gamma: Tensor,
+                 scale: float = 1.0) -> Tensor:
+    """The state after one chunk of ``c`` tokens: ``scale K^T (V * gamma^(c-1-j)) + gamma^c prev``.
 
-    ``k`` ``(batch, heads, [chunks,] c, dk)`` (already scaled) and ``v`` likewise with ``dv``, in the
-    compute dtype; returns ``(batch, heads, [chunks,] dk, dv)``. ``prev_state`` only without chunks.
+    ``k`` ``(batch, heads, [chunks,] c, dk)`` (already scaled, or scaled here by ``scale``) and
+    ``v`` likewise with ``dv``, in the compute dtype; returns ``(batch, heads, [chunks,] dk, dv)``.
+    ``prev_state`` only without chunks.
     """
     ct = k.dtype
     c = k.shape[-2]
     j = torch.arange(c, device=k.device)
-    new = k.transpose(-1, -2) @ (v * _along_length(decay_powers(log_gamma, c - 1 - j, ct), v))
+    # Over a long input (a whole prompt in one call) the far powers fall into the subnormal
+    # range, which x86 multiplies many times slower: zeroed, they change nothing measurable.
+    weights = _no_subnormals(decay_powers(log_gamma, c - 1 - j, torch.float64) * scale, ct)
+    new = k.transpose(-1, -2) @ (v * _along_length(weights, v))
     if prev_state is not None:
         new = new + decay_powers(log_gamma, torch.tensor(c, device=k.device), ct).view(-1, 1, 1) * prev_state
     return new
