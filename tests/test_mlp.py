@@ -11,7 +11,7 @@ from reference import second_derivatives
 
 from yet_another_retnet.layers.feedforward import FeedForward
 from yet_another_retnet.ops import _extension
-from yet_another_retnet.ops.mlp import gelu_mlp, gelu_mlp_apply, gelu_mlp_reference
+from yet_another_retnet.ops.mlp import gelu_mlp, gelu_mlp_apply, gelu_mlp_reference, linear_onto
 
 
 def kernel_available() -> bool:
@@ -151,3 +151,66 @@ def test_feedforward_module_equals_its_float64_copy(kind: str, activation: str, 
     y64.square().sum().backward()
     for (name, p), p64 in zip(ffn.named_parameters(), ffn64.parameters(), strict=True):
         assert rel_err(p.grad, p64.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_residual_inside_the_fused_node_matches_float64(bias: bool) -> None:
+    # The block's skip connection added inside the second product: output and every gradient,
+    # the residual's included.
+    if not kernel_available():
+        pytest.skip("kernel unavailable")
+    args = inputs((2, 19, 32), 48, bias, seed=11)
+    residual = torch.randn(2, 19, 32, generator=torch.Generator().manual_seed(12)).requires_grad_()
+    out = gelu_mlp(*args, residual)
+    assert "GeluMLP" in out.grad_fn.name()
+    args64 = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    residual64 = residual.detach().double().requires_grad_()
+    want = residual64 + float64_mlp(*args64)
+    assert rel_err(out, want) < 2e-6
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(13))
+    leaves = [a for a in args if a is not None] + [residual]
+    leaves64 = [a for a in args64 if a is not None] + [residual64]
+    for g, w in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(want, leaves64, grad.double()),
+                    strict=True):
+        assert rel_err(g, w) < 2e-6
+    if not bias:
+        return
+    # Twice differentiable through the plain form.
+    got2 = second_derivatives(lambda *a: gelu_mlp(*a[:-1], a[-1]), leaves)
+    want2 = second_derivatives(lambda *a: a[-1] + float64_mlp(*a[:-1]), leaves64)
+    for g, w in zip(got2, want2, strict=True):
+        assert rel_err(g, w) < 1e-5
+
+
+def test_residual_without_autograd_and_in_other_dtypes() -> None:
+    # Inference (the GELU in place on the first product), float64 and bfloat16 autocast: each the
+    # residual plus the formula, the residual never rounded to half precision.
+    args = inputs((3, 7, 16), 40, False, seed=14)
+    args64 = [a.detach().double() if a is not None else None for a in args]
+    residual = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(15))
+    want = residual.double() + float64_mlp(*args64)
+    with torch.inference_mode():
+        out = gelu_mlp(*args, residual)
+    assert rel_err(out, want) < 2e-6
+    torch.testing.assert_close(gelu_mlp(*args64, residual.double()), want, rtol=1e-12, atol=1e-12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gelu_mlp(*args, residual)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, rtol=0.05, atol=0.1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_onto_is_the_residual_plus_the_product(bias: bool) -> None:
+    gen = torch.Generator().manual_seed(16)
+    x = torch.randn(2, 9, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    residual = torch.randn(2, 9, 12, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = linear_onto(residual, x, w, b)
+    want = residual + x @ w.T + (b if b is not None else 0)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    leaves = [t for t in (x, w, b, residual) if t is not None]
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    for g, e in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(want, leaves, grad), strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(linear_onto(None, x, w, b), want - residual, rtol=1e-12, atol=1e-12)

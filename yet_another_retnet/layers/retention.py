@@ -21,6 +21,7 @@ from ..ops._extension import is_compiling as _is_compiling
 from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
 from ..ops.decode_step import retention_step, retention_step_reference
 from ..ops.gemv import gemv
+from ..ops.mlp import linear_onto
 from ..ops.norm_gate import head_group_norm, norm_gate
 from ..ops.position import (
     apply_rotation,
@@ -268,11 +269,13 @@ class MultiScaleRetention(nn.Module):
         k, v = _drop_padding(k, v, token_mask)
         return q, k, v
 
-    def output(self, retained: Tensor, query: Tensor, gate: Tensor | None = None) -> Tensor:
+    def output(self, retained: Tensor, query: Tensor, gate: Tensor | None = None,
+               residual: Tensor | None = None) -> Tensor:
         """Head norm, gate and output projection: retained ``(b, h, L, dv)`` -> ``(b, L, embed_dim)``.
 
         ``gate`` ``(b, L, value_dim)``, if given, is ``g_proj(query)`` already computed (before the
-        activation) by the fused projection.
+        activation) by the fused projection. ``residual`` ``(b, L, embed_dim)``, if given, is added
+        to the output (inside the output product where it can: ``ops.mlp.linear_onto``).
         """
         if gate is None:
             gate = self.g_proj(query)
@@ -280,9 +283,8 @@ class MultiScaleRetention(nn.Module):
         if self.head_norm == "groupnorm":
             assert self.norm_weight is not None and self.norm_bias is not None
             if act is F.silu:  # the paper's layer: one kernel on CPU float32 (ops/norm_gate.py)
-                out = self.out_proj(norm_gate(retained, gate, self.norm_weight, self.norm_bias, self.norm_eps,
-                                              query.dtype))
-                return F.dropout(out, p=self.dropout, training=self.training)
+                return self._project_out(
+                    norm_gate(retained, gate, self.norm_weight, self.norm_bias, self.norm_eps, query.dtype), residual)
             y = head_group_norm(retained, self.norm_weight, self.norm_bias, self.norm_eps, query.dtype)
         else:
             batch, _, length, _ = retained.shape
@@ -292,8 +294,14 @@ class MultiScaleRetention(nn.Module):
             y = y.reshape(batch, length, self.value_dim)
         if act is not None:
             gate = act(gate)
-        out = self.out_proj(gate * y)
-        return F.dropout(out, p=self.dropout, training=self.training)
+        return self._project_out(gate * y, residual)
+
+    def _project_out(self, y: Tensor, residual: Tensor | None) -> Tensor:
+        """The output projection, its dropout, and ``residual`` added if given."""
+        if self.dropout > 0.0 and self.training:
+            out = F.dropout(self.out_proj(y), p=self.dropout, training=True)
+            return out if residual is None else residual + out
+        return linear_onto(residual, y, self.out_proj.weight, self.out_proj.bias)
 
     def _project_fused(
         self, x: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
@@ -366,6 +374,7 @@ class MultiScaleRetention(nn.Module):
         rotation: tuple[Tensor, Tensor] | None = None,
         token_mask: Tensor | None = None,
         need_weights: bool = False,
+        residual: Tensor | None = None,
     ) -> tuple[Tensor, RetentionState, Tensor | None]:
         """One call of the layer in ``mode`` (``"parallel"``, ``"chunkwise"`` or ``"recurrent"``).
 
@@ -375,7 +384,9 @@ class MultiScaleRetention(nn.Module):
         padding only, and only with an empty state).
 
         Returns ``(y, state, weights)``: every mode returns the state after the last token;
-        ``weights`` only in parallel mode with ``need_weights``.
+        ``weights`` only in parallel mode with ``need_weights``. With ``residual`` ``(batch,
+        length, embed_dim)``, ``y`` is ``residual`` plus the layer's output (a block's skip
+        connection, added inside the output product where it can).
         """
         batch, length, _ = query.shape
         start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=query.device)
@@ -402,7 +413,7 @@ class MultiScaleRetention(nn.Module):
             halves = rotation is not None and not split_heads_apply(query, rotation[0])
             y, new_memory = compiled(query, memory, chunk, _half_tables(rotation) if halves else rotation,
                                      token_mask, tables, halves)
-            return y, RetentionState(new_memory, next_position), None
+            return y if residual is None else residual + y, RetentionState(new_memory, next_position), None
         if fused:
             # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
             # (Under autocast the projections come out in half precision: the plain path copes.)
@@ -430,7 +441,7 @@ class MultiScaleRetention(nn.Module):
             retained = torch.stack(steps, dim=2) if steps else v
         else:
             raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
-        y = self.output(retained, query, gate)
+        y = self.output(retained, query, gate, residual)
         return y, RetentionState(new_memory, next_position), weights
 
     def absorb(

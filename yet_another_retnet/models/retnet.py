@@ -129,6 +129,11 @@ class RetNetDecoderLayer(nn.Module):
             x = self.retention_norm(self._residual(x, h))
             return self.ffn_norm(self._residual(x, self.ffn(x))), new_state
         h = self.retention_norm(x)
+        if self.residual_scale == 1.0 and (self.dropout == 0.0 or not self.training):
+            # The skip connections added inside the output products (ops.mlp.linear_onto).
+            x, new_state, _ = self.retention.retain(h, h, h, state, mode, chunk_size, rotation, token_mask,
+                                                    residual=x)
+            return self.ffn(self.ffn_norm(x), residual=x), new_state
         h, new_state, _ = self.retention.retain(h, h, h, state, mode, chunk_size, rotation, token_mask)
         x = self._residual(x, h)
         x = self._residual(x, self.ffn(self.ffn_norm(x)))

