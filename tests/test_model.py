@@ -252,6 +252,15 @@ def test_bfloat16_model_runs_and_tracks_float32() -> None:
         got = low(x, mode=mode, chunk_size=16).logits
         assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
         assert rel(got.float(), reference) < 0.1, mode
+    # The prefill's last layer (keys and values only, rotated without complex numbers in
+    # bfloat16) gives the full forward's last logits and state.
+    full = low(x, mode="chunkwise", chunk_size=16)
+    pre = low.prefill(x, chunk_size=16)
+    assert pre.logits.dtype == torch.bfloat16
+    assert rel(pre.logits.float(), full.logits[:, -1:].float()) < 0.02
+    for got_m, want_m in zip(pre.state.memories, full.state.memories, strict=True):
+        assert got_m.dtype == want_m.dtype == torch.float32
+        assert rel(got_m, want_m) < 0.02
 
 
 # ------------------------------------------------------------------------------------------------

@@ -469,9 +469,11 @@ class MultiScaleRetention(nn.Module):
         bias = None if self.k_proj.bias is None else torch.cat([self.k_proj.bias, self.v_proj.bias])
         k, v = F.linear(x, torch.cat([self.k_proj.weight, self.v_proj.weight]), bias).split(
             [self.embed_dim, self.value_dim], dim=-1)
-        if rotation is not None:
-            k = _rotate_heads(k, rotation) if k.dtype in _FAST_DTYPES else apply_rotation(
-                k.unflatten(-1, (self.num_heads, self.key_dim)).transpose(1, 2), *rotation).transpose(1, 2).to(v.dtype)
+        if rotation is not None and k.dtype in _FAST_DTYPES:
+            k = _rotate_heads(k, rotation)
+        elif rotation is not None:  # half precision has no complex type here
+            heads = k.unflatten(-1, (self.num_heads, self.key_dim)).transpose(1, 2)
+            k = apply_rotation(heads, *rotation).transpose(1, 2).to(v.dtype)
         k = k.reshape(batch, length, self.num_heads, self.key_dim).transpose(1, 2)
         v = v.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = _drop_padding(k, v, token_mask)

@@ -151,10 +151,12 @@ class RetNetDecoderLayer(nn.Module):
 
         The earlier positions' outputs would feed nothing, so they only pass on their keys and
         values (:meth:`MultiScaleRetention.absorb`): their queries, gate, output projection and
-        FFN are skipped (three quarters or more of the layer's products). The last position then takes one
-        recurrent step. ``rotation`` and ``token_mask`` cover all of ``x``; the last position
-        must be a real token.
+        FFN are skipped (three quarters or more of the layer's products). The last position then
+        takes one recurrent step. ``rotation`` and ``token_mask`` cover all of ``x``; the last
+        position must be a real token.
         """
+        if x.shape[1] == 0:
+            raise ValueError("x must hold at least one position")
         if token_mask is not None and not bool(token_mask[:, -1].all()):
             raise ValueError("token_mask: the last position of every row must be a real token")
         if x.shape[1] > 1:
