@@ -247,6 +247,26 @@ class MultiScaleRetention(nn.Module):
         cos, sin = rotation_tables(positions, self.key_dim, dtype)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
+    def _positions(
+        self,
+        x: Tensor,
+        start: Tensor | None,
+        token_mask: Tensor | None = None,
+        rotation: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[tuple[Tensor, Tensor] | None, Tensor]:
+        """``(rotation, next_position)`` for a call on ``x`` ``(batch, length, ...)`` whose rows
+        start at ``start`` ``(batch,)`` (``None``: a sequence's first call, at 0): the
+        :meth:`rotation` tables of the new tokens' positions (``rotation`` itself if the caller
+        has them already) and each row's position after them."""
+        batch, length = x.shape[:2]
+        first = start is None
+        if start is None:
+            start = torch.zeros(batch, dtype=torch.long, device=x.device)
+        positions, next_position = positions_for(start, length, token_mask)
+        if rotation is None:
+            rotation = self.rotation(positions, x.dtype, from_zero=first and token_mask is None)
+        return rotation, next_position
+
     def project(
         self,
         query: Tensor,
@@ -389,10 +409,8 @@ class MultiScaleRetention(nn.Module):
         connection, added inside the output product where it can).
         """
         batch, length, _ = query.shape
-        start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=query.device)
-        positions, next_position = positions_for(start, length, token_mask)
-        if rotation is None:
-            rotation = self.rotation(positions, query.dtype, from_zero=state is None and token_mask is None)
+        rotation, next_position = self._positions(query, None if state is None else state.position, token_mask,
+                                                 rotation)
         gate = None
         memory = state.memory if state is not None else None
         fused = (self.fast_path and mode != "recurrent" and key is query and value is query
@@ -461,10 +479,7 @@ class MultiScaleRetention(nn.Module):
         projection are all skipped. ``rotation`` and ``token_mask`` as for :meth:`retain`.
         """
         batch, length, _ = x.shape
-        start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=x.device)
-        positions, next_position = positions_for(start, length, token_mask)
-        if rotation is None:
-            rotation = self.rotation(positions, x.dtype, from_zero=state is None and token_mask is None)
+        rotation, next_position = self._positions(x, None if state is None else state.position, token_mask, rotation)
         # Keys and values in one product, as in _project_fused.
         bias = None if self.k_proj.bias is None else torch.cat([self.k_proj.bias, self.v_proj.bias])
         k, v = F.linear(x, torch.cat([self.k_proj.weight, self.v_proj.weight]), bias).split(

@@ -31,7 +31,6 @@ from ..layers.retention import (
     RetentionState,
     _is_compiling,
     linear_step,
-    positions_for,
     stacked_weights,
     weight_version,
 )
@@ -328,11 +327,9 @@ class RetNetDecoder(nn.Module):
         prompt prefill), so the last layer skips the work whose outputs only earlier positions
         read (:meth:`RetNetDecoderLayer.forward_last`); the state is the same.
         """
-        batch, length, _ = hidden.shape
-        start = state.position if state is not None else torch.zeros(batch, dtype=torch.long, device=hidden.device)
-        positions, next_position = positions_for(start, length, token_mask)
         # One rotation table for all layers: every layer has the same key head dim.
-        rotation = self._retention(0).rotation(positions, hidden.dtype, from_zero=state is None and token_mask is None)
+        rotation, next_position = self._retention(0)._positions(
+            hidden, None if state is None else state.position, token_mask)
         memories = []
         for i, layer in enumerate(self.layers):
             layer_state = state.layer(i) if state is not None else None
