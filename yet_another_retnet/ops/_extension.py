@@ -14,6 +14,7 @@ returns ``False`` and the callers use their plain PyTorch paths.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -24,7 +25,8 @@ import torch
 from torch import Tensor
 
 _log = logging.getLogger(__name__)
-_SOURCES = [Path(__file__).with_name("csrc") / name
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / name
             for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
                            "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp")]
 _lock = threading.Lock()
@@ -39,9 +41,12 @@ def _build() -> bool:
         from torch.utils import cpp_extension
 
         # -march=native: the build is for this machine. The name carries torch's version and the
-        # CPU's capability so a cache shared across machines or torch upgrades never mixes builds.
+        # CPU's capability so a cache shared across machines or torch upgrades never mixes builds,
+        # and a digest of every file in csrc/: torch rebuilds when a listed source changes, but
+        # not when only a header they include does.
         tag = f"{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}"
-        name = "yaretnet_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
+        digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.is_file())).hexdigest()[:10]
+        name = "yaretnet_cpu_" + "".join(c if c.isalnum() else "_" for c in tag) + "_" + digest
         _log.info("building the CPU extension %s (once per machine)", name)
         cpp_extension.load(
             name=name, sources=[str(s) for s in _SOURCES], is_python_module=False, verbose=False,

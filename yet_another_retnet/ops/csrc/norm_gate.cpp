@@ -21,7 +21,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "vec16.h"
+#include "head_norm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -32,13 +32,9 @@
 
 namespace {
 
-using yaretnet_cpu::load;
-using yaretnet_cpu::store;
-using yaretnet_cpu::vec16;
 using yaretnet_cpu::kLanes;
-using yaretnet_cpu::sigmoid16;
-using yaretnet_cpu::splat;
-using yaretnet_cpu::sum;
+using yaretnet_cpu::norm_gate_row;
+using yaretnet_cpu::norm_gate_row_backward;
 
 struct Dims {
   int64_t batch, heads, length, dv;
@@ -64,28 +60,6 @@ Dims checked(const char* op, const at::Tensor& x, const at::Tensor& gate, const 
 
 at::Tensor last_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// Row (b, l) of head h: its dv values, mean and 1 / std.
-struct Row {
-  const float* x;
-  float mean, rstd;
-
-  Row(const float* x_, int64_t dv, float eps) : x(x_) {
-    vec16 acc{};
-    for (int64_t j = 0; j < dv; j += kLanes) {
-      acc += load(x + j);
-    }
-    mean = sum(acc) / static_cast<float>(dv);
-    vec16 sq{};
-    for (int64_t j = 0; j < dv; j += kLanes) {
-      const vec16 c = load(x + j) - mean;
-      sq += c * c;
-    }
-    rstd = 1.0f / std::sqrt(sum(sq) / static_cast<float>(dv) + eps);
-  }
-
-  vec16 xhat(int64_t j) const { return (load(x + j) - mean) * rstd; }
-};
-
 at::Tensor norm_gate(const at::Tensor& x_in, const at::Tensor& gate_in, const at::Tensor& weight_in,
                      const at::Tensor& bias_in, double eps) {
   const char* op = "norm_gate";
@@ -105,12 +79,8 @@ at::Tensor norm_gate(const at::Tensor& x_in, const at::Tensor& gate_in, const at
       const float* g = gp + b * gb + l * gl;
       float* o = op_ + r * width;
       for (int64_t h = 0; h < d.heads; ++h) {
-        const Row row(xp + b * xb + h * xh + l * xl, d.dv, e);
-        for (int64_t j = 0; j < d.dv; j += kLanes) {
-          const int64_t c = h * d.dv + j;
-          const vec16 z = load(g + c);
-          store(o + c, z * sigmoid16(z) * (row.xhat(j) * load(wp + c) + load(bp + c)));
-        }
+        const int64_t c = h * d.dv;
+        norm_gate_row(xp + b * xb + h * xh + l * xl, g + c, wp + c, bp + c, d.dv, e, o + c);
       }
     }
   });
@@ -135,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_gate_backward(
   float *dxp = dx.data_ptr<float>(), *dgp = dgate.data_ptr<float>();
   const int64_t xb = x.stride(0), xh = x.stride(1), xl = x.stride(2), gb = gate.stride(0), gl = gate.stride(1);
   const int64_t ob = grad.stride(0), ol = grad.stride(1);
-  const float e = static_cast<float>(eps), inv_dv = 1.0f / static_cast<float>(d.dv);
+  const float e = static_cast<float>(eps);
   // The weight and bias gradients: one partial sum per task, added up at the end in task order
   // (a fixed order for a given thread count, so runs repeat exactly).
   const int64_t rows = d.batch * d.length, grain = 256;
@@ -151,26 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> norm_gate_backward(
         const float *g = gp + b * gb + l * gl, *go = op_ + b * ob + l * ol;
         float* dg = dgp + r * width;
         for (int64_t h = 0; h < d.heads; ++h) {
-          const Row row(xp + b * xb + h * xh + l * xl, d.dv, e);
-          vec16 s1{}, s2{};
-          for (int64_t j = 0; j < d.dv; j += kLanes) {
-            const int64_t c = h * d.dv + j;
-            const vec16 z = load(g + c), gr = load(go + c), w = load(wp + c), xhat = row.xhat(j);
-            const vec16 sig = sigmoid16(z), y = xhat * w + load(bp + c);
-            store(dg + c, gr * y * sig * (1.0f + z * (1.0f - sig)));
-            const vec16 dy = gr * z * sig;
-            store(dw + c, load(dw + c) + dy * xhat);
-            store(db + c, load(db + c) + dy);
-            const vec16 t = dy * w;
-            store(dyw.data() + j, t);
-            s1 += t;
-            s2 += t * xhat;
-          }
-          const float m1 = sum(s1) * inv_dv, m2 = sum(s2) * inv_dv;
-          float* out = dxp + ((b * d.heads + h) * d.length + l) * d.dv;
-          for (int64_t j = 0; j < d.dv; j += kLanes) {
-            store(out + j, (load(dyw.data() + j) - m1 - row.xhat(j) * m2) * row.rstd);
-          }
+          const int64_t c = h * d.dv;
+          norm_gate_row_backward(xp + b * xb + h * xh + l * xl, g + c, go + c, wp + c, bp + c, d.dv, e, dg + c,
+                                 dw + c, db + c, dxp + ((b * d.heads + h) * d.length + l) * d.dv, dyw.data());
         }
       }
     }

@@ -17,6 +17,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "projection.h"
+
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -25,72 +27,13 @@
 
 namespace {
 
-struct Dims {
-  int64_t batch, length, heads, dk, dv, width;
-};
-
-Dims dims(const char* op, int64_t batch, int64_t length, int64_t width, int64_t heads, int64_t dk) {
-  TORCH_CHECK(heads > 0 && dk > 0 && dk % 2 == 0, op, ": heads must be positive and key_dim even, got ", heads, ", ",
-              dk);
-  const int64_t rest = width - 2 * heads * dk;
-  TORCH_CHECK(rest > 0 && rest % (2 * heads) == 0, op, ": the projection's last dim must be 2 heads key_dim + 2 ",
-              "heads head_dim, got ", width, " with heads ", heads, ", key_dim ", dk);
-  return {batch, length, heads, dk, rest / (2 * heads), width};
-}
-
-// The rotation's (1 or batch, length, dk) cos and sin tables, checked and contiguous, or none.
-struct Rotation {
-  at::Tensor cos, sin;
-  const float *cp = nullptr, *sp = nullptr;
-  int64_t cos_batch = 0, sin_batch = 0;  // batch strides: 0 when the batch shares one table
-
-  Rotation(const char* op, const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in,
-           const Dims& d) {
-    TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), op, ": cos and sin must be given together");
-    if (!cos_in.has_value()) {
-      return;
-    }
-    for (const auto& [name, t] : {std::pair{"cos", &*cos_in}, std::pair{"sin", &*sin_in}}) {
-      TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), op, ": ", name,
-                  " must be float32 on the CPU");
-      TORCH_CHECK(t->dim() == 3 && (t->size(0) == 1 || t->size(0) == d.batch) && t->size(1) == d.length &&
-                      t->size(2) == d.dk,
-                  op, ": ", name, " must be (1 or batch, length, key_dim) = (1 or ", d.batch, ", ", d.length, ", ",
-                  d.dk, "), got ", t->sizes());
-    }
-    cos = cos_in->contiguous();
-    sin = sin_in->contiguous();
-    cp = cos.data_ptr<float>();
-    sp = sin.data_ptr<float>();
-    cos_batch = cos.size(0) == 1 ? 0 : d.length * d.dk;
-    sin_batch = sin.size(0) == 1 ? 0 : d.length * d.dk;
-  }
-
-  bool any() const { return cp != nullptr; }
-  // Row (b, l)'s cos and sin (dk values each).
-  const float* cos_at(int64_t b, int64_t l, int64_t dk) const { return cp + b * cos_batch + l * dk; }
-  const float* sin_at(int64_t b, int64_t l, int64_t dk) const { return sp + b * sin_batch + l * dk; }
-};
+using yaretnet_cpu::proj_dims;
+using yaretnet_cpu::ProjDims;
+using yaretnet_cpu::Rotation;
+using yaretnet_cpu::rotate;
+using yaretnet_cpu::unrotate;
 
 const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-// out[j] = x[j] c[j] + r[j] s[j], r = (-x_1, x_0, -x_3, x_2, ...): the forward rotation of one row.
-inline void rotate(const float* x, const float* c, const float* s, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i += 2) {
-    const float a = x[i], b = x[i + 1];
-    out[i] = a * c[i] - b * s[i];
-    out[i + 1] = b * c[i + 1] + a * s[i + 1];
-  }
-}
-
-// Its transpose: what the forward's output gradient g gives the input.
-inline void unrotate(const float* g, const float* c, const float* s, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; i += 2) {
-    const float a = g[i], b = g[i + 1];
-    out[i] = a * c[i] + b * s[i + 1];
-    out[i + 1] = b * c[i + 1] - a * s[i];
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_heads(const at::Tensor& proj_in,
                                                                        const std::optional<at::Tensor>& cos_in,
@@ -99,9 +42,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> split_heads(const at:
   const char* op = "split_heads";
   TORCH_CHECK(proj_in.scalar_type() == at::kFloat && proj_in.device().is_cpu() && proj_in.dim() == 3, op,
               ": proj must be a float32 CPU (batch, length, width) tensor, got ", proj_in.sizes());
-  const Dims d = dims(op, proj_in.size(0), proj_in.size(1), proj_in.size(2), heads, key_dim);
+  const ProjDims d = proj_dims(op, proj_in.size(0), proj_in.size(1), proj_in.size(2), heads, key_dim);
   const at::Tensor proj = proj_in.stride(2) == 1 ? proj_in : proj_in.contiguous();
-  const Rotation rot(op, cos_in, sin_in, d);
+  const Rotation rot(op, cos_in, sin_in, d.batch, d.length, d.dk);
   const at::TensorOptions o = proj.options();
   at::Tensor q = at::empty({d.batch, d.heads, d.length, d.dk}, o), k = at::empty({d.batch, d.heads, d.length, d.dk}, o);
   at::Tensor v = at::empty({d.batch, d.heads, d.length, d.dv}, o);
@@ -138,8 +81,8 @@ at::Tensor split_heads_backward(const std::optional<at::Tensor>& dq_in, const st
                                 const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in,
                                 int64_t batch, int64_t length, int64_t width, int64_t heads, int64_t key_dim) {
   const char* op = "split_heads_backward";
-  const Dims d = dims(op, batch, length, width, heads, key_dim);
-  const Rotation rot(op, cos_in, sin_in, d);
+  const ProjDims d = proj_dims(op, batch, length, width, heads, key_dim);
+  const Rotation rot(op, cos_in, sin_in, d.batch, d.length, d.dk);
   // A gradient that is absent (that output unused) contributes zeros.
   auto grad = [&](const std::optional<at::Tensor>& t, int64_t w, const char* name) -> at::Tensor {
     if (!t.has_value() || !t->defined()) {
