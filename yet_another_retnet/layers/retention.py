@@ -39,6 +39,7 @@ from ..ops.retention import (
     retention_recurrent,
     state_update,
 )
+from ..ops.retention_core import retention_core, retention_core_applies
 from ..ops.split_heads import split_heads, split_heads_apply
 
 HEAD_NORMS = ("groupnorm", "rmsnorm")
@@ -323,16 +324,31 @@ class MultiScaleRetention(nn.Module):
             return out if residual is None else residual + out
         return linear_onto(residual, y, self.out_proj.weight, self.out_proj.bias)
 
+    def _fused_projection(self, x: Tensor, halves: bool = False) -> Tensor:
+        """``[q | k | v | gate]`` of ``x`` ``(b, L, embed_dim)`` in one matmul: ``(b, L, 2 d + 2
+        value_dim)``, keys not yet scaled. The four weights are concatenated on each call (a 4 d x
+        d copy, cheap next to the matmul) so autograd and the state dict keep seeing the four
+        separate parameters. ``halves``: q's and k's features in :func:`_to_halves` order."""
+        heads = self.num_heads
+        projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
+
+        # Reordering the (small) weight rows reorders the projection's output features for free.
+        def rows(t: Tensor, i: int) -> Tensor:  # q's and k's rows in the halves order
+            return _to_halves(t, heads, dim=0) if halves and i < 2 else t
+
+        weight = torch.cat([rows(p.weight, i) for i, p in enumerate(projs)])
+        bias = torch.cat([rows(p.bias, i) for i, p in enumerate(projs)]) if self.q_proj.bias is not None else None
+        return F.linear(x, weight, bias)
+
     def _project_fused(
         self, x: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
-        halves: bool = False,
+        halves: bool = False, proj: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`project` for self-retention, plus the gate's pre-activation, in one matmul.
+        """:meth:`project` for self-retention, plus the gate's pre-activation, in one matmul
+        (:meth:`_fused_projection`; ``proj`` if the caller made it already).
 
         Returns q, k ``(b, h, L, dk)`` (keys not yet scaled, as from :meth:`project`), v
-        ``(b, h, L, dv)`` and gate ``(b, L, value_dim)``. The four weights are concatenated on each
-        call (a 4 d x d copy, cheap next to the matmul) so autograd and the state dict keep seeing
-        the four separate parameters.
+        ``(b, h, L, dv)`` and gate ``(b, L, value_dim)``.
 
         ``halves`` (with a rotation): q and k come out with each head's key dimensions reordered,
         the even ones then the odd ones (see :func:`_to_halves`). Retention only ever sums over the
@@ -343,15 +359,9 @@ class MultiScaleRetention(nn.Module):
         """
         batch, length, _ = x.shape
         heads, dk, dv, d = self.num_heads, self.key_dim, self.head_dim, self.embed_dim
-        projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
         halves = halves and rotation is not None
-        # Reordering the (small) weight rows reorders the projection's output features for free.
-        def rows(t: Tensor, i: int) -> Tensor:  # q's and k's rows in the halves order
-            return _to_halves(t, heads, dim=0) if halves and i < 2 else t
-
-        weight = torch.cat([rows(p.weight, i) for i, p in enumerate(projs)])
-        bias = torch.cat([rows(p.bias, i) for i, p in enumerate(projs)]) if self.q_proj.bias is not None else None
-        proj = F.linear(x, weight, bias)  # (b, L, 2 d + 2 value_dim)
+        if proj is None:
+            proj = self._fused_projection(x, halves)
         if not halves:
             # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py), in
             # a compiled graph too.
@@ -382,6 +392,33 @@ class MultiScaleRetention(nn.Module):
         v = v.view(batch, length, heads, dv).transpose(1, 2)
         k, v = _drop_padding(k, v, token_mask)
         return q, k, v, gate
+
+    def _core(
+        self, proj: Tensor, memory: Tensor | None, chunk_size: int | None,
+        rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
+    ) -> tuple[Tensor, Tensor] | None:
+        """Chunkwise retention from the fused projection ``proj`` ``(b, L, 2 d + 2 value_dim)`` to
+        the output projection's input ``(b, L, value_dim)``, plus the new memory, as one kernel
+        (:func:`~yet_another_retnet.ops.retention_core.retention_core`: split, rotation, retention,
+        head norm and gate), where it takes the call: the paper's layer (group norm, swish gate),
+        CPU float32, whole chunks, no padding. ``None`` elsewhere: the caller goes step by step."""
+        length = proj.shape[1]
+        if (token_mask is not None or self.head_norm != "groupnorm" or self.norm_weight is None
+                or self.norm_bias is None or GATE_ACTIVATIONS[self.gate_activation] is not F.silu
+                or not (chunk_size is None or (type(chunk_size) is int and chunk_size >= 1))
+                or (memory is not None and memory.dtype != torch.float32)):
+            return None  # (an invalid chunk_size: the plain path says what is wrong with it)
+        chunk = length if chunk_size is None else min(chunk_size, length)
+        cos, sin = (None, None) if rotation is None else (rotation[0][:, 0], rotation[1][:, 0])
+        if length == 0 or length % chunk:
+            return None
+        log_gamma = resolve_log_decay(self.gammas, self.num_heads, proj.device)
+        tables = chunk_tables(log_gamma, chunk, 1, proj.dtype, self.key_dim**-0.5)
+        args = (tables.inner, tables.query_decay, tables.key_decay, tables.chunk_decay.view(self.num_heads))
+        if not retention_core_applies(proj, cos, self.num_heads, self.key_dim, chunk, *args):
+            return None
+        return retention_core(proj, cos, sin, *args, memory, self.norm_weight, self.norm_bias, self.norm_eps,
+                              self.num_heads, self.key_dim, chunk)
 
     def retain(
         self,
@@ -435,7 +472,12 @@ class MultiScaleRetention(nn.Module):
         if fused:
             # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
             # (Under autocast the projections come out in half precision: the plain path copes.)
-            q, k, v, gate = self._project_fused(query, rotation, token_mask)
+            proj = self._fused_projection(query)
+            core = self._core(proj, memory, chunk_size, rotation, token_mask) if mode == "chunkwise" else None
+            if core is not None:
+                y, new_memory = core
+                return self._project_out(y, residual), RetentionState(new_memory, next_position), None
+            q, k, v, gate = self._project_fused(query, rotation, token_mask, proj=proj)
         else:
             q, k, v = self.project(query, key, value, rotation, token_mask)
         weights = None

@@ -3,9 +3,9 @@
 The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk states of
 chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`), the head
 norm and gate that end a retention layer (:mod:`.norm_gate`), the split of its projection into
-rotated heads (:mod:`.split_heads`), the GELU with its slope for the feed-forward network
-(:mod:`.mlp`), the fused decoding steps (:mod:`.decode_step`)
-and the CPU buffer cache (:mod:`.memory`).
+rotated heads (:mod:`.split_heads`), those three fused into a layer's core
+(:mod:`.retention_core`), the GELU with its slope for the feed-forward network (:mod:`.mlp`), the
+fused decoding steps (:mod:`.decode_step`) and the CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
@@ -14,7 +14,6 @@ returns ``False`` and the callers use their plain PyTorch paths.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -28,7 +27,7 @@ _log = logging.getLogger(__name__)
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [_CSRC / name
             for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
-                           "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp")]
+                           "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp", "retention_core.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
@@ -41,12 +40,9 @@ def _build() -> bool:
         from torch.utils import cpp_extension
 
         # -march=native: the build is for this machine. The name carries torch's version and the
-        # CPU's capability so a cache shared across machines or torch upgrades never mixes builds,
-        # and a digest of every file in csrc/: torch rebuilds when a listed source changes, but
-        # not when only a header they include does.
+        # CPU's capability so a cache shared across machines or torch upgrades never mixes builds.
         tag = f"{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}"
-        digest = hashlib.sha1(b"".join(p.read_bytes() for p in sorted(_CSRC.iterdir()) if p.is_file())).hexdigest()[:10]
-        name = "yaretnet_cpu_" + "".join(c if c.isalnum() else "_" for c in tag) + "_" + digest
+        name = "yaretnet_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
         _log.info("building the CPU extension %s (once per machine)", name)
         cpp_extension.load(
             name=name, sources=[str(s) for s in _SOURCES], is_python_module=False, verbose=False,
@@ -314,6 +310,61 @@ def _register_python_parts() -> None:
             return dproj, None, None, None, None
         return torch.ops.yaretnet.split_heads_backward(dq, dk, dv, dgate, cos, sin, *ctx.args), None, None, None, None
 
+    @register("yaretnet::retention_core")
+    def _(proj: Tensor, cos: Tensor | None, sin: Tensor | None, mask: Tensor, query_decay: Tensor,
+          key_decay: Tensor, chunk_decay: Tensor, prev: Tensor | None, norm_weight: Tensor, norm_bias: Tensor,
+          eps: float, heads: int, key_dim: int, chunk: int, keep: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch, length, width = proj.shape
+        dv = (width - 2 * heads * key_dim) // (2 * heads)
+        retained = proj.new_empty(batch, heads, length, dv) if keep else proj.new_empty(0)
+        befores = proj.new_empty(batch, heads, length // chunk, key_dim, dv) if keep else proj.new_empty(0)
+        return proj.new_empty(batch, length, heads * dv), proj.new_empty(batch, heads, key_dim, dv), retained, befores
+
+    @register("yaretnet::retention_core_backward")
+    def _(grad: Tensor, grad_final: Tensor | None, proj: Tensor, cos: Tensor | None, sin: Tensor | None,
+          retained: Tensor, befores: Tensor, mask: Tensor, query_decay: Tensor, key_decay: Tensor,
+          chunk_decay: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float, heads: int, key_dim: int,
+          chunk: int, has_prev: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        batch, _, _, dv = retained.shape
+        dprev = proj.new_empty(batch, heads, key_dim, dv) if has_prev else proj.new_empty(0)
+        return like(proj), dprev, like(norm_weight), like(norm_bias)
+
+    def core_setup(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        proj, cos, sin, mask, query_decay, key_decay, chunk_decay, prev, weight, bias, eps, heads, key_dim, chunk, \
+            keep = inputs
+        if not keep:
+            raise RuntimeError("retention_core: a backward needs keep=True")
+        ctx.set_materialize_grads(False)  # the final state, in training, gets no gradient: None
+        ctx.args = (eps, heads, key_dim, chunk)
+        ctx.has_prev = prev is not None
+        ctx.has_rotation = cos is not None
+        ctx.save_for_backward(proj, output[2], output[3], mask, query_decay, key_decay, chunk_decay, weight, bias,
+                              *([cos, sin] if cos is not None else []), *([prev] if prev is not None else []))
+
+    def core_backward(ctx: Any, grad: Tensor | None, grad_final: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        proj, retained, befores, mask, query_decay, key_decay, chunk_decay, weight, bias, *rest = ctx.saved_tensors
+        cos, sin = (rest[0], rest[1]) if ctx.has_rotation else (None, None)
+        prev = rest[-1] if ctx.has_prev else None
+        eps, heads, key_dim, chunk = ctx.args
+        tables = (mask, query_decay, key_decay, chunk_decay)
+        if torch.is_grad_enabled():  # create_graph=True: through the plain forms
+            from .retention_core import retention_core_reference
+
+            def reference(proj: Tensor, prev: Tensor | None, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+                return retention_core_reference(proj, cos, sin, *tables, prev, weight, bias, eps, heads, key_dim,
+                                                chunk)
+
+            dproj, dprev, dweight, dbias = differentiable_grads(reference, [proj, prev, weight, bias],
+                                                                (grad, grad_final))
+        else:
+            if grad is None:
+                grad = proj.new_zeros(proj.shape[0], proj.shape[1], weight.shape[0])
+            dproj, dprev, dweight, dbias = torch.ops.yaretnet.retention_core_backward(
+                grad, grad_final, proj, cos, sin, retained, befores, *tables, weight, bias, eps, heads, key_dim,
+                chunk, ctx.has_prev)
+        return (dproj, None, None, None, None, None, None, dprev if ctx.has_prev else None, dweight, dbias,
+                None, None, None, None, None)
+
     if hasattr(torch.library, "register_autograd"):  # torch >= 2.4; older torch uses the plain forms
         torch.library.register_autograd("yaretnet::chunk_scan", backward, setup_context=setup_context)
         torch.library.register_autograd("yaretnet::chunk_scan_backward", scan_backward_backward,
@@ -325,6 +376,7 @@ def _register_python_parts() -> None:
                                         setup_context=retention_setup)
         torch.library.register_autograd("yaretnet::norm_gate", norm_gate_backward, setup_context=norm_gate_setup)
         torch.library.register_autograd("yaretnet::split_heads", split_backward, setup_context=split_setup)
+        torch.library.register_autograd("yaretnet::retention_core", core_backward, setup_context=core_setup)
 
 
 def load() -> bool:

@@ -42,14 +42,21 @@ __all__ = [
 _TILE = 32
 
 
+def kernel_shapes_fit(chunk: int, key_dim: int, value_dim: int, *tables: Tensor) -> bool:
+    """Whether the kernels' tiles fit these sizes (``chunk``, ``key_dim`` and the per-head
+    ``value_dim`` multiples of 32) and the decay tables are float32 constants; and the extension
+    builds (on the first call)."""
+    return (chunk % _TILE == 0 and key_dim % _TILE == 0 and value_dim % _TILE == 0
+            and all(t.dtype == torch.float32 and not t.requires_grad for t in tables)
+            and _extension.load() and hasattr(torch.library, "register_autograd"))
+
+
 def chunk_kernels_apply(q: Tensor, v: Tensor, *tables: Tensor) -> bool:
     """Whether the kernels take these inputs (building the extension on the first call): CPU
     float32 ``(batch, heads, chunks, c, d)`` with ``c``, ``dk``, ``dv`` multiples of 32 and
     constant tables."""
     return (q.device.type == "cpu" and q.dtype == v.dtype == torch.float32 and q.dim() == 5
-            and q.shape[-2] % _TILE == 0 and q.shape[-1] % _TILE == 0 and v.shape[-1] % _TILE == 0
-            and all(t.dtype == torch.float32 and not t.requires_grad for t in tables)
-            and _extension.load() and hasattr(torch.library, "register_autograd"))
+            and kernel_shapes_fit(q.shape[-2], q.shape[-1], v.shape[-1], *tables))
 
 
 def chunk_contributions_reference(k: Tensor, v: Tensor, key_decay: Tensor) -> Tensor:
@@ -131,8 +138,15 @@ def chunk_retention_applies(q: Tensor, v: Tensor, *tables: Tensor) -> bool:
     :func:`chunk_kernels_apply`, and the ``batch * heads`` sequences (the op's only parallelism: it
     walks each one's chunks in order) spread evenly over the threads. Otherwise the three separate
     ops, which also split the work by chunk, keep every thread busy."""
-    groups, threads = q.shape[0] * q.shape[1], _threads()
-    return (groups % threads == 0 or groups >= 4 * threads) and chunk_kernels_apply(q, v, *tables)
+    return walks_spread(q.shape[0] * q.shape[1]) and chunk_kernels_apply(q, v, *tables)
+
+
+def walks_spread(walks: int) -> bool:
+    """Whether ``walks`` independent (batch, head) walks over the chunks keep every thread busy:
+    a multiple of the thread count, or enough of them that the last round's idle threads matter
+    little."""
+    threads = _threads()
+    return walks % threads == 0 or walks >= 4 * threads
 
 
 def chunk_retention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, query_decay: Tensor, key_decay: Tensor,
