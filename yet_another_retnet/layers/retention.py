@@ -365,7 +365,7 @@ class MultiScaleRetention(nn.Module):
         if not halves:
             # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py), in
             # a compiled graph too.
-            cos, sin = (None, None) if rotation is None else (rotation[0][:, 0], rotation[1][:, 0])
+            cos, sin = _kernel_tables(rotation)
             if split_heads_apply(proj, cos):
                 q, k, v, gate = split_heads(proj, cos, sin, heads, dk)
                 k, v = _drop_padding(k, v, token_mask)
@@ -409,7 +409,7 @@ class MultiScaleRetention(nn.Module):
                 or (memory is not None and memory.dtype != torch.float32)):
             return None  # (an invalid chunk_size: the plain path says what is wrong with it)
         chunk = length if chunk_size is None else min(chunk_size, length)
-        cos, sin = (None, None) if rotation is None else (rotation[0][:, 0], rotation[1][:, 0])
+        cos, sin = _kernel_tables(rotation)
         if length == 0 or length % chunk:
             return None
         log_gamma = resolve_log_decay(self.gammas, self.num_heads, proj.device)
@@ -755,6 +755,12 @@ def _rotation_rows(positions: Tensor, key_dim: int, dtype: torch.dtype) -> Tenso
     rows = torch.polar(torch.ones_like(angles), angles)
     scale = torch.tensor([1.0, key_dim**-0.5], dtype=torch.float64, device=positions.device)
     return (rows[:, None, :] * scale[:, None]).to(_complex(dtype))
+
+
+def _kernel_tables(rotation: tuple[Tensor, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+    """:meth:`MultiScaleRetention.rotation`'s ``(cos, sin)`` ``(b or 1, 1, L, dk)`` as the CPU
+    kernels take them, ``(b or 1, L, dk)``; ``(None, None)`` for no rotation."""
+    return (None, None) if rotation is None else (rotation[0][:, 0], rotation[1][:, 0])
 
 
 def _rotate_heads(t: Tensor, rotation: tuple[Tensor, Tensor]) -> Tensor:

@@ -24,8 +24,7 @@ import torch
 from torch import Tensor
 
 _log = logging.getLogger(__name__)
-_CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / name
+_SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
                            "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp", "retention_core.cpp")]
 _lock = threading.Lock()

@@ -61,7 +61,7 @@ struct Core {
   at::Tensor proj, weight, bias;
   Rotation rot;
   Tables tabs;
-  int64_t chunks, hk, hv;
+  int64_t hk, hv;  // the widths of the q (or k) and of the v (or gate) columns
 
   Core(const char* op, const at::Tensor& proj_in, const std::optional<at::Tensor>& cos,
        const std::optional<at::Tensor>& sin, const at::Tensor& mask, const at::Tensor& qd, const at::Tensor& kd,
@@ -74,7 +74,6 @@ struct Core {
         bias(affine(op, "norm_bias", bias_in, p)),
         rot(op, cos, sin, p.batch, p.length, p.dk),
         tabs(op, mask, qd, kd, decay, d),
-        chunks(d.chunks),
         hk(p.heads * p.dk),
         hv(p.heads * p.dv) {}
 
@@ -165,14 +164,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retention_core(
   at::Tensor y = at::empty({p.batch, p.length, core.hv}, o);
   at::Tensor final = at::empty({p.batch, p.heads, p.dk, p.dv}, o);
   at::Tensor retained = keep ? at::empty({p.batch, p.heads, p.length, p.dv}, o) : at::empty({0}, o);
-  at::Tensor befores = keep ? at::empty({p.batch, p.heads, core.chunks, p.dk, p.dv}, o) : at::empty({0}, o);
+  at::Tensor befores = keep ? at::empty({p.batch, p.heads, core.d.chunks, p.dk, p.dv}, o) : at::empty({0}, o);
   const float* pp = prev.defined() ? prev.data_ptr<float>() : nullptr;
   float *yp = y.data_ptr<float>(), *fp = final.data_ptr<float>();
   float* rp = keep ? retained.data_ptr<float>() : nullptr;
   float* bp = keep ? befores.data_ptr<float>() : nullptr;
   const float *wp = core.weight.data_ptr<float>(), *biasp = core.bias.data_ptr<float>();
   const int c = core.d.c, dk = core.d.dk, dv = core.d.dv;
-  const int64_t n = core.chunks, state = core.state();
+  const int64_t n = core.d.chunks, state = core.state();
   const float e = static_cast<float>(eps);
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     ChunkForward fwd(c, dk, dv);
@@ -228,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> retention_core_backwa
                   key_dim, chunk);
   const ProjDims& p = core.p;
   const int c = core.d.c, dk = core.d.dk, dv = core.d.dv;
-  const int64_t n = core.chunks, state = core.state();
+  const int64_t n = core.d.chunks, state = core.state();
   check_float(op, {&grad_in, &retained_in, &befores_in});
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({p.batch, p.length, core.hv}), op,
               ": grad must be (batch, length, heads * head_dim), got ", grad_in.sizes());
