@@ -614,9 +614,13 @@ class RetNet(GenerationMixin, nn.Module):
 
         The whole step (embedding, every layer, final norm, LM head) becomes one graph: inductor
         fuses the ~25 small ops per layer into a few kernels and the matrix-vector products stay
-        calls of the gemv kernel (:mod:`yet_another_retnet.ops.gemv`). Measured at d 768, 2
-        threads: float32 14.3 -> 10.9 ms per token, bfloat16 11.1 -> 6.0-6.3 ms (docs/speed.md).
-        The first decoding step of each batch size and dtype compiles (~30 s; inductor caches the
+        calls of the gemv kernel (:mod:`yet_another_retnet.ops.gemv`). That took the eager step of
+        its day from 14.3 to 10.9 ms per token at d 768 (float32, 2 threads; docs/speed.md). Since
+        then, on CPU with the package's extension, the eager step runs each layer as one C++ call
+        and is the faster of the two: in the benchmark runs of 2026-11-30, d 768 float32 11.6
+        against 13.3 and 15.8 against 17.7 ms, the d 256 model 0.70 against 0.87 and 0.82 against
+        1.01 ms (``retnet bench peers``). Compile for the other cases (devices, dtypes or layers the
+        C++ step does not take). The first decoding step of each batch size and dtype compiles (~30 s; inductor caches the
         code on disk for later processes); prefill and training are unaffected. Numbers match the
         eager step to rounding (tested). Extra keyword arguments go to ``torch.compile``;
         ``dynamic=False`` is the default. Returns ``self``.
