@@ -345,7 +345,8 @@ class MultiScaleRetention(nn.Module):
         halves: bool = False, proj: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """:meth:`project` for self-retention, plus the gate's pre-activation, in one matmul
-        (:meth:`_fused_projection`; ``proj`` if the caller made it already).
+        (:meth:`_fused_projection`; ``proj`` if the caller made it already, with the same
+        ``halves``).
 
         Returns q, k ``(b, h, L, dk)`` (keys not yet scaled, as from :meth:`project`), v
         ``(b, h, L, dv)`` and gate ``(b, L, value_dim)``.
