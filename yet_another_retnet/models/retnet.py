@@ -355,8 +355,13 @@ class RetNetDecoder(nn.Module):
         if state is None:
             state = self.empty_state(hidden.shape[0], hidden.device, hidden.dtype)
         dtype = state.memories[0].dtype
+        return self._step(hidden, state, self._step_plans(dtype) if hidden.shape[0] == 1 else None)
+
+    def _step(self, hidden: Tensor, state: RetNetState,
+              plans: list[LayerStepPlan] | None) -> tuple[Tensor, RetNetState]:
+        """:meth:`step` with the layer kernels' plans looked up (``None``: PyTorch ops)."""
+        dtype = state.memories[0].dtype
         rotation = self._retention(0).step_rotation(state.position, dtype)
-        plans = self._step_plans(dtype) if hidden.shape[0] == 1 else None
         if plans is not None:
             # One kernel call per layer; a layer the kernel declines (another dtype) steps in
             # PyTorch ops. Both take the rotation in reals: converted once here, not per layer.
@@ -609,7 +614,8 @@ class RetNet(GenerationMixin, nn.Module):
     # Fast decoding
     # ----------------------------------------------------------------------------------------
 
-    def compile_decode(self, enabled: bool = True, **compile_options: Any) -> RetNet:
+    def compile_decode(self, enabled: bool = True, *, keep_kernel_steps: bool = True,
+                       **compile_options: Any) -> RetNet:
         """Run the fast decoding step through ``torch.compile`` (``False`` goes back to eager).
 
         The whole step (embedding, every layer, final norm, LM head) becomes one graph: inductor
@@ -619,19 +625,26 @@ class RetNet(GenerationMixin, nn.Module):
         then, on CPU with the package's extension, the eager step runs each layer as one C++ call
         and is the faster of the two: in the benchmark runs of 2026-11-30, d 768 float32 11.6
         against 13.3 and 15.8 against 17.7 ms, the d 256 model 0.70 against 0.87 and 0.82 against
-        1.01 ms (``retnet bench peers``). Compile for the other cases (devices, dtypes or layers the
-        C++ step does not take). The first decoding step of each batch size and dtype compiles (~30 s; inductor caches the
-        code on disk for later processes); prefill and training are unaffected. Numbers match the
-        eager step to rounding (tested). Extra keyword arguments go to ``torch.compile``;
-        ``dynamic=False`` is the default. Returns ``self``.
+        1.01 ms (``retnet bench peers``). The graph has a fixed cost per call that those kernels do
+        not (dynamo's guard check on the state and weight tables, ~70 us, and one gemv call per
+        product instead of one call per layer), so by default (``keep_kernel_steps=True``) a step
+        the one-call layer kernel takes (batch 1, CPU float32/bfloat16) stays on it and the graph
+        runs the others: batched rows (d 256, 2 rows: 0.75 ms against 1.07 eager), other devices
+        and dtypes, layers the kernel does not know. ``keep_kernel_steps=False`` sends every step
+        through the graph. The first decoding step of each batch size and dtype that takes the
+        graph compiles (~30 s; inductor caches the code on disk for later processes); prefill and
+        training are unaffected. Numbers match the eager step to rounding (tested). Extra keyword
+        arguments go to ``torch.compile``; ``dynamic=False`` is the default. Returns ``self``.
         """
         if not enabled:
             self.__dict__.pop("_compiled_decode", None)
+            self.__dict__.pop("_compiled_decode_keeps_kernels", None)
             return self
         gemv_kernel_available()  # decided (and built) now, not while tracing
         options: dict[str, Any] = {"dynamic": False, **compile_options}
         options["options"] = {**_inductor_decode_options(), **options.get("options", {})}
         self.__dict__["_compiled_decode"] = torch.compile(self._decode_logits, **options)
+        self.__dict__["_compiled_decode_keeps_kernels"] = bool(keep_kernel_steps)
         return self
 
     def compile_chunkwise(self, enabled: bool = True, **compile_options: Any) -> RetNet:
@@ -671,6 +684,11 @@ class RetNet(GenerationMixin, nn.Module):
         if state is None:
             state = self.empty_state(ids.shape[0])
         dtype = state.memories[0].dtype
+        if self.__dict__.get("_compiled_decode_keeps_kernels") and ids.shape[0] == 1:
+            plans = self.decoder._step_plans(dtype)
+            if plans is not None:  # the one-call layer kernels beat the graph (see compile_decode)
+                hidden, new_state = self.decoder._step(self._embed(ids), state, plans)
+                return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
         rotation = self.decoder._retention(0).step_rotation(state.position, dtype)
         real = None if rotation is None else torch.view_as_real(rotation)  # inductor: no complex ops
         logits, memories = compiled(ids, list(state.memories), real, self.decoder.decode_tables(dtype))
