@@ -638,13 +638,11 @@ class RetNet(GenerationMixin, nn.Module):
         """
         if not enabled:
             self.__dict__.pop("_compiled_decode", None)
-            self.__dict__.pop("_compiled_decode_keeps_kernels", None)
             return self
         gemv_kernel_available()  # decided (and built) now, not while tracing
         options: dict[str, Any] = {"dynamic": False, **compile_options}
         options["options"] = {**_inductor_decode_options(), **options.get("options", {})}
-        self.__dict__["_compiled_decode"] = torch.compile(self._decode_logits, **options)
-        self.__dict__["_compiled_decode_keeps_kernels"] = bool(keep_kernel_steps)
+        self.__dict__["_compiled_decode"] = (torch.compile(self._decode_logits, **options), bool(keep_kernel_steps))
         return self
 
     def compile_chunkwise(self, enabled: bool = True, **compile_options: Any) -> RetNet:
@@ -677,18 +675,17 @@ class RetNet(GenerationMixin, nn.Module):
 
     def _decode_step(self, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
         """One token per row ``(batch,)`` through the fast step, eager or compiled."""
-        compiled = self.__dict__.get("_compiled_decode")
+        compiled, keep_kernel_steps = self.__dict__.get("_compiled_decode", (None, False))
         if compiled is None:
             hidden, new_state = self.decoder.step(self._embed(ids), state)
             return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
         if state is None:
             state = self.empty_state(ids.shape[0])
         dtype = state.memories[0].dtype
-        if self.__dict__.get("_compiled_decode_keeps_kernels") and ids.shape[0] == 1:
-            plans = self.decoder._step_plans(dtype)
-            if plans is not None:  # the one-call layer kernels beat the graph (see compile_decode)
-                hidden, new_state = self.decoder._step(self._embed(ids), state, plans)
-                return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
+        plans = self.decoder._step_plans(dtype) if keep_kernel_steps and ids.shape[0] == 1 else None
+        if plans is not None:  # the one-call layer kernels beat the graph (see compile_decode)
+            hidden, new_state = self.decoder._step(self._embed(ids), state, plans)
+            return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
         rotation = self.decoder._retention(0).step_rotation(state.position, dtype)
         real = None if rotation is None else torch.view_as_real(rotation)  # inductor: no complex ops
         logits, memories = compiled(ids, list(state.memories), real, self.decoder.decode_tables(dtype))
