@@ -303,6 +303,12 @@ def test_a_model_built_under_inference_mode_decodes_fast() -> None:
 def test_compiled_decode_step_equals_the_eager_step_and_can_be_switched_off() -> None:
     # torch.compile of the whole step (embedding .. LM head): same logits as the eager fast step
     # and the reference path, same greedy tokens, rows at different positions (left padding).
+    # By default, steps the one-call layer kernels take (CPU float32 here) stay on them, bit for
+    # bit the eager step; keep_kernel_steps=False sends them through the graph.
+    from torch._dynamo.utils import counters
+
+    from yet_another_retnet.ops import _extension
+
     model = make_model(torch.float32, ffn="glu", bias=True, d_model=32, num_heads=4, ffn_dim=48)
     prompt, tokens = ids(2, 7, seed=17), ids(2, 5, seed=18)
     mask = torch.ones_like(prompt)
@@ -310,32 +316,22 @@ def test_compiled_decode_step_equals_the_eager_step_and_can_be_switched_off() ->
     eager, eager_state = steps(model, True, prompt, tokens)
     ref, _ = steps(model, False, prompt, tokens)
     eager_tokens = model.generate(prompt, max_new_tokens=6, attention_mask=mask)
-    one_eager, _ = steps(model, True, prompt[:1], tokens[:1])
-    from torch._dynamo.utils import counters
+    kernels = model.decoder._step_plans(torch.float32) is not None
+    assert kernels == _extension.load()  # without a C++ toolchain every step takes the graph
 
     graphs = counters["stats"]["unique_graphs"]
     assert model.compile_decode() is model
+    kept, _ = steps(model, True, prompt, tokens)
+    if kernels:
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert all(torch.equal(a, b) for a, b in zip(kept, eager, strict=True))
+    model.compile_decode(keep_kernel_steps=False)
     compiled, compiled_state = steps(model, True, prompt, tokens)
     assert counters["stats"]["unique_graphs"] > graphs  # the step really went through dynamo
     for got, want, base in zip(compiled, eager, ref, strict=True):
         assert rel(got, want) < 1e-5 and rel(got, base) < 1e-5
     assert all(rel(a, b) < 1e-5 for a, b in zip(compiled_state.memories, eager_state.memories, strict=True))
     assert torch.equal(model.generate(prompt, max_new_tokens=6, attention_mask=mask), eager_tokens)
-    # One row on CPU float32: the layer kernels by default (bit for bit the eager step), the graph
-    # with keep_kernel_steps=False.
-    from yet_another_retnet.ops import _extension
-
-    kernels = model.decoder._step_plans(torch.float32) is not None
-    assert kernels == _extension.load()  # without a C++ toolchain every step takes the graph
-    graphs = counters["stats"]["unique_graphs"]
-    kept, _ = steps(model, True, prompt[:1], tokens[:1])
-    if kernels:
-        assert counters["stats"]["unique_graphs"] == graphs
-        assert all(torch.equal(a, b) for a, b in zip(kept, one_eager, strict=True))
-    model.compile_decode(keep_kernel_steps=False)
-    traced, _ = steps(model, True, prompt[:1], tokens[:1])
-    assert counters["stats"]["unique_graphs"] > graphs
-    assert all(rel(a, b) < 1e-5 for a, b in zip(traced, one_eager, strict=True))
     model.compile_decode(False)
     assert "_compiled_decode" not in model.__dict__
     again, _ = steps(model, True, prompt, tokens)

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "rotating order, and keep each context's median run (default: 3; --quick: 1)")
     parser.add_argument("--compile-decode", action="store_true",
                         help="RetNet decodes through model.compile_decode() (torch.compile of the step; "
-                             "batch-1 CPU steps stay on the one-call layer kernels)")
+                             "CPU steps of up to 32 rows stay on the one-call layer kernels)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 

@@ -659,7 +659,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["## Decoding, d_model 768, 12 heads, 12 layers (ms per token, lower is better)\n",
                   "Wall-clock median; in brackets the process's CPU ms per token (all threads). The "
                   "compiled rows call `model.compile_decode().compile_chunkwise()` as a user would: a "
-                  "batch-1 CPU step stays on the one-call layer kernels (`keep_kernel_steps=True`, the "
+                  "CPU step (of up to 32 rows) stays on the one-call layer kernels (`keep_kernel_steps=True`, the "
                   "default), so these rows and the small model's time the eager step's code again.\n",
                   "| implementation | weights MB | " + " | ".join(f"ctx {c}" for c in contexts) + " |",
                   "|---|---|" + "---|" * len(contexts)]

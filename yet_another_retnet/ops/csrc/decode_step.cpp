@@ -7,7 +7,8 @@
 //   S'   = gamma_h S + k^T v                          (dk x dv: the new memory)
 //   out  = act(g) * head_norm(q S')                   (groupnorm with its affine, or rmsnorm)
 //
-// decoder_layer_step: one token (batch 1) through a whole pre-norm decoder layer:
+// decoder_layer_step: one token per row through a whole pre-norm decoder layer (the weights streamed
+// once for up to eight rows):
 //
 //   proj = Wqkvg norm1(x) + b;   (y, S') = the core above;   x1 = s x + Wout y + b
 //   x2   = s x1 + W2 act(W1 norm2(x1) + b1) + b2        (GLU: act(first half) * second half)
@@ -30,6 +31,7 @@
 #include "gemv.h"
 #include "vec16.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -37,8 +39,9 @@
 
 namespace {
 
-using yaretnet_cpu::gemv_parallel;
+using yaretnet_cpu::gemv_parallel_multi;
 using yaretnet_cpu::kLanes;
+using yaretnet_cpu::kMaxVectors;
 using yaretnet_cpu::load;
 using yaretnet_cpu::sigmoid16;
 using yaretnet_cpu::splat;
@@ -247,14 +250,22 @@ void block_norm(const float* x, float* out, int64_t n, const P* weight, const P*
   for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m.mean) * m.rstd * static_cast<float>(weight[i]) + value(bias, i);
 }
 
-// y = W x + b (+ scale * residual), W (rows, cols) in the model's dtype, the rest float32.
+// y = W x + b (+ scale * residual) for each of n rows: x (n, cols) at row stride ldx, y and
+// residual (n, rows), W (rows, cols) in the model's dtype, the rest float32. The weights stream
+// once per group of up to kMaxVectors rows.
 template <typename P>
-void linear(const P* weight, const P* bias, const float* x, float* y, int64_t rows, int64_t cols,
-            const float* residual = nullptr, float scale = 1.0f) {
-  gemv_parallel(bits(weight), x, y, rows, cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    y[r] += value(bias, r);
-    if (residual != nullptr) y[r] += scale * residual[r];
+void linear(const P* weight, const P* bias, const float* x, int64_t ldx, float* y, int64_t rows, int64_t cols,
+            int64_t n, const float* residual = nullptr, float scale = 1.0f) {
+  for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors) {
+    gemv_parallel_multi(bits(weight), x + v0 * ldx, ldx, y + v0 * rows, rows, rows, cols,
+                        std::min<int64_t>(kMaxVectors, n - v0));
+  }
+  for (int64_t v = 0; v < n; ++v) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float& out = y[v * rows + r];
+      out += value(bias, r);
+      if (residual != nullptr) out += scale * residual[v * rows + r];
+    }
   }
 }
 
@@ -286,36 +297,48 @@ struct LayerOptions {
 template <typename P>
 at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
                       const at::Tensor& gamma, const LayerWeights& w, const LayerOptions& o, at::Tensor& new_memory) {
-  const int64_t dim = x.size(1), proj_rows = w.qkvg_weight.size(0), value_dim = w.out_weight.size(1);
+  const int64_t n = x.size(0), dim = x.size(1), proj_rows = w.qkvg_weight.size(0), value_dim = w.out_weight.size(1);
   const int64_t fc1_rows = w.fc1_weight.size(0), hidden = w.fc2_weight.size(1);
-  std::vector<float> buffer(4 * dim + proj_rows + value_dim + fc1_rows);
+  // Per row: the input, its norm, the two residual sums, the projection, the core's output and the
+  // FFN's hidden units, each block holding all n rows.
+  std::vector<float> buffer(n * (4 * dim + proj_rows + value_dim + fc1_rows));
   float* xf = buffer.data();
-  float* normed = xf + dim;
-  float* x1 = normed + dim;
-  float* x2 = x1 + dim;
-  float* proj = x2 + dim;
-  float* y = proj + proj_rows;
-  float* u = y + value_dim;
+  float* normed = xf + n * dim;
+  float* x1 = normed + n * dim;
+  float* x2 = x1 + n * dim;
+  float* proj = x2 + n * dim;
+  float* y = proj + n * proj_rows;
+  float* u = y + n * value_dim;
   const P* xp = x.data_ptr<P>();
-  for (int64_t i = 0; i < dim; ++i) xf[i] = static_cast<float>(xp[i]);
+  for (int64_t i = 0; i < n * dim; ++i) xf[i] = static_cast<float>(xp[i]);
+  const P *norm1_w = w.norm1_weight.data_ptr<P>(), *norm1_b = data_or_null<P>(w.norm1_bias);
+  const P *norm2_w = w.norm2_weight.data_ptr<P>(), *norm2_b = data_or_null<P>(w.norm2_bias);
 
-  block_norm(xf, normed, dim, w.norm1_weight.data_ptr<P>(), data_or_null<P>(w.norm1_bias), o.block_eps, o.block_rms);
-  linear(w.qkvg_weight.data_ptr<P>(), data_or_null<P>(w.qkvg_bias), normed, proj, proj_rows, dim);
+  for (int64_t v = 0; v < n; ++v)
+    block_norm(xf + v * dim, normed + v * dim, dim, norm1_w, norm1_b, o.block_eps, o.block_rms);
+  linear(w.qkvg_weight.data_ptr<P>(), data_or_null<P>(w.qkvg_bias), normed, dim, proj, proj_rows, dim, n);
   run_core<float, P, float>(proj, proj_rows, memory, rotation, gamma, data_or_null<P>(w.head_weight),
                             data_or_null<P>(w.head_bias), o.head_eps, o.head_rms, o.gate_act,
                             new_memory.data_ptr<float>(), y);
-  linear(w.out_weight.data_ptr<P>(), data_or_null<P>(w.out_bias), y, x1, dim, value_dim, xf, o.residual_scale);
+  linear(w.out_weight.data_ptr<P>(), data_or_null<P>(w.out_bias), y, value_dim, x1, dim, value_dim, n, xf,
+         o.residual_scale);
 
-  block_norm(x1, normed, dim, w.norm2_weight.data_ptr<P>(), data_or_null<P>(w.norm2_bias), o.block_eps, o.block_rms);
-  linear(w.fc1_weight.data_ptr<P>(), data_or_null<P>(w.fc1_bias), normed, u, fc1_rows, dim);
-  activate(u, hidden, o.ffn_act);
-  if (o.glu)
-    for (int64_t i = 0; i < hidden; ++i) u[i] *= u[hidden + i];
-  linear(w.fc2_weight.data_ptr<P>(), data_or_null<P>(w.fc2_bias), u, x2, dim, hidden, x1, o.residual_scale);
+  for (int64_t v = 0; v < n; ++v)
+    block_norm(x1 + v * dim, normed + v * dim, dim, norm2_w, norm2_b, o.block_eps, o.block_rms);
+  linear(w.fc1_weight.data_ptr<P>(), data_or_null<P>(w.fc1_bias), normed, dim, u, fc1_rows, dim, n);
+  for (int64_t v = 0; v < n; ++v) {
+    float* uv = u + v * fc1_rows;
+    activate(uv, hidden, o.ffn_act);
+    if (o.glu)
+      for (int64_t i = 0; i < hidden; ++i) uv[i] *= uv[hidden + i];
+  }
+  // fc2 reads each row's first `hidden` units (a GLU's row holds 2 hidden).
+  linear(w.fc2_weight.data_ptr<P>(), data_or_null<P>(w.fc2_bias), u, fc1_rows, x2, dim, hidden, n, x1,
+         o.residual_scale);
 
   at::Tensor out = at::empty_like(x);
   P* op = out.data_ptr<P>();
-  for (int64_t i = 0; i < dim; ++i) op[i] = static_cast<P>(x2[i]);
+  for (int64_t i = 0; i < n * dim; ++i) op[i] = static_cast<P>(x2[i]);
   return out;
 }
 
@@ -332,8 +355,9 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
   const Heads d = check_memory(op, memory, rotation);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, op, ": x must be float32 or bfloat16, got ", dtype);
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.is_contiguous() && memory.size(0) == 1, op,
-              ": one contiguous row (1, d_model) and a batch-1 memory, got ", x.sizes(), " and ", memory.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.is_contiguous() && memory.size(0) == x.size(0), op,
+              ": x must be contiguous rows (batch, d_model) and memory (batch, heads, dk, dv) of the same batch, got ",
+              x.sizes(), " and ", memory.sizes());
   const int64_t dim = x.size(1), key_dim = d.heads * d.dk, value_dim = d.heads * d.dv;
   const int64_t hidden = fc2_weight.dim() == 2 ? fc2_weight.size(1) : -1;
   auto check_matrix = [&](const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {

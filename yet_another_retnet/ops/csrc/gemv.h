@@ -88,6 +88,80 @@ void gemv_rows(const W* w, const float* x, float* y, int64_t cols, int64_t begin
   }
 }
 
+// Rows [begin, end) of Y = X W^T for a few vectors at once: x holds `n` (1 to kMaxVectors) float32
+// vectors of `cols` at stride ldx, y their outputs at stride ldy. Each weight row is read once
+// for all of them, so a small batch costs about what one vector does (decoding is bound by the
+// weights' bytes). N vectors share kStreams / N streams, which keeps 8 accumulators live.
+constexpr int kMaxVectors = 8;
+
+template <typename W, int N>
+void gemv_rows_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t cols, int64_t begin,
+                     int64_t end) {
+  int64_t r = begin;
+#if defined(__AVX512F__)
+  constexpr int kStreams = std::min(8, std::max(2, 16 / N));
+  const int64_t full = cols - cols % 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1u);
+  const int64_t q = (end - begin) / kStreams;
+  for (; r < begin + q; ++r) {
+    const W* w0 = w + r * cols;
+    __m512 acc[kStreams][N];
+    for (int i = 0; i < kStreams; ++i)
+      for (int v = 0; v < N; ++v) acc[i][v] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; c += 16) {
+      __m512 xv[N];
+      for (int v = 0; v < N; ++v) xv[v] = _mm512_loadu_ps(x + v * ldx + c);
+      for (int i = 0; i < kStreams; ++i) {
+        const __m512 wv = load16(w0 + i * q * cols + c);
+        for (int v = 0; v < N; ++v) acc[i][v] = _mm512_fmadd_ps(wv, xv[v], acc[i][v]);
+      }
+      if ((c * sizeof(W)) % 64 == 0)
+        for (int i = 0; i < kStreams; ++i)
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * q * cols + c) + 1024, _MM_HINT_T0);
+    }
+    if (tail) {
+      for (int i = 0; i < kStreams; ++i) {
+        const __m512 wv = load16(w0 + i * q * cols + full, tail);
+        for (int v = 0; v < N; ++v)
+          acc[i][v] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + v * ldx + full), acc[i][v]);
+      }
+    }
+    for (int i = 0; i < kStreams; ++i)
+      for (int v = 0; v < N; ++v) y[v * ldy + r + i * q] = _mm512_reduce_add_ps(acc[i][v]);
+  }
+  r = begin + kStreams * q;
+#endif
+  for (; r < end; ++r) {  // remaining rows (all rows without AVX-512)
+    const W* row = w + r * cols;
+    for (int v = 0; v < N; ++v) {
+      const float* xr = x + v * ldx;
+      float sum = 0;
+      for (int64_t c = 0; c < cols; ++c) sum += load_weight(row + c) * xr[c];
+      y[v * ldy + r] = sum;
+    }
+  }
+}
+
+// Y = X W^T for n vectors (n <= kMaxVectors; x at stride ldx, y at stride ldy) over the thread
+// pool: one weight stream for all of them. n == 1 is gemv_parallel's.
+template <typename W>
+void gemv_parallel_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols,
+                         int64_t n) {
+  const int64_t grain = std::max<int64_t>(8, 65536 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(W))));
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    switch (n) {
+      case 1: gemv_rows(w, x, y, cols, b, e); break;
+      case 2: gemv_rows_multi<W, 2>(w, x, ldx, y, ldy, cols, b, e); break;
+      case 3: gemv_rows_multi<W, 3>(w, x, ldx, y, ldy, cols, b, e); break;
+      case 4: gemv_rows_multi<W, 4>(w, x, ldx, y, ldy, cols, b, e); break;
+      case 5: gemv_rows_multi<W, 5>(w, x, ldx, y, ldy, cols, b, e); break;
+      case 6: gemv_rows_multi<W, 6>(w, x, ldx, y, ldy, cols, b, e); break;
+      case 7: gemv_rows_multi<W, 7>(w, x, ldx, y, ldy, cols, b, e); break;
+      default: gemv_rows_multi<W, 8>(w, x, ldx, y, ldy, cols, b, e); break;
+    }
+  });
+}
+
 // y = W x over PyTorch's thread pool. At least ~64 KB of weights per task amortises the scheduling.
 template <typename W>
 void gemv_parallel(const W* w, const float* x, float* y, int64_t rows, int64_t cols) {
