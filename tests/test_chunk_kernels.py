@@ -186,6 +186,22 @@ def test_retention_op_is_taken_where_the_work_spreads_over_the_threads() -> None
         assert max_err(out, want_out) < 1e-6 and max_err(final, want_final) < 1e-6
 
 
+def test_the_package_and_a_training_step_do_not_import_dynamo() -> None:
+    # The thread-count check above runs in every layer; under torch.compile it must be a constant,
+    # and the decorator that made it one imported all of dynamo with the package (~70 MiB, ~0.9 s).
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from yet_another_retnet import RetNet, RetNetConfig\n"
+            "model = RetNet(RetNetConfig(vocab_size=32, d_model=32, num_heads=2, num_layers=1, ffn_dim=64))\n"
+            "x = torch.randint(0, 32, (2, 64))\n"
+            "model(x, mode='chunkwise', chunk_size=32, labels=x).loss.backward()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout
+
+
 def test_retention_op_double_backward_equals_float64() -> None:
     # Its backward is not differentiable itself: with create_graph=True it goes through the plain
     # composition's backward, recording a graph.

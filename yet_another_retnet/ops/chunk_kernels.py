@@ -125,12 +125,21 @@ def chunk_retention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, que
     return chunk_output_reference(q, k, v, mask, query_decay, torch.stack(befores, dim=2)), state
 
 
-@torch.compiler.assume_constant_result
+#: The thread count the last eager call saw: what a graph being traced reads (below).
+_threads_seen = torch.get_num_threads()
+
+
 def _threads() -> int:
-    """``torch.get_num_threads()``, a constant to ``torch.compile`` (which cannot put an int-valued
-    torch call in a graph: it would break the graph there, in every layer). A compiled graph keeps
-    the choice it made: after ``torch.set_num_threads`` it may take the slower of two exact paths."""
-    return torch.get_num_threads()
+    """``torch.get_num_threads()``; while ``torch.compile`` traces, the count the last eager call
+    saw, a module global (dynamo cannot put an int-valued torch call in a graph: it would break
+    the graph there, in every layer). Dynamo guards on the global, so a graph traced at one count
+    is traced again once an eager call sees another. (``torch.compiler.assume_constant_result``
+    did the same, but as a decorator it imported all of dynamo with this package: +0.9 s and ~70
+    MiB at import.)"""
+    global _threads_seen
+    if not _extension.is_compiling():
+        _threads_seen = torch.get_num_threads()
+    return _threads_seen
 
 
 def chunk_retention_applies(q: Tensor, v: Tensor, *tables: Tensor) -> bool:
