@@ -43,55 +43,10 @@ inline __m512 load16(const uint16_t* p) {
 }
 #endif
 
-// Rows [begin, end) of y = W x, W row-major (rows x cols), x float32; W float32 or bfloat16 bits.
-template <typename W>
-void gemv_rows(const W* w, const float* x, float* y, int64_t cols, int64_t begin, int64_t end) {
-  int64_t r = begin;
-#if defined(__AVX512F__)
-  const int64_t full = cols - cols % 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1u);
-  // kStreams rows a kStreams-th of the range apart: independent streams through memory keep
-  // more cache-line fills in flight than adjacent rows (one stream) do.
-  constexpr int kStreams = 8;
-  const int64_t q = (end - begin) / kStreams;
-  for (; r < begin + q; ++r) {
-    const W* w0 = w + r * cols;
-    __m512 acc[kStreams];
-    for (int i = 0; i < kStreams; ++i) acc[i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < full; c += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + c);
-      for (int i = 0; i < kStreams; ++i) acc[i] = _mm512_fmadd_ps(load16(w0 + i * q * cols + c), xv, acc[i]);
-      // Software prefetch 1 KB ahead in every stream, once per cache line (prefetches never
-      // fault, so running past a row's end is harmless). Measured: bfloat16 ~12% faster.
-      if ((c * sizeof(W)) % 64 == 0)
-        for (int i = 0; i < kStreams; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * q * cols + c) + 1024, _MM_HINT_T0);
-    }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + full);
-      for (int i = 0; i < kStreams; ++i) acc[i] = _mm512_fmadd_ps(load16(w0 + i * q * cols + full, tail), xv, acc[i]);
-    }
-    for (int i = 0; i < kStreams; ++i) y[r + i * q] = _mm512_reduce_add_ps(acc[i]);
-  }
-  r = begin + kStreams * q;
-#endif
-  for (; r < end; ++r) {  // remaining rows (all rows without AVX-512)
-    const W* row = w + r * cols;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t c = 0;
-    for (; c + 8 <= cols; c += 8)
-      for (int j = 0; j < 8; ++j) acc[j] += load_weight(row + c + j) * x[c + j];
-    float sum = 0;
-    for (; c < cols; ++c) sum += load_weight(row + c) * x[c];
-    for (float a : acc) sum += a;
-    y[r] = sum;
-  }
-}
-
-// Rows [begin, end) of Y = X W^T for a few vectors at once: x holds `n` (1 to kMaxVectors) float32
-// vectors of `cols` at stride ldx, y their outputs at stride ldy. Each weight row is read once
-// for all of them, so a small batch costs about what one vector does (decoding is bound by the
-// weights' bytes). N vectors share kStreams / N streams, which keeps 8 accumulators live.
+// Rows [begin, end) of Y = X W^T for N (1 to kMaxVectors) vectors at once: W row-major (rows x
+// cols), float32 or bfloat16 bits; x holds the N float32 vectors of `cols` at stride ldx, y their
+// outputs at stride ldy. Each weight is read once for all N, so a small batch costs about what one
+// vector does (decoding is bound by the weights' bytes).
 constexpr int kMaxVectors = 8;
 
 template <typename W, int N>
@@ -99,9 +54,13 @@ void gemv_rows_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t 
                      int64_t end) {
   int64_t r = begin;
 #if defined(__AVX512F__)
-  constexpr int kStreams = std::min(8, std::max(2, 16 / N));
   const int64_t full = cols - cols % 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1u);
+  // kStreams rows a kStreams-th of the range apart: independent streams through memory keep more
+  // cache-line fills in flight than adjacent rows (one stream) do. 8 for one vector; N vectors
+  // share 16 / N of them (at least 2: one stream at 8 vectors ran 1.3x slower), so the
+  // accumulators (at most 16) and the N vectors stay in registers.
+  constexpr int kStreams = std::min(8, std::max(2, 16 / N));
   const int64_t q = (end - begin) / kStreams;
   for (; r < begin + q; ++r) {
     const W* w0 = w + r * cols;
@@ -115,6 +74,8 @@ void gemv_rows_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t 
         const __m512 wv = load16(w0 + i * q * cols + c);
         for (int v = 0; v < N; ++v) acc[i][v] = _mm512_fmadd_ps(wv, xv[v], acc[i][v]);
       }
+      // Software prefetch 1 KB ahead in every stream, once per cache line (prefetches never
+      // fault, so running past a row's end is harmless). Measured: bfloat16 ~12% faster.
       if ((c * sizeof(W)) % 64 == 0)
         for (int i = 0; i < kStreams; ++i)
           _mm_prefetch(reinterpret_cast<const char*>(w0 + i * q * cols + c) + 1024, _MM_HINT_T0);
@@ -134,16 +95,28 @@ void gemv_rows_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t 
   for (; r < end; ++r) {  // remaining rows (all rows without AVX-512)
     const W* row = w + r * cols;
     for (int v = 0; v < N; ++v) {
-      const float* xr = x + v * ldx;
+      const float* xv = x + v * ldx;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t c = 0;
+      for (; c + 8 <= cols; c += 8)
+        for (int j = 0; j < 8; ++j) acc[j] += load_weight(row + c + j) * xv[c + j];
       float sum = 0;
-      for (int64_t c = 0; c < cols; ++c) sum += load_weight(row + c) * xr[c];
+      for (; c < cols; ++c) sum += load_weight(row + c) * xv[c];
+      for (float a : acc) sum += a;
       y[v * ldy + r] = sum;
     }
   }
 }
 
-// Y = X W^T for n vectors (n <= kMaxVectors; x at stride ldx, y at stride ldy) over the thread
-// pool: one weight stream for all of them. n == 1 is gemv_parallel's.
+// Rows [begin, end) of y = W x for one vector.
+template <typename W>
+void gemv_rows(const W* w, const float* x, float* y, int64_t cols, int64_t begin, int64_t end) {
+  gemv_rows_multi<W, 1>(w, x, 0, y, 0, cols, begin, end);
+}
+
+// Y = X W^T for n vectors (1 <= n <= kMaxVectors; x at stride ldx, y at stride ldy) over
+// PyTorch's thread pool, one weight stream for all of them. At least ~64 KB of weights per task
+// amortises the scheduling.
 template <typename W>
 void gemv_parallel_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t rows, int64_t cols,
                          int64_t n) {
@@ -162,11 +135,10 @@ void gemv_parallel_multi(const W* w, const float* x, int64_t ldx, float* y, int6
   });
 }
 
-// y = W x over PyTorch's thread pool. At least ~64 KB of weights per task amortises the scheduling.
+// y = W x for one vector over the thread pool.
 template <typename W>
 void gemv_parallel(const W* w, const float* x, float* y, int64_t rows, int64_t cols) {
-  const int64_t grain = std::max<int64_t>(8, 65536 / std::max<int64_t>(1, cols * static_cast<int64_t>(sizeof(W))));
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { gemv_rows(w, x, y, cols, b, e); });
+  gemv_parallel_multi(w, x, 0, y, 0, rows, cols, 1);
 }
 
 }  // namespace yaretnet_cpu
