@@ -60,7 +60,7 @@ def test_training_steps_inside_the_cache_equal_steps_outside() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
         return losses, [p.detach().clone() for p in model.parameters()]
 
     plain_losses, plain_params = run()

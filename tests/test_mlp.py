@@ -11,7 +11,8 @@ from reference import second_derivatives
 
 from yet_another_retnet.layers.feedforward import FeedForward
 from yet_another_retnet.ops import _extension
-from yet_another_retnet.ops.mlp import gelu_mlp, gelu_mlp_apply, gelu_mlp_reference, linear_onto
+from yet_another_retnet.ops.matmul import linear
+from yet_another_retnet.ops.mlp import gelu_mlp, gelu_mlp_apply, gelu_mlp_reference
 
 
 def kernel_available() -> bool:
@@ -200,17 +201,17 @@ def test_residual_without_autograd_and_in_other_dtypes() -> None:
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_onto_is_the_residual_plus_the_product(bias: bool) -> None:
+def test_linear_with_residual_is_the_residual_plus_the_product(bias: bool) -> None:
     gen = torch.Generator().manual_seed(16)
     x = torch.randn(2, 9, 24, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(12, 24, generator=gen, dtype=torch.float64, requires_grad=True)
     b = torch.randn(12, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
     residual = torch.randn(2, 9, 12, generator=gen, dtype=torch.float64, requires_grad=True)
-    out = linear_onto(residual, x, w, b)
+    out = linear(x, w, b, residual)
     want = residual + x @ w.T + (b if b is not None else 0)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     leaves = [t for t in (x, w, b, residual) if t is not None]
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     for g, e in zip(torch.autograd.grad(out, leaves, grad), torch.autograd.grad(want, leaves, grad), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(linear_onto(None, x, w, b), want - residual, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(linear(x, w, b), want - residual, rtol=1e-12, atol=1e-12)

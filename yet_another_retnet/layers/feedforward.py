@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.mlp import gelu_mlp, linear_onto
+from ..ops.matmul import linear
+from ..ops.mlp import gelu_mlp
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "swish": F.silu, "silu": F.silu, "relu": F.relu}
 FFN_KINDS = ("mlp", "glu")
@@ -64,13 +65,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x`` ``(..., embed_dim)`` -> the same shape, plus ``residual`` if given (a block's
-        skip connection, added inside the second product where it can: ``ops.mlp.linear_onto``)."""
+        skip connection, added inside the second product where it can: ``ops.matmul.linear``)."""
         if (self.gate is None and self.activation == "gelu"
                 and (self.activation_dropout == 0.0 or not self.training)):
             # One autograd node with the GELU's slope saved (ops/mlp.py) where it applies.
             return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual)
-        h = ACTIVATIONS[self.activation](self.fc1(x))
+        h = ACTIVATIONS[self.activation](linear(x, self.fc1.weight, self.fc1.bias))
         if self.gate is not None:
-            h = h * self.gate(x)
+            h = h * linear(x, self.gate.weight, self.gate.bias)
         h = F.dropout(h, p=self.activation_dropout, training=self.training)
-        return linear_onto(residual, h, self.fc2.weight, self.fc2.bias)
+        return linear(h, self.fc2.weight, self.fc2.bias, residual)

@@ -21,7 +21,7 @@ from ..ops._extension import is_compiling as _is_compiling
 from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
 from ..ops.decode_step import retention_step, retention_step_reference
 from ..ops.gemv import gemv
-from ..ops.mlp import linear_onto
+from ..ops.matmul import linear
 from ..ops.norm_gate import head_group_norm, norm_gate
 from ..ops.position import (
     apply_rotation,
@@ -296,7 +296,7 @@ class MultiScaleRetention(nn.Module):
 
         ``gate`` ``(b, L, value_dim)``, if given, is ``g_proj(query)`` already computed (before the
         activation) by the fused projection. ``residual`` ``(b, L, embed_dim)``, if given, is added
-        to the output (inside the output product where it can: ``ops.mlp.linear_onto``).
+        to the output (inside the output product where it can: ``ops.matmul.linear``).
         """
         if gate is None:
             gate = self.g_proj(query)
@@ -322,7 +322,7 @@ class MultiScaleRetention(nn.Module):
         if self.dropout > 0.0 and self.training:
             out = F.dropout(self.out_proj(y), p=self.dropout, training=True)
             return out if residual is None else residual + out
-        return linear_onto(residual, y, self.out_proj.weight, self.out_proj.bias)
+        return linear(y, self.out_proj.weight, self.out_proj.bias, residual)
 
     def _fused_projection(self, x: Tensor, halves: bool = False) -> Tensor:
         """``[q | k | v | gate]`` of ``x`` ``(b, L, embed_dim)`` in one matmul: ``(b, L, 2 d + 2
@@ -338,7 +338,7 @@ class MultiScaleRetention(nn.Module):
 
         weight = torch.cat([rows(p.weight, i) for i, p in enumerate(projs)])
         bias = torch.cat([rows(p.bias, i) for i, p in enumerate(projs)]) if self.q_proj.bias is not None else None
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def _project_fused(
         self, x: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
@@ -525,7 +525,7 @@ class MultiScaleRetention(nn.Module):
         rotation, next_position = self._positions(x, None if state is None else state.position, token_mask, rotation)
         # Keys and values in one product, as in _project_fused.
         bias = None if self.k_proj.bias is None else torch.cat([self.k_proj.bias, self.v_proj.bias])
-        k, v = F.linear(x, torch.cat([self.k_proj.weight, self.v_proj.weight]), bias).split(
+        k, v = linear(x, torch.cat([self.k_proj.weight, self.v_proj.weight]), bias).split(
             [self.embed_dim, self.value_dim], dim=-1)
         if rotation is not None and k.dtype in _FAST_DTYPES:
             k = _rotate_heads(k, rotation)

@@ -37,6 +37,7 @@ from ..layers.retention import (
 from ..ops.chunk_scan import chunk_scan_kernel_available
 from ..ops.decode_step import KERNEL_MAX_ROWS, LayerStepPlan, decoder_layer_step, layer_step_plan
 from ..ops.gemv import gemv_kernel_available
+from ..ops.matmul import linear
 from ..ops.memory import cached_cpu_memory
 from .config import RetNetConfig
 
@@ -590,7 +591,7 @@ class RetNet(GenerationMixin, nn.Module):
             x = F.dropout(x, p=self.config.dropout, training=self.training)
             last_only = last_logits_only and labels is None and input_ids.shape[1] > 0
             hidden, new_state = self.decoder(x, state, mode, chunk, token_mask, last_only=last_only)
-            logits = self.lm_head(hidden)
+            logits = linear(hidden, self.lm_head.weight, self.lm_head.bias)
         loss = None
         if labels is not None:
             # Position t predicts token t + 1; the last position predicts nothing (-100, ignored).

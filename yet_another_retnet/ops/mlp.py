@@ -21,27 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _extension
+from .matmul import grad_weight, linear, mm_nt
 
-__all__ = ["gelu_mlp", "gelu_mlp_apply", "gelu_mlp_reference", "linear_onto"]
-
-
-def linear_onto(residual: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``residual + F.linear(x, weight, bias)`` (or the product alone if ``residual`` is ``None``).
-
-    ``x`` ``(..., in)``, ``residual`` ``(..., out)`` of the same leading shape. The product is
-    accumulated onto a copy of the residual (one ``addmm``, beta 1): a separate add would read
-    both and write their sum once more. At d 768 and 8,192 rows the output projection and its
-    residual add took 35.1 ms, the ``addmm`` 31.8. Differentiable in every input. With a bias,
-    mixed dtypes or under autocast (which would round the residual to half precision), the plain
-    sum.
-    """
-    if residual is None:
-        return F.linear(x, weight, bias)
-    if (bias is not None or residual.dtype != x.dtype or weight.dtype != x.dtype
-            or residual.shape[:-1] != x.shape[:-1] or _extension.autocast_enabled(x.device.type)):
-        return residual + F.linear(x, weight, bias)
-    rows = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())
-    return rows.view(residual.shape)
+__all__ = ["gelu_mlp", "gelu_mlp_apply", "gelu_mlp_reference"]
 
 
 def gelu_mlp_reference(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
@@ -65,11 +47,10 @@ class _GeluMLP(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
                 residual: Tensor | None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        post, slope = torch.ops.yaretnet.gelu_slope(F.linear(rows, w1, b1))
+        post, slope = torch.ops.yaretnet.gelu_slope(mm_nt(rows, w1, b1))
         ctx.save_for_backward(x, w1, b1, w2, b2, post, slope)
-        if residual is not None:
-            return linear_onto(residual.reshape(-1, w2.shape[0]), post, w2, b2).view(residual.shape)
-        return F.linear(post, w2, b2).view(*x.shape[:-1], w2.shape[0])
+        add = None if residual is None else residual.reshape(-1, w2.shape[0])
+        return mm_nt(post, w2, b2, add).view(*x.shape[:-1], w2.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -82,12 +63,12 @@ class _GeluMLP(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
         rows = x.reshape(-1, x.shape[-1])
-        dw2 = g.t().mm(post) if need_w2 else None
+        dw2 = grad_weight(g, post) if need_w2 else None
         db2 = g.sum(0) if need_b2 else None
-        dpre = g.mm(w2).mul_(slope)  # a fresh product: multiplied in place
-        dw1 = dpre.t().mm(rows) if need_w1 else None
+        dpre = mm_nt(g, w2.t()).mul_(slope)  # a fresh product: multiplied in place
+        dw1 = grad_weight(dpre, rows) if need_w1 else None
         db1 = dpre.sum(0) if need_b1 else None
-        dx = dpre.mm(w1).view(x.shape) if need_x else None
+        dx = mm_nt(dpre, w1.t()).view(x.shape) if need_x else None
         return dx, dw1, db1, dw2, db2, d_residual
 
 
@@ -100,7 +81,7 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | 
         w1, b1: ``(ffn_dim, embed_dim)`` and ``(ffn_dim,)`` or ``None``: the first projection.
         w2, b2: ``(embed_dim, ffn_dim)`` and ``(embed_dim,)`` or ``None``: the second.
         residual: ``(..., embed_dim)`` or ``None``: added to the output, inside the second
-            product where :func:`linear_onto` can.
+            product (:func:`ops.matmul.linear`).
 
     Returns:
         ``(..., embed_dim)``, differentiable in every tensor (twice through the plain form). The
@@ -113,7 +94,7 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | 
     if not torch.is_grad_enabled() and not _extension.is_compiling():
         # Inference (prefill): nothing is saved for a backward, so the activation overwrites
         # the product it reads (one buffer less to fault in and stream through).
-        hidden = torch.ops.aten.gelu_(F.linear(x, w1, b1))
-        return linear_onto(residual, hidden, w2, b2)
+        hidden = torch.ops.aten.gelu_(linear(x, w1, b1))
+        return linear(hidden, w2, b2, residual)
     out = gelu_mlp_reference(x, w1, b1, w2, b2)
     return out if residual is None else residual + out

@@ -1,0 +1,161 @@
+"""Float32 matrix products on CPU through the faster of ATen's BLAS and oneDNN.
+
+PyTorch's CPU build sends a float32 ``mm``/``addmm``/``F.linear`` to MKL. On AMD CPUs MKL's
+sgemm takes a slow code path: on a 2-core AMD EPYC (Zen 5, AVX-512) with torch 2.13, a 4,096^2
+product runs at ~220 GFLOP/s through ``torch.matmul`` and at ~460 through oneDNN (bundled with
+PyTorch, ISA-dispatched), and the shapes of a training step gain 1.2-2.3x. On the Intel Xeons
+this project was first tuned on, MKL is the reference. So the choice is made by measurement,
+once per process (:func:`cpu_backend`); ``RETNET_CPU_MATMUL=aten|onednn`` fixes it.
+
+:func:`linear` is ``residual + x @ weight.T + bias`` with autograd; :func:`mm_nt` and
+:func:`grad_weight` are the raw products for hand-written backwards (``ops/mlp.py``). Each is
+exactly ATen's product wherever the oneDNN path does not apply: other devices and dtypes,
+autocast, ``torch.compile`` tracing, small products, a double backward.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _extension
+
+__all__ = ["cpu_backend", "grad_weight", "linear", "mm_nt"]
+
+#: Products of fewer multiply-adds stay on ATen: oneDNN's per-call cost is larger (a 1 x 256 x
+#: 1,024 product: 14 us through ATen, 17 through oneDNN; from 64 rows oneDNN wins, Zen 5).
+MIN_MACS = 1 << 22
+
+_ENV = "RETNET_CPU_MATMUL"
+_choice: str | None = None
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _measure() -> str:
+    """Time a 512 x 512 x 512 product both ways (interleaved, best of five each); oneDNN only if
+    it is clearly faster, so a machine where the two are close keeps ATen's numerics."""
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+        return "aten"
+    gen = torch.Generator().manual_seed(0)
+    a, w = torch.randn(512, 512, generator=gen), torch.randn(512, 512, generator=gen)
+    best = {"aten": float("inf"), "onednn": float("inf")}
+    runs = {"aten": lambda: F.linear(a, w), "onednn": lambda: _onednn_linear(a, w, None)}
+    try:
+        for _ in range(6):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    except RuntimeError:  # a build whose oneDNN cannot run here
+        return "aten"
+    return "onednn" if best["onednn"] < 0.8 * best["aten"] else "aten"
+
+
+def cpu_backend() -> str:
+    """``"onednn"`` or ``"aten"``: what large float32 CPU products run on in this process.
+
+    Read from ``RETNET_CPU_MATMUL`` (``aten``, ``onednn`` or ``auto``, the default) on the first
+    call; ``auto`` measures (~20 ms, once)."""
+    global _choice
+    if _choice is None:
+        wanted = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+        if wanted not in ("auto", "aten", "onednn"):
+            raise ValueError(f"{_ENV} must be 'auto', 'aten' or 'onednn', got {wanted!r}")
+        if wanted == "onednn" and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+            raise RuntimeError(f"{_ENV}=onednn, but this PyTorch build has no oneDNN linear op")
+        _choice = _measure() if wanted == "auto" else wanted
+    return _choice
+
+
+def _use_onednn(macs: int, *tensors: Tensor | None) -> bool:
+    return (macs >= MIN_MACS
+            and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+            and not _extension.is_compiling() and not _extension.autocast_enabled("cpu")
+            and cpu_backend() == "onednn")
+
+
+def mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None, add: Tensor | None = None) -> Tensor:
+    """``add + a @ b.T + bias`` without autograd: ``a`` ``(M, K)``, ``b`` ``(N, K)`` (either may be
+    a transposed view), ``bias`` ``(N,)``, ``add`` ``(M, N)``; returns a new ``(M, N)``."""
+    if _use_onednn(a.shape[0] * a.shape[1] * b.shape[0], a, b, bias, add):
+        if add is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(a, add, b, bias, "add")
+        return _onednn_linear(a, b, bias)
+    if add is not None:
+        return torch.addmm(add if bias is None else add + bias, a, b.t())
+    return F.linear(a, b, bias)
+
+
+def grad_weight(grad: Tensor, x: Tensor) -> Tensor:
+    """A linear layer's weight gradient ``grad.T @ x``: ``grad`` ``(M, N)``, ``x`` ``(M, K)``,
+    returns ``(N, K)`` (a transposed view where that orientation is the faster one)."""
+    n, k = grad.shape[1], x.shape[1]
+    if not _use_onednn(grad.shape[0] * n * k, grad, x):
+        return grad.t().mm(x)
+    # Both operands come transposed (the reduction runs over M). oneDNN is fastest when the
+    # output's rows are the smaller side (Zen 5, M = 2,048: 393 against 265 GFLOP/s for N = 1,024,
+    # K = 256; 381 against 323 for N = 256, K = 512).
+    if n <= k:
+        return _onednn_linear(grad.t(), x.t(), None)
+    return _onednn_linear(x.t(), grad.t(), None).t()
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight, bias)
+        return mm_nt(x, weight, bias, residual)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, bias = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph=True: through ATen's differentiable product
+            grads = _extension.differentiable_grads(F.linear, [x, weight, bias], grad)
+            return (*grads, grad if need_r else None)
+        dx = mm_nt(grad, weight.t()) if need_x else None
+        dw = grad_weight(grad, x) if need_w else None
+        db = grad.sum(0) if need_b else None
+        return dx, dw, db, grad if need_r else None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+    """``residual + F.linear(x, weight, bias)``, differentiable in every input.
+
+    Args:
+        x: ``(..., in)``.
+        weight: ``(out, in)``; bias: ``(out,)`` or ``None``.
+        residual: ``(..., out)`` with ``x``'s leading shape, or ``None``; accumulated inside the
+            product (one pass over the output).
+
+    Returns:
+        ``(..., out)``: through oneDNN where :func:`cpu_backend` chose it and the product is large
+        enough (float32 on CPU), else ATen's ``addmm``/``F.linear``.
+    """
+    lead = x.shape[:-1]
+    out_dim = weight.shape[0]
+    rows = x.numel() // max(x.shape[-1], 1)
+    fits = residual is None or (residual.shape[:-1] == lead and residual.dtype == x.dtype)
+    if fits and _use_onednn(rows * x.shape[-1] * out_dim, x, weight, bias, residual):
+        x2 = x.reshape(rows, x.shape[-1])
+        r2 = None if residual is None else residual.reshape(rows, out_dim)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
+            out: Tensor = _Linear.apply(x2, weight, bias, r2)
+        else:
+            out = mm_nt(x2, weight, bias, r2)
+        return out.view(*lead, out_dim)
+    if residual is None:
+        return F.linear(x, weight, bias)
+    if (bias is not None or not fits or weight.dtype != x.dtype
+            or _extension.autocast_enabled(x.device.type)):
+        return residual + F.linear(x, weight, bias)
+    flat = torch.addmm(residual.reshape(-1, out_dim), x.reshape(-1, x.shape[-1]), weight.t())
+    return flat.view(residual.shape)
