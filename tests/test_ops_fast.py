@@ -270,7 +270,8 @@ def test_training_bench_divides_by_the_matmul_measured_in_the_same_worker(monkey
     from yet_another_retnet.bench import peers_training as bench
 
     # The worker measures the matmul right before each shape and reports it beside the speed ...
-    measured = iter([150.0, 250.0])
+    # (the faster backend counts: MKL is the slower one on AMD CPUs, oneDNN may be on others)
+    measured = iter([{"aten": 150.0, "onednn": 120.0}, {"aten": 200.0, "onednn": 250.0}])
     monkeypatch.setattr(bench, "_matmul_gflops", lambda clock, repeats: next(measured))
     steps: list[tuple[int, ...]] = []
 
@@ -283,7 +284,9 @@ def test_training_bench_divides_by_the_matmul_measured_in_the_same_worker(monkey
     bench._time_shapes({"shapes": [(2, 8), (1, 16)], "repeats": 2}, Model(),
                        lambda x: steps.append(tuple(x.shape)), lambda: float(next(ticks)), result)
     assert result == {"2x8 matmul_gflops": 150.0, "2x8": 16.0, "2x8 steps": 2, "1x16 matmul_gflops": 250.0,
-                      "1x16": 16.0, "1x16 steps": 2, "buffer_cache": None}
+                      "1x16": 16.0, "1x16 steps": 2, "buffer_cache": None,
+                      "2x8 matmul_backends": {"aten": 150.0, "onednn": 120.0},
+                      "1x16 matmul_backends": {"aten": 200.0, "onednn": 250.0}}
     assert steps == [(2, 8)] * 3 + [(1, 16)] * 3  # a warm-up and two timed steps per shape (1 s each)
 
     # ... and the utilisation divides each round's speed by that, not by the round's own matmul.
@@ -292,7 +295,7 @@ def test_training_bench_divides_by_the_matmul_measured_in_the_same_worker(monkey
     def fake_worker(spec: dict[str, object], timeout: float) -> dict[str, object]:
         if spec["kind"] == "matmul":
             round_of["n"] += 1
-            return {"gflops": 1000.0}
+            return {"gflops": 1000.0, "backends": {"aten": 500.0 + round_of["n"], "onednn": 1000.0}}
         speed, gflops = [(2000.0, 100.0), (4000.0, 400.0), (6000.0, 200.0)][round_of["n"]]
         return {"matmul_params": 1000, **{f"{b}x{L}": speed for b, L in spec["shapes"]},  # type: ignore[attr-defined]
                 **{f"{b}x{L} matmul_gflops": gflops for b, L in spec["shapes"]}}  # type: ignore[attr-defined]
@@ -304,6 +307,8 @@ def test_training_bench_divides_by_the_matmul_measured_in_the_same_worker(monkey
     flops = ours["flops_per_token"]["2x1024"]
     assert ours["mfu"]["2x1024"] == pytest.approx(statistics.median([20.0, 10.0, 30.0]) * flops / 1e9)
     assert section["matmul_gflops"] == 1000.0
+    assert bench.matmul_backends_summary(section) == "torch.matmul (MKL) 501, oneDNN 1000"
+    assert "(torch.matmul (MKL) 501, oneDNN 1000; the faster counts)" in bench.format_training_section(section)
 
 
 @pytest.mark.parametrize(("length", "chunk"), [(1, 1), (7, 3), (12, 4), (5, 8), (700, 2), (1030, 4), (515, 2)])
@@ -330,7 +335,7 @@ def test_chunkwise_table_shapes_lists_what_the_fast_path_asks_for(length: int, c
 def test_training_bench_times_short_steps_for_at_least_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     from yet_another_retnet.bench import peers_training as bench
 
-    monkeypatch.setattr(bench, "_matmul_gflops", lambda clock, repeats: 100.0)
+    monkeypatch.setattr(bench, "_matmul_gflops", lambda clock, repeats: {"aten": 100.0})
 
     class Model:
         def zero_grad(self, set_to_none: bool) -> None:

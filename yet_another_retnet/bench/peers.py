@@ -743,8 +743,12 @@ def _training_markdown(training: dict[str, Any]) -> str:
         out.append(f"| {row.get('impl')} | {row.get('setting', '')} | " + " | ".join(cells)
                    + f" | {row.get('note') or ''} |")
     if training.get("matmul_gflops") is not None:
+        from .peers_training import matmul_backends_summary
+
+        backends = matmul_backends_summary(training)
         out.append(f"\nfloat32 matmul on this machine: {_fmt(training['matmul_gflops'])} GFLOP/s (median of the "
-                   "rounds; each MFU divides by the matmul its worker measured right before that shape).")
+                   "rounds; the faster of " + (backends or "the backends") + " in each measurement; each MFU "
+                   "divides by the matmul its worker measured right before that shape).")
     return "\n".join(out)
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ Model FLOPs per token (the numerator of the utilisation column), counted as exec
 - parallel retention and attention at length ``L``: ``2 L dk + 2 L dv`` per head (the full square,
   PaLM's convention; causal masking is not subtracted), times 3.
 
-Utilisation = model FLOPs per second / the fp32 FLOP/s of a 4,096 x 4,096 matmul, measured in the
+Utilisation = model FLOPs per second / the fp32 FLOP/s of a 4,096 x 4,096 matmul (the faster of
+``torch.matmul``, i.e. MKL, and oneDNN: on AMD CPUs MKL runs at half of oneDNN), measured in the
 same worker process right before that shape's steps (the host's speed drifts within minutes, so
 a round-wide figure paired loosely: two rows 0.1% apart in tokens/s once came out 62.5% and 68%).
 Each round also measures the matmul on its own, for the machine's figure in the report.
@@ -193,7 +194,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     clock = time.process_time if spec.get("clock") == "cpu" else time.perf_counter
 
     if spec["kind"] == "matmul":
-        return {"gflops": _matmul_gflops(clock, spec["repeats"])}
+        rates = _matmul_gflops(clock, spec["repeats"])
+        return {"gflops": max(rates.values()), "backends": rates}
     model, step = _build(spec["kind"], spec["chunk"])
     model.train()
     result: dict[str, Any] = {"matmul_params": _matmul_params(model)}
@@ -206,20 +208,34 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _matmul_gflops(clock: Any, repeats: int) -> float:
-    """fp32 GFLOP/s of a 4,096 x 4,096 matmul in this process: median of ``repeats`` after one
-    warm-up, into a preallocated output (a fresh 64 MB result would add page faults to the time)."""
+def _matmul_gflops(clock: Any, repeats: int) -> dict[str, float]:
+    """fp32 GFLOP/s of a 4,096 x 4,096 matmul in this process, per backend: ``"aten"``
+    (``torch.matmul``, MKL in PyTorch's CPU build) and ``"onednn"`` (the oneDNN product PyTorch
+    bundles, where this build has it), each the median of ``repeats`` after one warm-up, into a
+    preallocated output for ATen (a fresh 64 MB result would add page faults to the time). The
+    machine's figure is the faster: on AMD CPUs MKL takes a slow path (Zen 5: ~220 against ~460).
+    """
     import torch
 
     n = 4096
     a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.matmul(a, b, out=c)
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        torch.matmul(a, b, out=c)
-        times.append(clock() - start)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    runs = {"aten": lambda: torch.matmul(a, b, out=c)}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        bt = b.t()  # the op computes a @ weight.T: a transposed view of b gives a @ b
+        runs["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], "")
+    rates = {}
+    for name, run in runs.items():
+        try:
+            run()
+        except RuntimeError:
+            continue
+        times = []
+        for _ in range(repeats):
+            start = clock()
+            run()
+            times.append(clock() - start)
+        rates[name] = 2 * n**3 / statistics.median(times) / 1e9
+    return rates
 
 
 def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result: dict[str, Any],
@@ -233,7 +249,9 @@ def _time_shapes(spec: dict[str, Any], model: Any, step: Any, clock: Any, result
         # The machine's matmul speed right before this shape, in this process and outside the
         # buffer cache (the same measurement for every row): the utilisation's denominator, paired
         # with the steps it divides (the host's speed drifts within minutes).
-        result[f"{batch}x{length} matmul_gflops"] = _matmul_gflops(clock, MATMUL_REPEATS)
+        rates = _matmul_gflops(clock, MATMUL_REPEATS)
+        result[f"{batch}x{length} matmul_gflops"] = max(rates.values())
+        result[f"{batch}x{length} matmul_backends"] = rates
         x = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
         times: list[float] = []
         with buffers() as active:
@@ -325,8 +343,11 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
                   for _, _, kind, chunk in rows_spec]
     results: list[list[dict[str, Any]]] = [[] for _ in rows_spec]
     round_gflops: list[float | None] = []
+    round_backends: list[dict[str, float] | None] = []
     for r in range(rounds):
-        round_gflops.append(_run_worker({"kind": "matmul", "repeats": 5, **extra}, timeout=600).get("gflops"))
+        matmul = _run_worker({"kind": "matmul", "repeats": 5, **extra}, timeout=600)
+        round_gflops.append(matmul.get("gflops"))
+        round_backends.append(matmul.get("backends"))
         for i in [(r + j) % len(rows_spec) for j in range(len(rows_spec))]:
             _, _, kind, chunk = rows_spec[i]
             why = _available(kind)
@@ -361,7 +382,8 @@ def run_training_section(quick: bool = False, threads: int | None = None, clock:
         rows.append(row)
     measured_gflops = [g for g in round_gflops if g]
     return {"matmul_gflops": statistics.median(measured_gflops) if measured_gflops else None,
-            "matmul_gflops_per_round": round_gflops, "shapes": keys, "rows": rows,
+            "matmul_gflops_per_round": round_gflops, "matmul_backends_per_round": round_backends,
+            "shapes": keys, "rows": rows,
             "config": {"d_model": D_MODEL, "heads": HEADS, "layers": LAYERS, "ffn": FFN, "vocab": VOCAB,
                        "value_dim": D_MODEL, "dtype": "float32", "rounds": rounds, "threads": threads,
                        "clock": clock}}
@@ -403,6 +425,18 @@ def training_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
     return targets
 
 
+def matmul_backends_summary(section: dict[str, Any]) -> str:
+    """``"torch.matmul (MKL) 220, oneDNN 461"``: each backend's median GFLOP/s over the rounds."""
+    names = {"aten": "torch.matmul (MKL)", "onednn": "oneDNN"}
+    rounds = [r for r in section.get("matmul_backends_per_round") or [] if r]
+    parts = []
+    for key, label in names.items():
+        rates = [r[key] for r in rounds if r.get(key)]
+        if rates:
+            parts.append(f"{label} {statistics.median(rates):.0f}")
+    return ", ".join(parts)
+
+
 def format_training_section(section: dict[str, Any]) -> str:
     """The section as a Markdown table."""
     shapes = section["shapes"]
@@ -412,7 +446,8 @@ def format_training_section(section: dict[str, Any]) -> str:
            f"median of {config.get('rounds', 1)} interleaved rounds")
     per_round = ", ".join("-" if g is None else f"{g:.0f}" for g in section.get("matmul_gflops_per_round", []))
     lines = [
-        f"Training step (forward + backward, fp32, {how}; machine fp32 matmul: {gflops:.0f} GFLOP/s, "
+        f"Training step (forward + backward, fp32, {how}; machine fp32 matmul: {gflops:.0f} GFLOP/s "
+        f"({matmul_backends_summary(section)}; the faster counts), "
         f"per round {per_round}; each MFU divides by the matmul its worker measured just before that shape)"
         if gflops else f"Training step (forward + backward, fp32, {how})",
         "",
