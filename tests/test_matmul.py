@@ -127,11 +127,11 @@ def test_a_training_step_agrees_across_backends(monkeypatch: pytest.MonkeyPatch)
         torch.testing.assert_close(go, ga, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.parametrize(("value", "expect"), [("aten", "aten"), ("bogus", "RETNET_CPU_MATMUL must be")])
+@pytest.mark.parametrize(("value", "expect"), [("aten", "aten"), ("bogus", "YARETNET_CPU_MATMUL must be")])
 def test_the_environment_variable_picks_or_is_refused(value: str, expect: str) -> None:
     code = "from yet_another_retnet.ops import matmul; print(matmul.cpu_backend())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "RETNET_CPU_MATMUL": value})
+                          env={**os.environ, "YARETNET_CPU_MATMUL": value})
     out = done.stdout if done.returncode == 0 else done.stderr
     assert expect in out
     if value == "bogus":
@@ -153,3 +153,14 @@ def test_the_onednn_backend_runs_every_product_of_a_linear_on_onednn(monkeypatch
     assert sum(e.count for e in prof.key_averages() if e.key == "mkldnn::_linear_pointwise") >= 2  # dx, dw
     assert any("binary" in n or n == "mkldnn::_linear_pointwise" for n in names)
     assert not any(n in ("aten::mm", "aten::addmm") for n in names)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 1), (37, 53), (64, 16), (130, 300), (2048, 256)])
+def test_the_transposed_copy_is_exact(rows: int, cols: int) -> None:
+    gen = torch.Generator().manual_seed(rows + cols)
+    x = torch.randn(rows, cols, generator=gen)
+    got = matmul._transposed(x)
+    assert got.is_contiguous() and torch.equal(got, x.t())
+    wide = torch.randn(rows, cols + 5, generator=gen)[:, 2:cols + 2]  # rows at a longer stride
+    assert torch.equal(matmul._transposed(wide), wide.t())
+    assert torch.equal(matmul._transposed(x.t()), x)  # a transposed view: columns at a stride

@@ -657,7 +657,10 @@ class RetNet(GenerationMixin, nn.Module):
         extension built), those kernels already fuse that work and the compiled graph calls them
         too (split, chunk, norm-gate): a 2x1k training step then measures as fast as eager
         (1.00-1.02x its time, within the noise of this machine; docs/speed-training.md). It is for
-        where those kernels do not apply: other devices and dtypes, or no C++ toolchain. Every
+        where those kernels do not apply: other devices and dtypes, or no C++ toolchain. On CPUs
+        where ``ops/matmul.py`` chose oneDNN for the products (AMD), a graph's products stay on
+        ATen's (inductor cannot lower the oneDNN op), so there the compiled form is slower than
+        eager (AMD EPYC, 2x1k training step: 13,720 against 18,390 tokens/s). Every
         layer shares the compiled code; the first call of each new length and chunk size compiles
         (seconds to a minute). Parallel and recurrent modes are unaffected. ``False`` goes back to
         eager. Extra keyword arguments go to ``torch.compile`` (``dynamic=False`` by default).

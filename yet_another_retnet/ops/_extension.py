@@ -4,8 +4,9 @@ The extension holds the decoding gemv kernel (:mod:`.gemv`), the scan over chunk
 chunkwise retention (:mod:`.chunk_scan`), its per-chunk products (:mod:`.chunk_kernels`), the head
 norm and gate that end a retention layer (:mod:`.norm_gate`), the split of its projection into
 rotated heads (:mod:`.split_heads`), those three fused into a layer's core
-(:mod:`.retention_core`), the GELU with its slope for the feed-forward network (:mod:`.mlp`), the
-fused decoding steps (:mod:`.decode_step`) and the CPU buffer cache (:mod:`.memory`).
+(:mod:`.retention_core`), the GELU with its slope for the feed-forward network (:mod:`.mlp`), a
+transposed copy for the weight gradients (:mod:`.matmul`), the fused decoding steps
+(:mod:`.decode_step`) and the CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
@@ -14,8 +15,10 @@ returns ``False`` and the callers use their plain PyTorch paths.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,31 @@ from torch import Tensor
 _log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
-                           "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp", "retention_core.cpp")]
+                           "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp", "retention_core.cpp",
+                           "transpose.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None
+
+
+def _cpu_digest(cpuinfo: str | None = None) -> str:
+    """8 hex digits naming this CPU: the vendor, model name and feature flags of the first processor
+    in ``cpuinfo`` (default: ``/proc/cpuinfo``; ``platform.processor()`` where there is none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    info = "|".join(fields.get(k, "") for k in ("vendor_id", "model name", "flags"))
+    if not fields:
+        info = platform.processor() or platform.machine()
+    return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
 def _build() -> bool:
@@ -38,9 +62,11 @@ def _build() -> bool:
     try:
         from torch.utils import cpp_extension
 
-        # -march=native: the build is for this machine. The name carries torch's version and the
-        # CPU's capability so a cache shared across machines or torch upgrades never mixes builds.
-        tag = f"{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}"
+        # -march=native: the build is for this machine. The name carries torch's version, the
+        # CPU's capability and a digest of its model and feature flags, so a cache shared across
+        # machines (an Intel build, with AMX, on an AMD CPU: an illegal instruction) or torch
+        # upgrades never mixes builds.
+        tag = f"{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}_{_cpu_digest()}"
         name = "yaretnet_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
         _log.info("building the CPU extension %s (once per machine)", name)
         cpp_extension.load(

@@ -5,12 +5,12 @@ sgemm takes a slow code path: on a 2-core AMD EPYC (Zen 5, AVX-512) with torch 2
 product runs at ~220 GFLOP/s through ``torch.matmul`` and at ~460 through oneDNN (bundled with
 PyTorch, ISA-dispatched), and the shapes of a training step gain 1.2-2.3x. On the Intel Xeons
 this project was first tuned on, MKL is the reference. So the choice is made by measurement,
-once per process (:func:`cpu_backend`); ``RETNET_CPU_MATMUL=aten|onednn`` fixes it.
+once per process (:func:`cpu_backend`); ``YARETNET_CPU_MATMUL=aten|onednn`` fixes it.
 
 :func:`linear` is ``residual + x @ weight.T + bias`` with autograd; :func:`mm_nt` and
 :func:`grad_weight` are the raw products for hand-written backwards (``ops/mlp.py``). Each is
 exactly ATen's product wherever the oneDNN path does not apply: other devices and dtypes,
-autocast, ``torch.compile`` tracing, small products, a double backward.
+autocast, small products, a double backward, ``torch.compile`` graphs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ __all__ = ["cpu_backend", "grad_weight", "linear", "mm_nt"]
 #: 1,024 product: 14 us through ATen, 17 through oneDNN; from 64 rows oneDNN wins, Zen 5).
 MIN_MACS = 1 << 22
 
-_ENV = "RETNET_CPU_MATMUL"
+_ENV = "YARETNET_CPU_MATMUL"
 _choice: str | None = None
 
 
@@ -62,7 +62,7 @@ def _measure() -> str:
 def cpu_backend() -> str:
     """``"onednn"`` or ``"aten"``: what large float32 CPU products run on in this process.
 
-    Read from ``RETNET_CPU_MATMUL`` (``aten``, ``onednn`` or ``auto``, the default) on the first
+    Read from ``YARETNET_CPU_MATMUL`` (``aten``, ``onednn`` or ``auto``, the default) on the first
     call; ``auto`` measures (~20 ms, once)."""
     global _choice
     if _choice is None:
@@ -76,6 +76,8 @@ def cpu_backend() -> str:
 
 
 def _use_onednn(macs: int, *tensors: Tensor | None) -> bool:
+    # Not under torch.compile: inductor cannot lower the oneDNN op with a plain weight (it expects
+    # the packed weights of its own freezing pass), so a graph keeps ATen's product.
     return (macs >= MIN_MACS
             and all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
             and not _extension.is_compiling() and not _extension.autocast_enabled("cpu")
@@ -94,18 +96,29 @@ def mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None, add: Tensor | None =
     return F.linear(a, b, bias)
 
 
+def _transposed(x: Tensor) -> Tensor:
+    """``x.t().contiguous()`` for a 2-D float32 CPU ``x``: the extension's blocked copy where it
+    is built (ATen's copy of a transposed view moves ~5 GB/s here, ``csrc/transpose.cpp``)."""
+    if _extension.load():
+        out: Tensor = torch.ops.yaretnet.transpose_copy(x)
+        return out
+    return x.t().contiguous()
+
+
 def grad_weight(grad: Tensor, x: Tensor) -> Tensor:
     """A linear layer's weight gradient ``grad.T @ x``: ``grad`` ``(M, N)``, ``x`` ``(M, K)``,
     returns ``(N, K)`` (a transposed view where that orientation is the faster one)."""
     n, k = grad.shape[1], x.shape[1]
     if not _use_onednn(grad.shape[0] * n * k, grad, x):
         return grad.t().mm(x)
-    # Both operands come transposed (the reduction runs over M). oneDNN is fastest when the
-    # output's rows are the smaller side (Zen 5, M = 2,048: 393 against 265 GFLOP/s for N = 1,024,
-    # K = 256; 381 against 323 for N = 256, K = 512).
+    # Both operands come transposed (the reduction runs over M). oneDNN reads its left operand
+    # row-major (it would copy a transposed one) and its right one at any strides: the smaller
+    # of the two is copied transposed, and the output's rows are that side (Zen 5, M = 2,048,
+    # oneDNN's own copy included: 393 against 265 GFLOP/s for N = 1,024, K = 256; 381 against 323
+    # for N = 256, K = 512).
     if n <= k:
-        return _onednn_linear(grad.t(), x.t(), None)
-    return _onednn_linear(x.t(), grad.t(), None).t()
+        return _onednn_linear(_transposed(grad), x.t(), None)
+    return _onednn_linear(_transposed(x), grad.t(), None).t()
 
 
 class _Linear(torch.autograd.Function):
