@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..ops._extension import autocast_enabled as _autocast_enabled
 from ..ops._extension import is_compiling as _is_compiling
+from ..ops._extension import load as _load_extension
 from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
 from ..ops.decode_step import retention_step, retention_step_reference
 from ..ops.gemv import gemv
@@ -453,7 +454,9 @@ class MultiScaleRetention(nn.Module):
         memory = state.memory if state is not None else None
         fused = (self.fast_path and mode != "recurrent" and key is query and value is query
                  and query.dtype in _FAST_DTYPES and not _autocast_enabled(query.device.type))
-        compiled = self.__dict__.get("_compiled_chunkwise")
+        compiled, keep_kernel_calls = self.__dict__.get("_compiled_chunkwise", (None, False))
+        if keep_kernel_calls and query.device.type == "cpu" and query.dtype == torch.float32 and _load_extension():
+            compiled = None  # the CPU kernels and oneDNN's products beat the graph (compile_chunkwise)
         if (compiled is not None and fused and mode == "chunkwise" and length > 0
                 and (chunk_size is None or (type(chunk_size) is int and chunk_size >= 1))
                 and (memory is None or memory.dtype == query.dtype)):

@@ -646,7 +646,8 @@ class RetNet(GenerationMixin, nn.Module):
         self.__dict__["_compiled_decode"] = (torch.compile(self._decode_logits, **options), bool(keep_kernel_steps))
         return self
 
-    def compile_chunkwise(self, enabled: bool = True, **compile_options: Any) -> RetNet:
+    def compile_chunkwise(self, enabled: bool = True, *, keep_kernel_calls: bool = True,
+                          **compile_options: Any) -> RetNet:
         """Run each retention layer's multi-token chunkwise form through ``torch.compile``.
 
         Training and prompt prefill in ``"chunkwise"`` mode (float32/float64, self-retention) then
@@ -660,7 +661,9 @@ class RetNet(GenerationMixin, nn.Module):
         where those kernels do not apply: other devices and dtypes, or no C++ toolchain. On CPUs
         where ``ops/matmul.py`` chose oneDNN for the products (AMD), a graph's products stay on
         ATen's (inductor cannot lower the oneDNN op), so there the compiled form is slower than
-        eager (AMD EPYC, 2x1k training step: 13,720 against 18,390 tokens/s). Every
+        eager (AMD EPYC, 2x1k training step: 13,720 against 18,390 tokens/s). So by default
+        (``keep_kernel_calls=True``) a CPU float32 call, where the kernels are built, stays
+        eager; ``keep_kernel_calls=False`` sends it to the graph too. Every
         layer shares the compiled code; the first call of each new length and chunk size compiles
         (seconds to a minute). Parallel and recurrent modes are unaffected. ``False`` goes back to
         eager. Extra keyword arguments go to ``torch.compile`` (``dynamic=False`` by default).
@@ -672,7 +675,8 @@ class RetNet(GenerationMixin, nn.Module):
         for module in self.modules():
             if isinstance(module, MultiScaleRetention):
                 if enabled:
-                    module.__dict__["_compiled_chunkwise"] = torch.compile(module._fused_chunkwise, **options)
+                    module.__dict__["_compiled_chunkwise"] = (torch.compile(module._fused_chunkwise, **options),
+                                                              keep_kernel_calls)
                 else:
                     module.__dict__.pop("_compiled_chunkwise", None)
         return self
