@@ -40,7 +40,7 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _measure() -> str:
-    """Time a 512 x 512 x 512 product both ways (interleaved, best of five each); oneDNN only if
+    """Time a 512 x 512 x 512 product both ways (interleaved, best of six each); oneDNN only if
     it is clearly faster, so a machine where the two are close keeps ATen's numerics."""
     if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
         return "aten"
