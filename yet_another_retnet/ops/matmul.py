@@ -15,6 +15,7 @@ autocast, small products, a double backward, ``torch.compile`` graphs.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -153,22 +154,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
         ``(..., out)``: through oneDNN where :func:`cpu_backend` chose it and the product is large
         enough (float32 on CPU), else ATen's ``addmm``/``F.linear``.
     """
-    lead = x.shape[:-1]
-    out_dim = weight.shape[0]
-    rows = x.numel() // max(x.shape[-1], 1)
-    fits = residual is None or (residual.shape[:-1] == lead and residual.dtype == x.dtype)
-    if fits and _use_onednn(rows * x.shape[-1] * out_dim, x, weight, bias, residual):
-        x2 = x.reshape(rows, x.shape[-1])
-        r2 = None if residual is None else residual.reshape(rows, out_dim)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-            out: Tensor = _Linear.apply(x2, weight, bias, r2)
-        else:
-            out = mm_nt(x2, weight, bias, r2)
-        return out.view(*lead, out_dim)
-    if residual is None:
-        return F.linear(x, weight, bias)
-    if (bias is not None or not fits or weight.dtype != x.dtype
-            or _extension.autocast_enabled(x.device.type)):
-        return residual + F.linear(x, weight, bias)
-    flat = torch.addmm(residual.reshape(-1, out_dim), x.reshape(-1, x.shape[-1]), weight.t())
-    return flat.view(residual.shape)
+    lead, out_dim = x.shape[:-1], weight.shape[0]
+    if residual is not None and (residual.shape[:-1] != lead or residual.dtype != x.dtype
+                                 or weight.dtype != x.dtype or _extension.autocast_enabled(x.device.type)):
+        # A broadcast residual, mixed dtypes, or autocast (which would round the residual to
+        # half precision inside the product): the plain sum.
+        return residual + linear(x, weight, bias)
+    rows = math.prod(lead)
+    x2 = x.reshape(rows, x.shape[-1])
+    r2 = None if residual is None else residual.reshape(rows, out_dim)
+    # ATen's products are differentiable as they are; oneDNN's go through _Linear for autograd.
+    if (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, residual))
+            and _use_onednn(rows * x.shape[-1] * out_dim, x, weight, bias, residual)):
+        out: Tensor = _Linear.apply(x2, weight, bias, r2)
+    else:
+        out = mm_nt(x2, weight, bias, r2)
+    return out.view(*lead, out_dim)
