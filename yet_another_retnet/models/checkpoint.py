@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import RetNetConfig
+from .config import MODEL_TYPE, RetNetConfig
 
 if TYPE_CHECKING:
     from .retnet import RetNet
@@ -71,7 +71,9 @@ def save_pretrained(model: RetNet, directory: str | Path) -> None:
     tensors = {name: t.detach().contiguous().cpu() for name, t in _weights_of(model).items()}
     atomic_write(directory / WEIGHTS_NAME,
                  lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "config": config_json}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_json))
+    # model_type lets transformers' AutoConfig find yet_another_retnet.hf's classes in the same file.
+    file_json = json.dumps({"model_type": MODEL_TYPE, **model.config.to_dict()}, indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(file_json))
 
 
 def read_config(directory: Path) -> RetNetConfig:

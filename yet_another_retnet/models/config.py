@@ -140,10 +140,14 @@ class RetNetConfig:
         if not isinstance(data, dict):
             raise ValueError(f"a RetNetConfig must be read from a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        model_type = data.get("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"model_type is {model_type!r}, not a yet-another-retnet config ({MODEL_TYPE!r})")
+        # A config.json written by transformers carries its own bookkeeping next to our fields.
+        unknown = sorted(set(data) - known - TRANSFORMERS_KEYS)
         if unknown:
             raise ValueError(f"unknown RetNetConfig fields: {unknown}")
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -171,6 +175,23 @@ class RetNetConfig:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
+
+#: The ``model_type`` of our ``config.json`` (and of :mod:`yet_another_retnet.hf`'s config class).
+#: Not ``"retnet"``: flash-linear-attention registers that name with transformers.
+MODEL_TYPE = "yaretnet"
+
+#: Keys that transformers' ``PretrainedConfig`` writes (4.x and 5.x) besides a model's own fields:
+#: :meth:`RetNetConfig.from_dict` skips them, so the Hugging Face class's ``config.json`` loads.
+TRANSFORMERS_KEYS = frozenset({
+    "model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+    "auto_map", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
+    "decoder_start_token_id", "tie_word_embeddings", "use_cache", "return_dict",
+    "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16", "pruned_heads",
+    "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "id2label", "label2id",
+    "tokenizer_class", "prefix", "task_specific_params", "problem_type", "num_labels",
+    "_attn_implementation_autoset", "tf_legacy_loss", "generation_config",
+})
 
 #: Named configurations. ``1.3b``, ``2.7b`` and ``6.7b`` are the paper's sizes (Table 2: width,
 #: depth, heads, FFN = 2 * width, value factor 2) at a 50k vocabulary; the small ones are for

@@ -1,0 +1,36 @@
+"""Every difference between the transformers versions we support (4.57 and 5.x), in one place.
+
+- The cache keyword: 5.x passes ``cache=`` to ``forward`` and reads ``outputs["cache"]``; 4.x
+  uses ``past_key_values`` for both (5.x still accepts that name, deprecated).
+- ``Cache.__init__``: 4.57 and 5.x take ``layers=`` (a list); we hold no per-layer objects.
+- Tied weights: 5.x declares them as ``{"lm_head.weight": "embed_tokens.weight"}``, 4.x as a
+  list of the tied parameter names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+IS_V5 = TRANSFORMERS_VERSION.major >= 5
+
+#: The name under which ``generate`` hands the cache to ``forward`` and reads it back.
+CACHE_KWARG = "cache" if IS_V5 else "past_key_values"
+
+#: The ``PreTrainedModel._tied_weights_keys`` of a causal LM whose head shares the embedding.
+TIED_WEIGHTS_KEYS: Any = {"lm_head.weight": "embed_tokens.weight"} if IS_V5 else ["lm_head.weight"]
+
+
+def cache_base_kwargs() -> dict[str, Any]:
+    """Arguments of ``transformers.Cache.__init__`` for a cache without per-layer objects."""
+    return {"layers": []}
+
+
+def pick_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a caller passed under either name (``cache`` or ``past_key_values``), popped."""
+    cache = kwargs.pop("cache", None)
+    legacy = kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
