@@ -1,0 +1,337 @@
+"""yet_another_retnet.hf against transformers' own machinery: Auto classes, generate (greedy,
+sampling, beam search, scores, streamers), Trainer, save/load in both directions, bad input.
+
+transformers' generation loop drives the model here; our ``generate`` is only the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.generation.streamers import BaseStreamer
+
+import yet_another_retnet.hf as yhf
+from yet_another_retnet import RetNet, RetNetConfig
+from yet_another_retnet.generation import GenerationMixin as OurGenerationMixin
+from yet_another_retnet.hf import RetNetCache, YaRetNetConfig, YaRetNetForCausalLM
+from yet_another_retnet.hf.compat import CACHE_KWARG
+
+
+def _config(**overrides: object) -> RetNetConfig:
+    base = {"vocab_size": 32, "d_model": 32, "num_heads": 2, "num_layers": 2, "ffn_dim": 64, "dropout": 0.0}
+    return RetNetConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def _model(seed: int = 0, **overrides: object) -> RetNet:
+    torch.manual_seed(seed)
+    model = RetNet(_config(**overrides)).eval()
+    with torch.no_grad():  # larger logits: fewer near-ties in argmax and beam comparisons
+        model.lm_head.weight.mul_(20.0)
+    return model
+
+
+def _ours(model: RetNet, *args: object, **kwargs: object) -> torch.Tensor:
+    return model.generate(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def _theirs(hf: YaRetNetForCausalLM, *args: object, **kwargs: object) -> object:
+    """transformers' generate, with our own loop made to raise: transformers' loop must run."""
+
+    def refuse(*a: object, **k: object) -> None:
+        raise AssertionError("our own generation loop was called")
+
+    saved = OurGenerationMixin.generate, OurGenerationMixin.stream_generate, OurGenerationMixin.prefill
+    OurGenerationMixin.generate = OurGenerationMixin.stream_generate = OurGenerationMixin.prefill = refuse  # type: ignore[method-assign,assignment]
+    try:
+        return hf.generate(*args, **kwargs)
+    finally:
+        OurGenerationMixin.generate, OurGenerationMixin.stream_generate, OurGenerationMixin.prefill = saved  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------------------------------------
+# One directory, both worlds
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": False, "bias": True, "ffn": "glu",
+                                            "block_norm": "rmsnorm", "head_norm": "rmsnorm",
+                                            "embedding_norm": True, "decay": "log-spaced"}])
+def test_our_directory_loads_with_auto_classes_and_back(tmp_path: Path, overrides: dict) -> None:
+    model = _model(**overrides)
+    model.save_pretrained(tmp_path / "ours")
+    assert AutoConfig.from_pretrained(tmp_path / "ours").model_type == "yaretnet"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    assert isinstance(hf, YaRetNetForCausalLM)
+    assert set(hf.state_dict()) == set(model.state_dict())
+    assert (hf.lm_head.weight is hf.embed_tokens.weight) == model.config.tie_embeddings
+    ids = torch.randint(0, 32, (3, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert torch.equal(hf(ids).logits, expected)
+    hf.save_pretrained(tmp_path / "theirs")
+    back = RetNet.from_pretrained(tmp_path / "theirs")
+    assert back.config == model.config
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, expected)
+
+
+def test_every_config_field_round_trips(tmp_path: Path) -> None:
+    changed = {"vocab_size": 40, "d_model": 48, "num_heads": 3, "num_layers": 3, "ffn_dim": 80,
+               "value_factor": 1.0, "dropout": 0.05, "activation_dropout": 0.02, "ffn": "glu",
+               "activation": "swish", "gate_activation": "gelu", "block_norm": "rmsnorm",
+               "head_norm": "rmsnorm", "norm_eps": 1e-5, "bias": True, "tie_embeddings": False,
+               "decay": "log-spaced", "chunk_size": 16, "embed_scale": 2.0, "embedding_norm": True,
+               "residual_scale": 1.5, "pre_norm": False, "relative_position": True, "init_std": 0.01}
+    fields = {f.name for f in dataclasses.fields(RetNetConfig)}
+    config = RetNetConfig(**{k: v for k, v in changed.items() if k in fields})
+    for f in dataclasses.fields(RetNetConfig):  # a field added later still round-trips
+        assert getattr(YaRetNetConfig.from_retnet_config(config), f.name) == getattr(config, f.name)
+    hf_config = YaRetNetConfig.from_retnet_config(config, eos_token_id=3, pad_token_id=0)
+    hf_config.save_pretrained(tmp_path)
+    assert YaRetNetConfig.from_pretrained(tmp_path).to_retnet_config() == config
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["model_type"] == "yaretnet" and data["eos_token_id"] == 3
+    assert RetNetConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown RetNetConfig fields"):
+        RetNetConfig.from_dict({**data, "hidden_act": "silu"})
+
+
+def test_tokenizer_files_travel(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from yet_another_retnet.training.data import HFTokenizer, load_tokenizer
+
+    model = _model()
+    model.save_pretrained(tmp_path / "ours")
+    vocab = {f"w{i}": i for i in range(32)}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "ours" / "tokenizer.json"))
+    HFTokenizer(tmp_path / "ours" / "tokenizer.json").save(tmp_path / "ours")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    hf.save_pretrained(tmp_path / "theirs")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "theirs" / name).read_bytes() == (tmp_path / "ours" / name).read_bytes()
+    assert load_tokenizer(tmp_path / "theirs").encode("w3 w5") == [3, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+
+def _left_padded(pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    lengths = [6, 3, 5]
+    ids = torch.full((3, 6), pad, dtype=torch.long)
+    mask = torch.zeros(3, 6, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, 6 - n:] = torch.randint(1, 32, (n,), generator=g)
+        mask[row, 6 - n:] = 1
+    return ids, mask
+
+
+def test_greedy_equals_ours_left_padded_with_eos() -> None:
+    model = _model()
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    ids, mask = _left_padded()
+    free = _ours(model, ids, 12, attention_mask=mask)
+    eos = int(free[1, 6 + 2])  # row 1 ends after 3 new tokens, the others later or never
+    expected = _ours(model, ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    got = _theirs(hf, ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                      pad_token_id=0)
+    assert torch.equal(got, expected)
+    assert bool((got[1, 6 + 3:] == 0).all())
+
+
+def test_sampling_equals_ours_seeded() -> None:
+    model = _model(seed=1)
+    with torch.no_grad():
+        model.lm_head.weight.div_(20.0)  # a flat distribution: every draw matters
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    ids, mask = _left_padded()
+    for options in ({"temperature": 1.0, "top_k": 0, "top_p": 1.0},
+                    {"temperature": 0.7, "top_k": 8, "top_p": 0.9}):
+        ours_options = {k: (None if k == "top_k" and v == 0 else v) for k, v in options.items()}
+        expected = _ours(model, ids, 10, do_sample=True, attention_mask=mask,
+                         generator=torch.Generator().manual_seed(7), **ours_options)
+        torch.manual_seed(7)  # transformers draws from the global generator
+        got = _theirs(hf, ids, attention_mask=mask, max_new_tokens=10, do_sample=True, pad_token_id=0,
+                          **options)
+        assert torch.equal(got, expected), options
+
+
+def test_beam_search_with_every_continuation_equals_exhaustive_search() -> None:
+    vocab, steps = 6, 3
+    model = _model(seed=2, vocab_size=vocab)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    prompt = torch.tensor([[1, 4, 2, 5]])
+    beams = vocab ** (steps - 1)  # every prefix stays in the beam until the last step
+    out = _theirs(hf, prompt, max_new_tokens=steps, num_beams=beams, do_sample=False, length_penalty=0.0,
+                      early_stopping=True, return_dict_in_generate=True, output_scores=True, pad_token_id=0)
+    # Exhaustive: score every continuation with our parallel forward.
+    tails = torch.tensor(list(itertools.product(range(vocab), repeat=steps)))
+    seqs = torch.cat([prompt.expand(len(tails), -1), tails], dim=1)
+    with torch.no_grad():
+        logp = model(seqs, mode="parallel").logits.double().log_softmax(-1)
+    n = prompt.shape[1]
+    scores = logp[:, n - 1:-1].gather(-1, seqs[:, n:, None]).squeeze(-1).sum(-1)
+    best = int(scores.argmax())
+    top2 = scores.topk(2).values
+    assert float(top2[0] - top2[1]) > 1e-3  # no near-tie to make the comparison fragile
+    assert torch.equal(out.sequences[0], seqs[best])
+    assert abs(float(out.sequences_scores[0]) - float(scores[best])) < 1e-4
+
+
+class _Collect(BaseStreamer):
+    def __init__(self) -> None:
+        self.chunks: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.chunks.append(value.clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_output_scores_and_streamer() -> None:
+    model = _model(seed=4)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    streamer = _Collect()
+    out = _theirs(hf, prompt, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                      output_scores=True, streamer=streamer, pad_token_id=0)
+    new = out.sequences[0, prompt.shape[1]:]
+    assert torch.equal(out.sequences, _ours(model, prompt, 6))
+    assert len(out.scores) == 6
+    with torch.no_grad():  # the scores are the logits of a parallel forward over the sequence
+        logits = model(out.sequences[:, :-1], mode="parallel").logits[0, prompt.shape[1] - 1:]
+    torch.testing.assert_close(torch.cat(out.scores), logits, atol=1e-4, rtol=1e-4)
+    assert streamer.ended and torch.equal(streamer.chunks[0].flatten(), prompt[0])
+    assert torch.equal(torch.cat([c.flatten() for c in streamer.chunks[1:]]), new)
+
+
+def test_forward_matches_ours_and_cache_continues() -> None:
+    model = _model(seed=5)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    ids = torch.randint(0, 32, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids, labels=ids)
+        full = hf(ids, labels=ids)
+        torch.testing.assert_close(full.loss, ours.loss)
+        first = hf(ids[:, :6], use_cache=True)
+        cache = first[CACHE_KWARG]
+        assert isinstance(cache, RetNetCache) and cache.get_seq_length() == 6
+        # transformers' convention: the mask of the whole sequence with only the new tokens
+        rest = hf(ids[:, 6:], attention_mask=torch.ones(2, 10, dtype=torch.long), **{CACHE_KWARG: cache})
+        torch.testing.assert_close(rest.logits, full.logits[:, 6:], atol=1e-5, rtol=1e-5)
+        assert cache.get_seq_length() == 10
+        assert hf(ids, logits_to_keep=1).logits.shape == (2, 1, 32)
+
+
+def test_trainer_loss_scaling_with_num_items_in_batch() -> None:
+    model = _model(seed=6)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        logits = model(ids).logits
+        total = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32), labels[:, 1:].reshape(-1),
+                                                  ignore_index=-100, reduction="sum")
+        loss = hf(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+    torch.testing.assert_close(loss, total / 40)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_trainer_trains_and_result_loads_in_both_worlds(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    hf = YaRetNetForCausalLM(YaRetNetConfig.from_retnet_config(_config(num_layers=1)))
+    period = torch.tensor([1, 5, 2, 7, 3, 9, 4, 11])
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            ids = period.roll(-(i % 8)).repeat(3)[:16]
+            return {"input_ids": ids, "labels": ids}
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=30,
+                             learning_rate=5e-3, logging_steps=5, save_strategy="no", report_to=[],
+                             use_cpu=True, gradient_accumulation_steps=2, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=hf, args=args, train_dataset=Data())
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    trainer.save_model(str(tmp_path / "final"))
+    ids = period.repeat(2)[None]
+    ours = RetNet.from_pretrained(tmp_path / "final")
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+        assert torch.equal(ours(ids).logits, hf.eval()(ids).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_of_another_model_type_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="model_type"):
+        YaRetNetConfig(model_type="llama")
+    _model().save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**data, "model_type": "retnet"}))
+    with pytest.raises(ValueError, match="model_type"):
+        RetNet.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="model_type"):
+        YaRetNetForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_weight_is_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _model().save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["decoder.layers.1.ffn.fc2.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing \['decoder.layers.1.ffn.fc2.weight'\]"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_cache_from_another_batch_or_kind_is_refused() -> None:
+    hf = YaRetNetForCausalLM.from_retnet(_model())
+    ids = torch.randint(0, 32, (2, 5))
+    with torch.no_grad():
+        cache = hf(ids, use_cache=True)[CACHE_KWARG]
+        with pytest.raises(ValueError, match="cache holds the state of 2 sequences but input_ids has 3 rows"):
+            hf(torch.randint(0, 32, (3, 1)), **{CACHE_KWARG: cache})
+        from transformers import DynamicCache
+
+        other = DynamicCache()
+        other.update(torch.zeros(2, 1, 3, 4), torch.zeros(2, 1, 3, 4), 0)
+        with pytest.raises(TypeError, match="RetNetCache"):
+            hf(ids, **{CACHE_KWARG: other})
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(3)
+    with pytest.raises(IndexError):
+        cache.reorder_cache(torch.tensor([0, 2]))
+    assert yhf.MODEL_TYPE == "yaretnet"
