@@ -132,6 +132,13 @@ def _add_eval(sub: Any) -> None:
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    # lm-evaluation-harness instead (yet_another_retnet/harness.py; extra [eval]).
+    g = p.add_argument_group("lm-evaluation-harness tasks instead (pip install 'yet-another-retnet[eval]')")
+    g.add_argument("--tasks", metavar="LIST", default=None, help="comma-separated lm-eval tasks or groups")
+    g.add_argument("--include-path", metavar="DIR", default=None, help="a directory of your own task YAML files")
+    g.add_argument("--num-fewshot", type=int, default=None, metavar="N", help="few-shot examples per task")
+    g.add_argument("--limit", type=float, default=None, metavar="N", help="at most N documents per task (a fraction if < 1)")
+    g.add_argument("--output", metavar="FILE", default=None, help="also write the results to FILE as JSON")
 
 
 def _add_info(sub: Any) -> None:
@@ -261,6 +268,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     device = _pick_device(args.device)
+    if args.tasks is not None:
+        from .harness import cmd_tasks
+
+        return cmd_tasks(args, *_load_model(args.model, device))
     model, tokenizer = _load_model(args.model, device)
     seq_len, val_fraction = args.seq_len, 0.05
     run_file = Path(args.model) / TRAIN_CONFIG_NAME

@@ -1,0 +1,287 @@
+"""lm-evaluation-harness on a RetNet (extra ``[eval]``): ``retnet eval DIR --tasks ...``.
+
+:class:`RetNetLM` is lm-eval's ``TemplateLM`` over our model and tokenizer:
+
+- ``loglikelihood``: a batch of contexts is read in the chunkwise form (left-padded, the prefill of
+  :meth:`RetNet.prefill`, which gives the logits at each context's end and the state), then the
+  continuations run from that state (right-padded: a position never sees a later one, so the
+  padding changes no score).
+- ``loglikelihood_rolling`` (perplexity): each document is scored whole, in windows of
+  ``window`` tokens that carry the recurrent state, so no token loses its context (a RetNet has no
+  maximum length); documents are batched, right-padded.
+- ``generate_until``: our generation (chunkwise prefill, one recurrent step per token), batched
+  by generation arguments, stopping once every row has produced one of its stop strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from lm_eval.api.model import TemplateLM
+except ImportError as err:  # an optional dependency
+    raise ImportError("--tasks needs lm-evaluation-harness: pip install 'yet-another-retnet[eval]'") from err
+
+from .models.retnet import RetNet, RetNetState
+from .training.data import ByteTokenizer, HFTokenizer
+
+_TemplateLM: Any = TemplateLM  # typed as Any: lm-eval ships no type information
+
+
+class RetNetLM(_TemplateLM):
+    """lm-eval's language-model interface on a :class:`RetNet` and one of our tokenizers.
+
+    Args:
+        model: the RetNet (put in eval mode).
+        tokenizer: :class:`ByteTokenizer` or :class:`HFTokenizer` (``load_tokenizer(dir)``).
+        batch_size: requests per forward pass.
+        eot_token_id: the token that stands before a document or an empty context; default: the
+            tokenizer's end-of-text token if it has one of the usual names, else the newline's.
+        window: tokens per forward pass when scoring a long document (the state carries over).
+        max_gen_toks: default cap on generated tokens when a task gives none.
+    """
+
+    def __init__(self, model: RetNet, tokenizer: ByteTokenizer | HFTokenizer, batch_size: int = 8,
+                 eot_token_id: int | None = None, window: int = 2048, max_gen_toks: int = 256) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("window", window), ("max_gen_toks", max_gen_toks)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.model = model.eval()
+        self.tok = tokenizer
+        self.batch_size = batch_size
+        self.window = window
+        self.max_gen_toks = max_gen_toks
+        self._eot = _default_eot(tokenizer) if eot_token_id is None else int(eot_token_id)
+        if not 0 <= self._eot < model.config.vocab_size:
+            raise ValueError(f"eot_token_id must be a token id in [0, {model.config.vocab_size}), got {self._eot}")
+
+    # -- tokens --------------------------------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return list(self.tok.encode(string))
+
+    def tok_decode(self, tokens: Iterable[int]) -> str:
+        return self.tok.decode(list(tokens))
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """``(sum of log-probabilities of the continuation, whether it is the greedy one)`` for
+        each ``(key, context tokens, continuation tokens)``."""
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            scored = self._score_batch([requests[i][1] for i in batch], [requests[i][2] for i in batch])
+            for i, result in zip(batch, scored, strict=True):
+                results[i] = result
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
+        return [r for r in results if r is not None]
+
+    @torch.no_grad()
+    def _score_batch(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        for context, continuation in zip(contexts, continuations, strict=True):
+            if not context or not continuation:
+                raise ValueError("every loglikelihood request needs a context and a continuation token")
+        device = self.model.device
+        width = max(len(c) for c in contexts)
+        ids = torch.zeros(len(contexts), width, dtype=torch.long)
+        mask = torch.zeros(len(contexts), width, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            ids[row, width - len(context):] = torch.tensor(context)
+            mask[row, width - len(context):] = 1
+        out = self.model.prefill(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None)
+        logits = [out.logits[:, -1]]  # predicts each continuation's first token
+        rest = max(len(c) for c in continuations) - 1
+        if rest:
+            tail = torch.zeros(len(contexts), rest, dtype=torch.long)
+            for row, continuation in enumerate(continuations):
+                tail[row, :len(continuation) - 1] = torch.tensor(continuation[:-1])
+            logits.append(self.model(tail.to(device), state=out.state).logits)
+        logp = F.log_softmax(torch.cat([logits[0][:, None], *logits[1:]], dim=1).float(), dim=-1)
+        results = []
+        for row, continuation in enumerate(continuations):
+            target = torch.tensor(continuation, device=device)
+            row_logp = logp[row, :len(continuation)]
+            total = float(row_logp.gather(-1, target[:, None]).sum())
+            greedy = bool((row_logp.argmax(-1) == target).all())
+            results.append((total, greedy))
+        return results
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of each whole document (after the end-of-text token)."""
+        docs = [self.tok_encode(req.args[0]) for req in requests]
+        results: list[float] = [0.0] * len(docs)
+        order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+        device = self.model.device
+        for start in range(0, len(order), self.batch_size):
+            batch = [i for i in order[start:start + self.batch_size] if docs[i]]
+            if not batch:
+                continue
+            length = len(docs[batch[0]])
+            inputs = torch.zeros(len(batch), length, dtype=torch.long)
+            targets = torch.full((len(batch), length), -100, dtype=torch.long)
+            for row, i in enumerate(batch):
+                doc = docs[i]
+                inputs[row, :len(doc)] = torch.tensor([self._eot, *doc[:-1]])
+                targets[row, :len(doc)] = torch.tensor(doc)
+            totals = torch.zeros(len(batch), dtype=torch.float64)
+            state: RetNetState | None = None
+            for lo in range(0, length, self.window):
+                piece = inputs[:, lo:lo + self.window].to(device)
+                out = self.model(piece, state=state)
+                state = out.state
+                want = targets[:, lo:lo + self.window].to(device)
+                logp = F.log_softmax(out.logits.float(), dim=-1)
+                picked = logp.gather(-1, want.clamp(min=0)[..., None]).squeeze(-1)
+                totals += picked.masked_fill(want < 0, 0.0).sum(-1).double().cpu()
+            for row, i in enumerate(batch):
+                results[i] = float(totals[row])
+                self.cache_hook.add_partial("loglikelihood_rolling", (requests[i].args[0],), results[i])
+        return results
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        results: list[str] = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        for members in groups.values():
+            gen_kwargs = dict(requests[members[0]].args[1])
+            for start in range(0, len(members), self.batch_size):
+                batch = members[start:start + self.batch_size]
+                texts = self._generate([requests[i].args[0] for i in batch], gen_kwargs)
+                for i, text in zip(batch, texts, strict=True):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return results
+
+    def _generate(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
+        gen_kwargs = dict(gen_kwargs)  # shared by the group's batches: read, never consumed
+        until = gen_kwargs.pop("until", None) or []
+        if isinstance(until, str):
+            until = [until]
+        max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
+        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
+        do_sample = bool(gen_kwargs.pop("do_sample", False)) and temperature > 0
+        options: dict[str, Any] = {}
+        if do_sample:
+            options = {"temperature": temperature, "top_k": gen_kwargs.pop("top_k", None),
+                       "top_p": gen_kwargs.pop("top_p", None)}
+        encoded = [self.tok_encode(c) or [self._eot] for c in contexts]
+        width = max(len(e) for e in encoded)
+        ids = torch.zeros(len(encoded), width, dtype=torch.long)
+        mask = torch.zeros(len(encoded), width, dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, width - len(e):] = torch.tensor(e)
+            mask[row, width - len(e):] = 1
+        device = self.model.device
+        new: list[list[int]] = [[] for _ in encoded]
+        done = [False] * len(encoded)
+        stream = self.model.stream_generate(ids.to(device), max_new, do_sample=do_sample,
+                                            attention_mask=mask.to(device) if not bool(mask.all()) else None,
+                                            **options)
+        for token in stream:
+            for row, t in enumerate(token.tolist()):
+                if not done[row]:
+                    new[row].append(int(t))
+                    done[row] = any(s in self.tok_decode(new[row]) for s in until)
+            if all(done):
+                break
+        texts = []
+        for tokens in new:
+            text = self.tok_decode(tokens)
+            for s in until:
+                text = text.split(s)[0] if s else text
+            texts.append(text)
+        return texts
+
+
+def _default_eot(tokenizer: ByteTokenizer | HFTokenizer) -> int:
+    if isinstance(tokenizer, HFTokenizer):
+        for name in ("<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|end_of_text|>"):
+            token = tokenizer._tok.token_to_id(name)
+            if token is not None:
+                return int(token)
+    newline = tokenizer.encode("\n")
+    return newline[0] if newline else 0
+
+
+# --------------------------------------------------------------------------------------------
+# retnet eval DIR --tasks ...
+# --------------------------------------------------------------------------------------------
+
+
+def run_tasks(model: RetNet, tokenizer: ByteTokenizer | HFTokenizer, tasks: list[str], *, batch_size: int = 8,
+              include_path: str | Path | None = None, include_defaults: bool = True,
+              num_fewshot: int | None = None, limit: float | None = None, log_samples: bool = False,
+              ) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` of ``tasks`` on our model; its results dictionary."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ValueError(f"--include-path {include_path} is not a directory")
+    path = str(include_path) if include_path is not None else None
+    # lm-eval's own index of ~15k task files takes half a minute to build: when every task is in
+    # include_path, skip it.
+    manager = TaskManager(include_path=path, include_defaults=path is None and include_defaults)
+    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
+    if unknown and path is not None and include_defaults:
+        manager = TaskManager(include_path=path, include_defaults=True)
+        unknown = [t for t in tasks if t not in set(manager.all_tasks)]
+    if unknown:
+        raise ValueError(f"unknown lm-eval tasks: {unknown}")
+    lm = RetNetLM(model, tokenizer, batch_size=batch_size)
+    results = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
+                              limit=limit, log_samples=log_samples, bootstrap_iters=0)
+    if results is None:
+        raise RuntimeError("lm-eval returned no results")
+    return dict(results)
+
+
+def cmd_tasks(args: argparse.Namespace, model: RetNet, tokenizer: ByteTokenizer | HFTokenizer) -> int:
+    """``retnet eval DIR --tasks ...``: print one line per task and metric (or JSON)."""
+    tasks = [t.strip() for t in str(args.tasks).split(",") if t.strip()]
+    if not tasks:
+        raise ValueError("--tasks: give at least one task name")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and args.limit <= 0:
+        raise ValueError(f"--limit must be > 0, got {args.limit}")
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    results = run_tasks(model, tokenizer, tasks, batch_size=args.batch_size, include_path=args.include_path,
+                        num_fewshot=args.num_fewshot, limit=limit)
+    table = {name: {k: v for k, v in metrics.items() if k != "alias"}
+             for name, metrics in results.get("results", {}).items()}
+    if args.output is not None:
+        from .models.checkpoint import atomic_write
+
+        text = json.dumps({"results": table, "configs": results.get("configs", {})}, indent=2, default=str)
+        atomic_write(Path(args.output), lambda tmp: tmp.write_text(text + "\n"))
+    if args.json:
+        print(json.dumps(table, default=str))
+        return 0
+    for name, metrics in table.items():
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"{name}: {shown}")
+    return 0
