@@ -121,6 +121,13 @@ def test_tokenizer_files_travel(tmp_path: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "theirs" / name).read_bytes() == (tmp_path / "ours" / name).read_bytes()
     assert load_tokenizer(tmp_path / "theirs").encode("w3 w5") == [3, 5]
+    # transformers reads it too, and what its tokenizer writes reads back with ours
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path / "theirs")
+    assert theirs("w3 w5")["input_ids"] == [3, 5]
+    theirs.save_pretrained(tmp_path / "tokenizer")
+    assert load_tokenizer(tmp_path / "tokenizer").encode("w3 w5") == [3, 5]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,10 +20,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..models.config import MODEL_TYPE
 from .cache import RetNetCache
+from .compat import register_tokenizer
 from .configuration import YaRetNetConfig
 from .modeling import YaRetNetForCausalLM, YaRetNetPreTrainedModel
 
 AutoConfig.register(MODEL_TYPE, YaRetNetConfig, exist_ok=True)
 AutoModelForCausalLM.register(YaRetNetConfig, YaRetNetForCausalLM, exist_ok=True)
+register_tokenizer(YaRetNetConfig)
 
 __all__ = ["MODEL_TYPE", "RetNetCache", "YaRetNetConfig", "YaRetNetForCausalLM", "YaRetNetPreTrainedModel"]

@@ -34,3 +34,13 @@ def pick_cache(kwargs: dict[str, Any]) -> Any:
     cache = kwargs.pop("cache", None)
     legacy = kwargs.pop("past_key_values", None)
     return cache if cache is not None else legacy
+
+
+def register_tokenizer(config_class: type) -> None:
+    """Let ``AutoTokenizer`` read a ``tokenizer.json`` next to our config. 5.x falls back to its
+    tokenizers backend by itself; 4.x needs the fast tokenizer class named for our config."""
+    if IS_V5:
+        return
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    AutoTokenizer.register(config_class, fast_tokenizer_class=PreTrainedTokenizerFast, exist_ok=True)

@@ -285,11 +285,12 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         """Wrap an existing :class:`RetNet` (its parameters, not copies), with transformers' config
         keys (``eos_token_id=...``) as keywords."""
         config = YaRetNetConfig.from_retnet_config(model.config, **config_kwargs)
-        wrapped = cls(config)
+        with torch.device("meta"):  # a shell: every module is replaced by the model's own
+            wrapped = cls(config)
         wrapped.__dict__["retnet"] = model
         for name, module in model.named_children():
             setattr(wrapped, name, module)
         if model.embedding_norm is None:
             wrapped.embedding_norm = None
         wrapped.train(model.training)
-        return wrapped.to(model.device)
+        return wrapped

@@ -124,6 +124,8 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     kind = data.get("type") if isinstance(data, dict) else None
+    if kind is None and isinstance(data, dict) and (directory / HF_TOKENIZER_FILE).is_file():
+        kind = "hf"  # a tokenizer_config.json of transformers' own, next to its tokenizer.json
     if kind == "byte":
         return ByteTokenizer()
     if kind == "hf":
