@@ -283,10 +283,11 @@ def test_trainer_trains_and_result_loads_in_both_worlds(tmp_path: Path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=30,
                              learning_rate=5e-3, logging_steps=5, save_strategy="no", report_to=[],
                              use_cpu=True, gradient_accumulation_steps=2, seed=0, disable_tqdm=True)
-    trainer = Trainer(model=hf, args=args, train_dataset=Data())
+    trainer = Trainer(model=hf, args=args, train_dataset=Data(), eval_dataset=torch.utils.data.Subset(Data(), range(8)))
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert losses[-1] < 0.5 * losses[0], losses
+    assert trainer.evaluate()["eval_loss"] < losses[0]
     trainer.save_model(str(tmp_path / "final"))
     ids = period.repeat(2)[None]
     ours = RetNet.from_pretrained(tmp_path / "final")

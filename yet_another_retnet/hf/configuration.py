@@ -22,6 +22,8 @@ class YaRetNetConfig(PretrainedConfig):
     ``tie_embeddings``. Invalid values raise ``ValueError`` as ``RetNetConfig`` does."""
 
     model_type = MODEL_TYPE
+    #: Trainer's evaluation must not try to concatenate the cache across batches.
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # noqa: RUF012
     attribute_map = {  # noqa: RUF012 (transformers reads it as a class attribute)
         "hidden_size": "d_model",
         "num_hidden_layers": "num_layers",
