@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +22,7 @@ from transformers import PreTrainedModel as _PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..layers.retention import MultiScaleRetention
-from ..models.retnet import RetNet
-from ..ops.decay import decay_gammas
+from ..models.retnet import RetNet, RetNetDecoderLayer
 from .cache import RetNetCache
 from .compat import CACHE_KWARG, TIED_WEIGHTS_KEYS, pick_cache
 from .configuration import YaRetNetConfig
@@ -57,7 +56,11 @@ class YaRetNetPreTrainedModel(PreTrainedModel):
         # device when loading, and then only the decay buffer (configuration, not in the weights
         # file) needs real values.
         if isinstance(module, MultiScaleRetention):
-            gammas = decay_gammas(module.num_heads, self.config.decay, device="cpu")
+            # The values a freshly built layer gets (its weights on the meta device, its decays
+            # computed on the CPU), whatever configuration fields they depend on.
+            with torch.device("cpu"):
+                layer = RetNetDecoderLayer(self.config.to_retnet_config(), device="meta")
+            gammas = cast(MultiScaleRetention, layer.retention).gammas
             with torch.no_grad():
                 module.gammas.copy_(gammas.to(module.gammas.device, module.gammas.dtype))
 
