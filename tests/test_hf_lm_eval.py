@@ -117,6 +117,8 @@ def test_cli_eval_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert json.loads((tmp_path / "out.json").read_text())["results"] == table
     assert main(["eval", str(tmp_path / "model"), "--tasks", "tiny_mc", "--limit", "0"]) == 2
     assert "--limit must be > 0" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "model"), "--tasks", "tiny_mc", "--data", str(tmp_path)]) == 2
+    assert "--data would be ignored" in capsys.readouterr().err
 
 
 def test_unknown_task_is_refused(tmp_path: Path) -> None:

@@ -264,6 +264,11 @@ def cmd_tasks(args: argparse.Namespace, model: RetNet, tokenizer: ByteTokenizer 
     tasks = [t.strip() for t in str(args.tasks).split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks: give at least one task name")
+    mixed = [name for name, given in (("--data", args.data is not None), ("--seq-len", args.seq_len is not None),
+                                      ("--max-windows", args.max_windows is not None),
+                                      ("--precision", args.precision != "fp32")) if given]
+    if mixed:
+        raise ValueError(f"--tasks runs lm-eval's tasks: {', '.join(mixed)} would be ignored; leave it out")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     if args.limit is not None and args.limit <= 0:
