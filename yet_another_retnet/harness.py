@@ -2,10 +2,10 @@
 
 :class:`RetNetLM` is lm-eval's ``TemplateLM`` over our model and tokenizer:
 
-- ``loglikelihood``: a batch of contexts is read in the chunkwise form (left-padded, the prefill of
-  :meth:`RetNet.prefill`, which gives the logits at each context's end and the state), then the
-  continuations run from that state (right-padded: a position never sees a later one, so the
-  padding changes no score).
+- ``loglikelihood``: a batch of distinct contexts is read in the chunkwise form (left-padded:
+  :meth:`RetNet.prefill`, the logits at each context's end and the state), then every
+  continuation of those contexts runs from its context's state (right-padded: a position never
+  sees a later one, so the padding changes no score). The choices of a question share one read.
 - ``loglikelihood_rolling`` (perplexity): each document is scored whole, in windows of
   ``window`` tokens that carry the recurrent state, so no token loses its context (a RetNet has no
   maximum length); documents are batched, right-padded.
@@ -84,22 +84,29 @@ class RetNetLM(_TemplateLM):
     def _loglikelihood_tokens(self, requests: Sequence[tuple[Any, list[int], list[int]]],
                               disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """``(sum of log-probabilities of the continuation, whether it is the greedy one)`` for
-        each ``(key, context tokens, continuation tokens)``."""
+        each ``(key, context tokens, continuation tokens)``. Requests with the same context (the
+        choices of a multiple-choice question) read it once and share its state."""
+        by_context: dict[tuple[int, ...], list[int]] = {}
+        for i, (_, context, continuation) in enumerate(requests):
+            if not context or not continuation:
+                raise ValueError("every loglikelihood request needs a context and a continuation token")
+            by_context.setdefault(tuple(context), []).append(i)
+        contexts = sorted(by_context, key=len, reverse=True)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            scored = self._score_batch([requests[i][1] for i in batch], [requests[i][2] for i in batch])
-            for i, result in zip(batch, scored, strict=True):
+        for start in range(0, len(contexts), self.batch_size):
+            group = contexts[start:start + self.batch_size]
+            members = [(row, i) for row, context in enumerate(group) for i in by_context[context]]
+            scored = self._score_batch([list(c) for c in group], [row for row, _ in members],
+                                       [requests[i][2] for _, i in members])
+            for (_, i), result in zip(members, scored, strict=True):
                 results[i] = result
                 self.cache_hook.add_partial("loglikelihood", requests[i][0], result)
         return [r for r in results if r is not None]
 
     @torch.no_grad()
-    def _score_batch(self, contexts: list[list[int]], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        for context, continuation in zip(contexts, continuations, strict=True):
-            if not context or not continuation:
-                raise ValueError("every loglikelihood request needs a context and a continuation token")
+    def _score_batch(self, contexts: list[list[int]], rows: list[int],
+                     continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """Score ``continuations[j]`` after ``contexts[rows[j]]``."""
         device = self.model.device
         width = max(len(c) for c in contexts)
         ids = torch.zeros(len(contexts), width, dtype=torch.long)
@@ -108,14 +115,17 @@ class RetNetLM(_TemplateLM):
             ids[row, width - len(context):] = torch.tensor(context)
             mask[row, width - len(context):] = 1
         out = self.model.prefill(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None)
-        logits = [out.logits[:, -1]]  # predicts each continuation's first token
+        index = torch.tensor(rows, device=device)
+        state = RetNetState([m.index_select(0, index) for m in out.state.memories],
+                            out.state.position.index_select(0, index))
+        logits = [out.logits[:, -1].index_select(0, index)[:, None]]  # each continuation's first token
         rest = max(len(c) for c in continuations) - 1
         if rest:
-            tail = torch.zeros(len(contexts), rest, dtype=torch.long)
+            tail = torch.zeros(len(continuations), rest, dtype=torch.long)
             for row, continuation in enumerate(continuations):
                 tail[row, :len(continuation) - 1] = torch.tensor(continuation[:-1])
-            logits.append(self.model(tail.to(device), state=out.state).logits)
-        logp = F.log_softmax(torch.cat([logits[0][:, None], *logits[1:]], dim=1).float(), dim=-1)
+            logits.append(self.model(tail.to(device), state=state).logits)
+        logp = F.log_softmax(torch.cat(logits, dim=1).float(), dim=-1)
         results = []
         for row, continuation in enumerate(continuations):
             target = torch.tensor(continuation, device=device)
