@@ -252,3 +252,26 @@ def test_backend_switch_and_fla_selection(monkeypatch):
     assert "CUDA" in backends.fla_problem("cpu", torch.float32, eq8, installed=True)
     assert "float64" in backends.fla_problem("cuda", torch.float64, eq8, installed=True)
     assert "not installed" in backends.fla_problem("cuda", torch.float16, eq8, installed=False)
+
+
+@pytest.mark.parametrize("rms_norm", [False, True])
+def test_model_decoding_step_with_triton_core(rms_norm):
+    """The decoding step's core (memory update and q S') through the step kernel equals the plain
+    step: rotation, key scale, group or RMS norm and gate around it unchanged."""
+    from yet_another_retnet.ops.decode_step import retention_step_reference
+
+    batch, heads, dk, dv = 3, 2, 16, 24
+    gen = torch.Generator().manual_seed(4)
+    proj = torch.randn(batch, 2 * heads * dk + 2 * heads * dv, generator=gen)
+    memory = torch.randn(batch, heads, dk, dv, generator=gen)
+    angles = torch.randn(batch, 2, 1, dk // 2, generator=gen)
+    rotation = torch.polar(torch.ones_like(angles), angles) * torch.tensor([1.0, dk**-0.5]).view(1, 2, 1, 1)
+    gamma = torch.tensor([0.9, 0.99]).view(-1, 1, 1)
+    weight = None if rms_norm else torch.randn(heads * dv, generator=gen)
+    bias = None if rms_norm else torch.randn(heads * dv, generator=gen)
+    with torch.no_grad():
+        for rot in (rotation, None):
+            args = (proj, memory, rot, gamma, weight, bias, 1e-5, rms_norm, torch.nn.functional.silu)
+            want_y, want_m = retention_step_reference(*args)
+            got_y, got_m = retention_step_reference(*args, triton_core=True)
+            assert rel_err(got_y, want_y) < TOL[torch.float32] and rel_err(got_m, want_m) < 1e-6
