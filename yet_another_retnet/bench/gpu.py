@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -131,7 +132,10 @@ def impl_unavailable(impl: str, device: torch.device) -> str | None:
 
 
 def bench_kernels(device: torch.device, dtype: torch.dtype, head_dims: Sequence[int], lengths: Sequence[int],
-                  tokens: int, width: int, chunk: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
+                  tokens: int, width: int, chunk: int, warmup: int, repeats: int,
+                  deadline: float = math.inf) -> list[dict[str, Any]]:
+    """Rows of the kernels section; rows not started by ``deadline`` (``time.monotonic()``) are
+    marked skipped, so that a run under a time limit still writes what it measured."""
     rows = []
     for dk in head_dims:
         heads = max(1, width // dk)
@@ -144,6 +148,8 @@ def bench_kernels(device: torch.device, dtype: torch.dtype, head_dims: Sequence[
             for impl in IMPLS:
                 row: dict[str, Any] = {"impl": impl, "d_head": dk, "heads": heads, "length": length, "batch": batch}
                 reason = impl_unavailable(impl, device)
+                if time.monotonic() > deadline:
+                    reason = "skipped: the time budget (--budget-s) ran out"
                 if reason is not None:
                     row["error"] = reason
                     rows.append(row)
@@ -226,7 +232,7 @@ def bench_training(device: torch.device, config: RetNetConfig, batch: int, lengt
             model: torch.nn.Module
             if name == "retnet":
                 torch.manual_seed(0)
-                model = RetNet(config).to(device)
+                model = RetNet(config, device=device)  # built on the device: no CPU init of 1.3B weights
             else:
                 model = common.build_llama(config, device, torch.float32)
             model.train()
@@ -306,7 +312,7 @@ def bench_decode(device: torch.device, dtype: torch.dtype, config: RetNetConfig,
                  cases: Sequence[tuple[int, int]], steps: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     torch.manual_seed(0)
-    retnet = RetNet(config).to(device=device, dtype=dtype).eval()
+    retnet = RetNet(config, device=device, dtype=dtype).eval()
     for batch, context in cases:
         row: dict[str, Any] = {"model": "retnet", "batch": batch, "context": context}
         try:
@@ -355,6 +361,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", help="cuda (default), or cpu with --quick")
     parser.add_argument("--out", default="docs/results/gpu", help="folder for gpu.json and gpu.md")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of every code path")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for the kernels section: rows not started by then are marked skipped")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {', '.join(SECTIONS)}")
     return parser.parse_args(argv)
@@ -385,7 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = bench_kernels(device, dtype, head_dims=(16,) if quick else (128, 256),
                              lengths=(48,) if quick else (2048, 4096, 8192, 16384, 32768),
                              tokens=64 if quick else 32768, width=32 if quick else 2048,
-                             chunk=16 if quick else 64, warmup=1 if quick else 3, repeats=1 if quick else 10)
+                             chunk=16 if quick else 64, warmup=1 if quick else 2, repeats=1 if quick else 5,
+                             deadline=math.inf if args.budget_s is None else time.monotonic() + args.budget_s)
         result["kernels"] = rows
         result["kernel_ratios"] = kernel_summary(rows)
         md.append(("Chunkwise retention forward + backward (tokens/s)", common.markdown_table(
