@@ -275,3 +275,23 @@ def test_model_decoding_step_with_triton_core(rms_norm):
             want_y, want_m = retention_step_reference(*args)
             got_y, got_m = retention_step_reference(*args, triton_core=True)
             assert rel_err(got_y, want_y) < TOL[torch.float32] and rel_err(got_m, want_m) < 1e-6
+
+
+def test_kernels_use_only_triton_builtins():
+    """Triton's own ``@triton.jit`` helpers (``tl.zeros``, ``tl.sum``, ``tl.cdiv``...) are bound to
+    the mode Triton was first imported in, so a kernel using one fails under the interpreter in a
+    process that imported Triton compiled (seen: after transformers had imported it)."""
+    import re
+    from pathlib import Path
+
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    import yet_another_retnet.ops.triton as package
+
+    folder = Path(package.__file__).parent
+    for path in sorted(folder.glob("*_kernels.py")):
+        names = set(re.findall(r"\btl\.(\w+)\(", path.read_text()))
+        assert names, path
+        helpers = sorted(n for n in names if isinstance(getattr(tl, n, None), JITFunction))
+        assert not helpers, (path.name, helpers)

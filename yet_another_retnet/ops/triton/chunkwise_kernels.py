@@ -21,8 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Only Triton's builtins below (no helpers from ``triton.language.standard`` such as ``tl.cdiv`` or
-# ``tl.sum``): those are decorated once, when Triton is first imported, in whichever mode was on
+# Only Triton's builtins below (no ``@triton.jit`` helpers of ``triton.language`` such as ``tl.zeros``,
+# ``tl.cdiv`` or ``tl.sum``): those are decorated once, when Triton is first imported, in whichever mode was on
 # then, and this module may run interpreted in a process that imported Triton compiled (_load.py).
 
 
@@ -45,7 +45,7 @@ def _chunk_fwd(q, k, v, o, s0, sT, lg_ptr, scale, L, H, DK, DV, CHUNK,
         S = tl.load(s0 + s_base + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         S = S.to(tl.float32)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.full([BK, BV], 0.0, dtype=tl.float32)
     # Decay inside a chunk: D[i, j] = g^(i-j) for i >= j (the exponent clamped so that the
     # unused upper triangle cannot overflow), and g^(i+1) on the state before it.
     dist = ri[:, None] - ri[None, :]
@@ -94,7 +94,7 @@ def _chunk_bwd_dq(q, k, v, do, s0, dq, lg_ptr, scale, L, H, DK, DV, CHUNK, BH,
         S = tl.load(s0 + s_base + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         S = S.to(tl.float32)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.full([BK, BV], 0.0, dtype=tl.float32)
     dist = ri[:, None] - ri[None, :]
     D = tl.where(dist >= 0, tl.exp(lg * tl.maximum(dist, 0).to(tl.float32)), 0.0)
     qdec = tl.exp(lg * (ri + 1).to(tl.float32))
@@ -142,7 +142,7 @@ def _chunk_bwd_dkv(q, k, v, do, dsT, dk, dv, ds0, lg_ptr, scale, L, H, DK, DV, C
         dS = tl.load(dsT + s_base + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dS = dS.to(tl.float32)
     else:
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
+        dS = tl.full([BK, BV], 0.0, dtype=tl.float32)
     dist = ri[:, None] - ri[None, :]
     D = tl.where(dist >= 0, tl.exp(lg * tl.maximum(dist, 0).to(tl.float32)), 0.0)
     qdec = tl.exp(lg * (ri + 1).to(tl.float32))
