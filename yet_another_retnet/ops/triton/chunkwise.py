@@ -11,8 +11,8 @@ the final state differentiable too (a state handed from one call to the next car
   states are float32. On a GPU the kernels' float32 products use TF32 (Triton's default), which
   is why the tests' tolerances are set for TF32.
 - Any length and chunk size: the last chunk may be shorter. The kernels work in chunks of at most
-  :data:`MAX_CHUNK` rows; a larger ``chunk_size`` runs in chunks of that size, which computes the
-  same function (every chunking does, up to rounding), with registers to spare.
+  :func:`max_chunk` rows (64, or 32 for wide float32 inputs); a larger ``chunk_size`` runs in
+  chunks of that size, which computes the same function (every chunking does, up to rounding).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ._load import interpreter, kernel_module
 
-__all__ = ["MAX_CHUNK", "MAX_KEY_DIM", "chunk_retention_triton", "kernel_chunk"]
+__all__ = ["MAX_CHUNK", "MAX_KEY_DIM", "NUM_STAGES", "chunk_retention_triton", "kernel_chunk", "launch_config",
+           "max_chunk"]
 
 #: The most rows per chunk the kernels hold at once.
 MAX_CHUNK = 64
@@ -40,13 +41,26 @@ def _pow2(n: int, least: int = 16) -> int:
     return p
 
 
-def kernel_chunk(chunk_size: int | None, length: int) -> int:
+def max_chunk(dtype: torch.dtype, dk: int) -> int:
+    """The most rows per chunk for inputs of ``dtype`` and key dim ``dk``: :data:`MAX_CHUNK`, or
+    half of it for float32 inputs with ``dk > 128``, whose tiles would otherwise need more shared
+    memory than an H100 block has (248 KiB against 227 KiB for the backward, compiled for sm_90;
+    ``ops/triton/compile_check.py``)."""
+    return MAX_CHUNK // 2 if dtype == torch.float32 and dk > 128 else MAX_CHUNK
+
+
+def kernel_chunk(chunk_size: int | None, length: int, limit: int = MAX_CHUNK) -> int:
     """The chunk the kernels run for a requested ``chunk_size`` over ``length`` tokens."""
     chunk = length if chunk_size is None else min(chunk_size, length)
-    return max(1, min(chunk, MAX_CHUNK))
+    return max(1, min(chunk, limit))
 
 
-def _blocks(dk: int, dv: int, chunk: int) -> tuple[int, int, int, int]:
+#: Software-pipelining depth of the chunk loops: Triton's default (3) buffers a third copy of
+#: every tile in shared memory, which the wide float32 configurations cannot hold.
+NUM_STAGES = 2
+
+
+def launch_config(dk: int, dv: int, chunk: int) -> tuple[int, int, int, int]:
     """``(BC, BK, BV, num_warps)``: value blocks narrower where the key dimension is wide, so
     that a state block (``BK x BV`` float32) stays in registers."""
     bk = _pow2(dk)
@@ -67,12 +81,12 @@ class _ChunkRetention(torch.autograd.Function):
         out = torch.empty_like(v)
         final = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device)
         s0c = None if s0 is None else s0.to(torch.float32).contiguous()
-        bc, bk, bv, warps = _blocks(dk, dv, chunk)
+        bc, bk, bv, warps = launch_config(dk, dv, chunk)
         grid = (triton_cdiv(dv, bv), batch * heads)
         with interpreter(interpret):
             _chunk_fwd[grid](q, k, v, out, s0c if s0c is not None else final, final, log_gamma, scale,
                              length, heads, dk, dv, chunk, BC=bc, BK=bk, BV=bv, HAS_S0=s0c is not None,
-                             STORE_S=True, num_warps=warps)
+                             STORE_S=True, num_warps=warps, num_stages=NUM_STAGES)
         ctx.save_for_backward(q, k, v, s0c, log_gamma)
         ctx.scale, ctx.chunk, ctx.s0_dtype = scale, chunk, None if s0 is None else s0.dtype
         return out, final
@@ -85,7 +99,7 @@ class _ChunkRetention(torch.autograd.Function):
         kernels = kernel_module("chunkwise_kernels", interpret)
         batch, heads, length, dk = q.shape
         dv = v.shape[-1]
-        bc, bk, bv, warps = _blocks(dk, dv, ctx.chunk)
+        bc, bk, bv, warps = launch_config(dk, dv, ctx.chunk)
         nv = triton_cdiv(dv, bv)
         grid = (nv, batch * heads)
         do = torch.zeros_like(v) if d_out is None else d_out.contiguous()
@@ -98,11 +112,13 @@ class _ChunkRetention(torch.autograd.Function):
         with interpreter(interpret):
             kernels._chunk_bwd_dq[grid](q, k, v, do, s0 if s0 is not None else dv_, dq, log_gamma, ctx.scale,
                                         length, heads, dk, dv, ctx.chunk, batch * heads, BC=bc, BK=bk, BV=bv,
-                                        HAS_S0=s0 is not None, num_warps=warps)
+                                        HAS_S0=s0 is not None, num_warps=warps,
+                                        num_stages=NUM_STAGES)
             kernels._chunk_bwd_dkv[grid](q, k, v, do, dst if dst is not None else dv_, dk_, dv_,
                                          ds0 if ds0 is not None else dv_, log_gamma, ctx.scale, length, heads,
                                          dk, dv, ctx.chunk, batch * heads, triton_cdiv(length, ctx.chunk),
-                                         BC=bc, BK=bk, BV=bv, HAS_DST=dst is not None, STORE_DS0=ds0 is not None, num_warps=warps)
+                                         BC=bc, BK=bk, BV=bv, HAS_DST=dst is not None, STORE_DS0=ds0 is not None, num_warps=warps,
+                                         num_stages=NUM_STAGES)
         grad_s0 = None if ds0 is None else ds0.to(ctx.s0_dtype)
         return (dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dv_.to(v.dtype), grad_s0, None, None, None)
 
@@ -126,7 +142,7 @@ def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor |
 
     Returns ``(out (batch, heads, length, dv) in q's dtype, state (batch, heads, dk, dv) float32)``.
     """
-    chunk = kernel_chunk(chunk_size, q.shape[2])
+    chunk = kernel_chunk(chunk_size, q.shape[2], max_chunk(q.dtype, q.shape[-1]))
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     out, final = _ChunkRetention.apply(q, k, v, prev_state, lg, float(scale), chunk)
     return out, final
