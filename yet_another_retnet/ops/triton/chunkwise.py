@@ -11,7 +11,7 @@ the final state differentiable too (a state handed from one call to the next car
   states are float32. On a GPU the kernels' float32 products use TF32 (Triton's default), which
   is why the tests' tolerances are set for TF32.
 - Any length and chunk size: the last chunk may be shorter. The kernels work in chunks of at most
-  :func:`max_chunk` rows (64, or 32 for wide float32 inputs); a larger ``chunk_size`` runs in
+  :func:`max_chunk` rows (64, or 32 for key dims over 64); a larger ``chunk_size`` runs in
   chunks of that size, which computes the same function (every chunking does, up to rounding).
 """
 
@@ -24,8 +24,17 @@ from torch import Tensor
 
 from ._load import interpreter, kernel_module
 
-__all__ = ["MAX_CHUNK", "MAX_KEY_DIM", "NUM_STAGES", "chunk_retention_triton", "kernel_chunk", "launch_config",
-           "max_chunk"]
+__all__ = [
+    "KEY_BLOCK",
+    "MAX_CHUNK",
+    "MAX_KEY_DIM",
+    "NUM_STAGES",
+    "chunk_retention_triton",
+    "kernel_chunk",
+    "key_block",
+    "launch_config",
+    "max_chunk",
+]
 
 #: The most rows per chunk the kernels hold at once.
 MAX_CHUNK = 64
@@ -43,10 +52,12 @@ def _pow2(n: int, least: int = 16) -> int:
 
 def max_chunk(dtype: torch.dtype, dk: int) -> int:
     """The most rows per chunk for inputs of ``dtype`` and key dim ``dk``: :data:`MAX_CHUNK`, or
-    half of it for float32 inputs with ``dk > 128``, whose tiles would otherwise need more shared
-    memory than an H100 block has (248 KiB against 227 KiB for the backward, compiled for sm_90;
-    ``ops/triton/compile_check.py``)."""
-    return MAX_CHUNK // 2 if dtype == torch.float32 and dk > 128 else MAX_CHUNK
+    half of it for key dims over 64. Compiled for sm_90 (``ops/triton/compile_check.py``), 64-row
+    chunks at ``dk`` 128-256 spill registers in every kernel (bf16, dk 128: 504 bytes of stack in
+    the forward, none at 32 rows) and, for float32 inputs at ``dk`` 256, would need more shared
+    memory than an H100 block has (248 KiB against 227)."""
+    del dtype  # (the same rule holds for every input dtype since the key dim was tiled in the backward)
+    return MAX_CHUNK // 2 if dk > 64 else MAX_CHUNK
 
 
 def kernel_chunk(chunk_size: int | None, length: int, limit: int = MAX_CHUNK) -> int:
@@ -60,11 +71,24 @@ def kernel_chunk(chunk_size: int | None, length: int, limit: int = MAX_CHUNK) ->
 NUM_STAGES = 2
 
 
+#: Key columns per program in the backward's dk/dv kernel (the other kernels hold the whole key dim).
+KEY_BLOCK = 64
+
+
+#: Warps of the dk/dv kernel (its tiles are at most 64 key columns wide).
+DKV_WARPS = 4
+
+
+def key_block(bk: int) -> int:
+    """The key block of the dk/dv kernel for a padded key dim ``bk``."""
+    return min(bk, KEY_BLOCK)
+
+
 def launch_config(dk: int, dv: int, chunk: int) -> tuple[int, int, int, int]:
     """``(BC, BK, BV, num_warps)``: value blocks narrower where the key dimension is wide, so
     that a state block (``BK x BV`` float32) stays in registers."""
     bk = _pow2(dk)
-    bv = min(_pow2(dv), 64 if bk <= 64 else 32)
+    bv = min(_pow2(dv), 64 if bk < 64 else 32)
     warps = 4 if bk <= 64 else 8
     return _pow2(chunk), bk, bv, warps
 
@@ -107,20 +131,23 @@ class _ChunkRetention(torch.autograd.Function):
         # dq and dk sum over the value dimension: one share per value block, summed here.
         dq = torch.empty(nv, batch, heads, length, dk, dtype=torch.float32, device=q.device)
         dk_ = torch.empty_like(dq)
-        dv_ = torch.empty(batch, heads, length, dv, dtype=torch.float32, device=q.device)
+        # ... and dv over the key dimension, tiled in blocks of bkd in its kernel.
+        bkd = key_block(bk)
+        nk = triton_cdiv(dk, bkd)
+        dv_ = torch.empty(nk, batch, heads, length, dv, dtype=torch.float32, device=q.device)
         ds0 = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device) if s0 is not None else None
         with interpreter(interpret):
             kernels._chunk_bwd_dq[grid](q, k, v, do, s0 if s0 is not None else dv_, dq, log_gamma, ctx.scale,
                                         length, heads, dk, dv, ctx.chunk, batch * heads, BC=bc, BK=bk, BV=bv,
                                         HAS_S0=s0 is not None, num_warps=warps,
                                         num_stages=NUM_STAGES)
-            kernels._chunk_bwd_dkv[grid](q, k, v, do, dst if dst is not None else dv_, dk_, dv_,
-                                         ds0 if ds0 is not None else dv_, log_gamma, ctx.scale, length, heads,
-                                         dk, dv, ctx.chunk, batch * heads, triton_cdiv(length, ctx.chunk),
-                                         BC=bc, BK=bk, BV=bv, HAS_DST=dst is not None, STORE_DS0=ds0 is not None, num_warps=warps,
-                                         num_stages=NUM_STAGES)
+            kernels._chunk_bwd_dkv[(nv, batch * heads, nk)](
+                q, k, v, do, dst if dst is not None else dv_, dk_, dv_, ds0 if ds0 is not None else dv_, log_gamma,
+                ctx.scale, length, heads, dk, dv, ctx.chunk, batch * heads, triton_cdiv(length, ctx.chunk),
+                BC=bc, BK=bkd, BV=bv, HAS_DST=dst is not None, STORE_DS0=ds0 is not None, num_warps=DKV_WARPS,
+                num_stages=NUM_STAGES)
         grad_s0 = None if ds0 is None else ds0.to(ctx.s0_dtype)
-        return (dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dv_.to(v.dtype), grad_s0, None, None, None)
+        return (dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dv_.sum(0).to(v.dtype), grad_s0, None, None, None)
 
 
 def triton_cdiv(a: int, b: int) -> int:

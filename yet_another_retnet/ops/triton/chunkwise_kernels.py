@@ -119,18 +119,24 @@ def _chunk_bwd_dq(q, k, v, do, s0, dq, lg_ptr, scale, L, H, DK, DV, CHUNK, BH,
 def _chunk_bwd_dkv(q, k, v, do, dsT, dk, dv, ds0, lg_ptr, scale, L, H, DK, DV, CHUNK, BH, n_chunks,
                    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DST: tl.constexpr,
                    STORE_DS0: tl.constexpr):
-    """``dk`` (this value block's share), ``dv`` and the initial state's gradient, walking the
-    chunks backward with ``dS``, the gradient of the state after the chunk::
+    """``dk``, ``dv`` and the initial state's gradient for one block of ``BK`` key columns and one
+    of ``BV`` value columns, walking the chunks backward with ``dS``, the gradient of the state
+    after the chunk::
 
         dk_j = sum_{i >= j} g^(i-j) s (do_i . v_j) q_i + g^(c-1-j) s v_j dS^T
         dv_j = sum_{i >= j} g^(i-j) s (q_i . k_j) do_i + g^(c-1-j) s k_j dS
         dS  <- g^c dS + sum_i g^(i+1) q_i^T do_i           (the gradient of the state before it)
+
+    ``dk`` sums over value columns and ``dv`` over key columns (``q_i . k_j`` is a sum over them):
+    each program writes its share, ``dk`` per value block and ``dv`` per key block, and the
+    launcher sums them. Tiling the keys too keeps this kernel's tiles in registers at wide heads.
     """
     pv = tl.program_id(0)
     bh = tl.program_id(1)
+    pk = tl.program_id(2)
     lg = tl.load(lg_ptr + bh % H)
     ri = tl.arange(0, BC)
-    rk = tl.arange(0, BK)
+    rk = pk * BK + tl.arange(0, BK)
     rv = pv * BV + tl.arange(0, BV)
     mk = rk < DK
     mv = rv < DV
@@ -138,6 +144,7 @@ def _chunk_bwd_dkv(q, k, v, do, dsT, dk, dv, ds0, lg_ptr, scale, L, H, DK, DV, C
     v_base = bh.to(tl.int64) * L * DV
     s_base = bh.to(tl.int64) * DK * DV
     dk_base = (pv.to(tl.int64) * BH + bh) * L * DK
+    dv_base = (pk.to(tl.int64) * BH + bh) * L * DV
     if HAS_DST:
         dS = tl.load(dsT + s_base + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         dS = dS.to(tl.float32)
@@ -166,8 +173,7 @@ def _chunk_bwd_dkv(q, k, v, do, dsT, dk, dv, ds0, lg_ptr, scale, L, H, DK, DV, C
         bdk = tl.dot(dsT_, bq) + tl.dot(bv, tl.trans(dS)) * kdec[:, None]
         bdv = tl.dot(sT_, bdo) + tl.dot(bk, dS) * kdec[:, None]
         tl.store(dk + dk_base + rows[:, None] * DK + rk[None, :], bdk, mask=mr[:, None] & mk[None, :])
-        tl.store(dv + v_base + rows[:, None] * DV + rv[None, :], bdv.to(dv.dtype.element_ty),
-                 mask=mr[:, None] & mv[None, :])
+        tl.store(dv + dv_base + rows[:, None] * DV + rv[None, :], bdv, mask=mr[:, None] & mv[None, :])
         dS = dS * tl.exp(lg * c.to(tl.float32)) + tl.dot(tl.trans(bq * qdec[:, None]), bdo)
     if STORE_DS0:
         tl.store(ds0 + s_base + rk[:, None] * DV + rv[None, :], dS, mask=mk[:, None] & mv[None, :])

@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from ._load import kernel_module
-from .chunkwise import NUM_STAGES, kernel_chunk, launch_config, max_chunk
+from .chunkwise import DKV_WARPS, NUM_STAGES, kernel_chunk, key_block, launch_config, max_chunk
 from .decode import _pow2
 
 __all__ = ["SHARED_LIMIT", "Usage", "compile_chunkwise", "compile_step"]
@@ -85,8 +85,9 @@ def compile_chunkwise(dtype: torch.dtype, dk: int, dv: int, chunk_size: int = 64
     return {
         "forward": _compile(kernels._chunk_fwd, pointers, {**blocks, "HAS_S0": True, "STORE_S": True}, arch, options),
         "backward dq": _compile(kernels._chunk_bwd_dq, pointers, {**blocks, "HAS_S0": True}, arch, options),
-        "backward dk dv": _compile(kernels._chunk_bwd_dkv, pointers, {**blocks, "HAS_DST": True, "STORE_DS0": True},
-                                   arch, options),
+        "backward dk dv": _compile(kernels._chunk_bwd_dkv, pointers,
+                                   {**blocks, "BK": key_block(bk), "HAS_DST": True, "STORE_DS0": True}, arch,
+                                   {"num_warps": DKV_WARPS, "num_stages": NUM_STAGES}),
     }
 
 
