@@ -11,9 +11,11 @@ Per head (decay ``g = exp(lg)``, key scale ``s``), a chunk of ``c`` rows startin
     S'    = g^c S  +  sum_j g^(c-1-j) s k_j^T v_j
 
 Each program owns one ``(batch, head)`` and one block of ``BV`` value columns and walks the chunks
-in order, the state block held in registers in float32. The whole key dimension sits in one
-block (``BK`` >= ``dk``), so the output block is complete in one program; gradients that sum over
-the value dimension (``dq``, ``dk``) are written per value block and summed by the launcher.
+in order, the state block held in registers in float32. In the forward and the ``dq`` kernel the
+whole key dimension sits in one block (``BK`` >= ``dk``), so an output block is complete in one
+program; the ``dk``/``dv`` kernel also tiles the key columns. Gradients that sum over a dimension
+split across programs are written per block and summed by the launcher (``dq`` and ``dk`` over
+value blocks, ``dv`` over key blocks).
 """
 
 from __future__ import annotations
