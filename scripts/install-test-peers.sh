@@ -4,8 +4,15 @@
 #   would pull torchvision; the tests shim the one timm function torchscale imports);
 # - Hugging Face transformers, the KV-cache Transformer baseline of the benchmarks, and what
 #   yet_another_retnet.hf is tested against (with accelerate, which its Trainer needs);
-# - lm-evaluation-harness, which `retnet eval --tasks` runs.
+# - lm-evaluation-harness, which `retnet eval --tasks` runs;
+# - triton, whose interpreter runs our GPU kernels on CPU in tests/test_triton_kernels.py.
+# The installed torch is pinned so that no peer's requirements replace it.
 set -euo pipefail
-python -m pip install --quiet --disable-pip-version-check --no-deps "torchscale==0.3.0" "fairscale==0.4.13"
-python -m pip install --quiet --disable-pip-version-check "transformers>=4.57" "accelerate>=1.1.0"
-python -m pip install --quiet --disable-pip-version-check "lm-eval>=0.4.5"
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
+pip_install() { python -m pip install --quiet --disable-pip-version-check -c "$constraints" "$@"; }
+pip_install --no-deps "torchscale==0.3.0" "fairscale==0.4.13"
+pip_install "transformers>=4.57" "accelerate>=1.1.0"
+pip_install "lm-eval>=0.4.5"
+pip_install "triton>=3.2" || echo "triton not installed; its tests will skip"

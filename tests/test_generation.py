@@ -34,11 +34,11 @@ def prompt(length: int, seed: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def test_greedy_equals_argmax_of_a_parallel_forward() -> None:
-    model = make_model()
-    x = prompt(7, seed=1, batch=3)
+def test_greedy_equals_argmax_of_a_parallel_forward(device: torch.device) -> None:
+    model = make_model().to(device)
+    x = prompt(7, seed=1, batch=3).to(device)
     out = model.generate(x, max_new_tokens=12)
-    assert out.shape == (3, 19) and out.dtype == x.dtype
+    assert out.shape == (3, 19) and out.dtype == x.dtype and out.device == x.device
     assert torch.equal(out[:, :7], x)
     logits = model(out, mode="parallel").logits
     assert torch.equal(logits[:, 6:-1].argmax(-1), out[:, 7:])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import float32_tol
 
 from yet_another_retnet import RetNet, RetNetConfig, RetNetState
 from yet_another_retnet.models import PRESETS, count_parameters
@@ -154,14 +155,16 @@ CONFIGS = {
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize(("dtype", "tol"), [(F64, 1e-9), (torch.float32, 1e-4)])
-def test_every_form_gives_the_same_logits(name: str, dtype: torch.dtype, tol: float) -> None:
-    model = make_model(dtype=dtype, **CONFIGS[name])
-    x = ids(2, 13)
+def test_every_form_gives_the_same_logits(name: str, dtype: torch.dtype, tol: float, device: torch.device) -> None:
+    model = make_model(dtype=dtype, **CONFIGS[name]).to(device)
+    x = ids(2, 13).to(device)
+    if dtype == torch.float32:
+        tol = float32_tol(device, tol)
     reference = model(x, mode="parallel").logits
     for mode, chunk in [("chunkwise", 4), ("chunkwise", 5), ("chunkwise", 13), ("chunkwise", 64),
                         ("recurrent", None), (None, None), (None, 3)]:
         got = model(x, mode=mode, chunk_size=chunk).logits
-        assert got.dtype == dtype
+        assert got.dtype == dtype and got.device == x.device
         assert rel(got, reference) < tol, (name, mode, chunk, rel(got, reference))
 
 
@@ -195,10 +198,10 @@ def test_three_segments_and_float32_resume() -> None:
     assert rel(torch.cat([s1.logits, s2.logits, s3.logits], 1), whole) < 1e-4
 
 
-def test_gradients_in_chunkwise_equal_parallel() -> None:
-    model = make_model(ffn="glu", block_norm="rmsnorm", tie_embeddings=False)
-    x = ids(2, 11, seed=5)
-    labels = ids(2, 11, seed=6)
+def test_gradients_in_chunkwise_equal_parallel(device: torch.device) -> None:
+    model = make_model(ffn="glu", block_norm="rmsnorm", tie_embeddings=False).to(device)
+    x = ids(2, 11, seed=5).to(device)
+    labels = ids(2, 11, seed=6).to(device)
     grads = {}
     for mode in ("parallel", "chunkwise"):
         model.zero_grad()
@@ -210,9 +213,9 @@ def test_gradients_in_chunkwise_equal_parallel() -> None:
         assert rel(grads["chunkwise"][name], g) < 1e-9, name
 
 
-def test_gradient_through_a_resumed_state() -> None:
-    model = make_model()
-    x = ids(1, 8, seed=7)
+def test_gradient_through_a_resumed_state(device: torch.device) -> None:
+    model = make_model().to(device)
+    x = ids(1, 8, seed=7).to(device)
     a = model(x[:, :5], mode="chunkwise", chunk_size=2)
     b = model(x[:, 5:], state=a.state, mode="recurrent")
     b.logits.sum().backward()
@@ -243,14 +246,14 @@ def test_left_padded_forward_matches_each_row_alone() -> None:
                 assert rel(got[i], want[0]) < 1e-9
 
 
-def test_bfloat16_model_runs_and_tracks_float32() -> None:
-    model = make_model(dtype=torch.float32)
-    x = ids(1, 40, seed=8)
+def test_bfloat16_model_runs_and_tracks_float32(device: torch.device) -> None:
+    model = make_model(dtype=torch.float32).to(device)
+    x = ids(1, 40, seed=8).to(device)
     reference = model(x).logits
-    low = make_model(dtype=torch.bfloat16)
+    low = make_model(dtype=torch.bfloat16).to(device)
     for mode in MODES:
         got = low(x, mode=mode, chunk_size=16).logits
-        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+        assert got.dtype == torch.bfloat16 and got.device == x.device and torch.isfinite(got).all()
         assert rel(got.float(), reference) < 0.1, mode
     # The prefill's last layer (keys and values only, rotated without complex numbers in
     # bfloat16) gives the full forward's last logits and state.

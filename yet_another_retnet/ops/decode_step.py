@@ -32,7 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _extension
+from . import triton as _triton
+from .backends import default_cuda_backend
 from .position import rotate_pairs
+from .triton.decode import step_with_gamma
 
 __all__ = ["KERNEL_MAX_ROWS", "LayerStepPlan", "decoder_layer_step", "layer_step_plan", "retention_step",
            "retention_step_reference"]
@@ -71,13 +74,19 @@ def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma:
                                                             gamma.reshape(-1), norm_weight, norm_bias, eps,
                                                             rms_norm, code)
         return out, new_memory
-    return retention_step_reference(proj, memory, rotation, gamma, norm_weight, norm_bias, eps, rms_norm, act)
+    # CUDA: the state update and q S' in one Triton kernel (ops/triton/decode.py), the rest as below.
+    fused = (proj.device.type == "cuda" and memory.dtype == torch.float32 and not torch.is_grad_enabled()
+             and _triton.triton_available() and default_cuda_backend() != "torch"
+             and memory.shape[2] <= _triton.MAX_KEY_DIM)
+    return retention_step_reference(proj, memory, rotation, gamma, norm_weight, norm_bias, eps, rms_norm, act,
+                                    triton_core=fused)
 
 
 def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma: Tensor,
                              norm_weight: Tensor | None, norm_bias: Tensor | None, eps: float, rms_norm: bool,
-                             act: Activation | None) -> tuple[Tensor, Tensor]:
-    """:func:`retention_step` in PyTorch ops (same arguments and results)."""
+                             act: Activation | None, *, triton_core: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`retention_step` in PyTorch ops (same arguments and results); with ``triton_core`` the
+    memory update and ``q S'`` go through the Triton step kernel (CUDA, float32 memory)."""
     batch, heads, dk, dv = memory.shape
     key_dim, value_dim = heads * dk, heads * dv
     qk = proj[:, : 2 * key_dim]
@@ -96,10 +105,15 @@ def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | No
     else:
         q, k = qk.view(batch, 2, heads, dk).unbind(1)
         k = k * dk**-0.5
-    new_memory = torch.addcmul(memory * gamma, k.view(batch, heads, dk, 1), v.view(batch, heads, 1, dv))
-    # bmm on flat views: matmul's broadcasting would add an expand, reshapes and a copy check.
-    y = torch.bmm(q.reshape(batch * heads, 1, dk), new_memory.view(batch * heads, dk, dv))
-    y = y.view(batch, value_dim)
+    if triton_core:  # k already carries dk^-0.5
+        y, new_memory = step_with_gamma(q.reshape(batch, heads, dk), k.reshape(batch, heads, dk),
+                                        v.reshape(batch, heads, dv), memory, gamma.reshape(-1), 1.0)
+        y = y.view(batch, value_dim)
+    else:
+        new_memory = torch.addcmul(memory * gamma, k.view(batch, heads, dk, 1), v.view(batch, heads, 1, dv))
+        # bmm on flat views: matmul's broadcasting would add an expand, reshapes and a copy check.
+        y = torch.bmm(q.reshape(batch * heads, 1, dk), new_memory.view(batch * heads, dk, dv))
+        y = y.view(batch, value_dim)
     if not rms_norm:
         if y.dtype == proj.dtype:  # one fused op: per-head normalisation and the affine
             y = F.group_norm(y, heads, norm_weight, norm_bias, eps)

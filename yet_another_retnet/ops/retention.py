@@ -28,6 +28,7 @@ from typing import ParamSpec, TypeVar
 import torch
 from torch import Tensor
 
+from .backends import chunkwise_backend, recurrent_backend
 from .chunk_kernels import (
     chunk_contributions,
     chunk_output,
@@ -45,6 +46,8 @@ from .decay import (
     resolve_log_decay,
     scaled_decay_mask,
 )
+from .fla_backend import chunk_retention_fla
+from .triton import chunk_retention_triton, retention_step_triton
 
 __all__ = ["retention_chunkwise", "retention_parallel", "retention_recurrent"]
 
@@ -183,12 +186,15 @@ def retention_recurrent(
     *,
     decay: DecaySpec = None,
     scale: float | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step of recurrent retention.
 
     Args:
         q, k: ``(batch, heads, dk)`` for the current token. v: ``(batch, heads, dv)``.
         prev_state: ``(batch, heads, dk, dv)`` or ``None`` for the first token.
+        backend: ``None`` (CUDA inference steps take the Triton step kernel where it applies),
+            ``"torch"`` or ``"triton"``; see :mod:`yet_another_retnet.ops.backends`.
 
     Returns:
         ``(out, state)``: out is ``(batch, heads, dv)`` in the input dtype; state is the new
@@ -198,6 +204,8 @@ def retention_recurrent(
     state = _check_state(prev_state, q, v)
     ct = compute_dtype(q.dtype)
     log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
+    if recurrent_backend(backend, q, k, v, state) == "triton":  # CUDA: one fused kernel
+        return retention_step_triton(q, k, v, state, log_gamma, _resolve_scale(scale, q.shape[-1]))
     kc = k.to(ct) * _resolve_scale(scale, q.shape[-1])
     new_state = kc.unsqueeze(-1) * v.to(ct).unsqueeze(-2)
     if state is not None:
@@ -217,6 +225,7 @@ def retention_chunkwise(
     *,
     decay: DecaySpec = None,
     scale: float | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunkwise retention: parallel inside chunks of ``chunk_size``, recurrent between them.
 
@@ -227,12 +236,15 @@ def retention_chunkwise(
         q, k: ``(batch, heads, length, dk)``. v: ``(batch, heads, length, dv)``.
         prev_state: ``(batch, heads, dk, dv)`` state of earlier tokens, or ``None``.
         chunk_size: tokens per chunk, ``>= 1``; ``None`` processes the input as one chunk.
+        backend: ``None`` (CUDA tensors take our Triton kernels where they apply, everything else
+            the PyTorch form), ``"torch"``, ``"triton"`` or ``"fla"``; see
+            :mod:`yet_another_retnet.ops.backends`.
 
     Returns:
         ``(out, state)``: out ``(batch, heads, length, dv)`` in the input dtype and the state after
         the last token, ``(batch, heads, dk, dv)`` in the compute dtype.
     """
-    return _chunkwise(q, k, v, prev_state, chunk_size, decay, scale, fast=True)
+    return _chunkwise(q, k, v, prev_state, chunk_size, decay, scale, fast=True, backend=backend)
 
 
 @_outside_autocast
@@ -260,6 +272,7 @@ def _chunkwise(
     decay: DecaySpec,
     scale: float | None,
     fast: bool,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     _check_qkv(q, k, v, rank=4)
     state = _check_state(prev_state, q, v)
@@ -273,6 +286,12 @@ def _chunkwise(
     ct = compute_dtype(q.dtype)
     log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
     key_scale = _resolve_scale(scale, q.shape[-1])
+    if fast and length > 0:  # CUDA: our Triton kernels, or fla's on demand (ops/backends.py)
+        chosen = chunkwise_backend(backend, q, k, v, state, log_gamma)
+        if chosen == "triton":
+            return chunk_retention_triton(q, k, v, state, chunk_size, log_gamma, key_scale)
+        if chosen == "fla":
+            return chunk_retention_fla(q, k, v, state, key_scale)
     if fast:  # the scale is folded into the cached decay tables
         qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
     else:

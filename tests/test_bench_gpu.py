@@ -1,0 +1,50 @@
+"""The GPU benchmark's code paths at toy sizes on CPU (``--quick``): every section runs and writes
+its JSON and Markdown. Its GPU numbers come from scripts/gpu-check.sh on a GPU (docs/gpu.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from yet_another_retnet.bench import gpu
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_section(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # our kernels' row runs in Triton's interpreter
+    assert gpu.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["quick"] and result["matmul_flops"] > 0
+    rows = {r["impl"]: r for r in result["kernels"]}
+    assert rows["ours-torch"]["tokens_per_s"] > 0 and rows["sdpa-flash"]["tokens_per_s"] > 0
+    assert "GPU" in rows["fla"]["error"]
+    if importlib.util.find_spec("triton") is not None:
+        assert rows["ours-triton"].get("tokens_per_s", 0) > 0, rows["ours-triton"]
+        assert result["kernel_ratios"][0]["vs ours-torch"] > 0
+    training = {r["model"]: r for r in result["training"]}
+    assert training["retnet"]["tokens_per_s"] > 0 and training["retnet"]["mfu_measured"] > 0
+    decode = result["decode_ratios"]
+    assert decode and decode[0]["retnet_ms"] > 0
+    if importlib.util.find_spec("transformers") is not None:
+        assert training["llama"]["tokens_per_s"] > 0 and decode[0]["speedup"] > 0
+    text = (tmp_path / "gpu.md").read_text()
+    assert "Chunkwise retention forward + backward" in text and "Decoding" in text
+
+
+def test_full_run_needs_cuda_and_bad_sections_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="--sections"):
+        gpu.main(["--quick", "--device", "cpu", "--sections", "kernels,nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="CUDA"):
+        gpu.main(["--device", "cpu", "--out", str(tmp_path)])
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_fla_13b_layer_sizes():
+    """fla's retnet-1.3B: 1,351,727,104 parameters (its config: fla-format notes)."""
+    from yet_another_retnet.models import count_parameters
+
+    config = gpu.fla_13b_config()
+    assert config.d_model // config.num_heads == 256 and config.value_factor == 2.0
+    assert count_parameters(config) == pytest.approx(1_351_727_104, rel=2e-3)

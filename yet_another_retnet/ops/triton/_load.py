@@ -1,0 +1,60 @@
+"""Load a kernel module for a device: compiled for CUDA tensors, interpreted for CPU ones.
+
+Triton decides at ``@triton.jit`` time whether a kernel is compiled or run by its interpreter
+(``TRITON_INTERPRET``). So that one process can run the compiled kernels on a GPU and the
+interpreted ones on CPU tensors (the tests do both where a GPU is present), each kernel module is
+loaded twice on demand, once per mode, as two separate module objects, with ``TRITON_INTERPRET``
+set for the duration of that load only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+_lock = threading.Lock()
+_loaded: dict[tuple[str, bool], ModuleType] = {}
+
+
+def kernel_module(name: str, interpret: bool) -> ModuleType:
+    """The module ``name`` of this package (e.g. ``"chunkwise_kernels"``), its kernels compiled
+    (``interpret=False``) or interpreted."""
+    key = (name, interpret)
+    with _lock:
+        module = _loaded.get(key)
+        if module is not None:
+            return module
+        full = f"{__package__}.{name}" + ("_interpreted" if interpret else "")
+        spec = importlib.util.spec_from_file_location(full, Path(__file__).with_name(f"{name}.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        with interpreter(interpret):
+            sys.modules[full] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(full, None)
+                raise
+        _loaded[key] = module
+        return module
+
+
+@contextlib.contextmanager
+def interpreter(on: bool) -> Iterator[None]:
+    """``TRITON_INTERPRET`` set to ``on`` for the duration (Triton reads it when a kernel is
+    decorated and again in parts of a launch), then restored."""
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before

@@ -1,0 +1,175 @@
+"""Chunkwise retention on CUDA through our own Triton kernels (``chunkwise_kernels.py``).
+
+:func:`chunk_retention_triton` is the same function as
+:func:`~yet_another_retnet.ops.retention.retention_chunkwise` on checked inputs, with its own
+backward (an ``autograd.Function``): gradients for ``q``, ``k``, ``v`` and the initial state, and
+the final state differentiable too (a state handed from one call to the next carries gradients).
+
+- Decay: one ``log(gamma)`` per head, from :mod:`yet_another_retnet.ops.decay` (any schedule or
+  tensor of gammas), computed there in float64 and handed over in float32.
+- Precision: inputs in float32, bfloat16 or float16; every product accumulates in float32 and
+  states are float32. On a GPU the kernels' float32 products use TF32 (Triton's default), which
+  is why the tests' tolerances are set for TF32.
+- Any length and chunk size: the last chunk may be shorter. The kernels work in chunks of at most
+  :func:`max_chunk` rows (64, or 32 for key dims over 64); a larger ``chunk_size`` runs in
+  chunks of that size, which computes the same function (every chunking does, up to rounding).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._load import interpreter, kernel_module
+
+__all__ = [
+    "KEY_BLOCK",
+    "MAX_CHUNK",
+    "MAX_KEY_DIM",
+    "NUM_STAGES",
+    "chunk_retention_triton",
+    "kernel_chunk",
+    "key_block",
+    "launch_config",
+    "max_chunk",
+]
+
+#: The most rows per chunk the kernels hold at once.
+MAX_CHUNK = 64
+#: The largest key head dimension: the whole key dimension of a state block sits in registers.
+MAX_KEY_DIM = 256
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    """The smallest power of two >= ``max(n, least)`` (``tl.dot`` wants sides of 16 or more)."""
+    p = least
+    while p < n:
+        p *= 2
+    return p
+
+
+def max_chunk(dtype: torch.dtype, dk: int) -> int:
+    """The most rows per chunk for inputs of ``dtype`` and key dim ``dk``: :data:`MAX_CHUNK`, or
+    half of it for key dims over 64. Compiled for sm_90 (``ops/triton/compile_check.py``), 64-row
+    chunks at ``dk`` 128-256 spill registers in every kernel (bf16, dk 128: 504 bytes of stack in
+    the forward, none at 32 rows) and, for float32 inputs at ``dk`` 256, would need more shared
+    memory than an H100 block has (248 KiB against 227)."""
+    del dtype  # (the same rule holds for every input dtype since the key dim was tiled in the backward)
+    return MAX_CHUNK // 2 if dk > 64 else MAX_CHUNK
+
+
+def kernel_chunk(chunk_size: int | None, length: int, limit: int = MAX_CHUNK) -> int:
+    """The chunk the kernels run for a requested ``chunk_size`` over ``length`` tokens."""
+    chunk = length if chunk_size is None else min(chunk_size, length)
+    return max(1, min(chunk, limit))
+
+
+#: Software-pipelining depth of the chunk loops: Triton's default (3) buffers a third copy of
+#: every tile in shared memory, which the wide float32 configurations cannot hold.
+NUM_STAGES = 2
+
+
+#: Key columns per program in the backward's dk/dv kernel (the other kernels hold the whole key dim).
+KEY_BLOCK = 64
+
+
+#: Warps of the dk/dv kernel (its tiles are at most 64 key columns wide).
+DKV_WARPS = 4
+
+
+def key_block(bk: int) -> int:
+    """The key block of the dk/dv kernel for a padded key dim ``bk``."""
+    return min(bk, KEY_BLOCK)
+
+
+def launch_config(dk: int, dv: int, chunk: int) -> tuple[int, int, int, int]:
+    """``(BC, BK, BV, num_warps)``: value blocks narrower where the key dimension is wide, so
+    that a state block (``BK x BV`` float32) stays in registers."""
+    bk = _pow2(dk)
+    bv = min(_pow2(dv), 64 if bk < 64 else 32)
+    warps = 4 if bk <= 64 else 8
+    return _pow2(chunk), bk, bv, warps
+
+
+class _ChunkRetention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, log_gamma: Tensor,
+                scale: float, chunk: int) -> tuple[Tensor, Tensor]:
+        interpret = q.device.type != "cuda"
+        _chunk_fwd = kernel_module("chunkwise_kernels", interpret)._chunk_fwd
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        batch, heads, length, dk = q.shape
+        dv = v.shape[-1]
+        out = torch.empty_like(v)
+        final = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device)
+        s0c = None if s0 is None else s0.to(torch.float32).contiguous()
+        bc, bk, bv, warps = launch_config(dk, dv, chunk)
+        grid = (triton_cdiv(dv, bv), batch * heads)
+        with interpreter(interpret):
+            _chunk_fwd[grid](q, k, v, out, s0c if s0c is not None else final, final, log_gamma, scale,
+                             length, heads, dk, dv, chunk, BC=bc, BK=bk, BV=bv, HAS_S0=s0c is not None,
+                             STORE_S=True, num_warps=warps, num_stages=NUM_STAGES)
+        ctx.save_for_backward(q, k, v, s0c, log_gamma)
+        ctx.scale, ctx.chunk, ctx.s0_dtype = scale, chunk, None if s0 is None else s0.dtype
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, d_out: Tensor | None, d_final: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, s0, log_gamma = ctx.saved_tensors
+        interpret = q.device.type != "cuda"
+        kernels = kernel_module("chunkwise_kernels", interpret)
+        batch, heads, length, dk = q.shape
+        dv = v.shape[-1]
+        bc, bk, bv, warps = launch_config(dk, dv, ctx.chunk)
+        nv = triton_cdiv(dv, bv)
+        grid = (nv, batch * heads)
+        do = torch.zeros_like(v) if d_out is None else d_out.contiguous()
+        dst = None if d_final is None else d_final.to(torch.float32).contiguous()
+        # dq and dk sum over the value dimension: one share per value block, summed here.
+        dq = torch.empty(nv, batch, heads, length, dk, dtype=torch.float32, device=q.device)
+        dk_ = torch.empty_like(dq)
+        # ... and dv over the key dimension, tiled in blocks of bkd in its kernel.
+        bkd = key_block(bk)
+        nk = triton_cdiv(dk, bkd)
+        dv_ = torch.empty(nk, batch, heads, length, dv, dtype=torch.float32, device=q.device)
+        ds0 = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device) if s0 is not None else None
+        with interpreter(interpret):
+            kernels._chunk_bwd_dq[grid](q, k, v, do, s0 if s0 is not None else dv_, dq, log_gamma, ctx.scale,
+                                        length, heads, dk, dv, ctx.chunk, batch * heads, BC=bc, BK=bk, BV=bv,
+                                        HAS_S0=s0 is not None, num_warps=warps,
+                                        num_stages=NUM_STAGES)
+            kernels._chunk_bwd_dkv[(nv, batch * heads, nk)](
+                q, k, v, do, dst if dst is not None else dv_, dk_, dv_, ds0 if ds0 is not None else dv_, log_gamma,
+                ctx.scale, length, heads, dk, dv, ctx.chunk, batch * heads, triton_cdiv(length, ctx.chunk),
+                BC=bc, BK=bkd, BV=bv, HAS_DST=dst is not None, STORE_DS0=ds0 is not None, num_warps=DKV_WARPS,
+                num_stages=NUM_STAGES)
+        grad_s0 = None if ds0 is None else ds0.to(ctx.s0_dtype)
+        return (dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dv_.sum(0).to(v.dtype), grad_s0, None, None, None)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None,
+                           chunk_size: int | None, log_gamma: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Chunkwise retention through the Triton kernels, differentiable.
+
+    Args:
+        q, k: ``(batch, heads, length, dk)``; v: ``(batch, heads, length, dv)``; one dtype among
+            float32, bfloat16 and float16, ``dk <= MAX_KEY_DIM``, length >= 1.
+        prev_state: ``(batch, heads, dk, dv)`` or ``None``.
+        chunk_size: requested chunk (``None``: the whole input), run as :func:`kernel_chunk`.
+        log_gamma: ``(heads,)`` ``log(gamma)`` (float64 from ``ops/decay.py``; handed to the kernels
+            in float32).
+        scale: the key scale.
+
+    Returns ``(out (batch, heads, length, dv) in q's dtype, state (batch, heads, dk, dv) float32)``.
+    """
+    chunk = kernel_chunk(chunk_size, q.shape[2], max_chunk(q.dtype, q.shape[-1]))
+    lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    out, final = _ChunkRetention.apply(q, k, v, prev_state, lg, float(scale), chunk)
+    return out, final
