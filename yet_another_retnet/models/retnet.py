@@ -101,6 +101,8 @@ class RetNetDecoderLayer(nn.Module):
             norm_eps=config.norm_eps,
             relative_position=config.relative_position,
             decay=config.decay,
+            rotation=config.rotation,
+            head_norm_weight=config.head_norm_weight,
             **kw,
         )
         self.ffn_norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias, **kw)
@@ -211,7 +213,7 @@ class RetNetDecoderLayer(nn.Module):
         weight, bias, gamma = attn_tables
         out, fc2 = retention.out_proj, ffn.fc2
         return layer_step_plan(
-            norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma, head_norm=(retention.norm_weight, retention.norm_bias),
+            norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma, head_norm=retention.head_norm_affine(),
             out=(out.weight, out.bias), norm2=(w2, b2), fc1=glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias),
             fc2=(fc2.weight, fc2.bias), block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
             head_rms=retention.head_norm == "rmsnorm", gate_act=GATE_ACTIVATIONS[retention.gate_activation],
@@ -236,6 +238,8 @@ class RetNetDecoderLayer(nn.Module):
         if ffn.gate is not None:
             stacked += [ffn.fc1, ffn.gate]
         copied = [p for m in stacked for p in (m.weight, m.bias) if p is not None]
+        if retention.head_weight is not None:  # repeated per head into the plan
+            copied.append(retention.head_weight)
         return watch, copied
 
     def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
