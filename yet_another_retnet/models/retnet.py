@@ -713,11 +713,12 @@ class RetNet(GenerationMixin, nn.Module):
     # Checkpoints and conversion live in their own modules; these are the entry points.
     # ----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``, atomically."""
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``, atomically; a model
+        bigger than ``max_shard_size`` (default ``"5GB"``) goes into shards with an index."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, max_shard_size)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
@@ -726,6 +727,21 @@ class RetNet(GenerationMixin, nn.Module):
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, device=device, dtype=dtype)
+
+    @classmethod
+    def from_fla(cls, path_or_state_dict: str | Path | dict[str, Tensor], config: dict[str, Any] | None = None,
+                 dtype: torch.dtype | None = None) -> RetNet:
+        """A flash-linear-attention RetNet (``fla-hub/retnet-*``): a checkpoint directory, or a
+        state dict with its fla config dict. See :mod:`yet_another_retnet.models.fla`."""
+        from .fla import from_fla
+
+        return from_fla(cls, path_or_state_dict, config, dtype=dtype)
+
+    def to_fla(self, directory: str | Path, max_shard_size: int | str | None = None) -> None:
+        """Write this model as an fla checkpoint (``config.json`` + safetensors) to ``directory``."""
+        from .fla import save_fla
+
+        save_fla(self, directory, max_shard_size)
 
     @classmethod
     def from_torchscale(cls, state_dict: dict[str, Tensor], config: Any) -> RetNet:

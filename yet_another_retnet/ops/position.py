@@ -25,7 +25,6 @@ import functools
 import torch
 from torch import Tensor
 
-
 ROTATIONS = ("xpos", "rope")
 
 
