@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,8 +123,10 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
             f"the weights in {directory} do not match its config: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, wrong shape {wrong[:5]}"
         )
-    fill_model(model, ((name, lambda name=name: read_tensor(files[name], name)) for name in expected),
-               target_dtype)
+    def reader(name: str) -> Callable[[], torch.Tensor]:
+        return lambda: read_tensor(files[name], name)
+
+    fill_model(model, ((name, reader(name)) for name in expected), target_dtype)
     tie_and_check(model)
     model.eval()
     return model.to(device=device or "cpu")

@@ -199,7 +199,10 @@ def _build(cls: type[RetNet], config: RetNetConfig, plan: dict[str, tuple[str, C
         # dtype, so the file's pages can go; a plain view in the same dtype stays a view.
         return out if out is t else out.to(dtype).contiguous()
 
-    fill_model(model, ((ours, lambda t=theirs, f=f: source(t, f)) for ours, (theirs, f) in plan.items()), dtype)
+    def reader(theirs: str, transform: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
+        return lambda: source(theirs, transform)
+
+    fill_model(model, ((ours, reader(theirs, f)) for ours, (theirs, f) in plan.items()), dtype)
     tie_and_check(model)
     return model.eval()
 
