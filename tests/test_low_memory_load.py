@@ -51,8 +51,6 @@ def test_peak_rss_while_loading_is_about_the_weights(tmp_path: Path) -> None:
         done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "tiny"), str(tmp_path / "big"), dtype],
                               capture_output=True, text=True, check=True, timeout=300)
         runs[dtype] = json.loads(done.stdout.strip().splitlines()[-1])
-    print(runs)
     assert runs["float32"]["weights"] == 4 * size
     assert runs["float32"]["extra"] <= 1.3 * runs["float32"]["weights"], runs
-    # bfloat16 as stored: the weights stay views of the mapped files until read
     assert runs["bfloat16"]["extra"] <= 1.3 * runs["bfloat16"]["weights"], runs

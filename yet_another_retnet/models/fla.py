@@ -192,15 +192,8 @@ def _build(cls: type[RetNet], config: RetNetConfig, plan: dict[str, tuple[str, C
     if set(plan) != set(own):  # a bug in _plan, never the caller's fault
         raise RuntimeError(f"fla plan and model disagree: {sorted(set(plan) ^ set(own))[:5]}")
 
-    def source(theirs: str, transform: Callable[[Tensor], Tensor]) -> Tensor:
-        t = read(theirs)
-        out = transform(t)
-        # A strided view of a mapped file (a split, a permutation) is copied now, in the target
-        # dtype, so the file's pages can go; a plain view in the same dtype stays a view.
-        return out if out is t else out.to(dtype).contiguous()
-
     def reader(theirs: str, transform: Callable[[Tensor], Tensor]) -> Callable[[], Tensor]:
-        return lambda: source(theirs, transform)
+        return lambda: transform(read(theirs))
 
     fill_model(model, ((ours, reader(theirs, f)) for ours, (theirs, f) in plan.items()), dtype)
     tie_and_check(model)
@@ -242,7 +235,7 @@ def from_fla(cls: type[RetNet], source: str | Path | Mapping[str, Tensor], confi
         plan = _plan(ours, set(state), {n: tuple(t.shape) for n, t in state.items()})
         target = dtype or state["model.embeddings.weight"].dtype
         _check_shapes(cls, ours, plan, {n: tuple(t.shape) for n, t in state.items()})
-        return _build(cls, ours, plan, lambda name: state[name].detach().clone(), target)
+        return _build(cls, ours, plan, lambda name: state[name].detach(), target)
     if not isinstance(source, str | Path):
         raise TypeError(f"from_fla: expected a directory or a state dict, got {type(source).__name__}")
     directory = Path(source)

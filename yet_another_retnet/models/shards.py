@@ -187,8 +187,10 @@ def fill_model(model: nn.Module, sources: Iterable[tuple[str, Callable[[], Tenso
                dtype: torch.dtype) -> nn.Module:
     """Set each parameter ``name`` of a meta-device ``model`` to ``make()`` cast to ``dtype``.
 
-    One tensor at a time (the caller's ``make`` reads it); every parameter must be filled. A
-    tensor already in ``dtype`` is used as it is (a view of a mapped file stays one).
+    One tensor at a time (the caller's ``make`` reads it); every parameter must be filled. Each
+    weight gets its own memory: a tensor already in ``dtype`` (a view of a memory-mapped file, or
+    a caller's tensor) is copied, so the model never depends on a file staying in place or in the
+    page cache (evicted file pages would be read from disk again on every decoding step).
     """
     for name, make in sources:
         module_name, _, leaf = name.rpartition(".")
@@ -199,7 +201,10 @@ def fill_model(model: nn.Module, sources: Iterable[tuple[str, Callable[[], Tenso
         t = make()
         if tuple(t.shape) != tuple(old.shape):
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the config's {tuple(old.shape)}")
-        module._parameters[leaf] = nn.Parameter(t.to(dtype), requires_grad=old.requires_grad)
+        cast = t.to(dtype)
+        owned = cast.clone(memory_format=torch.contiguous_format) if cast is t else cast.contiguous()
+        del t, cast  # the source view goes now: its file mapping is released before the next read
+        module._parameters[leaf] = nn.Parameter(owned, requires_grad=old.requires_grad)
     return model
 
 
