@@ -182,6 +182,8 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path: Path, oracle3
     _fails_cleanly(capsys, ["convert", "--from", "fla", str(src), str(out)], out, "do not match the config")
     (src / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     _fails_cleanly(capsys, ["convert", str(src), str(out)], out, "unknown checkpoint format")
+    (src / "config.json").write_text(json.dumps({"model_type": "retnet", "decoder_embed_dim": 64}))
+    _fails_cleanly(capsys, ["convert", str(src), str(out)], out, "syncdoth")
     (src / "config.json").write_text(json.dumps(config))
     _fails_cleanly(capsys, ["convert", "--from", "ours", str(src), str(out)], out, "not 'ours'")
     assert main(["convert", "--from", "fla", str(src), str(out)]) == 0  # the repaired directory converts

@@ -122,3 +122,16 @@ def test_head_weight_reaches_every_path():
         step_after = model(ids[:, 8:], state=state).logits
     assert rel_err(step_after, after_full[:, 8:]) <= 2e-5
     assert rel_err(step_after, step_before) > 1e-3
+
+
+def test_fla_preset_has_fla_hub_parameter_count():
+    from yet_another_retnet.models import count_parameters
+    from yet_another_retnet.models.fla import config_from_fla, config_to_fla
+
+    config = RetNetConfig.from_preset("fla-1.3b")
+    assert count_parameters(config) == 1_351_727_104  # fla-hub/retnet-1.3B-100B's model card
+    hub = {"model_type": "retnet", "hidden_size": 2048, "num_heads": 8, "num_hidden_layers": 24, "expand_k": 1,
+           "expand_v": 2, "hidden_ratio": 2, "intermediate_size": None, "vocab_size": 32000, "norm_eps": 1e-6,
+           "elementwise_affine": True, "fuse_norm": True, "tie_word_embeddings": False}
+    assert config_from_fla(hub) == config
+    assert config_from_fla(config_to_fla(config)) == config

@@ -201,3 +201,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "2.7b": {"vocab_size": 50000, "d_model": 2560, "num_heads": 10, "num_layers": 32, "ffn_dim": 5120},
     "6.7b": {"vocab_size": 50000, "d_model": 4096, "num_heads": 16, "num_layers": 32, "ffn_dim": 8192},
 }
+
+#: What makes a model flash-linear-attention's RetNet (all but the sizes; ``models/fla.py``):
+#: GPT-NeoX RoPE, weighted RMS head norm, SwiGLU MLP, RMSNorm blocks, no biases, no dropout.
+FLA_ARCHITECTURE: dict[str, Any] = {
+    "ffn": "glu", "activation": "swish", "gate_activation": "swish", "block_norm": "rmsnorm",
+    "head_norm": "rmsnorm", "head_norm_weight": True, "bias": False, "decay": "eq8", "embed_scale": 1.0,
+    "embedding_norm": False, "residual_scale": 1.0, "pre_norm": True, "relative_position": True,
+    "rotation": "rope", "dropout": 0.0, "activation_dropout": 0.0, "tie_embeddings": False,
+}
+# fla-hub/retnet-1.3B-100B and -2.7B-100B (Llama's 32k vocabulary); any size with these settings
+# exports to fla (``retnet convert --to fla``).
+PRESETS["fla-1.3b"] = {"vocab_size": 32000, "d_model": 2048, "num_heads": 8, "num_layers": 24, "ffn_dim": 2816,
+                       **FLA_ARCHITECTURE}
+PRESETS["fla-2.7b"] = {"vocab_size": 32000, "d_model": 2560, "num_heads": 10, "num_layers": 32, "ffn_dim": 3584,
+                       **FLA_ARCHITECTURE}

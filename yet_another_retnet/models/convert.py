@@ -39,6 +39,11 @@ def detect_format(directory: Path) -> str:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a config object")
+    if data.get("model_type") == "retnet" and "decoder_embed_dim" in data:
+        # syncdoth/RetNet shares the model_type; its math varies by version and option
+        # (use_lm_decay, use_ffn_rms_norm, ...): refused rather than guessed.
+        raise ValueError(f"{path}: a syncdoth/RetNet (torchscale-style) checkpoint; only fla's RetNet "
+                         "and ours are supported")
     if data.get("model_type") == "retnet":
         return "fla"
     if "d_model" in data and "model_type" not in data:

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..ops.position import halves_to_pairs, pairs_to_halves
 from .checkpoint import CONFIG_NAME, atomic_write
-from .config import RetNetConfig
+from .config import FLA_ARCHITECTURE, RetNetConfig
 from .shards import (
     DEFAULT_MAX_SHARD_SIZE,
     fill_model,
@@ -47,13 +47,6 @@ from .shards import (
 if TYPE_CHECKING:
     from .retnet import RetNet
 
-#: Settings of this library's model that make it fla's RetNet (all but the sizes).
-FLA_ARCHITECTURE: dict[str, Any] = {
-    "ffn": "glu", "activation": "swish", "gate_activation": "swish", "block_norm": "rmsnorm",
-    "head_norm": "rmsnorm", "bias": False, "decay": "eq8", "embed_scale": 1.0, "embedding_norm": False,
-    "residual_scale": 1.0, "pre_norm": True, "relative_position": True, "rotation": "rope",
-    "dropout": 0.0, "activation_dropout": 0.0,
-}
 #: Files of a Hugging Face tokenizer that a conversion copies along.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json", "tokenizer_config.json",
                    "generation_config.json")
@@ -75,6 +68,8 @@ def config_from_fla(fla: Mapping[str, Any]) -> RetNetConfig:
         raise ValueError(f"an fla config must be a dict, got {type(fla).__name__}")
     if fla.get("model_type", "retnet") != "retnet":
         raise ValueError(f"model_type must be 'retnet' for an fla RetNet, got {fla.get('model_type')!r}")
+    if "decoder_embed_dim" in fla:
+        raise ValueError("decoder_embed_dim: a syncdoth/RetNet (torchscale-style) config, not fla's")
 
     def get(name: str, default: Any) -> Any:
         return fla.get(name, default)
@@ -95,18 +90,15 @@ def config_from_fla(fla: Mapping[str, Any]) -> RetNetConfig:
         if refused:
             raise ValueError(f"fla config field {field}={fla.get(field)!r}: {what} are not supported")
     value_factor = float(get("expand_v", 2.0))
-    if value_factor == int(value_factor):
-        value_factor = float(int(value_factor))
     try:
         return RetNetConfig(
             vocab_size=get("vocab_size", 32000), d_model=hidden, num_heads=heads,
             num_layers=get("num_hidden_layers", 24),
             ffn_dim=fla_intermediate_size(hidden, get("hidden_ratio", 2), get("intermediate_size", None)),
             value_factor=value_factor, norm_eps=float(get("norm_eps", 1e-6)),
-            tie_embeddings=bool(get("tie_word_embeddings", False)),
-            head_norm_weight=bool(get("elementwise_affine", True) if get("elementwise_affine", True) is not None
-                                  else True),
-            **FLA_ARCHITECTURE,
+            **{**FLA_ARCHITECTURE,
+               "tie_embeddings": bool(get("tie_word_embeddings", False)),
+               "head_norm_weight": get("elementwise_affine", True) is not False},
         )
     except ValueError as err:
         raise ValueError(f"fla config: {err}") from err
@@ -116,8 +108,8 @@ def config_to_fla(config: RetNetConfig) -> dict[str, Any]:
     """The fla ``config.json`` dict of ``config``; ``ValueError`` naming the first field fla's
     RetNet cannot express (dropout is dropped: fla's model has none)."""
     for field, value in FLA_ARCHITECTURE.items():
-        if field in ("dropout", "activation_dropout"):
-            continue
+        if field in ("dropout", "activation_dropout", "tie_embeddings", "head_norm_weight"):
+            continue  # no dropout in fla's model; the other two are fla config fields
         if getattr(config, field) != value:
             raise ValueError(f"fla's RetNet cannot express {field}={getattr(config, field)!r} (it needs {value!r})")
     if config.key_head_dim > 256:
