@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--max-shard-size", default="2GB")
     parser.add_argument("--layers", type=int, default=24, help="fewer for a smoke test (default: 24, the 1.3B)")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated (default: bfloat16,float32)")
     parser.add_argument("--measure", nargs=2, metavar=("DIR", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         convert_peak = float(conv.stdout.split("PEAK")[-1].strip())
         shutil.rmtree(src)
         runs = []
-        for dtype in ("bfloat16", "float32"):
+        for dtype in args.dtypes.split(","):
             done = subprocess.run([sys.executable, __file__, "--measure", str(ours), dtype, "--prompt", str(args.prompt),
                                    "--new-tokens", str(args.new_tokens)], capture_output=True, text=True, check=True)
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))

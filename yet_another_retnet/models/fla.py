@@ -47,10 +47,6 @@ from .shards import (
 if TYPE_CHECKING:
     from .retnet import RetNet
 
-#: Files of a Hugging Face tokenizer that a conversion copies along.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json", "tokenizer_config.json",
-                   "generation_config.json")
-
 
 def fla_intermediate_size(hidden_size: int, hidden_ratio: float | None, intermediate_size: int | None) -> int:
     """fla's MLP width: ``intermediate_size``, or ``int(hidden * ratio * 2 / 3)`` rounded up to 256."""
