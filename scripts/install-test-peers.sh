@@ -5,14 +5,16 @@
 # - Hugging Face transformers, the KV-cache Transformer baseline of the benchmarks, and what
 #   yet_another_retnet.hf is tested against (with accelerate, which its Trainer needs);
 # - lm-evaluation-harness, which `retnet eval --tasks` runs;
+# - flash-linear-attention 0.6.0, whose own RetNet the fla checkpoint tests compare against (it
+#   needs transformers >= 5.6.2 and imports triton);
 # - triton, whose interpreter runs our GPU kernels on CPU in tests/test_triton_kernels.py.
-# The installed torch is pinned so that no peer's requirements replace it.
+# The installed torch is pinned so that no peer's requirements replace the CPU build.
 set -euo pipefail
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$constraints"
 pip_install() { python -m pip install --quiet --disable-pip-version-check -c "$constraints" "$@"; }
 pip_install --no-deps "torchscale==0.3.0" "fairscale==0.4.13"
-pip_install "transformers>=4.57" "accelerate>=1.1.0"
+pip_install "transformers>=5.6.2,<6" "accelerate>=1.1.0" "triton>=3.3" "einops"
+pip_install "flash-linear-attention==0.6.0" "fla-core==0.6.0"
 pip_install "lm-eval>=0.4.5"
-pip_install "triton>=3.2" || echo "triton not installed; its tests will skip"

@@ -66,17 +66,28 @@ def reference_retention(
     return out, state
 
 
-def reference_rotate(x: Tensor, positions: Tensor) -> Tensor:
-    """Rotate ``x`` ``(batch, heads, length, dk)`` by ``positions`` ``(batch, length)`` (float64)."""
+def reference_rotate(x: Tensor, positions: Tensor, kind: str = "xpos") -> Tensor:
+    """Rotate ``x`` ``(batch, heads, length, dk)`` by ``positions`` ``(batch, length)`` (float64).
+
+    ``kind="rope"``: GPT-NeoX's frequencies ``10000^(-2i/dk)``, whose angles, cosines and sines
+    are float32 values (as the models trained with them computed them), applied in float64.
+    """
     dk = x.shape[-1]
     half = dk // 2
-    theta = torch.tensor(
-        [1.0 / 10000 ** (i / (half - 1) if half > 1 else 0.0) for i in range(half)], dtype=F64
-    )
-    angle = positions.to(F64)[:, None, :, None] * theta  # (b, 1, L, dk/2)
+    if kind == "rope":
+        f32 = torch.float32
+        theta32 = 1.0 / (10000.0 ** (torch.tensor([2.0 * i for i in range(half)], dtype=f32) / dk))
+        angle32 = positions.to(f32)[:, None, :, None] * theta32
+        cos, sin = torch.cos(angle32).to(F64), torch.sin(angle32).to(F64)
+    else:
+        theta = torch.tensor(
+            [1.0 / 10000 ** (i / (half - 1) if half > 1 else 0.0) for i in range(half)], dtype=F64
+        )
+        angle = positions.to(F64)[:, None, :, None] * theta  # (b, 1, L, dk/2)
+        cos, sin = torch.cos(angle), torch.sin(angle)
     a, b = x[..., 0::2], x[..., 1::2]
-    ra = a * torch.cos(angle) - b * torch.sin(angle)
-    rb = b * torch.cos(angle) + a * torch.sin(angle)
+    ra = a * cos - b * sin
+    rb = b * cos + a * sin
     return torch.stack((ra, rb), dim=-1).flatten(-2)
 
 
@@ -108,7 +119,8 @@ def reference_msr(
     v = _linear(x, layer.v_proj).view(batch, length, h, dv).transpose(1, 2)
     if layer.relative_position:
         positions = (start + torch.arange(length)).expand(batch, length)
-        q, k = reference_rotate(q, positions), reference_rotate(k, positions)
+        kind = getattr(layer, "rotation_kind", "xpos")
+        q, k = reference_rotate(q, positions, kind), reference_rotate(k, positions, kind)
     out, memory = reference_retention(q, k, v, layer.gammas, prev_state=prev_memory)
     y = out.transpose(1, 2)  # (b, L, h, dv)
     eps = layer.norm_eps
@@ -118,7 +130,10 @@ def reference_msr(
         y = ((y - mean) / torch.sqrt(var + eps)).reshape(batch, length, h * dv)
         y = y * layer.norm_weight.detach().to(F64) + layer.norm_bias.detach().to(F64)
     else:
-        y = (y / torch.sqrt((y**2).mean(-1, keepdim=True) + eps)).reshape(batch, length, h * dv)
+        y = y / torch.sqrt((y**2).mean(-1, keepdim=True) + eps)
+        if getattr(layer, "head_weight", None) is not None:  # one (dv,) weight for every head
+            y = y * layer.head_weight.detach().to(F64)
+        y = y.reshape(batch, length, h * dv)
     gate = _linear(x, layer.g_proj)
     gate = gate * torch.sigmoid(gate)  # swish
     return _linear(gate * y, layer.out_proj), memory

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from yet_another_retnet import RetNet, RetNetConfig
-from yet_another_retnet.models import checkpoint
+from yet_another_retnet.models import checkpoint, shards
 
 VOCAB = 41
 
@@ -99,7 +99,7 @@ def test_crash_while_writing_weights_keeps_the_previous_checkpoint(
             f.truncate(os.path.getsize(filename) // 2)
         raise OSError("simulated crash while writing")
 
-    monkeypatch.setattr(checkpoint, "save_file", crashing_save_file)
+    monkeypatch.setattr(shards, "save_file", crashing_save_file)
     with pytest.raises(OSError, match="simulated crash"):
         make_model(seed=2, num_layers=3).save_pretrained(tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -1,4 +1,4 @@
-"""The ``retnet`` command line: train, generate, eval, info and bench.
+"""The ``retnet`` command line: train, generate, eval, info, bench and convert.
 
 ``retnet train`` with no arguments trains a small RetNet on the embedded corpus (about 10
 minutes on 2 CPU cores). Run ``retnet <command> --help`` for each command's options. A user
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_info(sub)
     _add_bench(sub)
+    from .cli_convert import add_parser as _add_convert
+
+    _add_convert(sub, _formatter)
     return parser
 
 
@@ -231,7 +234,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model = model.to(getattr(torch, args.dtype))
     if args.compile:
         model.compile_decode()
-    ids = tokenizer.encode(args.prompt) or tokenizer.encode("\n") or [0]
+    ids = tokenizer.encode(args.prompt)
+    if getattr(tokenizer, "add_bos", False):  # a pretrained model's prompts start with <s>
+        ids = [tokenizer.bos_token_id, *ids]
+    ids = ids or tokenizer.encode("\n") or [0]
+    eos = getattr(tokenizer, "eos_token_id", None)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     greedy = args.temperature == 0
     out = sys.stdout
@@ -242,8 +249,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.tensor([ids], device=device), args.max_new_tokens, do_sample=not greedy,
         temperature=1.0 if greedy else args.temperature, top_k=args.top_k,
         top_p=None if greedy else args.top_p, generator=generator,
+        eos_token_id=eos,
     )
     for token in stream:
+        if eos is not None and int(token[0]) == eos:
+            break
         piece = decoder.push(int(token[0]))
         if piece:
             out.write(piece)
@@ -364,7 +374,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(entry(list(args.args)) or 0)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .cli_convert import cmd_convert as run
+
+    return run(args)
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
+            "convert": cmd_convert}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,8 +25,10 @@ from ..ops.gemv import gemv
 from ..ops.matmul import linear
 from ..ops.norm_gate import head_group_norm, norm_gate
 from ..ops.position import (
+    ROTATIONS,
     apply_rotation,
     rotate_pairs,
+    rotation_cos_sin,
     rotation_frequencies,
     rotation_tables,
     rotation_tables_from_zero,
@@ -107,6 +109,10 @@ class MultiScaleRetention(nn.Module):
         norm_eps: epsilon of the head norm.
         relative_position: rotate queries and keys by position (xPos/RoPE-like).
         decay: ``"eq8"`` (default), ``"log-spaced"`` or a ``(num_heads,)`` tensor of gammas.
+        rotation: ``"xpos"`` (torchscale's frequencies) or ``"rope"`` (GPT-NeoX/fla's, float32);
+            see :mod:`yet_another_retnet.ops.position`.
+        head_norm_weight: with ``head_norm="rmsnorm"``, a learned weight ``(dv,)`` shared by all
+            heads on the normalised output (fla's RetNet).
     """
 
     def __init__(
@@ -123,6 +129,8 @@ class MultiScaleRetention(nn.Module):
         decay: str | Tensor = "eq8",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        rotation: str = "xpos",
+        head_norm_weight: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -149,6 +157,10 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if norm_eps < 0:
             raise ValueError(f"norm_eps must be >= 0, got {norm_eps}")
+        if rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
+        if head_norm_weight and head_norm != "rmsnorm":
+            raise ValueError(f"head_norm_weight needs head_norm='rmsnorm', got head_norm={head_norm!r}")
         if isinstance(decay, str) and decay not in DECAY_SCHEDULES:
             raise ValueError(f"decay must be one of {DECAY_SCHEDULES} or a tensor, got {decay!r}")
 
@@ -161,6 +173,7 @@ class MultiScaleRetention(nn.Module):
         self.head_norm = head_norm
         self.norm_eps = norm_eps
         self.relative_position = relative_position
+        self.rotation_kind = rotation
 
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
@@ -174,6 +187,9 @@ class MultiScaleRetention(nn.Module):
         else:
             self.register_parameter("norm_weight", None)
             self.register_parameter("norm_bias", None)
+        # fla's head norm: one weight (dv,) for every head (none in torchscale's).
+        self.head_weight: nn.Parameter | None = (
+            nn.Parameter(torch.ones(self.head_dim, **kw)) if head_norm_weight else None)
         gammas = decay if isinstance(decay, Tensor) else decay_gammas(num_heads, decay)
         if gammas.shape != (num_heads,):
             raise ValueError(f"decay must have shape ({num_heads},), got {tuple(gammas.shape)}")
@@ -196,6 +212,8 @@ class MultiScaleRetention(nn.Module):
         if self.norm_weight is not None and self.norm_bias is not None:
             nn.init.ones_(self.norm_weight)
             nn.init.zeros_(self.norm_bias)
+        if self.head_weight is not None:
+            nn.init.ones_(self.head_weight)
 
     def _apply(self, fn: Any, recurse: bool = True) -> MultiScaleRetention:
         # .to(device) moves the decay buffer, but no cast may change its float64 dtype: rebuild it
@@ -244,9 +262,10 @@ class MultiScaleRetention(nn.Module):
         if not self.relative_position:
             return None
         if from_zero:
-            cos, sin = rotation_tables_from_zero(positions.shape[-1], self.key_dim, dtype, positions.device)
+            cos, sin = rotation_tables_from_zero(positions.shape[-1], self.key_dim, dtype, positions.device,
+                                                 self.rotation_kind)
             return cos[None, None], sin[None, None]
-        cos, sin = rotation_tables(positions, self.key_dim, dtype)
+        cos, sin = rotation_tables(positions, self.key_dim, dtype, self.rotation_kind)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def _positions(
@@ -313,6 +332,8 @@ class MultiScaleRetention(nn.Module):
             # float32 for half inputs, float64 for float64 ones (.float() would round float64)
             yf = retained.transpose(1, 2).to(compute_dtype(retained.dtype))  # (b, L, h, dv)
             y = (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(query.dtype)
+            if self.head_weight is not None:
+                y = y * self.head_weight
             y = y.reshape(batch, length, self.value_dim)
         if act is not None:
             gate = act(gate)
@@ -651,6 +672,20 @@ class MultiScaleRetention(nn.Module):
             self.__dict__["_decode_cache"] = cache
         return weight, bias, cache[1]
 
+    def head_norm_affine(self) -> tuple[Tensor | None, Tensor | None]:
+        """The head norm's ``(weight, bias)`` over all heads, ``(h dv,)`` each, as the decoding
+        kernels take them: the group norm's, or the shared RMS weight repeated for every head (a
+        cached copy keyed like :func:`stacked_weights`), or ``(None, None)``."""
+        if self.head_weight is None:
+            return self.norm_weight, self.norm_bias
+        key = weight_version(self.head_weight)
+        cache = self.__dict__.get("_head_weight_cache")
+        if cache is None or cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                cache = (key, self.head_weight.repeat(self.num_heads))
+            self.__dict__["_head_weight_cache"] = cache
+        return cache[1], None
+
     def step_rotation(self, position: Tensor, dtype: torch.dtype) -> Tensor | None:
         """Rotation factors for one new token per row at ``position`` ``(batch,)``.
 
@@ -665,9 +700,10 @@ class MultiScaleRetention(nn.Module):
         if cache is None or cache.dtype != _complex(dtype) or cache.device != position.device or top >= cache.shape[0]:
             size = max(1024, 1 << top.bit_length())
             if size > _MAX_ROTATION_TABLE:  # far positions: compute just these rows
-                return _rotation_rows(position, self.key_dim, dtype)[:, :, None]
+                return _rotation_rows(position, self.key_dim, dtype, self.rotation_kind)[:, :, None]
             with torch.inference_mode(False):  # a normal tensor: it outlives this call
-                cache = _rotation_rows(torch.arange(size, device=position.device), self.key_dim, dtype)
+                cache = _rotation_rows(torch.arange(size, device=position.device), self.key_dim, dtype,
+                                       self.rotation_kind)
             self.__dict__["_rotation_cache"] = cache
         return cache[position][:, :, None]
 
@@ -693,7 +729,7 @@ class MultiScaleRetention(nn.Module):
         proj = linear_step(x, weight, bias)
         # Under torch.compile the PyTorch form (inductor fuses it); eager, one kernel call.
         step = retention_step_reference if _is_compiling() else retention_step
-        y, new_memory = step(proj, memory, rotation, gamma, self.norm_weight, self.norm_bias, self.norm_eps,
+        y, new_memory = step(proj, memory, rotation, gamma, *self.head_norm_affine(), self.norm_eps,
                              self.head_norm == "rmsnorm", GATE_ACTIVATIONS[self.gate_activation])
         return linear_step(y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
 
@@ -752,11 +788,16 @@ def _complex(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
-def _rotation_rows(positions: Tensor, key_dim: int, dtype: torch.dtype) -> Tensor:
-    """``(len, 2, dk / 2)`` complex: ``e^{i pos theta}`` and ``dk^-0.5 e^{i pos theta}``, from float64."""
-    theta = rotation_frequencies(key_dim, device=positions.device)[::2]
-    angles = positions.to(torch.float64)[:, None] * theta
-    rows = torch.polar(torch.ones_like(angles), angles)
+def _rotation_rows(positions: Tensor, key_dim: int, dtype: torch.dtype, kind: str = "xpos") -> Tensor:
+    """``(len, 2, dk / 2)`` complex: ``e^{i pos theta}`` and ``dk^-0.5 e^{i pos theta}``, from float64
+    (``"rope"``: from the float32 cosines and sines its tables use)."""
+    if kind == "xpos":
+        theta = rotation_frequencies(key_dim, device=positions.device)[::2]
+        angles = positions.to(torch.float64)[:, None] * theta
+        rows = torch.polar(torch.ones_like(angles), angles)
+    else:
+        cos, sin = rotation_cos_sin(positions, key_dim, kind)
+        rows = torch.complex(cos.double(), sin.double())
     scale = torch.tensor([1.0, key_dim**-0.5], dtype=torch.float64, device=positions.device)
     return (rows[:, None, :] * scale[:, None]).to(_complex(dtype))
 

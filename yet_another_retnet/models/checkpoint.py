@@ -1,8 +1,8 @@
-"""``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``, atomic writes.
+"""``save_pretrained`` / ``from_pretrained``: ``config.json`` + safetensors weights, atomic writes.
 
 Each file is written to a temporary name in the target directory, flushed to disk and renamed
 over the old one, so a crash leaves either the old file or the new one, never half of either.
-The weights file also carries the config in its metadata, so a pair that does not belong
+Big models are sharded (``models/shards.py``). The weights files also carry the config in their metadata, so a pair that does not belong
 together (a crash between the two renames, a hand-edited config) is caught on load.
 """
 
@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from .config import MODEL_TYPE, RetNetConfig
 
@@ -63,14 +62,16 @@ def _weights_of(model: RetNet) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_pretrained(model: RetNet, directory: str | Path) -> None:
+def save_pretrained(model: RetNet, directory: str | Path, max_shard_size: int | str | None = None) -> None:
+    """``config.json`` and the weights, one file or shards with an index (see :mod:`.shards`)."""
+    from .shards import DEFAULT_MAX_SHARD_SIZE, save_sharded
+
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
     config_json = model.config.to_json()
-    tensors = {name: t.detach().contiguous().cpu() for name, t in _weights_of(model).items()}
-    atomic_write(directory / WEIGHTS_NAME,
-                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "config": config_json}))
+    save_sharded(_weights_of(model), directory, max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+                 metadata={"config": config_json})
     # model_type lets transformers' AutoConfig find yet_another_retnet.hf's classes in the same file.
     file_json = json.dumps({"model_type": MODEL_TYPE, **model.config.to_dict()}, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(file_json))
@@ -92,34 +93,42 @@ def read_config(directory: Path) -> RetNetConfig:
 
 def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> RetNet:
+    """The model in ``directory``, built on the meta device and filled one tensor at a time."""
+    from .shards import (
+        fill_model,
+        read_metadata,
+        read_tensor,
+        stored_dtype,
+        tensor_shapes,
+        tie_and_check,
+        weight_files,
+    )
+
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"from_pretrained: {directory} is not a directory")
     config = read_config(directory)
-    weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-    try:
-        with safe_open(str(weights_path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise OSError(f"{weights_path} is truncated or corrupt: {err}") from err
-    saved = metadata.get("config")
-    if saved is not None and RetNetConfig.from_json(saved) != config:
-        raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {weights_path}")
-
-    target_dtype = dtype or next(iter(tensors.values()), torch.empty(0)).dtype
-    model = cls(config, dtype=target_dtype)
+    files = weight_files(directory)
+    for path in sorted(set(files.values())):
+        saved = read_metadata(path).get("config")
+        if saved is not None and RetNetConfig.from_json(saved) != config:
+            raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {path}")
+    shapes = tensor_shapes(files)
+    target_dtype = dtype or stored_dtype(files)
+    model = cls(config, device="meta", dtype=target_dtype)
     expected = {name: t.shape for name, t in _weights_of(model).items()}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(n for n in set(expected) & set(tensors) if tuple(tensors[n].shape) != tuple(expected[n]))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(shapes) if tuple(shapes[n][0]) != tuple(expected[n]))
     if missing or unexpected or wrong:
         raise ValueError(
-            f"{weights_path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shape {wrong[:5]}"
+            f"the weights in {directory} do not match its config: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, wrong shape {wrong[:5]}"
         )
-    model.load_state_dict(tensors, strict=False)
+    def reader(name: str) -> Callable[[], torch.Tensor]:
+        return lambda: read_tensor(files[name], name)
+
+    fill_model(model, ((name, reader(name)) for name in expected), target_dtype)
+    tie_and_check(model)
     model.eval()
     return model.to(device=device or "cpu")

@@ -12,6 +12,7 @@ from typing import Any
 from ..layers.feedforward import ACTIVATIONS, BLOCK_NORMS, FFN_KINDS
 from ..layers.retention import GATE_ACTIVATIONS, HEAD_NORMS
 from ..ops.decay import DECAY_SCHEDULES
+from ..ops.position import ROTATIONS
 
 
 @dataclass
@@ -48,6 +49,11 @@ class RetNetConfig:
             ``decoder_normalize_before`` is off (DeepNorm); needed to import such weights.
         relative_position: rotate queries and keys by position.
         init_std: standard deviation of the embedding initialisation.
+        rotation: ``"xpos"`` (torchscale's frequencies, default) or ``"rope"`` (GPT-NeoX's, as
+            flash-linear-attention's RetNets use; see :mod:`yet_another_retnet.ops.position`).
+        head_norm_weight: a learned weight ``(dv,)`` shared by all heads on the RMS head norm
+            (fla's RetNet; needs ``head_norm="rmsnorm"``). fla's SwiGLU MLP
+            ``down(swish(gate x) * up x)`` is ``ffn="glu", activation="swish"``.
     """
 
     vocab_size: int = 256
@@ -74,6 +80,9 @@ class RetNetConfig:
     pre_norm: bool = True
     relative_position: bool = True
     init_std: float = 0.02
+    # Pretrained fla-hub RetNets (models/fla.py): GPT-NeoX RoPE and a weighted RMS head norm.
+    rotation: str = "xpos"
+    head_norm_weight: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +128,15 @@ class RetNetConfig:
         for name in ("bias", "tie_embeddings", "embedding_norm", "relative_position", "pre_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        self._validate_fla_options()
+
+    def _validate_fla_options(self) -> None:
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        if not isinstance(self.head_norm_weight, bool):
+            raise ValueError(f"head_norm_weight must be a bool, got {self.head_norm_weight!r}")
+        if self.head_norm_weight and self.head_norm != "rmsnorm":
+            raise ValueError(f"head_norm_weight needs head_norm='rmsnorm', got head_norm={self.head_norm!r}")
 
     @property
     def key_head_dim(self) -> int:
@@ -204,3 +222,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "2.7b": {"vocab_size": 50000, "d_model": 2560, "num_heads": 10, "num_layers": 32, "ffn_dim": 5120},
     "6.7b": {"vocab_size": 50000, "d_model": 4096, "num_heads": 16, "num_layers": 32, "ffn_dim": 8192},
 }
+
+#: What makes a model flash-linear-attention's RetNet (all but the sizes; ``models/fla.py``):
+#: GPT-NeoX RoPE, weighted RMS head norm, SwiGLU MLP, RMSNorm blocks, no biases, no dropout.
+FLA_ARCHITECTURE: dict[str, Any] = {
+    "ffn": "glu", "activation": "swish", "gate_activation": "swish", "block_norm": "rmsnorm",
+    "head_norm": "rmsnorm", "head_norm_weight": True, "bias": False, "decay": "eq8", "embed_scale": 1.0,
+    "embedding_norm": False, "residual_scale": 1.0, "pre_norm": True, "relative_position": True,
+    "rotation": "rope", "dropout": 0.0, "activation_dropout": 0.0, "tie_embeddings": False,
+}
+# fla-hub/retnet-1.3B-100B and -2.7B-100B (Llama's 32k vocabulary); any size with these settings
+# exports to fla (``retnet convert --to fla``).
+PRESETS["fla-1.3b"] = {"vocab_size": 32000, "d_model": 2048, "num_heads": 8, "num_layers": 24, "ffn_dim": 2816,
+                       **FLA_ARCHITECTURE}
+PRESETS["fla-2.7b"] = {"vocab_size": 32000, "d_model": 2560, "num_heads": 10, "num_layers": 32, "ffn_dim": 3584,
+                       **FLA_ARCHITECTURE}

@@ -101,6 +101,8 @@ class RetNetDecoderLayer(nn.Module):
             norm_eps=config.norm_eps,
             relative_position=config.relative_position,
             decay=config.decay,
+            rotation=config.rotation,
+            head_norm_weight=config.head_norm_weight,
             **kw,
         )
         self.ffn_norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias, **kw)
@@ -211,7 +213,7 @@ class RetNetDecoderLayer(nn.Module):
         weight, bias, gamma = attn_tables
         out, fc2 = retention.out_proj, ffn.fc2
         return layer_step_plan(
-            norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma, head_norm=(retention.norm_weight, retention.norm_bias),
+            norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma, head_norm=retention.head_norm_affine(),
             out=(out.weight, out.bias), norm2=(w2, b2), fc1=glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias),
             fc2=(fc2.weight, fc2.bias), block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
             head_rms=retention.head_norm == "rmsnorm", gate_act=GATE_ACTIVATIONS[retention.gate_activation],
@@ -236,6 +238,8 @@ class RetNetDecoderLayer(nn.Module):
         if ffn.gate is not None:
             stacked += [ffn.fc1, ffn.gate]
         copied = [p for m in stacked for p in (m.weight, m.bias) if p is not None]
+        if retention.head_weight is not None:  # repeated per head into the plan
+            copied.append(retention.head_weight)
         return watch, copied
 
     def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
@@ -709,11 +713,12 @@ class RetNet(GenerationMixin, nn.Module):
     # Checkpoints and conversion live in their own modules; these are the entry points.
     # ----------------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory``, atomically."""
+    def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory``, atomically; a model
+        bigger than ``max_shard_size`` (default ``"5GB"``) goes into shards with an index."""
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, directory)
+        save_pretrained(self, directory, max_shard_size)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
@@ -722,6 +727,21 @@ class RetNet(GenerationMixin, nn.Module):
         from .checkpoint import load_pretrained
 
         return load_pretrained(cls, directory, device=device, dtype=dtype)
+
+    @classmethod
+    def from_fla(cls, path_or_state_dict: str | Path | dict[str, Tensor], config: dict[str, Any] | None = None,
+                 dtype: torch.dtype | None = None) -> RetNet:
+        """A flash-linear-attention RetNet (``fla-hub/retnet-*``): a checkpoint directory, or a
+        state dict with its fla config dict. See :mod:`yet_another_retnet.models.fla`."""
+        from .fla import from_fla
+
+        return from_fla(cls, path_or_state_dict, config, dtype=dtype)
+
+    def to_fla(self, directory: str | Path, max_shard_size: int | str | None = None) -> None:
+        """Write this model as an fla checkpoint (``config.json`` + safetensors) to ``directory``."""
+        from .fla import save_fla
+
+        save_fla(self, directory, max_shard_size)
 
     @classmethod
     def from_torchscale(cls, state_dict: dict[str, Tensor], config: Any) -> RetNet:

@@ -62,9 +62,9 @@ def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma:
             then key including ``dk ** -0.5``) or their ``torch.view_as_real``; ``None`` without
             rotation (the key is then scaled by ``dk ** -0.5`` alone).
         gamma: ``(h, 1, 1)`` decays in the memory's dtype.
-        norm_weight, norm_bias: ``(h dv,)`` the group norm's affine (``None`` for none).
+        norm_weight, norm_bias: ``(h dv,)`` the head norm's affine (``None`` for none).
         eps: the head norm's epsilon.
-        rms_norm: RMS norm over each head instead of the group norm (no affine).
+        rms_norm: RMS norm over each head instead of the group norm (with ``norm_weight`` if given).
         act: the gate activation (``None`` for identity).
     """
     code = _KERNEL_ACTIVATIONS.get(act)
@@ -124,6 +124,8 @@ def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | No
         y = y.view(batch, heads, dv)
         y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(proj.dtype)
         y = y.view(batch, value_dim)
+        if norm_weight is not None:
+            y = y * norm_weight
     gate = proj[:, 2 * key_dim + value_dim :]
     if act is not None:
         gate = act(gate)
@@ -155,7 +157,8 @@ def layer_step_plan(*, norm1: tuple[Tensor, Tensor | None], qkvg: tuple[Tensor, 
             (``block_rms``: RMSNorm, weight only).
         qkvg: the stacked q/k/v/g projection ``((2 h dk + 2 h dv, d_model), bias)``.
         gamma: ``(h, 1, 1)`` float32 decays.
-        head_norm: the group norm's ``(weight, bias)`` (``(None, None)`` with ``head_rms``).
+        head_norm: the head norm's ``(weight, bias)`` ``(h dv,)`` each (with ``head_rms``: a weight
+            or ``None``, and no bias).
         out: the output projection ``((d_model, h dv), bias)``.
         fc1, fc2: the FFN's products, ``fc1`` ``(ffn, d_model)`` or for a GLU ``(2 ffn, d_model)``
             (fc1 and gate stacked), ``fc2`` ``(d_model, ffn)``.

@@ -4,8 +4,18 @@ Queries and keys are rotated by their token's absolute (0-based) position; the d
 a rotated query and key then depends only on the distance between them. The decay
 ``gamma ** (n - m)`` replaces xPos's scale term, so only the rotation lives here.
 
-Angles are computed in float64 and cast afterwards: in float32, ``position * theta`` at
-position 2048 is already off by ~1e-4 rad, and bfloat16 cannot even count past 256.
+Two rotations (``kind``):
+
+- ``"xpos"`` (default): torchscale's, ``theta_i = 1 / 10000^(i / (dk/2 - 1))``. Angles are computed
+  in float64 and cast afterwards: in float32, ``position * theta`` at position 2048 is already off
+  by ~1e-4 rad, and bfloat16 cannot even count past 256.
+- ``"rope"``: GPT-NeoX's RoPE as flash-linear-attention's RetNets were trained with,
+  ``theta_i = 10000^(-2i / dk)``, with frequencies, angles, cosines and sines computed in float32
+  as that code does (a model trained with them is only exact with the same rounding).
+
+Both act on (even, odd) feature pairs, the layout every kernel here reads. GPT-NeoX pairs feature
+``i`` with ``i + dk/2`` instead; that is the same rotation of the features permuted within each
+head (:func:`halves_to_pairs`), which a converter applies once to the query and key weights.
 """
 
 from __future__ import annotations
@@ -15,25 +25,59 @@ import functools
 import torch
 from torch import Tensor
 
+ROTATIONS = ("xpos", "rope")
 
-def rotation_frequencies(key_dim: int, device: torch.device | str | None = None) -> Tensor:
-    """``theta`` of shape ``(key_dim,)`` in float64, each frequency repeated for an (even, odd) pair."""
+
+def rotation_frequencies(key_dim: int, device: torch.device | str | None = None, kind: str = "xpos") -> Tensor:
+    """``theta`` of shape ``(key_dim,)``, each frequency repeated for an (even, odd) pair: float64 for
+    ``"xpos"``, float32 (as computed by GPT-NeoX/fla) for ``"rope"``."""
     if key_dim % 2 != 0:
         raise ValueError(f"the key head dim must be even to apply the rotation, got {key_dim}")
-    theta = 1.0 / 10000 ** torch.linspace(0, 1, key_dim // 2, dtype=torch.float64, device=device)
+    if kind == "xpos":
+        theta = 1.0 / 10000 ** torch.linspace(0, 1, key_dim // 2, dtype=torch.float64, device=device)
+    elif kind == "rope":
+        theta = 1.0 / (10000.0 ** (torch.arange(0, key_dim, 2, dtype=torch.float32, device=device) / key_dim))
+    else:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {kind!r}")
     return theta.repeat_interleave(2)
 
 
-def rotation_tables(positions: Tensor, key_dim: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def rotation_cos_sin(positions: Tensor, key_dim: int, kind: str = "xpos") -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` of each pair's angle for integer ``positions`` ``P``: ``(*P, key_dim / 2)``,
+    float64 (``"xpos"``) or float32 (``"rope"``), before any cast."""
+    theta = rotation_frequencies(key_dim, device=positions.device, kind=kind)[::2]
+    angles = positions.to(theta.dtype).unsqueeze(-1) * theta
+    return torch.cos(angles), torch.sin(angles)
+
+
+def rotation_tables(positions: Tensor, key_dim: int, dtype: torch.dtype,
+                    kind: str = "xpos") -> tuple[Tensor, Tensor]:
     """``(cos, sin)`` tables for integer ``positions`` of any shape ``P``: each ``(*P, key_dim)``."""
-    theta = rotation_frequencies(key_dim, device=positions.device)
-    angles = positions.to(torch.float64).unsqueeze(-1) * theta
-    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+    if kind == "xpos":
+        theta = rotation_frequencies(key_dim, device=positions.device)
+        angles = positions.to(torch.float64).unsqueeze(-1) * theta
+        return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+    cos, sin = rotation_cos_sin(positions, key_dim, kind)
+    return cos.repeat_interleave(2, dim=-1).to(dtype), sin.repeat_interleave(2, dim=-1).to(dtype)
+
+
+def halves_to_pairs(weight: Tensor, num_heads: int) -> Tensor:
+    """Rows of a query/key projection ``(num_heads * dk, ...)`` from GPT-NeoX's layout (feature ``i``
+    rotated with ``i + dk/2``) to (even, odd) pairs: row ``i`` of a head goes to ``2i``, row
+    ``i + dk/2`` to ``2i + 1``. Exact (a permutation); :func:`pairs_to_halves` undoes it."""
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, 2, -1, *rest).transpose(1, 2).reshape(weight.shape)
+
+
+def pairs_to_halves(weight: Tensor, num_heads: int) -> Tensor:
+    """The inverse of :func:`halves_to_pairs`."""
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, -1, 2, *rest).transpose(1, 2).reshape(weight.shape)
 
 
 @functools.lru_cache(maxsize=4)
 def rotation_tables_from_zero(length: int, key_dim: int, dtype: torch.dtype,
-                              device: torch.device) -> tuple[Tensor, Tensor]:
+                              device: torch.device, kind: str = "xpos") -> tuple[Tensor, Tensor]:
     """Cached :func:`rotation_tables` of positions ``0 .. length - 1``: each ``(length, key_dim)``.
 
     Every training step and every prompt without a state counts from 0, so the same table serves
@@ -43,7 +87,7 @@ def rotation_tables_from_zero(length: int, key_dim: int, dtype: torch.dtype,
     comes under ``inference_mode``: a later backward may save them.
     """
     with torch.inference_mode(False), torch.no_grad():
-        return rotation_tables(torch.arange(length, device=device), key_dim, dtype)
+        return rotation_tables(torch.arange(length, device=device), key_dim, dtype, kind)
 
 
 def rotate_every_two(x: Tensor) -> Tensor:

@@ -68,7 +68,8 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizers`` tokenizer read from its JSON file (``tokenizer.json``)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, bos_token_id: int | None = None, eos_token_id: int | None = None,
+                 add_bos: bool = False) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
@@ -81,6 +82,9 @@ class HFTokenizer:
         except Exception as err:  # tokenizers raises its own Exception subclass on a bad file
             raise ValueError(f"{path} is not a Hugging Face tokenizers JSON file: {err}") from err
         self.path = path
+        #: Special tokens a pretrained model expects (``tokenizer_config.json``): ``add_bos`` puts
+        #: ``bos_token_id`` before a prompt; generation stops at ``eos_token_id``.
+        self.bos_token_id, self.eos_token_id, self.add_bos = bos_token_id, eos_token_id, add_bos
 
     @property
     def vocab_size(self) -> int:
@@ -100,7 +104,14 @@ class HFTokenizer:
 
         if self.path.resolve() != (directory / HF_TOKENIZER_FILE).resolve():
             atomic_write(directory / HF_TOKENIZER_FILE, lambda tmp: shutil.copyfile(self.path, tmp))
-        _write_tokenizer_config(directory, {"type": "hf", "file": HF_TOKENIZER_FILE})
+        _write_tokenizer_config(directory, {"type": "hf", "file": HF_TOKENIZER_FILE, **self._special()})
+
+    def _special(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"add_bos": self.add_bos} if self.add_bos else {}
+        for name in ("bos_token_id", "eos_token_id"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"type": "hf", "file": str(self.path), "vocab_size": self.vocab_size}
@@ -129,7 +140,20 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
     if kind == "byte":
         return ByteTokenizer()
     if kind == "hf":
-        return HFTokenizer(directory / str(data.get("file", HF_TOKENIZER_FILE)))
+        special: dict[str, Any] = {}
+        for name in ("bos_token_id", "eos_token_id"):
+            value = data.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{path}: {name} must be a token id, got {value!r}")
+            special[name] = value
+        if not isinstance(data.get("add_bos", False), bool):
+            raise ValueError(f"{path}: add_bos must be a bool, got {data.get('add_bos')!r}")
+        # A plain file name beside the config: files from elsewhere are data, not paths.
+        file = str(data.get("file", HF_TOKENIZER_FILE))
+        if Path(file).name != file:
+            raise ValueError(f"{path}: file must be a file name in {directory}, got {file!r}")
+        return HFTokenizer(directory / file, add_bos=bool(data.get("add_bos", False)) and special["bos_token_id"]
+                           is not None, **special)
     raise ValueError(f"{path}: unknown tokenizer type {kind!r} (expected 'byte' or 'hf')")
 
 
@@ -153,7 +177,9 @@ class StreamDecoder:
             return self._utf8.decode(bytes([int(token)]))
         self._ids.append(int(token))
         text = self.tokenizer.decode(self._ids)
-        stable = text[:-1] if text.endswith("\ufffd") else text
+        # Hold back every trailing replacement character: with byte-fallback tokenizers (Llama's
+        # SentencePiece BPE) each byte of an unfinished character decodes to one of them.
+        stable = text.rstrip("\ufffd")
         new = stable[self._emitted:]
         self._emitted = max(self._emitted, len(stable))
         return new

@@ -1,0 +1,38 @@
+"""``retnet convert``: checkpoint directories between this library's format and fla's."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+FORMAT_HELP = "ours (save_pretrained's directory) or fla (flash-linear-attention, e.g. fla-hub/retnet-1.3B-100B)"
+
+
+def add_parser(sub: Any, formatter: Any) -> None:
+    p = sub.add_parser(
+        "convert", formatter_class=formatter, help="convert a checkpoint directory (fla <-> ours)",
+        description="Convert a checkpoint directory. `retnet convert --from fla SRC OUT` reads an fla RetNet\n"
+                    "(config.json, safetensors, tokenizer.json) into our format; `retnet convert --to fla SRC OUT`\n"
+                    "writes one of ours for fla. OUT must not exist (or be empty); nothing is written on error.")
+    p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
+    p.add_argument("out", metavar="OUT", help="directory to write")
+    p.add_argument("--from", dest="source", default=None, help=f"format of SRC (default: detected): {FORMAT_HELP}")
+    p.add_argument("--to", dest="target", default=None, help="format of OUT (default: the other one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="store the weights in this dtype (default: as in SRC)")
+    p.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                   help="largest weights file, e.g. 2GB (default: 5GB, as Hugging Face writes them)")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models.convert import convert
+    from .models.shards import parse_size
+
+    if args.max_shard_size is not None:
+        parse_size(args.max_shard_size)  # a bad size is a usage error before anything is read
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    out = convert(args.src, args.out, args.source, args.target, dtype=dtype, max_shard_size=args.max_shard_size)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,139 @@
+"""Checkpoint directories from one format to another: ``retnet convert``.
+
+``ours``: :meth:`RetNet.save_pretrained`'s directory (``config.json``, safetensors, and a tokenizer
+described by ``tokenizer_config.json``). ``fla``: flash-linear-attention's ``RetNetForCausalLM``
+as on the Hugging Face Hub (``config.json`` with ``model_type: retnet``, safetensors, Hugging
+Face tokenizer files). The output directory is written under a temporary name beside it and
+renamed into place at the end: a conversion that fails writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CONFIG_NAME
+
+FORMATS = ("ours", "fla")
+#: Tokenizer files copied along as they are.
+COPIED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json", "generation_config.json")
+HF_TOKENIZER = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def detect_format(directory: Path) -> str:
+    """``"fla"`` or ``"ours"`` from ``config.json``; ``ValueError`` for anything else."""
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} is not a directory")
+    if not path.is_file():
+        raise ValueError(f"{directory} is not a checkpoint: no {CONFIG_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a config object")
+    if data.get("model_type") == "retnet" and "decoder_embed_dim" in data:
+        # syncdoth/RetNet shares the model_type; its math varies by version and option
+        # (use_lm_decay, use_ffn_rms_norm, ...): refused rather than guessed.
+        raise ValueError(f"{path}: a syncdoth/RetNet (torchscale-style) checkpoint; only fla's RetNet "
+                         "and ours are supported")
+    if data.get("model_type") == "retnet":
+        return "fla"
+    if "d_model" in data and "model_type" not in data:
+        return "ours"
+    raise ValueError(f"{path}: unknown checkpoint format (model_type {data.get('model_type')!r}); "
+                     f"known: {', '.join(FORMATS)}")
+
+
+def special_token_ids(src: Path, fla_config: dict[str, Any] | None) -> dict[str, Any]:
+    """``bos_token_id``/``eos_token_id``/``add_bos`` for our tokenizer config, from the fla config
+    and the Hugging Face ``tokenizer_config.json`` beside it."""
+    out: dict[str, Any] = {}
+    for name in ("bos_token_id", "eos_token_id"):
+        value = (fla_config or {}).get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value
+    hf_path = src / TOKENIZER_CONFIG
+    if hf_path.is_file():
+        try:
+            hf = json.loads(hf_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            hf = {}
+        if isinstance(hf, dict) and isinstance(hf.get("add_bos_token"), bool):
+            out["add_bos"] = hf["add_bos_token"]
+    if "bos_token_id" in out:
+        out.setdefault("add_bos", True)
+    return out
+
+
+def convert(src: str | Path, out: str | Path, source: str | None = None, target: str | None = None,
+            dtype: torch.dtype | None = None, max_shard_size: int | str | None = None) -> Path:
+    """Convert the checkpoint in ``src`` to ``target`` format in ``out`` (which must not exist or
+    be empty). ``source`` defaults to the detected format, ``target`` to the other one."""
+    from .fla import read_fla_config
+    from .retnet import RetNet
+
+    src, out = Path(src), Path(out)
+    detected = detect_format(src)
+    source = source or detected
+    if source not in FORMATS:
+        raise ValueError(f"unknown source format {source!r}; known: {', '.join(FORMATS)}")
+    if source != detected:
+        raise ValueError(f"{src} holds a {detected!r} checkpoint, not {source!r}")
+    target = target or ("ours" if source == "fla" else "fla")
+    if target not in FORMATS:
+        raise ValueError(f"unknown target format {target!r}; known: {', '.join(FORMATS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory")
+    if out.resolve() == src.resolve():
+        raise ValueError("the output directory must differ from the source")
+
+    fla_config = read_fla_config(src) if source == "fla" else None
+    model = RetNet.from_fla(src, dtype=dtype) if source == "fla" else RetNet.from_pretrained(src, dtype=dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        if target == "fla":
+            model.to_fla(tmp, max_shard_size)
+        else:
+            model.save_pretrained(tmp, max_shard_size)
+        for name in COPIED_TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        if target == "ours" and (src / HF_TOKENIZER).is_file():
+            described = {"type": "hf", "file": HF_TOKENIZER, **special_token_ids(src, fla_config)}
+            (tmp / TOKENIZER_CONFIG).write_text(json.dumps(described, indent=2) + "\n")
+        elif target == "fla" and (src / TOKENIZER_CONFIG).is_file():
+            _fla_tokenizer_config(src, tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fla_tokenizer_config(src: Path, tmp: Path) -> None:
+    """Our tokenizer description as Hugging Face's ``tokenizer_config.json`` and the ids in fla's config."""
+    try:
+        ours = json.loads((src / TOKENIZER_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{src / TOKENIZER_CONFIG} is not valid JSON: {err}") from err
+    if not isinstance(ours, dict) or ours.get("type") != "hf":
+        return  # the byte tokenizer has no Hugging Face form
+    config_path = tmp / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    for name in ("bos_token_id", "eos_token_id"):
+        if isinstance(ours.get(name), int):
+            config[name] = ours[name]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    hf = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(ours.get("add_bos", False))}
+    (tmp / TOKENIZER_CONFIG).write_text(json.dumps(hf, indent=2) + "\n")

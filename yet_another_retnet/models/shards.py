@@ -1,0 +1,217 @@
+"""Big checkpoints: sharded safetensors with ``model.safetensors.index.json``, loaded without a copy.
+
+The layout is Hugging Face's: one ``model.safetensors`` when everything fits in one shard, else
+``model-00001-of-0000N.safetensors`` ... and an index ``{"metadata": {"total_size": bytes},
+"weight_map": {name: file}}``. Shards hold whole tensors, filled in order up to ``max_shard_size``
+(default 5 GB, as ``transformers`` writes them).
+
+Loading builds the model on the meta device (no memory, no initialisation) and fills it one
+tensor at a time: each tensor is read from a shard opened for it alone, converted (renamed,
+permuted, cast to the dtype asked for) and set in place, and the shard is closed again, which
+unmaps the pages it read. A weight whose stored dtype is the one asked for and which needs no
+conversion stays a view of the memory-mapped file. Peak memory is then the model in its target
+dtype plus about one tensor, never the model twice.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .checkpoint import WEIGHTS_NAME, atomic_write
+
+INDEX_NAME = "model.safetensors.index.json"
+#: Hugging Face's default largest shard, in bytes ("5GB").
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"``; ``ValueError`` otherwise."""
+    if isinstance(size, bool):
+        raise ValueError(f"max_shard_size must be a positive size, got {size!r}")
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(size))
+        if match is None or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"max_shard_size must be a size like '5GB' or a number of bytes, got {size!r}")
+        value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value < 1:
+        raise ValueError(f"max_shard_size must be a positive size, got {size!r}")
+    return value
+
+
+def plan_shards(tensors: Mapping[str, Tensor], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[list[str]]:
+    """Names grouped into shards of at most ``max_shard_size`` bytes (a bigger tensor alone)."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def save_sharded(tensors: Mapping[str, Tensor], directory: str | Path,
+                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                 metadata: dict[str, str] | None = None) -> list[str]:
+    """Write ``tensors`` to ``directory`` as one file or shards plus index; returns the files.
+
+    Every file is written atomically (see :func:`~.checkpoint.atomic_write`), the index last;
+    shard files and an index left from an earlier save that the new one does not use are removed
+    afterwards, so the directory never names a file that is not there.
+    """
+    directory = Path(directory)
+    groups = plan_shards(tensors, max_shard_size)
+    meta = {"format": "pt", **(metadata or {})}
+    if len(groups) == 1:
+        names = [WEIGHTS_NAME]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
+    for file, group in zip(names, groups, strict=True):
+        part = {name: tensors[name].detach().contiguous().cpu() for name in group}
+        atomic_write(directory / file, lambda tmp, part=part: save_file(part, str(tmp), metadata=meta))
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {name: file for file, group in zip(names, groups, strict=True) for name in group}}
+        atomic_write(directory / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
+    else:
+        (directory / INDEX_NAME).unlink(missing_ok=True)
+    for stale in directory.iterdir():
+        if stale.name not in names and (_SHARD_PATTERN.fullmatch(stale.name) or stale.name == WEIGHTS_NAME):
+            stale.unlink()
+    return names
+
+
+def weight_files(directory: str | Path) -> dict[str, Path]:
+    """Each stored tensor's name and the file holding it, from the index or the single file.
+
+    Raises ``FileNotFoundError`` when there are no weights or a file the index names is missing,
+    ``ValueError`` for an index that is not one.
+    """
+    directory = Path(directory)
+    index_path = directory / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{index_path} is not valid JSON: {err}") from err
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_path} has no weight_map of tensor names to files")
+        files: dict[str, Path] = {}
+        for file in sorted(set(weight_map.values())):
+            # Files from elsewhere are data: a shard must be a plain name inside the directory.
+            if Path(file).name != file or file in ("", ".", ".."):
+                raise ValueError(f"{index_path} names a shard outside the checkpoint: {file!r}")
+            if not (directory / file).is_file():
+                raise FileNotFoundError(f"{index_path} names {file}, which is not in {directory}")
+            files[file] = directory / file
+        return {name: files[file] for name, file in weight_map.items()}
+    single = directory / WEIGHTS_NAME
+    if not single.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
+    try:
+        with safe_open(str(single), framework="pt", device="cpu") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise OSError(f"{single} is truncated or corrupt: {err}") from err
+
+
+def tensor_shapes(files: Mapping[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``(shape, dtype name)`` of each tensor in ``files`` (from the headers; nothing is read).
+
+    Also checks that every file holds the tensors the index says it does.
+    """
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path, names in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                absent = sorted(set(names) - present)
+                if absent:
+                    raise ValueError(f"{path} does not hold {absent[:5]}, which the index puts there")
+                for name in names:
+                    piece = f.get_slice(name)
+                    out[name] = (tuple(piece.get_shape()), str(piece.get_dtype()))
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise OSError(f"{path} is truncated or corrupt: {err}") from err
+    return out
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise OSError(f"{path} is truncated or corrupt: {err}") from err
+
+
+def read_tensor(path: Path, name: str) -> Tensor:
+    """One tensor, from a mapping of ``path`` opened for it alone (closing it unmaps what was read)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.get_tensor(name)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise OSError(f"{path} is truncated or corrupt: {err}") from err
+
+
+def stored_dtype(files: Mapping[str, Path]) -> torch.dtype:
+    """The dtype of the first floating-point tensor stored (the default dtype to load in)."""
+    for name, path in files.items():
+        t = read_tensor(path, name)
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def fill_model(model: nn.Module, sources: Iterable[tuple[str, Callable[[], Tensor]]],
+               dtype: torch.dtype) -> nn.Module:
+    """Set each parameter ``name`` of a meta-device ``model`` to ``make()`` cast to ``dtype``.
+
+    One tensor at a time (the caller's ``make`` reads it); every parameter must be filled. Each
+    weight gets its own memory: a tensor already in ``dtype`` (a view of a memory-mapped file, or
+    a caller's tensor) is copied, so the model never depends on a file staying in place or in the
+    page cache (evicted file pages would be read from disk again on every decoding step).
+    """
+    for name, make in sources:
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = module._parameters.get(leaf)
+        if old is None:
+            raise RuntimeError(f"fill_model: the model has no parameter {name}")  # a converter bug
+        t = make()
+        if tuple(t.shape) != tuple(old.shape):
+            raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the config's {tuple(old.shape)}")
+        cast = t.to(dtype)
+        owned = cast.clone(memory_format=torch.contiguous_format) if cast is t else cast.contiguous()
+        del t, cast  # the source view goes now: its file mapping is released before the next read
+        module._parameters[leaf] = nn.Parameter(owned, requires_grad=old.requires_grad)
+    return model
+
+
+def tie_and_check(model: Any) -> None:
+    """Re-tie a tied head to the embedding and check that no parameter is left on the meta device."""
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"weights left unset while loading: {left[:5]}")  # a converter bug
