@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CONFIG_NAME
+from .config import MODEL_TYPE
 
 FORMATS = ("ours", "fla")
 #: Tokenizer files copied along as they are.
@@ -46,7 +47,7 @@ def detect_format(directory: Path) -> str:
                          "and ours are supported")
     if data.get("model_type") == "retnet":
         return "fla"
-    if "d_model" in data and "model_type" not in data:
+    if "d_model" in data and data.get("model_type", MODEL_TYPE) == MODEL_TYPE:
         return "ours"
     raise ValueError(f"{path}: unknown checkpoint format (model_type {data.get('model_type')!r}); "
                      f"known: {', '.join(FORMATS)}")
