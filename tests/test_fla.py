@@ -220,3 +220,20 @@ def test_from_pretrained_reads_and_writes_shards(tmp_path: Path, oracle32):
     save_file({name: torch.zeros(3, 3), **{k: v for k, v in tensors.items() if k != name}}, str(victim))
     with pytest.raises(ValueError, match="wrong shape"):
         RetNet.from_pretrained(tmp_path / "many")
+
+
+def test_a_model_converted_from_fla_loads_through_the_auto_classes(oracle32, tmp_path):
+    """fla checkpoint -> `retnet convert --from fla` -> transformers' AutoModelForCausalLM."""
+    pytest.importorskip("transformers")
+    import yet_another_retnet.hf  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    model, ids, expected = oracle32
+    src, ours_dir = tmp_path / "fla", tmp_path / "ours"
+    with fla_on_cpu():
+        model.save_pretrained(src)
+    assert main(["convert", "--from", "fla", str(src), str(ours_dir)]) == 0
+    auto = AutoModelForCausalLM.from_pretrained(ours_dir).eval()
+    with torch.no_grad():
+        got = auto(input_ids=ids).logits
+    assert rel_err(got, expected) <= 2e-5
