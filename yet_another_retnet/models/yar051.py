@@ -100,14 +100,27 @@ def layer_to_ours(weights: Mapping[str, Tensor], prefix: str, key_dim: int) -> d
     out = {ours: weights[prefix + theirs] for theirs, ours in _LAYER_KEYS.items() if prefix + theirs in weights}
     thetas = weights.get(prefix + "retention.thetas")
     if thetas is not None:
-        expected = rotation_frequencies(key_dim)
-        if thetas.shape != expected.shape or not torch.allclose(thetas.double().cpu(), expected, rtol=1e-5, atol=1e-7):
-            raise ValueError(f"{prefix}retention.thetas is not 0.5.1's rotation for head dim {key_dim}")
+        check_thetas(thetas, key_dim, prefix + "retention.thetas")
     value = out.get("retention.v_proj.weight")
     if value is not None:
         out["retention.norm_weight"] = torch.ones(value.shape[0], dtype=value.dtype, device=value.device)
         out["retention.norm_bias"] = torch.zeros(value.shape[0], dtype=value.dtype, device=value.device)
     return out
+
+
+def yar051_thetas(key_dim: int, like: Tensor) -> Tensor:
+    """0.5.1's ``retention.thetas`` buffer ``(key_dim,)``: our rotation frequencies, in ``like``'s
+    dtype and device."""
+    return rotation_frequencies(key_dim).to(dtype=like.dtype, device=like.device)
+
+
+def check_thetas(thetas: object, key_dim: int, name: str) -> None:
+    """``ValueError`` unless ``thetas`` is 0.5.1's rotation for head dim ``key_dim``: the only
+    rotation this model computes."""
+    expected = rotation_frequencies(key_dim)
+    if (not isinstance(thetas, Tensor) or thetas.shape != expected.shape
+            or not torch.allclose(thetas.double().cpu(), expected, rtol=1e-5, atol=1e-7)):
+        raise ValueError(f"{name} is not 0.5.1's rotation for head dim {key_dim}")
 
 
 def layer_to_yar051(weights: Mapping[str, Tensor], prefix: str, key_dim: int) -> dict[str, Tensor]:
@@ -120,7 +133,7 @@ def layer_to_yar051(weights: Mapping[str, Tensor], prefix: str, key_dim: int) ->
     if weight is not None and bias is not None and not (bool((weight == 1).all()) and bool((bias == 0).all())):
         raise ValueError(f"{prefix}retention.norm_weight/norm_bias are not 1/0: 0.5.1's head norm has no affine")
     like = out["retention.q_proj.weight"]
-    out["retention.thetas"] = rotation_frequencies(key_dim).to(dtype=like.dtype, device=like.device)
+    out["retention.thetas"] = yar051_thetas(key_dim, like)
     return out
 
 
