@@ -1,4 +1,4 @@
-"""The ``retnet`` command line: train, generate, eval, info and bench.
+"""The ``retnet`` command line: train, generate, eval, info, bench and convert.
 
 ``retnet train`` with no arguments trains a small RetNet on the embedded corpus (about 10
 minutes on 2 CPU cores). Run ``retnet <command> --help`` for each command's options. A user
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_info(sub)
     _add_bench(sub)
+    from .compat import convert  # retnet convert --from yar051 (compat/convert.py)
+
+    convert.add_parser(sub, _formatter)
     return parser
 
 
@@ -354,6 +357,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .compat import convert
+
+    return convert.run(args)
+
+
+COMMANDS["convert"] = cmd_convert
 
 
 def main(argv: Sequence[str] | None = None) -> int:
