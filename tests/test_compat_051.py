@@ -101,6 +101,13 @@ def test_051_checkpoint_loads_and_matches_051(oracle, name, tmp_path):
     with torch.no_grad():
         for mode in ("parallel", "chunkwise", "recurrent"):
             torch.testing.assert_close(model(ids[name], mode=mode, chunk_size=4).logits, theirs["logits"], **tol)
+        # token by token: the fast decoding step (post-norm branch style, the head's bias)
+        state, steps = None, []
+        for t in range(ids[name].shape[1]):
+            out = model(ids[name][:, t:t + 1], state=state)
+            state = out.state
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, dim=1), theirs["logits"], **tol)
     # Our adapter's own weights give 0.5.1 what they give us.
     mine = RetNet(**spec).eval()
     mine.load_state_dict(ours[name])
