@@ -18,3 +18,6 @@ pip_install --no-deps "torchscale==0.3.0" "fairscale==0.4.13"
 pip_install "transformers>=5.6.2,<6" "accelerate>=1.1.0" "triton>=3.3" "einops"
 pip_install "flash-linear-attention==0.6.0" "fla-core==0.6.0"
 pip_install "lm-eval>=0.4.5"
+# yet-another-retnet 0.5.1 (the PyPI release this package replaces; same import name, so into a
+# folder of its own): the oracle of tests/test_compat_051.py and a peer of `retnet bench peers`.
+pip_install --no-deps --upgrade --target "$(dirname "$0")/../.peers/yaretnet051" "yet-another-retnet==0.5.1" "einops"

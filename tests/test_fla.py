@@ -225,8 +225,9 @@ def test_from_pretrained_reads_and_writes_shards(tmp_path: Path, oracle32):
 def test_a_model_converted_from_fla_loads_through_the_auto_classes(oracle32, tmp_path):
     """fla checkpoint -> `retnet convert --from fla` -> transformers' AutoModelForCausalLM."""
     pytest.importorskip("transformers")
-    import yet_another_retnet.hf  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForCausalLM
+
+    import yet_another_retnet.hf  # noqa: F401  (registers the Auto classes)
 
     model, ids, expected = oracle32
     src, ours_dir = tmp_path / "fla", tmp_path / "ours"

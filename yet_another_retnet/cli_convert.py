@@ -1,11 +1,16 @@
-"""``retnet convert``: checkpoint directories between this library's format and fla's."""
+"""``retnet convert``: checkpoints between this library's format and fla's, and from 0.5.1's.
+
+``--from fla`` / ``--to fla`` (models/convert.py) work on checkpoint directories; ``--from
+yar051`` (compat/convert.py) reads a yet-another-retnet 0.5.1 state-dict file.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-FORMAT_HELP = "ours (save_pretrained's directory) or fla (flash-linear-attention, e.g. fla-hub/retnet-1.3B-100B)"
+FORMAT_HELP = ("ours (save_pretrained's directory), fla (flash-linear-attention, e.g. fla-hub/retnet-1.3B-100B) "
+               "or yar051 (a yet-another-retnet 0.5.1 RetNet state dict: torch.save file or .safetensors)")
 
 
 def add_parser(sub: Any, formatter: Any) -> None:
@@ -13,7 +18,8 @@ def add_parser(sub: Any, formatter: Any) -> None:
         "convert", formatter_class=formatter, help="convert a checkpoint directory (fla <-> ours)",
         description="Convert a checkpoint directory. `retnet convert --from fla SRC OUT` reads an fla RetNet\n"
                     "(config.json, safetensors, tokenizer.json) into our format; `retnet convert --to fla SRC OUT`\n"
-                    "writes one of ours for fla. OUT must not exist (or be empty); nothing is written on error.")
+                    "writes one of ours for fla; `retnet convert --from yar051 old.pt OUT` reads a yet-another-retnet\n"
+                    "0.5.1 state dict. OUT must not exist (or be empty); nothing is written on error.")
     p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
     p.add_argument("out", metavar="OUT", help="directory to write")
     p.add_argument("--from", dest="source", default=None, help=f"format of SRC (default: detected): {FORMAT_HELP}")
@@ -22,9 +28,20 @@ def add_parser(sub: Any, formatter: Any) -> None:
                    help="store the weights in this dtype (default: as in SRC)")
     p.add_argument("--max-shard-size", default=None, metavar="SIZE",
                    help="largest weights file, e.g. 2GB (default: 5GB, as Hugging Face writes them)")
+    from .compat.convert import add_yar051_arguments
+
+    add_yar051_arguments(p)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    if args.source == "yar051":
+        from .compat.convert import run
+
+        for flag, value in (("--to", args.target), ("--dtype", args.dtype), ("--max-shard-size", args.max_shard_size)):
+            if value is not None:
+                raise ValueError(f"{flag} does not apply to --from yar051")
+
+        return run(args)
     import torch
 
     from .models.convert import convert

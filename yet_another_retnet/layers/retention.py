@@ -9,6 +9,7 @@ position, so a caller never passes an index and any form can continue where anot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ from ..ops.retention import (
 )
 from ..ops.retention_core import retention_core, retention_core_applies
 from ..ops.split_heads import split_heads, split_heads_apply
+from . import legacy
 
 HEAD_NORMS = ("groupnorm", "rmsnorm")
 #: Input dtypes of the fused multi-token path (half inputs take the plain path).
@@ -100,14 +102,19 @@ class MultiScaleRetention(nn.Module):
     Args:
         embed_dim: model width ``d``; queries and keys are ``d`` wide (key head dim ``d / heads``).
         num_heads: number of heads, each with its own decay rate.
-        value_factor: value width as a multiple of ``embed_dim`` (paper: 2).
-        bias: biases on the projections.
         dropout: dropout on the output.
+        relative_position: rotate queries and keys by position (xPos/RoPE-like).
+        bias: biases on the projections.
+        batch_first, activation, group_norm_eps: yet-another-retnet 0.5.1's names, accepted in
+            its positional order: ``batch_first`` must be True; ``activation`` is
+            ``gate_activation`` (a name or ``F.silu`` / ``F.gelu`` / ``F.relu``),
+            ``group_norm_eps`` is ``norm_eps``.
+        value_factor: value width as a multiple of ``embed_dim`` (paper: 2). Keyword-only, as
+            are the options below.
         gate_activation: ``"swish"`` (paper), ``"gelu"``, ``"relu"`` or ``"identity"``.
         head_norm: ``"groupnorm"`` (paper: per-head LayerNorm with affine) or ``"rmsnorm"``
             (torchscale: per-head RMSNorm without affine).
         norm_eps: epsilon of the head norm.
-        relative_position: rotate queries and keys by position (xPos/RoPE-like).
         decay: ``"eq8"`` (default), ``"log-spaced"`` or a ``(num_heads,)`` tensor of gammas.
         rotation: ``"xpos"`` (torchscale's frequencies) or ``"rope"`` (GPT-NeoX/fla's, float32);
             see :mod:`yet_another_retnet.ops.position`.
@@ -119,20 +126,30 @@ class MultiScaleRetention(nn.Module):
         self,
         embed_dim: int,
         num_heads: int,
-        value_factor: float = 2.0,
-        bias: bool = False,
         dropout: float = 0.0,
+        relative_position: bool = True,
+        bias: bool = False,
+        batch_first: bool = True,
+        activation: str | Callable[[Tensor], Tensor] | None = None,
+        group_norm_eps: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        value_factor: float = 2.0,
         gate_activation: str = "swish",
         head_norm: str = "groupnorm",
         norm_eps: float = 1e-6,
-        relative_position: bool = True,
         decay: str | Tensor = "eq8",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
         rotation: str = "xpos",
         head_norm_weight: bool = False,
     ) -> None:
         super().__init__()
+        # The positional order and ``batch_first`` / ``activation`` / ``group_norm_eps`` are those
+        # of yet-another-retnet 0.5.1 (layers/legacy.py); our options are keyword-only.
+        if not batch_first:
+            raise NotImplementedError("batch_first=False is not supported: inputs are (batch, length, embed_dim)")
+        gate_activation = legacy.gate_activation_name(activation, gate_activation)
+        norm_eps = legacy.head_norm_eps(group_norm_eps, norm_eps)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -605,36 +622,64 @@ class MultiScaleRetention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """Parallel form: inputs ``(batch, length, embed_dim)`` -> ``(y, weights_or_None)``.
 
-        ``weights`` ``(batch, heads, length, length)`` are the decayed retention scores.
+        ``weights`` ``(batch, heads, length, length)`` are the decayed retention scores. A bool
+        fourth argument is ``need_weights`` (yet-another-retnet 0.5.1's order).
         """
+        if isinstance(prev_state, bool):
+            prev_state, need_weights = None, need_weights or prev_state
         self._checked(query, key, value, 3, prev_state)
         y, _, weights = self.retain(query, key, value, prev_state, "parallel", need_weights=need_weights)
         return y, weights
 
     def forward_recurrent(
-        self, query: Tensor, key: Tensor, value: Tensor, prev_state: RetentionState | None = None
-    ) -> tuple[Tensor, RetentionState]:
-        """One token: inputs ``(batch, embed_dim)`` -> ``(y (batch, embed_dim), state)``."""
-        self._checked(query, key, value, 2, prev_state)
-        y, state, _ = self.retain(
-            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), prev_state, "recurrent"
+        self, query: Tensor, key: Tensor, value: Tensor, *args: Any,
+        prev_state: RetentionState | Tensor | None = None, seq_idx: int | None = None,
+    ) -> tuple[Tensor, Any]:
+        """One token: inputs ``(batch, embed_dim)`` -> ``(y (batch, embed_dim), state)``.
+
+        ``forward_recurrent(q, k, v, prev_state)``: ``prev_state`` is ``None`` or the
+        :class:`RetentionState` a previous call returned, which knows its position.
+        yet-another-retnet 0.5.1's ``forward_recurrent(q, k, v, seq_idx, prev_state)`` (also by
+        keyword) takes and returns a plain ``(batch, heads, dk, dv)`` tensor state at position
+        ``seq_idx`` (a ``RetentionState`` elsewhere than ``seq_idx`` is a ``ValueError``).
+        """
+        call = legacy.sort_args("forward_recurrent", args, ("prev_state",), "seq_idx",
+                                {"prev_state": prev_state, "seq_idx": seq_idx})
+        state = self._legacy_state(call["prev_state"], call["seq_idx"], "seq_idx", query)
+        self._checked(query, key, value, 2, state)
+        y, new_state, _ = self.retain(
+            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), state, "recurrent"
         )
-        assert state is not None
-        return y.squeeze(1), state
+        assert new_state is not None
+        return y.squeeze(1), new_state if call["seq_idx"] is None else new_state.memory
 
     def forward_chunkwise(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        prev_state: RetentionState | None = None,
-        chunk_size: int | None = None,
-    ) -> tuple[Tensor, RetentionState]:
-        """Chunkwise form: inputs ``(batch, length, embed_dim)`` -> ``(y, state)``."""
-        self._checked(query, key, value, 3, prev_state)
-        y, state, _ = self.retain(query, key, value, prev_state, "chunkwise", chunk_size=chunk_size)
-        assert state is not None
-        return y, state
+        self, query: Tensor, key: Tensor, value: Tensor, *args: Any,
+        prev_state: RetentionState | Tensor | None = None, chunk_size: int | None = None,
+        start_idx: int | None = None,
+    ) -> tuple[Tensor, Any]:
+        """Chunkwise form: inputs ``(batch, length, embed_dim)`` -> ``(y, state)``.
+
+        ``forward_chunkwise(q, k, v, prev_state, chunk_size)`` returns a :class:`RetentionState`.
+        yet-another-retnet 0.5.1's ``forward_chunkwise(q, k, v, start_idx, prev_state)`` (also by
+        keyword) takes and returns a plain tensor state, as :meth:`forward_recurrent` does.
+        """
+        call = legacy.sort_args("forward_chunkwise", args, ("prev_state", "chunk_size"), "start_idx",
+                                {"prev_state": prev_state, "chunk_size": chunk_size, "start_idx": start_idx})
+        state = self._legacy_state(call["prev_state"], call["start_idx"], "start_idx", query)
+        self._checked(query, key, value, 3, state)
+        y, new_state, _ = self.retain(query, key, value, state, "chunkwise", chunk_size=call["chunk_size"])
+        assert new_state is not None
+        return y, new_state if call["start_idx"] is None else new_state.memory
+
+    def _legacy_state(self, prev_state: object, index: object, index_name: str,
+                      query: Tensor) -> RetentionState | None:
+        """The state of a call, given its (0.5.1-style) index or not (layers/legacy.py)."""
+        if index is not None:
+            return legacy.state_at_index(self, prev_state, index, index_name, query)
+        if isinstance(prev_state, Tensor):
+            raise legacy.plain_tensor_state_error(index_name)
+        return prev_state  # type: ignore[return-value]  # checked by _checked
 
     def forward(
         self,

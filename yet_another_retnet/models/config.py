@@ -14,6 +14,9 @@ from ..layers.retention import GATE_ACTIVATIONS, HEAD_NORMS
 from ..ops.decay import DECAY_SCHEDULES
 from ..ops.position import ROTATIONS
 
+#: ``post_norm_style`` values: torchscale's ``norm(x + f(x))`` and 0.5.1's ``x + norm(f(x))``.
+POST_NORM_STYLES = ("residual", "branch")
+
 
 @dataclass
 class RetNetConfig:
@@ -54,6 +57,13 @@ class RetNetConfig:
         head_norm_weight: a learned weight ``(dv,)`` shared by all heads on the RMS head norm
             (fla's RetNet; needs ``head_norm="rmsnorm"``). fla's SwiGLU MLP
             ``down(swish(gate x) * up x)`` is ``ffn="glu", activation="swish"``.
+        final_norm: a norm after the last layer; ``None`` (default): with ``pre_norm`` only.
+            yet-another-retnet 0.5.1 had none.
+        post_norm_style: with ``pre_norm=False``, ``"residual"`` (default, torchscale):
+            ``norm(alpha * x + f(x))``; ``"branch"`` (yet-another-retnet 0.5.1):
+            ``alpha * x + norm(f(x))``.
+        head_norm_eps: epsilon of the per-head norm; ``None`` (default): ``norm_eps``.
+        lm_head_bias: a bias on the LM head (yet-another-retnet 0.5.1).
     """
 
     vocab_size: int = 256
@@ -83,6 +93,11 @@ class RetNetConfig:
     # Pretrained fla-hub RetNets (models/fla.py): GPT-NeoX RoPE and a weighted RMS head norm.
     rotation: str = "xpos"
     head_norm_weight: bool = False
+    # The architecture of yet-another-retnet 0.5.1 (models/yar051.py); defaults change nothing.
+    final_norm: bool | None = None
+    post_norm_style: str = "residual"
+    head_norm_eps: float | None = None
+    lm_head_bias: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,6 +144,7 @@ class RetNetConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._validate_fla_options()
+        self._validate_yar051_fields()
 
     def _validate_fla_options(self) -> None:
         if self.rotation not in ROTATIONS:
@@ -137,6 +153,25 @@ class RetNetConfig:
             raise ValueError(f"head_norm_weight must be a bool, got {self.head_norm_weight!r}")
         if self.head_norm_weight and self.head_norm != "rmsnorm":
             raise ValueError(f"head_norm_weight needs head_norm='rmsnorm', got head_norm={self.head_norm!r}")
+
+    def _validate_yar051_fields(self) -> None:
+        if self.final_norm is not None and not isinstance(self.final_norm, bool):
+            raise ValueError(f"final_norm must be a bool or None, got {self.final_norm!r}")
+        if self.post_norm_style not in POST_NORM_STYLES:
+            raise ValueError(f"post_norm_style must be one of {POST_NORM_STYLES}, got {self.post_norm_style!r}")
+        if self.pre_norm and self.post_norm_style != "residual":
+            raise ValueError("post_norm_style='branch' needs pre_norm=False")
+        eps = self.head_norm_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float)
+                                or not math.isfinite(eps) or eps < 0):
+            raise ValueError(f"head_norm_eps must be None or a finite number >= 0, got {eps!r}")
+        if not isinstance(self.lm_head_bias, bool):
+            raise ValueError(f"lm_head_bias must be a bool, got {self.lm_head_bias!r}")
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Whether a norm follows the last layer (``final_norm``, or ``pre_norm`` by default)."""
+        return self.pre_norm if self.final_norm is None else self.final_norm
 
     @property
     def key_head_dim(self) -> int:

@@ -89,6 +89,7 @@ class RetNetDecoderLayer(nn.Module):
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.residual_scale = config.residual_scale
         self.pre_norm = config.pre_norm
+        self.branch_norm = config.post_norm_style == "branch"  # x + norm(f(x)), yet-another-retnet 0.5.1
         self.dropout = config.dropout
         self.retention_norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias, **kw)
         self.retention = MultiScaleRetention(
@@ -98,7 +99,7 @@ class RetNetDecoderLayer(nn.Module):
             bias=config.bias,
             gate_activation=config.gate_activation,
             head_norm=config.head_norm,
-            norm_eps=config.norm_eps,
+            norm_eps=config.norm_eps if config.head_norm_eps is None else config.head_norm_eps,
             relative_position=config.relative_position,
             decay=config.decay,
             rotation=config.rotation,
@@ -111,9 +112,14 @@ class RetNetDecoderLayer(nn.Module):
             config.activation_dropout, **kw,
         )
 
-    def _residual(self, x: Tensor, branch: Tensor) -> Tensor:
-        branch = F.dropout(branch, p=self.dropout, training=self.training)
+    def _residual(self, x: Tensor, branch: Tensor, normed: bool = False) -> Tensor:
+        """``alpha * x + dropout(branch)``; ``normed``: ``branch`` is already dropped and normed."""
+        if not normed:
+            branch = self._dropped(branch)
         return x + branch if self.residual_scale == 1.0 else x * self.residual_scale + branch
+
+    def _dropped(self, branch: Tensor) -> Tensor:
+        return F.dropout(branch, p=self.dropout, training=self.training)
 
     def forward(
         self,
@@ -128,6 +134,9 @@ class RetNetDecoderLayer(nn.Module):
         if not self.pre_norm:
             # Post-norm (torchscale with decoder_normalize_before off, e.g. DeepNorm).
             h, new_state, _ = self.retention.retain(x, x, x, state, mode, chunk_size, rotation, token_mask)
+            if self.branch_norm:
+                x = self._residual(x, self.retention_norm(h), normed=True)
+                return self._residual(x, self.ffn_norm(self._dropped(self.ffn(x))), normed=True), new_state
             x = self.retention_norm(self._residual(x, h))
             return self.ffn_norm(self._residual(x, self.ffn(x))), new_state
         h = self.retention_norm(x)
@@ -191,6 +200,10 @@ class RetNetDecoderLayer(nn.Module):
         attn_tables, glu = tables if tables is not None else self.decode_tables(memory.dtype)
         scale = self.residual_scale
         # Each residual is added inside the branch's last matrix-vector product.
+        if self.branch_norm:
+            h, memory = retention.step(x, memory, rotation, None, attn_tables)
+            x = (x if scale == 1.0 else x * scale) + self.retention_norm(h)
+            return (x if scale == 1.0 else x * scale) + self.ffn_norm(self._ffn_step(x, torch.zeros_like(x), glu)), memory
         if not self.pre_norm:
             h, memory = retention.step(x, memory, rotation, x if scale == 1.0 else x * scale, attn_tables)
             x = self.retention_norm(h)
@@ -291,7 +304,7 @@ class RetNetDecoder(nn.Module):
         self.layers = nn.ModuleList(RetNetDecoderLayer(config, device, dtype) for _ in range(config.num_layers))
         # A post-norm stack ends normalised already: no final norm (as in torchscale).
         self.norm = build_norm(config.block_norm, config.d_model, config.norm_eps, config.bias,
-                               device=device, dtype=dtype) if config.pre_norm else nn.Identity()
+                               device=device, dtype=dtype) if config.has_final_norm else nn.Identity()
         self.gradient_checkpointing = False
 
     def _retention(self, i: int) -> MultiScaleRetention:
@@ -454,13 +467,15 @@ class RetNet(GenerationMixin, nn.Module):
             if config.embedding_norm else None
         )
         self.decoder = RetNetDecoder(config, **kw)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False, **kw)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=config.lm_head_bias, **kw)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         if self.embed_tokens.weight.device.type != "meta":
             nn.init.normal_(self.embed_tokens.weight, std=config.init_std)
             if not config.tie_embeddings:
                 nn.init.normal_(self.lm_head.weight, std=config.init_std)
+            if self.lm_head.bias is not None:
+                nn.init.zeros_(self.lm_head.bias)
 
     # ----------------------------------------------------------------------------------------
 
@@ -690,14 +705,14 @@ class RetNet(GenerationMixin, nn.Module):
         compiled, keep_kernel_steps = self.__dict__.get("_compiled_decode", (None, False))
         if compiled is None:
             hidden, new_state = self.decoder.step(self._embed(ids), state)
-            return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
+            return RetNetOutput(linear_step(hidden, self.lm_head.weight, self.lm_head.bias)[:, None], new_state)
         if state is None:
             state = self.empty_state(ids.shape[0])
         dtype = state.memories[0].dtype
         plans = self.decoder._step_plans(dtype) if keep_kernel_steps and ids.shape[0] <= KERNEL_MAX_ROWS else None
         if plans is not None:  # the one-call layer kernels beat the graph (see compile_decode)
             hidden, new_state = self.decoder._step(self._embed(ids), state, plans)
-            return RetNetOutput(linear_step(hidden, self.lm_head.weight)[:, None], new_state)
+            return RetNetOutput(linear_step(hidden, self.lm_head.weight, self.lm_head.bias)[:, None], new_state)
         rotation = self.decoder._retention(0).step_rotation(state.position, dtype)
         real = None if rotation is None else torch.view_as_real(rotation)  # inductor: no complex ops
         logits, memories = compiled(ids, list(state.memories), real, self.decoder.decode_tables(dtype))
@@ -707,7 +722,7 @@ class RetNet(GenerationMixin, nn.Module):
                        tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
         """``(logits (batch, vocab), new memories)`` for one token per row: what gets compiled."""
         hidden, memories = self.decoder.step_layers(self._embed(ids), memories, rotation, tables)
-        return linear_step(hidden, self.lm_head.weight), memories
+        return linear_step(hidden, self.lm_head.weight, self.lm_head.bias), memories
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints and conversion live in their own modules; these are the entry points.
@@ -752,6 +767,18 @@ class RetNet(GenerationMixin, nn.Module):
         from .torchscale import from_torchscale
 
         return from_torchscale(cls, state_dict, config)
+
+    @classmethod
+    def from_yar051(cls, state_dict: dict[str, Tensor], **options: Any) -> RetNet:
+        """Build a model in yet-another-retnet 0.5.1's architecture from its ``RetNet``'s state dict.
+
+        ``options`` are the 0.5.1 ``RetNet`` arguments the state dict does not show
+        (``nhead``, ``norm_first``, ``activation``, ``layer_norm_eps``, ``dropout``); see
+        :func:`~yet_another_retnet.models.yar051.from_yar051`.
+        """
+        from .yar051 import from_yar051
+
+        return from_yar051(cls, state_dict, **options)
 
 
 def count_parameters(config: RetNetConfig) -> int:
