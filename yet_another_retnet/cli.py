@@ -174,12 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.trainer import resolve_config, train
+    from .training import rundir
+    from .training.trainer import TrainConfig, resolve_config, train
 
     explicit = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite")}
     resume = bool(getattr(args, "resume", False))
-    config = resolve_config(explicit, resume=resume, overwrite=bool(getattr(args, "overwrite", False)))
-    result = train(config, resume=resume)
+    with rundir.hold(Path(explicit.get("out", TrainConfig.out))):  # one run per directory, checks included
+        config = resolve_config(explicit, resume=resume, overwrite=bool(getattr(args, "overwrite", False)))
+        result = train(config, resume=resume)
     return 130 if result.interrupted else 0
 
 

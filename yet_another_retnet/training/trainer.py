@@ -42,6 +42,7 @@ from ..models import PRESETS, RetNet, RetNetConfig, count_parameters
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write
 from ..ops.memory import cached_cpu_memory
 from . import distributed as dist_utils
+from . import rundir
 from .checkpoint import (
     CHECKPOINT_NAME,
     full_state_dicts,
@@ -253,12 +254,27 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
         raise TrainingError(f"--out {out} exists and is not a directory")
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite exclude each other")
+    with rundir.hold(out):  # no other process may change the directory while it is checked
+        note = rundir.recover(out, RUN_FILES)
+        if note:
+            rundir.note(note)
+        return _resolve_config(out, explicit, defaults, resume, overwrite)
+
+
+def _resolve_config(out: Path, explicit: dict[str, Any], defaults: TrainConfig, resume: bool,
+                    overwrite: bool) -> TrainConfig:
     saved_path = out / TRAIN_CONFIG_NAME
+    found = rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME)
     if resume:
+        if found == "unfinished":
+            raise TrainingError(f"--resume: the run in {out} stopped before its first checkpoint, so there is "
+                                f"nothing to resume; run the same command without --resume to start it over")
         if not (out / CHECKPOINT_NAME).is_file() or not saved_path.is_file():
             raise TrainingError(f"--resume: nothing to resume in {out} (no {CHECKPOINT_NAME})")
         try:
             saved = json.loads(saved_path.read_text())["train"]
+            if not isinstance(saved, dict):
+                raise TypeError(f"'train' is a {type(saved).__name__}, not an object")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise TrainingError(f"--resume: {saved_path} is unreadable: {err}") from err
         for name in TrainConfig.IDENTITY:
@@ -268,15 +284,18 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
                     f"a resumed run keeps its settings: drop the flag or choose another --out"
                 )
         inherited = {k: v for k, v in saved.items() if k not in TrainConfig.PER_CALL}
-        config = TrainConfig.from_dict({**defaults.to_dict(), **inherited, **explicit})
+        try:
+            config = TrainConfig.from_dict({**defaults.to_dict(), **inherited, **explicit})
+        except TypeError as err:
+            raise TrainingError(f"--resume: {saved_path} is unreadable: {err}") from err
     else:
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            if saved_path.is_file():
-                raise TrainingError(
-                    f"--out {out} already holds a training run: pass --resume to continue it, "
-                    f"--overwrite to replace it, or choose another --out"
-                )
+        if found == "foreign":
             raise TrainingError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
+        if found == "run" and not overwrite:
+            raise TrainingError(
+                f"--out {out} already holds a training run: pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another --out"
+            )
         config = TrainConfig.from_dict({**defaults.to_dict(), **explicit})
     config.out = str(out)
     config.validate()
@@ -408,8 +427,21 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     """Run (or continue) the training described by ``config``; see the module docstring.
 
     ``config`` should come from :func:`resolve_config`, which has checked the output directory.
-    Raises :class:`TrainingError` for bad input, before anything is written.
+    Raises :class:`TrainingError` for bad input, before anything is written. The directory is
+    locked for the run's life, and a run replacing another (``--overwrite``) that fails before its
+    first checkpoint puts the old run back (:mod:`.rundir`).
     """
+    out = Path(config.out)
+    with rundir.hold(out):
+        try:
+            return _train(config, resume, stream)
+        except BaseException:
+            if rundir.is_main():
+                rundir.abandon(out, RUN_FILES)
+            raise
+
+
+def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainResult:
     config.validate()
     stream = stream if stream is not None else sys.stdout
     started = time.perf_counter()
@@ -489,11 +521,17 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                   "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            if not resume:  # --overwrite: a fresh run must not inherit a stale file
+        note = rundir.recover(out, RUN_FILES)
+        if not resume:  # a fresh run must not inherit a stale file: --overwrite keeps them aside
+            if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME) == "run":
+                rundir.set_aside(out, RUN_FILES)
+            for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+        for name in RUN_FILES:
             for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
                 leftover.unlink(missing_ok=True)
+        if note:
+            say(note)
         text = json.dumps(run_record, indent=2, sort_keys=True) + "\n"
         atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
         tokenizer.save(out)
@@ -532,6 +570,7 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
             })
             _save_model(model_state, model_config, out)
             write_metrics(out, metrics)
+            rundir.checkpointed(out)  # --overwrite: the replaced run can go now
             note = plot_losses(out, metrics)
             if note and note not in plot_notes:
                 say(note)
