@@ -3,12 +3,16 @@
 Each file is written to a temporary name in the target directory, flushed to disk and renamed
 over the old one, so a crash leaves either the old file or the new one, never half of either.
 The weights file also carries the config in its metadata, so a pair that does not belong
-together (a crash between the two renames, a hand-edited config) is caught on load.
+together (a crash between the two renames, a hand-edited config) is caught on load, and a SHA-256
+of its tensors (names, dtypes, shapes and bytes), so a damaged byte in the weights is a clear
+error instead of a silently wrong model. Files without that checksum (older saves, other tools)
+load unverified; ``verify=False`` or ``YARETNET_VERIFY_WEIGHTS=0`` skips the check (about 1 s per
+GB). Everything in the metadata is parsed as data: the config as JSON text, never as a path.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -18,13 +22,27 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import RetNetConfig
+from .config import RetNetConfig, loads_strict
 
 if TYPE_CHECKING:
     from .retnet import RetNet
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: Metadata key of the weights' checksum.
+CHECKSUM_KEY = "yaretnet_sha256"
+VERIFY_ENV = "YARETNET_VERIFY_WEIGHTS"
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over ``tensors`` in name order: each name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        digest.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -40,6 +58,14 @@ def atomic_write(path: Path, write: Any) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # A full disk, a quota, an I/O error: torch.save reports them as RuntimeError. The old
+        # file is untouched; say which file could not be written, in one line.
+        Path(tmp).unlink(missing_ok=True)
+        reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
+        failure = OSError(f"could not write {path} ({reason}); the previous version, if any, is kept")
+        failure.errno = getattr(err, "errno", None)
+        raise failure from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -70,7 +96,8 @@ def save_pretrained(model: RetNet, directory: str | Path) -> None:
     config_json = model.config.to_json()
     tensors = {name: t.detach().contiguous().cpu() for name, t in _weights_of(model).items()}
     atomic_write(directory / WEIGHTS_NAME,
-                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "config": config_json}))
+                 lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "config": config_json,
+                                                                    CHECKSUM_KEY: tensors_digest(tensors)}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_json))
 
 
@@ -78,10 +105,7 @@ def read_config(directory: Path) -> RetNetConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = loads_strict(path.read_bytes(), str(path))
     try:
         return RetNetConfig.from_dict(data)
     except (TypeError, ValueError) as err:
@@ -89,7 +113,7 @@ def read_config(directory: Path) -> RetNetConfig:
 
 
 def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> RetNet:
+                    dtype: torch.dtype | None = None, verify: bool | None = None) -> RetNet:
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"from_pretrained: {directory} is not a directory")
@@ -104,8 +128,22 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise OSError(f"{weights_path} is truncated or corrupt: {err}") from err
     saved = metadata.get("config")
-    if saved is not None and RetNetConfig.from_json(saved) != config:
-        raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {weights_path}")
+    if saved is not None:
+        try:
+            stored = RetNetConfig.from_json_text(saved)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{weights_path}: the config in its metadata is invalid: {err}") from err
+        if stored != config:
+            raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {weights_path}")
+    if verify is None:
+        verify = os.environ.get(VERIFY_ENV, "1") != "0"
+    checksum = metadata.get(CHECKSUM_KEY)
+    if verify and checksum is not None and tensors_digest(tensors) != checksum:
+        raise OSError(f"{weights_path} is corrupt: its tensors do not match the checksum saved with them "
+                      f"(verify=False or {VERIFY_ENV}=0 loads it anyway)")
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    if len(dtypes) > 1:
+        raise ValueError(f"{weights_path} mixes dtypes {dtypes}; a model's weights share one dtype")
 
     target_dtype = dtype or next(iter(tensors.values()), torch.empty(0)).dtype
     model = cls(config, dtype=target_dtype)
