@@ -24,7 +24,8 @@ def child_env(**extra: str) -> dict[str, str]:
 
 def start(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """A Python child in its own process group (so a kill can take its compiler children too)."""
-    return subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+    # stdout (progress bars) is dropped: a full pipe would stall a long-running child.
+    return subprocess.Popen([sys.executable, *args], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
 
 

@@ -42,16 +42,15 @@ def _built(tmp_path: Path) -> list[Path]:
 def test_a_build_killed_at_random_points_never_blocks_the_next_load(
         tmp_path: Path, probe: tuple[Path, dict[str, str]], rng: random.Random) -> None:
     source, env = probe
-    first = run(["-c", SCRIPT, str(source)], env)  # also measures how long a build takes here
-    assert first.stdout.strip() == "42", first.stderr
     kills = 0
-    for trial in range(3):
+    for trial in range(2):
         for so in _built(tmp_path):
             so.unlink()  # force a new build
         proc = start(["-c", SCRIPT, str(source)], env)
-        # Points spread over start-up, compile, link and install; even trials kill the process
-        # group (the compiler dies too), odd ones only Python (ninja and gcc run on, orphaned).
-        kills += kill_after(proc, rng.uniform(1.0, 8.0), group=trial % 2 == 0)
+        # Points spread over start-up, compile, link and install; the first trial kills the
+        # process group (the compiler dies too), the second only Python (ninja and gcc run on,
+        # orphaned, into a directory nobody will use).
+        kills += kill_after(proc, rng.uniform(1.5, 8.0), group=trial == 0)
         after = run(["-c", SCRIPT, str(source)], env, timeout=180)
         assert after.returncode == 0 and after.stdout.strip() == "42", after.stderr[-2000:]
         assert len(_built(tmp_path)) == 1

@@ -68,9 +68,15 @@ def march() -> str:
     return value
 
 
+#: The file the extension was loaded from (``None`` until loaded).
+library: Path | None = None
+
+
 def _build() -> bool:
+    global library
     if os.environ.get("YARETNET_CPU_KERNELS", "1") == "0":
         return False
+    arch = march()  # a malformed value is the user's mistake: raised, not a silent fallback
     try:
         from ._build import build_and_load
 
@@ -78,13 +84,12 @@ def _build() -> bool:
         # CPU's capability and a digest of its model and feature flags, so a cache shared across
         # machines (an Intel build, with AMX, on an AMD CPU: an illegal instruction) or torch
         # upgrades never mixes builds; the file name adds a digest of the sources and flags.
-        arch = march()
         tag = f"{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}_{_cpu_digest()}"
         if arch != "native":
             tag += f"_{arch}"
         name = "yaretnet_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
         _log.info("loading the CPU extension %s (built once per machine)", name)
-        build_and_load(name, _SOURCES, cflags=["-O3", f"-march={arch}", "-fopenmp"], ldflags=["-fopenmp"])
+        library = build_and_load(name, _SOURCES, cflags=["-O3", f"-march={arch}", "-fopenmp"], ldflags=["-fopenmp"])
         _register_python_parts()
         return True
     except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back
