@@ -5,8 +5,8 @@
 that loads the extension from the same cache waits for it forever. Here instead:
 
 * the finished library lives at ``<root>/yaretnet/<name>_<digest>.so``, the digest covering the
-  sources, the flags and torch's version; once it exists it is loaded directly (no compiler, no
-  ninja, no lock);
+  sources, the flags and the versions of torch and Python; once it exists it is loaded directly
+  (no compiler, no ninja, no lock);
 * a build runs in a fresh temporary directory next to it and its result is copied over the final
   name by an atomic rename, so a kill at any moment leaves either no library or a whole one;
 * builders take an ``flock`` on ``<name>.lock`` only so that two of them do not do the same work;
@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -47,7 +48,9 @@ def extensions_root() -> Path:
 def library_path(name: str, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str]) -> Path:
     """The final path of the library ``name`` built from ``sources`` with these flags."""
     digest = hashlib.sha256()
-    for part in (torch.__version__, name, *cflags, "|", *ldflags):
+    python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    toolkit = f"cuda {torch.version.cuda} hip {getattr(torch.version, 'hip', None)}"
+    for part in (torch.__version__, python, toolkit, name, *cflags, "|", *ldflags):
         digest.update(part.encode() + b"\0")
     for source in sources:
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")

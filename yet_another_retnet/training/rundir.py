@@ -67,6 +67,8 @@ def hold(out: Path) -> Iterator[None]:
     created = not out.exists()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    # The directories this call creates (out and any missing parents), removed again if left empty.
+    made = [d for d in (out.absolute(), *out.absolute().parents) if not d.exists()]
     out.mkdir(parents=True, exist_ok=True)
     fd = _acquire(out / LOCK_NAME, created)
     _held[key] = [fd, 1]
@@ -77,9 +79,11 @@ def hold(out: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             (out / LOCK_NAME).unlink()
         os.close(fd)
-        if created:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only if the run left nothing in it
+        for directory in made:  # innermost first; only those the run left empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
 
 def _acquire(path: Path, created: bool) -> int:
@@ -115,7 +119,7 @@ def _acquire(path: Path, created: bool) -> int:
 
 def state(out: Path, run_files: Sequence[str], config_name: str, checkpoint_name: str) -> str:
     """``"missing"``, ``"empty"``, ``"run"`` (settings and a checkpoint), ``"unfinished"``
-    (a run's files without a checkpoint: stopped before its first one) or ``"foreign"``."""
+    (only a run's files, without a checkpoint: stopped before its first one) or ``"foreign"``."""
     out = Path(out)
     if not out.is_dir():
         return "missing"
@@ -123,9 +127,9 @@ def state(out: Path, run_files: Sequence[str], config_name: str, checkpoint_name
     ours = {n for n in names if n in run_files or (n.startswith(".") and n.endswith(".tmp"))}
     if not names:
         return "empty"
-    if names - ours or config_name not in names:
-        return "foreign"
-    return "run" if checkpoint_name in names else "unfinished"
+    if config_name in names and checkpoint_name in names:
+        return "run"  # (with files of the user's beside it, maybe)
+    return "unfinished" if config_name in names and names <= ours else "foreign"
 
 
 def recover(out: Path, run_files: Sequence[str]) -> str | None:

@@ -286,7 +286,7 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite exclude each other")
     with rundir.hold(out):  # no other process may change the directory while it is checked
-        note = rundir.recover(out, RUN_FILES)
+        note = rundir.recover(out, RUN_FILES) if rundir.is_main() else None
         if note:
             rundir.note(note)
         return _resolve_config(out, explicit, defaults, resume, overwrite)
@@ -320,7 +320,7 @@ def _resolve_config(out: Path, explicit: dict[str, Any], defaults: TrainConfig, 
         except TypeError as err:
             raise TrainingError(f"--resume: {saved_path} is unreadable: {err}") from err
     else:
-        if found == "foreign":
+        if found == "foreign" and not overwrite:
             raise TrainingError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
         if found == "run" and not overwrite:
             raise TrainingError(
@@ -560,7 +560,7 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
         out.mkdir(parents=True, exist_ok=True)
         note = rundir.recover(out, RUN_FILES)
         if not resume:  # a fresh run must not inherit a stale file: --overwrite keeps them aside
-            if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME) == "run":
+            if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME) in ("run", "foreign"):
                 rundir.set_aside(out, RUN_FILES)
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
