@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import shutil
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,10 @@ def probe(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return source, child_env(TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
 
 
+def _building(tmp_path: Path) -> bool:
+    return any((tmp_path / "ext" / "yaretnet").glob(".build-probe-*"))
+
+
 def _built(tmp_path: Path) -> list[Path]:
     return sorted((tmp_path / "ext" / "yaretnet").glob("probe_*.so"))
 
@@ -43,18 +48,24 @@ def test_a_build_killed_at_random_points_never_blocks_the_next_load(
         tmp_path: Path, probe: tuple[Path, dict[str, str]], rng: random.Random) -> None:
     source, env = probe
     kills = 0
-    for trial in range(2):
+    for _ in range(4):  # until two kills have landed inside a build
+        if kills == 2:
+            break
         for so in _built(tmp_path):
             so.unlink()  # force a new build
         proc = start(["-c", SCRIPT, str(source)], env)
-        # Points spread over start-up, compile, link and install; the first trial kills the
-        # process group (the compiler dies too), the second only Python (ninja and gcc run on,
-        # orphaned, into a directory nobody will use).
-        kills += kill_after(proc, rng.uniform(1.5, 8.0), group=trial == 0)
+        # Once the build has started (its temporary directory exists), at a random point of its
+        # compile, link and install; the first kill takes the process group (the compiler dies
+        # too), the next only Python (ninja and gcc run on, orphaned, into a directory nobody
+        # will use).
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not _building(tmp_path):
+            time.sleep(0.005)
+        kills += kill_after(proc, rng.uniform(0.0, 0.8), group=kills == 0)
         after = run(["-c", SCRIPT, str(source)], env, timeout=180)
         assert after.returncode == 0 and after.stdout.strip() == "42", after.stderr[-2000:]
         assert len(_built(tmp_path)) == 1
-    assert kills >= 1, "no kill landed while the process ran: the fault points missed the build"
+    assert kills >= 1, "every kill came after the build had finished: the fault points missed it"
 
 
 def test_leftovers_of_a_killed_build_are_cleared(tmp_path: Path, probe: tuple[Path, dict[str, str]]) -> None:
