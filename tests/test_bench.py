@@ -237,3 +237,22 @@ def test_quality_quick_learns(tmp_path: Path) -> None:
     if common.has_transformers():
         assert data["claims"]["parameter_ratio"] == pytest.approx(1.0, abs=0.01)
     assert (out / "quality.md").exists()
+
+
+def test_inference_state_check_reads_the_live_state_and_can_fail() -> None:
+    """The "state flat" claim compares the state each decoding stream really holds: a stream's
+    state read after decoding equals the model's own state after the same tokens, and results whose
+    states differ fail the claim."""
+    from yet_another_retnet.models.retnet import RetNet
+
+    model = RetNet(common.retnet_config("tiny")).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (2, 40))
+    stream = model.stream_generate(prompt, max_new_tokens=4)
+    tokens = [next(stream) for _ in range(3)]
+    with torch.no_grad():
+        state = model(torch.cat([prompt, torch.stack(tokens[:2], 1)], 1)).state
+    assert inference._live_state_bytes(stream) == state.nbytes() > 0
+    rows = [{"model": "retnet", "context": c, "batch": 1, "decode_ms_per_token": 1.0, "cache_bytes": b,
+             "decode_memory_bytes": 1, "peak_bytes": 1} for c, b in ((64, 100), (128, 100), (256, 200))]
+    assert inference.check_claims(rows[:2], [64, 128], 128, [1])["retnet_state_flat"]["holds"] is True
+    assert inference.check_claims(rows, [64, 128, 256], 128, [1])["retnet_state_flat"]["holds"] is False

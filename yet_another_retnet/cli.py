@@ -184,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.trainer import resolve_config, train
+    from .training import rundir
+    from .training.trainer import TrainConfig, resolve_config, train
 
     explicit = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite")}
     resume = bool(getattr(args, "resume", False))
-    config = resolve_config(explicit, resume=resume, overwrite=bool(getattr(args, "overwrite", False)))
-    result = train(config, resume=resume)
+    with rundir.hold(Path(explicit.get("out", TrainConfig.out))):  # one run per directory, checks included
+        config = resolve_config(explicit, resume=resume, overwrite=bool(getattr(args, "overwrite", False)))
+        result = train(config, resume=resume)
     return 130 if result.interrupted else 0
 
 
@@ -198,7 +200,12 @@ def _pick_device(name: str | None) -> Any:
 
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a device: {err}") from None
+    if device.type == "meta":
+        raise UsageError("--device meta holds no data and cannot run a model; choose cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     return device
@@ -233,6 +240,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.dtype is not None:
         model = model.to(getattr(torch, args.dtype))
     if args.compile:
+        import shutil
+
+        compilers = [os.environ.get("CXX") or "", "c++", "g++", "clang++"]
+        if device.type == "cpu" and not any(c and shutil.which(c) for c in compilers):
+            raise UsageError("--compile on CPU needs a C++ compiler (c++, g++ or clang++; or $CXX), and none was "
+                             "found; drop --compile")
         model.compile_decode()
     ids = tokenizer.encode(args.prompt)
     if getattr(tokenizer, "add_bos", False):  # a pretrained model's prompts start with <s>
@@ -286,9 +299,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seq_len, val_fraction = args.seq_len, 0.05
     run_file = Path(args.model) / TRAIN_CONFIG_NAME
     if run_file.is_file():
-        saved = json.loads(run_file.read_text()).get("train", {})
+        from .models.config import loads_strict
+
+        record = loads_strict(run_file.read_bytes(), str(run_file))
+        saved = record.get("train", {}) if isinstance(record, dict) else None
+        if not isinstance(saved, dict):
+            raise UsageError(f"{run_file} is not a training run's record (no 'train' object)")
         seq_len = seq_len or saved.get("seq_len")
         val_fraction = saved.get("val_fraction", val_fraction)
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int | None) or (seq_len is not None and seq_len < 1):
+            raise UsageError(f"{run_file}: seq_len must be a positive integer, got {seq_len!r}")
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
+            raise UsageError(f"{run_file}: val_fraction must be a number in (0, 1), got {val_fraction!r}")
     seq_len = seq_len or 512
     if args.data is None:
         _, tokens = split_tokens(encode_corpus(default_corpus_text(), tokenizer), val_fraction)

@@ -7,6 +7,7 @@ so it knows nothing of the model's internals.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,8 +23,8 @@ def _check_generation_args(
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     if not isinstance(temperature, int | float) or isinstance(temperature, bool):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if do_sample and not (temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number > 0 when sampling, got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
     if top_p is not None and (not isinstance(top_p, int | float) or not 0.0 < top_p <= 1.0):
@@ -58,7 +59,10 @@ def next_tokens(
     """Pick one token per row from ``logits`` ``(batch, vocab)``: argmax, or a filtered sample."""
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    # Shifted so the best logit is 0 before scaling: a tiny temperature sends the others to -inf
+    # (greedy in the limit) instead of sending every logit to +-inf and the softmax to NaN.
+    logits = logits.float()
+    logits = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -76,6 +80,8 @@ class GenerationMixin:
         assert isinstance(input_ids, Tensor)
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids must hold at least one prompt token per row")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids must hold at least one row (got a batch of 0)")
         if token_mask is not None and not bool(token_mask[:, -1].all()):
             raise ValueError("attention_mask: every row needs at least one real (1) prompt token")
         return token_mask

@@ -210,6 +210,8 @@ class MultiScaleRetention(nn.Module):
         gammas = decay if isinstance(decay, Tensor) else decay_gammas(num_heads, decay)
         if gammas.shape != (num_heads,):
             raise ValueError(f"decay must have shape ({num_heads},), got {tuple(gammas.shape)}")
+        if isinstance(decay, Tensor) and gammas.device.type != "meta":
+            resolve_log_decay(gammas, num_heads, gammas.device)  # NaN, out of (0, 1], or trainable: refused
         # Kept in float64 and out of the state dict: it is configuration, not a weight, and a
         # model cast to bfloat16 must not round gamma = 1 - 2^-12 to 1.
         self.gammas: Tensor
@@ -263,6 +265,10 @@ class MultiScaleRetention(nn.Module):
             )
         if tuple(state.position.shape) != (batch_size,):
             raise ValueError(f"{name}.position must have shape ({batch_size},), got {tuple(state.position.shape)}")
+        if state.position.is_floating_point() or state.position.dtype == torch.bool:
+            raise TypeError(f"{name}.position must be an integer tensor, got {state.position.dtype}")
+        if state.position.device.type != "meta" and state.position.numel() and bool((state.position < 0).any()):
+            raise ValueError(f"{name}.position must be >= 0, got {state.position.tolist()}")
         return state
 
     # ----------------------------------------------------------------------------------------
@@ -604,6 +610,12 @@ class MultiScaleRetention(nn.Module):
                  prev_state: RetentionState | None) -> None:
         for name, x in (("query", query), ("key", key), ("value", value)):
             _check_input(name, x, rank, self.embed_dim)
+        weight = self.q_proj.weight
+        if query.device.type == "meta" or weight.device.type == "meta":
+            raise ValueError("query or the layer's weights are meta tensors (shapes without data): nothing to compute")
+        if query.dtype != weight.dtype and not _autocast_enabled(query.device.type):
+            raise TypeError(f"query has dtype {query.dtype} but the layer's weights are {weight.dtype}: "
+                            f"cast the input or the layer (.to(dtype))")
         if key.shape != query.shape or value.shape != query.shape:
             raise ValueError(
                 f"query, key and value must have one shape, got {tuple(query.shape)}, "

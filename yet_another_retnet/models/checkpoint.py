@@ -2,12 +2,19 @@
 
 Each file is written to a temporary name in the target directory, flushed to disk and renamed
 over the old one, so a crash leaves either the old file or the new one, never half of either.
-Big models are sharded (``models/shards.py``). The weights files also carry the config in their metadata, so a pair that does not belong
-together (a crash between the two renames, a hand-edited config) is caught on load.
+Big models are sharded (``models/shards.py``). Each weights file also carries the config in its
+metadata, so a pair that does not belong together (a crash between the two renames, a
+hand-edited config) is caught on load, and a SHA-256 of its tensors (names, dtypes, shapes and
+bytes), so a damaged byte in the weights is a clear error instead of a silently wrong model.
+Files without that checksum (older saves, other tools) load unverified; ``verify=False`` or
+``YARETNET_VERIFY_WEIGHTS=0`` skips the check (one extra read of the weights, about 1 s per GB,
+one tensor at a time). Everything in the metadata is parsed as data: the config as JSON text,
+never as a path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,13 +24,31 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import MODEL_TYPE, RetNetConfig
+from .config import MODEL_TYPE, RetNetConfig, loads_strict
 
 if TYPE_CHECKING:
     from .retnet import RetNet
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: Metadata key of the weights' checksum.
+CHECKSUM_KEY = "yaretnet_sha256"
+VERIFY_ENV = "YARETNET_VERIFY_WEIGHTS"
+
+
+def digest_update(digest: Any, name: str, t: torch.Tensor) -> None:
+    """Feed one tensor (name, dtype, shape, raw bytes) to a ``hashlib`` digest."""
+    digest.update(f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over ``tensors`` in name order: each name, dtype, shape and raw bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest_update(digest, name, tensors[name])
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, write: Any) -> None:
@@ -39,6 +64,14 @@ def atomic_write(path: Path, write: Any) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        # A full disk, a quota, an I/O error: torch.save reports them as RuntimeError. The old
+        # file is untouched; say which file could not be written, in one line.
+        Path(tmp).unlink(missing_ok=True)
+        reason = os.strerror(err.errno) if isinstance(err, OSError) and err.errno else str(err).splitlines()[0]
+        failure = OSError(f"could not write {path} ({reason}); the previous version, if any, is kept")
+        failure.errno = getattr(err, "errno", None)
+        raise failure from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -81,10 +114,7 @@ def read_config(directory: Path) -> RetNetConfig:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = loads_strict(path.read_bytes(), str(path))
     try:
         return RetNetConfig.from_dict(data)
     except (TypeError, ValueError) as err:
@@ -92,8 +122,11 @@ def read_config(directory: Path) -> RetNetConfig:
 
 
 def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None) -> RetNet:
-    """The model in ``directory``, built on the meta device and filled one tensor at a time."""
+                    dtype: torch.dtype | None = None, verify: bool | None = None) -> RetNet:
+    """The model in ``directory``, built on the meta device and filled one tensor at a time.
+
+    ``verify`` (default: on unless ``YARETNET_VERIFY_WEIGHTS=0``) checks each file's checksum.
+    """
     from .shards import (
         fill_model,
         read_metadata,
@@ -101,6 +134,7 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
         stored_dtype,
         tensor_shapes,
         tie_and_check,
+        verify_checksum,
         weight_files,
     )
 
@@ -109,11 +143,24 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
         raise FileNotFoundError(f"from_pretrained: {directory} is not a directory")
     config = read_config(directory)
     files = weight_files(directory)
+    if verify is None:
+        verify = os.environ.get(VERIFY_ENV, "1") != "0"
     for path in sorted(set(files.values())):
-        saved = read_metadata(path).get("config")
-        if saved is not None and RetNetConfig.from_json(saved) != config:
-            raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {path}")
+        metadata = read_metadata(path)
+        saved = metadata.get("config")
+        if saved is not None:
+            try:
+                stored = RetNetConfig.from_json_text(saved)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{path}: the config in its metadata is invalid: {err}") from err
+            if stored != config:
+                raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {path}")
+        if verify:
+            verify_checksum(path, metadata.get(CHECKSUM_KEY))
     shapes = tensor_shapes(files)
+    dtypes = sorted({dtype_name for _, dtype_name in shapes.values()})
+    if len(dtypes) > 1:
+        raise ValueError(f"the weights in {directory} mix dtypes {dtypes}; a model's weights share one dtype")
     target_dtype = dtype or stored_dtype(files)
     model = cls(config, device="meta", dtype=target_dtype)
     expected = {name: t.shape for name, t in _weights_of(model).items()}

@@ -18,6 +18,10 @@ from ..ops.position import ROTATIONS
 POST_NORM_STYLES = ("residual", "branch")
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A configuration field of the wrong type (a ``ValueError`` too, as every config error)."""
+
+
 @dataclass
 class RetNetConfig:
     """Configuration of :class:`~yet_another_retnet.RetNet`.
@@ -105,11 +109,25 @@ class RetNetConfig:
     # ----------------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field that is wrong."""
+        """Raise ``ValueError`` naming the first field that is wrong (:class:`ConfigTypeError`, a
+        ``TypeError`` and ``ValueError`` both, where its type is wrong)."""
         for name in ("vocab_size", "d_model", "num_heads", "num_layers", "ffn_dim", "chunk_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+            if value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("value_factor", "dropout", "activation_dropout", "norm_eps", "embed_scale", "residual_scale",
+                     "init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigTypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name in ("bias", "tie_embeddings", "embedding_norm", "relative_position", "pre_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigTypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
+                                      f"{getattr(self, name)!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must divide d_model ({self.d_model})")
         if self.relative_position and (self.d_model // self.num_heads) % 2:
@@ -123,7 +141,7 @@ class RetNetConfig:
             )
         for name in ("dropout", "activation_dropout"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+            if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         choices = {
             "ffn": FFN_KINDS,
@@ -134,15 +152,14 @@ class RetNetConfig:
             "decay": DECAY_SCHEDULES,
         }
         for name, allowed in choices.items():
+            if not isinstance(getattr(self, name), str):
+                raise ConfigTypeError(f"{name} must be a str, one of {allowed}, got {getattr(self, name)!r}")
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("norm_eps", "embed_scale", "residual_scale", "init_std"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        for name in ("bias", "tie_embeddings", "embedding_norm", "relative_position", "pre_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         self._validate_fla_options()
         self._validate_yar051_fields()
 
@@ -150,13 +167,13 @@ class RetNetConfig:
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         if not isinstance(self.head_norm_weight, bool):
-            raise ValueError(f"head_norm_weight must be a bool, got {self.head_norm_weight!r}")
+            raise ConfigTypeError(f"head_norm_weight must be a bool, got {self.head_norm_weight!r}")
         if self.head_norm_weight and self.head_norm != "rmsnorm":
             raise ValueError(f"head_norm_weight needs head_norm='rmsnorm', got head_norm={self.head_norm!r}")
 
     def _validate_yar051_fields(self) -> None:
         if self.final_norm is not None and not isinstance(self.final_norm, bool):
-            raise ValueError(f"final_norm must be a bool or None, got {self.final_norm!r}")
+            raise ConfigTypeError(f"final_norm must be a bool or None, got {self.final_norm!r}")
         if self.post_norm_style not in POST_NORM_STYLES:
             raise ValueError(f"post_norm_style must be one of {POST_NORM_STYLES}, got {self.post_norm_style!r}")
         if self.pre_norm and self.post_norm_style != "residual":
@@ -166,7 +183,7 @@ class RetNetConfig:
                                 or not math.isfinite(eps) or eps < 0):
             raise ValueError(f"head_norm_eps must be None or a finite number >= 0, got {eps!r}")
         if not isinstance(self.lm_head_bias, bool):
-            raise ValueError(f"lm_head_bias must be a bool, got {self.lm_head_bias!r}")
+            raise ConfigTypeError(f"lm_head_bias must be a bool, got {self.lm_head_bias!r}")
 
     @property
     def has_final_norm(self) -> bool:
@@ -209,17 +226,37 @@ class RetNetConfig:
         return text
 
     @classmethod
+    def from_json_text(cls, text: str | bytes) -> RetNetConfig:
+        """From JSON text, and only text: what a file from elsewhere (a weights file's metadata)
+        holds is parsed as data, never opened as a path. ``ValueError`` for anything but a JSON
+        object of valid fields (``NaN`` and ``Infinity`` included: not JSON numbers)."""
+        if not isinstance(text, str | bytes):
+            raise TypeError(f"from_json_text expects str or bytes, got {type(text).__name__}")
+        return cls.from_dict(loads_strict(text, "RetNetConfig JSON"))
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> RetNetConfig:
+        """From a JSON file at ``path``."""
+        return cls.from_json_text(Path(path).read_bytes())
+
+    @classmethod
     def from_json(cls, text_or_path: str | Path) -> RetNetConfig:
-        """From a JSON string or a path to a JSON file."""
-        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
-            text = Path(text_or_path).read_text()
-        else:
-            text = str(text_or_path)
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"invalid RetNetConfig JSON: {err}") from err
-        return cls.from_dict(data)
+        """From JSON text (a ``str``) or a file (a ``Path``).
+
+        A ``str`` that is not JSON is read as a path only for compatibility, with a
+        ``DeprecationWarning``; use :meth:`from_json_file` for paths and :meth:`from_json_text`
+        for data from elsewhere."""
+        if isinstance(text_or_path, Path):
+            return cls.from_json_file(text_or_path)
+        if not isinstance(text_or_path, str):
+            raise TypeError(f"from_json expects a JSON str or a pathlib.Path, got {type(text_or_path).__name__}")
+        if text_or_path.lstrip().startswith("{"):
+            return cls.from_json_text(text_or_path)
+        import warnings
+
+        warnings.warn("RetNetConfig.from_json(str) with a path is deprecated: pass a pathlib.Path or call "
+                      "from_json_file", DeprecationWarning, stacklevel=2)
+        return cls.from_json_file(text_or_path)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> RetNetConfig:
@@ -245,6 +282,19 @@ TRANSFORMERS_KEYS = frozenset({
     "tokenizer_class", "prefix", "task_specific_params", "problem_type", "num_labels",
     "_attn_implementation_autoset", "tf_legacy_loss", "generation_config",
 })
+
+
+def loads_strict(text: str | bytes, what: str) -> Any:
+    """``json.loads`` that refuses ``NaN``/``Infinity`` (Python's extension, not JSON) and reports
+    any failure as one ``ValueError`` naming ``what``."""
+    def refuse(constant: str) -> Any:
+        raise ValueError(f"{what}: {constant} is not a valid JSON number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"invalid {what}: {err}") from err
+
 
 #: Named configurations. ``1.3b``, ``2.7b`` and ``6.7b`` are the paper's sizes (Table 2: width,
 #: depth, heads, FFN = 2 * width, value factor 2) at a 50k vocabulary; the small ones are for

@@ -520,10 +520,13 @@ class RetNet(GenerationMixin, nn.Module):
                       labels: object, attention_mask: object) -> Tensor | None:
         if not isinstance(input_ids, Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be an integer tensor (torch.long), got dtype {input_ids.dtype}")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise TypeError(f"input_ids must be an integer tensor (torch.long or torch.int32), got dtype {input_ids.dtype}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+        if input_ids.device.type == "meta" or self.device.type == "meta":
+            raise ValueError("input_ids or the model's weights are meta tensors (shapes without data): load "
+                             "weights (from_pretrained, load_state_dict(assign=True)) before running the model")
         if input_ids.numel():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
@@ -542,6 +545,12 @@ class RetNet(GenerationMixin, nn.Module):
                 raise TypeError("labels must be an integer tensor of shape (batch, length)")
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            if labels.dtype == torch.bool:
+                raise TypeError("labels must be an integer tensor of shape (batch, length), got dtype torch.bool")
+            scored = labels[labels != -100]
+            if scored.numel() and (int(scored.min()) < 0 or int(scored.max()) >= self.config.vocab_size):
+                raise IndexError(f"labels must lie in [0, vocab_size={self.config.vocab_size}) or be -100 (ignored), "
+                                 f"found values in [{int(scored.min())}, {int(scored.max())}]")
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, Tensor):
@@ -550,6 +559,8 @@ class RetNet(GenerationMixin, nn.Module):
             raise ValueError(
                 f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
             )
+        if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            raise ValueError(f"attention_mask must hold only 0 and 1, got values {attention_mask.unique().tolist()[:8]}")
         mask = attention_mask.to(torch.bool)
         if bool(mask.all()):
             return None
@@ -737,11 +748,12 @@ class RetNet(GenerationMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None) -> RetNet:
-        """Load a model written by :meth:`save_pretrained`."""
+                        dtype: torch.dtype | None = None, verify: bool | None = None) -> RetNet:
+        """Load a model written by :meth:`save_pretrained`. ``verify``: check the weights against
+        the checksum saved with them (default: yes, unless ``YARETNET_VERIFY_WEIGHTS=0``)."""
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, directory, device=device, dtype=dtype)
+        return load_pretrained(cls, directory, device=device, dtype=dtype, verify=verify)
 
     @classmethod
     def from_fla(cls, path_or_state_dict: str | Path | dict[str, Tensor], config: dict[str, Any] | None = None,

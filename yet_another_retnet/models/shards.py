@@ -26,7 +26,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .checkpoint import WEIGHTS_NAME, atomic_write
+from .checkpoint import (
+    CHECKSUM_KEY,
+    VERIFY_ENV,
+    WEIGHTS_NAME,
+    atomic_write,
+    digest_update,
+    tensors_digest,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 #: Hugging Face's default largest shard, in bytes ("5GB").
@@ -85,7 +92,9 @@ def save_sharded(tensors: Mapping[str, Tensor], directory: str | Path,
         names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     for file, group in zip(names, groups, strict=True):
         part = {name: tensors[name].detach().contiguous().cpu() for name in group}
-        atomic_write(directory / file, lambda tmp, part=part: save_file(part, str(tmp), metadata=meta))
+        # Each file carries a checksum of its own tensors, verified when it is loaded.
+        file_meta = {**meta, CHECKSUM_KEY: tensors_digest(part)}
+        atomic_write(directory / file, lambda tmp, part=part, m=file_meta: save_file(part, str(tmp), metadata=m))
     if len(groups) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {name: file for file, group in zip(names, groups, strict=True) for name in group}}
@@ -163,6 +172,26 @@ def read_metadata(path: Path) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise OSError(f"{path} is truncated or corrupt: {err}") from err
+
+
+def verify_checksum(path: Path, checksum: str | None) -> None:
+    """Check ``path``'s tensors against the ``checksum`` saved with them (``None``: nothing to
+    check, as for files of other tools). Reads one tensor at a time, so memory stays flat."""
+    if checksum is None:
+        return
+    import hashlib
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = sorted(f.keys())
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise OSError(f"{path} is truncated or corrupt: {err}") from err
+    digest = hashlib.sha256()
+    for name in names:
+        digest_update(digest, name, read_tensor(path, name))
+    if digest.hexdigest() != checksum:
+        raise OSError(f"{path} is corrupt: its tensors do not match the checksum saved with them "
+                      f"(verify=False or {VERIFY_ENV}=0 loads it anyway)")
 
 
 def read_tensor(path: Path, name: str) -> Tensor:

@@ -8,7 +8,8 @@ rotated heads (:mod:`.split_heads`), those three fused into a layer's core
 transposed copy for the weight gradients (:mod:`.matmul`), the fused decoding steps
 (:mod:`.decode_step`) and the CPU buffer cache (:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
-ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``).
+ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``), through
+:mod:`._build`, whose builds a killed process cannot leave half done or locked.
 Where it cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`load`
 returns ``False`` and the callers use their plain PyTorch paths.
 """
@@ -56,23 +57,39 @@ def _cpu_digest(cpuinfo: str | None = None) -> str:
     return hashlib.sha1(info.encode()).hexdigest()[:8]
 
 
+def march() -> str:
+    """The ``-march`` the extension is compiled for: ``YARETNET_CPU_MARCH`` or ``native``.
+
+    A portable target (``x86-64-v3``: AVX2 without AVX-512, what most desktop CPUs run) compiles
+    the kernels' non-AVX-512 branches on any machine; CI builds and tests that path too."""
+    value = os.environ.get("YARETNET_CPU_MARCH", "native").strip() or "native"
+    if not all(c.isalnum() or c in "-_." for c in value):
+        raise ValueError(f"YARETNET_CPU_MARCH must be a -march name such as native or x86-64-v3, got {value!r}")
+    return value
+
+
+#: The file the extension was loaded from (``None`` until loaded).
+library: Path | None = None
+
+
 def _build() -> bool:
+    global library
     if os.environ.get("YARETNET_CPU_KERNELS", "1") == "0":
         return False
+    arch = march()  # a malformed value is the user's mistake: raised, not a silent fallback
     try:
-        from torch.utils import cpp_extension
+        from ._build import build_and_load
 
         # -march=native: the build is for this machine. The name carries torch's version, the
         # CPU's capability and a digest of its model and feature flags, so a cache shared across
         # machines (an Intel build, with AMX, on an AMD CPU: an illegal instruction) or torch
-        # upgrades never mixes builds.
+        # upgrades never mixes builds; the file name adds a digest of the sources and flags.
         tag = f"{torch.__version__}_{torch.backends.cpu.get_cpu_capability()}_{_cpu_digest()}"
+        if arch != "native":
+            tag += f"_{arch}"
         name = "yaretnet_cpu_" + "".join(c if c.isalnum() else "_" for c in tag)
-        _log.info("building the CPU extension %s (once per machine)", name)
-        cpp_extension.load(
-            name=name, sources=[str(s) for s in _SOURCES], is_python_module=False, verbose=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-        )
+        _log.info("loading the CPU extension %s (built once per machine)", name)
+        library = build_and_load(name, _SOURCES, cflags=["-O3", f"-march={arch}", "-fopenmp"], ldflags=["-fopenmp"])
         _register_python_parts()
         return True
     except Exception as exc:  # no compiler, no ninja, unsupported platform: fall back

@@ -58,9 +58,11 @@ def resolve_log_decay(decay: DecaySpec, num_heads: int, device: torch.device) ->
             )
         if not decay.is_floating_point():
             raise TypeError(f"decay must be a floating tensor, got {decay.dtype}")
+        if decay.requires_grad:
+            raise ValueError("decay must not require grad: the decay rates are fixed (a gradient would be dropped)")
         gammas = decay.detach().to(device=device, dtype=torch.float64)
-        if bool(((gammas <= 0) | (gammas > 1)).any()):
-            raise ValueError("decay values (gammas) must lie in (0, 1]")
+        if not bool(((gammas > 0) & (gammas <= 1)).all()):  # NaN fails this too
+            raise ValueError(f"decay values (gammas) must lie in (0, 1], got {gammas.tolist()}")
     else:
         raise TypeError(f"decay must be None, a schedule name or a tensor, got {type(decay).__name__}")
     return torch.log(gammas)

@@ -5,7 +5,11 @@ sgemm takes a slow code path: on a 2-core AMD EPYC (Zen 5, AVX-512) with torch 2
 product runs at ~220 GFLOP/s through ``torch.matmul`` and at ~460 through oneDNN (bundled with
 PyTorch, ISA-dispatched), and the shapes of a training step gain 1.2-2.3x. On the Intel Xeons
 this project was first tuned on, MKL is the reference. So the choice is made by measurement,
-once per process (:func:`cpu_backend`); ``YARETNET_CPU_MATMUL=aten|onednn`` fixes it.
+once per machine: the result is recorded in the user's cache directory, keyed by the CPU and
+torch's version, and every later process reads it (:func:`cpu_backend`), because the two
+backends round differently and a choice re-measured per process can flip on a loaded host (two
+identical training runs would then differ). ``YARETNET_CPU_MATMUL=aten|onednn`` fixes it; a
+training run records its choice in its checkpoint and a resumed run uses it (:func:`pin_cpu_backend`).
 
 :func:`linear` is ``residual + x @ weight.T + bias`` with autograd; :func:`mm_nt` and
 :func:`grad_weight` are the raw products for hand-written backwards (``ops/mlp.py``). Each is
@@ -15,9 +19,13 @@ autocast, small products, a double backward, ``torch.compile`` graphs.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,13 +34,14 @@ from torch import Tensor
 
 from . import _extension
 
-__all__ = ["cpu_backend", "grad_weight", "linear", "mm_nt"]
+__all__ = ["cpu_backend", "grad_weight", "linear", "mm_nt", "pin_cpu_backend"]
 
 #: Products of fewer multiply-adds stay on ATen: oneDNN's per-call cost is larger (a 1 x 256 x
 #: 1,024 product: 14 us through ATen, 17 through oneDNN; from 64 rows oneDNN wins, Zen 5).
 MIN_MACS = 1 << 22
 
-_ENV = "YARETNET_CPU_MATMUL"
+ENV = "YARETNET_CPU_MATMUL"
+_ENV = ENV
 _choice: str | None = None
 
 
@@ -60,19 +69,86 @@ def _measure() -> str:
     return "onednn" if best["onednn"] < 0.8 * best["aten"] else "aten"
 
 
+BACKENDS = ("aten", "onednn")
+#: The file of recorded choices, under ``$YARETNET_CACHE_DIR`` or the user's cache directory.
+RECORD_NAME = "cpu-matmul-backend.json"
+
+
+def _wanted() -> str:
+    wanted = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if wanted not in ("auto", *BACKENDS):
+        raise ValueError(f"{_ENV} must be 'auto', 'aten' or 'onednn', got {wanted!r}")
+    if wanted == "onednn" and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        raise RuntimeError(f"{_ENV}=onednn, but this PyTorch build has no oneDNN linear op")
+    return wanted
+
+
+def record_path() -> Path:
+    """Where the per-machine choice is kept."""
+    root = os.environ.get("YARETNET_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "yet_another_retnet")
+    return Path(root) / RECORD_NAME
+
+
+def _machine_key() -> str:
+    return f"torch {torch.__version__} cpu {_extension._cpu_digest()}"
+
+
+def _recorded() -> str:
+    """This machine's recorded choice, measuring and recording it first if there is none. A record
+    that cannot be read or written (a read-only home) costs a measurement per process, nothing else."""
+    path, key = record_path(), _machine_key()
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError):
+        records = {}
+    if not isinstance(records, dict):
+        records = {}
+    if records.get(key) in BACKENDS:
+        return str(records[key])
+    choice = _measure()
+    records[key] = choice
+    with contextlib.suppress(OSError):  # written atomically: a concurrent reader sees old or new
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(records, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return choice
+
+
 def cpu_backend() -> str:
     """``"onednn"`` or ``"aten"``: what large float32 CPU products run on in this process.
 
-    Read from ``YARETNET_CPU_MATMUL`` (``aten``, ``onednn`` or ``auto``, the default) on the first
-    call; ``auto`` measures (~20 ms, once)."""
+    ``YARETNET_CPU_MATMUL`` (``aten``, ``onednn`` or ``auto``, the default) is read on the first
+    call; ``auto`` uses the choice :func:`pin_cpu_backend` fixed, else this machine's recorded
+    choice (measured, ~20 ms, the first time on a machine)."""
     global _choice
     if _choice is None:
-        wanted = os.environ.get(_ENV, "auto").strip().lower() or "auto"
-        if wanted not in ("auto", "aten", "onednn"):
-            raise ValueError(f"{_ENV} must be 'auto', 'aten' or 'onednn', got {wanted!r}")
-        if wanted == "onednn" and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-            raise RuntimeError(f"{_ENV}=onednn, but this PyTorch build has no oneDNN linear op")
-        _choice = _measure() if wanted == "auto" else wanted
+        wanted = _wanted()
+        _choice = _recorded() if wanted == "auto" else wanted
+    return _choice
+
+
+def pin_cpu_backend(name: str) -> str:
+    """Use ``name`` (``"aten"`` or ``"onednn"``) for the rest of this process, unless
+    ``YARETNET_CPU_MATMUL`` names one; returns the backend in force. A resumed training run calls
+    it with the backend its checkpoint recorded, so that it continues bit for bit."""
+    global _choice
+    if name not in BACKENDS:
+        raise ValueError(f"the CPU matmul backend must be one of {BACKENDS}, got {name!r}")
+    wanted = _wanted()
+    if wanted != "auto":
+        _choice = wanted
+    elif name == "onednn" and not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        _choice = "aten"
+    else:
+        _choice = name
     return _choice
 
 

@@ -109,6 +109,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, rank: int) -> None:
         raise ValueError(
             f"v must match q in every dim but the last {layout}: q {tuple(q.shape)}, v {tuple(v.shape)}"
         )
+    if q.shape[-1] < 1 or v.shape[-1] < 1:
+        raise ValueError(f"q, k and v need a head dim >= 1 (their last dim), got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    if q.device.type == "meta":
+        raise ValueError("q, k and v are meta tensors (shapes without data): nothing to compute")
 
 
 def _check_state(prev_state: Tensor | None, q: Tensor, v: Tensor) -> Tensor | None:

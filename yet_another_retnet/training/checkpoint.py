@@ -5,11 +5,15 @@ by parameter name so DDP, FSDP and single-process runs read each other's files),
 scheduler, the gradient scaler, the data sampler's generator (the data position), the RNG
 states of torch (CPU and every CUDA device) and Python, and the metrics so far. It is written
 with :func:`~yet_another_retnet.models.checkpoint.atomic_write`: a crash or ``kill -9`` at any
-moment leaves either the previous checkpoint or the new one.
+moment leaves either the previous checkpoint or the new one. A SHA-256 over its whole content
+(every tensor's bytes and every other value) is saved in it and checked on load, since
+``torch.load`` reads most damaged bytes silently (a flipped bit in a tensor is a different tensor).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,36 @@ from ..models.checkpoint import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 1
+CHECKSUM_KEY = "sha256"
+
+
+def _digest(value: Any, h: Any) -> None:
+    """Feed ``value`` (nested dicts, lists, tuples, tensors, scalars) into ``h`` canonically: a
+    list and a tuple alike (torch.load may turn one into the other), dict keys in sorted order."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"T{t.dtype!s}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        h.update(b"{")
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode() + b":")
+            _digest(value[key], h)
+        h.update(b"}")
+    elif isinstance(value, list | tuple):
+        h.update(b"[")
+        for item in value:
+            _digest(item, h)
+        h.update(b"]")
+    else:
+        h.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    h = hashlib.sha256()
+    _digest({k: v for k, v in payload.items() if k != CHECKSUM_KEY}, h)
+    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,11 +103,13 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
 def save_checkpoint(directory: Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` to ``directory/checkpoint.pt`` atomically."""
     payload = {"format_version": FORMAT_VERSION, **payload}
+    payload[CHECKSUM_KEY] = payload_digest(payload)
     atomic_write(directory / CHECKPOINT_NAME, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(directory: Path) -> dict[str, Any]:
-    """Read ``directory/checkpoint.pt`` (tensors on the CPU); ``OSError`` if unreadable."""
+def load_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
+    """Read ``directory/checkpoint.pt`` (tensors on the CPU); ``OSError`` if unreadable or, with
+    ``verify`` (and not ``YARETNET_VERIFY_WEIGHTS=0``), if it does not match its checksum."""
     path = directory / CHECKPOINT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT_NAME} in {directory}")
@@ -83,4 +119,8 @@ def load_checkpoint(directory: Path) -> dict[str, Any]:
         raise OSError(f"{path} is unreadable or corrupt: {err}") from err
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         raise OSError(f"{path} is not a yet-another-retnet training checkpoint (format {FORMAT_VERSION})")
+    saved = payload.get(CHECKSUM_KEY)
+    if saved is not None and verify and os.environ.get("YARETNET_VERIFY_WEIGHTS", "1") != "0" \
+            and payload_digest(payload) != saved:
+        raise OSError(f"{path} is corrupt: its content does not match the checksum saved in it")
     return payload

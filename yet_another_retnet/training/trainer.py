@@ -40,8 +40,11 @@ from torch import Tensor, nn
 
 from ..models import PRESETS, RetNet, RetNetConfig, count_parameters
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from ..models.config import loads_strict
+from ..ops import matmul
 from ..ops.memory import cached_cpu_memory
 from . import distributed as dist_utils
+from . import rundir
 from .checkpoint import (
     CHECKPOINT_NAME,
     full_state_dicts,
@@ -144,6 +147,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise TrainingError(f"--{_flag(name)} must be a positive integer, got {value!r}")
+        self._validate_types()
         if self.warmup_steps < 0:
             raise TrainingError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -162,6 +166,34 @@ class TrainConfig:
             raise TrainingError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.sample_tokens < 0:
             raise TrainingError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+
+    def _validate_types(self) -> None:
+        """Every field has its declared type and every number is finite (a hand-edited or damaged
+        train_config.json, ``--grad-clip nan``), and the device is one torch knows and can run on."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            elif kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            else:
+                ok = isinstance(value, str)
+            if not ok:
+                raise TrainingError(f"--{_flag(f.name)} must be {'a finite number' if kind.startswith('float') else kind}"
+                                    f", got {value!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError as err:
+                raise TrainingError(f"--device {self.device!r} is not a device: {err}") from None
+            if device.type == "meta":
+                raise TrainingError("--device meta holds no data and cannot train; choose cpu or cuda")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise TrainingError(f"--device {self.device}: no CUDA device is available")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,12 +285,27 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
         raise TrainingError(f"--out {out} exists and is not a directory")
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite exclude each other")
+    with rundir.hold(out):  # no other process may change the directory while it is checked
+        note = rundir.recover(out, RUN_FILES) if rundir.is_main() else None
+        if note:
+            rundir.note(note)
+        return _resolve_config(out, explicit, defaults, resume, overwrite)
+
+
+def _resolve_config(out: Path, explicit: dict[str, Any], defaults: TrainConfig, resume: bool,
+                    overwrite: bool) -> TrainConfig:
     saved_path = out / TRAIN_CONFIG_NAME
+    found = rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME)
     if resume:
+        if found == "unfinished":
+            raise TrainingError(f"--resume: the run in {out} stopped before its first checkpoint, so there is "
+                                f"nothing to resume; run the same command without --resume to start it over")
         if not (out / CHECKPOINT_NAME).is_file() or not saved_path.is_file():
             raise TrainingError(f"--resume: nothing to resume in {out} (no {CHECKPOINT_NAME})")
         try:
-            saved = json.loads(saved_path.read_text())["train"]
+            saved = loads_strict(saved_path.read_bytes(), str(saved_path))["train"]
+            if not isinstance(saved, dict):
+                raise TypeError(f"'train' is a {type(saved).__name__}, not an object")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise TrainingError(f"--resume: {saved_path} is unreadable: {err}") from err
         for name in TrainConfig.IDENTITY:
@@ -268,15 +315,18 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
                     f"a resumed run keeps its settings: drop the flag or choose another --out"
                 )
         inherited = {k: v for k, v in saved.items() if k not in TrainConfig.PER_CALL}
-        config = TrainConfig.from_dict({**defaults.to_dict(), **inherited, **explicit})
+        try:
+            config = TrainConfig.from_dict({**defaults.to_dict(), **inherited, **explicit})
+        except TypeError as err:
+            raise TrainingError(f"--resume: {saved_path} is unreadable: {err}") from err
     else:
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
-            if saved_path.is_file():
-                raise TrainingError(
-                    f"--out {out} already holds a training run: pass --resume to continue it, "
-                    f"--overwrite to replace it, or choose another --out"
-                )
+        if found == "foreign" and not overwrite:
             raise TrainingError(f"--out {out} is not empty and holds no training run; choose an empty or new directory")
+        if found == "run" and not overwrite:
+            raise TrainingError(
+                f"--out {out} already holds a training run: pass --resume to continue it, "
+                f"--overwrite to replace it, or choose another --out"
+            )
         config = TrainConfig.from_dict({**defaults.to_dict(), **explicit})
     config.out = str(out)
     config.validate()
@@ -408,8 +458,21 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     """Run (or continue) the training described by ``config``; see the module docstring.
 
     ``config`` should come from :func:`resolve_config`, which has checked the output directory.
-    Raises :class:`TrainingError` for bad input, before anything is written.
+    Raises :class:`TrainingError` for bad input, before anything is written. The directory is
+    locked for the run's life, and a run replacing another (``--overwrite``) that fails before its
+    first checkpoint puts the old run back (:mod:`.rundir`).
     """
+    out = Path(config.out)
+    with rundir.hold(out):
+        try:
+            return _train(config, resume, stream)
+        except BaseException:
+            if rundir.is_main():
+                rundir.abandon(out, RUN_FILES)
+            raise
+
+
+def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainResult:
     config.validate()
     stream = stream if stream is not None else sys.stdout
     started = time.perf_counter()
@@ -449,6 +512,10 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                 f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
                 f"{config.max_steps}; raise --max-steps to train further"
             )
+        saved_backend = checkpoint.get("cpu_matmul")  # the products' rounding, as before the stop
+        if saved_backend in matmul.BACKENDS and matmul.pin_cpu_backend(saved_backend) != saved_backend:
+            say(f"note: the run used the {saved_backend} matmul backend, this call {matmul.cpu_backend()} "
+                f"({matmul.ENV}): it continues, but not bit for bit")
 
     # ---- everything is checked: from here on the run writes to ``out`` ----
     torch.manual_seed(config.seed)
@@ -463,6 +530,7 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     metrics: list[dict[str, Any]] = []
     step = 0
     elapsed_before = 0.0
+    window_before: list[float] = []
     if checkpoint is not None:
         load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -472,6 +540,7 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
         metrics = list(checkpoint["metrics"])
         step = int(checkpoint["step"])
         elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        window_before = [float(x) for x in checkpoint.get("window_losses", [])]
         # The schedule follows this call's --max-steps (a resumed run may be extended).
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, config)
@@ -489,11 +558,17 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                   "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES:
-            if not resume:  # --overwrite: a fresh run must not inherit a stale file
+        note = rundir.recover(out, RUN_FILES)
+        if not resume:  # a fresh run must not inherit a stale file: --overwrite keeps them aside
+            if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME) in ("run", "foreign"):
+                rundir.set_aside(out, RUN_FILES)
+            for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+        for name in RUN_FILES:
             for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
                 leftover.unlink(missing_ok=True)
+        if note:
+            say(note)
         text = json.dumps(run_record, indent=2, sort_keys=True) + "\n"
         atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
         tokenizer.save(out)
@@ -529,9 +604,11 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(), "rng": rng_state(), "metrics": metrics,
                 "elapsed_s": elapsed_before + time.perf_counter() - started, "run": run_record,
+                "cpu_matmul": matmul.cpu_backend(), "window_losses": list(window_losses),
             })
             _save_model(model_state, model_config, out)
             write_metrics(out, metrics)
+            rundir.checkpointed(out)  # --overwrite: the replaced run can go now
             note = plot_losses(out, metrics)
             if note and note not in plot_notes:
                 say(note)
@@ -543,7 +620,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     save_interval = config.save_interval or config.eval_interval
     stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, step + config.stop_after)
     losses: list[float] = []
-    window_losses: list[float] = []
+    # The losses since the last log line: a resumed run logs the same means as a straight one.
+    window_losses: list[float] = list(window_before)
     stopper = _StopRequest()
     val_loss: float | None = None
     val_bpb: float | None = None
