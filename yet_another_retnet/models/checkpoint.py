@@ -160,7 +160,7 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
     shapes = tensor_shapes(files)
     dtypes = sorted({dtype_name for _, dtype_name in shapes.values()})
     if len(dtypes) > 1:
-        raise ValueError(f"the weights in {directory} mix dtypes {dtypes}; a model's weights share one dtype")
+        raise ValueError(f"{directory} mixes dtypes {dtypes} in its weights; a model's weights share one dtype")
     target_dtype = dtype or stored_dtype(files)
     model = cls(config, device="meta", dtype=target_dtype)
     expected = {name: t.shape for name, t in _weights_of(model).items()}
