@@ -1,4 +1,4 @@
-"""The ``retnet`` command line: train, generate, eval, info and bench.
+"""The ``retnet`` command line: train, prepare, generate, eval, info and bench.
 
 ``retnet train`` with no arguments trains a small RetNet on the embedded corpus (about 10
 minutes on 2 CPU cores). Run ``retnet <command> --help`` for each command's options. A user
@@ -103,6 +103,15 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--sample-tokens", type=int, metavar="N", help=f"tokens of that sample, 0 for none (default: {d.sample_tokens})")
 
 
+def _add_prepare(sub: Any) -> None:
+    from .training.prepare import add_arguments
+
+    p = sub.add_parser("prepare", formatter_class=_formatter, help="tokenize a corpus into memory-mapped shards",
+                       description="Tokenize text files, directories, .jsonl, .parquet or a datasets directory into\n"
+                                   "token shards that `retnet train --data DIR` reads through memory maps.")
+    add_arguments(p)
+
+
 def _add_generate(sub: Any) -> None:
     p = sub.add_parser("generate", formatter_class=_formatter, help="generate text from a trained model",
                        description="Stream text from a model directory (written by `retnet train` or save_pretrained).")
@@ -161,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"yet-another-retnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train(sub)
+    _add_prepare(sub)
     _add_generate(sub)
     _add_eval(sub)
     _add_info(sub)
@@ -181,6 +191,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = resolve_config(explicit, resume=resume, overwrite=bool(getattr(args, "overwrite", False)))
     result = train(config, resume=resume)
     return 130 if result.interrupted else 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .training.prepare import run
+
+    return run(args)
 
 
 def _pick_device(name: str | None) -> Any:
@@ -353,7 +369,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(entry(list(args.args)) or 0)
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "prepare": cmd_prepare, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

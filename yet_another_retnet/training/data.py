@@ -15,6 +15,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .shards import TensorStream, TokenStream
+
+#: What a sampler reads windows from: an in-memory tensor or memory-mapped shards.
+TokenSource = TensorStream | TokenStream
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".py", ".json", ".jsonl", ".csv")
 
 
@@ -45,16 +50,29 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: ids 0..255, nothing to download or train."""
+    """UTF-8 bytes as tokens: ids 0..255, nothing to download or train.
 
-    vocab_size = 256
+    ``end_of_document=True`` adds id 256, the end-of-document marker that ``retnet prepare``
+    puts between documents (vocabulary 257); decoding drops it. The default (256 ids, no
+    marker) is the plain byte stream of the embedded corpus.
+    """
+
+    def __init__(self, end_of_document: bool = False) -> None:
+        self.eod_id: int | None = 256 if end_of_document else None
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 if self.eod_id is None else 257
 
     def save(self, directory: Path) -> None:
         """Record the choice in ``directory/tokenizer_config.json`` (atomically)."""
-        _write_tokenizer_config(directory, {"type": "byte"})
+        _write_tokenizer_config(directory, {"type": "byte"} if self.eod_id is None
+                                else {"type": "byte", "eod_id": self.eod_id})
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "byte", "vocab_size": 256}
+        if self.eod_id is None:
+            return {"type": "byte", "vocab_size": 256}
+        return {"type": "byte", "vocab_size": 257, "eod_id": self.eod_id}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -62,7 +80,11 @@ class ByteTokenizer:
     def decode(self, ids: list[int] | Tensor) -> str:
         if isinstance(ids, Tensor):
             ids = ids.tolist()
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+#: Names under which tokenizers commonly keep their end-of-document token, in the order tried.
+EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|eot_id|>")
 
 
 class HFTokenizer:
@@ -88,6 +110,16 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    @property
+    def eod_id(self) -> int | None:
+        """The id of the tokenizer's end-of-document token (the first of :data:`EOD_TOKENS` it
+        knows), or ``None``."""
+        for name in EOD_TOKENS:
+            found = self._tok.token_to_id(name)
+            if found is not None:
+                return int(found)
+        return None
 
     def decode(self, ids: list[int] | Tensor) -> str:
         if isinstance(ids, Tensor):
@@ -125,7 +157,7 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
     kind = data.get("type") if isinstance(data, dict) else None
     if kind == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(end_of_document=data.get("eod_id") == 256)
     if kind == "hf":
         return HFTokenizer(directory / str(data.get("file", HF_TOKENIZER_FILE)))
     raise ValueError(f"{path}: unknown tokenizer type {kind!r} (expected 'byte' or 'hf')")
@@ -148,7 +180,7 @@ class StreamDecoder:
     def push(self, token: int) -> str:
         """The text that ``token`` completes (possibly empty)."""
         if isinstance(self.tokenizer, ByteTokenizer):
-            return self._utf8.decode(bytes([int(token)]))
+            return self._utf8.decode(bytes([int(token)]) if 0 <= int(token) < 256 else b"")
         self._ids.append(int(token))
         text = self.tokenizer.decode(self._ids)
         stable = text[:-1] if text.endswith("\ufffd") else text
@@ -169,29 +201,40 @@ class StreamDecoder:
 class WindowSampler:
     """Random training windows of ``seq_len + 1`` tokens, drawn from a seeded generator.
 
-    Every rank of a distributed run draws the same global batch and keeps its own slice, so
-    the data a step sees does not depend on the number of processes. The generator's state is
-    the data position: saving and restoring it resumes the exact sequence of batches.
+    ``tokens`` is a 1-D tensor or a token stream (:class:`~.shards.TokenStream`, memory-mapped
+    shards). Every rank of a distributed run draws the same global batch's start offsets and
+    reads only its own rows, so the data a step sees does not depend on the number of processes.
+    The generator's state is the data position: saving and restoring it resumes the exact
+    sequence of batches.
     """
 
-    def __init__(self, tokens: Tensor, seq_len: int, seed: int) -> None:
-        if tokens.dim() != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    def __init__(self, tokens: Tensor | TokenSource, seq_len: int, seed: int) -> None:
+        if isinstance(tokens, Tensor):
+            if tokens.dim() != 1:
+                raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+            tokens = TensorStream(tokens)
         if len(tokens) < seq_len + 1:
             raise ValueError(
                 f"the training data has {len(tokens)} tokens, fewer than one sequence of seq_len + 1 = {seq_len + 1}"
             )
-        self.tokens = tokens
+        self.stream = tokens
         self.seq_len = seq_len
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
 
+    def next_starts(self, batch_size: int) -> Tensor:
+        """The start offsets ``(batch_size,)`` of the next global batch's windows."""
+        starts = torch.randint(0, len(self.stream) - self.seq_len, (batch_size,), generator=self.generator)
+        self.batches_drawn += 1
+        return starts
+
+    def windows(self, starts: Tensor) -> Tensor:
+        """``(len(starts), seq_len + 1)`` long: inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
+        return self.stream.windows(starts, self.seq_len + 1)
+
     def next_batch(self, batch_size: int) -> Tensor:
         """``(batch_size, seq_len + 1)`` long: inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
-        starts = torch.randint(0, len(self.tokens) - self.seq_len, (batch_size,), generator=self.generator)
-        offsets = torch.arange(self.seq_len + 1)
-        self.batches_drawn += 1
-        return self.tokens[starts[:, None] + offsets]
+        return self.windows(self.next_starts(batch_size))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}

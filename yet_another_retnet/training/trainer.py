@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -57,17 +58,26 @@ from .data import (
     ByteTokenizer,
     HFTokenizer,
     StreamDecoder,
+    TokenSource,
     WindowSampler,
     default_corpus_text,
     encode_corpus,
-    eval_windows,
     read_text_files,
     split_tokens,
 )
 from .progress import METRICS_NAME, PLOT_NAME, ProgressBar, plot_losses, write_metrics
+from .shards import PreparedData, TensorStream, is_prepared, open_prepared
 
 TRAIN_CONFIG_NAME = "train_config.json"
 PRECISIONS = ("fp32", "bf16", "fp16")
+DOC_BOUNDARIES = ("ignore", "reset")
+SCHEDULES = ("linear", "cosine", "wsd")
+LOGGERS = ("tensorboard", "wandb")
+#: Where a run keeps the shards it prepared from a plain text --data path.
+PREPARED_DIR = "data"
+#: Validation windows when the data is prepared and --eval-max-windows is not given (a big
+#: corpus's held-out split would otherwise be scored whole at every evaluation).
+PREPARED_EVAL_WINDOWS = 128
 #: Files a run writes; ``--overwrite`` removes exactly these and nothing else.
 RUN_FILES = (TRAIN_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_CONFIG, HF_TOKENIZER_FILE,
              CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME)
@@ -123,15 +133,22 @@ class TrainConfig:
     sample_prompt: str = "The "
     sample_tokens: int = 400
     sample_temperature: float = 0.8
+    # Real corpora (docs/training.md): document boundaries, LR schedule, text encoding, loggers.
+    doc_boundaries: str = "ignore"
+    schedule: str = "linear"
+    decay_fraction: float = 0.2
+    data_encoding: str = "utf-8"
+    log_to: str = ""
+    peak_tflops: float | None = None
 
     #: Settings that define a run; --resume refuses to change them.
     #: (The data, the tokenizer and the model are compared by content when the checkpoint loads.)
     IDENTITY = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1",
-                "beta2", "grad_clip", "seed", "val_fraction")
+                "beta2", "grad_clip", "seed", "val_fraction", "doc_boundaries", "schedule", "decay_fraction")
 
     #: Settings of one invocation, not inherited by --resume (a run started under torchrun
     #: with FSDP may continue in one process, on another device, ...).
-    PER_CALL = ("device", "fsdp", "compile", "buffer_cache", "stop_after")
+    PER_CALL = ("device", "fsdp", "compile", "buffer_cache", "stop_after", "log_to")
 
     def validate(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
@@ -162,6 +179,20 @@ class TrainConfig:
             raise TrainingError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.sample_tokens < 0:
             raise TrainingError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        self._validate_corpus_options()
+
+    def _validate_corpus_options(self) -> None:
+        if self.doc_boundaries not in DOC_BOUNDARIES:
+            raise TrainingError(f"--doc-boundaries must be one of {DOC_BOUNDARIES}, got {self.doc_boundaries!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise TrainingError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        unknown = [name for name in self.log_to.split(",") if name and name not in LOGGERS]
+        if unknown:
+            raise TrainingError(f"--log-to: unknown logger {unknown[0]!r} (choose from {', '.join(LOGGERS)})")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise TrainingError(f"--peak-tflops must be a positive number, got {self.peak_tflops}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -197,11 +228,12 @@ class TrainResult:
 
 @dataclass
 class Corpus:
-    train: Tensor
-    val: Tensor
+    train: TokenSource
+    val: TokenSource
     bytes_per_token: float  # of the validation text, to turn nats/token into bits/byte
     sha256: str
     description: str
+    prepared: bool = False
 
 
 def build_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
@@ -223,16 +255,101 @@ def load_corpus(data: str | None, tokenizer: ByteTokenizer | HFTokenizer, seq_le
             f"seq_len {seq_len} (need at least {2 * (seq_len + 1)}); lower --seq-len or add text"
         )
     train, val = split_tokens(tokens, val_fraction)
+    val_bytes = len(tokenizer.decode(val).encode("utf-8"))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    description = f"{where}: {len(text.encode('utf-8')):,} bytes, {len(train):,} train / {len(val):,} val tokens"
+    return _checked_corpus(Corpus(TensorStream(train), TensorStream(val), val_bytes / len(val), digest, description),
+                           where, seq_len)
+
+
+def _checked_corpus(corpus: Corpus, where: str, seq_len: int) -> Corpus:
+    train, val = corpus.train, corpus.val
     if len(val) < 2:
         raise TrainingError(f"{where}: the validation split is empty; raise --val-fraction")
     if len(train) < seq_len + 1:
         raise TrainingError(
             f"{where}: the training split has {len(train)} tokens, fewer than one sequence of {seq_len + 1}"
         )
-    val_bytes = len(tokenizer.decode(val).encode("utf-8"))
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    description = f"{where}: {len(text.encode('utf-8')):,} bytes, {len(train):,} train / {len(val):,} val tokens"
-    return Corpus(train, val, val_bytes / len(val), digest, description)
+    return corpus
+
+
+def load_data(config: TrainConfig, info: dist_utils.DistInfo | None = None) -> tuple[Corpus, ByteTokenizer | HFTokenizer]:
+    """The run's corpus and tokenizer.
+
+    No ``--data``: the embedded corpus as one in-memory byte stream (the default run, as ever).
+    A directory written by ``retnet prepare``: its shards through memory maps, and the tokenizer
+    it was prepared with. A text file or directory: prepared into ``<out>/data`` first (by rank 0
+    under torchrun; reused while the text is unchanged), then read the same way.
+    """
+    info = info or dist_utils.DistInfo()
+    if config.data is None:
+        tokenizer = build_tokenizer(config.tokenizer)
+        return load_corpus(None, tokenizer, config.seq_len, config.val_fraction), tokenizer
+    source = Path(config.data)
+    directory = source
+    if not is_prepared(source):
+        if not source.exists():
+            raise TrainingError(f"data path {source} does not exist")
+        directory = Path(config.out) / PREPARED_DIR
+        if info.is_main:
+            _prepare_on_the_fly(config, directory)
+        dist_utils.barrier(info)
+    try:
+        data = open_prepared(directory)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+    tokenizer = _prepared_tokenizer(data, config.tokenizer if directory is source else None)
+    where = f"data path {config.data}"
+    index = data.index
+    val_bytes = data.split_bytes("val")
+    fingerprint = f"{index['source_fingerprint']}:{index['tokenizer'].get('sha256')}"
+    description = (f"{where}: {index['text_bytes']:,} bytes in {index['documents']:,} documents, "
+                   f"{len(data.train):,} train / {len(data.val):,} val tokens (memory-mapped {index['dtype']} shards)")
+    corpus = Corpus(data.train, data.val, max(val_bytes, 1) / max(len(data.val), 1), fingerprint, description,
+                    prepared=True)
+    if len(data.train) + len(data.val) < 2 * (config.seq_len + 1):
+        raise TrainingError(
+            f"{where} has {len(data.train) + len(data.val)} tokens, too few for a training and a validation "
+            f"sequence of seq_len {config.seq_len} (need at least {2 * (config.seq_len + 1)}); lower --seq-len or add text")
+    return _checked_corpus(corpus, where, config.seq_len), tokenizer
+
+
+def _prepare_on_the_fly(config: TrainConfig, directory: Path) -> None:
+    """``retnet prepare`` of a plain text --data path into the run directory (nothing left on failure)."""
+    from .prepare import prepare
+
+    out = directory.parent
+    created_out = not out.exists()
+    try:
+        prepare([str(config.data)], directory, tokenizer=config.tokenizer, val_fraction=config.val_fraction,
+                encoding=config.data_encoding, overwrite=True)
+    except BaseException as err:
+        if created_out:
+            shutil.rmtree(out, ignore_errors=True)
+        elif not (out / TRAIN_CONFIG_NAME).is_file():
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(err, ValueError):
+            raise TrainingError(str(err)) from err
+        raise
+
+
+def _prepared_tokenizer(data: PreparedData, requested: str | None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer ``data`` was prepared with; a different ``--tokenizer`` is refused."""
+    info = data.tokenizer_info
+    if info.get("type") == "byte":
+        tokenizer: ByteTokenizer | HFTokenizer = ByteTokenizer(end_of_document=info.get("eod_id") == 256)
+        own = "the byte tokenizer"
+    else:
+        tokenizer = HFTokenizer(data.path / str(info.get("file", HF_TOKENIZER_FILE)))
+        own = f"the tokenizer in {data.path}"
+    if tokenizer.vocab_size != int(info.get("vocab_size", -1)):
+        raise TrainingError(f"prepared data {data.path}: its tokenizer does not match its index")
+    if requested is not None:
+        digest = hashlib.sha256(Path(requested).read_bytes()).hexdigest() if Path(requested).is_file() else None
+        if digest != info.get("sha256"):
+            raise TrainingError(f"--tokenizer {requested} differs from {own}, which prepared {data.path}; "
+                                f"drop --tokenizer or prepare the data again with it")
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,16 +446,20 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lm_loss(model: nn.Module, window: Tensor, chunk_size: int | None) -> Tensor:
-    """Mean next-token cross entropy (float32) of ``window`` ``(batch, seq_len + 1)``."""
-    logits = model(window[:, :-1], chunk_size=chunk_size).logits
+def lm_loss(model: nn.Module, window: Tensor, chunk_size: int | None, reset_mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross entropy (float32) of ``window`` ``(batch, seq_len + 1)``; with
+    ``reset_mask`` ``(batch, seq_len)`` the state and positions restart where it is True."""
+    extra = {} if reset_mask is None else {"reset_mask": reset_mask}
+    logits = model(window[:, :-1], chunk_size=chunk_size, **extra).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device, precision: str,
-             chunk_size: int | None = None, info: dist_utils.DistInfo | None = None) -> float:
-    """Mean cross entropy in nats per token over ``windows`` ``(n, seq_len + 1)``.
+             chunk_size: int | None = None, info: dist_utils.DistInfo | None = None,
+             resets: Tensor | None = None) -> float:
+    """Mean cross entropy in nats per token over ``windows`` ``(n, seq_len + 1)`` (``resets``
+    ``(n, seq_len)``: where documents start, for ``--doc-boundaries reset``).
 
     Under several processes each rank scores its share and the sums are combined; every rank
     runs the same number of forward calls (FSDP needs all of them in each).
@@ -347,17 +468,21 @@ def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.d
     was_training = model.training
     model.eval()
     share = windows[info.rank::info.world_size]
+    reset_share = None if resets is None else resets[info.rank::info.world_size]
     per_rank = math.ceil(len(windows) / info.world_size)
     n_batches = math.ceil(per_rank / batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for b in range(n_batches):
         batch = share[b * batch_size:(b + 1) * batch_size]
+        mask = None if reset_share is None else reset_share[b * batch_size:(b + 1) * batch_size]
         weight = 1.0
         if len(batch) == 0:  # this rank ran out: a dummy call that counts for nothing
             batch, weight = windows[:1], 0.0
+            mask = None if resets is None else resets[:1]
         batch = batch.to(device)
+        extra = {} if mask is None else {"reset_mask": mask.to(device)}
         with autocast_context(device, precision):
-            logits = model(batch[:, :-1], chunk_size=chunk_size).logits
+            logits = model(batch[:, :-1], chunk_size=chunk_size, **extra).logits
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                reduction="sum")
         total += torch.stack([loss.double() * weight, torch.tensor(batch[:, 1:].numel() * weight,
@@ -429,8 +554,7 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainingError("--precision bf16: this GPU does not support bfloat16")
 
-    tokenizer = build_tokenizer(config.tokenizer)
-    corpus = load_corpus(config.data, tokenizer, config.seq_len, config.val_fraction)
+    corpus, tokenizer = load_data(config, info)
     model_config = build_model_config(config, tokenizer.vocab_size)
     out = Path(config.out)
 
@@ -509,13 +633,18 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
         + (f"; resuming at step {step}" if resume else ""))
     say(f"output: {out}")
 
-    val_windows = eval_windows(corpus.val, min(config.seq_len, len(corpus.val) - 1))
-    if config.eval_max_windows is not None:
-        val_windows = val_windows[:config.eval_max_windows]
+    reset = config.doc_boundaries == "reset"
+    eval_len = min(config.seq_len, len(corpus.val) - 1)
+    n_windows = (len(corpus.val) - 1) // eval_len
+    cap = config.eval_max_windows or (PREPARED_EVAL_WINDOWS if corpus.prepared else None)
+    eval_starts = torch.arange(n_windows if cap is None else min(n_windows, cap)) * eval_len
+    val_windows = corpus.val.windows(eval_starts, eval_len + 1)  # only these are read
+    val_resets = corpus.val.resets(eval_starts, eval_len) if reset else None
     eval_batch = max(1, micro_batch)
 
     def run_eval() -> tuple[float, float]:
-        loss = evaluate(train_module, val_windows, eval_batch, device, config.precision, config.chunk_size, info)
+        loss = evaluate(train_module, val_windows, eval_batch, device, config.precision, config.chunk_size, info,
+                        val_resets)
         bpb = bits_per_byte(loss, corpus.bytes_per_token)
         return loss, bpb
 
@@ -557,9 +686,11 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     with stopper.installed(), reuse:
         while step < stop_at:
             t0 = time.perf_counter()
-            batch = sampler.next_batch(config.batch_size)
-            local = batch[info.rank * config.batch_size // info.world_size:
+            starts = sampler.next_starts(config.batch_size)  # the global batch's offsets ...
+            mine = starts[info.rank * config.batch_size // info.world_size:
                           (info.rank + 1) * config.batch_size // info.world_size]
+            local = sampler.windows(mine)  # ... of which this rank reads only its own rows
+            resets = corpus.train.resets(mine, config.seq_len).split(micro_batch) if reset else None
             step_loss = torch.zeros((), device=device)
             for i, micro in enumerate(local.split(micro_batch)):
                 last = i == config.grad_accum - 1
@@ -567,7 +698,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                 no_sync = getattr(train_module, "no_sync", None)
                 with contextlib.nullcontext() if last or no_sync is None else no_sync():
                     with autocast_context(device, config.precision):
-                        loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size)
+                        loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size,
+                                       None if resets is None else resets[i].to(device))
                         scaled = loss / config.grad_accum
                     scaler.scale(scaled).backward()
                 step_loss += scaled.detach()
