@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from reference import reference_gammas, reference_retention
+
 from yet_another_retnet import RetNet, RetNetConfig
-from yet_another_retnet.ops import retention as retention_ops
+from yet_another_retnet.ops import chunk_kernels
 from yet_another_retnet.ops._extension import load as load_extension
-from yet_another_retnet.ops.retention import retention_chunkwise, retention_parallel, retention_recurrent
+from yet_another_retnet.ops.retention import (
+    retention_chunkwise,
+    retention_parallel,
+    retention_recurrent,
+)
 from yet_another_retnet.ops.segments import document_positions, pack, segment_layout, unpack
 
 F64 = torch.float64
@@ -79,10 +83,10 @@ def test_retention_forms_reset_to_the_reference_per_document(form: str) -> None:
     assert not torch.allclose(plain, out)
 
 
-def tiny_model(dtype: torch.dtype) -> RetNet:
+def tiny_model(dtype: torch.dtype, d_model: int = 32, chunk_size: int = 4) -> RetNet:
     torch.manual_seed(1)
-    config = RetNetConfig(vocab_size=50, d_model=32, num_layers=2, num_heads=2, ffn_dim=64, dropout=0.0,
-                          chunk_size=4)
+    config = RetNetConfig(vocab_size=50, d_model=d_model, num_layers=2, num_heads=2, ffn_dim=64, dropout=0.0,
+                          chunk_size=chunk_size)
     return RetNet(config).to(dtype).eval()
 
 
@@ -123,23 +127,27 @@ def test_model_reset_loss_and_gradients_flow() -> None:
 
 @pytest.mark.skipif(not load_extension(), reason="the CPU extension is not built here")
 def test_float32_reset_runs_on_the_cpu_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The packed float32 batch goes through the fused chunk kernel (not the plain path) and
+    """The packed float32 batch goes through the chunk kernels (not the plain path) and
     matches each document alone to float32 rounding."""
-    model = tiny_model(torch.float32)
-    mask = packed_batch()
-    ids = torch.randint(0, 50, (2, 23), generator=torch.Generator().manual_seed(5))
-    calls = []
-    kernel = retention_ops.chunk_retention
+    # The kernels' tiles are 32 wide: key dim 32, value dim 64, chunks of 32.
+    model = tiny_model(torch.float32, d_model=64, chunk_size=32)
+    mask = torch.zeros(2, 96, dtype=torch.bool)
+    mask[0, [32, 64]] = True
+    mask[1, [40, 41]] = True
+    ids = torch.randint(0, 50, (2, 96), generator=torch.Generator().manual_seed(5))
+    calls: list[bool] = []
+    check = chunk_kernels.chunk_kernels_apply
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return kernel(*args, **kwargs)
+        calls.append(check(*args, **kwargs))
+        return calls[-1]
 
-    monkeypatch.setattr(retention_ops, "chunk_retention", spy)
+    monkeypatch.setattr(chunk_kernels, "chunk_kernels_apply", spy)
     with torch.no_grad():
         out = model(ids, mode="chunkwise", reset_mask=mask).logits
-    assert calls, "the packed documents did not reach the CPU chunk kernel"
-    reference = tiny_model(F64)
+    # Whole chunks take the kernels (a shorter last chunk takes the products, as unpacked inputs do).
+    assert any(calls), "the packed documents did not run on the CPU chunk kernels"
+    reference = tiny_model(F64, d_model=64, chunk_size=32)
     with torch.no_grad():
         for row, a, b in documents(mask):
             alone = reference(ids[row:row + 1, a:b], mode="chunkwise").logits

@@ -65,7 +65,15 @@ from .data import (
     read_text_files,
     split_tokens,
 )
-from .progress import METRICS_NAME, PLOT_NAME, ProgressBar, plot_losses, write_metrics
+from .loggers import Loggers, memory_figures, model_flops_per_token
+from .progress import (
+    METRICS_CSV_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    ProgressBar,
+    plot_losses,
+    write_metrics,
+)
 from .shards import PreparedData, TensorStream, is_prepared, open_prepared
 
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -80,7 +88,7 @@ PREPARED_DIR = "data"
 PREPARED_EVAL_WINDOWS = 128
 #: Files a run writes; ``--overwrite`` removes exactly these and nothing else.
 RUN_FILES = (TRAIN_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_CONFIG, HF_TOKENIZER_FILE,
-             CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME)
+             CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, METRICS_CSV_NAME)
 
 
 class TrainingError(ValueError):
@@ -431,11 +439,21 @@ def build_optimizer(model: nn.Module, config: TrainConfig, fused_ok: bool) -> to
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then linear decay to ``min_lr_ratio`` at ``max_steps``."""
+    """Linear warm-up over ``warmup_steps``, then down to ``min_lr_ratio`` at ``max_steps``:
+    linearly (``schedule="linear"``), along a half cosine (``"cosine"``), or held at the peak and
+    then decayed linearly over the last ``decay_fraction`` of the steps (``"wsd"``,
+    warm-up-stable-decay)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    start = config.warmup_steps
+    if config.schedule == "wsd":
+        start = max(start, config.max_steps - round(config.decay_fraction * config.max_steps))
+        if step < start:
+            return 1.0
+    span = max(1, config.max_steps - start)
+    progress = min(1.0, (step - start) / span)
+    if config.schedule == "cosine":
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0 - (1.0 - config.min_lr_ratio) * progress
 
 
@@ -669,6 +687,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
 
     bar = ProgressBar(config.max_steps, config.log_interval, stream) if info.is_main else None
     tokens_per_step = config.batch_size * config.seq_len
+    flops_per_token = model_flops_per_token(model_config, config.seq_len)
+    loggers = Loggers(config.log_to, out, run_record, resume) if info.is_main and config.log_to else None
     save_interval = config.save_interval or config.eval_interval
     stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, step + config.stop_after)
     losses: list[float] = []
@@ -730,16 +750,24 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                 bar.update(step, mean_loss, tokens_per_step / seconds_per_step, lr,
                            seconds_per_step * (stop_at - step))
             if step % config.log_interval == 0 or step == stop_at:
-                metrics.append({"kind": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
-                                "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
-                                "tokens_per_s": tokens_per_step / seconds_per_step,
-                                "elapsed_s": elapsed_before + time.perf_counter() - started})
+                tokens_per_s = tokens_per_step / seconds_per_step
+                record = {"kind": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
+                          "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
+                          "tokens_per_s": tokens_per_s, "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
+                          "elapsed_s": elapsed_before + time.perf_counter() - started, **memory_figures(device)}
+                if config.peak_tflops:
+                    record["mfu"] = record["model_tflops_per_s"] / (config.peak_tflops * info.world_size)
+                metrics.append(record)
+                if loggers is not None:
+                    loggers.log(record)
                 window_losses = []
             if step % config.eval_interval == 0 or step == config.max_steps:
                 val_loss, val_bpb = run_eval()
                 metrics.append({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
                                 "val_ppl": math.exp(min(val_loss, 50.0)),
                                 "elapsed_s": elapsed_before + time.perf_counter() - started})
+                if loggers is not None:
+                    loggers.log(metrics[-1])
                 if bar is not None:
                     bar.message(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.3f}"
                                 f" | val bits/byte {val_bpb:.4f}")
@@ -751,6 +779,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                 say(f"stopped by a signal at step {step}; checkpoint saved: continue with --resume")
                 break
 
+    if loggers is not None:
+        loggers.close()
     if step < config.max_steps and not interrupted:
         say(f"stopped after {step} of {config.max_steps} steps (--stop-after); continue with --resume")
     sample = None
