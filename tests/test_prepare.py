@@ -182,3 +182,35 @@ def test_schedules() -> None:
     assert lr_factor(55, linear) == pytest.approx(0.55)
     assert lr_factor(55, cosine) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_factor(79, wsd) == 1.0 and lr_factor(90, wsd) == pytest.approx(0.55)
+
+
+def test_sft_scores_only_the_completions(tmp_path: Path) -> None:
+    rows = [{"prompt": f"Q{i}: what is {i}+{i}? ", "completion": f"{2 * i}."} for i in range(60)]
+    src = tmp_path / "sft.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prepare([str(src)], tmp_path / "p", sft=True)
+    data = open_prepared(tmp_path / "p")
+    assert data.train.has_loss_mask and len(data.train.doc_starts) == 57
+    first = rows[0]["prompt"].encode(), rows[0]["completion"].encode()
+    n = len(first[0]) + len(first[1]) + 1
+    assert data.train.read(0, n).tolist() == [*first[0], *first[1], 256]
+    scored = data.train.loss_masks(torch.tensor([0]), n)[0].tolist()
+    assert scored == [False] * len(first[0]) + [True] * (len(first[1]) + 1)
+    # The loss is the mean over the scored targets only (the completion and its end id).
+    from yet_another_retnet.training.trainer import lm_loss
+
+    torch.manual_seed(0)
+    from yet_another_retnet import RetNet, RetNetConfig
+
+    model = RetNet(RetNetConfig(vocab_size=257, d_model=32, num_layers=1, num_heads=2, ffn_dim=64, dropout=0.0))
+    window = data.train.windows(torch.tensor([0]), n)
+    mask = data.train.loss_masks(torch.tensor([0]), n)
+    logits = model(window[:, :-1]).logits
+    expected = torch.nn.functional.cross_entropy(logits[0, len(first[0]) - 1:], window[0, len(first[0]):])
+    assert lm_loss(model, window, None, None, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert main(["train", "--data", str(tmp_path / "p"), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2",
+                 "--eval-interval", "2"]) == 0
+    with pytest.raises(PrepareError, match="no string field 'completion'"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": "x"}) + "\n")
+        prepare([str(bad)], tmp_path / "bad", sft=True)

@@ -84,6 +84,7 @@ class UnitResult:
     pieces: list[Piece]
     raw_bytes: int
     digest: str
+    mask: np.ndarray | None = None  # uint8 per token (supervised fine-tuning): 1 where it is scored
 
 
 @dataclass
@@ -93,6 +94,7 @@ class TokenizerSpec:
     path: str | None
     encoding: str = "utf-8"
     field: str = "text"
+    sft: bool = False  # jsonl rows of prompt and completion: only the completion is scored
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,14 +281,18 @@ def encode_unit(unit: Unit) -> UnitResult:
                 except ValueError as err:
                     raise PrepareError(f"{unit.path}: the line at byte offset {unit.start + here} is not JSON "
                                        f"({err.args[0] if err.args else err})") from None
-                value = obj.get(spec.field) if isinstance(obj, dict) else None
-                if not isinstance(value, str):
-                    raise PrepareError(f"{unit.path}: the line at byte offset {unit.start + here} has no string "
-                                       f"field {spec.field!r} (choose the field with --field)")
-                texts.append(value)
-                raws.append(value.encode("utf-8"))
-                ends.append(True)
+                names = ("prompt", "completion") if spec.sft else (spec.field,)
+                values = [obj.get(n) if isinstance(obj, dict) else None for n in names]
+                for n, value in zip(names, values, strict=True):
+                    if not isinstance(value, str):
+                        raise PrepareError(f"{unit.path}: the line at byte offset {unit.start + here} has no string "
+                                           f"field {n!r}" + ("" if spec.sft else " (choose the field with --field)"))
+                    texts.append(value)
+                    raws.append(value.encode("utf-8"))
+                    ends.append(True)
     else:
+        if spec.sft:
+            raise PrepareError(f"{unit.path}: --sft reads jsonl files of prompt and completion fields")
         if unit.kind == "parquet":
             import pyarrow.parquet as pq
 
@@ -314,8 +320,25 @@ def encode_unit(unit: Unit) -> UnitResult:
             digest.update(len(r).to_bytes(8, "little"))
             digest.update(r)
         raw_bytes = sum(len(r) for r in raws)
-    return _assemble(_encode_texts(texts, raws), [len(r) for r in raws] if raws else [0] * len(texts),
-                     ends, eod, raw_bytes, digest.hexdigest())
+    encoded = _encode_texts(texts, raws)
+    nbytes = [len(r) for r in raws] if raws else [0] * len(texts)
+    if spec.sft:  # pairs of (prompt, completion): one document each, the prompt not scored
+        return _assemble_pairs(encoded, nbytes, eod, raw_bytes, digest.hexdigest())
+    return _assemble(encoded, nbytes, ends, eod, raw_bytes, digest.hexdigest())
+
+
+def _assemble_pairs(encoded: list[np.ndarray], text_bytes: list[int], eod: int | None, raw_bytes: int,
+                    digest: str) -> UnitResult:
+    docs, masks = [], []
+    for prompt, completion in zip(encoded[0::2], encoded[1::2], strict=True):
+        tail = [completion] if eod is None else [completion, np.asarray([eod], dtype=np.uint32)]
+        doc = np.concatenate([prompt, *tail])
+        docs.append(doc)
+        masks.append(np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(doc) - len(prompt), np.uint8)]))
+    pieces = [Piece(len(d), a + b, True) for d, a, b in zip(docs, text_bytes[0::2], text_bytes[1::2], strict=True)]
+    tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint32)
+    mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
+    return UnitResult(tokens, pieces, raw_bytes, digest, mask)
 
 
 def _assemble(encoded: list[np.ndarray], text_bytes: list[int], ends: list[bool], eod: int | None,
@@ -370,8 +393,10 @@ def _stream_hub(name: str, spec: TokenizerSpec, batch: int = 1000) -> Iterator[U
 class _SplitWriter:
     """Appends tokens to one split's shard files (rolling over every ``shard_tokens``)."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, masks: bool = False) -> None:
         self.directory, self.split, self.dtype, self.shard_tokens = directory, split, dtype, shard_tokens
+        self.masks = masks
+        self._mask_file: Any = None
         self.shards: list[dict[str, Any]] = []
         self.doc_starts: list[int] = []
         self.tokens = 0
@@ -383,22 +408,30 @@ class _SplitWriter:
         name = f"{self.split}-{len(self.shards):05d}.bin"
         self._file = open(self.directory / name, "wb")  # noqa: SIM115 (closed in _close)
         self.shards.append({"file": name, "tokens": 0})
+        if self.masks:
+            mask_name = name.removesuffix(".bin") + ".mask"
+            self._mask_file = open(self.directory / mask_name, "wb")  # noqa: SIM115 (closed in _close)
+            self.shards[-1]["mask_file"] = mask_name
         self._in_shard = 0
 
     def _close(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+        for f in (self._file, self._mask_file):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        self._file = self._mask_file = None
 
-    def write(self, ids: np.ndarray) -> None:
+    def write(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
         while len(ids):
             if self._file is None or self._in_shard == self.shard_tokens:
                 self._close()
                 self._open()
             take = min(len(ids), self.shard_tokens - self._in_shard)
             ids[:take].astype(self.dtype).tofile(self._file)
+            if self._mask_file is not None and mask is not None:
+                mask[:take].astype(np.uint8).tofile(self._mask_file)
+                mask = mask[take:]
             self._in_shard += take
             self.shards[-1]["tokens"] += take
             self.tokens += take
@@ -464,7 +497,7 @@ def _locked(out: Path) -> Iterator[None]:
 def _ours(name: str) -> bool:
     """A file ``retnet prepare`` writes (what a rerun may delete)."""
     return (name in (INDEX_NAME, TOKENIZER_FILE, PARTIAL, LOCK_NAME)
-            or (name.startswith(("train-", "val-")) and name.endswith(".bin"))
+            or (name.startswith(("train-", "val-")) and name.endswith((".bin", ".mask")))
             or name in ("train.docs.npy", "val.docs.npy")
             or (name.startswith(f".{INDEX_NAME}.") and name.endswith(".tmp")))
 
@@ -504,6 +537,7 @@ def prepare(
     overwrite: bool = False,
     progress: TextIO | None = None,
     unit_bytes: int = UNIT_BYTES,
+    sft: bool = False,
 ) -> PrepareResult:
     """Tokenize ``sources`` into ``out`` (see the module docstring); returns the index.
 
@@ -537,7 +571,7 @@ def prepare(
         raise PrepareError(f"--dtype {chosen}: the tokenizer has {vocab:,} ids, more than {chosen} holds; "
                            f"use uint32")
     settings = {"field": field_name, "val_fraction": val_fraction, "encoding": encoding, "dtype": chosen,
-                "shard_tokens": shard_tokens}
+                "shard_tokens": shard_tokens, "sft": sft}
     stat_key = _stat_key(found)
     if out.is_dir():
         stray = sorted(p.name for p in out.iterdir() if not _ours(p.name))
@@ -595,9 +629,9 @@ def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: 
            settings: dict[str, Any], workers: int, progress: TextIO | None, unit_bytes: int) -> dict[str, Any]:
     units = plan_units([s for s in found], unit_bytes)
     hub = [s for s in found if s.kind == "hub"]
-    spec = TokenizerSpec(tokenizer, settings["encoding"], settings["field"])
+    spec = TokenizerSpec(tokenizer, settings["encoding"], settings["field"], settings["sft"])
     np_dtype = DTYPES[settings["dtype"]]
-    writers = {s: _SplitWriter(partial, s, np_dtype, settings["shard_tokens"]) for s in ("train", "val")}
+    writers = {s: _SplitWriter(partial, s, np_dtype, settings["shard_tokens"], settings["sft"]) for s in ("train", "val")}
     bar = _Progress(sum(s.size for s in found if s.kind in ("text", "jsonl")), progress)
     docs = 0
     open_split: str | None = None  # the split of a document that continues into the next unit
@@ -610,6 +644,7 @@ def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: 
         pos = 0
         for piece in result.pieces:
             ids = result.tokens[pos:pos + piece.tokens]
+            mask = None if result.mask is None else result.mask[pos:pos + piece.tokens]
             pos += piece.tokens
             if open_split is None:
                 if piece.tokens == 0 or (piece.ends and piece.text_bytes == 0):
@@ -619,7 +654,7 @@ def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: 
                 docs += 1
                 if unit is not None:
                     docs_per_source[unit.source] = docs_per_source.get(unit.source, 0) + 1
-            writers[open_split].write(ids)
+            writers[open_split].write(ids, mask)
             writers[open_split].text_bytes += piece.text_bytes
             if piece.ends:
                 open_split = None
@@ -637,6 +672,9 @@ def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: 
     if total < 4:
         raise PrepareError(f"the sources hold {total} tokens: too few to train on")
     if not writers["val"].doc_starts or not writers["train"].doc_starts:
+        if settings["sft"]:
+            raise PrepareError(f"--sft: {docs} examples, too few to hold out whole ones for validation; "
+                               f"add examples or raise --val-fraction")
         _split_tail(writers, settings["val_fraction"], np_dtype)
     index: dict[str, Any] = {
         "format": FORMAT, "version": FORMAT_VERSION, "dtype": settings["dtype"], "tokenizer": identity,
@@ -745,6 +783,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--data-encoding", default="utf-8", metavar="NAME",
                    help="the sources' text encoding; undecodable bytes are an error (default: utf-8)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="shard dtype (default: uint16 when the vocabulary fits)")
+    p.add_argument("--sft", action="store_true",
+                   help="supervised fine-tuning: jsonl rows with 'prompt' and 'completion'; only completions are scored")
     p.add_argument("--overwrite", action="store_true", help="replace prepared data from other sources or settings")
     p.add_argument("--quiet", action="store_true", help="no progress line")
 
@@ -753,7 +793,8 @@ def run(args: Any) -> int:
     """``retnet prepare`` from parsed arguments."""
     result = prepare(args.sources, args.out, tokenizer=args.tokenizer, field_name=args.field,
                      val_fraction=args.val_fraction, workers=args.workers, encoding=args.data_encoding,
-                     dtype=args.dtype, overwrite=args.overwrite, progress=None if args.quiet else sys.stderr)
+                     dtype=args.dtype, overwrite=args.overwrite, progress=None if args.quiet else sys.stderr,
+                     sft=args.sft)
     index = result.index
     splits = index["splits"]
     if result.reused:

@@ -52,8 +52,10 @@ class TokenStream:
     :meth:`resets` says where documents start inside them.
     """
 
-    def __init__(self, shards: list[np.memmap], doc_starts: np.ndarray) -> None:
+    def __init__(self, shards: list[np.memmap], doc_starts: np.ndarray,
+                 masks: list[np.memmap] | None = None) -> None:
         self._shards = shards
+        self._masks = masks  # uint8 per token, 1 where it is scored (supervised fine-tuning)
         sizes = [len(s) for s in shards]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.doc_starts = doc_starts  # (documents,) int64, ascending, a memory map too
@@ -61,15 +63,24 @@ class TokenStream:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens ``[start, start + length)`` as int64 ``(length,)``."""
+    @property
+    def has_loss_mask(self) -> bool:
+        return self._masks is not None
+
+    def read(self, start: int, length: int, masks: bool = False) -> np.ndarray:
+        """Tokens ``[start, start + length)`` as int64 ``(length,)`` (their loss mask, if ``masks``)."""
         if start < 0 or start + length > len(self):
             raise IndexError(f"tokens [{start}, {start + length}) lie outside a stream of {len(self)}")
+        source = self._shards
+        if masks:
+            if self._masks is None:
+                raise ValueError("this split has no loss mask (it was not prepared with --sft)")
+            source = self._masks
         out = np.empty(length, dtype=np.int64)
         first = int(np.searchsorted(self._offsets, start, side="right")) - 1
         done = 0
         while done < length:
-            shard = self._shards[first]
+            shard = source[first]
             begin = start + done - int(self._offsets[first])
             take = min(length - done, len(shard) - begin)
             out[done:done + take] = shard[begin:begin + take]
@@ -83,6 +94,11 @@ class TokenStream:
         if not rows:
             return torch.empty(0, length, dtype=torch.long)
         return torch.from_numpy(np.stack(rows))
+
+    def loss_masks(self, starts: Tensor | np.ndarray, length: int) -> Tensor:
+        """``(len(starts), length)`` bool: True for tokens that are scored as targets."""
+        rows = [self.read(int(s), length, masks=True) for s in np.asarray(starts).reshape(-1)]
+        return torch.from_numpy(np.stack(rows).astype(bool)) if rows else torch.zeros(0, length, dtype=torch.bool)
 
     def resets(self, starts: Tensor | np.ndarray, length: int) -> Tensor:
         """``(len(starts), length)`` bool: True where a document starts inside a window (its
@@ -105,6 +121,11 @@ class TensorStream:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    has_loss_mask = False
+
+    def loss_masks(self, starts: Tensor | np.ndarray, length: int) -> Tensor:
+        raise ValueError("an in-memory token stream has no loss mask")
 
     def windows(self, starts: Tensor | np.ndarray, length: int) -> Tensor:
         s = torch.as_tensor(np.asarray(starts)).reshape(-1).long()
@@ -176,6 +197,7 @@ def open_prepared(path: str | Path) -> PreparedData:
     for split in SPLITS:
         entry = index["splits"][split]
         maps: list[np.memmap] = []
+        mask_maps: list[np.memmap] = []
         for shard in entry.get("shards", []):
             name = str(shard["file"])
             if "/" in name or "\\" in name or name.startswith("."):
@@ -188,6 +210,13 @@ def open_prepared(path: str | Path) -> PreparedData:
                 raise PreparedDataError(f"prepared data {directory}: shard {name} {what}; run `retnet prepare` again")
             if expected:
                 maps.append(np.memmap(file, dtype=dtype, mode="r"))
+            if "mask_file" in shard:
+                mask_file = directory / str(shard["mask_file"]).replace("/", "_")
+                if (mask_file.stat().st_size if mask_file.is_file() else -1) != int(shard["tokens"]):
+                    raise PreparedDataError(f"prepared data {directory}: loss mask {mask_file.name} is missing or "
+                                            f"truncated; run `retnet prepare` again")
+                if expected:
+                    mask_maps.append(np.memmap(mask_file, dtype=np.uint8, mode="r"))
         docs_name = str(entry.get("doc_starts", f"{split}.docs.npy"))
         docs_file = directory / docs_name
         try:
@@ -196,7 +225,8 @@ def open_prepared(path: str | Path) -> PreparedData:
             raise PreparedDataError(f"prepared data {directory}: {docs_name} is unreadable: {err}") from err
         if doc_starts.dtype != np.int64 or doc_starts.ndim != 1 or len(doc_starts) != int(entry["documents"]):
             raise PreparedDataError(f"prepared data {directory}: {docs_name} does not match the index")
-        stream = TokenStream(maps, doc_starts)
+        sft = bool(index.get("settings", {}).get("sft"))
+        stream = TokenStream(maps, doc_starts, mask_maps if sft else None)
         if len(stream) != int(entry["tokens"]):
             raise PreparedDataError(f"prepared data {directory}: the {split} split's shards do not add up to its tokens")
         streams[split] = stream

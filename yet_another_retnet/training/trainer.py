@@ -464,18 +464,26 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lm_loss(model: nn.Module, window: Tensor, chunk_size: int | None, reset_mask: Tensor | None = None) -> Tensor:
+def lm_loss(model: nn.Module, window: Tensor, chunk_size: int | None, reset_mask: Tensor | None = None,
+            loss_mask: Tensor | None = None) -> Tensor:
     """Mean next-token cross entropy (float32) of ``window`` ``(batch, seq_len + 1)``; with
-    ``reset_mask`` ``(batch, seq_len)`` the state and positions restart where it is True."""
+    ``reset_mask`` ``(batch, seq_len)`` the state and positions restart where it is True; with
+    ``loss_mask`` ``(batch, seq_len + 1)`` only targets where it is True are scored (label -100
+    elsewhere; a batch with none scored has loss 0)."""
     extra = {} if reset_mask is None else {"reset_mask": reset_mask}
     logits = model(window[:, :-1], chunk_size=chunk_size, **extra).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+    scores = logits.float().reshape(-1, logits.shape[-1])
+    if loss_mask is None:
+        return F.cross_entropy(scores, window[:, 1:].reshape(-1))
+    targets = window[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
+    total = F.cross_entropy(scores, targets.reshape(-1), reduction="sum")
+    return total / targets.ne(-100).sum().clamp(min=1)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device, precision: str,
              chunk_size: int | None = None, info: dist_utils.DistInfo | None = None,
-             resets: Tensor | None = None) -> float:
+             resets: Tensor | None = None, loss_masks: Tensor | None = None) -> float:
     """Mean cross entropy in nats per token over ``windows`` ``(n, seq_len + 1)`` (``resets``
     ``(n, seq_len)``: where documents start, for ``--doc-boundaries reset``).
 
@@ -487,27 +495,34 @@ def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.d
     model.eval()
     share = windows[info.rank::info.world_size]
     reset_share = None if resets is None else resets[info.rank::info.world_size]
+    mask_share = None if loss_masks is None else loss_masks[info.rank::info.world_size]
     per_rank = math.ceil(len(windows) / info.world_size)
     n_batches = math.ceil(per_rank / batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for b in range(n_batches):
         batch = share[b * batch_size:(b + 1) * batch_size]
         mask = None if reset_share is None else reset_share[b * batch_size:(b + 1) * batch_size]
+        scored = None if mask_share is None else mask_share[b * batch_size:(b + 1) * batch_size]
         weight = 1.0
         if len(batch) == 0:  # this rank ran out: a dummy call that counts for nothing
             batch, weight = windows[:1], 0.0
             mask = None if resets is None else resets[:1]
+            scored = None if loss_masks is None else loss_masks[:1]
         batch = batch.to(device)
         extra = {} if mask is None else {"reset_mask": mask.to(device)}
         with autocast_context(device, precision):
             logits = model(batch[:, :-1], chunk_size=chunk_size, **extra).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+        targets = batch[:, 1:]
+        if scored is not None:  # supervised fine-tuning: only the completions' tokens count
+            targets = targets.masked_fill(~scored[:, 1:].to(device), -100)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                reduction="sum")
-        total += torch.stack([loss.double() * weight, torch.tensor(batch[:, 1:].numel() * weight,
+        count = targets.numel() if scored is None else int(targets.ne(-100).sum())
+        total += torch.stack([loss.double() * weight, torch.tensor(count * weight,
                                                                     dtype=torch.float64, device=device)])
     total = dist_utils.all_reduce_sum(total, info)
     model.train(was_training)
-    return float(total[0] / total[1])
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def bits_per_byte(loss: float, bytes_per_token: float) -> float:
@@ -658,11 +673,12 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     eval_starts = torch.arange(n_windows if cap is None else min(n_windows, cap)) * eval_len
     val_windows = corpus.val.windows(eval_starts, eval_len + 1)  # only these are read
     val_resets = corpus.val.resets(eval_starts, eval_len) if reset else None
+    val_scored = corpus.val.loss_masks(eval_starts, eval_len + 1) if corpus.val.has_loss_mask else None
     eval_batch = max(1, micro_batch)
 
     def run_eval() -> tuple[float, float]:
         loss = evaluate(train_module, val_windows, eval_batch, device, config.precision, config.chunk_size, info,
-                        val_resets)
+                        val_resets, val_scored)
         bpb = bits_per_byte(loss, corpus.bytes_per_token)
         return loss, bpb
 
@@ -711,6 +727,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                           (info.rank + 1) * config.batch_size // info.world_size]
             local = sampler.windows(mine)  # ... of which this rank reads only its own rows
             resets = corpus.train.resets(mine, config.seq_len).split(micro_batch) if reset else None
+            scored = (corpus.train.loss_masks(mine, config.seq_len + 1).split(micro_batch)
+                      if corpus.train.has_loss_mask else None)
             step_loss = torch.zeros((), device=device)
             for i, micro in enumerate(local.split(micro_batch)):
                 last = i == config.grad_accum - 1
@@ -719,7 +737,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                 with contextlib.nullcontext() if last or no_sync is None else no_sync():
                     with autocast_context(device, config.precision):
                         loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size,
-                                       None if resets is None else resets[i].to(device))
+                                       None if resets is None else resets[i].to(device),
+                                       None if scored is None else scored[i].to(device))
                         scaled = loss / config.grad_accum
                     scaler.scale(scaled).backward()
                 step_loss += scaled.detach()
