@@ -100,6 +100,9 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--no-buffer-cache", dest="buffer_cache", action="store_false",
                    help="CPU: do not reuse large buffers between steps (the cache is faster at long sequences)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard) under torchrun")
+    g.add_argument("--sharded-checkpoint", action="store_true",
+                   help="save model and optimizer with torch.distributed.checkpoint, each rank its own shards "
+                        "(resumable on any number of processes; model.safetensors is still exported)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, metavar="N", help=f"steps per progress line (default: {d.log_interval})")
     g.add_argument("--eval-interval", type=int, metavar="N", help=f"steps between validations and checkpoints (default: {d.eval_interval})")

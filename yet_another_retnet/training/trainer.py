@@ -45,11 +45,15 @@ from ..ops.memory import cached_cpu_memory
 from . import distributed as dist_utils
 from .checkpoint import (
     CHECKPOINT_NAME,
+    full_model_state,
     full_state_dicts,
     load_checkpoint,
     load_full_state_dicts,
+    load_sharded,
+    remove_stale_sharded,
     rng_state,
     save_checkpoint,
+    save_sharded,
     set_rng_state,
 )
 from .data import (
@@ -148,6 +152,7 @@ class TrainConfig:
     data_encoding: str = "utf-8"
     log_to: str = ""
     peak_tflops: float | None = None
+    sharded_checkpoint: bool = False
 
     #: Settings that define a run; --resume refuses to change them.
     #: (The data, the tokenizer and the model are compared by content when the checkpoint loads.)
@@ -156,7 +161,7 @@ class TrainConfig:
 
     #: Settings of one invocation, not inherited by --resume (a run started under torchrun
     #: with FSDP may continue in one process, on another device, ...).
-    PER_CALL = ("device", "fsdp", "compile", "buffer_cache", "stop_after", "log_to")
+    PER_CALL = ("device", "fsdp", "compile", "buffer_cache", "stop_after", "log_to", "sharded_checkpoint")
 
     def validate(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
@@ -621,7 +626,10 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     step = 0
     elapsed_before = 0.0
     if checkpoint is not None:
-        load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
+        if "sharded" in checkpoint:  # written with torch.distributed.checkpoint, by any number of ranks
+            load_sharded(out, str(checkpoint["sharded"]), model, optimizer)
+        else:
+            load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         sampler.load_state_dict(checkpoint["sampler"])
@@ -651,6 +659,8 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
                 (out / name).unlink(missing_ok=True)
             for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
                 leftover.unlink(missing_ok=True)
+        if not resume:
+            remove_stale_sharded(out, None)
         text = json.dumps(run_record, indent=2, sort_keys=True) + "\n"
         atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
         tokenizer.save(out)
@@ -685,14 +695,22 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
     plot_notes: set[str] = set()  # say "no matplotlib" once, not at every checkpoint
 
     def save(at_step: int) -> None:
-        model_state, optimizer_state = full_state_dicts(model, optimizer)
+        sharded = None
+        if config.sharded_checkpoint:  # each rank writes its shards; only the model is gathered (export)
+            sharded = save_sharded(out, at_step, model, optimizer, info.is_main)
+            model_state = full_model_state(model)
+            states: dict[str, Any] = {"sharded": sharded}
+        else:
+            model_state, optimizer_state = full_state_dicts(model, optimizer)
+            states = {"model": model_state, "optimizer": optimizer_state}
         if info.is_main:
             save_checkpoint(out, {
-                "step": at_step, "model": model_state, "optimizer": optimizer_state,
+                "step": at_step, **states,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(), "rng": rng_state(), "metrics": metrics,
                 "elapsed_s": elapsed_before + time.perf_counter() - started, "run": run_record,
             })
+            remove_stale_sharded(out, sharded)  # only now is the new checkpoint the valid one
             _save_model(model_state, model_config, out)
             write_metrics(out, metrics)
             note = plot_losses(out, metrics)
