@@ -152,3 +152,21 @@ def test_float32_reset_runs_on_the_cpu_kernels(monkeypatch: pytest.MonkeyPatch) 
         for row, a, b in documents(mask):
             alone = reference(ids[row:row + 1, a:b], mode="chunkwise").logits
             torch.testing.assert_close(out[row:row + 1, a:b].double(), alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "chunkwise", "recurrent"])
+def test_layer_reset_matches_the_float64_reference_per_document(mode: str) -> None:
+    from reference import reference_msr
+
+    from yet_another_retnet.layers.retention import MultiScaleRetention
+
+    torch.manual_seed(2)
+    layer = MultiScaleRetention(16, 2).to(F64)
+    mask = packed_batch()
+    x = torch.randn(2, 23, 16, dtype=F64)
+    y, state, _ = layer.retain(x, x, x, None, mode, chunk_size=4, reset_mask=mask)
+    for row, a, b in documents(mask):
+        expected, memory = reference_msr(layer, x[row:row + 1, a:b])  # positions from 0, empty state
+        torch.testing.assert_close(y[row:row + 1, a:b], expected, rtol=1e-10, atol=1e-10)
+        if b == 23:
+            torch.testing.assert_close(state.memory[row:row + 1], memory, rtol=1e-10, atol=1e-10)

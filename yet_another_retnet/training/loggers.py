@@ -13,19 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from ..models import RetNetConfig, count_parameters
+from ..models import RetNetConfig
 
 TENSORBOARD_DIR = "tensorboard"
 
 
-def model_flops_per_token(config: RetNetConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), the usual estimate: ``6 N`` for the
-    parameters' products plus the retention products, ``12 * layers * d * w`` with ``w`` the
-    tokens each query meets in a chunk (``min(seq_len, chunk_size)``, the attention term of the
-    PaLM formula with the chunk in place of the context)."""
-    window = min(seq_len, config.chunk_size)
-    return 6.0 * count_parameters(config) + 12.0 * config.num_layers * config.d_model * window
+def model_flops_per_token(model: nn.Module, config: RetNetConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), counted as ``retnet bench peers-training``
+    counts them: ``6`` per weight of every linear layer, plus per layer and head ``3 (2 w dk +
+    2 w dv + 4 dk dv)`` for the retention products, ``w`` the chunk a query meets
+    (``min(seq_len, chunk_size)``)."""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    span = min(seq_len, config.chunk_size)
+    dk, dv = config.key_head_dim, config.value_head_dim
+    chunkwise = seq_len > config.chunk_size
+    per_head = 2 * span * dk + 2 * span * dv + (4 * dk * dv if chunkwise else 0)
+    return 6.0 * matmul_params + config.num_layers * 3.0 * config.num_heads * per_head
 
 
 def memory_figures(device: torch.device) -> dict[str, float]:

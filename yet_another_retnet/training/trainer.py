@@ -721,7 +721,7 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
 
     bar = ProgressBar(config.max_steps, config.log_interval, stream) if info.is_main else None
     tokens_per_step = config.batch_size * config.seq_len
-    flops_per_token = model_flops_per_token(model_config, config.seq_len)
+    flops_per_token = model_flops_per_token(model, model_config, config.seq_len)
     loggers = Loggers(config.log_to, out, run_record, resume) if info.is_main and config.log_to else None
     save_interval = config.save_interval or config.eval_interval
     stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, step + config.stop_after)
