@@ -14,6 +14,7 @@ import torch
 from yet_another_retnet.cli import main
 from yet_another_retnet.training.data import default_corpus_text
 from yet_another_retnet.training.prepare import PrepareError, prepare
+from yet_another_retnet.training.progress import read_metrics
 from yet_another_retnet.training.shards import PreparedDataError, open_prepared
 from yet_another_retnet.training.trainer import TrainConfig, lr_factor
 
@@ -214,3 +215,21 @@ def test_sft_scores_only_the_completions(tmp_path: Path) -> None:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(json.dumps({"prompt": "x"}) + "\n")
         prepare([str(bad)], tmp_path / "bad", sft=True)
+
+
+def test_tensorboard_and_wandb_offline(sources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(sources / "docs"), "--out", str(out), *TINY, "--max-steps", "3",
+                 "--log-to", "tensorboard,wandb"]) == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert len(losses) == 3 and losses == pytest.approx([r["loss"] for r in read_metrics(out) if r["kind"] == "train"])
+    assert "eval/val_loss" in events.Tags()["scalars"]
+    assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
