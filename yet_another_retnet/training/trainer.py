@@ -247,6 +247,7 @@ class Corpus:
     sha256: str
     description: str
     prepared: bool = False
+    staged: Path | None = None  # prepared beside --out, moved into it when the run starts
 
 
 def build_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
@@ -291,8 +292,10 @@ def load_data(config: TrainConfig, info: dist_utils.DistInfo | None = None) -> t
 
     No ``--data``: the embedded corpus as one in-memory byte stream (the default run, as ever).
     A directory written by ``retnet prepare``: its shards through memory maps, and the tokenizer
-    it was prepared with. A text file or directory: prepared into ``<out>/data`` first (by rank 0
-    under torchrun; reused while the text is unchanged), then read the same way.
+    it was prepared with. A text file or directory: prepared first (by rank 0 under torchrun) by
+    the same code, into ``<out>/data`` when that already holds it (reused while the text is
+    unchanged), else into a staging directory beside ``--out`` that the run moves into place once
+    every check has passed (:func:`adopt_staged_data`); a failed check removes it.
     """
     info = info or dist_utils.DistInfo()
     if config.data is None:
@@ -300,46 +303,72 @@ def load_data(config: TrainConfig, info: dist_utils.DistInfo | None = None) -> t
         return load_corpus(None, tokenizer, config.seq_len, config.val_fraction), tokenizer
     source = Path(config.data)
     directory = source
+    staged = None
     if not is_prepared(source):
         if not source.exists():
             raise TrainingError(f"data path {source} does not exist")
-        directory = Path(config.out) / PREPARED_DIR
+        out = Path(config.out)
+        directory = out / PREPARED_DIR
+        if not is_prepared(directory):
+            directory = staged = out.parent / f".{out.name}.{PREPARED_DIR}-staged"
         if info.is_main:
-            _prepare_on_the_fly(config, directory)
+            _prepare_on_the_fly(config, directory, staged is not None)
         dist_utils.barrier(info)
     try:
-        data = open_prepared(directory)
-    except ValueError as err:
-        raise TrainingError(str(err)) from err
-    tokenizer = _prepared_tokenizer(data, config.tokenizer if directory is source else None)
-    where = f"data path {config.data}"
-    index = data.index
-    val_bytes = data.split_bytes("val")
-    fingerprint = f"{index['source_fingerprint']}:{index['tokenizer'].get('sha256')}"
-    description = (f"{where}: {index['text_bytes']:,} bytes in {index['documents']:,} documents, "
-                   f"{len(data.train):,} train / {len(data.val):,} val tokens (memory-mapped {index['dtype']} shards)")
-    corpus = Corpus(data.train, data.val, max(val_bytes, 1) / max(len(data.val), 1), fingerprint, description,
-                    prepared=True)
-    if len(data.train) + len(data.val) < 2 * (config.seq_len + 1):
-        raise TrainingError(
-            f"{where} has {len(data.train) + len(data.val)} tokens, too few for a training and a validation "
-            f"sequence of seq_len {config.seq_len} (need at least {2 * (config.seq_len + 1)}); lower --seq-len or add text")
-    return _checked_corpus(corpus, where, config.seq_len), tokenizer
+        try:
+            data = open_prepared(directory)
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
+        tokenizer = _prepared_tokenizer(data, config.tokenizer if directory is source else None)
+        if directory is not source and config.tokenizer is not None:
+            # Prepared here from the user's file: keep reading that (the staged copy will move).
+            tokenizer = HFTokenizer(config.tokenizer)
+        where = f"data path {config.data}"
+        index = data.index
+        val_bytes = data.split_bytes("val")
+        fingerprint = f"{index['source_fingerprint']}:{index['tokenizer'].get('sha256')}"
+        description = (f"{where}: {index['text_bytes']:,} bytes in {index['documents']:,} documents, "
+                       f"{len(data.train):,} train / {len(data.val):,} val tokens (memory-mapped {index['dtype']} shards)")
+        corpus = Corpus(data.train, data.val, max(val_bytes, 1) / max(len(data.val), 1), fingerprint, description,
+                        prepared=True, staged=staged)
+        if len(data.train) + len(data.val) < 2 * (config.seq_len + 1):
+            raise TrainingError(
+                f"{where} has {len(data.train) + len(data.val)} tokens, too few for a training and a validation "
+                f"sequence of seq_len {config.seq_len} (need at least {2 * (config.seq_len + 1)}); lower --seq-len or add text")
+        return _checked_corpus(corpus, where, config.seq_len), tokenizer
+    except BaseException:
+        if staged is not None and info.is_main:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
 
 
-def _prepare_on_the_fly(config: TrainConfig, directory: Path) -> None:
-    """``retnet prepare`` of a plain text --data path into the run directory (nothing left on failure)."""
+def discard_staged_data(corpus: Corpus, info: dist_utils.DistInfo) -> None:
+    """Remove data prepared for a run that is not going to start."""
+    if corpus.staged is not None and info.is_main:
+        shutil.rmtree(corpus.staged, ignore_errors=True)
+
+
+def adopt_staged_data(corpus: Corpus, out: Path) -> None:
+    """Move data prepared beside the run directory into it (rank 0, once the run starts writing;
+    the memory maps stay valid: a rename moves no data)."""
+    if corpus.staged is None:
+        return
+    target = out / PREPARED_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    corpus.staged.replace(target)
+    corpus.staged = None
+
+
+def _prepare_on_the_fly(config: TrainConfig, directory: Path, fresh: bool) -> None:
+    """``retnet prepare`` of a plain text --data path into ``directory`` (nothing left on failure)."""
     from .prepare import prepare
 
-    out = directory.parent
-    created_out = not out.exists()
     try:
         prepare([str(config.data)], directory, tokenizer=config.tokenizer, val_fraction=config.val_fraction,
                 encoding=config.data_encoding, overwrite=True)
     except BaseException as err:
-        if created_out:
-            shutil.rmtree(out, ignore_errors=True)
-        elif not (out / TRAIN_CONFIG_NAME).is_file():
+        if fresh:
             shutil.rmtree(directory, ignore_errors=True)
         if isinstance(err, ValueError):
             raise TrainingError(str(err)) from err
@@ -400,7 +429,8 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
         inherited = {k: v for k, v in saved.items() if k not in TrainConfig.PER_CALL}
         config = TrainConfig.from_dict({**defaults.to_dict(), **inherited, **explicit})
     else:
-        if out.is_dir() and any(out.iterdir()) and not overwrite:
+        # (A run that failed after preparing its text keeps only its prepared-data cache: not a run.)
+        if out.is_dir() and any(p.name != PREPARED_DIR for p in out.iterdir()) and not overwrite:
             if saved_path.is_file():
                 raise TrainingError(
                     f"--out {out} already holds a training run: pass --resume to continue it, "
@@ -567,6 +597,30 @@ class _StopRequest:
                 signal.signal(sig, handler)
 
 
+def _check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer,
+               resume: bool) -> tuple[RetNetConfig, dict[str, Any] | None]:
+    """The model configuration and, on ``resume``, the checkpoint, once it agrees with this call."""
+    model_config = build_model_config(config, tokenizer.vocab_size)
+    out = Path(config.out)
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        checkpoint = load_checkpoint(out)
+        saved = checkpoint.get("run", {})
+        if saved.get("data_sha256") != corpus.sha256:
+            raise TrainingError(f"--resume: the training data differs from the data of the run in {out}")
+        if saved.get("model_config") != model_config.to_dict():
+            raise TrainingError(f"--resume: the model configuration differs from the run in {out}")
+        if _tokenizer_identity(saved.get("tokenizer", {})) != _tokenizer_identity(tokenizer.describe()):
+            raise TrainingError(f"--resume: the tokenizer differs from the one of the run in {out}")
+        if checkpoint["step"] >= config.max_steps:
+            raise TrainingError(
+                f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
+                f"{config.max_steps}; raise --max-steps to train further"
+            )
+
+    return model_config, checkpoint
+
+
 def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = None) -> TrainResult:
     """Run (or continue) the training described by ``config``; see the module docstring.
 
@@ -593,24 +647,12 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
         raise TrainingError("--precision bf16: this GPU does not support bfloat16")
 
     corpus, tokenizer = load_data(config, info)
-    model_config = build_model_config(config, tokenizer.vocab_size)
+    try:
+        model_config, checkpoint = _check_run(config, corpus, tokenizer, resume)
+    except BaseException:
+        discard_staged_data(corpus, info)
+        raise
     out = Path(config.out)
-
-    checkpoint: dict[str, Any] | None = None
-    if resume:
-        checkpoint = load_checkpoint(out)
-        saved = checkpoint.get("run", {})
-        if saved.get("data_sha256") != corpus.sha256:
-            raise TrainingError(f"--resume: the training data differs from the data of the run in {out}")
-        if saved.get("model_config") != model_config.to_dict():
-            raise TrainingError(f"--resume: the model configuration differs from the run in {out}")
-        if _tokenizer_identity(saved.get("tokenizer", {})) != _tokenizer_identity(tokenizer.describe()):
-            raise TrainingError(f"--resume: the tokenizer differs from the one of the run in {out}")
-        if checkpoint["step"] >= config.max_steps:
-            raise TrainingError(
-                f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
-                f"{config.max_steps}; raise --max-steps to train further"
-            )
 
     # ---- everything is checked: from here on the run writes to ``out`` ----
     torch.manual_seed(config.seed)
@@ -652,8 +694,10 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
 
     run_record = {"train": config.to_dict(), "model_config": model_config.to_dict(),
                   "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
+    dist_utils.barrier(info)  # every rank has mapped the data before rank 0 moves it
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        adopt_staged_data(corpus, out)
         for name in RUN_FILES:
             if not resume:  # --overwrite: a fresh run must not inherit a stale file
                 (out / name).unlink(missing_ok=True)
