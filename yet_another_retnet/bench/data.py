@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-mb", type=int, default=1024, help="generated corpus size in MB (default: 1024)")
     p.add_argument("--small-mb", type=int, default=10, help="the small corpus of the memory comparison (default: 10)")
     p.add_argument("--bpe-vocab", type=int, default=8192, help="BPE vocabulary (default: 8192)")
+    p.add_argument("--bpe-mb", type=int, default=None,
+                   help="time the BPE tokenizer on the first N MB only (default: the whole corpus)")
     p.add_argument("--workers", default="1,2", help="worker counts to time (default: 1,2)")
     p.add_argument("--train-steps", type=int, default=50, help="steps of each training run (default: 50)")
     p.add_argument("--work", default="bench-data-work", help="scratch directory (corpus, shards, runs)")
@@ -152,10 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     if not small.is_file():
         generate_corpus(small, args.small_mb, seed=1)
     bpe = train_bpe(corpus, work, args.bpe_vocab)
+    bpe_corpus = corpus
+    if args.bpe_mb is not None:
+        bpe_corpus = work / f"first-{args.bpe_mb}mb.jsonl"
+        with open(corpus, "rb") as src, open(bpe_corpus, "wb") as dst:
+            for line in src:
+                dst.write(line)
+                if dst.tell() >= args.bpe_mb * 1_000_000:
+                    break
     prepare_rows = []
     for tok in (None, bpe):
         for w in workers:
-            row = time_prepare(corpus, work / f"prepared-{'byte' if tok is None else 'bpe'}", tok, w)
+            row = time_prepare(corpus if tok is None else bpe_corpus,
+                               work / f"prepared-{'byte' if tok is None else 'bpe'}", tok, w)
             print(json.dumps(row), flush=True)
             prepare_rows.append(row)
     time_prepare(small, work / "prepared-small", None, 1)
@@ -165,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runs[name]), flush=True)
     ratio = runs["large"]["peak_rss_mib"] / runs["small"]["peak_rss_mib"]
     report = {"machine": cpu_name(), "cpu_count": os.cpu_count(), "size_mb": args.size_mb,
-              "small_mb": args.small_mb, "bpe_vocab": args.bpe_vocab, "prepare": prepare_rows, "train": runs,
+              "small_mb": args.small_mb, "bpe_vocab": args.bpe_vocab, "bpe_mb": args.bpe_mb, "prepare": prepare_rows, "train": runs,
               "peak_rss_ratio_large_over_small": ratio, "rss_within_10_percent": abs(ratio - 1) <= 0.10,
               "command": "retnet bench data " + " ".join(argv or sys.argv[1:])}
     (out / "data.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# retnet bench data ({report['machine']}, {os.cpu_count()} CPUs)", "",
-             f"Corpus: {args.size_mb} MB of generated jsonl documents.", "",
+             f"Corpus: {args.size_mb} MB of generated jsonl documents"
+             + (f" (BPE rows: its first {args.bpe_mb} MB)." if args.bpe_mb else "."), "",
              "| tokenizer | workers | MB/s of source | tokens/s | seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r['tokenizer']} | {r['workers']} | {r['mb_per_s']:.1f} | {r['tokens_per_s'] / 1e6:.2f}M | "
               f"{r['seconds']:.1f} |" for r in prepare_rows]
