@@ -268,8 +268,18 @@ def encode_corpus(text: str, tokenizer: ByteTokenizer | HFTokenizer | None = Non
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
-def read_text_files(path: str | Path) -> str:
-    """The text of a file, or of every text file under a directory (sorted), joined by blank lines."""
+def _read_strict(file: Path, encoding: str) -> str:
+    raw = file.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:  # never replaced silently: name the file and the offset
+        raise ValueError(f"{file}: bytes at offset {err.start} are not valid {encoding} ({err.reason})") from None
+
+
+def read_text_files(path: str | Path, encoding: str = "utf-8") -> str:
+    """The text of a file, or of every text file under a directory (sorted), joined by blank lines.
+
+    Bytes that do not decode in ``encoding`` raise ``ValueError`` naming the file and byte offset."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist")
@@ -278,7 +288,7 @@ def read_text_files(path: str | Path) -> str:
     )
     if not files:
         raise ValueError(f"data path {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    text = "\n\n".join(_read_strict(f, encoding) for f in files)
     if not text.strip():
         raise ValueError(f"data path {path} is empty")
     return text
