@@ -29,11 +29,9 @@ from yet_another_retnet.training.data import (
     StreamDecoder,
     WindowSampler,
     default_corpus_text,
-    encode_corpus,
-    eval_windows,
-    split_tokens,
 )
 from yet_another_retnet.training.progress import ProgressBar, plot_losses, read_metrics
+from yet_another_retnet.training.shards import open_prepared
 from yet_another_retnet.training.trainer import TrainConfig, build_optimizer, lr_factor
 
 TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
@@ -170,22 +168,23 @@ def test_run_directory_contents_and_eval_agree(tmp_path: Path, corpus_file: Path
                  "train_config.json", "loss.png"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((out / "tokenizer_config.json").read_text()) == {"type": "byte"}
+    # A text path is prepared into the run directory: bytes plus the end-of-document id 256.
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"type": "byte", "eod_id": 256}
     records = read_metrics(out)
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [4, 8]
     assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
-    # Byte tokens: bits per byte is the loss in bits.
-    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2))
+    # Byte tokens (plus one end-of-document id): bits per byte is the loss in bits per text byte.
+    prepared = open_prepared(out / "data")
+    bytes_per_token = prepared.split_bytes("val") / len(prepared.val)
+    assert 0.99 < bytes_per_token <= 1.0
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2) / bytes_per_token)
 
-    # `retnet eval` on the same text scores the same windows: the same loss.
-    text = corpus_file.read_text()
-    _, val = split_tokens(encode_corpus(text), 0.05)
-    val_file = tmp_path / "val.txt"
-    val_file.write_bytes(bytes(val.tolist()))
-    assert main(["eval", str(out), "--data", str(val_file), "--json", "--device", "cpu"]) == 0
+    # `retnet eval` on the prepared data's validation split scores the same windows: the same loss.
+    val = open_prepared(out / "data").val
+    assert main(["eval", str(out), "--data", str(out / "data"), "--json", "--device", "cpu"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["windows"] == len(eval_windows(val, 16))
+    assert result["windows"] == (len(val) - 1) // 16
     assert result["loss"] == pytest.approx(evals[-1]["val_loss"], rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
 

@@ -1,4 +1,4 @@
-"""The ``retnet`` command line: train, generate, eval, info, bench and convert.
+"""The ``retnet`` command line: train, prepare, generate, eval, info, bench and convert.
 
 ``retnet train`` with no arguments trains a small RetNet on the embedded corpus (about 10
 minutes on 2 CPU cores). Run ``retnet <command> --help`` for each command's options. A user
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-BENCHMARKS = ("ops", "inference", "training", "quality", "peers")
+BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "data")
 
 
 class UsageError(Exception):
@@ -64,6 +64,9 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out instead of refusing")
     g.add_argument("--val-fraction", type=float, metavar="F", help=f"share of the corpus held out for validation (default: {d.val_fraction})")
+    g.add_argument("--doc-boundaries", choices=("ignore", "reset"),
+                   help="reset: the state and positions restart at each document inside a window (default: ignore)")
+    g.add_argument("--data-encoding", metavar="NAME", help="encoding of a plain text --data path; bad bytes are an error (default: utf-8)")
     g = p.add_argument_group("model")
     g.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: {d.preset})")
     g.add_argument("--d-model", type=int, metavar="N", help="model width (default: the preset's)")
@@ -79,6 +82,10 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--lr", type=float, help=f"peak learning rate (default: {d.lr})")
     g.add_argument("--min-lr-ratio", type=float, metavar="F", help=f"final LR over peak LR (default: {d.min_lr_ratio})")
     g.add_argument("--warmup-steps", type=int, metavar="N", help=f"linear warm-up steps (default: {d.warmup_steps})")
+    g.add_argument("--schedule", choices=("linear", "cosine", "wsd"),
+                   help="after warm-up: linear or cosine decay, or wsd (stable, then a linear decay over "
+                        "--decay-fraction of the steps) (default: linear)")
+    g.add_argument("--decay-fraction", type=float, metavar="F", help=f"wsd: share of the steps spent decaying (default: {d.decay_fraction})")
     g.add_argument("--weight-decay", type=float, metavar="F", help=f"AdamW weight decay (default: {d.weight_decay})")
     g.add_argument("--beta1", type=float, metavar="F", help=f"AdamW beta1 (default: {d.beta1})")
     g.add_argument("--beta2", type=float, metavar="F", help=f"AdamW beta2 (default: {d.beta2})")
@@ -93,14 +100,29 @@ def _add_train(sub: Any) -> None:
     g.add_argument("--no-buffer-cache", dest="buffer_cache", action="store_false",
                    help="CPU: do not reuse large buffers between steps (the cache is faster at long sequences)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard) under torchrun")
+    g.add_argument("--sharded-checkpoint", action="store_true",
+                   help="save model and optimizer with torch.distributed.checkpoint, each rank its own shards "
+                        "(resumable on any number of processes; model.safetensors is still exported)")
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, metavar="N", help=f"steps per progress line (default: {d.log_interval})")
     g.add_argument("--eval-interval", type=int, metavar="N", help=f"steps between validations and checkpoints (default: {d.eval_interval})")
     g.add_argument("--eval-max-windows", type=int, metavar="N", help="validate on at most N sequences (default: the whole split)")
     g.add_argument("--save-interval", type=int, metavar="N", help="steps between checkpoints (default: --eval-interval)")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after N steps of this call; the schedule still follows --max-steps")
+    g.add_argument("--log-to", metavar="NAMES", help="also log to tensorboard and/or wandb (comma-separated; "
+                   "WANDB_MODE=offline works without a network); metrics.jsonl and metrics.csv always")
+    g.add_argument("--peak-tflops", type=float, metavar="X", help="the device's peak TFLOP/s, to log model-FLOPs utilisation")
     g.add_argument("--sample-prompt", metavar="TEXT", help=f"prompt of the sample printed at the end (default: {d.sample_prompt!r})")
     g.add_argument("--sample-tokens", type=int, metavar="N", help=f"tokens of that sample, 0 for none (default: {d.sample_tokens})")
+
+
+def _add_prepare(sub: Any) -> None:
+    from .training.prepare import add_arguments
+
+    p = sub.add_parser("prepare", formatter_class=_formatter, help="tokenize a corpus into memory-mapped shards",
+                       description="Tokenize text files, directories, .jsonl, .parquet or a datasets directory into\n"
+                                   "token shards that `retnet train --data DIR` reads through memory maps.")
+    add_arguments(p)
 
 
 def _add_generate(sub: Any) -> None:
@@ -125,7 +147,7 @@ def _add_eval(sub: Any) -> None:
                        description="Evaluate a model directory on text: loss (nats/token), perplexity, bits per byte.\n"
                                    "Without --data: the validation split of the embedded corpus.")
     p.add_argument("model", metavar="DIR", help="model directory")
-    p.add_argument("--data", metavar="PATH", default=None, help="a text file or directory to evaluate on (all of it)")
+    p.add_argument("--data", metavar="PATH", default=None, help="a text file or directory to evaluate on (all of it), or prepared data (its validation split)")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help="tokens per window (default: the training run's, else 512)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
     p.add_argument("--max-windows", type=int, default=None, metavar="N", help="evaluate at most N windows")
@@ -168,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"yet-another-retnet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_train(sub)
+    _add_prepare(sub)
     _add_generate(sub)
     _add_eval(sub)
     _add_info(sub)
@@ -193,6 +216,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = resolve_config(explicit, resume=resume, overwrite=bool(getattr(args, "overwrite", False)))
         result = train(config, resume=resume)
     return 130 if result.interrupted else 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .training.prepare import run
+
+    return run(args)
 
 
 def _pick_device(name: str | None) -> Any:
@@ -277,6 +306,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from .training.data import (
         default_corpus_text,
         encode_corpus,
@@ -312,21 +343,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0 < val_fraction < 1:
             raise UsageError(f"{run_file}: val_fraction must be a number in (0, 1), got {val_fraction!r}")
     seq_len = seq_len or 512
-    if args.data is None:
-        _, tokens = split_tokens(encode_corpus(default_corpus_text(), tokenizer), val_fraction)
-        source = "the default corpus's validation split"
+    from .training.shards import is_prepared, open_prepared
+
+    if args.data is not None and is_prepared(args.data):
+        # Prepared shards: their validation split, read through the memory map window by window.
+        val = open_prepared(args.data).val
+        if len(val) < 2:
+            raise UsageError(f"{args.data}: the validation split has fewer than 2 tokens")
+        length = min(seq_len, len(val) - 1)
+        count = (len(val) - 1) // length
+        if args.max_windows is not None:
+            count = min(count, args.max_windows)
+        windows = val.windows(torch.arange(count) * length, length + 1)
+        bytes_per_token = open_prepared(args.data).split_bytes("val") / len(val)
+        source = f"{args.data} (validation split)"
     else:
-        tokens = encode_corpus(read_text_files(args.data), tokenizer)
-        source = args.data
-    if len(tokens) < 2:
-        raise UsageError(f"{source} has fewer than 2 tokens: nothing to evaluate")
-    windows = eval_windows(tokens, min(seq_len, len(tokens) - 1))
-    if args.max_windows is not None:
-        windows = windows[:args.max_windows]
+        if args.data is None:
+            _, tokens = split_tokens(encode_corpus(default_corpus_text(), tokenizer), val_fraction)
+            source = "the default corpus's validation split"
+        else:
+            tokens = encode_corpus(read_text_files(args.data), tokenizer)
+            source = args.data
+        if len(tokens) < 2:
+            raise UsageError(f"{source} has fewer than 2 tokens: nothing to evaluate")
+        windows = eval_windows(tokens, min(seq_len, len(tokens) - 1))
+        if args.max_windows is not None:
+            windows = windows[:args.max_windows]
+        bytes_per_token = len(tokenizer.decode(tokens).encode("utf-8")) / len(tokens)
     loss = evaluate(model, windows, args.batch_size, device, args.precision)
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)
-    n_bytes = len(tokenizer.decode(tokens).encode("utf-8"))
-    bpb = bits_per_byte(loss, n_bytes / len(tokens))
+    bpb = bits_per_byte(loss, bytes_per_token)
     result = {"data": source, "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1] - 1),
               "tokens": int(n_tokens), "loss": loss, "perplexity": math.exp(min(loss, 700.0)),
               "bits_per_byte": bpb}
@@ -403,7 +449,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "prepare": cmd_prepare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from ..ops.retention import (
     state_update,
 )
 from ..ops.retention_core import retention_core, retention_core_applies
+from ..ops.segments import check_reset_mask, pack, segment_layout, unpack
 from ..ops.split_heads import split_heads, split_heads_apply
 from . import legacy
 
@@ -478,6 +479,7 @@ class MultiScaleRetention(nn.Module):
         token_mask: Tensor | None = None,
         need_weights: bool = False,
         residual: Tensor | None = None,
+        reset_mask: Tensor | None = None,
     ) -> tuple[Tensor, RetentionState, Tensor | None]:
         """One call of the layer in ``mode`` (``"parallel"``, ``"chunkwise"`` or ``"recurrent"``).
 
@@ -490,7 +492,15 @@ class MultiScaleRetention(nn.Module):
         ``weights`` only in parallel mode with ``need_weights``. With ``residual`` ``(batch,
         length, embed_dim)``, ``y`` is ``residual`` plus the layer's output (a block's skip
         connection, added inside the output product where it can).
+
+        ``reset_mask`` ``(batch, length)`` bool (self-retention, no state, no padding): True where a
+        packed document starts; each document then runs alone, its state and positions starting
+        afresh (laid out one per row by :mod:`~yet_another_retnet.ops.segments`); the state
+        returned is each row's last document's.
         """
+        if reset_mask is not None:
+            return self._retain_documents(query, key, value, state, mode, chunk_size, token_mask, need_weights,
+                                          residual, reset_mask)
         batch, length, _ = query.shape
         rotation, next_position = self._positions(query, None if state is None else state.position, token_mask,
                                                  rotation)
@@ -551,6 +561,24 @@ class MultiScaleRetention(nn.Module):
             raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
         y = self.output(retained, query, gate, residual)
         return y, RetentionState(new_memory, next_position), weights
+
+    def _retain_documents(
+        self, query: Tensor, key: Tensor, value: Tensor, state: RetentionState | None, mode: str,
+        chunk_size: int | None, token_mask: Tensor | None, need_weights: bool, residual: Tensor | None,
+        reset_mask: Tensor,
+    ) -> tuple[Tensor, RetentionState, Tensor | None]:
+        if key is not query or value is not query:
+            raise ValueError("reset_mask: packed documents need self-retention (key and value are the query)")
+        if state is not None or token_mask is not None or need_weights:
+            raise ValueError("reset_mask: packed documents start from an empty state, without padding or weights")
+        batch, length, _ = query.shape
+        seg = segment_layout(check_reset_mask(reset_mask.to(query.device), (batch, length)))
+        packed = pack(query, seg)
+        y, new, _ = self.retain(packed, packed, packed, None, mode, chunk_size,
+                                token_mask=seg.valid if seg.padded else None)
+        y = unpack(y, seg, batch, length)
+        y = y if residual is None else residual + y
+        return y, RetentionState(new.memory[seg.last], seg.lengths[seg.last]), None
 
     def absorb(
         self,

@@ -39,6 +39,7 @@ from ..ops.decode_step import KERNEL_MAX_ROWS, LayerStepPlan, decoder_layer_step
 from ..ops.gemv import gemv_kernel_available
 from ..ops.matmul import linear
 from ..ops.memory import cached_cpu_memory
+from ..ops.segments import check_reset_mask, pack, segment_layout, unpack
 from .config import RetNetConfig
 
 MODES = ("parallel", "chunkwise", "recurrent")
@@ -580,6 +581,7 @@ class RetNet(GenerationMixin, nn.Module):
         chunk_size: int | None = None,
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
+        reset_mask: Tensor | None = None,
     ) -> RetNetOutput:
         """Logits for ``input_ids`` ``(batch, length)``, continuing from ``state`` if given.
 
@@ -589,9 +591,34 @@ class RetNet(GenerationMixin, nn.Module):
             labels: ``(batch, length)`` targets; the loss is next-token cross entropy (labels are
                 shifted inside), positions labelled ``-100`` ignored.
             attention_mask: ``(batch, length)``, 1 for real tokens, 0 for left padding.
+            reset_mask: ``(batch, length)`` bool, True where a packed document starts: the
+                recurrent state and the positions restart there, in every mode, as if each
+                document ran alone (needs ``state=None``, no padding). The returned state is
+                each row's last document's.
         """
         token_mask = self._check_inputs(input_ids, state, mode, chunk_size, labels, attention_mask)
+        if reset_mask is not None:
+            return self._forward_documents(input_ids, mode, chunk_size, labels, token_mask, state, reset_mask)
         return self._forward(input_ids, state, mode, chunk_size, labels, token_mask)
+
+    def _forward_documents(self, input_ids: Tensor, mode: str | None, chunk_size: int | None,
+                           labels: Tensor | None, token_mask: Tensor | None, state: RetNetState | None,
+                           reset_mask: Tensor) -> RetNetOutput:
+        """:meth:`forward` with documents packed in rows: each document gets a row of its own
+        (:mod:`~yet_another_retnet.ops.segments`, left-padded), so every form and every fast path
+        runs it alone; the outputs go back to their places."""
+        if state is not None:
+            raise ValueError("reset_mask: packed documents start from an empty state (state must be None)")
+        if token_mask is not None:
+            raise ValueError("reset_mask cannot be combined with padding in attention_mask")
+        batch, length = input_ids.shape
+        seg = segment_layout(check_reset_mask(reset_mask.to(input_ids.device), (batch, length)))
+        packed = torch.where(seg.valid, pack(input_ids, seg), torch.zeros((), dtype=input_ids.dtype,
+                                                                           device=input_ids.device))
+        out = self._forward(packed, None, mode, chunk_size, None, seg.valid if seg.padded else None)
+        logits = unpack(out.logits, seg, batch, length)
+        new_state = RetNetState([m[seg.last] for m in out.state.memories], seg.lengths[seg.last])
+        return RetNetOutput(logits, new_state, None if labels is None else self._lm_loss(logits, labels))
 
     def _forward(
         self,
@@ -622,17 +649,19 @@ class RetNet(GenerationMixin, nn.Module):
             last_only = last_logits_only and labels is None and input_ids.shape[1] > 0
             hidden, new_state = self.decoder(x, state, mode, chunk, token_mask, last_only=last_only)
             logits = linear(hidden, self.lm_head.weight, self.lm_head.bias)
-        loss = None
-        if labels is not None:
-            # Position t predicts token t + 1; the last position predicts nothing (-100, ignored).
-            # Shifting the labels, not slicing the logits: with a batch, logits[:, :-1] is not
-            # contiguous, so its reshape copies the logits and its backward fills a zero tensor.
-            # Half-precision logits are scored in float32; float64 ones stay float64.
-            targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)
-            scores = logits.reshape(-1, logits.shape[-1])
-            scores = scores if scores.dtype == torch.float64 else scores.float()
-            loss = F.cross_entropy(scores, targets.reshape(-1), ignore_index=-100)
+        loss = None if labels is None else self._lm_loss(logits, labels)
         return RetNetOutput(logits, new_state, loss)
+
+    @staticmethod
+    def _lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+        # Position t predicts token t + 1; the last position predicts nothing (-100, ignored).
+        # Shifting the labels, not slicing the logits: with a batch, logits[:, :-1] is not
+        # contiguous, so its reshape copies the logits and its backward fills a zero tensor.
+        # Half-precision logits are scored in float32; float64 ones stay float64.
+        targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)
+        scores = logits.reshape(-1, logits.shape[-1])
+        scores = scores if scores.dtype == torch.float64 else scores.float()
+        return F.cross_entropy(scores, targets.reshape(-1), ignore_index=-100)
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         """Token ids ``(batch, ...)`` -> embeddings ``(batch, ..., d_model)``, scaled and normed."""

@@ -47,6 +47,7 @@ from .decay import (
     scaled_decay_mask,
 )
 from .fla_backend import chunk_retention_fla
+from .segments import check_reset_mask, pack, segment_layout, unpack
 from .triton import chunk_retention_triton, retention_step_triton
 
 __all__ = ["retention_chunkwise", "retention_parallel", "retention_recurrent"]
@@ -152,6 +153,7 @@ def retention_parallel(
     scale: float | None = None,
     prev_state: Tensor | None = None,
     need_weights: bool = False,
+    reset_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Parallel retention ``(Q K^T * D) V``.
 
@@ -161,6 +163,9 @@ def retention_parallel(
         scale: factor on the keys, default ``dk ** -0.5``.
         prev_state: optional ``(batch, heads, dk, dv)`` state of the tokens before ``q``.
         need_weights: also return the decayed retention scores ``(batch, heads, length, length)``.
+        reset_mask: optional ``(batch, length)`` bool, True where a new document starts: a token
+            then sees only its own document's tokens (and ``prev_state`` only before the row's
+            first reset). Positions are the caller's (rotate by position inside the document).
 
     Returns:
         ``(out, weights)``: out is ``(batch, heads, length, dv)`` in the input dtype; weights is
@@ -175,9 +180,16 @@ def retention_parallel(
     # The key scale rides on the cached decay mask: one elementwise pass fewer.
     mask = scaled_decay_mask(log_gamma, length, ct, _resolve_scale(scale, q.shape[-1]))
     weights = (qc @ kc.transpose(-1, -2)) * mask
+    documents = None
+    if reset_mask is not None:
+        documents = torch.cumsum(check_reset_mask(reset_mask, (q.shape[0], length)).long(), dim=1)  # (b, L)
+        weights = weights * (documents[:, :, None] == documents[:, None, :]).unsqueeze(1).to(ct)
     out = weights @ vc
     if state is not None:
-        out = out + _cross_term(qc, state, log_gamma, ct)
+        cross = _cross_term(qc, state, log_gamma, ct)
+        if documents is not None:  # the earlier state reaches only the tokens before the first reset
+            cross = cross * (documents == 0)[:, None, :, None].to(ct)
+        out = out + cross
     return out.to(q.dtype), (weights.to(q.dtype) if need_weights else None)
 
 
@@ -191,6 +203,7 @@ def retention_recurrent(
     decay: DecaySpec = None,
     scale: float | None = None,
     backend: str | None = None,
+    reset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One step of recurrent retention.
 
@@ -199,6 +212,8 @@ def retention_recurrent(
         prev_state: ``(batch, heads, dk, dv)`` or ``None`` for the first token.
         backend: ``None`` (CUDA inference steps take the Triton step kernel where it applies),
             ``"torch"`` or ``"triton"``; see :mod:`yet_another_retnet.ops.backends`.
+        reset: optional ``(batch,)`` bool: rows where this token starts a new document forget
+            ``prev_state``.
 
     Returns:
         ``(out, state)``: out is ``(batch, heads, dv)`` in the input dtype; state is the new
@@ -208,6 +223,9 @@ def retention_recurrent(
     state = _check_state(prev_state, q, v)
     ct = compute_dtype(q.dtype)
     log_gamma = resolve_log_decay(decay, q.shape[1], q.device)
+    if state is not None and reset is not None:  # rows starting a new document forget the past
+        keep = ~check_reset_mask(reset.reshape(-1, 1), (q.shape[0], 1))[:, 0]
+        state = state * keep[:, None, None, None].to(state.dtype)
     if recurrent_backend(backend, q, k, v, state) == "triton":  # CUDA: one fused kernel
         return retention_step_triton(q, k, v, state, log_gamma, _resolve_scale(scale, q.shape[-1]))
     kc = k.to(ct) * _resolve_scale(scale, q.shape[-1])
@@ -230,6 +248,7 @@ def retention_chunkwise(
     decay: DecaySpec = None,
     scale: float | None = None,
     backend: str | None = None,
+    reset_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunkwise retention: parallel inside chunks of ``chunk_size``, recurrent between them.
 
@@ -243,12 +262,36 @@ def retention_chunkwise(
         backend: ``None`` (CUDA tensors take our Triton kernels where they apply, everything else
             the PyTorch form), ``"torch"``, ``"triton"`` or ``"fla"``; see
             :mod:`yet_another_retnet.ops.backends`.
+        reset_mask: optional ``(batch, length)`` bool, True where a new document starts (then
+            ``prev_state`` must be ``None``): each document runs alone, through the same fast
+            path, laid out one per row (:mod:`.segments`); the state is the last document's.
 
     Returns:
         ``(out, state)``: out ``(batch, heads, length, dv)`` in the input dtype and the state after
         the last token, ``(batch, heads, dk, dv)`` in the compute dtype.
     """
+    if reset_mask is not None:
+        return _chunkwise_documents(q, k, v, prev_state, chunk_size, decay, scale, reset_mask, backend)
     return _chunkwise(q, k, v, prev_state, chunk_size, decay, scale, fast=True, backend=backend)
+
+
+def _chunkwise_documents(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None, chunk_size: int | None,
+                         decay: DecaySpec, scale: float | None, reset_mask: Tensor,
+                         backend: str | None = None) -> tuple[Tensor, Tensor]:
+    _check_qkv(q, k, v, rank=4)
+    if prev_state is not None:
+        raise ValueError("reset_mask: packed documents start from an empty state (prev_state must be None)")
+    batch, length = q.shape[0], q.shape[2]
+    seg = segment_layout(check_reset_mask(reset_mask, (batch, length)))
+
+    def packed(t: Tensor) -> Tensor:  # (b, h, L, d) -> (segments, h, width, d), padding zeroed
+        p = pack(t.transpose(1, 2), seg)
+        return torch.where(seg.valid[:, :, None, None], p, torch.zeros((), dtype=p.dtype)).transpose(1, 2)
+
+    out, state = _chunkwise(packed(q), packed(k), packed(v), None, chunk_size, decay, scale, fast=True,
+                            backend=backend)
+    out = unpack(out.transpose(1, 2), seg, batch, length).transpose(1, 2)
+    return out, state[seg.last]
 
 
 @_outside_autocast

@@ -124,3 +124,69 @@ def load_checkpoint(directory: Path, verify: bool = True) -> dict[str, Any]:
             and payload_digest(payload) != saved:
         raise OSError(f"{path} is corrupt: its content does not match the checksum saved in it")
     return payload
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded checkpoints (torch.distributed.checkpoint): each rank writes its own shards
+# --------------------------------------------------------------------------------------------
+
+#: Directory prefix of a sharded checkpoint; the step is appended (``checkpoint-dcp-000150``).
+SHARDED_PREFIX = "checkpoint-dcp-"
+
+
+def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 is_main: bool) -> str:
+    """Write the model and optimizer state with ``torch.distributed.checkpoint`` into a new
+    ``checkpoint-dcp-STEP`` directory (a collective: every rank writes its own shards, nothing is
+    gathered). Returns the directory's name, which the caller records in ``checkpoint.pt`` *after*
+    this returns: until then the previous checkpoint stays the valid one."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    name = f"{SHARDED_PREFIX}{step:06d}"
+    target = directory / name
+    if is_main and target.exists():  # a half-written one from a killed run
+        import shutil
+
+        shutil.rmtree(target)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(target),
+             no_dist=not distributed)
+    return name
+
+
+def load_sharded(directory: Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a :func:`save_sharded` checkpoint into ``model`` and ``optimizer``, whatever number of
+    processes wrote it (DCP reshards on load; one process reads it without a process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = directory / name
+    if "/" in name or not name.startswith(SHARDED_PREFIX) or not path.is_dir():
+        raise OSError(f"{directory / CHECKPOINT_NAME} points at a sharded checkpoint {name!r} that is missing")
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the shapes to fill (this world size)
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
+    import torch.distributed as dist
+
+    dcp.load(state, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def remove_stale_sharded(directory: Path, keep: str | None) -> None:
+    """Delete every sharded checkpoint directory but ``keep`` (older steps, killed runs' leftovers)."""
+    import shutil
+
+    for path in directory.glob(f"{SHARDED_PREFIX}*"):
+        if path.is_dir() and path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def full_model_state(model: nn.Module) -> dict[str, Any]:
+    """The unsharded model state on the CPU (a collective under FSDP; rank 0 receives it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -15,6 +15,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .shards import TensorStream, TokenStream
+
+#: What a sampler reads windows from: an in-memory tensor or memory-mapped shards.
+TokenSource = TensorStream | TokenStream
+
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".py", ".json", ".jsonl", ".csv")
 
 
@@ -45,16 +50,29 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens: ids 0..255, nothing to download or train."""
+    """UTF-8 bytes as tokens: ids 0..255, nothing to download or train.
 
-    vocab_size = 256
+    ``end_of_document=True`` adds id 256, the end-of-document marker that ``retnet prepare``
+    puts between documents (vocabulary 257); decoding drops it. The default (256 ids, no
+    marker) is the plain byte stream of the embedded corpus.
+    """
+
+    def __init__(self, end_of_document: bool = False) -> None:
+        self.eod_id: int | None = 256 if end_of_document else None
+
+    @property
+    def vocab_size(self) -> int:
+        return 256 if self.eod_id is None else 257
 
     def save(self, directory: Path) -> None:
         """Record the choice in ``directory/tokenizer_config.json`` (atomically)."""
-        _write_tokenizer_config(directory, {"type": "byte"})
+        _write_tokenizer_config(directory, {"type": "byte"} if self.eod_id is None
+                                else {"type": "byte", "eod_id": self.eod_id})
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "byte", "vocab_size": 256}
+        if self.eod_id is None:
+            return {"type": "byte", "vocab_size": 256}
+        return {"type": "byte", "vocab_size": 257, "eod_id": self.eod_id}
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -62,7 +80,11 @@ class ByteTokenizer:
     def decode(self, ids: list[int] | Tensor) -> str:
         if isinstance(ids, Tensor):
             ids = ids.tolist()
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+#: Names under which tokenizers commonly keep their end-of-document token, in the order tried.
+EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|eot_id|>")
 
 
 class HFTokenizer:
@@ -92,6 +114,16 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    @property
+    def eod_id(self) -> int | None:
+        """The id of the tokenizer's end-of-document token (the first of :data:`EOD_TOKENS` it
+        knows), or ``None``."""
+        for name in EOD_TOKENS:
+            found = self._tok.token_to_id(name)
+            if found is not None:
+                return int(found)
+        return None
 
     def decode(self, ids: list[int] | Tensor) -> str:
         if isinstance(ids, Tensor):
@@ -138,7 +170,7 @@ def load_tokenizer(directory: str | Path) -> ByteTokenizer | HFTokenizer:
     if kind is None and isinstance(data, dict) and (directory / HF_TOKENIZER_FILE).is_file():
         kind = "hf"  # a tokenizer_config.json of transformers' own, next to its tokenizer.json
     if kind == "byte":
-        return ByteTokenizer()
+        return ByteTokenizer(end_of_document=data.get("eod_id") == 256)
     if kind == "hf":
         special: dict[str, Any] = {}
         for name in ("bos_token_id", "eos_token_id"):
@@ -174,7 +206,7 @@ class StreamDecoder:
     def push(self, token: int) -> str:
         """The text that ``token`` completes (possibly empty)."""
         if isinstance(self.tokenizer, ByteTokenizer):
-            return self._utf8.decode(bytes([int(token)]))
+            return self._utf8.decode(bytes([int(token)]) if 0 <= int(token) < 256 else b"")
         self._ids.append(int(token))
         text = self.tokenizer.decode(self._ids)
         # Hold back every trailing replacement character: with byte-fallback tokenizers (Llama's
@@ -197,29 +229,40 @@ class StreamDecoder:
 class WindowSampler:
     """Random training windows of ``seq_len + 1`` tokens, drawn from a seeded generator.
 
-    Every rank of a distributed run draws the same global batch and keeps its own slice, so
-    the data a step sees does not depend on the number of processes. The generator's state is
-    the data position: saving and restoring it resumes the exact sequence of batches.
+    ``tokens`` is a 1-D tensor or a token stream (:class:`~.shards.TokenStream`, memory-mapped
+    shards). Every rank of a distributed run draws the same global batch's start offsets and
+    reads only its own rows, so the data a step sees does not depend on the number of processes.
+    The generator's state is the data position: saving and restoring it resumes the exact
+    sequence of batches.
     """
 
-    def __init__(self, tokens: Tensor, seq_len: int, seed: int) -> None:
-        if tokens.dim() != 1:
-            raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    def __init__(self, tokens: Tensor | TokenSource, seq_len: int, seed: int) -> None:
+        if isinstance(tokens, Tensor):
+            if tokens.dim() != 1:
+                raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+            tokens = TensorStream(tokens)
         if len(tokens) < seq_len + 1:
             raise ValueError(
                 f"the training data has {len(tokens)} tokens, fewer than one sequence of seq_len + 1 = {seq_len + 1}"
             )
-        self.tokens = tokens
+        self.stream = tokens
         self.seq_len = seq_len
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
 
+    def next_starts(self, batch_size: int) -> Tensor:
+        """The start offsets ``(batch_size,)`` of the next global batch's windows."""
+        starts = torch.randint(0, len(self.stream) - self.seq_len, (batch_size,), generator=self.generator)
+        self.batches_drawn += 1
+        return starts
+
+    def windows(self, starts: Tensor) -> Tensor:
+        """``(len(starts), seq_len + 1)`` long: inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
+        return self.stream.windows(starts, self.seq_len + 1)
+
     def next_batch(self, batch_size: int) -> Tensor:
         """``(batch_size, seq_len + 1)`` long: inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
-        starts = torch.randint(0, len(self.tokens) - self.seq_len, (batch_size,), generator=self.generator)
-        offsets = torch.arange(self.seq_len + 1)
-        self.batches_drawn += 1
-        return self.tokens[starts[:, None] + offsets]
+        return self.windows(self.next_starts(batch_size))
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
@@ -253,8 +296,18 @@ def encode_corpus(text: str, tokenizer: ByteTokenizer | HFTokenizer | None = Non
     return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
 
-def read_text_files(path: str | Path) -> str:
-    """The text of a file, or of every text file under a directory (sorted), joined by blank lines."""
+def _read_strict(file: Path, encoding: str) -> str:
+    raw = file.read_bytes()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as err:  # never replaced silently: name the file and the offset
+        raise ValueError(f"{file}: bytes at offset {err.start} are not valid {encoding} ({err.reason})") from None
+
+
+def read_text_files(path: str | Path, encoding: str = "utf-8") -> str:
+    """The text of a file, or of every text file under a directory (sorted), joined by blank lines.
+
+    Bytes that do not decode in ``encoding`` raise ``ValueError`` naming the file and byte offset."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data path {path} does not exist")
@@ -263,7 +316,7 @@ def read_text_files(path: str | Path) -> str:
     )
     if not files:
         raise ValueError(f"data path {path} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-    text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    text = "\n\n".join(_read_strict(f, encoding) for f in files)
     if not text.strip():
         raise ValueError(f"data path {path} is empty")
     return text

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import sys
@@ -11,6 +13,7 @@ from typing import Any, TextIO
 from ..models.checkpoint import atomic_write
 
 METRICS_NAME = "metrics.jsonl"
+METRICS_CSV_NAME = "metrics.csv"
 PLOT_NAME = "loss.png"
 
 
@@ -70,9 +73,17 @@ class ProgressBar:
 
 
 def write_metrics(directory: Path, records: list[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl`` (one JSON object per line) atomically."""
+    """Rewrite ``metrics.jsonl`` (one JSON object per line) and ``metrics.csv`` atomically."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
     atomic_write(directory / METRICS_NAME, lambda tmp: tmp.write_text(text))
+    # The same records as one CSV table (one column per key seen, empty where a record lacks it).
+    columns = sorted({k for r in records for k in r}, key=lambda k: (k not in ("kind", "step"), k))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    csv_text = buffer.getvalue()
+    atomic_write(directory / METRICS_CSV_NAME, lambda tmp: tmp.write_text(csv_text))
 
 
 def read_metrics(directory: Path) -> list[dict[str, Any]]:

@@ -117,13 +117,15 @@ def _acquire(path: Path, created: bool) -> int:
         os.close(fd)
 
 
-def state(out: Path, run_files: Sequence[str], config_name: str, checkpoint_name: str) -> str:
+def state(out: Path, run_files: Sequence[str], config_name: str, checkpoint_name: str,
+          ignore: Sequence[str] = ()) -> str:
     """``"missing"``, ``"empty"``, ``"run"`` (settings and a checkpoint), ``"unfinished"``
-    (only a run's files, without a checkpoint: stopped before its first one) or ``"foreign"``."""
+    (only a run's files, without a checkpoint: stopped before its first one) or ``"foreign"``.
+    Names in ``ignore`` (a run's own caches, such as its prepared data) do not count."""
     out = Path(out)
     if not out.is_dir():
         return "missing"
-    names = {p.name for p in out.iterdir()} - {LOCK_NAME}
+    names = {p.name for p in out.iterdir()} - {LOCK_NAME} - set(ignore)
     ours = {n for n in names if n in run_files or (n.startswith(".") and n.endswith(".tmp"))}
     if not names:
         return "empty"

@@ -25,11 +25,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,11 +48,15 @@ from . import distributed as dist_utils
 from . import rundir
 from .checkpoint import (
     CHECKPOINT_NAME,
+    full_model_state,
     full_state_dicts,
     load_checkpoint,
     load_full_state_dicts,
+    load_sharded,
+    remove_stale_sharded,
     rng_state,
     save_checkpoint,
+    save_sharded,
     set_rng_state,
 )
 from .data import (
@@ -60,20 +65,37 @@ from .data import (
     ByteTokenizer,
     HFTokenizer,
     StreamDecoder,
+    TokenSource,
     WindowSampler,
     default_corpus_text,
     encode_corpus,
-    eval_windows,
     read_text_files,
     split_tokens,
 )
-from .progress import METRICS_NAME, PLOT_NAME, ProgressBar, plot_losses, write_metrics
+from .loggers import Loggers, memory_figures, model_flops_per_token
+from .progress import (
+    METRICS_CSV_NAME,
+    METRICS_NAME,
+    PLOT_NAME,
+    ProgressBar,
+    plot_losses,
+    write_metrics,
+)
+from .shards import PreparedData, TensorStream, is_prepared, open_prepared
 
 TRAIN_CONFIG_NAME = "train_config.json"
 PRECISIONS = ("fp32", "bf16", "fp16")
+DOC_BOUNDARIES = ("ignore", "reset")
+SCHEDULES = ("linear", "cosine", "wsd")
+LOGGERS = ("tensorboard", "wandb")
+#: Where a run keeps the shards it prepared from a plain text --data path.
+PREPARED_DIR = "data"
+#: Validation windows when the data is prepared and --eval-max-windows is not given (a big
+#: corpus's held-out split would otherwise be scored whole at every evaluation).
+PREPARED_EVAL_WINDOWS = 128
 #: Files a run writes; ``--overwrite`` removes exactly these and nothing else.
 RUN_FILES = (TRAIN_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_CONFIG, HF_TOKENIZER_FILE,
-             CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME)
+             CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, METRICS_CSV_NAME)
 
 
 class TrainingError(ValueError):
@@ -126,15 +148,23 @@ class TrainConfig:
     sample_prompt: str = "The "
     sample_tokens: int = 400
     sample_temperature: float = 0.8
+    # Real corpora (docs/training.md): document boundaries, LR schedule, text encoding, loggers.
+    doc_boundaries: str = "ignore"
+    schedule: str = "linear"
+    decay_fraction: float = 0.2
+    data_encoding: str = "utf-8"
+    log_to: str = ""
+    peak_tflops: float | None = None
+    sharded_checkpoint: bool = False
 
     #: Settings that define a run; --resume refuses to change them.
     #: (The data, the tokenizer and the model are compared by content when the checkpoint loads.)
     IDENTITY = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1",
-                "beta2", "grad_clip", "seed", "val_fraction")
+                "beta2", "grad_clip", "seed", "val_fraction", "doc_boundaries", "schedule", "decay_fraction")
 
     #: Settings of one invocation, not inherited by --resume (a run started under torchrun
     #: with FSDP may continue in one process, on another device, ...).
-    PER_CALL = ("device", "fsdp", "compile", "buffer_cache", "stop_after")
+    PER_CALL = ("device", "fsdp", "compile", "buffer_cache", "stop_after", "log_to", "sharded_checkpoint")
 
     def validate(self) -> None:
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_interval", "log_interval")
@@ -166,6 +196,20 @@ class TrainConfig:
             raise TrainingError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.sample_tokens < 0:
             raise TrainingError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        self._validate_corpus_options()
+
+    def _validate_corpus_options(self) -> None:
+        if self.doc_boundaries not in DOC_BOUNDARIES:
+            raise TrainingError(f"--doc-boundaries must be one of {DOC_BOUNDARIES}, got {self.doc_boundaries!r}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise TrainingError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
+        unknown = [name for name in self.log_to.split(",") if name and name not in LOGGERS]
+        if unknown:
+            raise TrainingError(f"--log-to: unknown logger {unknown[0]!r} (choose from {', '.join(LOGGERS)})")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise TrainingError(f"--peak-tflops must be a positive number, got {self.peak_tflops}")
 
     def _validate_types(self) -> None:
         """Every field has its declared type and every number is finite (a hand-edited or damaged
@@ -229,11 +273,13 @@ class TrainResult:
 
 @dataclass
 class Corpus:
-    train: Tensor
-    val: Tensor
+    train: TokenSource
+    val: TokenSource
     bytes_per_token: float  # of the validation text, to turn nats/token into bits/byte
     sha256: str
     description: str
+    prepared: bool = False
+    staged: Path | None = None  # prepared beside --out, moved into it when the run starts
 
 
 def build_tokenizer(spec: str | None) -> ByteTokenizer | HFTokenizer:
@@ -255,16 +301,129 @@ def load_corpus(data: str | None, tokenizer: ByteTokenizer | HFTokenizer, seq_le
             f"seq_len {seq_len} (need at least {2 * (seq_len + 1)}); lower --seq-len or add text"
         )
     train, val = split_tokens(tokens, val_fraction)
+    val_bytes = len(tokenizer.decode(val).encode("utf-8"))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    description = f"{where}: {len(text.encode('utf-8')):,} bytes, {len(train):,} train / {len(val):,} val tokens"
+    return _checked_corpus(Corpus(TensorStream(train), TensorStream(val), val_bytes / len(val), digest, description),
+                           where, seq_len)
+
+
+def _checked_corpus(corpus: Corpus, where: str, seq_len: int) -> Corpus:
+    train, val = corpus.train, corpus.val
     if len(val) < 2:
         raise TrainingError(f"{where}: the validation split is empty; raise --val-fraction")
     if len(train) < seq_len + 1:
         raise TrainingError(
             f"{where}: the training split has {len(train)} tokens, fewer than one sequence of {seq_len + 1}"
         )
-    val_bytes = len(tokenizer.decode(val).encode("utf-8"))
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    description = f"{where}: {len(text.encode('utf-8')):,} bytes, {len(train):,} train / {len(val):,} val tokens"
-    return Corpus(train, val, val_bytes / len(val), digest, description)
+    return corpus
+
+
+def load_data(config: TrainConfig, info: dist_utils.DistInfo | None = None) -> tuple[Corpus, ByteTokenizer | HFTokenizer]:
+    """The run's corpus and tokenizer.
+
+    No ``--data``: the embedded corpus as one in-memory byte stream (the default run, as ever).
+    A directory written by ``retnet prepare``: its shards through memory maps, and the tokenizer
+    it was prepared with. A text file or directory: prepared first (by rank 0 under torchrun) by
+    the same code, into ``<out>/data`` when that already holds it (reused while the text is
+    unchanged), else into a staging directory beside ``--out`` that the run moves into place once
+    every check has passed (:func:`adopt_staged_data`); a failed check removes it.
+    """
+    info = info or dist_utils.DistInfo()
+    if config.data is None:
+        tokenizer = build_tokenizer(config.tokenizer)
+        return load_corpus(None, tokenizer, config.seq_len, config.val_fraction), tokenizer
+    source = Path(config.data)
+    directory = source
+    staged = None
+    if not is_prepared(source):
+        if not source.exists():
+            raise TrainingError(f"data path {source} does not exist")
+        out = Path(config.out)
+        directory = out / PREPARED_DIR
+        if not is_prepared(directory):
+            directory = staged = out.parent / f".{out.name}.{PREPARED_DIR}-staged"
+        if info.is_main:
+            _prepare_on_the_fly(config, directory, staged is not None)
+        dist_utils.barrier(info)
+    try:
+        try:
+            data = open_prepared(directory)
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
+        tokenizer = _prepared_tokenizer(data, config.tokenizer if directory is source else None)
+        if directory is not source and config.tokenizer is not None:
+            # Prepared here from the user's file: keep reading that (the staged copy will move).
+            tokenizer = HFTokenizer(config.tokenizer)
+        where = f"data path {config.data}"
+        index = data.index
+        val_bytes = data.split_bytes("val")
+        fingerprint = f"{index['source_fingerprint']}:{index['tokenizer'].get('sha256')}"
+        description = (f"{where}: {index['text_bytes']:,} bytes in {index['documents']:,} documents, "
+                       f"{len(data.train):,} train / {len(data.val):,} val tokens (memory-mapped {index['dtype']} shards)")
+        corpus = Corpus(data.train, data.val, max(val_bytes, 1) / max(len(data.val), 1), fingerprint, description,
+                        prepared=True, staged=staged)
+        if len(data.train) + len(data.val) < 2 * (config.seq_len + 1):
+            raise TrainingError(
+                f"{where} has {len(data.train) + len(data.val)} tokens, too few for a training and a validation "
+                f"sequence of seq_len {config.seq_len} (need at least {2 * (config.seq_len + 1)}); lower --seq-len or add text")
+        return _checked_corpus(corpus, where, config.seq_len), tokenizer
+    except BaseException:
+        if staged is not None and info.is_main:
+            shutil.rmtree(staged, ignore_errors=True)
+        raise
+
+
+def discard_staged_data(corpus: Corpus, info: dist_utils.DistInfo) -> None:
+    """Remove data prepared for a run that is not going to start."""
+    if corpus.staged is not None and info.is_main:
+        shutil.rmtree(corpus.staged, ignore_errors=True)
+
+
+def adopt_staged_data(corpus: Corpus, out: Path) -> None:
+    """Move data prepared beside the run directory into it (rank 0, once the run starts writing;
+    the memory maps stay valid: a rename moves no data)."""
+    if corpus.staged is None:
+        return
+    target = out / PREPARED_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    corpus.staged.replace(target)
+    corpus.staged = None
+
+
+def _prepare_on_the_fly(config: TrainConfig, directory: Path, fresh: bool) -> None:
+    """``retnet prepare`` of a plain text --data path into ``directory`` (nothing left on failure)."""
+    from .prepare import prepare
+
+    try:
+        prepare([str(config.data)], directory, tokenizer=config.tokenizer, val_fraction=config.val_fraction,
+                encoding=config.data_encoding, overwrite=True)
+    except BaseException as err:
+        if fresh:
+            shutil.rmtree(directory, ignore_errors=True)
+        if isinstance(err, ValueError):
+            raise TrainingError(str(err)) from err
+        raise
+
+
+def _prepared_tokenizer(data: PreparedData, requested: str | None) -> ByteTokenizer | HFTokenizer:
+    """The tokenizer ``data`` was prepared with; a different ``--tokenizer`` is refused."""
+    info = data.tokenizer_info
+    if info.get("type") == "byte":
+        tokenizer: ByteTokenizer | HFTokenizer = ByteTokenizer(end_of_document=info.get("eod_id") == 256)
+        own = "the byte tokenizer"
+    else:
+        tokenizer = HFTokenizer(data.path / str(info.get("file", HF_TOKENIZER_FILE)))
+        own = f"the tokenizer in {data.path}"
+    if tokenizer.vocab_size != int(info.get("vocab_size", -1)):
+        raise TrainingError(f"prepared data {data.path}: its tokenizer does not match its index")
+    if requested is not None:
+        digest = hashlib.sha256(Path(requested).read_bytes()).hexdigest() if Path(requested).is_file() else None
+        if digest != info.get("sha256"):
+            raise TrainingError(f"--tokenizer {requested} differs from {own}, which prepared {data.path}; "
+                                f"drop --tokenizer or prepare the data again with it")
+    return tokenizer
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +454,7 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
 def _resolve_config(out: Path, explicit: dict[str, Any], defaults: TrainConfig, resume: bool,
                     overwrite: bool) -> TrainConfig:
     saved_path = out / TRAIN_CONFIG_NAME
-    found = rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME)
+    found = rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME, ignore=(PREPARED_DIR,))
     if resume:
         if found == "unfinished":
             raise TrainingError(f"--resume: the run in {out} stopped before its first checkpoint, so there is "
@@ -364,11 +523,21 @@ def build_optimizer(model: nn.Module, config: TrainConfig, fused_ok: bool) -> to
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then linear decay to ``min_lr_ratio`` at ``max_steps``."""
+    """Linear warm-up over ``warmup_steps``, then down to ``min_lr_ratio`` at ``max_steps``:
+    linearly (``schedule="linear"``), along a half cosine (``"cosine"``), or held at the peak and
+    then decayed linearly over the last ``decay_fraction`` of the steps (``"wsd"``,
+    warm-up-stable-decay)."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    span = max(1, config.max_steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
+    start = config.warmup_steps
+    if config.schedule == "wsd":
+        start = max(start, config.max_steps - round(config.decay_fraction * config.max_steps))
+        if step < start:
+            return 1.0
+    span = max(1, config.max_steps - start)
+    progress = min(1.0, (step - start) / span)
+    if config.schedule == "cosine":
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return 1.0 - (1.0 - config.min_lr_ratio) * progress
 
 
@@ -379,16 +548,28 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def lm_loss(model: nn.Module, window: Tensor, chunk_size: int | None) -> Tensor:
-    """Mean next-token cross entropy (float32) of ``window`` ``(batch, seq_len + 1)``."""
-    logits = model(window[:, :-1], chunk_size=chunk_size).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+def lm_loss(model: nn.Module, window: Tensor, chunk_size: int | None, reset_mask: Tensor | None = None,
+            loss_mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross entropy (float32) of ``window`` ``(batch, seq_len + 1)``; with
+    ``reset_mask`` ``(batch, seq_len)`` the state and positions restart where it is True; with
+    ``loss_mask`` ``(batch, seq_len + 1)`` only targets where it is True are scored (label -100
+    elsewhere; a batch with none scored has loss 0)."""
+    extra = {} if reset_mask is None else {"reset_mask": reset_mask}
+    logits = model(window[:, :-1], chunk_size=chunk_size, **extra).logits
+    scores = logits.float().reshape(-1, logits.shape[-1])
+    if loss_mask is None:
+        return F.cross_entropy(scores, window[:, 1:].reshape(-1))
+    targets = window[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
+    total = F.cross_entropy(scores, targets.reshape(-1), reduction="sum")
+    return total / targets.ne(-100).sum().clamp(min=1)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.device, precision: str,
-             chunk_size: int | None = None, info: dist_utils.DistInfo | None = None) -> float:
-    """Mean cross entropy in nats per token over ``windows`` ``(n, seq_len + 1)``.
+             chunk_size: int | None = None, info: dist_utils.DistInfo | None = None,
+             resets: Tensor | None = None, loss_masks: Tensor | None = None) -> float:
+    """Mean cross entropy in nats per token over ``windows`` ``(n, seq_len + 1)`` (``resets``
+    ``(n, seq_len)``: where documents start, for ``--doc-boundaries reset``).
 
     Under several processes each rank scores its share and the sums are combined; every rank
     runs the same number of forward calls (FSDP needs all of them in each).
@@ -397,24 +578,35 @@ def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.d
     was_training = model.training
     model.eval()
     share = windows[info.rank::info.world_size]
+    reset_share = None if resets is None else resets[info.rank::info.world_size]
+    mask_share = None if loss_masks is None else loss_masks[info.rank::info.world_size]
     per_rank = math.ceil(len(windows) / info.world_size)
     n_batches = math.ceil(per_rank / batch_size)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for b in range(n_batches):
         batch = share[b * batch_size:(b + 1) * batch_size]
+        mask = None if reset_share is None else reset_share[b * batch_size:(b + 1) * batch_size]
+        scored = None if mask_share is None else mask_share[b * batch_size:(b + 1) * batch_size]
         weight = 1.0
         if len(batch) == 0:  # this rank ran out: a dummy call that counts for nothing
             batch, weight = windows[:1], 0.0
+            mask = None if resets is None else resets[:1]
+            scored = None if loss_masks is None else loss_masks[:1]
         batch = batch.to(device)
+        extra = {} if mask is None else {"reset_mask": mask.to(device)}
         with autocast_context(device, precision):
-            logits = model(batch[:, :-1], chunk_size=chunk_size).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            logits = model(batch[:, :-1], chunk_size=chunk_size, **extra).logits
+        targets = batch[:, 1:]
+        if scored is not None:  # supervised fine-tuning: only the completions' tokens count
+            targets = targets.masked_fill(~scored[:, 1:].to(device), -100)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                reduction="sum")
-        total += torch.stack([loss.double() * weight, torch.tensor(batch[:, 1:].numel() * weight,
+        count = targets.numel() if scored is None else int(targets.ne(-100).sum())
+        total += torch.stack([loss.double() * weight, torch.tensor(count * weight,
                                                                     dtype=torch.float64, device=device)])
     total = dist_utils.all_reduce_sum(total, info)
     model.train(was_training)
-    return float(total[0] / total[1])
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def bits_per_byte(loss: float, bytes_per_token: float) -> float:
@@ -452,6 +644,33 @@ class _StopRequest:
         finally:
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler)
+
+
+def _check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer,
+               resume: bool, say: Callable[[str], None]) -> tuple[RetNetConfig, dict[str, Any] | None]:
+    """The model configuration and, on ``resume``, the checkpoint, once it agrees with this call."""
+    model_config = build_model_config(config, tokenizer.vocab_size)
+    out = Path(config.out)
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        checkpoint = load_checkpoint(out)
+        saved = checkpoint.get("run", {})
+        if saved.get("data_sha256") != corpus.sha256:
+            raise TrainingError(f"--resume: the training data differs from the data of the run in {out}")
+        if saved.get("model_config") != model_config.to_dict():
+            raise TrainingError(f"--resume: the model configuration differs from the run in {out}")
+        if _tokenizer_identity(saved.get("tokenizer", {})) != _tokenizer_identity(tokenizer.describe()):
+            raise TrainingError(f"--resume: the tokenizer differs from the one of the run in {out}")
+        if checkpoint["step"] >= config.max_steps:
+            raise TrainingError(
+                f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
+                f"{config.max_steps}; raise --max-steps to train further"
+            )
+        saved_backend = checkpoint.get("cpu_matmul")  # the products' rounding, as before the stop
+        if saved_backend in matmul.BACKENDS and matmul.pin_cpu_backend(saved_backend) != saved_backend:
+            say(f"note: the run used the {saved_backend} matmul backend, this call {matmul.cpu_backend()} "
+                f"({matmul.ENV}): it continues, but not bit for bit")
+    return model_config, checkpoint
 
 
 def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = None) -> TrainResult:
@@ -492,30 +711,13 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
     if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainingError("--precision bf16: this GPU does not support bfloat16")
 
-    tokenizer = build_tokenizer(config.tokenizer)
-    corpus = load_corpus(config.data, tokenizer, config.seq_len, config.val_fraction)
-    model_config = build_model_config(config, tokenizer.vocab_size)
+    corpus, tokenizer = load_data(config, info)
+    try:
+        model_config, checkpoint = _check_run(config, corpus, tokenizer, resume, say)
+    except BaseException:
+        discard_staged_data(corpus, info)
+        raise
     out = Path(config.out)
-
-    checkpoint: dict[str, Any] | None = None
-    if resume:
-        checkpoint = load_checkpoint(out)
-        saved = checkpoint.get("run", {})
-        if saved.get("data_sha256") != corpus.sha256:
-            raise TrainingError(f"--resume: the training data differs from the data of the run in {out}")
-        if saved.get("model_config") != model_config.to_dict():
-            raise TrainingError(f"--resume: the model configuration differs from the run in {out}")
-        if _tokenizer_identity(saved.get("tokenizer", {})) != _tokenizer_identity(tokenizer.describe()):
-            raise TrainingError(f"--resume: the tokenizer differs from the one of the run in {out}")
-        if checkpoint["step"] >= config.max_steps:
-            raise TrainingError(
-                f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
-                f"{config.max_steps}; raise --max-steps to train further"
-            )
-        saved_backend = checkpoint.get("cpu_matmul")  # the products' rounding, as before the stop
-        if saved_backend in matmul.BACKENDS and matmul.pin_cpu_backend(saved_backend) != saved_backend:
-            say(f"note: the run used the {saved_backend} matmul backend, this call {matmul.cpu_backend()} "
-                f"({matmul.ENV}): it continues, but not bit for bit")
 
     # ---- everything is checked: from here on the run writes to ``out`` ----
     torch.manual_seed(config.seed)
@@ -532,7 +734,10 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
     elapsed_before = 0.0
     window_before: list[float] = []
     if checkpoint is not None:
-        load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
+        if "sharded" in checkpoint:  # written with torch.distributed.checkpoint, by any number of ranks
+            load_sharded(out, str(checkpoint["sharded"]), model, optimizer)
+        else:
+            load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         sampler.load_state_dict(checkpoint["sampler"])
@@ -556,19 +761,23 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
 
     run_record = {"train": config.to_dict(), "model_config": model_config.to_dict(),
                   "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
+    dist_utils.barrier(info)  # every rank has mapped the data before rank 0 moves it
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         note = rundir.recover(out, RUN_FILES)
         if not resume:  # a fresh run must not inherit a stale file: --overwrite keeps them aside
-            if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME) in ("run", "foreign"):
+            if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME, ignore=(PREPARED_DIR,)) in ("run", "foreign"):
                 rundir.set_aside(out, RUN_FILES)
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+        adopt_staged_data(corpus, out)
         for name in RUN_FILES:
             for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
                 leftover.unlink(missing_ok=True)
         if note:
             say(note)
+        if not resume:
+            remove_stale_sharded(out, None)
         text = json.dumps(run_record, indent=2, sort_keys=True) + "\n"
         atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
         tokenizer.save(out)
@@ -584,28 +793,42 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
         + (f"; resuming at step {step}" if resume else ""))
     say(f"output: {out}")
 
-    val_windows = eval_windows(corpus.val, min(config.seq_len, len(corpus.val) - 1))
-    if config.eval_max_windows is not None:
-        val_windows = val_windows[:config.eval_max_windows]
+    reset = config.doc_boundaries == "reset"
+    eval_len = min(config.seq_len, len(corpus.val) - 1)
+    n_windows = (len(corpus.val) - 1) // eval_len
+    cap = config.eval_max_windows or (PREPARED_EVAL_WINDOWS if corpus.prepared else None)
+    eval_starts = torch.arange(n_windows if cap is None else min(n_windows, cap)) * eval_len
+    val_windows = corpus.val.windows(eval_starts, eval_len + 1)  # only these are read
+    val_resets = corpus.val.resets(eval_starts, eval_len) if reset else None
+    val_scored = corpus.val.loss_masks(eval_starts, eval_len + 1) if corpus.val.has_loss_mask else None
     eval_batch = max(1, micro_batch)
 
     def run_eval() -> tuple[float, float]:
-        loss = evaluate(train_module, val_windows, eval_batch, device, config.precision, config.chunk_size, info)
+        loss = evaluate(train_module, val_windows, eval_batch, device, config.precision, config.chunk_size, info,
+                        val_resets, val_scored)
         bpb = bits_per_byte(loss, corpus.bytes_per_token)
         return loss, bpb
 
     plot_notes: set[str] = set()  # say "no matplotlib" once, not at every checkpoint
 
     def save(at_step: int) -> None:
-        model_state, optimizer_state = full_state_dicts(model, optimizer)
+        sharded = None
+        if config.sharded_checkpoint:  # each rank writes its shards; only the model is gathered (export)
+            sharded = save_sharded(out, at_step, model, optimizer, info.is_main)
+            model_state = full_model_state(model)
+            states: dict[str, Any] = {"sharded": sharded}
+        else:
+            model_state, optimizer_state = full_state_dicts(model, optimizer)
+            states = {"model": model_state, "optimizer": optimizer_state}
         if info.is_main:
             save_checkpoint(out, {
-                "step": at_step, "model": model_state, "optimizer": optimizer_state,
+                "step": at_step, **states,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "sampler": sampler.state_dict(), "rng": rng_state(), "metrics": metrics,
                 "elapsed_s": elapsed_before + time.perf_counter() - started, "run": run_record,
                 "cpu_matmul": matmul.cpu_backend(), "window_losses": list(window_losses),
             })
+            remove_stale_sharded(out, sharded)  # only now is the new checkpoint the valid one
             _save_model(model_state, model_config, out)
             write_metrics(out, metrics)
             rundir.checkpointed(out)  # --overwrite: the replaced run can go now
@@ -617,6 +840,8 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
 
     bar = ProgressBar(config.max_steps, config.log_interval, stream) if info.is_main else None
     tokens_per_step = config.batch_size * config.seq_len
+    flops_per_token = model_flops_per_token(model, model_config, config.seq_len)
+    loggers = Loggers(config.log_to, out, run_record, resume) if info.is_main and config.log_to else None
     save_interval = config.save_interval or config.eval_interval
     stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, step + config.stop_after)
     losses: list[float] = []
@@ -635,9 +860,13 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
     with stopper.installed(), reuse:
         while step < stop_at:
             t0 = time.perf_counter()
-            batch = sampler.next_batch(config.batch_size)
-            local = batch[info.rank * config.batch_size // info.world_size:
+            starts = sampler.next_starts(config.batch_size)  # the global batch's offsets ...
+            mine = starts[info.rank * config.batch_size // info.world_size:
                           (info.rank + 1) * config.batch_size // info.world_size]
+            local = sampler.windows(mine)  # ... of which this rank reads only its own rows
+            resets = corpus.train.resets(mine, config.seq_len).split(micro_batch) if reset else None
+            scored = (corpus.train.loss_masks(mine, config.seq_len + 1).split(micro_batch)
+                      if corpus.train.has_loss_mask else None)
             step_loss = torch.zeros((), device=device)
             for i, micro in enumerate(local.split(micro_batch)):
                 last = i == config.grad_accum - 1
@@ -645,7 +874,9 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
                 no_sync = getattr(train_module, "no_sync", None)
                 with contextlib.nullcontext() if last or no_sync is None else no_sync():
                     with autocast_context(device, config.precision):
-                        loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size)
+                        loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size,
+                                       None if resets is None else resets[i].to(device),
+                                       None if scored is None else scored[i].to(device))
                         scaled = loss / config.grad_accum
                     scaler.scale(scaled).backward()
                 step_loss += scaled.detach()
@@ -676,16 +907,24 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
                 bar.update(step, mean_loss, tokens_per_step / seconds_per_step, lr,
                            seconds_per_step * (stop_at - step))
             if step % config.log_interval == 0 or step == stop_at:
-                metrics.append({"kind": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
-                                "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
-                                "tokens_per_s": tokens_per_step / seconds_per_step,
-                                "elapsed_s": elapsed_before + time.perf_counter() - started})
+                tokens_per_s = tokens_per_step / seconds_per_step
+                record = {"kind": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
+                          "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
+                          "tokens_per_s": tokens_per_s, "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
+                          "elapsed_s": elapsed_before + time.perf_counter() - started, **memory_figures(device)}
+                if config.peak_tflops:
+                    record["mfu"] = record["model_tflops_per_s"] / (config.peak_tflops * info.world_size)
+                metrics.append(record)
+                if loggers is not None:
+                    loggers.log(record)
                 window_losses = []
             if step % config.eval_interval == 0 or step == config.max_steps:
                 val_loss, val_bpb = run_eval()
                 metrics.append({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
                                 "val_ppl": math.exp(min(val_loss, 50.0)),
                                 "elapsed_s": elapsed_before + time.perf_counter() - started})
+                if loggers is not None:
+                    loggers.log(metrics[-1])
                 if bar is not None:
                     bar.message(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.3f}"
                                 f" | val bits/byte {val_bpb:.4f}")
@@ -697,6 +936,8 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
                 say(f"stopped by a signal at step {step}; checkpoint saved: continue with --resume")
                 break
 
+    if loggers is not None:
+        loggers.close()
     if step < config.max_steps and not interrupted:
         say(f"stopped after {step} of {config.max_steps} steps (--stop-after); continue with --resume")
     sample = None
