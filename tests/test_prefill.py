@@ -59,3 +59,34 @@ def test_generate_is_the_same_in_either_order(model: RetNet, monkeypatch: pytest
 def test_short_prompts_take_the_layer_major_path(model: RetNet) -> None:
     with torch.no_grad():
         assert chunk_major_prefill(model, torch.zeros(1, 64, dtype=torch.long), None, 16, tokens=64) is None
+
+
+def test_bf16_products_prefill_is_float32_to_bf16_rounding(model: RetNet) -> None:
+    from yet_another_retnet.ops import bf16_products as bf16
+
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3))
+    calls: list[int] = []
+    original = bf16.mm_nt_bf16
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    with torch.no_grad():
+        exact = model.double().prefill(ids)
+        model.float()
+        reference = model.prefill(ids)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("yet_another_retnet.ops.matmul.mm_nt_bf16", counting)
+            with bf16.bf16_products() as on:
+                got = model.prefill(ids)
+    if not on:
+        assert not calls and torch.equal(got.logits, reference.logits)
+        pytest.skip("no bf16 units on this CPU: the context changes nothing (checked)")
+    assert calls  # the products did run in bf16 ...
+    scale = float(exact.logits.abs().max())
+    err_bf16 = float((got.logits.double() - exact.logits).abs().max())
+    err_fp32 = float((reference.logits.double() - exact.logits).abs().max())
+    assert err_fp32 < err_bf16 < 0.05 * scale  # ... to bf16 rounding, no more
+    for a, b in zip(got.state.memories, exact.state.memories, strict=True):
+        assert (a.double() - b).abs().max() < 0.05 * max(1.0, float(b.abs().max()))

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-BENCHMARKS = ("ops", "inference", "training", "quality", "peers")
+BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "cpu_inference")
 
 
 class UsageError(Exception):
