@@ -45,6 +45,15 @@ def test_quantize_command_writes_a_loadable_int8_model(model_dir: Path, tmp_path
     assert "not an empty directory" in capsys.readouterr().err
 
 
+def test_generate_quantize_matches_the_int8_model(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["generate", str(model_dir), "--prompt", "abc", "--max-new-tokens", "12", "--temperature", "0",
+                 "--device", "cpu", "--quantize", "int8"]) == 0
+    model = RetNet.from_pretrained(model_dir, quantize="int8")
+    ids = model.generate(torch.tensor([list(b"abc")]), 12)[0].tolist()
+    assert capsys.readouterr().out == bytes(ids).decode("utf-8", errors="replace") + "\n"
+
+
 def test_chat_keeps_the_state_between_turns(model_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     seen: list[int] = []
