@@ -1,4 +1,5 @@
-"""The ``retnet`` command line: train, prepare, generate, eval, info, bench and convert.
+"""The ``retnet`` command line: train, prepare, generate, eval, info, bench, convert, quantize, chat
+and serve.
 
 ``retnet train`` with no arguments trains a small RetNet on the embedded corpus (about 10
 minutes on 2 CPU cores). Run ``retnet <command> --help`` for each command's options. A user
@@ -18,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "data")
+BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "data", "cpu_inference")
 
 
 class UsageError(Exception):
@@ -140,6 +141,8 @@ def _add_generate(sub: Any) -> None:
                    help="cast the weights (default: as saved); bfloat16 decodes ~1.5x faster on CPUs with AVX512-BF16")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (first token waits for the compiler; faster after)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8 weights (per output channel) for the projections and head: ~4x fewer bytes a token")
 
 
 def _add_eval(sub: Any) -> None:
@@ -198,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_convert import add_parser as _add_convert
 
     _add_convert(sub, _formatter)
+    from .serve.commands import add_commands  # quantize, chat, serve
+
+    add_commands(sub, _formatter)
     return parser
 
 
@@ -240,14 +246,14 @@ def _pick_device(name: str | None) -> Any:
     return device
 
 
-def _load_model(directory: str, device: Any) -> tuple[Any, Any]:
+def _load_model(directory: str, device: Any, quantize: str | None = None) -> tuple[Any, Any]:
     from .models import RetNet
     from .training.data import load_tokenizer
 
     path = Path(directory)
     if not path.is_dir():
         raise UsageError(f"model directory {directory} does not exist")
-    model = RetNet.from_pretrained(path, device=device)
+    model = RetNet.from_pretrained(path, device=device, quantize=quantize)
     tokenizer = load_tokenizer(path)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise UsageError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
@@ -265,7 +271,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature < 0:
         raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     device = _pick_device(args.device)
-    model, tokenizer = _load_model(args.model, device)
+    model, tokenizer = _load_model(args.model, device, args.quantize)
     if args.dtype is not None:
         model = model.to(getattr(torch, args.dtype))
     if args.compile:
@@ -450,6 +456,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "info": cmd_info, "bench": cmd_bench,
             "convert": cmd_convert, "prepare": cmd_prepare}
+
+
+def _serving_command(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        from .serve import commands
+
+        return int(getattr(commands, f"cmd_{name}")(args))
+    return run
+
+
+COMMANDS.update({name: _serving_command(name) for name in ("quantize", "chat", "serve")})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

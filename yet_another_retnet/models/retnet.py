@@ -41,6 +41,7 @@ from ..ops.matmul import linear
 from ..ops.memory import cached_cpu_memory
 from ..ops.segments import check_reset_mask, pack, segment_layout, unpack
 from .config import RetNetConfig
+from .prefill import chunk_major_prefill
 
 MODES = ("parallel", "chunkwise", "recurrent")
 #: A decoder layer's decoding tables: the retention's ``(w_qkvg, b_qkvg, gamma)`` and a GLU's
@@ -639,6 +640,11 @@ class RetNet(GenerationMixin, nn.Module):
                 and token_mask is None and not self.training and not torch.is_grad_enabled()):
             # Decoding: the fast single-token step (same numbers as the layer-by-layer path).
             return self._decode_step(input_ids[:, 0], state)
+        if last_logits_only and labels is None and mode == "chunkwise" and not self.training:
+            # A long prompt's prefill: chunk-major, its peak memory set by a segment (models/prefill.py).
+            done = chunk_major_prefill(self, input_ids, state, chunk, token_mask)
+            if done is not None:
+                return RetNetOutput(self._head(done[0]), done[1])
         # Long CPU inputs: every layer asks for the same large buffers, so reuse the previous
         # layer's instead of page-faulting fresh ones (8k-token d768 prefill +7-20%, ops/memory.py).
         reuse = (input_ids.device.type == "cpu" and input_ids.numel() >= _CACHE_FROM_TOKENS
@@ -648,7 +654,7 @@ class RetNet(GenerationMixin, nn.Module):
             x = F.dropout(x, p=self.config.dropout, training=self.training)
             last_only = last_logits_only and labels is None and input_ids.shape[1] > 0
             hidden, new_state = self.decoder(x, state, mode, chunk, token_mask, last_only=last_only)
-            logits = linear(hidden, self.lm_head.weight, self.lm_head.bias)
+            logits = self._head(hidden)
         loss = None if labels is None else self._lm_loss(logits, labels)
         return RetNetOutput(logits, new_state, loss)
 
@@ -662,6 +668,12 @@ class RetNet(GenerationMixin, nn.Module):
         scores = logits.reshape(-1, logits.shape[-1])
         scores = scores if scores.dtype == torch.float64 else scores.float()
         return F.cross_entropy(scores, targets.reshape(-1), ignore_index=-100)
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        """Logits of hidden states ``(..., d_model)``; a quantized head runs its own product."""
+        if isinstance(self.lm_head, nn.Linear):
+            return linear(hidden, self.lm_head.weight, self.lm_head.bias)
+        return cast(Tensor, self.lm_head(hidden))
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         """Token ids ``(batch, ...)`` -> embeddings ``(batch, ..., d_model)``, scaled and normed."""
@@ -742,6 +754,10 @@ class RetNet(GenerationMixin, nn.Module):
 
     def _decode_step(self, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
         """One token per row ``(batch,)`` through the fast step, eager or compiled."""
+        if self.__dict__.get("_quantization") is not None:  # int8 weights: models/quantized.py
+            from .quantized import quantized_decode_step
+
+            return quantized_decode_step(self, ids, state)
         compiled, keep_kernel_steps = self.__dict__.get("_compiled_decode", (None, False))
         if compiled is None:
             hidden, new_state = self.decoder.step(self._embed(ids), state)
@@ -777,13 +793,26 @@ class RetNet(GenerationMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: torch.device | str | None = None,
-                        dtype: torch.dtype | None = None, verify: bool | None = None) -> RetNet:
-        """Load a model written by :meth:`save_pretrained`. ``verify``: check the weights against
-        the checksum saved with them (default: yes, unless ``YARETNET_VERIFY_WEIGHTS=0``)."""
+                        dtype: torch.dtype | None = None, verify: bool | None = None,
+                        quantize: str | None = None) -> RetNet:
+        """Load a model written by :meth:`save_pretrained` (or a quantized one, ``retnet quantize``).
+
+        ``verify``: check the weights against the checksum saved with them (default: yes, unless
+        ``YARETNET_VERIFY_WEIGHTS=0``). ``quantize="int8"`` quantizes the projections and head on
+        load (``models/quantized.py``).
+        """
         from .checkpoint import load_pretrained
+        from .quantized import check_method, load_quantized, quantize_model, read_quantization
 
-        return load_pretrained(cls, directory, device=device, dtype=dtype, verify=verify)
-
+        if quantize is not None:
+            check_method(quantize)
+        saved = read_quantization(Path(directory)) if Path(directory).is_dir() else None
+        if saved is not None:
+            if quantize not in (None, saved):
+                raise ValueError(f"quantize={quantize!r}: {directory} holds {saved} weights already")
+            return load_quantized(cls, Path(directory), device=device, dtype=dtype)
+        model = load_pretrained(cls, directory, device=device, dtype=dtype, verify=verify)
+        return model if quantize is None else quantize_model(model, quantize)
     @classmethod
     def from_fla(cls, path_or_state_dict: str | Path | dict[str, Tensor], config: dict[str, Any] | None = None,
                  dtype: torch.dtype | None = None) -> RetNet:

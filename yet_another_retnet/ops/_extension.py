@@ -6,7 +6,8 @@ norm and gate that end a retention layer (:mod:`.norm_gate`), the split of its p
 rotated heads (:mod:`.split_heads`), those three fused into a layer's core
 (:mod:`.retention_core`), the GELU with its slope for the feed-forward network (:mod:`.mlp`), a
 transposed copy for the weight gradients (:mod:`.matmul`), the fused decoding steps
-(:mod:`.decode_step`) and the CPU buffer cache (:mod:`.memory`).
+(:mod:`.decode_step`), the int8 weight products (:mod:`.quantized`) and the CPU buffer cache
+(:mod:`.memory`).
 ``torch.utils.cpp_extension`` compiles it the first time one of them is needed (a C++ compiler and
 ninja are required; about 25 s on two cores, cached under ``~/.cache/torch_extensions``), through
 :mod:`._build`, whose builds a killed process cannot leave half done or locked.
@@ -31,7 +32,7 @@ _log = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("gemv.cpp", "chunk_scan.cpp", "chunk_kernels.cpp", "norm_gate.cpp", "split_heads.cpp",
                            "gelu_slope.cpp", "decode_step.cpp", "cpu_memory.cpp", "retention_core.cpp",
-                           "transpose.cpp")]
+                           "transpose.cpp", "qgemv.cpp")]
 _lock = threading.Lock()
 #: ``None`` until the first use decides; then whether the extension is loaded.
 _loaded: bool | None = None

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _extension
+from .bf16_products import bf16_products_active, mm_nt_bf16
 
 __all__ = ["cpu_backend", "grad_weight", "linear", "mm_nt", "pin_cpu_backend"]
 
@@ -164,6 +165,8 @@ def _use_onednn(macs: int, *tensors: Tensor | None) -> bool:
 def mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None, add: Tensor | None = None) -> Tensor:
     """``add + a @ b.T + bias`` without autograd: ``a`` ``(M, K)``, ``b`` ``(N, K)`` (either may be
     a transposed view), ``bias`` ``(N,)``, ``add`` ``(M, N)``; returns a new ``(M, N)``."""
+    if bf16_products_active(a, b):  # inside ops.bf16_products.bf16_products(): a bf16 prefill
+        return mm_nt_bf16(a, b, bias, add)
     if _use_onednn(a.shape[0] * a.shape[1] * b.shape[0], a, b, bias, add):
         if add is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(a, add, b, bias, "add")

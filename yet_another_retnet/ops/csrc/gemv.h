@@ -28,6 +28,8 @@ template <>
 inline float load_weight<float>(const float* p) { return *p; }
 template <>
 inline float load_weight<uint16_t>(const uint16_t* p) { return bf16_to_float(*p); }
+template <>
+inline float load_weight<int8_t>(const int8_t* p) { return static_cast<float>(*p); }  // int8 weights (qgemv.cpp)
 
 #if defined(__AVX512F__)
 // 16 consecutive weights as float32 (masked for a tail of fewer than 16).
@@ -36,15 +38,21 @@ inline __m512 load16(const uint16_t* p, __mmask16 m) {
   __m256i raw = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+inline __m512 load16(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const uint16_t* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
 #endif
 
 // Rows [begin, end) of Y = X W^T for N (1 to kMaxVectors) vectors at once: W row-major (rows x
-// cols), float32 or bfloat16 bits; x holds the N float32 vectors of `cols` at stride ldx, y their
+// cols), float32, bfloat16 bits or int8 (unscaled: qgemv.cpp applies the scales); x holds the N float32 vectors of `cols` at stride ldx, y their
 // outputs at stride ldy. Each weight is read once for all N, so a small batch costs about what one
 // vector does (decoding is bound by the weights' bytes).
 constexpr int kMaxVectors = 8;

@@ -1,0 +1,22 @@
+"""``retnet bench cpu_inference --quick``: the smoke run writes a consistent report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from yet_another_retnet.cli import main
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
+    assert main(["bench", "cpu_inference", "--quick", "--out", str(tmp_path), "--variants", "float32,int8",
+                 "--decode-contexts", "64", "--prefill-contexts", "64", "--tokens", "2", "--clients", "2",
+                 "--serve-tokens", "2"]) == 0
+    result = json.loads((tmp_path / "cpu_inference.json").read_text())
+    rows = {r["variant"]: r for r in result["decode"]}
+    assert set(rows) == {"float32", "int8"}
+    # int8 reads about a quarter of float32's bytes (plus float norms and scales).
+    assert 0.2 < rows["int8"]["weight_bytes"] / rows["float32"]["weight_bytes"] < 0.3
+    assert all(r["ms_per_token"] > 0 and r["floor_ms"] > 0 for r in result["decode"])
+    assert result["serve"]["variant"] == "int8" and result["serve"]["many_clients_tokens_per_s"] > 0
+    assert "## Decoding, batch 1" in (tmp_path / "cpu_inference.md").read_text()
