@@ -88,8 +88,15 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     process holds it, aside)."""
     if not directory.exists():
         return {}
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file() and p.name != ".retnet-run.lock"}
+    files: dict[str, bytes] = {}
+    for p in sorted(directory.rglob("*")):
+        if not p.is_file() or p.name == ".retnet-run.lock":
+            continue
+        try:
+            files[str(p.relative_to(directory))] = p.read_bytes()
+        except FileNotFoundError:  # a live run's temporary file, renamed between listing and reading
+            continue
+    return files
 
 
 def train_args(out: Path, corpus: Path, *extra: str) -> list[str]:
