@@ -4,7 +4,7 @@
 #   would pull torchvision; the tests shim the one timm function torchscale imports);
 # - Hugging Face transformers, the KV-cache Transformer baseline of the benchmarks, and what
 #   yet_another_retnet.hf is tested against (with accelerate, which its Trainer needs);
-# - lm-evaluation-harness, which `retnet eval --tasks` runs;
+# - lm-evaluation-harness, which `retnet eval --tasks` runs; pyarrow, datasets, TensorBoard, W&B;
 # - flash-linear-attention 0.6.0, whose own RetNet the fla checkpoint tests compare against (it
 #   needs transformers >= 5.6.2 and imports triton);
 # - triton, whose interpreter runs our GPU kernels on CPU in tests/test_triton_kernels.py.
@@ -18,6 +18,9 @@ pip_install --no-deps "torchscale==0.3.0" "fairscale==0.4.13"
 pip_install "transformers>=5.6.2,<6" "accelerate>=1.1.0" "triton>=3.3" "einops"
 pip_install "flash-linear-attention==0.6.0" "fla-core==0.6.0"
 pip_install "lm-eval>=0.4.5"
+# retnet prepare's parquet / datasets sources and --log-to tensorboard,wandb (the [data] and
+# [logging] extras).
+pip_install "pyarrow>=12" "datasets>=2.14" "tensorboard>=2.14" "wandb>=0.16"
 # yet-another-retnet 0.5.1 (the PyPI release this package replaces; same import name, so into a
 # folder of its own): the oracle of tests/test_compat_051.py and a peer of `retnet bench peers`.
 pip_install --no-deps --upgrade --target "$(dirname "$0")/../.peers/yaretnet051" "yet-another-retnet==0.5.1" "einops"

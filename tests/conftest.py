@@ -44,6 +44,10 @@ REQUIRED = (
     "torchscale", "fairscale", "transformers", "tokenizers",  # peers installed by .ci/run
     "kernel unavailable", "kernels unavailable", "extension unavailable", "extension is not built",
     "no C++ compiler", "needs a C++ compiler",  # the C++ kernels
+    # the other peers and extras scripts/install-test-peers.sh and `.[dev]` install
+    "flash-linear-attention", "yet-another-retnet 0.5.1", "triton is not installed", "'lm_eval'",
+    "'accelerate'", "'fastapi'", "'uvicorn'", "'httpx'", "'tensorboard'", "'wandb'", "'pyarrow'",
+    "'datasets'",
 )
 
 
