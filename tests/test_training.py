@@ -136,12 +136,23 @@ def test_options_that_must_not_change_the_math(tmp_path: Path, corpus_file: Path
 
 
 @pytest.mark.slow
-def test_compile_trains_the_same_curve(tmp_path: Path, corpus_file: Path) -> None:
+def test_compile_trains_the_same_curve(tmp_path: Path, corpus_file: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # --compile runs each retention layer's chunkwise form through torch.compile: same math.
+    # A CPU float32 call keeps the C++ kernels (compile_chunkwise(keep_kernel_calls=True)), so
+    # the layer is told they are not built: the compiled run must then go through a graph, and
+    # dynamo's frame counter shows that it did (an eager-against-eager run would fail here).
+    from torch._dynamo.utils import counters
+
+    import yet_another_retnet.layers.retention as layer_module
+
+    monkeypatch.setattr(layer_module, "_load_extension", lambda: False)
     base = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--log-interval", "1",
             "--eval-interval", "3", "--dropout", "0", "--eval-max-windows", "2", "--chunk-size", "8"]
     run_train(tmp_path / "eager", corpus_file, *base)
+    compiled_before = counters["frames"]["ok"]
     run_train(tmp_path / "compiled", corpus_file, *base, "--compile")
+    assert counters["frames"]["ok"] > compiled_before, "--compile ran no compiled frame"
     eager = train_losses(tmp_path / "eager")
     assert len(eager) == 3 and train_losses(tmp_path / "compiled") == pytest.approx(eager, rel=1e-5)
 
