@@ -108,12 +108,7 @@ class RetNetLM(_TemplateLM):
                      continuations: list[list[int]]) -> list[tuple[float, bool]]:
         """Score ``continuations[j]`` after ``contexts[rows[j]]``."""
         device = self.model.device
-        width = max(len(c) for c in contexts)
-        ids = torch.zeros(len(contexts), width, dtype=torch.long)
-        mask = torch.zeros(len(contexts), width, dtype=torch.long)
-        for row, context in enumerate(contexts):
-            ids[row, width - len(context):] = torch.tensor(context)
-            mask[row, width - len(context):] = 1
+        ids, mask = _left_padded(contexts)
         out = self.model.prefill(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None)
         index = torch.tensor(rows, device=device)
         state = RetNetState([m.index_select(0, index) for m in out.state.memories],
@@ -198,12 +193,7 @@ class RetNetLM(_TemplateLM):
             options = {"temperature": temperature, "top_k": gen_kwargs.pop("top_k", None),
                        "top_p": gen_kwargs.pop("top_p", None)}
         encoded = [self.tok_encode(c) or [self._eot] for c in contexts]
-        width = max(len(e) for e in encoded)
-        ids = torch.zeros(len(encoded), width, dtype=torch.long)
-        mask = torch.zeros(len(encoded), width, dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, width - len(e):] = torch.tensor(e)
-            mask[row, width - len(e):] = 1
+        ids, mask = _left_padded(encoded)
         device = self.model.device
         new: list[list[int]] = [[] for _ in encoded]
         done = [False] * len(encoded)
@@ -300,3 +290,15 @@ def cmd_tasks(args: argparse.Namespace, model: RetNet, tokenizer: ByteTokenizer 
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
         print(f"{name}: {shown}")
     return 0
+
+
+def _left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as ``(ids, attention_mask)``, each ``(len(rows), longest)``, padded on the left
+    (the model's batched prompts are left-padded; 0 in the mask marks padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r)
+        mask[i, width - len(r):] = 1
+    return ids, mask
