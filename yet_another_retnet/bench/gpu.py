@@ -163,7 +163,7 @@ def bench_kernels(device: torch.device, dtype: torch.dtype, head_dims: Sequence[
                 try:
                     seconds = median_seconds(step, device, warmup, repeats)
                 except Exception as exc:  # one implementation failing must not lose the grid
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                    row["error"] = _error_text(exc)
                 else:
                     row["ms"] = seconds * 1e3
                     row["tokens_per_s"] = batch * length / seconds
@@ -258,7 +258,7 @@ def bench_training(device: torch.device, config: RetNetConfig, batch: int, lengt
                         "peak_gib": common.peak_memory(device) / 2**30})
             del model, optimizer
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            row["error"] = _error_text(exc)
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -318,7 +318,7 @@ def bench_decode(device: torch.device, dtype: torch.dtype, config: RetNetConfig,
         try:
             row["ms_per_token"] = _retnet_decode_ms(retnet, batch, context, steps, device)
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            row["error"] = _error_text(exc)
         rows.append(row)
     del retnet
     if device.type == "cuda":
@@ -332,7 +332,7 @@ def bench_decode(device: torch.device, dtype: torch.dtype, config: RetNetConfig,
         try:
             row["ms_per_token"] = _llama_decode_ms(llama, config.vocab_size, batch, context, steps, device)
         except Exception as exc:
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            row["error"] = _error_text(exc)
         rows.append(row)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -436,3 +436,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _error_text(exc: BaseException) -> str:
+    """A failed row's ``error``: the exception's type and the first 160 characters of its first line."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
