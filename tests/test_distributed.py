@@ -5,7 +5,6 @@ then resumes."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +27,9 @@ ARGS = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim",
 
 
 def torchrun(*argv: str) -> subprocess.CompletedProcess[str]:
-    launcher = shutil.which("torchrun")
-    cmd = [launcher] if launcher else [sys.executable, "-m", "torch.distributed.run"]
-    cmd += ["--standalone", "--nproc_per_node=2", "-m", "yet_another_retnet", "train", *argv]
+    # This interpreter's own launcher: a `torchrun` on PATH may belong to another environment.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "yet_another_retnet", "train", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

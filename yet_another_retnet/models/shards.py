@@ -206,10 +206,21 @@ def read_tensor(path: Path, name: str) -> Tensor:
 def stored_dtype(files: Mapping[str, Path]) -> torch.dtype:
     """The dtype of the first floating-point tensor stored (the default dtype to load in)."""
     for name, path in files.items():
-        t = read_tensor(path, name)
-        if t.is_floating_point():
-            return t.dtype
+        # The header names each tensor's dtype: read that, not the tensor (a whole embedding).
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                code = f.get_slice(name).get_dtype()
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise OSError(f"{path} is truncated or corrupt: {err}") from err
+        dtype = _SAFETENSORS_DTYPES.get(code)
+        if dtype is not None and dtype.is_floating_point:
+            return dtype
     return torch.float32
+
+
+#: safetensors' dtype codes of the floating-point types a checkpoint may store.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16}
 
 
 def fill_model(model: nn.Module, sources: Iterable[tuple[str, Callable[[], Tensor]]],
