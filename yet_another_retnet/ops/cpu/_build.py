@@ -5,8 +5,8 @@
 that loads the extension from the same cache waits for it forever. Here instead:
 
 * the finished library lives at ``<root>/yaretnet/<name>_<digest>.so``, the digest covering the
-  sources, the flags and the versions of torch and Python; once it exists it is loaded directly
-  (no compiler, no ninja, no lock);
+  sources, the headers they include, the flags and the versions of torch and Python; once it
+  exists it is loaded directly (no compiler, no ninja, no lock);
 * a build runs in a fresh temporary directory next to it and its result is copied over the final
   name by an atomic rename, so a kill at any moment leaves either no library or a whole one;
 * builders take an ``flock`` on ``<name>.lock`` only so that two of them do not do the same work;
@@ -45,14 +45,16 @@ def extensions_root() -> Path:
     return Path(root) / "yaretnet"
 
 
-def library_path(name: str, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str]) -> Path:
-    """The final path of the library ``name`` built from ``sources`` with these flags."""
+def library_path(name: str, sources: Sequence[Path], cflags: Sequence[str], ldflags: Sequence[str],
+                 headers: Sequence[Path] = ()) -> Path:
+    """The final path of the library ``name`` built from ``sources`` (including ``headers``) with
+    these flags. Pure: reads the sources, builds nothing."""
     digest = hashlib.sha256()
     python = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
     toolkit = f"cuda {torch.version.cuda} hip {getattr(torch.version, 'hip', None)}"
     for part in (torch.__version__, python, toolkit, name, *cflags, "|", *ldflags):
         digest.update(part.encode() + b"\0")
-    for source in sources:
+    for source in (*sources, *headers):
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return extensions_root() / f"{name}_{digest.hexdigest()[:16]}.so"
 
@@ -96,18 +98,25 @@ def _install(built: Path, final: Path) -> None:
 
 
 def build_and_load(name: str, sources: Sequence[Path], cflags: Sequence[str] = (),
-                   ldflags: Sequence[str] = ()) -> Path:
+                   ldflags: Sequence[str] = (), *, headers: Sequence[Path] = (),
+                   include_dirs: Sequence[Path] = (), notice: str | None = None) -> Path:
     """Load the library built from ``sources`` into this process (``torch.ops.load_library``),
     building it first if no finished build exists; returns the loaded file's path.
+
+    ``headers`` enter the digest (a changed header rebuilds); ``include_dirs`` are searched for
+    them. ``notice``, if given, is printed to stderr before a build (or the wait for another
+    process's build), so that a command does not sit silent for its minutes.
 
     Raises whatever the build raises (no compiler, a compile error); a process killed at any point
     of this leaves the cache usable by the next one.
     """
-    final = library_path(name, sources, cflags, ldflags)
+    final = library_path(name, sources, cflags, ldflags, headers)
     root = final.parent
     if final.is_file():
         torch.ops.load_library(str(final))
         return final
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     root.mkdir(parents=True, exist_ok=True)
     with _exclusive(root / f"{name}.lock"):
         if final.is_file():  # another process built it while this one waited
@@ -121,6 +130,7 @@ def build_and_load(name: str, sources: Sequence[Path], cflags: Sequence[str] = (
             # Loads the library from the temporary directory (a mapped file outlives its name).
             built = cpp_extension.load(name=name, sources=[str(s) for s in sources], build_directory=build_dir,
                                        extra_cflags=list(cflags), extra_ldflags=list(ldflags),
+                                       extra_include_paths=[str(d) for d in include_dirs],
                                        is_python_module=False, verbose=False)
             _install(Path(str(built)), final)
         finally:

@@ -8,15 +8,17 @@ row, ``proj`` ``(batch, 2 h dk + 2 h dv)`` laid out ``[q | k | v | g]``, and eac
     S'   = gamma S + k^T v                             # the new memory, per head
     out  = act(g) * head_norm(q S')                    # (batch, h dv): what the output projection reads
 
-:func:`retention_step_reference` is the same in PyTorch ops: the path under ``torch.compile``
-(inductor fuses it), on other devices and for float64, without a C++ toolchain, and what the kernel
-is tested against. :func:`retention_step` picks the kernel for CPU float32/bfloat16 projections
-with a float32 memory outside autograd; both return the same values to float32 rounding.
+:func:`retention_step` picks the kernel where :func:`supports` (CPU float32/bfloat16 projections
+with a float32 memory outside autograd); reference: :func:`retention_step_reference`, the same in
+PyTorch ops: the path under ``torch.compile`` (inductor fuses it), on other devices and for
+float64, without a C++ toolchain; both return the same values to float32 rounding.
 
 :func:`decoder_layer_step` runs a whole pre-norm decoder layer for one token per row in one call (its
 weights gathered once by :func:`layer_step_plan`): block
 norm, the q/k/v/g product, the core, the output product and residual, block norm, the FFN and
-its residual. Its reference is the decoder layer's own step in PyTorch ops (``models/retnet.py``).
+its residual. Its reference is the decoder layer's own step in PyTorch ops
+(:mod:`yet_another_retnet.models.retnet`). ``tests/test_decode_step.py`` checks both kernels
+against float64 and their references.
 Why one call: every matrix-vector product streams megabytes of weights through the caches, so
 each small op after one starts cold (~20 us of cache misses for ~5 us of work, measured); a layer
 in PyTorch ops is ~25 of them.
@@ -31,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import triton as _triton
+from ..backends import default_cuda_backend
+from ..position import rotate_pairs
+from ..triton.decode import step_with_gamma
 from . import _extension
-from . import triton as _triton
-from .backends import default_cuda_backend
-from .position import rotate_pairs
-from .triton.decode import step_with_gamma
 
 __all__ = ["KERNEL_MAX_ROWS", "LayerStepPlan", "decoder_layer_step", "layer_step_plan", "retention_step",
-           "retention_step_reference"]
+           "retention_step_reference", "supports"]
 
 Activation = Callable[[Tensor], Tensor]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -48,6 +50,16 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 KERNEL_MAX_ROWS = 32
 #: The activations the kernels know (gate and FFN), by the number they take for them (``None``: identity).
 _KERNEL_ACTIVATIONS: dict[Activation | None, int] = {None: 0, F.silu: 1, F.gelu: 2, F.relu: 3}
+
+
+def supports(proj: Tensor, memory: Tensor, norm_weight: Tensor | None, norm_bias: Tensor | None,
+             act: Activation | None) -> bool:
+    """Whether :func:`retention_step` takes the kernel: CPU float32 or bfloat16 ``proj``
+    ``(batch, width)`` with a unit column stride, float32 ``memory``, norm parameters in ``proj``'s
+    dtype, a gate activation the kernel knows, no autograd, the kernels not ruled out. Pure: never
+    builds the extension."""
+    return (act in _KERNEL_ACTIVATIONS and _kernel_inputs(proj, memory, norm_weight, norm_bias)
+            and proj.dim() == 2 and proj.stride(-1) == 1 and _extension.usable())
 
 
 def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma: Tensor,
@@ -67,12 +79,10 @@ def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma:
         rms_norm: RMS norm over each head instead of the group norm (with ``norm_weight`` if given).
         act: the gate activation (``None`` for identity).
     """
-    code = _KERNEL_ACTIVATIONS.get(act)
-    if (code is not None and _kernel_inputs(proj, memory, norm_weight, norm_bias) and proj.dim() == 2
-            and proj.stride(-1) == 1 and _extension.load()):
+    if supports(proj, memory, norm_weight, norm_bias, act) and _extension.load():
         out, new_memory = torch.ops.yaretnet.retention_step(proj, memory.contiguous(), _real(rotation),
                                                             gamma.reshape(-1), norm_weight, norm_bias, eps,
-                                                            rms_norm, code)
+                                                            rms_norm, _KERNEL_ACTIVATIONS[act])
         return out, new_memory
     # CUDA: the state update and q S' in one Triton kernel (ops/triton/decode.py), the rest as below.
     fused = (proj.device.type == "cuda" and memory.dtype == torch.float32 and not torch.is_grad_enabled()

@@ -12,9 +12,13 @@ identical training runs would then differ). ``YARETNET_CPU_MATMUL=aten|onednn`` 
 training run records its choice in its checkpoint and a resumed run uses it (:func:`pin_cpu_backend`).
 
 :func:`linear` is ``residual + x @ weight.T + bias`` with autograd; :func:`mm_nt` and
-:func:`grad_weight` are the raw products for hand-written backwards (``ops/mlp.py``). Each is
+:func:`grad_weight` are the raw products for hand-written backwards (:mod:`.mlp`). Each is
 exactly ATen's product wherever the oneDNN path does not apply: other devices and dtypes,
-autocast, small products, a double backward, ``torch.compile`` graphs.
+autocast, small products, a double backward, ``torch.compile`` graphs. The weight gradients'
+transposed copies run ``csrc/matmul.cpp`` where :func:`supports`.
+
+Reference: ATen's ``F.linear``/``addmm`` (``YARETNET_CPU_MATMUL=aten``) and ``x.t().contiguous()``;
+``tests/test_matmul.py`` checks both backends against each other and float64.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..bf16_products import bf16_products_active, mm_nt_bf16
 from . import _extension
-from .bf16_products import bf16_products_active, mm_nt_bf16
 
-__all__ = ["cpu_backend", "grad_weight", "linear", "mm_nt", "pin_cpu_backend"]
+__all__ = ["cpu_backend", "grad_weight", "linear", "mm_nt", "pin_cpu_backend", "supports"]
 
 #: Products of fewer multiply-adds stay on ATen: oneDNN's per-call cost is larger (a 1 x 256 x
 #: 1,024 product: 14 us through ATen, 17 through oneDNN; from 64 rows oneDNN wins, Zen 5).
@@ -176,10 +180,17 @@ def mm_nt(a: Tensor, b: Tensor, bias: Tensor | None = None, add: Tensor | None =
     return F.linear(a, b, bias)
 
 
+def supports(x: Tensor) -> bool:
+    """Whether the transposed copy of ``x`` runs the kernel (``csrc/matmul.cpp``): a 2-D float32
+    CPU tensor, the kernels not ruled out. Pure: never builds the extension. (Which backend runs
+    the products themselves is :func:`cpu_backend`.)"""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and _extension.usable()
+
+
 def _transposed(x: Tensor) -> Tensor:
     """``x.t().contiguous()`` for a 2-D float32 CPU ``x``: the extension's blocked copy where it
-    is built (ATen's copy of a transposed view moves ~5 GB/s here, ``csrc/transpose.cpp``)."""
-    if _extension.load():
+    is built (ATen's copy of a transposed view is slow here: strided reads)."""
+    if supports(x) and _extension.load():
         out: Tensor = torch.ops.yaretnet.transpose_copy(x)
         return out
     return x.t().contiguous()

@@ -4,7 +4,7 @@ glibc hands every allocation above its mmap threshold (at most 32 MiB) back to t
 freed, so a training step at long sequence lengths maps, zero-fills and faults in gigabytes of
 pages again each time: ~170,000 page faults per step for the d256 model at 16k tokens, and a
 matmul writing into a fresh 64 MiB output runs at ~206 GFLOP/s instead of ~329 into a reused one
-(2-core Xeon, docs/speed-training.md).
+(2-core Xeon).
 
 :func:`cached_cpu_memory` puts PyTorch's exact-size block cache (``c10::CPUCachingAllocator``)
 in front of the CPU allocator while it is active: a freed buffer of at least ``min_bytes`` waits
@@ -16,8 +16,10 @@ Memory: the cache holds, for each size, as many buffers as were alive at once, s
 resident memory can exceed that of the plain allocator when many different sizes come and go
 (prompts of ever-changing lengths); use it around loops with a few fixed shapes.
 
-Built with the package's C++ extension (:mod:`._extension`); without it (no compiler, or
-``YARETNET_CPU_KERNELS=0``) the context manager does nothing and says so through its value.
+Built with the package's C++ extension (``csrc/memory.cpp``, :mod:`._extension`); without it (no
+compiler, or ``YARETNET_FAST_PATH=0``) the context manager does nothing and says so through its
+value. Reference: the plain allocator; ``tests/test_memory.py`` checks that a training step gives
+the same results in the cache and out of it.
 """
 
 from __future__ import annotations
@@ -30,13 +32,19 @@ import torch
 
 from . import _extension
 
-__all__ = ["cached_cpu_memory"]
+__all__ = ["cached_cpu_memory", "supports"]
 
 #: Allocations below this go to the plain allocator: glibc serves them from its heap without faults.
 DEFAULT_MIN_BYTES = 1 << 20
 
 _lock = threading.Lock()
 _depth = 0
+
+
+def supports() -> bool:
+    """Whether :func:`cached_cpu_memory` can turn the cache on: the kernels not ruled out. Pure:
+    never builds the extension."""
+    return _extension.usable()
 
 
 @contextmanager
@@ -55,7 +63,7 @@ def cached_cpu_memory(min_bytes: int = DEFAULT_MIN_BYTES) -> Iterator[bool]:
     if min_bytes < 1:
         raise ValueError(f"min_bytes must be >= 1, got {min_bytes}")
     global _depth
-    if not _extension.load():
+    if not (supports() and _extension.load()):
         yield False
         return
     with _lock:

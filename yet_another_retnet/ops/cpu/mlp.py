@@ -1,15 +1,15 @@
 """The paper's feed-forward network, ``fc2(gelu(fc1 x))``, as one autograd node on CPU float32.
 
 Forward: the two products (with their biases, if any) around one kernel pass that writes the GELU
-and its slope ``Phi(h) + h phi(h)`` (``csrc/gelu_slope.cpp``). Backward: the products' gradients
+and its slope ``Phi(h) + h phi(h)`` (``csrc/mlp.cpp``). Backward: the products' gradients
 with the pre-activation's gradient as one multiply by the saved slope, where ``F.gelu``'s backward
 recomputes erf and exp per element (its costliest element-wise op: ~0.8 ms per layer at 2 x 1,024
 tokens, FFN 512). The slope is saved in place of the pre-activation, so the saved memory is the
 same: the input, the GELU's output and the slope.
 
-:func:`gelu_mlp_reference` is the same in PyTorch ops: the path everywhere else (other devices,
-dtypes, autocast, ``torch.compile`` tracing, no C++ toolchain), what a double backward
-differentiates, and what the kernel is tested against.
+Reference: :func:`gelu_mlp_reference`, the same in PyTorch ops: the path everywhere else (other
+devices, dtypes, autocast, ``torch.compile`` tracing, no C++ toolchain, ``YARETNET_FAST_PATH=0``),
+what a double backward differentiates, and what ``tests/test_mlp.py`` checks the node against.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 from . import _extension
 from .matmul import grad_weight, linear, mm_nt
 
-__all__ = ["gelu_mlp", "gelu_mlp_apply", "gelu_mlp_reference"]
+__all__ = ["gelu_mlp", "gelu_mlp_apply", "gelu_mlp_reference", "supports"]
 
 
 def gelu_mlp_reference(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> Tensor:
@@ -31,15 +31,15 @@ def gelu_mlp_reference(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2:
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
-def gelu_mlp_apply(x: Tensor, *params: Tensor | None) -> bool:
-    """Whether the fused node takes these inputs (building the extension on the first call): all
-    CPU float32, a gradient to come (without one the slope would be written for nothing), outside
-    autocast and ``torch.compile`` tracing."""
+def supports(x: Tensor, *params: Tensor | None) -> bool:
+    """Whether the fused node takes these inputs: all CPU float32, a gradient to come (without one
+    the slope would be written for nothing), outside autocast and ``torch.compile`` tracing, the
+    kernels not ruled out. Pure: never builds the extension."""
     tensors = [t for t in (x, *params) if t is not None]
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
             and x.dim() >= 1 and not _extension.is_compiling() and not _extension.autocast_enabled("cpu")
-            and _extension.load())
+            and _extension.usable())
 
 
 class _GeluMLP(torch.autograd.Function):
@@ -85,10 +85,10 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | 
 
     Returns:
         ``(..., embed_dim)``, differentiable in every tensor (twice through the plain form). The
-        fused node where :func:`gelu_mlp_apply`; without autograd the GELU in place on the first
+        fused node where :func:`supports`; without autograd the GELU in place on the first
         product's fresh output; else :func:`gelu_mlp_reference`.
     """
-    if gelu_mlp_apply(x, w1, b1, w2, b2, residual):
+    if supports(x, w1, b1, w2, b2, residual) and _extension.load():
         out: Tensor = _GeluMLP.apply(x, w1, b1, w2, b2, residual)
         return out
     if not torch.is_grad_enabled() and not _extension.is_compiling():
@@ -98,3 +98,18 @@ def gelu_mlp(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | 
         return linear(hidden, w2, b2, residual)
     out = gelu_mlp_reference(x, w1, b1, w2, b2)
     return out if residual is None else residual + out
+
+
+def register() -> None:
+    """The shape-only form of ``gelu_slope`` (called once the library is loaded; the node's
+    autograd is :class:`_GeluMLP`)."""
+
+    @_extension.register_fake("yaretnet::gelu_slope")
+    def _(x: Tensor) -> tuple[Tensor, Tensor]:
+        return _extension.contiguous_like(x), _extension.contiguous_like(x)
+
+
+# The previous layout's name, kept for its callers.
+def gelu_mlp_apply(x: Tensor, *params: Tensor | None) -> bool:
+    """:func:`supports`, and the extension loads (building it on the first call)."""
+    return supports(x, *params) and _extension.load()
