@@ -17,7 +17,8 @@ import torch
 
 from yet_another_retnet.ops.cpu import _build, _extension
 
-ROOT = Path(__file__).resolve().parents[1]
+#: The checkout (wherever this file sits under tests/).
+ROOT = next(d for d in Path(__file__).resolve().parents if (d / "pyproject.toml").is_file())
 HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
 #: The previous layout's modules (``yet_another_retnet.ops.<name>``) and predicate names.
 OLD_MODULES = ("_build", "_extension", "chunk_kernels", "chunk_scan", "decode_step", "gemv", "matmul", "memory",
