@@ -1,4 +1,4 @@
-"""The per-chunk CPU kernels (``ops/csrc/chunk_kernels.cpp``) against float64 PyTorch."""
+"""The per-chunk CPU kernels (``ops/cpu/csrc/chunk_kernels.cpp``) against float64 PyTorch."""
 
 from __future__ import annotations
 
