@@ -1,4 +1,4 @@
-"""The per-chunk CPU kernels (``ops/csrc/chunk_kernels.cpp``) against float64 PyTorch."""
+"""The per-chunk CPU kernels (``ops/cpu/csrc/chunk_kernels.cpp``) against float64 PyTorch."""
 
 from __future__ import annotations
 
@@ -256,8 +256,8 @@ def test_chunkwise_through_the_kernels_equals_float64_retention(length: int, fus
     # a previous state, a length the chunk does not divide: outputs, state and gradients against
     # the independent float64 recurrence. Through the fused op (whatever the thread count) and
     # through the three separate ops.
-    for module in (retention_ops, chunk_kernels):
-        monkeypatch.setattr(module, "chunk_retention_applies", chunk_kernels_apply if fused else lambda *a: False)
+    monkeypatch.setattr(retention_ops, "chunk_retention_applies", chunk_kernels_apply if fused else lambda *a: False)
+    monkeypatch.setattr(chunk_kernels, "supports_chunk_retention", chunk_kernels.supports if fused else lambda *a: False)
     gen = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(2, 4, length, 32, generator=gen, requires_grad=True) for _ in range(3))
     prev = torch.randn(2, 4, 32, 32, generator=gen)

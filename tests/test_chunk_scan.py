@@ -1,4 +1,4 @@
-"""The chunk-state scan (``ops/csrc/chunk_scan.cpp``) against a float64 loop and the decay-matrix form."""
+"""The chunk-state scan (``ops/cpu/csrc/chunk_scan.cpp``) against a float64 loop and the decay-matrix form."""
 
 from __future__ import annotations
 

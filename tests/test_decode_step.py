@@ -1,4 +1,4 @@
-"""The decoding-step CPU kernels (``ops/csrc/decode_step.cpp``) against float64 math.
+"""The decoding-step CPU kernels (``ops/cpu/csrc/decode_step.cpp``) against float64 math.
 
 ``retention_step`` (a retention layer's core for one token per row) is checked against the formula
 written out in float64; ``decoder_layer_step`` (a whole pre-norm layer in one call) against a

@@ -136,13 +136,13 @@ def test_float32_reset_runs_on_the_cpu_kernels(monkeypatch: pytest.MonkeyPatch) 
     mask[1, [40, 41]] = True
     ids = torch.randint(0, 50, (2, 96), generator=torch.Generator().manual_seed(5))
     calls: list[bool] = []
-    check = chunk_kernels.chunk_kernels_apply
+    check = chunk_kernels.supports
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(check(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(chunk_kernels, "chunk_kernels_apply", spy)
+    monkeypatch.setattr(chunk_kernels, "supports", spy)
     with torch.no_grad():
         out = model(ids, mode="chunkwise", reset_mask=mask).logits
     # Whole chunks take the kernels (a shorter last chunk takes the products, as unpacked inputs do).

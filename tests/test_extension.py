@@ -1,4 +1,4 @@
-"""ops/_extension.py: the build's name tells CPUs apart (its code is built with -march=native)."""
+"""ops/cpu/_extension.py: the build's name tells CPUs apart (its code is built with -march=native)."""
 
 from __future__ import annotations
 

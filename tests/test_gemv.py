@@ -1,4 +1,4 @@
-"""The decoding kernel (``ops/csrc/gemv.cpp``) against a float64 reference and ``torch.mv``."""
+"""The decoding kernel (``ops/cpu/csrc/gemv.cpp``) against a float64 reference and ``torch.mv``."""
 
 from __future__ import annotations
 

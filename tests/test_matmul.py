@@ -1,4 +1,4 @@
-"""ops/matmul.py: the float32 products on either CPU backend against a float64 reference."""
+"""ops/cpu/matmul.py: the float32 products on either CPU backend against a float64 reference."""
 
 from __future__ import annotations
 

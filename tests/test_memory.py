@@ -1,4 +1,4 @@
-"""The CPU buffer cache (``ops/memory.py``, ``ops/csrc/cpu_memory.cpp``)."""
+"""The CPU buffer cache (``ops/cpu/memory.py``, ``ops/cpu/csrc/memory.cpp``)."""
 
 from __future__ import annotations
 

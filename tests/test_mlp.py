@@ -1,4 +1,4 @@
-"""The fused GELU feed-forward node (``ops/mlp.py``, ``ops/csrc/gelu_slope.cpp``) against float64 math."""
+"""The fused GELU feed-forward node (``ops/cpu/mlp.py``, ``ops/cpu/csrc/mlp.cpp``) against float64 math."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The head norm + swish gate CPU kernel (``ops/csrc/norm_gate.cpp``) against float64 math."""
+"""The head norm + swish gate CPU kernel (``ops/cpu/csrc/norm_gate.cpp``) against float64 math."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fused layer core (``ops/csrc/retention_core.cpp``: split, rotation, chunkwise retention, head
+"""The fused layer core (``ops/cpu/csrc/retention_core.cpp``: split, rotation, chunkwise retention, head
 norm and gate in one op) against float64: the op against the token-by-token recurrence of
 ``tests/reference.py``, and a whole layer through it against its float64 copy."""
 

@@ -1,4 +1,4 @@
-"""The projection split + rotation CPU kernel (``ops/csrc/split_heads.cpp``) against float64."""
+"""The projection split + rotation CPU kernel (``ops/cpu/csrc/split_heads.cpp``) against float64."""
 
 from __future__ import annotations
 

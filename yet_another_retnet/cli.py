@@ -175,6 +175,8 @@ def _add_info(sub: Any) -> None:
     p.add_argument("model", metavar="DIR", nargs="?", default=None, help="model directory")
     p.add_argument("--preset", default=None, help=f"a preset instead of a directory: {', '.join(PRESETS)}")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--kernels", action="store_true",
+                   help="instead: which CPU fast paths this machine takes, and why not")
 
 
 def _add_bench(sub: Any) -> None:
@@ -394,6 +396,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .models import PRESETS, RetNetConfig, count_parameters
     from .models.checkpoint import read_config
 
+    if args.kernels:
+        if args.model is not None or args.preset is not None:
+            raise UsageError("info --kernels: give no model directory or --preset (it reports this machine)")
+        from .ops.cpu.report import cmd_kernels
+
+        return cmd_kernels(args)
     if (args.model is None) == (args.preset is None):
         raise UsageError("info: give a model directory or --preset NAME (one of them)")
     if args.preset is not None:

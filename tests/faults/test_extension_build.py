@@ -1,6 +1,6 @@
 """Killing a process while it builds a C++ library never blocks or breaks a later load.
 
-The build machinery is the extension's own (``ops/_build.py``); the source here is a tiny one so
+The build machinery is the extension's own (``ops/cpu/_build.py``); the source here is a tiny one so
 that each build takes a second or two and a kill lands inside it."""
 
 from __future__ import annotations

@@ -1,40 +1,9 @@
-"""Matrix-vector products for decoding on the CPU: a compiled kernel with ``torch.mv`` beside it.
+"""The previous import path of :mod:`yet_another_retnet.ops.cpu.gemv`: this name is that module
+(the same object, so its state and anything patched on it are shared); new code imports it there."""
 
-A decoding step reads every weight once (two FLOPs per weight), so its speed is the speed at which
-the weights stream from memory. :func:`gemv` runs ``csrc/gemv.cpp`` (eight rows in flight per
-thread, bfloat16 widened in registers, PyTorch's own thread pool), which reads weights ~1.1x
-(float32) to ~1.4x (bfloat16) faster than ``torch.mv`` on our CPUs. The kernel is built from source
-as part of the package's C++ extension (:mod:`._extension`) the first time it is needed. Where it
-cannot be built, or with ``YARETNET_CPU_KERNELS=0`` in the environment, :func:`gemv` is
-``torch.mv``/``torch.addmv``: the plain reference it is tested against.
-"""
+import sys
 
-from __future__ import annotations
+from .cpu import gemv as _module
+from .cpu.gemv import *  # noqa: F403  (the public names, for type checkers)
 
-import torch
-from torch import Tensor
-
-from . import _extension
-
-__all__ = ["gemv", "gemv_kernel_available"]
-
-_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def gemv_kernel_available() -> bool:
-    """Whether :func:`gemv` runs the compiled kernel (building it on the first call)."""
-    return _extension.load()
-
-
-def gemv(weight: Tensor, x: Tensor, add: Tensor | None = None) -> Tensor:
-    """``weight @ x (+ add)``: ``weight`` ``(rows, cols)``, ``x`` ``(cols,)``, ``add`` ``(rows,)``.
-
-    Returns ``(rows,)`` in ``weight``'s dtype, accumulated in float32. The kernel runs for CPU float32
-    or bfloat16 weights outside autograd; anything else (and every call where the kernel is
-    unavailable) is ``torch.mv``/``torch.addmv``.
-    """
-    if (weight.device.type == "cpu" and weight.dtype in _DTYPES and weight.dim() == 2 and x.dim() == 1
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-            and gemv_kernel_available()):
-        return torch.ops.yaretnet.gemv(weight, x, add)
-    return torch.mv(weight, x) if add is None else torch.addmv(add, weight, x)
+sys.modules[__name__] = _module

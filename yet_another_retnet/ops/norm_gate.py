@@ -1,76 +1,9 @@
-"""The head norm and swish gate that end a retention layer, as one CPU kernel (``csrc/norm_gate.cpp``).
+"""The previous import path of :mod:`yet_another_retnet.ops.cpu.norm_gate`: this name is that module
+(the same object, so its state and anything patched on it are shared); new code imports it there."""
 
-For the retained values ``x`` ``(batch, heads, length, head_dim)`` and the gate's pre-activation
-``z`` ``(batch, length, heads * head_dim)``::
+import sys
 
-    out = silu(z) * (layer_norm(x over head_dim) * weight + bias)     # (batch, length, heads * head_dim)
+from .cpu import norm_gate as _module
+from .cpu.norm_gate import *  # noqa: F403  (the public names, for type checkers)
 
-the paper's GroupNorm (one group per head) with its affine, then the swish gate; what goes into
-the output projection. On CPU float32 (head_dim a multiple of 16) one kernel reads each row once
-and writes the result in the projection's layout, forward and backward (the weight and bias
-gradients as per-thread partial sums). :func:`norm_gate_reference` is the same in PyTorch ops:
-the path everywhere else (other devices and dtypes, no C++ toolchain, torch < 2.4,
-``YARETNET_CPU_KERNELS=0``), what a double backward differentiates, and what the kernel is tested
-against.
-"""
-
-from __future__ import annotations
-
-import torch
-import torch.nn.functional as F
-from torch import Tensor
-
-from . import _extension
-from .retention import compute_dtype
-
-__all__ = ["head_group_norm", "norm_gate", "norm_gate_apply", "norm_gate_reference"]
-
-#: The kernel's vector width: head_dim must be a multiple of it.
-_LANES = 16
-
-
-def head_group_norm(retained: Tensor, weight: Tensor, bias: Tensor, eps: float, dtype: torch.dtype) -> Tensor:
-    """Per-head LayerNorm with affine: ``(b, h, L, dv)`` -> ``(b, L, h * dv)`` in ``dtype``.
-
-    The normalisation runs in float32 for half inputs and in float64 for float64 ones (``.float()``
-    would silently drop a float64 layer to float32 precision).
-    """
-    batch, heads, length, dv = retained.shape
-    y = F.layer_norm(retained.transpose(1, 2).to(compute_dtype(retained.dtype)), (dv,), eps=eps).to(dtype)
-    # One fused op for the affine. (F.group_norm would do norm and affine in one call, but measured
-    # slower on CPU than layer_norm + addcmul, forward plus backward.)
-    return torch.addcmul(bias, y.reshape(batch, length, heads * dv), weight)
-
-
-def norm_gate_reference(retained: Tensor, gate: Tensor, weight: Tensor, bias: Tensor, eps: float,
-                        dtype: torch.dtype | None = None) -> Tensor:
-    """``silu(gate) * head_group_norm(retained)``: the plain form of :func:`norm_gate`."""
-    return F.silu(gate) * head_group_norm(retained, weight, bias, eps, dtype or retained.dtype)
-
-
-def norm_gate_apply(retained: Tensor, gate: Tensor, weight: Tensor, bias: Tensor) -> bool:
-    """Whether the kernel takes these inputs (building the extension on the first call): all CPU
-    float32, ``retained`` 4-D with ``head_dim`` a multiple of 16."""
-    return (retained.dim() == 4 and retained.shape[-1] % _LANES == 0
-            and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (retained, gate, weight, bias))
-            and _extension.load() and hasattr(torch.library, "register_autograd"))
-
-
-def norm_gate(retained: Tensor, gate: Tensor, weight: Tensor, bias: Tensor, eps: float,
-              dtype: torch.dtype | None = None) -> Tensor:
-    """The head norm and swish gate of a retention layer.
-
-    Args:
-        retained: ``(batch, heads, length, head_dim)``, any strides.
-        gate: ``(batch, length, heads * head_dim)``, the gate projection before its activation.
-        weight, bias: ``(heads * head_dim,)``, the norm's affine.
-        eps: the norm's epsilon.
-        dtype: the normalised values' dtype before the affine (default ``retained.dtype``).
-
-    Returns:
-        ``(batch, length, heads * head_dim)``, differentiable in all four tensors. The kernel where
-        :func:`norm_gate_apply` (and ``dtype`` is float32), else :func:`norm_gate_reference`.
-    """
-    if dtype in (None, torch.float32) and norm_gate_apply(retained, gate, weight, bias):
-        return torch.ops.yaretnet.norm_gate(retained, gate, weight, bias, float(eps))
-    return norm_gate_reference(retained, gate, weight, bias, eps, dtype)
+sys.modules[__name__] = _module
