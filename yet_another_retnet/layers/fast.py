@@ -37,7 +37,7 @@ Single-token decoding has its own fast step (:meth:`MultiScaleRetention.step`, d
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -219,7 +219,7 @@ def core_chunkwise(
     chunks, or :func:`retention_core_applies`)."""
     length = proj.shape[1]
     chunk = length if chunk_size is None else min(chunk_size, length)
-    if length == 0 or length % chunk:
+    if length == 0 or length % chunk or layer.norm_weight is None or layer.norm_bias is None:
         return None
     cos, sin = kernel_tables(rotation)
     log_gamma = resolve_log_decay(layer.gammas, layer.num_heads, proj.device)
@@ -249,7 +249,7 @@ def compiled_chunkwise(
               for shape in chunkwise_table_shapes(length, chunk)}
     halves = rotation is not None and not split_heads_apply(x, rotation[0])
     tables_in = half_tables(*rotation) if halves and rotation is not None else rotation
-    return compiled(x, memory, chunk, tables_in, token_mask, tables, halves)  # type: ignore[no-any-return]
+    return cast(tuple[Tensor, Tensor], compiled(x, memory, chunk, tables_in, token_mask, tables, halves))
 
 
 def fused_chunkwise(

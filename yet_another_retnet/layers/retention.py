@@ -243,13 +243,13 @@ class MultiScaleRetention(nn.Module):
     def fast_path(self) -> bool:
         """Deprecated name of :attr:`use_fast_path` (the same switch)."""
         warnings.warn("MultiScaleRetention.fast_path is deprecated: use use_fast_path", DeprecationWarning,
-                      stacklevel=3)
+                      stacklevel=2)
         return self.use_fast_path
 
     @fast_path.setter
     def fast_path(self, enabled: bool) -> None:
         warnings.warn("MultiScaleRetention.fast_path is deprecated: use use_fast_path", DeprecationWarning,
-                      stacklevel=2)
+                      stacklevel=3)
         self.use_fast_path = enabled
 
     def reset_parameters(self) -> None:
