@@ -66,6 +66,7 @@ GATE_ACTIVATIONS = {"swish": F.silu, "silu": F.silu, "gelu": F.gelu, "relu": F.r
 #: Positions kept in a decoding rotation table (beyond it, rows are computed per step).
 _MAX_ROTATION_TABLE = 1 << 16
 
+
 @dataclass
 class RetentionState:
     """What one retention layer carries from one call to the next.

@@ -172,7 +172,6 @@ class RetNetDecoderLayer(nn.Module):
             state = self.retention.absorb(h, state, prefix_rotation, mask)
         return self(x[:, -1:], state, "recurrent")
 
-
     # ----------------------------------------------------------------------------------------
     # Single-token decoding (models/decoding.py drives it)
     # ----------------------------------------------------------------------------------------
@@ -212,6 +211,11 @@ class RetNetDecoderLayer(nn.Module):
         """This layer's arguments for the one-call decoding kernel
         (:func:`~yet_another_retnet.models.decoding.layer_kernel_plan`), or ``None``."""
         return decoding.layer_kernel_plan(self, tables)
+
+    def plan_dependencies(self) -> tuple[list[tuple[dict[str, Any], str, Any]], list[Tensor]]:
+        """What this layer's part of a decoding plan stays valid for
+        (:func:`~yet_another_retnet.models.decoding.layer_dependencies`)."""
+        return decoding.layer_dependencies(self)
 
     def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
         """``residual + FFN(x)`` on ``(batch, d_model)`` rows; a GLU's fc1 and gate are one matrix."""
