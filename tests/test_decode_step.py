@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import yet_another_retnet.models.retnet as retnet_module
+import yet_another_retnet.models.decoding as decoding_module
 from yet_another_retnet import RetNet, RetNetConfig
 from yet_another_retnet.ops import _extension
 from yet_another_retnet.ops.decode_step import (
@@ -172,13 +172,13 @@ def test_decoder_layer_step_kernel_equals_the_float64_recurrent_form(variant: st
     model = make_model(dtype, **LAYERS[variant])
     reference = copy.deepcopy(model).double()  # for bf16: the same (rounded) weights in float64
     calls = []
-    kernel = retnet_module.decoder_layer_step
+    kernel = decoding_module.decoder_layer_step
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(retnet_module, "decoder_layer_step", counted)
+    monkeypatch.setattr(decoding_module, "decoder_layer_step", counted)
     tokens = torch.randint(0, 53, (batch, 14), generator=torch.Generator().manual_seed(3 if batch == 1 else batch))
     mask = torch.ones(batch, 5, dtype=torch.long)
     for row in range(batch):
@@ -189,7 +189,7 @@ def test_decoder_layer_step_kernel_equals_the_float64_recurrent_form(variant: st
     assert got.dtype == dtype and got.shape == want.shape == (batch, 9, 53)
     bound = tol
     if dtype == torch.bfloat16:
-        monkeypatch.setattr(retnet_module, "decoder_layer_step", lambda *args, **kwargs: None)
+        monkeypatch.setattr(decoding_module, "decoder_layer_step", lambda *args, **kwargs: None)
         ops, _ = decode(model, tokens, fast=True, mask=mask)
         bound = max(tol, 1.25 * rel(ops, want))
     assert rel(got, want) < bound, (rel(got, want), bound)

@@ -211,9 +211,15 @@ def test_release_decode_cache_frees_the_copies_and_decoding_still_matches() -> N
     model = make_model(ffn="glu")
     prompt, tokens = ids(1, 4, seed=14), ids(1, 3, seed=15)
     fast, _ = steps(model, True, prompt, tokens)
-    cached = [m for m in model.modules() if {"_decode_cache", "_stacked_cache"} & set(m.__dict__)]
-    assert len(cached) == 2 * model.config.num_layers  # every retention layer and every GLU
+    # The copies live in the decoder's decoding plan: a stacked q/k/v/g per retention layer and a
+    # stacked fc1/gate per GLU, each a copy (not a view) of the weights.
+    plan = model.decoder.__dict__["_decoding_plan"]
+    stacked = [t for (attn, glu) in plan.tables for t in (attn[0], glu[0])]
+    assert len(stacked) == 2 * model.config.num_layers  # every retention layer and every GLU
+    weights = {p.data_ptr() for p in model.parameters()}
+    assert not any(t.data_ptr() in weights for t in stacked)
     model.release_decode_cache()
+    assert "_decoding_plan" not in model.decoder.__dict__
     assert not any({"_decode_cache", "_stacked_cache", "_rotation_cache"} & set(m.__dict__) for m in model.modules())
     again, _ = steps(model, True, prompt, tokens)
     assert all(torch.equal(a, b) for a, b in zip(fast, again, strict=True))

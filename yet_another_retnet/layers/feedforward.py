@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..ops.matmul import linear
 from ..ops.mlp import gelu_mlp
+from ..ops.norms import rms_normalize
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "swish": F.silu, "silu": F.silu, "relu": F.relu}
 FFN_KINDS = ("mlp", "glu")
@@ -28,7 +29,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # float32 for half precision, but float64 stays float64 (``.float()`` would round it).
         xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_normalize(xf, self.eps).to(x.dtype) * self.weight
 
 
 def build_norm(kind: str, dim: int, eps: float, bias: bool = True, device: torch.device | str | None = None,

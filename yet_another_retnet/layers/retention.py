@@ -1,7 +1,18 @@
 """Multi-scale retention (MSR): the attention replacement of RetNet, as an ``nn.Module``.
 
 ``MSR(X) = (swish(X W_G) * HeadNorm(Retention(X W_Q, X W_K, X W_V))) W_O``, with one decay rate
-per head and queries/keys rotated by their absolute position.
+per head and queries/keys rotated by their absolute position. Read top to bottom:
+
+1. :class:`RetentionState` - what a layer carries between calls (memory and position);
+2. :class:`MultiScaleRetention` - projections (:meth:`~MultiScaleRetention.project`), rotation
+   (:meth:`~MultiScaleRetention.rotation`), decay (``gammas``), the three forms and the gate, head
+   norm and output (:meth:`~MultiScaleRetention.output`), all in :meth:`~MultiScaleRetention.retain`;
+3. the public forms (``forward_parallel`` / ``forward_chunkwise`` / ``forward_recurrent``);
+4. the single-token decoding step (:meth:`~MultiScaleRetention.step`).
+
+``retain`` runs the plain reference ops of :mod:`yet_another_retnet.ops`; with ``use_fast_path``
+on, a multi-token call may take a fused route instead, picked by one table in
+:mod:`yet_another_retnet.layers.fast` (same numbers, fewer passes over memory).
 
 A layer's state is a :class:`RetentionState`: the ``(batch, heads, dk, dv)`` memory and each row's
 position, so a caller never passes an index and any form can continue where another stopped.
@@ -9,6 +20,7 @@ position, so a caller never passes an index and any form can continue where anot
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,39 +31,40 @@ from torch import Tensor, nn
 
 from ..ops._extension import autocast_enabled as _autocast_enabled
 from ..ops._extension import is_compiling as _is_compiling
-from ..ops._extension import load as _load_extension
-from ..ops.decay import DECAY_SCHEDULES, ChunkTables, chunk_tables, decay_gammas, resolve_log_decay
+from ..ops.decay import DECAY_SCHEDULES, ChunkTables, decay_gammas, resolve_log_decay
 from ..ops.decode_step import retention_step, retention_step_reference
-from ..ops.gemv import gemv
 from ..ops.matmul import linear
 from ..ops.norm_gate import head_group_norm, norm_gate
+from ..ops.norms import key_scale, rms_normalize
 from ..ops.position import (
     ROTATIONS,
     apply_rotation,
-    rotate_pairs,
-    rotation_cos_sin,
-    rotation_frequencies,
+    rotate_heads,
+    rotation_factor_table,
+    rotation_factors,
     rotation_tables,
     rotation_tables_from_zero,
 )
 from ..ops.retention import (
-    chunkwise_table_shapes,
-    chunkwise_with_tables,
     compute_dtype,
     retention_chunkwise,
     retention_parallel,
     retention_recurrent,
     state_update,
 )
-from ..ops.retention_core import retention_core, retention_core_applies
 from ..ops.segments import check_reset_mask, pack, segment_layout, unpack
-from ..ops.split_heads import split_heads, split_heads_apply
-from . import legacy
+from . import fast, legacy
+from .fast import FAST_DTYPES as _FAST_DTYPES
+from .fast import drop_padding as _drop_padding
+from .fast import linear_step, stack_linears, weight_version
+
+__all__ = ["GATE_ACTIVATIONS", "HEAD_NORMS", "MultiScaleRetention", "MultiheadRetention", "RetentionState",
+           "linear_step", "positions_for", "stacked_weights", "weight_version"]
 
 HEAD_NORMS = ("groupnorm", "rmsnorm")
-#: Input dtypes of the fused multi-token path (half inputs take the plain path).
-_FAST_DTYPES = (torch.float32, torch.float64)
 GATE_ACTIVATIONS = {"swish": F.silu, "silu": F.silu, "gelu": F.gelu, "relu": F.relu, "identity": None}
+#: Positions kept in a decoding rotation table (beyond it, rows are computed per step).
+_MAX_ROTATION_TABLE = 1 << 16
 
 
 @dataclass
@@ -121,6 +134,8 @@ class MultiScaleRetention(nn.Module):
             see :mod:`yet_another_retnet.ops.position`.
         head_norm_weight: with ``head_norm="rmsnorm"``, a learned weight ``(dv,)`` shared by all
             heads on the normalised output (fla's RetNet).
+        use_fast_path: let multi-token calls take the fused routes of
+            :mod:`~yet_another_retnet.layers.fast` (``False``: the plain reference ops only).
     """
 
     def __init__(
@@ -143,6 +158,7 @@ class MultiScaleRetention(nn.Module):
         decay: str | Tensor = "eq8",
         rotation: str = "xpos",
         head_norm_weight: bool = False,
+        use_fast_path: bool = True,
     ) -> None:
         super().__init__()
         # The positional order and ``batch_first`` / ``activation`` / ``group_norm_eps`` are those
@@ -217,10 +233,25 @@ class MultiScaleRetention(nn.Module):
         # model cast to bfloat16 must not round gamma = 1 - 2^-12 to 1.
         self.gammas: Tensor
         self.register_buffer("gammas", gammas.detach().to(torch.float64), persistent=False)
+        self.use_fast_path = use_fast_path
         self.reset_parameters()
 
-    #: Use the fused multi-token path (training, prefill); ``False`` runs the plain reference.
-    fast_path: bool = True
+    #: Let multi-token calls take the fused routes (training, prefill); ``False`` runs the plain
+    #: reference ops. (A class default too, for layers pickled before the switch existed.)
+    use_fast_path: bool = True
+
+    @property
+    def fast_path(self) -> bool:
+        """Deprecated name of :attr:`use_fast_path` (the same switch)."""
+        warnings.warn("MultiScaleRetention.fast_path is deprecated: use use_fast_path", DeprecationWarning,
+                      stacklevel=2)
+        return self.use_fast_path
+
+    @fast_path.setter
+    def fast_path(self, enabled: bool) -> None:
+        warnings.warn("MultiScaleRetention.fast_path is deprecated: use use_fast_path", DeprecationWarning,
+                      stacklevel=3)
+        self.use_fast_path = enabled
 
     def reset_parameters(self) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
@@ -355,7 +386,7 @@ class MultiScaleRetention(nn.Module):
             batch, _, length, _ = retained.shape
             # float32 for half inputs, float64 for float64 ones (.float() would round float64)
             yf = retained.transpose(1, 2).to(compute_dtype(retained.dtype))  # (b, L, h, dv)
-            y = (yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + self.norm_eps)).to(query.dtype)
+            y = rms_normalize(yf, self.norm_eps).to(query.dtype)
             if self.head_weight is not None:
                 y = y * self.head_weight
             y = y.reshape(batch, length, self.value_dim)
@@ -369,103 +400,6 @@ class MultiScaleRetention(nn.Module):
             out = F.dropout(self.out_proj(y), p=self.dropout, training=True)
             return out if residual is None else residual + out
         return linear(y, self.out_proj.weight, self.out_proj.bias, residual)
-
-    def _fused_projection(self, x: Tensor, halves: bool = False) -> Tensor:
-        """``[q | k | v | gate]`` of ``x`` ``(b, L, embed_dim)`` in one matmul: ``(b, L, 2 d + 2
-        value_dim)``, keys not yet scaled. The four weights are concatenated on each call (a 4 d x
-        d copy, cheap next to the matmul) so autograd and the state dict keep seeing the four
-        separate parameters. ``halves``: q's and k's features in :func:`_to_halves` order."""
-        heads = self.num_heads
-        projs = (self.q_proj, self.k_proj, self.v_proj, self.g_proj)
-
-        # Reordering the (small) weight rows reorders the projection's output features for free.
-        def rows(t: Tensor, i: int) -> Tensor:  # q's and k's rows in the halves order
-            return _to_halves(t, heads, dim=0) if halves and i < 2 else t
-
-        weight = torch.cat([rows(p.weight, i) for i, p in enumerate(projs)])
-        bias = torch.cat([rows(p.bias, i) for i, p in enumerate(projs)]) if self.q_proj.bias is not None else None
-        return linear(x, weight, bias)
-
-    def _project_fused(
-        self, x: Tensor, rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
-        halves: bool = False, proj: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """:meth:`project` for self-retention, plus the gate's pre-activation, in one matmul
-        (:meth:`_fused_projection`; ``proj`` if the caller made it already, with the same
-        ``halves``).
-
-        Returns q, k ``(b, h, L, dk)`` (keys not yet scaled, as from :meth:`project`), v
-        ``(b, h, L, dv)`` and gate ``(b, L, value_dim)``.
-
-        ``halves`` (with a rotation): q and k come out with each head's key dimensions reordered,
-        the even ones then the odd ones (see :func:`_to_halves`). Retention only ever sums over the
-        key dimension, so its output is unchanged; a state it builds has its key axis in the same
-        order. The rotation's pairs are then two contiguous halves, which a compiler vectorizes
-        (interleaved pairs compile to scalar code on CPU); ``rotation`` is then
-        :func:`_half_tables`' ``(cos, sin)``.
-        """
-        batch, length, _ = x.shape
-        heads, dk, dv, d = self.num_heads, self.key_dim, self.head_dim, self.embed_dim
-        halves = halves and rotation is not None
-        if proj is None:
-            proj = self._fused_projection(x, halves)
-        if not halves:
-            # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py), in
-            # a compiled graph too.
-            cos, sin = _kernel_tables(rotation)
-            if split_heads_apply(proj, cos):
-                q, k, v, gate = split_heads(proj, cos, sin, heads, dk)
-                k, v = _drop_padding(k, v, token_mask)
-                return q, k, v, gate
-        # split, not slicing: its backward is one cat, where each slice's backward would fill a
-        # zero tensor of the whole projection's size.
-        qk, v, gate = proj.split([2 * d, self.value_dim, self.value_dim], dim=-1)
-        if rotation is not None:
-            # Rotating each (even, odd) pair by its angle is a complex product: one elementwise op
-            # for q and k together, forward and backward (instead of the stack/neg/mul/add chain).
-            cos, sin = rotation  # (b or 1, 1, L, dk), each angle repeated for its pair
-            if halves:  # (a, b) = (even, odd) halves of each head: (a, b) c + (-b, a) s
-                # One pointwise expression over the whole tensor (the halves swapped by a flip, a
-                # load index to the compiler), so it fuses with what follows; a cat would not.
-                pairs = qk.unflatten(-1, (2 * heads, 2, dk // 2))
-                qk = (pairs * cos[:, :, None] + pairs.flip(-2) * sin[:, :, None]).flatten(-3)
-            elif _is_compiling():  # the same product in reals: inductor fuses these, not complex ops
-                c, s = (t[:, 0, :, None, 0::2] for t in (cos, sin))
-                qk = rotate_pairs(qk.unflatten(-1, (2 * heads, dk // 2, 2)), c, s).flatten(-3)
-            else:
-                qk = _rotate_heads(qk, rotation)
-        qk = qk.unflatten(-1, (2, heads, dk))
-        q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # unbind: its backward is one stack
-        v = v.view(batch, length, heads, dv).transpose(1, 2)
-        k, v = _drop_padding(k, v, token_mask)
-        return q, k, v, gate
-
-    def _core(
-        self, proj: Tensor, memory: Tensor | None, chunk_size: int | None,
-        rotation: tuple[Tensor, Tensor] | None, token_mask: Tensor | None,
-    ) -> tuple[Tensor, Tensor] | None:
-        """Chunkwise retention from the fused projection ``proj`` ``(b, L, 2 d + 2 value_dim)`` to
-        the output projection's input ``(b, L, value_dim)``, plus the new memory, as one kernel
-        (:func:`~yet_another_retnet.ops.retention_core.retention_core`: split, rotation, retention,
-        head norm and gate), where it takes the call: the paper's layer (group norm, swish gate),
-        CPU float32, whole chunks, no padding. ``None`` elsewhere: the caller goes step by step."""
-        length = proj.shape[1]
-        if (token_mask is not None or self.head_norm != "groupnorm" or self.norm_weight is None
-                or self.norm_bias is None or GATE_ACTIVATIONS[self.gate_activation] is not F.silu
-                or not (chunk_size is None or (type(chunk_size) is int and chunk_size >= 1))
-                or (memory is not None and memory.dtype != torch.float32)):
-            return None  # (an invalid chunk_size: the plain path says what is wrong with it)
-        chunk = length if chunk_size is None else min(chunk_size, length)
-        cos, sin = _kernel_tables(rotation)
-        if length == 0 or length % chunk:
-            return None
-        log_gamma = resolve_log_decay(self.gammas, self.num_heads, proj.device)
-        tables = chunk_tables(log_gamma, chunk, 1, proj.dtype, self.key_dim**-0.5)
-        args = (tables.inner, tables.query_decay, tables.key_decay, tables.chunk_decay.view(self.num_heads))
-        if not retention_core_applies(proj, cos, self.num_heads, self.key_dim, chunk, *args):
-            return None
-        return retention_core(proj, cos, sin, *args, memory, self.norm_weight, self.norm_bias, self.norm_eps,
-                              self.num_heads, self.key_dim, chunk)
 
     def retain(
         self,
@@ -501,43 +435,20 @@ class MultiScaleRetention(nn.Module):
         if reset_mask is not None:
             return self._retain_documents(query, key, value, state, mode, chunk_size, token_mask, need_weights,
                                           residual, reset_mask)
-        batch, length, _ = query.shape
+        batch = query.shape[0]
         rotation, next_position = self._positions(query, None if state is None else state.position, token_mask,
                                                  rotation)
-        gate = None
         memory = state.memory if state is not None else None
-        fused = (self.fast_path and mode != "recurrent" and key is query and value is query
-                 and query.dtype in _FAST_DTYPES and not _autocast_enabled(query.device.type))
-        compiled, keep_kernel_calls = self.__dict__.get("_compiled_chunkwise", (None, False))
-        if keep_kernel_calls and query.device.type == "cpu" and query.dtype == torch.float32 and _load_extension():
-            compiled = None  # the CPU kernels and oneDNN's products beat the graph (compile_chunkwise)
-        if (compiled is not None and fused and mode == "chunkwise" and length > 0
-                and (chunk_size is None or (type(chunk_size) is int and chunk_size >= 1))
-                and (memory is None or memory.dtype == query.dtype)):
-            # The compiled fused form (RetNet.compile_chunkwise): projection, rotation, retention,
-            # head norm, gate and output in one graph; the decay tables (which it cannot trace)
-            # looked up here. Where the split kernel takes the projection (CPU float32) the graph
-            # calls it, as eager does: inductor's own split and rotation made a 2x1k training
-            # step 3-5% slower. Elsewhere the rotation goes in halves, which inductor vectorizes.
-            chunk = length if chunk_size is None else min(chunk_size, length)
-            log_gamma = resolve_log_decay(self.gammas, self.num_heads, query.device)
-            tables = {shape: chunk_tables(log_gamma, *shape, query.dtype, self.key_dim**-0.5)
-                      for shape in chunkwise_table_shapes(length, chunk)}
-            halves = rotation is not None and not split_heads_apply(query, rotation[0])
-            y, new_memory = compiled(query, memory, chunk, _half_tables(rotation) if halves else rotation,
-                                     token_mask, tables, halves)
-            return y if residual is None else residual + y, RetentionState(new_memory, next_position), None
-        if fused:
-            # Multi-token self-retention (training, prefill): one fused projection for q, k, v, g.
-            # (Under autocast the projections come out in half precision: the plain path copes.)
-            proj = self._fused_projection(query)
-            core = self._core(proj, memory, chunk_size, rotation, token_mask) if mode == "chunkwise" else None
-            if core is not None:
-                y, new_memory = core
-                return self._project_out(y, residual), RetentionState(new_memory, next_position), None
-            q, k, v, gate = self._project_fused(query, rotation, token_mask, proj=proj)
-        else:
+        # The one dispatch: a fused route (layers/fast.py) where its conditions hold, else the reference.
+        route = fast.pick_route(self, query, key, value, memory, mode, chunk_size, token_mask)
+        gate = None
+        if route == fast.REFERENCE:
             q, k, v = self.project(query, key, value, rotation, token_mask)
+        else:
+            done = fast.run_route(self, route, query, memory, chunk_size, rotation, token_mask, residual)
+            if isinstance(done, fast.Finished):
+                return done.y, RetentionState(done.memory, next_position), None
+            q, k, v, gate = done
         weights = None
         if mode == "parallel":
             retained, weights = retention_parallel(
@@ -598,12 +509,12 @@ class MultiScaleRetention(nn.Module):
         """
         batch, length, _ = x.shape
         rotation, next_position = self._positions(x, None if state is None else state.position, token_mask, rotation)
-        # Keys and values in one product, as in _project_fused.
+        # Keys and values in one product, as in the fused route's projection.
         bias = None if self.k_proj.bias is None else torch.cat([self.k_proj.bias, self.v_proj.bias])
         k, v = linear(x, torch.cat([self.k_proj.weight, self.v_proj.weight]), bias).split(
             [self.embed_dim, self.value_dim], dim=-1)
         if rotation is not None and k.dtype in _FAST_DTYPES:
-            k = _rotate_heads(k, rotation)
+            k = rotate_heads(k, *rotation)
         elif rotation is not None:  # half precision has no complex type here
             heads = k.unflatten(-1, (self.num_heads, self.key_dim)).transpose(1, 2)
             k = apply_rotation(heads, *rotation).transpose(1, 2).to(v.dtype)
@@ -612,23 +523,6 @@ class MultiScaleRetention(nn.Module):
         k, v = _drop_padding(k, v, token_mask)
         memory = _final_state(k, v, state.memory if state is not None else None, self.gammas)
         return RetentionState(memory, next_position)
-
-    def _fused_chunkwise(
-        self, x: Tensor, memory: Tensor | None, chunk: int, rotation: tuple[Tensor, Tensor] | None,
-        token_mask: Tensor | None, tables: dict[tuple[int, int], ChunkTables], halves: bool,
-    ) -> tuple[Tensor, Tensor]:
-        """Chunkwise self-retention of ``x`` ``(b, L, d)`` through the fused projection, decay tables
-        given: what :meth:`RetNet.compile_chunkwise` compiles. ``rotation`` as from
-        :func:`_half_tables` where ``halves`` (see :meth:`_project_fused`), else as for it.
-        Returns ``(y (b, L, d), new memory)``."""
-        halves = halves and rotation is not None
-        q, k, v, gate = self._project_fused(x, rotation, token_mask, halves=halves)
-        if halves and memory is not None:  # the state's key axis in q's and k's order
-            memory = _to_halves(memory, 1, dim=-2)
-        retained, new_memory = chunkwise_with_tables(q, k, v, memory, chunk, lambda c, n: tables[(c, n)])
-        if halves:
-            new_memory = _from_halves(new_memory, 1, dim=-2)
-        return self.output(retained, x, gate), new_memory
 
     # ----------------------------------------------------------------------------------------
     # Public forms
@@ -736,61 +630,47 @@ class MultiScaleRetention(nn.Module):
 
 
     # ----------------------------------------------------------------------------------------
-    # Fast single-token decoding (inference only; `retain(..., "recurrent")` is the reference)
+    # Single-token decoding (inference only; `retain(..., "recurrent")` is the reference)
     # ----------------------------------------------------------------------------------------
 
     def decode_tables(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(w, b, gamma)`` for :meth:`step`, rebuilt only when a weight changed.
+        """``(w, b, gamma)`` for :meth:`step`, made afresh on each call.
 
         ``w`` ``(2 d + 2 dv, d)`` stacks the q, k, v and g projections (``b`` their biases) so one
         matrix-vector product replaces four; ``gamma`` ``(heads, 1, 1)`` is the decay in the compute
-        dtype. The stack is a copy kept outside the state dict: its key is each weight's storage
-        pointer and in-place version, so ``.to()``, ``load_state_dict`` and optimiser steps all
-        invalidate it.
+        dtype. A model keeps them in its decoding plan (:mod:`yet_another_retnet.models.decoding`),
+        outside the state dict, for as long as the weights they copy stay unchanged.
         """
-        weight, bias = stacked_weights(self, (self.q_proj, self.k_proj, self.v_proj, self.g_proj))
-        key = (dtype, self.gammas.data_ptr())
-        cache = self.__dict__.get("_decode_cache")
-        if cache is None or cache[0] != key:
-            with torch.inference_mode(False):
-                cache = (key, self.gammas.to(dtype).view(-1, 1, 1))
-            self.__dict__["_decode_cache"] = cache
-        return weight, bias, cache[1]
+        weight, bias = stack_linears((self.q_proj, self.k_proj, self.v_proj, self.g_proj))
+        with torch.inference_mode(False):
+            gamma = self.gammas.to(dtype).view(-1, 1, 1)
+        return weight, bias, gamma
 
     def head_norm_affine(self) -> tuple[Tensor | None, Tensor | None]:
         """The head norm's ``(weight, bias)`` over all heads, ``(h dv,)`` each, as the decoding
         kernels take them: the group norm's, or the shared RMS weight repeated for every head (a
-        cached copy keyed like :func:`stacked_weights`), or ``(None, None)``."""
+        copy), or ``(None, None)``."""
         if self.head_weight is None:
             return self.norm_weight, self.norm_bias
-        key = weight_version(self.head_weight)
-        cache = self.__dict__.get("_head_weight_cache")
-        if cache is None or cache[0] != key:
-            with torch.inference_mode(False), torch.no_grad():
-                cache = (key, self.head_weight.repeat(self.num_heads))
-            self.__dict__["_head_weight_cache"] = cache
-        return cache[1], None
+        with torch.inference_mode(False), torch.no_grad():
+            return self.head_weight.repeat(self.num_heads), None
 
     def step_rotation(self, position: Tensor, dtype: torch.dtype) -> Tensor | None:
         """Rotation factors for one new token per row at ``position`` ``(batch,)``.
 
         Returns complex ``(batch, 2, 1, dk / 2)`` in the complex type of the compute ``dtype``:
-        ``e^{i pos theta}`` for the query and the same times ``dk ** -0.5`` for the key, read from a
-        table of positions built once in float64 (no trigonometry per step).
+        ``e^{i pos theta}`` for the query and the same times the key scale for the key
+        (:func:`~yet_another_retnet.ops.position.rotation_factors`), read from a table of positions
+        built once (no trigonometry per step).
         """
         if not self.relative_position:
             return None
         top = int(position.max())
-        cache = self.__dict__.get("_rotation_cache")
-        if cache is None or cache.dtype != _complex(dtype) or cache.device != position.device or top >= cache.shape[0]:
-            size = max(1024, 1 << top.bit_length())
-            if size > _MAX_ROTATION_TABLE:  # far positions: compute just these rows
-                return _rotation_rows(position, self.key_dim, dtype, self.rotation_kind)[:, :, None]
-            with torch.inference_mode(False):  # a normal tensor: it outlives this call
-                cache = _rotation_rows(torch.arange(size, device=position.device), self.key_dim, dtype,
-                                       self.rotation_kind)
-            self.__dict__["_rotation_cache"] = cache
-        return cache[position][:, :, None]
+        size = max(1024, 1 << top.bit_length())
+        if size > _MAX_ROTATION_TABLE:  # far positions: compute just these rows
+            return rotation_factors(position, self.key_dim, dtype, self.rotation_kind)[:, :, None]
+        table = rotation_factor_table(size, self.key_dim, dtype, position.device, self.rotation_kind)
+        return table[position][:, :, None]
 
     def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
              residual: Tensor | None = None,
@@ -804,11 +684,12 @@ class MultiScaleRetention(nn.Module):
                 or its ``torch.view_as_real`` (inductor fuses real arithmetic, not complex).
             residual: ``(batch, embed_dim)`` added to the output inside the output projection's
                 matrix-vector product (saves the caller's separate add).
-            tables: :meth:`decode_tables` for ``memory.dtype``, fetched by the caller (a compiled
-                step takes them as inputs: the cache lookup behind them is plain Python).
+            tables: :meth:`decode_tables` for ``memory.dtype`` (made here when ``None``; a model
+                passes those of its decoding plan).
 
-        Returns ``(y (batch, embed_dim), new_memory)``, ``y`` including ``residual``. No autograd (the fused weights are a
-        detached copy) and no dropout: callers use it only in eval mode with grad disabled.
+        Returns ``(y (batch, embed_dim), new_memory)``, ``y`` including ``residual``. No autograd (the
+        fused weights are a detached copy) and no dropout: callers use it only in eval mode with
+        grad disabled.
         """
         weight, bias, gamma = tables if tables is not None else self.decode_tables(memory.dtype)
         proj = linear_step(x, weight, bias)
@@ -818,134 +699,28 @@ class MultiScaleRetention(nn.Module):
                              self.head_norm == "rmsnorm", GATE_ACTIVATIONS[self.gate_activation])
         return linear_step(y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
 
-
-def stacked_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
-    """The weights (and biases) of ``linears`` stacked along the output dim, cached on ``owner``.
-
-    A copy outside the state dict, keyed by each tensor's storage pointer and in-place version:
-    ``.to()``, ``load_state_dict`` and optimiser steps all invalidate it.
-    """
-    params = [m.weight for m in linears] + [m.bias for m in linears if m.bias is not None]
-    key = tuple(weight_version(p) for p in params)
-    cache = owner.__dict__.get("_stacked_cache")
-    if cache is not None and cache[0] == key:
-        return cache[1]
-    with torch.inference_mode(False), torch.no_grad():
-        weight = torch.cat([m.weight for m in linears])
-        bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
-    owner.__dict__["_stacked_cache"] = (key, (weight, bias))
-    return weight, bias
-
-
-def weight_version(p: Tensor) -> tuple[int, int]:
-    """``(storage pointer, in-place version)`` of a weight: what a cached copy of it is keyed by.
-
-    Tensors made under ``torch.inference_mode`` keep no version counter; they count as unchanged
-    while their storage is the same (editing a weight in place inside inference mode is the one
-    change a cache keyed this way cannot see: call ``RetNet.release_decode_cache`` after it).
-    """
-    return p.data_ptr(), (0 if p.is_inference() else p._version)
-
-
-def linear_step(x: Tensor, weight: Tensor, bias: Tensor | None = None,
-                residual: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias) + residual`` for the few rows of a decoding step.
-
-    ``x`` ``(batch, in)`` -> ``(batch, out)``; ``residual`` ``(batch, out)`` or ``None``. One row goes
-    through :func:`~yet_another_retnet.ops.gemv.gemv` (the residual and bias added by it): the
-    decoding kernel, or ``torch.mv``/``torch.addmv`` where it is unavailable (both read the weights
-    faster than the oneDNN matmul ``F.linear`` picks for a (1, in) input).
-    """
-    if x.shape[0] != 1:
-        out = F.linear(x, weight, bias)
-        return out if residual is None else out + residual
-    add = residual[0] if residual is not None else None
-    if bias is not None:
-        add = bias if add is None else add + bias
-    return gemv(weight, x[0], add).unsqueeze(0)
-
-
-#: Positions kept in a layer's rotation table (beyond it, rows are computed per step).
-_MAX_ROTATION_TABLE = 1 << 16
-
-
-def _complex(dtype: torch.dtype) -> torch.dtype:
-    return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-def _rotation_rows(positions: Tensor, key_dim: int, dtype: torch.dtype, kind: str = "xpos") -> Tensor:
-    """``(len, 2, dk / 2)`` complex: ``e^{i pos theta}`` and ``dk^-0.5 e^{i pos theta}``, from float64
-    (``"rope"``: from the float32 cosines and sines its tables use)."""
-    if kind == "xpos":
-        theta = rotation_frequencies(key_dim, device=positions.device)[::2]
-        angles = positions.to(torch.float64)[:, None] * theta
-        rows = torch.polar(torch.ones_like(angles), angles)
-    else:
-        cos, sin = rotation_cos_sin(positions, key_dim, kind)
-        rows = torch.complex(cos.double(), sin.double())
-    scale = torch.tensor([1.0, key_dim**-0.5], dtype=torch.float64, device=positions.device)
-    return (rows[:, None, :] * scale[:, None]).to(_complex(dtype))
-
-
-def _kernel_tables(rotation: tuple[Tensor, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
-    """:meth:`MultiScaleRetention.rotation`'s ``(cos, sin)`` ``(b or 1, 1, L, dk)`` as the CPU
-    kernels take them, ``(b or 1, L, dk)``; ``(None, None)`` for no rotation."""
-    return (None, None) if rotation is None else (rotation[0][:, 0], rotation[1][:, 0])
-
-
-def _rotate_heads(t: Tensor, rotation: tuple[Tensor, Tensor]) -> Tensor:
-    """Rotate every head of ``t`` ``(b, L, n * dk)`` (heads side by side, as a projection gives
-    them) by ``rotation``'s ``(cos, sin)`` ``(b or 1, 1, L, dk)``: each (even, odd) pair times its
-    angle's ``e^{i theta}``, one complex product (float32 and float64), instead of the
-    stack/neg/mul/add chain of :func:`apply_rotation`."""
-    cos, sin = rotation
-    dk = cos.shape[-1]
-    factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2)  # (b, L, 1, dk/2)
-    pairs = torch.view_as_complex(t.unflatten(-1, (-1, dk // 2, 2)))  # (b, L, n, dk/2)
-    return torch.view_as_real(pairs * factor).flatten(-3)
-
-
-def _drop_padding(k: Tensor, v: Tensor, token_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Zero the keys and values of padded tokens ``(b, h, L, d)`` so padding never reaches a state.
-
-    ``torch.where``, not a multiply, so a NaN computed at a padded position cannot leak through
-    ``0 * NaN``.
-    """
-    if token_mask is None:
-        return k, v
-    keep = token_mask[:, None, :, None]
-    zero_k = torch.zeros((), dtype=k.dtype, device=k.device)
-    zero_v = torch.zeros((), dtype=v.dtype, device=v.device)
-    return torch.where(keep, k, zero_k), torch.where(keep, v, zero_v)
-
-
-def _half_tables(rotation: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
-    """``(cos, sin)`` ``(b, 1, L, dk)`` (each angle twice, for its pair) -> the tables of
-    :meth:`MultiScaleRetention._project_fused`'s ``halves`` layout, ``(b, L, 2, dk / 2)``
-    contiguous: ``(cos, cos)`` and ``(-sin, sin)``. (Strided tables would keep a compiled rotation
-    from vectorizing.)"""
-    if rotation is None:
-        return None
-    cos, sin = (t[:, 0, :, 0::2] for t in rotation)
-    return torch.stack((cos, cos), dim=-2), torch.stack((-sin, sin), dim=-2)
-
-
-def _to_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
-    """Reorder axis ``dim`` of ``t`` (``heads * dk`` long) within each head: the even key
-    dimensions, then the odd ones (``[0, 2, ..., dk-2, 1, 3, ..., dk-1]``)."""
-    return t.movedim(dim, -1).unflatten(-1, (heads, -1, 2)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
-
-
-def _from_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
-    """The inverse of :func:`_to_halves`."""
-    return t.movedim(dim, -1).unflatten(-1, (heads, 2, -1)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
+    def _fused_chunkwise(
+        self, x: Tensor, memory: Tensor | None, chunk: int, rotation: tuple[Tensor, Tensor] | None,
+        token_mask: Tensor | None, tables: dict[tuple[int, int], ChunkTables], halves: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """What ``RetNet.compile_chunkwise`` compiles, one bound method per layer (the graph reads
+        the layer's weights as ``self``): :func:`~yet_another_retnet.layers.fast.fused_chunkwise`."""
+        return fast.fused_chunkwise(self, x, memory, chunk, rotation, token_mask, tables, halves)
 
 
 def _final_state(k: Tensor, v: Tensor, memory: Tensor | None, gammas: Tensor) -> Tensor:
-    """The state after a parallel call, the same formula the chunkwise form uses."""
+    """The state after a parallel call ``(b, h, dk, dv)`` from keys ``(b, h, L, dk)`` and values
+    ``(b, h, L, dv)``: the same formula the chunkwise form uses."""
     ct = compute_dtype(k.dtype)
     log_gamma = resolve_log_decay(gammas, k.shape[1], k.device)
-    return state_update(k.to(ct), v.to(ct), memory, log_gamma, k.shape[-1] ** -0.5)
+    return state_update(k.to(ct), v.to(ct), memory, log_gamma, key_scale(k.shape[-1]))
+
+
+def stacked_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[Tensor, Tensor | None]:
+    """The weights (and biases) of ``linears`` stacked along the output dim. Kept for old callers:
+    ``owner`` is no longer used (nothing is cached on it; see
+    :func:`~yet_another_retnet.layers.fast.stack_linears`)."""
+    return stack_linears(linears)
 
 
 #: The name used in the original yet-another-retnet README.

@@ -14,6 +14,7 @@ Every call returns a :class:`RetNetState`; handing it back continues the sequenc
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -24,29 +25,20 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..generation import GenerationMixin
-from ..layers.feedforward import ACTIVATIONS, FeedForward, RMSNorm, build_norm
-from ..layers.retention import (
-    GATE_ACTIVATIONS,
-    MultiScaleRetention,
-    RetentionState,
-    _is_compiling,
-    linear_step,
-    stacked_weights,
-    weight_version,
-)
+from ..layers.feedforward import ACTIVATIONS, FeedForward, build_norm
+from ..layers.retention import MultiScaleRetention, RetentionState, _is_compiling, linear_step
 from ..ops.chunk_scan import chunk_scan_kernel_available
-from ..ops.decode_step import KERNEL_MAX_ROWS, LayerStepPlan, decoder_layer_step, layer_step_plan
-from ..ops.gemv import gemv_kernel_available
+from ..ops.decode_step import LayerStepPlan
 from ..ops.matmul import linear
 from ..ops.memory import cached_cpu_memory
+from ..ops.position import rotation_factor_table
 from ..ops.segments import check_reset_mask, pack, segment_layout, unpack
+from . import decoding
 from .config import RetNetConfig
+from .decoding import LayerTables
 from .prefill import chunk_major_prefill
 
 MODES = ("parallel", "chunkwise", "recurrent")
-#: A decoder layer's decoding tables: the retention's ``(w_qkvg, b_qkvg, gamma)`` and a GLU's
-#: stacked ``(w, b)`` (``None`` for a plain MLP).
-LayerTables = tuple[tuple[Tensor, Tensor | None, Tensor], tuple[Tensor, Tensor | None] | None]
 
 
 @dataclass
@@ -180,23 +172,24 @@ class RetNetDecoderLayer(nn.Module):
             state = self.retention.absorb(h, state, prefix_rotation, mask)
         return self(x[:, -1:], state, "recurrent")
 
+    # ----------------------------------------------------------------------------------------
+    # Single-token decoding (models/decoding.py drives it)
+    # ----------------------------------------------------------------------------------------
 
     def decode_tables(self, dtype: torch.dtype) -> LayerTables:
         """What :meth:`step` reads besides the parameters: the retention's stacked q/k/v/g weights
-        and decays, and a GLU's stacked fc1/gate weights (``None`` for a plain MLP). Cached."""
-        ffn = cast(FeedForward, self.ffn)
-        glu = stacked_weights(ffn, (ffn.fc1, ffn.gate)) if ffn.gate is not None else None
-        return cast(MultiScaleRetention, self.retention).decode_tables(dtype), glu
+        and decays, and a GLU's stacked fc1/gate weights (``None`` for a plain MLP), made afresh
+        (a model keeps them in its :class:`~yet_another_retnet.models.decoding.DecodingPlan`)."""
+        return decoding.layer_tables(self, dtype)
 
     def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
              tables: LayerTables | None = None) -> tuple[Tensor, Tensor]:
         """One token, inference only: ``x`` ``(batch, d_model)`` -> same, and the layer's new memory.
 
         The fast form of ``forward(x[:, None], state, "recurrent")`` (eval mode, no autograd).
-        ``tables`` is :meth:`decode_tables` for ``memory.dtype`` (looked up here when ``None``).
+        ``tables`` is :meth:`decode_tables` for ``memory.dtype`` (made here when ``None``).
         These are PyTorch ops: the reference of the one-call layer kernel that
-        :meth:`RetNetDecoder.step` runs for a single CPU row (:meth:`step_plan`), and the path
-        everywhere else.
+        :meth:`RetNetDecoder.step` runs on CPU (:meth:`step_plan`), and the path everywhere else.
         """
         retention = cast(MultiScaleRetention, self.retention)
         attn_tables, glu = tables if tables is not None else self.decode_tables(memory.dtype)
@@ -215,47 +208,14 @@ class RetNetDecoderLayer(nn.Module):
         return self._ffn_step(self.ffn_norm(x), x if scale == 1.0 else x * scale, glu), memory
 
     def step_plan(self, tables: LayerTables) -> LayerStepPlan | None:
-        """This layer's weights for the one-call decoding kernel (``ops/decode_step.py``), with
-        ``tables`` from :meth:`decode_tables`; ``None`` where the kernel does not run it (post-norm,
-        an unknown norm or activation, other dtypes or devices, no C++ toolchain)."""
-        attn_tables, glu = tables
-        retention = cast(MultiScaleRetention, self.retention)
-        ffn = cast(FeedForward, self.ffn)
-        first, second = _block_norm(self.retention_norm), _block_norm(self.ffn_norm)
-        if not self.pre_norm or first is None or second is None:
-            return None
-        (w1, b1, eps, rms), (w2, b2, _, _) = first, second
-        weight, bias, gamma = attn_tables
-        out, fc2 = retention.out_proj, ffn.fc2
-        return layer_step_plan(
-            norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma, head_norm=retention.head_norm_affine(),
-            out=(out.weight, out.bias), norm2=(w2, b2), fc1=glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias),
-            fc2=(fc2.weight, fc2.bias), block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
-            head_rms=retention.head_norm == "rmsnorm", gate_act=GATE_ACTIVATIONS[retention.gate_activation],
-            ffn_act=ACTIVATIONS[ffn.activation], glu=glu is not None, residual_scale=self.residual_scale)
+        """This layer's arguments for the one-call decoding kernel
+        (:func:`~yet_another_retnet.models.decoding.layer_kernel_plan`), or ``None``."""
+        return decoding.layer_kernel_plan(self, tables)
 
     def plan_dependencies(self) -> tuple[list[tuple[dict[str, Any], str, Any]], list[Tensor]]:
-        """What a :meth:`step_plan` stays valid for: ``(owner dict, name, object)`` for every
-        submodule, parameter and buffer it was built from (replacing one invalidates it), and the
-        weights copied into the stacked tables (an in-place change to one invalidates it too)."""
-        retention = cast(MultiScaleRetention, self.retention)
-        ffn = cast(FeedForward, self.ffn)
-        modules: list[nn.Module] = [self, retention, ffn]
-        owned: list[nn.Module] = [self.retention_norm, self.ffn_norm, retention.q_proj, retention.k_proj,
-                                  retention.v_proj, retention.g_proj, retention.out_proj, ffn.fc1, ffn.fc2]
-        if ffn.gate is not None:
-            owned.append(ffn.gate)
-        watch: list[tuple[dict[str, Any], str, Any]] = []
-        for module in modules + owned:
-            for table in (module._modules, module._parameters, module._buffers):
-                watch.extend((table, name, obj) for name, obj in table.items())
-        stacked = [retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj]
-        if ffn.gate is not None:
-            stacked += [ffn.fc1, ffn.gate]
-        copied = [p for m in stacked for p in (m.weight, m.bias) if p is not None]
-        if retention.head_weight is not None:  # repeated per head into the plan
-            copied.append(retention.head_weight)
-        return watch, copied
+        """What this layer's part of a decoding plan stays valid for
+        (:func:`~yet_another_retnet.models.decoding.layer_dependencies`)."""
+        return decoding.layer_dependencies(self)
 
     def _ffn_step(self, x: Tensor, residual: Tensor, glu: tuple[Tensor, Tensor | None] | None) -> Tensor:
         """``residual + FFN(x)`` on ``(batch, d_model)`` rows; a GLU's fc1 and gate are one matrix."""
@@ -267,30 +227,6 @@ class RetNetDecoderLayer(nn.Module):
             h = linear_step(x, *glu)
             h = act(h[:, : ffn.fc1.out_features]) * h[:, ffn.fc1.out_features :]
         return linear_step(h, ffn.fc2.weight, ffn.fc2.bias, residual)
-
-
-@dataclass
-class _PlanCache:
-    """:meth:`RetNetDecoder._step_plans`' cache: the plans and what they depend on."""
-
-    dtype: torch.dtype
-    plans: list[LayerStepPlan] | None
-    watch: list[tuple[dict[str, Any], str, Any]]
-    versions: list[tuple[Tensor, tuple[int, int]]]
-
-    def valid(self) -> bool:
-        return (all(owner.get(name) is obj for owner, name, obj in self.watch)
-                and all(weight_version(p) == version for p, version in self.versions))
-
-
-def _block_norm(norm: nn.Module) -> tuple[Tensor, Tensor | None, float, bool] | None:
-    """``(weight, bias, eps, is_rms)`` of a block norm for the fused decoding step; ``None`` for a
-    norm it does not know (then the layer steps in PyTorch ops)."""
-    if isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1:
-        return norm.weight, norm.bias, norm.eps, False
-    if isinstance(norm, RMSNorm):
-        return norm.weight, None, norm.eps, True
-    return None
 
 
 class RetNetDecoder(nn.Module):
@@ -369,66 +305,22 @@ class RetNetDecoder(nn.Module):
     def step(self, hidden: Tensor, state: RetNetState | None) -> tuple[Tensor, RetNetState]:
         """One token per row, inference only: ``hidden`` ``(batch, d_model)`` -> normed, next state.
 
-        The fast form of ``forward(hidden[:, None], state, "recurrent")``: fused projections,
-        cached rotation and decay tables, no checks. ``state`` is not modified.
+        The fast form of ``forward(hidden[:, None], state, "recurrent")``, with the decoder's
+        decoding plan (models/decoding.py); no checks. ``state`` is not modified.
         """
         if state is None:
             state = self.empty_state(hidden.shape[0], hidden.device, hidden.dtype)
-        dtype = state.memories[0].dtype
-        return self._step(hidden, state, self._step_plans(dtype))
-
-    def _step(self, hidden: Tensor, state: RetNetState,
-              plans: list[LayerStepPlan] | None) -> tuple[Tensor, RetNetState]:
-        """:meth:`step` with the layer kernels' plans looked up (``None``: PyTorch ops)."""
-        dtype = state.memories[0].dtype
-        rotation = self._retention(0).step_rotation(state.position, dtype)
-        if plans is not None:
-            # One kernel call per layer; a layer the kernel declines (another dtype) steps in
-            # PyTorch ops. Both take the rotation in reals: converted once here, not per layer.
-            if rotation is not None:
-                rotation = torch.view_as_real(rotation)
-            memories = []
-            for i, (plan, memory) in enumerate(zip(plans, state.memories, strict=True)):
-                out = decoder_layer_step(hidden, memory, rotation, plan)
-                if out is None:
-                    layer = cast(RetNetDecoderLayer, self.layers[i])
-                    out = layer.step(hidden, memory, rotation, layer.decode_tables(dtype))
-                hidden, memory = out
-                memories.append(memory)
-            return self.norm(hidden), RetNetState(memories, state.position + 1)
-        hidden, memories = self.step_layers(hidden, list(state.memories), rotation, self.decode_tables(dtype))
+        plan = decoding.decoding_plan(self, state.memories[0].dtype)
+        hidden, memories = decoding.run_layers(self, hidden, state.memories, state.position, plan)
         return hidden, RetNetState(memories, state.position + 1)
 
-    def _step_plans(self, dtype: torch.dtype) -> list[LayerStepPlan] | None:
-        """Every layer's :meth:`RetNetDecoderLayer.step_plan`, or ``None`` if any layer has none.
-
-        Cached, and checked on every call in one flat pass (this runs per token, and each Python
-        step after a layer's weight stream runs on cold caches): every submodule, parameter and
-        buffer the plans came from must still be the same object, and the weights copied into
-        stacked tables must keep their storage and version.
-        """
-        cached = self.__dict__.get("_step_plans_cache")
-        if cached is not None and cached.dtype == dtype and cached.valid():
-            return cached.plans
-        layers = [cast(RetNetDecoderLayer, layer) for layer in self.layers]
-        tables = self.decode_tables(dtype)
-        plans = [layer.step_plan(t) for layer, t in zip(layers, tables, strict=True)]
-        watch: list[tuple[dict[str, Any], str, Any]] = [(self._modules, "layers", self.layers)]
-        watch += [(self.layers._modules, name, layer) for name, layer in self.layers._modules.items()]
-        copied: list[Tensor] = []
-        for layer in layers:
-            layer_watch, layer_copied = layer.plan_dependencies()
-            watch += layer_watch
-            copied += layer_copied
-        ready = [plan for plan in plans if plan is not None]
-        cached = _PlanCache(dtype, ready if len(ready) == len(plans) else None, watch,
-                            [(p, weight_version(p)) for p in copied])
-        self.__dict__["_step_plans_cache"] = cached
-        return cached.plans
-
     def decode_tables(self, dtype: torch.dtype) -> list[LayerTables]:
-        """Every layer's :meth:`RetNetDecoderLayer.decode_tables`."""
+        """Every layer's :meth:`RetNetDecoderLayer.decode_tables` (made afresh)."""
         return [cast(RetNetDecoderLayer, layer).decode_tables(dtype) for layer in self.layers]
+
+    def _step_plans(self, dtype: torch.dtype) -> list[LayerStepPlan] | None:
+        """The layer kernels' arguments of the decoding plan (``None`` unless every layer has them)."""
+        return decoding.decoding_plan(self, dtype).kernels
 
     def step_layers(self, hidden: Tensor, memories: list[Tensor], rotation: Tensor | None,
                     tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
@@ -450,18 +342,19 @@ class RetNet(GenerationMixin, nn.Module):
 
     ``model(input_ids)`` returns a :class:`RetNetOutput`; ``model.generate(...)`` decodes with a
     chunkwise prefill and recurrent steps; ``save_pretrained``/``from_pretrained`` use safetensors.
+
+    ``use_fast_path`` (default True): multi-token calls may take the fused routes of
+    :mod:`~yet_another_retnet.layers.fast` and single tokens the fast decoding step of
+    :mod:`~yet_another_retnet.models.decoding` (same numbers to rounding); ``False`` runs the plain
+    reference everywhere.
     """
 
     def __init__(self, config: RetNetConfig, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, *, use_fast_path: bool = True) -> None:
         super().__init__()
         if not isinstance(config, RetNetConfig):
             raise TypeError(f"config must be a RetNetConfig, got {type(config).__name__}")
         self.config = config
-        #: Decode single tokens with :meth:`RetNetDecoder.step` (in eval mode without autograd);
-        #: ``False`` runs the layer-by-layer recurrent form instead (the reference). The fast step
-        #: keeps stacked copies of the q/k/v/g weights (see :meth:`release_decode_cache`).
-        self.fast_decode = True
         kw: dict[str, Any] = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, **kw)
         self.embedding_norm = (
@@ -478,6 +371,7 @@ class RetNet(GenerationMixin, nn.Module):
                 nn.init.normal_(self.lm_head.weight, std=config.init_std)
             if self.lm_head.bias is not None:
                 nn.init.zeros_(self.lm_head.bias)
+        self.use_fast_path = use_fast_path
 
     # ----------------------------------------------------------------------------------------
 
@@ -493,15 +387,38 @@ class RetNet(GenerationMixin, nn.Module):
         """Distinct parameters (a tied head counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def release_decode_cache(self) -> None:
-        """Free the stacked q/k/v/g (and GLU) weight copies and rotation tables of the fast step.
+    @property
+    def use_fast_path(self) -> bool:
+        """The one switch of the fast routes: fused multi-token calls in every retention layer and
+        the fast decoding step. Setting it sets every layer's ``use_fast_path`` too."""
+        return bool(self.__dict__.get("_use_fast_path", True))
 
-        They are built on the first fast decoding step and cost ``4 d^2``-ish extra weights per layer
-        (about 40% of a model's weights); the next fast step rebuilds them.
-        """
+    @use_fast_path.setter
+    def use_fast_path(self, enabled: bool) -> None:
+        self.__dict__["_use_fast_path"] = self.__dict__["_fast_decode"] = bool(enabled)
         for module in self.modules():
-            for key in ("_decode_cache", "_stacked_cache", "_rotation_cache", "_step_plans_cache"):
-                module.__dict__.pop(key, None)
+            if isinstance(module, MultiScaleRetention):
+                module.use_fast_path = bool(enabled)
+
+    @property
+    def fast_decode(self) -> bool:
+        """Deprecated: the decoding half of :attr:`use_fast_path`. Setting it switches the fast
+        decoding step alone, as it always did (the layers' fused multi-token routes stay as they
+        are), for one more release."""
+        warnings.warn(_FAST_DECODE_DEPRECATED, DeprecationWarning, stacklevel=2)
+        return bool(self.__dict__.get("_fast_decode", True))
+
+    @fast_decode.setter
+    def fast_decode(self, enabled: bool) -> None:
+        warnings.warn(_FAST_DECODE_DEPRECATED, DeprecationWarning, stacklevel=3)
+        self.__dict__["_fast_decode"] = bool(enabled)
+
+    def release_decode_cache(self) -> None:
+        """Free the decoding plan: the stacked q/k/v/g (and GLU) weight copies of the fast step
+        (``4 d^2``-ish extra weights per layer, about 40% of a model's), and the cached rotation
+        tables. The next fast step rebuilds what it needs."""
+        decoding.release_plan(self.decoder)
+        rotation_factor_table.cache_clear()
 
     def empty_state(self, batch_size: int) -> RetNetState:
         """The state before any token."""
@@ -636,7 +553,8 @@ class RetNet(GenerationMixin, nn.Module):
         prompt the full logits would dwarf the state."""
         chunk = chunk_size or self.config.chunk_size
         mode = mode or self.pick_mode(input_ids.shape[1], state, chunk)
-        if (mode == "recurrent" and input_ids.shape[1] == 1 and self.fast_decode and labels is None
+        if (mode == "recurrent" and input_ids.shape[1] == 1 and self.__dict__.get("_fast_decode", True)
+                and labels is None
                 and token_mask is None and not self.training and not torch.is_grad_enabled()):
             # Decoding: the fast single-token step (same numbers as the layer-by-layer path).
             return self._decode_step(input_ids[:, 0], state)
@@ -691,30 +609,22 @@ class RetNet(GenerationMixin, nn.Module):
         """Run the fast decoding step through ``torch.compile`` (``False`` goes back to eager).
 
         The whole step (embedding, every layer, final norm, LM head) becomes one graph: inductor
-        fuses the ~25 small ops per layer into a few kernels and the matrix-vector products stay
-        calls of the gemv kernel (:mod:`yet_another_retnet.ops.gemv`). That took the eager step of
-        its day from 14.3 to 10.9 ms per token at d 768 (float32, 2 threads; docs/speed.md). Since
-        then, on CPU with the package's extension, the eager step runs each layer as one C++ call
-        and is the faster of the two: in the benchmark runs of 2026-11-30, d 768 float32 11.6
-        against 13.3 and 15.8 against 17.7 ms, the d 256 model 0.70 against 0.87 and 0.82 against
-        1.01 ms (``retnet bench peers``). The graph has a fixed cost per call that those kernels do
-        not (dynamo's guard check on the state and weight tables, ~70 us, and one gemv call per
-        product instead of one call per layer), so by default (``keep_kernel_steps=True``) a step
-        the one-call layer kernel takes (up to 32 rows, CPU float32/bfloat16) stays on it and the
-        graph runs the others: more rows, other devices and dtypes, layers the kernel does not
-        know (d 256, 2 rows, before the kernel took batches: the graph 0.75 ms against 1.07 eager;
-        the kernel now 0.46). ``keep_kernel_steps=False`` sends every step through the graph. The first decoding step of each batch size and dtype that takes the
-        graph compiles (~30 s; inductor caches the code on disk for later processes); prefill and
-        training are unaffected. Numbers match the eager step to rounding (tested). Extra keyword
-        arguments go to ``torch.compile``; ``dynamic=False`` is the default. Returns ``self``.
+        fuses the ~25 small ops per layer into a few kernels, and the matrix-vector products stay
+        calls of the gemv kernel (:mod:`yet_another_retnet.ops.gemv`). On CPU with the package's
+        extension, the eager step runs each layer as one C++ call and is the faster of the two
+        (the graph pays a guard check and one call per product on every step): by default
+        (``keep_kernel_steps=True``) a step those kernels take (up to 32 rows, CPU float32 or
+        bfloat16) stays on them and the graph runs the others (more rows, other devices and
+        dtypes, layers the kernel does not know). ``keep_kernel_steps=False`` sends every step
+        through the graph. ``use_fast_path`` cannot say this (both are fast routes), so the
+        keyword stays: it is how tests and benchmarks reach the graph where the kernels exist.
+
+        The first step of each batch size and dtype that takes the graph compiles (inductor caches
+        the code on disk for later processes); prefill and training are unaffected. Numbers match
+        the eager step to rounding (tested). Extra keyword arguments go to ``torch.compile``;
+        ``dynamic=False`` is the default. Returns ``self``.
         """
-        if not enabled:
-            self.__dict__.pop("_compiled_decode", None)
-            return self
-        gemv_kernel_available()  # decided (and built) now, not while tracing
-        options: dict[str, Any] = {"dynamic": False, **compile_options}
-        options["options"] = {**_inductor_decode_options(), **options.get("options", {})}
-        self.__dict__["_compiled_decode"] = (torch.compile(self._decode_logits, **options), bool(keep_kernel_steps))
+        decoding.compile_decode(self, enabled, keep_kernel_steps, compile_options)
         return self
 
     def compile_chunkwise(self, enabled: bool = True, *, keep_kernel_calls: bool = True,
@@ -723,22 +633,16 @@ class RetNet(GenerationMixin, nn.Module):
 
         Training and prompt prefill in ``"chunkwise"`` mode (float32/float64, self-retention) then
         run projections, rotation, chunkwise retention, head norm and gate of a layer as one graph,
-        forward and backward: inductor fuses the element-wise work between the matrix products
-        (measured on the plain PyTorch path at 16k tokens, d 256: one layer's forward + backward
-        310 -> 268 ms). Where the eager path runs on the package's CPU kernels (CPU float32, the
-        extension built), those kernels already fuse that work and the compiled graph calls them
-        too (split, chunk, norm-gate): a 2x1k training step then measures as fast as eager
-        (1.00-1.02x its time, within the noise of this machine; docs/speed-training.md). It is for
-        where those kernels do not apply: other devices and dtypes, or no C++ toolchain. On CPUs
-        where ``ops/matmul.py`` chose oneDNN for the products (AMD), a graph's products stay on
-        ATen's (inductor cannot lower the oneDNN op), so there the compiled form is slower than
-        eager (AMD EPYC, 2x1k training step: 13,720 against 18,390 tokens/s). So by default
-        (``keep_kernel_calls=True``) a CPU float32 call, where the kernels are built, stays
-        eager; ``keep_kernel_calls=False`` sends it to the graph too. Every
-        layer shares the compiled code; the first call of each new length and chunk size compiles
-        (seconds to a minute). Parallel and recurrent modes are unaffected. ``False`` goes back to
-        eager. Extra keyword arguments go to ``torch.compile`` (``dynamic=False`` by default).
-        Returns ``self``.
+        forward and backward: inductor fuses the element-wise work between the matrix products.
+        It is for where the package's CPU kernels do not apply (other devices and dtypes, no C++
+        toolchain): where they do, they fuse that work already, and on CPUs where ``ops/matmul.py``
+        chose oneDNN for the products a graph's products stay on ATen's, slower than eager. So by
+        default (``keep_kernel_calls=True``) a CPU float32 call, where the kernels are built, stays
+        eager; ``keep_kernel_calls=False`` sends it to the graph too (``use_fast_path`` cannot say
+        this: both are fast routes; the route table is in :mod:`yet_another_retnet.layers.fast`).
+        Every layer shares the compiled code; the first call of each new length and chunk size
+        compiles. Parallel and recurrent modes are unaffected. ``False`` goes back to eager. Extra
+        keyword arguments go to ``torch.compile`` (``dynamic=False`` by default). Returns ``self``.
         """
         options: dict[str, Any] = {"dynamic": False, **compile_options}
         if enabled:
@@ -753,30 +657,20 @@ class RetNet(GenerationMixin, nn.Module):
         return self
 
     def _decode_step(self, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
-        """One token per row ``(batch,)`` through the fast step, eager or compiled."""
+        """One token per row ``(batch,)`` through the fast step (models/decoding.py)."""
         if self.__dict__.get("_quantization") is not None:  # int8 weights: models/quantized.py
             from .quantized import quantized_decode_step
 
             return quantized_decode_step(self, ids, state)
-        compiled, keep_kernel_steps = self.__dict__.get("_compiled_decode", (None, False))
-        if compiled is None:
-            hidden, new_state = self.decoder.step(self._embed(ids), state)
-            return RetNetOutput(linear_step(hidden, self.lm_head.weight, self.lm_head.bias)[:, None], new_state)
         if state is None:
             state = self.empty_state(ids.shape[0])
-        dtype = state.memories[0].dtype
-        plans = self.decoder._step_plans(dtype) if keep_kernel_steps and ids.shape[0] <= KERNEL_MAX_ROWS else None
-        if plans is not None:  # the one-call layer kernels beat the graph (see compile_decode)
-            hidden, new_state = self.decoder._step(self._embed(ids), state, plans)
-            return RetNetOutput(linear_step(hidden, self.lm_head.weight, self.lm_head.bias)[:, None], new_state)
-        rotation = self.decoder._retention(0).step_rotation(state.position, dtype)
-        real = None if rotation is None else torch.view_as_real(rotation)  # inductor: no complex ops
-        logits, memories = compiled(ids, list(state.memories), real, self.decoder.decode_tables(dtype))
+        logits, memories = decoding.decode_logits(self, ids, state.memories, state.position)
         return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))
 
     def _decode_logits(self, ids: Tensor, memories: list[Tensor], rotation: Tensor | None,
                        tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
-        """``(logits (batch, vocab), new memories)`` for one token per row: what gets compiled."""
+        """``(logits (batch, vocab), new memories)`` for one token per row: what
+        :meth:`compile_decode` compiles (tensors in, tensors out, no Python-side lookups)."""
         hidden, memories = self.decoder.step_layers(self._embed(ids), memories, rotation, tables)
         return linear_step(hidden, self.lm_head.weight, self.lm_head.bias), memories
 
@@ -858,25 +752,5 @@ def count_parameters(config: RetNetConfig) -> int:
     return model.num_parameters()
 
 
-def _inductor_decode_options() -> dict[str, Any]:
-    """Inductor settings for the decoding graph.
-
-    By default inductor inlines a cheap element-wise producer (a norm, GELU, the embedding) into
-    the reduction that consumes it; for a matrix-vector product that recomputes the producer once
-    per *output row* (measured: 12 layers of norm + GELU + two d 768 products, bfloat16, 47.6 ms
-    compiled vs 2.7 ms eager). Realising every multi-op buffer first keeps each product a plain
-    streaming reduction (1.7 ms). The setting's name differs across torch versions.
-    The products themselves stay calls of the gemv kernel (``ops/gemv.py``) where it is built.
-    """
-    import torch._inductor.config as inductor_config
-
-    options: dict[str, Any] = {}
-    for key in ("realize_cpu_opcount_threshold", "realize_opcount_threshold"):
-        if hasattr(inductor_config, key):
-            options[key] = 1
-            break
-    # The graph's wrapper in C++ instead of Python: ~1 ms less per d 768 step (about 60 kernel and
-    # gemv calls), at ~30 s more for the first compilation (cached on disk afterwards).
-    if hasattr(inductor_config, "cpp_wrapper"):
-        options["cpp_wrapper"] = True
-    return options
+_FAST_DECODE_DEPRECATED = ("RetNet.fast_decode is deprecated: use use_fast_path (it switches the fused multi-token "
+                           "routes too); fast_decode still switches the decoding step alone for now")

@@ -16,6 +16,22 @@ Two rotations (``kind``):
 Both act on (even, odd) feature pairs, the layout every kernel here reads. GPT-NeoX pairs feature
 ``i`` with ``i + dk/2`` instead; that is the same rotation of the features permuted within each
 head (:func:`halves_to_pairs`), which a converter applies once to the query and key weights.
+
+One rotation, written in the layouts the callers hold their features in (each tested against
+:func:`apply_rotation`, the reference):
+
+=========================  =====================================  ==============================
+function                   input layout                           used by
+=========================  =====================================  ==============================
+:func:`apply_rotation`     ``(..., dk)`` with ``(cos, sin)`` tables the reference forms
+:func:`rotate_pairs`       ``(..., 2)`` pairs, real arithmetic     compiled graphs (inductor
+                                                                   fuses reals, not complex ops)
+:func:`rotate_heads`       ``(b, L, heads * dk)``, complex product eager fused projection, absorb
+:func:`rotate_halves`      ``(..., 2, dk / 2)`` even/odd halves    compiled fused chunkwise (it
+                                                                   vectorizes contiguous halves)
+:func:`rotation_factors`   ``e^{i pos theta}`` per position, the   the decoding step (q and k in
+                           key's factor times :func:`key_scale`    one complex product)
+=========================  =====================================  ==============================
 """
 
 from __future__ import annotations
@@ -24,6 +40,8 @@ import functools
 
 import torch
 from torch import Tensor
+
+from .norms import key_scale
 
 ROTATIONS = ("xpos", "rope")
 
@@ -106,3 +124,72 @@ def rotate_pairs(pairs: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     ``(...)``): the complex product ``(a + ib) e^{i theta}`` in real arithmetic."""
     a, b = pairs.unbind(-1)
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+
+def rotate_heads(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate every head of ``t`` ``(b, L, heads * dk)`` (heads side by side, as a projection gives
+    them) by ``(cos, sin)`` ``(b or 1, 1, L, dk)`` (each angle repeated for its pair): each
+    (even, odd) pair times its angle's ``e^{i theta}``, one complex product (float32 and float64),
+    instead of the stack/neg/mul/add chain of :func:`apply_rotation`."""
+    dk = cos.shape[-1]
+    factor = torch.complex(cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]).unsqueeze(2)  # (b, L, 1, dk/2)
+    pairs = torch.view_as_complex(t.unflatten(-1, (-1, dk // 2, 2)))  # (b, L, n, dk/2)
+    return torch.view_as_real(pairs * factor).flatten(-3)
+
+
+def to_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
+    """Reorder axis ``dim`` of ``t`` (``heads * dk`` long) within each head: the even key
+    dimensions, then the odd ones (``[0, 2, ..., dk-2, 1, 3, ..., dk-1]``)."""
+    return t.movedim(dim, -1).unflatten(-1, (heads, -1, 2)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
+
+
+def from_halves(t: Tensor, heads: int, dim: int = -1) -> Tensor:
+    """The inverse of :func:`to_halves`."""
+    return t.movedim(dim, -1).unflatten(-1, (heads, 2, -1)).transpose(-1, -2).flatten(-3).movedim(-1, dim)
+
+
+def half_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` ``(b, 1, L, dk)`` (each angle twice, for its pair) -> the tables of
+    :func:`rotate_halves`, ``(b, L, 2, dk / 2)`` contiguous: ``(cos, cos)`` and ``(-sin, sin)``.
+    (Strided tables would keep a compiled rotation from vectorizing.)"""
+    cos, sin = cos[:, 0, :, 0::2], sin[:, 0, :, 0::2]
+    return torch.stack((cos, cos), dim=-2), torch.stack((-sin, sin), dim=-2)
+
+
+def rotate_halves(halves: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``(a, b)`` = the (even, odd) halves ``(..., 2, dk / 2)`` of each head (the
+    :func:`to_halves` order) by :func:`half_tables`' ``(cos, sin)``: ``(a, b) c + (-b, a) s``.
+
+    One pointwise expression (the halves swapped by a flip, a load index to a compiler), so it
+    fuses with what follows; a cat would not."""
+    return halves * cos + halves.flip(-2) * sin
+
+
+def rotation_factors(positions: Tensor, key_dim: int, dtype: torch.dtype, kind: str = "xpos") -> Tensor:
+    """Complex ``(len, 2, dk / 2)`` for ``positions`` ``(len,)``: the query's ``e^{i pos theta}`` and
+    the key's, times :func:`key_scale`, in the complex type of ``dtype``. Computed in float64
+    (``"rope"``: from the float32 cosines and sines its tables use)."""
+    if kind == "xpos":
+        theta = rotation_frequencies(key_dim, device=positions.device)[::2]
+        angles = positions.to(torch.float64)[:, None] * theta
+        rows = torch.polar(torch.ones_like(angles), angles)
+    else:
+        cos, sin = rotation_cos_sin(positions, key_dim, kind)
+        rows = torch.complex(cos.double(), sin.double())
+    scale = torch.tensor([1.0, key_scale(key_dim)], dtype=torch.float64, device=positions.device)
+    return (rows[:, None, :] * scale[:, None]).to(complex_dtype(dtype))
+
+
+@functools.lru_cache(maxsize=4)
+def rotation_factor_table(size: int, key_dim: int, dtype: torch.dtype, device: torch.device,
+                          kind: str = "xpos") -> Tensor:
+    """:func:`rotation_factors` of positions ``0 .. size - 1``, cached: a decoding step reads its
+    rows instead of computing trigonometry per token. A plain tensor even when the first call
+    comes under ``inference_mode`` (it outlives that call)."""
+    with torch.inference_mode(False):
+        return rotation_factors(torch.arange(size, device=device), key_dim, dtype, kind)
+
+
+def complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The complex type rotation factors take for features of ``dtype``."""
+    return torch.complex128 if dtype == torch.float64 else torch.complex64

@@ -47,6 +47,7 @@ from .decay import (
     scaled_decay_mask,
 )
 from .fla_backend import chunk_retention_fla
+from .norms import key_scale
 from .segments import check_reset_mask, pack, segment_layout, unpack
 from .triton import chunk_retention_triton, retention_step_triton
 
@@ -132,7 +133,7 @@ def _check_state(prev_state: Tensor | None, q: Tensor, v: Tensor) -> Tensor | No
 
 def _resolve_scale(scale: float | None, key_dim: int) -> float:
     if scale is None:
-        return key_dim**-0.5
+        return key_scale(key_dim)
     if isinstance(scale, bool) or not isinstance(scale, int | float):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     return float(scale)

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .. import triton as _triton
 from ..backends import default_cuda_backend
+from ..norms import key_scale, rms_normalize
 from ..position import rotate_pairs
 from ..triton.decode import step_with_gamma
 from . import _extension
@@ -114,7 +115,7 @@ def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | No
         q, k = qk.reshape(batch, 2, heads, dk).unbind(1)
     else:
         q, k = qk.view(batch, 2, heads, dk).unbind(1)
-        k = k * dk**-0.5
+        k = k * key_scale(dk)
     if triton_core:  # k already carries dk^-0.5
         y, new_memory = step_with_gamma(q.reshape(batch, heads, dk), k.reshape(batch, heads, dk),
                                         v.reshape(batch, heads, dv), memory, gamma.reshape(-1), 1.0)
@@ -132,7 +133,7 @@ def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | No
             y = torch.addcmul(norm_bias, y, norm_weight)  # type: ignore[arg-type]
     else:
         y = y.view(batch, heads, dv)
-        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(proj.dtype)
+        y = rms_normalize(y, eps).to(proj.dtype)
         y = y.view(batch, value_dim)
         if norm_weight is not None:
             y = y * norm_weight
