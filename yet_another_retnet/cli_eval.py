@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data", metavar="PATH", default=None, help="a text file or directory to evaluate on (all of it), or prepared data (its validation split)")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help="tokens per window (default: the training run's, else 512)")
     p.add_argument("--batch-size", type=int, default=8, metavar="N", help="windows per forward pass (default: 8)")
-    p.add_argument("--max-windows", type=int, default=None, metavar="N", help="evaluate at most N windows")
+    p.add_argument("--max-windows", type=int, default=None, metavar="N", help="score N windows spread evenly over the data (default: all)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -33,7 +33,6 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from .training.data import (
         default_corpus_text,
@@ -42,7 +41,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         read_text_files,
         split_tokens,
     )
-    from .training.trainer import TRAIN_CONFIG_NAME, bits_per_byte, evaluate
+    from .training.trainer import TRAIN_CONFIG_NAME, bits_per_byte, eval_window_index, evaluate
 
     for name in ("batch_size", "seq_len", "max_windows"):
         value = getattr(args, name)
@@ -78,10 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(val) < 2:
             raise UsageError(f"{args.data}: the validation split has fewer than 2 tokens")
         length = min(seq_len, len(val) - 1)
-        count = (len(val) - 1) // length
-        if args.max_windows is not None:
-            count = min(count, args.max_windows)
-        windows = val.windows(torch.arange(count) * length, length + 1)
+        starts = eval_window_index((len(val) - 1) // length, args.max_windows) * length
+        windows = val.windows(starts, length + 1)
         bytes_per_token = open_prepared(args.data).split_bytes("val") / len(val)
         source = f"{args.data} (validation split)"
     else:
@@ -94,8 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(tokens) < 2:
             raise UsageError(f"{source} has fewer than 2 tokens: nothing to evaluate")
         windows = eval_windows(tokens, min(seq_len, len(tokens) - 1))
-        if args.max_windows is not None:
-            windows = windows[:args.max_windows]
+        windows = windows[eval_window_index(len(windows), args.max_windows)]
         bytes_per_token = len(tokenizer.decode(tokens).encode("utf-8")) / len(tokens)
     loss = evaluate(model, windows, args.batch_size, device, args.precision)
     n_tokens = windows.shape[0] * (windows.shape[1] - 1)

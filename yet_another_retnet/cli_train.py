@@ -10,16 +10,21 @@ from .cli_common import _formatter
 
 
 def add_parser(sub: Any) -> None:
-    from .models import PRESETS
-    from .training.trainer import PRECISIONS, TrainConfig
+    from .models import PRESETS, RetNetConfig
+    from .training.trainer import PRECISIONS, PREPARED_EVAL_WINDOWS, TrainConfig
 
     d = TrainConfig()
+    chunk = RetNetConfig.from_preset(d.preset).chunk_size
     p = sub.add_parser(
         "train", formatter_class=_formatter, argument_default=argparse.SUPPRESS,
         help="train a RetNet language model",
         description=(
             "Train a RetNet language model. With no arguments: the 'small' preset (3.2M parameters)\n"
-            "on the embedded pydoc corpus with the byte tokenizer, ~10 minutes on 2 CPU cores.\n"
+            f"on the embedded pydoc corpus with the byte tokenizer: {d.max_steps} steps of {d.batch_size} x {d.seq_len}\n"
+            "tokens. How long that takes depends on the machine and its load: the progress bar shows\n"
+            "the time left. The first run on a machine compiles the CPU kernels once (1-2 minutes).\n"
+            "The progress bar shows each step's own loss; metrics.jsonl logs the mean over the\n"
+            "--log-interval steps since its previous line (loss_window_steps says how many).\n"
             "Distributed: torchrun --nproc_per_node=N -m yet_another_retnet train ... (DDP; --fsdp for\n"
             "FSDP2). --batch-size is the global batch, whatever the number of processes."
         ),
@@ -29,6 +34,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--tokenizer", metavar="JSON", help="a Hugging Face `tokenizers` JSON file (default: UTF-8 bytes)")
     g.add_argument("--out", metavar="DIR", help=f"run directory: model, checkpoint, metrics, plot (default: {d.out})")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--extend-schedule", action="store_true",
+                   help="with --resume on a run that finished: train on to a larger --max-steps, the LR schedule "
+                        "stretched to the new horizon (the LR rises again); refused without this flag")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out instead of refusing")
     g.add_argument("--val-fraction", type=float, metavar="F", help=f"share of the corpus held out for validation (default: {d.val_fraction})")
     g.add_argument("--doc-boundaries", choices=("ignore", "reset"),
@@ -61,9 +69,11 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group("speed and memory")
     g.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     g.add_argument("--precision", choices=PRECISIONS, help="autocast precision; fp16 adds a gradient scaler (default: fp32)")
-    g.add_argument("--chunk-size", type=int, metavar="N", help="chunkwise retention with chunks of N tokens for sequences longer than N (default: the model's, 512)")
+    g.add_argument("--chunk-size", type=int, metavar="N", help=f"chunkwise retention with chunks of N tokens for sequences longer than N (default: the model's chunk_size, {chunk})")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute each layer in the backward pass")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile each retention layer's chunkwise form (RetNet.compile_chunkwise(); on CPU "
+                        "float32 with the C++ kernels built it stays on those kernels); with --fsdp the wrapped model")
     g.add_argument("--no-buffer-cache", dest="buffer_cache", action="store_false",
                    help="CPU: do not reuse large buffers between steps (the cache is faster at long sequences)")
     g.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard) under torchrun")
@@ -73,7 +83,8 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, metavar="N", help=f"steps per progress line (default: {d.log_interval})")
     g.add_argument("--eval-interval", type=int, metavar="N", help=f"steps between validations and checkpoints (default: {d.eval_interval})")
-    g.add_argument("--eval-max-windows", type=int, metavar="N", help="validate on at most N sequences (default: the whole split)")
+    g.add_argument("--eval-max-windows", type=int, metavar="N", help="validate on N windows spread evenly over the validation split, the same ones at every "
+                        f"evaluation (default: the whole split; prepared data: {PREPARED_EVAL_WINDOWS})")
     g.add_argument("--save-interval", type=int, metavar="N", help="steps between checkpoints (default: --eval-interval)")
     g.add_argument("--stop-after", type=int, metavar="N", help="stop (with a checkpoint) after N steps of this call; the schedule still follows --max-steps")
     g.add_argument("--log-to", metavar="NAMES", help="also log to tensorboard and/or wandb (comma-separated; "

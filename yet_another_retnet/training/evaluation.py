@@ -82,6 +82,17 @@ def evaluate(model: nn.Module, windows: Tensor, batch_size: int, device: torch.d
     return float(total[0] / total[1].clamp(min=1))
 
 
+def eval_window_index(count: int, max_windows: int | None) -> Tensor:
+    """Which of ``count`` consecutive validation windows to score: all of them, or, where
+    ``max_windows`` is smaller, that many spread evenly over the split (window
+    ``i * count // max_windows`` for ``i < max_windows``, the first one included). The choice
+    depends on nothing else, so every evaluation of a run scores the same windows. Shape
+    ``(min(count, max_windows),)``, int64."""
+    if max_windows is None or max_windows >= count:
+        return torch.arange(count)
+    return torch.arange(max_windows) * count // max_windows
+
+
 def bits_per_byte(loss: float, bytes_per_token: float) -> float:
     return loss / math.log(2) / bytes_per_token
 

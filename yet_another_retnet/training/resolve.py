@@ -31,6 +31,8 @@ def resolve_config(explicit: dict[str, Any], resume: bool = False, overwrite: bo
         raise TrainingError(f"--out {out} exists and is not a directory")
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite exclude each other")
+    if explicit.get("extend_schedule") and not resume:
+        raise TrainingError("--extend-schedule applies only with --resume (a new run's schedule follows --max-steps)")
     with rundir.hold(out):  # no other process may change the directory while it is checked
         note = rundir.recover(out, RUN_FILES) if rundir.is_main() else None
         if note:
@@ -109,8 +111,9 @@ def check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HF
         if checkpoint["step"] >= config.max_steps:
             raise TrainingError(
                 f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
-                f"{config.max_steps}; raise --max-steps to train further"
+                f"{config.max_steps}; to train further, pass a larger --max-steps with --extend-schedule"
             )
+        _check_schedule(config, int(checkpoint["step"]), saved.get("train", {}).get("max_steps"), say)
         saved_backend = checkpoint.get("cpu_matmul")  # the products' rounding, as before the stop
         if saved_backend in matmul.BACKENDS and matmul.pin_cpu_backend(saved_backend) != saved_backend:
             say(f"note: the run used the {saved_backend} matmul backend, this call {matmul.cpu_backend()} "
@@ -122,3 +125,19 @@ def check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HF
 def _tokenizer_identity(described: dict[str, Any]) -> tuple[Any, Any]:
     return described.get("type"), described.get("vocab_size")
 
+
+def _check_schedule(config: TrainConfig, step: int, saved_max: object, say: Callable[[str], None]) -> None:
+    """A resumed run's LR schedule follows this call's ``--max-steps``. A run that finished its
+    schedule and is resumed to a larger horizon would see its LR rise again, which is rarely
+    wanted: refused unless ``--extend-schedule`` asks for it (then said in the log)."""
+    if not isinstance(saved_max, int) or isinstance(saved_max, bool) or saved_max == config.max_steps:
+        return
+    if step >= saved_max and not config.extend_schedule:
+        raise TrainingError(
+            f"--max-steps {config.max_steps}: the run in {config.out} finished its {saved_max}-step LR schedule; "
+            f"training on would stretch the schedule to {config.max_steps} steps (the LR rises again): pass "
+            f"--extend-schedule to do that, or start a new run in another --out"
+        )
+    what = "extended" if config.max_steps > saved_max else "shortened"
+    say(f"note: --max-steps {config.max_steps}: the LR schedule of the run ({saved_max} steps) is {what} to "
+        f"{config.max_steps} steps from step {step} on")

@@ -7,7 +7,9 @@ A run lives in one output directory::
     model.safetensors      (RetNet.from_pretrained(directory) loads it)
     tokenizer_config.json  which tokenizer the model reads (plus tokenizer.json for HF ones)
     checkpoint.pt          everything needed to resume bit for bit
-    metrics.jsonl          one JSON object per log / evaluation line
+    metrics.jsonl          one JSON object per log / evaluation line; a log line's "loss" is the
+                           mean over the "loss_window_steps" steps since the previous one (the
+                           progress bar shows each step's own loss, as "step loss")
     loss.png               train and validation loss curves (when matplotlib is installed)
 
 Every file is replaced atomically, so a crash leaves the last complete version of each.
@@ -76,7 +78,7 @@ from .corpus import (
     load_data,
 )
 from .data import ByteTokenizer, HFTokenizer, StreamDecoder, WindowSampler
-from .evaluation import autocast_context, bits_per_byte, evaluate, lm_loss
+from .evaluation import autocast_context, bits_per_byte, eval_window_index, evaluate, lm_loss
 from .loggers import Loggers, memory_figures, model_flops_per_token
 from .optim import build_optimizer, lr_factor
 from .progress import ProgressBar, plot_losses, write_metrics
@@ -86,7 +88,7 @@ __all__ = [
     "DOC_BOUNDARIES", "LOGGERS", "PRECISIONS", "PREPARED_DIR", "PREPARED_EVAL_WINDOWS", "RUN_FILES",
     "SCHEDULES", "TRAIN_CONFIG_NAME", "Corpus", "TrainConfig", "TrainResult", "TrainingError",
     "adopt_staged_data", "autocast_context", "bits_per_byte", "build_model_config", "build_optimizer",
-    "build_tokenizer", "discard_staged_data", "evaluate", "lm_loss", "load_corpus", "load_data",
+    "build_tokenizer", "discard_staged_data", "eval_window_index", "evaluate", "lm_loss", "load_corpus", "load_data",
     "lr_factor", "resolve_config", "train",
 ]
 
@@ -193,7 +195,8 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
         step = int(checkpoint["step"])
         elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
         window_before = [float(x) for x in checkpoint.get("window_losses", [])]
-        # The schedule follows this call's --max-steps (a resumed run may be extended).
+        # The schedule follows this call's --max-steps (a finished run only with --extend-schedule:
+        # resolve.check_run).
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_factor(step, config)
         del checkpoint
@@ -244,7 +247,7 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
     eval_len = min(config.seq_len, len(corpus.val) - 1)
     n_windows = (len(corpus.val) - 1) // eval_len
     cap = config.eval_max_windows or (PREPARED_EVAL_WINDOWS if corpus.prepared else None)
-    eval_starts = torch.arange(n_windows if cap is None else min(n_windows, cap)) * eval_len
+    eval_starts = eval_window_index(n_windows, cap) * eval_len  # spread evenly over the split
     val_windows = corpus.val.windows(eval_starts, eval_len + 1)  # only these are read
     val_resets = corpus.val.resets(eval_starts, eval_len) if reset else None
     val_scored = corpus.val.loss_masks(eval_starts, eval_len + 1) if corpus.val.has_loss_mask else None
@@ -355,7 +358,9 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
                            seconds_per_step * (stop_at - step))
             if step % config.log_interval == 0 or step == stop_at:
                 tokens_per_s = tokens_per_step / seconds_per_step
+                # "loss": the mean over the steps since the previous record (the bar shows each step's).
                 record = {"kind": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
+                          "loss_window_steps": len(window_losses),
                           "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
                           "tokens_per_s": tokens_per_s, "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
                           "elapsed_s": elapsed_before + time.perf_counter() - started, **memory_figures(device)}
