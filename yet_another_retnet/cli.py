@@ -1,8 +1,8 @@
 """The ``retnet`` command line: train, prepare, generate, eval, info, bench, convert, quantize, chat
 and serve.
 
-``retnet train`` with no arguments trains a small RetNet on the embedded corpus (about 10
-minutes on 2 CPU cores). Run ``retnet <command> --help`` for each command's options. A user
+``retnet train`` with no arguments trains a small RetNet on the embedded corpus (750 steps;
+``retnet train --help`` says more). Run ``retnet <command> --help`` for each command's options. A user
 mistake prints one line, ``retnet: error: ...``, and exits with status 2; set
 ``RETNET_DEBUG=1`` to see the traceback instead.
 """

@@ -20,9 +20,13 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench._outside import RelocatedBenchmarkError
+
     module_name = f"yet_another_retnet.bench.{args.name}"
     try:
         module = importlib.import_module(module_name)
+    except RelocatedBenchmarkError as err:  # an installed wheel: the peer comparison is not in it
+        raise UsageError(str(err)) from err
     except ModuleNotFoundError as err:
         if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
             raise UsageError(f"benchmark {args.name!r} is not available: no module {module_name}") from err
