@@ -346,7 +346,7 @@ def _torchscale(job: dict[str, Any]) -> dict[str, Any]:
 def _llama(job: dict[str, Any]) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from . import common
+    from yet_another_retnet.bench import common  # absolute: workers run by path
 
     dims = job["dims"]
     torch.manual_seed(job["seed"])
