@@ -12,7 +12,9 @@ the peer benchmark in both, side by side in one session on one machine:
 
 Each tree runs with ``PYTHONPATH=<its worktree>`` (no virtual environment: the interpreter's
 site-packages give torch and the rest) and its own ``TORCH_EXTENSIONS_DIR``; its C++ kernels are
-built (and checked to load from its own worktree) before anything is timed. Every measurement is
+built (and checked to load from its own worktree) before anything is timed. The worktrees
+(``<out>/worktrees``, removed at the end) and the extension caches (``<out>/ext-*``, kept) have
+the same paths for the same commits, so a rerun reuses the builds. Every measurement is
 a fresh process. The rows are measured in ``--rounds`` interleaved rounds: in each round, every
 row runs once on each tree, back to back, the tree that goes first alternating from row to row
 and from round to round (old/new, new/old, ...), so that the host's drift hits both alike.
@@ -42,7 +44,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,19 @@ def _git(*args: str) -> str:
 class Tree:
     """One revision checked out in a temporary worktree, with its own extension cache."""
 
-    def __init__(self, name: str, rev: str, work: Path, ext_root: Path) -> None:
+    def __init__(self, name: str, rev: str, root: Path) -> None:
         self.name = name
         self.rev = rev
         self.sha = _git("rev-parse", "--verify", f"{rev}^{{commit}}")
-        self.path = work / name
+        # The same path for the same commit from run to run: the extension cache beside it then
+        # finds its build commands unchanged and a rerun skips the compile.
+        self.path = root / "worktrees" / f"{name}-{self.sha[:12]}"
+        if self.path.exists():  # left by an interrupted run
+            self.remove()
+            shutil.rmtree(self.path, ignore_errors=True)
+        _git("worktree", "prune")
         _git("worktree", "add", "--detach", "--quiet", str(self.path), self.sha)
-        self.ext_dir = ext_root / f"ext-{self.sha[:12]}-{name}"
+        self.ext_dir = root / f"ext-{name}-{self.sha[:12]}"
         self.ext_dir.mkdir(parents=True, exist_ok=True)
 
     def env(self) -> dict[str, str]:
@@ -283,11 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="compare-trees-"))
     trees: list[Tree] = []
     try:
         try:
-            trees = [Tree("old", args.old, work, args.out), Tree("new", args.new, work, args.out)]
+            trees = [Tree("old", args.old, args.out), Tree("new", args.new, args.out)]
             for tree in trees:
                 print(f"[compare] {tree.name}: {tree.rev} ({tree.sha[:10]}) building its kernels ...", flush=True)
                 info = tree.warm_up(args.timeout)
@@ -310,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for tree in trees:
             tree.remove()
-        shutil.rmtree(work, ignore_errors=True)
     import torch
 
     cpu = platform.processor() or platform.machine()

@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             print("[peers] training section (bench/peers_training.py)", flush=True)
             results["training"] = peers_training.run_training_section(args.quick)
 
-    summary = summarise(results, contexts)
+    summary = summarise(results, contexts, rounds)
     machine = _machine(args.threads)
     machine.update(load_average_1m=load_start, load_average_1m_end=os.getloadavg()[0])
     data = {"settings": {"quick": args.quick, "contexts": contexts, "tokens": tokens, "repeats": repeats, "rounds": rounds,
@@ -584,8 +584,21 @@ def _machine(threads: int | None) -> dict[str, Any]:
     return info
 
 
-def summarise(results: dict[str, Any], contexts: list[int]) -> dict[str, Any]:
-    """Ratios against the best float32 peer, and each target's pass/fail."""
+#: A target's verdict when its figures come from a single round.
+ONE_ROUND = "inconclusive (one round; rerun without --quick)"
+
+
+def verdict(target: dict[str, Any]) -> str:
+    """``PASS``, ``FAIL`` or the inconclusive note, for the report."""
+    return target.get("verdict") or ("PASS" if target["pass"] else "FAIL")
+
+
+def summarise(results: dict[str, Any], contexts: list[int], rounds: int | None = None) -> dict[str, Any]:
+    """Ratios against the best float32 peer, and each target's pass/fail.
+
+    With ``rounds=1`` (``--quick``) no timing target is judged: one delayed process on a loaded
+    machine can decide a single round, so each gets ``pass`` None and an inconclusive ``verdict``.
+    """
     summary: dict[str, Any] = {"decode": {}, "targets": []}
     for context in contexts:
         rows = {r["impl"]: r for r in results["decode"] if r["context"] == context and "ms_per_token" in r}
@@ -629,6 +642,9 @@ def summarise(results: dict[str, Any], contexts: list[int]) -> dict[str, Any]:
     if isinstance(training, dict) and training.get("rows"):
         peers_training = importlib.import_module("yet_another_retnet.bench.peers_training")
         summary["targets"] += peers_training.training_targets(training)
+    if rounds == 1:
+        for target in summary["targets"]:
+            target.update({"pass": None, "verdict": ONE_ROUND})
     return summary
 
 
@@ -719,7 +735,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         lines += ["## Training (from bench/peers_training.py)\n", _training_markdown(results["training"]), ""]
     if summary["targets"]:
         lines += ["## Targets\n", "| target | value | pass |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {_fmt(t['value'])} | {'PASS' if t['pass'] else 'FAIL'} |"
+        lines += [f"| {t['target']} | {_fmt(t['value'])} | {verdict(t)} |"
                   for t in summary["targets"]]
         lines.append("")
     errors = [f"- {LABELS.get(r['impl'], r['impl'])} ({section}, ctx {r['context']}): {r['error']}"

@@ -116,3 +116,28 @@ def test_compare_trees_rows_median_ratio_and_flags() -> None:
     names = [j["row"] for j in jobs]
     assert "training 1x16384 parallel" not in names and "training 2x1024 parallel" in names
     assert "decode bf16 d768 context 512" in names and "decode fp32 small (d256) context 512" in names
+
+
+def test_peer_targets_from_one_round_are_inconclusive() -> None:
+    from yet_another_retnet.bench import peers, peers_training
+
+    decode = [{"impl": "ours", "context": 512, "ms_per_token": 10.0},
+              {"impl": "torchscale-0.3.0", "context": 512, "ms_per_token": 12.0}]
+    results = {"decode": decode, "prefill": [], "small": [{"impl": "ours", "ms_per_token": 162.0}], "training": None}
+    judged = peers.summarise(results, [512], rounds=3)["targets"]
+    assert [t["pass"] for t in judged] == [False, False]
+    one = peers.summarise(results, [512], rounds=1)
+    assert [t["pass"] for t in one["targets"]] == [None, None]
+    data = {"results": results, "summary": one, "machine": {}, "command": "x",
+            "settings": {"repeats": 1, "rounds": 1, "tokens": 1, "contexts": [512], "prefill_length": 8, "skipped": {}}}
+    text = peers.render_markdown(data)
+    assert "inconclusive (one round; rerun without --quick)" in text and "FAIL" not in text
+    section = {"shapes": ["2x1024"], "matmul_gflops": None, "config": {"rounds": 1}, "rows": [
+        {"impl": "yet_another_retnet (ours)", "setting": "chunkwise 128", "tokens_per_s": {"2x1024": 9.0},
+         "mfu": {"2x1024": None}, "note": ""},
+        {"impl": "torchscale 0.3.0", "setting": "chunkwise 128", "tokens_per_s": {"2x1024": 10.0},
+         "mfu": {"2x1024": None}, "note": ""}]}
+    text = peers_training.format_training_section(section)
+    assert "INCONCLUSIVE (one round" in text and "FAIL" not in text
+    section["config"] = {"rounds": 3}
+    assert "- FAIL training 2x1024" in peers_training.format_training_section(section)
