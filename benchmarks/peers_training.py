@@ -27,7 +27,7 @@ a round-wide figure paired loosely: two rows 0.1% apart in tokens/s once came ou
 Each round also measures the matmul on its own, for the machine's figure in the report.
 
 Usage: ``python benchmarks/peers_training.py [--quick] [--json PATH]`` (or
-``retnet bench peers_training``, from a source checkout). Run it alone on the machine (``flock /tmp/bench.lock ...``):
+``retnet bench peers_training``, from a source checkout). Run it alone on the machine (under ``flock`` where others share it):
 every number is wall time.
 """
 

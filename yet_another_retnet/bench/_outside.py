@@ -4,13 +4,19 @@ The peer comparison loads pinned releases of other libraries (yet-another-retnet
 torchscale 0.3.0, a Hugging Face Llama), so it does not ship in the wheel. From a source
 checkout (``pip install -e .`` or ``PYTHONPATH=<checkout>``), the old import paths
 ``yet_another_retnet.bench.peers`` and ``yet_another_retnet.bench.peers_training`` and
-``retnet bench peers`` still reach it: the folder is found beside the package.
+``retnet bench peers`` still reach it: the folder is found beside the package, and a finder
+on ``sys.meta_path`` (installed when ``yet_another_retnet.bench`` is imported) maps those module
+names to its files. In an installed wheel, importing them raises a ``ModuleNotFoundError`` that
+says where they went.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -29,18 +35,26 @@ def where(name: str) -> str:
             "(git clone, then pip install -e .)")
 
 
-def load(name: str, module_name: str) -> ModuleType:
-    """Import ``benchmarks/<name>.py`` as ``module_name`` (registered in ``sys.modules``)."""
-    path = BENCHMARKS_DIR / f"{name}.py"
-    if not path.is_file():
-        raise RelocatedBenchmarkError(where(name), name=module_name)
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(module_name, None)
-        raise
-    return module
+#: The benchmarks that moved out, by their module name under ``yet_another_retnet.bench``.
+RELOCATED = ("peers", "peers_training")
+PACKAGE = "yet_another_retnet.bench"
+
+
+class _Finder(importlib.abc.MetaPathFinder):
+    """Finds ``yet_another_retnet.bench.<name>`` for the relocated benchmarks in ``benchmarks/``."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        package, _, name = fullname.rpartition(".")
+        if package != PACKAGE or name not in RELOCATED:
+            return None
+        file = BENCHMARKS_DIR / f"{name}.py"
+        if not file.is_file():
+            raise RelocatedBenchmarkError(where(name), name=fullname)
+        return importlib.util.spec_from_file_location(fullname, file)
+
+
+def install() -> None:
+    """Put the finder on ``sys.meta_path`` (once; after the standard finders)."""
+    if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
+        sys.meta_path.append(_Finder())
