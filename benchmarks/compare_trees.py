@@ -147,33 +147,35 @@ def _last_json(text: str, prefix: str = "") -> dict[str, Any] | None:
 
 
 def jobs(shapes: list[tuple[int, int]], contexts: list[int], bf16: bool, sections: set[str]) -> list[dict[str, Any]]:
-    """Every row to time: ``{"row", "section", "unit", "higher_is_better", ...worker spec}``."""
+    """Every worker run of a round: ``{"section", "spec", "rows"}``, where each of ``rows`` is one
+    line of the report, ``{"row", "section", "unit", "higher_is_better", "key"}`` (``key``: where
+    the worker's result holds its figure). A training worker times all its shapes in one process,
+    as the peer benchmark does."""
     out: list[dict[str, Any]] = []
     if "training" in sections:
         for label, kind, chunk in TRAIN_ROWS:
-            for batch, length in shapes:
-                if chunk is None and length > PARALLEL_MAX:
-                    continue
-                out.append({"row": f"training {batch}x{length} {label}", "section": "training",
-                            "unit": "tokens/s", "higher_is_better": True, "key": f"{batch}x{length}",
-                            "spec": {"kind": kind, "chunk": chunk, "shapes": [[batch, length]], "repeats": 2,
-                                     "threads": None, "clock": "wall"}})
+            mine = [(b, n) for b, n in shapes if chunk is not None or n <= PARALLEL_MAX]
+            if not mine:
+                continue
+            rows = [{"row": f"training {b}x{n} {label}", "section": "training", "unit": "tokens/s",
+                     "higher_is_better": True, "key": f"{b}x{n}"} for b, n in mine]
+            out.append({"section": "training", "rows": rows,
+                        "spec": {"kind": kind, "chunk": chunk, "shapes": [list(s) for s in mine], "repeats": 2,
+                                 "threads": None, "clock": "wall"}})
     if "decode" in sections:
-        impls = ["ours", "ours-bf16"] if bf16 else ["ours"]
-        for impl in impls:
-            for context in contexts:
-                out.append({"row": f"decode {'bf16' if impl == 'ours-bf16' else 'fp32'} d768 context {context}",
-                            "section": "decode", "unit": "ms/token", "higher_is_better": False,
-                            "key": "ms_per_token", "spec": {"impl": impl, "task": "decode", "dims": BASE,
-                                                             "context": context}})
-        out.append({"row": "decode fp32 small (d256) context 512", "section": "decode", "unit": "ms/token",
-                    "higher_is_better": False, "key": "ms_per_token",
-                    "spec": {"impl": "ours", "task": "decode", "dims": SMALL, "context": 512}})
+        runs = [("ours", "fp32", BASE, "d768", c) for c in contexts]
+        runs += [("ours-bf16", "bf16", BASE, "d768", c) for c in contexts] if bf16 else []
+        runs += [("ours", "fp32", SMALL, "small (d256)", 512)]
+        for impl, dtype, dims, model, context in runs:
+            row = {"row": f"decode {dtype} {model} context {context}", "section": "decode", "unit": "ms/token",
+                   "higher_is_better": False, "key": "ms_per_token"}
+            out.append({"section": "decode", "rows": [row],
+                        "spec": {"impl": impl, "task": "decode", "dims": dims, "context": context}})
     return out
 
 
-def measure(tree: Tree, job: dict[str, Any], tokens: int, timeout: float) -> float | str:
-    """One fresh worker process of ``tree`` for ``job``: the row's figure, or why there is none."""
+def measure(tree: Tree, job: dict[str, Any], tokens: int, timeout: float) -> dict[str, float | str]:
+    """One fresh worker process of ``tree`` for ``job``: each of its rows' figure, or why none."""
     if job["section"] == "training":
         argv = [str(tree.script("peers_training")), "--worker", json.dumps(job["spec"])]
         prefix = "RESULT "
@@ -185,12 +187,11 @@ def measure(tree: Tree, job: dict[str, Any], tokens: int, timeout: float) -> flo
     try:
         done = tree.run(argv, timeout)
     except subprocess.TimeoutExpired:
-        return f"timed out after {timeout:.0f} s"
-    result = _last_json(done.stdout, prefix) if done.returncode == 0 else None
-    if result is None or not isinstance(result.get(job["key"]), int | float):
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return f"exit {done.returncode}: {tail[0][:200]}"
-    return float(result[job["key"]])
+        return {row["row"]: f"timed out after {timeout:.0f} s" for row in job["rows"]}
+    result = (_last_json(done.stdout, prefix) if done.returncode == 0 else None) or {}
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {row["row"]: float(result[row["key"]]) if isinstance(result.get(row["key"]), int | float)
+            else f"exit {done.returncode}: {tail[0][:200]}" for row in job["rows"]}
 
 
 def summarise(job: dict[str, Any], old: list[float | str], new: list[float | str], tolerance: float) -> dict[str, Any]:
@@ -302,17 +303,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compare-trees: error: {err}", file=sys.stderr)
             return 2
         old, new = trees
-        figures: dict[str, dict[str, list[float | str]]] = {job["row"]: {"old": [], "new": []} for job in todo}
+        report_rows = [row for job in todo for row in job["rows"]]
+        figures: dict[str, dict[str, list[float | str]]] = {row["row"]: {"old": [], "new": []} for row in report_rows}
         for r in range(args.rounds):
             for j, job in enumerate(todo):
                 order = (old, new) if (r + j) % 2 == 0 else (new, old)
                 for tree in order:
-                    value = measure(tree, job, args.tokens, args.timeout)
-                    figures[job["row"]][tree.name].append(value)
-                    shown = f"{value:,.4g} {job['unit']}" if isinstance(value, float) else value
-                    print(f"[compare] round {r + 1}/{args.rounds} {tree.name} {job['row']}: {shown}", flush=True)
-        rows = [summarise(job, figures[job["row"]]["old"], figures[job["row"]]["new"], args.tolerance)
-                for job in todo]
+                    began = time.perf_counter()
+                    values = measure(tree, job, args.tokens, args.timeout)
+                    for row in job["rows"]:
+                        value = values[row["row"]]
+                        figures[row["row"]][tree.name].append(value)
+                        shown = f"{value:,.4g} {row['unit']}" if isinstance(value, float) else value
+                        print(f"[compare] round {r + 1}/{args.rounds} {tree.name} {row['row']}: {shown}", flush=True)
+                    print(f"[compare]   ({time.perf_counter() - began:.0f} s)", flush=True)
+        rows = [summarise(row, figures[row["row"]]["old"], figures[row["row"]]["new"], args.tolerance)
+                for row in report_rows]
     finally:
         for tree in trees:
             tree.remove()

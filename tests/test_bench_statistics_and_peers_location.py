@@ -113,7 +113,8 @@ def test_compare_trees_rows_median_ratio_and_flags() -> None:
     assert "**outside +-5%** (new slower)" in text and "**no figure**" in text
     assert "2 of 3 rows outside +-5%" in text
     jobs = ct.jobs([(2, 1024), (1, 16384)], [512], bf16=True, sections={"training", "decode"})
-    names = [j["row"] for j in jobs]
+    names = [row["row"] for job in jobs for row in job["rows"]]
+    assert len(jobs) == 3 + 2 + 1  # a training worker per row (its shapes inside), a decoding one per figure
     assert "training 1x16384 parallel" not in names and "training 2x1024 parallel" in names
     assert "decode bf16 d768 context 512" in names and "decode fp32 small (d256) context 512" in names
 
