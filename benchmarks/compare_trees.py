@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -146,7 +147,8 @@ def _last_json(text: str, prefix: str = "") -> dict[str, Any] | None:
     return None
 
 
-def jobs(shapes: list[tuple[int, int]], contexts: list[int], bf16: bool, sections: set[str]) -> list[dict[str, Any]]:
+def jobs(shapes: list[tuple[int, int]], contexts: list[int], bf16: bool, sections: set[str],
+         clock: str = "wall") -> list[dict[str, Any]]:
     """Every worker run of a round: ``{"section", "spec", "rows"}``, where each of ``rows`` is one
     line of the report, ``{"row", "section", "unit", "higher_is_better", "key"}`` (``key``: where
     the worker's result holds its figure). A training worker times all its shapes in one process,
@@ -161,16 +163,18 @@ def jobs(shapes: list[tuple[int, int]], contexts: list[int], bf16: bool, section
                      "higher_is_better": True, "key": f"{b}x{n}"} for b, n in mine]
             out.append({"section": "training", "rows": rows,
                         "spec": {"kind": kind, "chunk": chunk, "shapes": [list(s) for s in mine], "repeats": 2,
-                                 "threads": None, "clock": "wall"}})
+                                 "threads": 1 if clock == "cpu" else None, "clock": clock}})
     if "decode" in sections:
         runs = [("ours", "fp32", BASE, "d768", c) for c in contexts]
         runs += [("ours-bf16", "bf16", BASE, "d768", c) for c in contexts] if bf16 else []
         runs += [("ours", "fp32", SMALL, "small (d256)", 512)]
         for impl, dtype, dims, model, context in runs:
-            row = {"row": f"decode {dtype} {model} context {context}", "section": "decode", "unit": "ms/token",
-                   "higher_is_better": False, "key": "ms_per_token"}
+            row = {"row": f"decode {dtype} {model} context {context}", "section": "decode",
+                   "unit": "CPU ms/token" if clock == "cpu" else "ms/token", "higher_is_better": False,
+                   "key": "cpu_ms_per_token" if clock == "cpu" else "ms_per_token"}
             out.append({"section": "decode", "rows": [row],
-                        "spec": {"impl": impl, "task": "decode", "dims": dims, "context": context}})
+                        "spec": {"impl": impl, "task": "decode", "dims": dims, "context": context,
+                                 "threads": 1 if clock == "cpu" else None}})
     return out
 
 
@@ -180,8 +184,8 @@ def measure(tree: Tree, job: dict[str, Any], tokens: int, timeout: float) -> dic
         argv = [str(tree.script("peers_training")), "--worker", json.dumps(job["spec"])]
         prefix = "RESULT "
     else:
-        spec = {**job["spec"], "seed": 0, "threads": None, "repeats": 1, "tokens": tokens, "warmup": 3,
-                "peer_dir": "", "floor": False}
+        spec = {"seed": 0, "repeats": 1, "tokens": tokens, "warmup": 3, "peer_dir": "", "floor": False,
+                **job["spec"]}
         argv = [str(tree.script("peers")), "--worker", json.dumps(spec)]
         prefix = ""
     try:
@@ -221,6 +225,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"torch {data['machine']['torch']}, load average {data['machine']['load_start']:.2f} at start, "
         f"{data['machine']['load_end']:.2f} at the end; {data['elapsed_s'] / 60:.1f} minutes in all.", "",
         f"Command: `{data['command']}`", "",
+        ("Clock: the workers' CPU time, one thread each (a check of the method on a loaded machine, "
+         "not the wall-clock speed users see). " if s.get("clock") == "cpu" else "Clock: wall time. ") +
         f"Each figure is the median over {s['rounds']} interleaved rounds (in each round every row runs once "
         "on each tree, back to back, in a fresh process; the tree going first alternates). Training: "
         "tokens/s of a forward + backward step (the median of its timed steps); decoding: ms per token "
@@ -275,6 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "compare-trees",
                    help="report directory; also keeps each commit's built kernels for the next run "
                         "(default: runs/compare-trees, ignored by git)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: wall-clock time with torch's threads (the real comparison, on an idle machine); "
+                        "cpu: the worker's CPU time with one thread, steadier where other jobs load the "
+                        "machine (a smoke test of the method, not the speed users see)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker (default: 900)")
     return p
 
@@ -287,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.tokens < 1 or not 0 < args.tolerance < 1:
         raise SystemExit("compare-trees: error: --rounds and --tokens must be >= 1, --tolerance in (0, 1)")
     contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
-    todo = jobs(_pairs(args.shapes, "--shapes"), contexts, args.bf16, sections)
+    todo = jobs(_pairs(args.shapes, "--shapes"), contexts, args.bf16, sections, args.clock)
+    # A plain `kill` ends the run through the clean-up below (the worktrees are removed).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -330,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                    if line.startswith("model name"))
     data = {"old": {"rev": old.rev, "sha": old.sha}, "new": {"rev": new.rev, "sha": new.sha},
             "settings": {"rounds": args.rounds, "shapes": args.shapes, "contexts": contexts, "tokens": args.tokens,
-                         "bf16": args.bf16, "sections": sorted(sections), "tolerance": args.tolerance},
+                         "bf16": args.bf16, "sections": sorted(sections), "tolerance": args.tolerance,
+                         "clock": args.clock},
             "machine": {"cpu": cpu, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                         "load_start": load_start, "load_end": os.getloadavg()[0]},
             "command": "python benchmarks/compare_trees.py " + " ".join(sys.argv[1:] if argv is None else argv),
