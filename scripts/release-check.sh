@@ -32,12 +32,6 @@ names = zipfile.ZipFile(wheel).namelist()
 package = [n for n in names if not n.split("/")[0].endswith(".dist-info")]
 bad = [n for n in package if not n.endswith((".py", ".cpp", ".h", "py.typed"))]
 assert not bad, f"the wheel must hold sources only (no compiled binaries), found: {bad}"
-# The peer comparison (benchmarks/: pinned releases of other libraries) stays out of the wheel;
-# bench/_outside.py, which says where it went, ships.
-outside = {p.name for p in (root / "benchmarks").glob("*.py")}
-leaked = [n for n in names if n.rsplit("/", 1)[-1] in outside or n.startswith("benchmarks/")]
-assert not leaked, f"benchmarks/ must not ship in the wheel, found: {leaked}"
-assert "yet_another_retnet/bench/_outside.py" in names
 csrc = sorted(p.relative_to(root).as_posix() for p in (root / "yet_another_retnet/ops/csrc").iterdir())
 missing = [n for n in csrc if n not in names]
 assert not missing, f"the wheel lacks kernel sources: {missing}"
@@ -51,6 +45,12 @@ assert all(f"yet_another_retnet/ops/csrc/{h}" in names for h in included), inclu
 in_sdist = tarfile.open(sdist).getnames()
 missing = [n for n in csrc if not any(s.endswith("/" + n) for s in in_sdist)]
 assert not missing, f"the sdist lacks kernel sources: {missing}"
+# The peer comparison (benchmarks/: pinned releases of other libraries) stays out of the wheel;
+# bench/_outside.py, which says where it went, ships.
+outside = {p.name for p in (root / "benchmarks").glob("*.py")}
+leaked = [n for n in names if n.rsplit("/", 1)[-1] in outside or n.startswith("benchmarks/")]
+assert not leaked, f"benchmarks/ must not ship in the wheel, found: {leaked}"
+assert "yet_another_retnet/bench/_outside.py" in names
 print(f"wheel: {len(package)} files, sources only; {len(csrc)} kernel sources in wheel and sdist")
 PY
 
