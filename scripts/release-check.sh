@@ -50,6 +50,12 @@ assert all(f"yet_another_retnet/ops/cpu/csrc/{h}" in names for h in included), i
 in_sdist = tarfile.open(sdist).getnames()
 missing = [n for n in csrc if not any(s.endswith("/" + n) for s in in_sdist)]
 assert not missing, f"the sdist lacks kernel sources: {missing}"
+# The peer comparison (benchmarks/: pinned releases of other libraries) stays out of the wheel;
+# bench/_outside.py, which says where it went, ships.
+outside = {p.name for p in (root / "benchmarks").glob("*.py")}
+leaked = [n for n in names if n.rsplit("/", 1)[-1] in outside or n.startswith("benchmarks/")]
+assert not leaked, f"benchmarks/ must not ship in the wheel, found: {leaked}"
+assert "yet_another_retnet/bench/_outside.py" in names
 print(f"wheel: {len(package)} files, sources only; {len(csrc)} kernel sources in wheel and sdist")
 PY
 

@@ -50,7 +50,7 @@ class ProgressBar:
         filled = round(frac * self.width)
         bar = "#" * filled + "-" * (self.width - filled)
         digits = len(str(self.total))
-        return (f"step {step:>{digits}}/{self.total} [{bar}] {frac:4.0%} | loss {loss:.4f} | "
+        return (f"step {step:>{digits}}/{self.total} [{bar}] {frac:4.0%} | step loss {loss:.4f} | "
                 f"{format_rate(tokens_per_s)} tok/s | lr {lr:.2e} | ETA {format_duration(eta_s)}")
 
     def update(self, step: int, loss: float, tokens_per_s: float, lr: float, eta_s: float) -> None:
