@@ -132,7 +132,7 @@ def test_sampling_is_reproducible_and_identical_to_the_reference() -> None:
 
 
 def test_bfloat16_weights_stay_within_the_stated_tolerance_of_float32() -> None:
-    # Documented in docs/speed.md: bfloat16 weights (state and retention kept in float32) give
+    # Documented in docs/model.md: bfloat16 weights (state and retention kept in float32) give
     # logits within 5e-2 of the largest float32 logit over a prefill and 8 decoding steps.
     model32 = make_model(torch.float32, d_model=32, num_heads=4, ffn_dim=48, num_layers=3)
     model16 = make_model(torch.float32, d_model=32, num_heads=4, ffn_dim=48, num_layers=3).to(torch.bfloat16)
