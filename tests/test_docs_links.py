@@ -40,8 +40,7 @@ def test_relative_links_resolve(page: Path) -> None:
             continue
         path, _, anchor = target.partition("#")
         resolved = (page.parent / path).resolve() if path else page
-        missing_anchor = bool(anchor) and resolved.suffix == ".md" and anchor not in _anchors(resolved)
-        if not resolved.exists() or missing_anchor:
+        if not resolved.exists() or (anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved)):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)}: links that lead nowhere: {broken}"
 
