@@ -7,8 +7,8 @@ import zlib
 
 import pytest
 import torch
+from reference import reference_gammas, reference_retention
 
-from tests.reference import reference_gammas, reference_retention
 from yet_another_retnet.ops import _extension, chunk_kernels
 from yet_another_retnet.ops import retention as retention_ops
 from yet_another_retnet.ops.chunk_kernels import (

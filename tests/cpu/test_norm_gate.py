@@ -118,7 +118,7 @@ def test_kernel_rejects_bad_shapes() -> None:
 
 def test_layer_through_the_kernel_equals_its_float64_copy() -> None:
     # A whole retention layer in chunkwise form (float32: the kernel; float64: the plain path),
-    # outputs and parameter gradients. (Compiled: test_fast_paths' compile_chunkwise test, whose
+    # outputs and parameter gradients. (Compiled: models/test_fast_decoding.py's compile_chunkwise test, whose
     # layers take the kernel too, against eager.)
     if not kernel_available():
         pytest.skip("kernel unavailable")

@@ -1,5 +1,5 @@
 """Our Triton kernels compiled on a GPU (skipped without CUDA): the interpreter tests'
-checks (tests/test_triton_kernels.py) at GPU-sized shapes and in bfloat16, which the interpreter
+checks (tests/ops/triton/test_triton_interpreter.py) at GPU-sized shapes and in bfloat16, which the interpreter
 cannot run; that CUDA calls select the kernels by default and stay on the GPU; fla's backend
 against the same reference where it is installed; a bf16 training step and generation on CUDA.
 

@@ -2,7 +2,7 @@
 reference loop (tests/reference.py).
 
 The interpreter runs the very kernels a GPU compiles, in NumPy: fp32 and fp16 work, bf16 does not
-(NumPy has no bfloat16), so bf16 is checked by the CUDA tests (tests/test_triton_cuda.py). The
+(NumPy has no bfloat16), so bf16 is checked by the CUDA tests (tests/ops/triton/test_triton_cuda.py). The
 shapes are tiny and odd on purpose: lengths that are no multiple of the chunk, ``dk != dv``, value
 dims wider than one value block, chunks under 16 rows (the kernels pad a chunk to the 16 rows
 ``tl.dot`` wants) and over :data:`MAX_CHUNK` (run in chunks of that size).
