@@ -49,7 +49,7 @@ from typing import Any
 
 D_MODEL, HEADS, LAYERS, FFN, VOCAB = 256, 4, 4, 512, 256
 SHAPES = ((2, 1024), (1, 4096), (1, 16384))
-#: Our chunk size for training, chosen by measurement (docs/speed-training.md).
+#: Our chunk size for training, chosen by measurement (docs/performance.md).
 OUR_CHUNK = 128
 PEER_CHUNK = 128
 #: Timed 4,096 x 4,096 matmuls before each shape of each row (after one warm-up).

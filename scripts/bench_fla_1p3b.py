@@ -6,7 +6,7 @@ loads it, prefills a 2,048-token prompt and decodes: load time, peak RSS while l
 tokens/s and decode ms/token, beside the memory floor (the weights' bytes over the streaming-read
 bandwidth measured in the same process). Writes ``results.json`` and ``README.md`` to OUT.
 
-Needs ~6-11 GB of memory: run it alone (``flock /tmp/bigrun.lock python scripts/bench_fla_1p3b.py``).
+Needs ~6-11 GB of memory: run it alone (``python scripts/bench_fla_1p3b.py``, with no other big job on the machine).
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     result = {
-        "command": "flock /tmp/bigrun.lock python scripts/bench_fla_1p3b.py", "cpu": cpu_model(),
+        "command": "python scripts/bench_fla_1p3b.py", "cpu": cpu_model(),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "parameters": params, "shards": shards,
         "convert_s": round(convert_s, 1), "convert_peak_rss_mb": convert_peak, "runs": runs,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

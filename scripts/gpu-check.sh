@@ -40,9 +40,9 @@ fi
 
 status=0
 log "1/2 CUDA tests"
-timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_cuda.py tests/test_triton_kernels.py \
+timeout 100 "$PY" -m pytest -q -p no:cacheprovider tests/ops/triton/test_triton_cuda.py tests/ops/triton/test_triton_interpreter.py \
     2>&1 | tee "$OUT/tests-triton.log" | tail -15 || status=1
-timeout 40 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/test_ops.py tests/test_model.py tests/test_generation.py \
+timeout 40 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_retention_forms.py tests/models/test_retnet.py tests/models/test_generation.py \
     2>&1 | tee "$OUT/tests-devices.log" | tail -5 || status=1
 
 log "2/2 benchmark"

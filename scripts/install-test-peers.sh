@@ -7,7 +7,7 @@
 # - lm-evaluation-harness, which `retnet eval --tasks` runs; pyarrow, datasets, TensorBoard, W&B;
 # - flash-linear-attention 0.6.0, whose own RetNet the fla checkpoint tests compare against (it
 #   needs transformers >= 5.6.2 and imports triton);
-# - triton, whose interpreter runs our GPU kernels on CPU in tests/test_triton_kernels.py.
+# - triton, whose interpreter runs our GPU kernels on CPU in tests/ops/triton/test_triton_interpreter.py.
 # The installed torch is pinned so that no peer's requirements replace the CPU build.
 set -euo pipefail
 constraints="$(mktemp)"
@@ -22,5 +22,5 @@ pip_install "lm-eval>=0.4.5"
 # [logging] extras).
 pip_install "pyarrow>=12" "datasets>=2.14" "tensorboard>=2.14" "wandb>=0.16"
 # yet-another-retnet 0.5.1 (the PyPI release this package replaces; same import name, so into a
-# folder of its own): the oracle of tests/test_compat_051.py and a peer of `retnet bench peers`.
+# folder of its own): the oracle of tests/compat/test_yar051_api.py and a peer of `retnet bench peers`.
 pip_install --no-deps --upgrade --target "$(dirname "$0")/../.peers/yaretnet051" "yet-another-retnet==0.5.1" "einops"

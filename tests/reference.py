@@ -1,7 +1,7 @@
 """Independent float64 references for the tests: plain token-by-token loops.
 
-Nothing here imports the code under test. Everything is written from the equations in
-``/work/shared/notes/retnet-facts.md``:
+Nothing here imports the code under test. Everything is written from the paper's equations
+(Sun et al. 2023, arXiv 2307.08621), as docs/math.md states them:
 
 - per head, ``S_n = gamma * S_{n-1} + (scale * k_n)^T v_n`` and ``o_n = q_n S_n``;
 - decay schedules ``gamma_i = 1 - 2^(-5-i)`` ("eq8") and

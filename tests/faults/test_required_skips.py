@@ -33,7 +33,9 @@ def test_required_skips_fail_on_ci_and_skip_for_users(tmp_path: Path) -> None:
     (tmp_path / "test_skips.py").write_text(TESTS)
     (tmp_path / "test_peer.py").write_text(PEER)
     results = {}
-    for name, extra in (("ci", {"CI": "true"}), ("user", {"CI": ""})):
+    # The children test the policy itself: an outer run's opt-out (YARETNET_ALLOW_SKIPS=1) must not
+    # reach them.
+    for name, extra in (("ci", {"CI": "true", "YARETNET_ALLOW_SKIPS": ""}), ("user", {"CI": ""})):
         results[name] = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "."],
                                        cwd=tmp_path, env=child_env(**extra), capture_output=True, text=True,
                                        timeout=120)

@@ -11,7 +11,7 @@ Three sections, all in bfloat16 on one CUDA device:
   the layer sizes of fla's 1.3B RetNet (d 2,048, 24 layers, 8 heads, key dim 256, value dim 512,
   SwiGLU FFN 2,816, RMS norms, vocab 32,000) against Hugging Face Llama of the same width, depth,
   heads and parameter count with SDPA attention; model-FLOPs utilisation counted as in
-  docs/speed-training.md, over the measured rate of an 8,192^3 bf16 matrix product (and, for
+  docs/performance.md, over the measured rate of an 8,192^3 bf16 matrix product (and, for
   reference, over H100 SXM's datasheet 989 TFLOP/s).
 - ``decode``: ms per generated token at that size, bf16 weights, RetNet's recurrent step against
   Llama with a KV cache, after a prefill of the context: batch 1 at 8k and 32k, batch 16 at 8k.
@@ -211,7 +211,7 @@ def retnet_flops_per_token(config: RetNetConfig, matmul_params: int) -> float:
 
 def llama_flops_per_token(config: RetNetConfig, matmul_params: int, length: int) -> float:
     d_head = config.d_model // config.num_heads
-    per_head = 2 * length * d_head + 2 * length * d_head  # full square (see docs/speed-training.md)
+    per_head = 2 * length * d_head + 2 * length * d_head  # full square (see docs/performance.md)
     return 6 * matmul_params + config.num_layers * 3 * config.num_heads * per_head
 
 

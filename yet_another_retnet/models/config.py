@@ -46,7 +46,7 @@ class RetNetConfig:
         tie_embeddings: the LM head shares the embedding matrix.
         decay: ``"eq8"`` (paper Eq. 8) or ``"log-spaced"`` (the paper's experiments).
         chunk_size: default chunk length of the chunkwise form (128: fastest measured on CPU,
-            training and prefill; see docs/speed-training.md). Inputs up to this length run
+            training and prefill; see docs/performance.md). Inputs up to this length run
             in the parallel form.
         embed_scale: factor on the token embeddings (torchscale: ``sqrt(d_model)``).
         embedding_norm: a norm right after the embedding (torchscale's ``layernorm_embedding``).

@@ -13,7 +13,7 @@
 // Why: as batched PyTorch products every chunk computes its full c x c scores, half of which the
 // mask then zeroes, writes them out for the mask, the second product and the backward, and the
 // state products and decay factors are further passes over q, k and v. Those small products ran
-// at ~50% of the machine's matmul speed (profile in docs/speed-training.md). Here, one chunk at a
+// at ~50% of the machine's matmul speed (docs/performance.md). Here, one chunk at a
 // time, the scores stay in a per-thread buffer in cache, the tiles above the diagonal are skipped
 // (~half the work), the decay factors ride along, and the backward recomputes the scores instead
 // of keeping them. Inputs may have any strides with a contiguous last dim (rows that are not

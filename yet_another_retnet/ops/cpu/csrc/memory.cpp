@@ -5,7 +5,7 @@
 // such buffers (activations, gradients, retention scores), so every step the kernel zero-fills
 // and maps each page again on first touch: ~170,000 page faults per step for our d256 model,
 // and a matmul writing into a fresh 64 MiB output runs at 206 GFLOP/s instead of 329 into a
-// reused one (measured, docs/speed-training.md).
+// reused one (measured; docs/performance.md).
 //
 // How: an at::Allocator placed in front of PyTorch's CPU allocator. While a cache is switched
 // on, allocations of at least `min_bytes` come from c10::CPUCachingAllocator (PyTorch's own

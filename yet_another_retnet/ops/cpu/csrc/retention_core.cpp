@@ -22,7 +22,7 @@
 // projection, of y and of their gradients, read and written front to back. One head at a time
 // through all its chunks (the order of chunk_retention) read 256 bytes from each 4-12 KiB row, a
 // new page per row without prefetch; that version ran no faster than the three ops in a training
-// step (1.012 at 2 x 1,024 tokens), this one 4% faster (docs/speed-training.md).
+// step (1.012 at 2 x 1,024 tokens), this one 4% faster (docs/performance.md).
 //
 // float32 on the CPU; c, dk, dv multiples of 32 and the length a whole number of chunks
 // (ops/retention_core.py checks, and composes the three plain forms as the reference).
