@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -100,14 +101,21 @@ def time_prepare(corpus: Path, out: Path, tokenizer: Path | None, workers: int) 
     cmd = _retnet("prepare", str(corpus), "--out", str(out), "--workers", str(workers), "--quiet")
     if tokenizer is not None:
         cmd += ["--tokenizer", str(tokenizer)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the whole process tree (the worker processes are waited for, so they count):
+    # on a shared machine wall-clock speed follows the other jobs, CPU time much less.
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     index = json.loads((out / "index.json").read_text())
     tokens = index["splits"]["train"]["tokens"] + index["splits"]["val"]["tokens"]
+    mb = index["text_bytes"] / 1e6
     return {"tokenizer": "byte" if tokenizer is None else "bpe", "workers": workers, "seconds": seconds,
-            "text_mb": index["text_bytes"] / 1e6, "mb_per_s": index["text_bytes"] / 1e6 / seconds,
-            "tokens": tokens, "tokens_per_s": tokens / seconds, "documents": index["documents"]}
+            "text_mb": mb, "mb_per_s": mb / seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+            "documents": index["documents"], "cpu_seconds": cpu, "mb_per_cpu_s": mb / cpu,
+            "cores_busy": cpu / seconds, "load_average_1m": os.getloadavg()[0]}
 
 
 def train_run(data: Path, out: Path, steps: int) -> dict[str, Any]:
@@ -183,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"# retnet bench data ({report['machine']}, {os.cpu_count()} CPUs)", "",
              f"Corpus: {args.size_mb} MB of generated jsonl documents"
              + (f" (BPE rows: its first {args.bpe_mb} MB)." if args.bpe_mb else "."), "",
-             "| tokenizer | workers | MB/s of source | tokens/s | seconds |", "|---|---|---|---|---|"]
+             "| tokenizer | workers | MB/s of source | tokens/s | seconds | CPU seconds | MB per CPU second "
+             "| cores busy | load average (1 min, at the end) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['tokenizer']} | {r['workers']} | {r['mb_per_s']:.1f} | {r['tokens_per_s'] / 1e6:.2f}M | "
-              f"{r['seconds']:.1f} |" for r in prepare_rows]
+              f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['mb_per_cpu_s']:.1f} | {r['cores_busy']:.2f} | "
+              f"{r['load_average_1m']:.1f} |" for r in prepare_rows]
     lines += ["", f"| `retnet train --max-steps {args.train_steps}` on | peak RSS (MiB) | launch to first step (s) |",
               "|---|---|---|"]
     lines += [f"| {name} ({args.size_mb if name == 'large' else args.small_mb} MB) | {r['peak_rss_mib']:.0f} | "
