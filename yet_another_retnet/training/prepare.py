@@ -468,6 +468,10 @@ class PrepareResult:
     reused: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: CPU seconds spent in this process (planning, writing; with one worker, tokenizing too) and
+    #: in the worker processes: where the time goes, whatever else shares the machine.
+    cpu_main: float = 0.0
+    cpu_workers: float = 0.0
 
 
 class _Progress:
@@ -561,6 +565,7 @@ def prepare(
     it was (or without an index, if an older preparation was being replaced).
     """
     started = time.perf_counter()
+    cpu_before = _cpu_seconds()
     out = Path(out)
     if not sources:
         raise PrepareError("give at least one source")
@@ -617,7 +622,17 @@ def prepare(
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    return PrepareResult(out, index, seconds=time.perf_counter() - started)
+    cpu_main, cpu_workers = (after - before for after, before in zip(_cpu_seconds(), cpu_before, strict=True))
+    return PrepareResult(out, index, seconds=time.perf_counter() - started, cpu_main=cpu_main,
+                         cpu_workers=cpu_workers)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process and of its finished child processes."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def _results(units: list[Unit], hub: list[Source], spec: TokenizerSpec,
@@ -832,4 +847,6 @@ def run(args: Any) -> int:
           f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens ({index['dtype']}, "
           f"tokenizer {index['tokenizer']['type']}, vocabulary {index['tokenizer']['vocab_size']:,})"
           + ("" if result.reused else f" in {result.seconds:.1f} s"))
+    if not result.reused:
+        print(f"cpu: {result.cpu_main:.2f} s in the main process, {result.cpu_workers:.2f} s in worker processes")
     return 0
