@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-FORMAT_HELP = ("ours (save_pretrained's directory), fla (flash-linear-attention, e.g. fla-hub/retnet-1.3B-100B) "
-               "or yar051 (a yet-another-retnet 0.5.1 RetNet state dict: torch.save file or .safetensors)")
+FORMAT_HELP = ("ours (save_pretrained's directory), fla (flash-linear-attention, e.g. fla-hub/retnet-1.3B-100B), "
+               "syncdoth (syncdoth/RetNet's RetNetForCausalLM, read only) or yar051 (a yet-another-retnet 0.5.1 RetNet state dict: torch.save file or .safetensors)")
 
 
 def add_parser(sub: Any, formatter: Any) -> None:
@@ -19,7 +19,8 @@ def add_parser(sub: Any, formatter: Any) -> None:
         description="Convert a checkpoint directory. `retnet convert --from fla SRC OUT` reads an fla RetNet\n"
                     "(config.json, safetensors, tokenizer.json) into our format; `retnet convert --to fla SRC OUT`\n"
                     "writes one of ours for fla; `retnet convert --from yar051 old.pt OUT` reads a yet-another-retnet\n"
-                    "0.5.1 state dict. OUT must not exist (or be empty); nothing is written on error.")
+                    "0.5.1 state dict; `retnet convert --from syncdoth SRC OUT` reads a syncdoth/RetNet checkpoint.\n"
+                    "OUT must not exist (or be empty); nothing is written on error.")
     p.add_argument("src", metavar="SRC", help="checkpoint directory to read")
     p.add_argument("out", metavar="OUT", help="directory to write")
     p.add_argument("--from", dest="source", default=None, help=f"format of SRC (default: detected): {FORMAT_HELP}")

@@ -46,10 +46,22 @@ class RetNetLM(_TemplateLM):
             tokenizer's end-of-text token if it has one of the usual names, else the newline's.
         window: tokens per forward pass when scoring a long document (the state carries over).
         max_gen_toks: default cap on generated tokens when a task gives none.
+        add_bos_token: start every encoded text with the tokenizer's beginning-of-sequence token
+            (as lm-eval's Hugging Face model does for tokenizers that add one); ``None``
+            (default): when the tokenizer asks for it (``add_bos`` in its ``tokenizer_config.json``,
+            as a model converted from fla-hub's does: its models were trained on ``<s>``-led text).
+
+    With the beginning-of-sequence token, what lm-eval's Hugging Face model does is done here:
+    ``tok_encode`` puts it first unless told ``add_special_tokens=False`` or the text already starts
+    with it; it is :attr:`prefix_token_id`, the token an empty context and a document's first
+    window are conditioned on; so a context, a generation prompt and a rolling document all start
+    with it (a rolling document's own first token, the ``<s>``, is scored after the prefix, as
+    lm-eval's model scores it).
     """
 
     def __init__(self, model: RetNet, tokenizer: ByteTokenizer | HFTokenizer, batch_size: int = 8,
-                 eot_token_id: int | None = None, window: int = 2048, max_gen_toks: int = 256) -> None:
+                 eot_token_id: int | None = None, window: int = 2048, max_gen_toks: int = 256,
+                 add_bos_token: bool | None = None) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("window", window), ("max_gen_toks", max_gen_toks)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -62,6 +74,18 @@ class RetNetLM(_TemplateLM):
         self._eot = _default_eot(tokenizer) if eot_token_id is None else int(eot_token_id)
         if not 0 <= self._eot < model.config.vocab_size:
             raise ValueError(f"eot_token_id must be a token id in [0, {model.config.vocab_size}), got {self._eot}")
+        if add_bos_token is not None and not isinstance(add_bos_token, bool):
+            raise ValueError(f"add_bos_token must be True, False or None, got {add_bos_token!r}")
+        bos = getattr(tokenizer, "bos_token_id", None)
+        wants = bool(getattr(tokenizer, "add_bos", False)) if add_bos_token is None else add_bos_token
+        self._bos: int | None = None
+        if wants:
+            if bos is None:
+                raise ValueError("add_bos_token: the tokenizer has no beginning-of-sequence token (bos_token_id)")
+            if not 0 <= int(bos) < model.config.vocab_size:
+                raise ValueError(f"the tokenizer's bos_token_id {bos} is not a token id of the model")
+            self._bos = int(bos)
+        self._bos_text = tokenizer.decode([self._bos]) if self._bos is not None else ""
 
     # -- tokens --------------------------------------------------------------------------------
 
@@ -70,11 +94,22 @@ class RetNetLM(_TemplateLM):
         return self._eot
 
     @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context and a document's first window are conditioned on: the
+        beginning-of-sequence token where it is used, else the end-of-text token."""
+        return self._bos if self._bos is not None else self._eot
+
+    @property
     def device(self) -> torch.device:
         return self.model.device
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return list(self.tok.encode(string))
+        ids = list(self.tok.encode(string))
+        if self._bos is None or add_special_tokens is False:
+            return ids
+        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
+            return ids  # the text brings its own <s> (lm-eval's HF model checks the same)
+        return [self._bos, *ids]
 
     def tok_decode(self, tokens: Iterable[int]) -> str:
         return self.tok.decode(list(tokens))
@@ -132,7 +167,7 @@ class RetNetLM(_TemplateLM):
 
     @torch.no_grad()
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of each whole document (after the end-of-text token)."""
+        """Log-likelihood of each whole document (after :attr:`prefix_token_id`)."""
         docs = [self.tok_encode(req.args[0]) for req in requests]
         results: list[float] = [0.0] * len(docs)
         order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
@@ -146,7 +181,7 @@ class RetNetLM(_TemplateLM):
             targets = torch.full((len(batch), length), -100, dtype=torch.long)
             for row, i in enumerate(batch):
                 doc = docs[i]
-                inputs[row, :len(doc)] = torch.tensor([self._eot, *doc[:-1]])
+                inputs[row, :len(doc)] = torch.tensor([self.prefix_token_id, *doc[:-1]])
                 targets[row, :len(doc)] = torch.tensor(doc)
             totals = torch.zeros(len(batch), dtype=torch.float64)
             state: RetNetState | None = None

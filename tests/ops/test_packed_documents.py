@@ -83,6 +83,63 @@ def test_retention_forms_reset_to_the_reference_per_document(form: str) -> None:
     assert not torch.allclose(plain, out)
 
 
+@pytest.mark.parametrize("form", ["parallel", "chunkwise", "recurrent"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+def test_retention_forms_reset_with_a_state_from_the_previous_window(form: str, dtype: torch.dtype) -> None:
+    """A window continuing a state: the state reaches only each row's first document (row 0
+    starts a document at position 0, so its state is dropped; row 1 continues it)."""
+    torch.manual_seed(3)
+    heads, dk, dv = 3, 4, 6
+    mask = packed_batch()
+    q, k = torch.randn(2, heads, 23, dk, dtype=F64), torch.randn(2, heads, 23, dk, dtype=F64)
+    v = torch.randn(2, heads, 23, dv, dtype=F64)
+    gammas = reference_gammas(heads)
+    # The state the previous window left: the reference's state after 11 tokens.
+    _, prev = reference_retention(torch.randn(2, heads, 11, dk, dtype=F64), torch.randn(2, heads, 11, dk, dtype=F64),
+                                  torch.randn(2, heads, 11, dv, dtype=F64), gammas)
+    qc, kc, vc, pc = q.to(dtype), k.to(dtype), v.to(dtype), prev.to(dtype)
+    if form == "parallel":
+        out, _ = retention_parallel(qc, kc, vc, decay=gammas, prev_state=pc, reset_mask=mask)
+    elif form == "chunkwise":
+        out, state = retention_chunkwise(qc, kc, vc, pc, chunk_size=4, decay=gammas, reset_mask=mask)
+    else:
+        steps, running = [], pc
+        for t in range(23):
+            o, running = retention_recurrent(qc[:, :, t], kc[:, :, t], vc[:, :, t], running, decay=gammas,
+                                             reset=mask[:, t])
+            steps.append(o)
+        out = torch.stack(steps, dim=2)
+    tol = 1e-12 if dtype == F64 else 2e-5
+    for row, a, b in documents(mask):
+        sl = (slice(row, row + 1), slice(None), slice(a, b))
+        carried = a == 0 and not bool(mask[row, 0])
+        expected, final = reference_retention(q[sl], k[sl], v[sl], gammas,
+                                              prev_state=prev[row:row + 1] if carried else None)
+        torch.testing.assert_close(out[sl].to(F64), expected, rtol=tol, atol=tol)
+        if form == "chunkwise" and b == 23:
+            torch.testing.assert_close(state[row:row + 1].to(F64), final, rtol=tol, atol=tol)
+    # A row without resets continues the state through the whole window, state included.
+    whole = torch.zeros_like(mask)
+    if form == "chunkwise":
+        out, state = retention_chunkwise(qc, kc, vc, pc, chunk_size=4, decay=gammas, reset_mask=whole)
+        expected, final = reference_retention(q, k, v, gammas, prev_state=prev)
+        torch.testing.assert_close(out.to(F64), expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(state.to(F64), final, rtol=tol, atol=tol)
+    # The state matters (row 1's first document sees it), so the test can tell.
+    alone, _ = retention_parallel(qc, kc, vc, decay=gammas, reset_mask=mask)
+    assert not torch.allclose(alone[1, :, :9], out[1, :, :9])
+
+
+def test_layout_carrying_a_state_left_aligns_the_continued_segments() -> None:
+    mask = packed_batch()
+    seg = segment_layout(mask, carry_state=True)
+    x = torch.randn(2, 23, 3)
+    assert torch.equal(unpack(pack(x, seg), seg, 2, 23), x)
+    assert seg.carried.tolist() == [False] * 4 + [True] + [False] * 3  # row 1's first only
+    assert bool(seg.valid[4, :9].all()) and not bool(seg.valid[4, 9:].any())  # padding after it
+    assert torch.equal(segment_layout(mask).valid, segment_layout(mask, carry_state=False).valid)
+
+
 def tiny_model(dtype: torch.dtype, d_model: int = 32, chunk_size: int = 4) -> RetNet:
     torch.manual_seed(1)
     config = RetNetConfig(vocab_size=50, d_model=d_model, num_layers=2, num_heads=2, ffn_dim=64, dropout=0.0,

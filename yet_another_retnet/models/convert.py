@@ -3,7 +3,8 @@
 ``ours``: :meth:`RetNet.save_pretrained`'s directory (``config.json``, safetensors, and a tokenizer
 described by ``tokenizer_config.json``). ``fla``: flash-linear-attention's ``RetNetForCausalLM``
 as on the Hugging Face Hub (``config.json`` with ``model_type: retnet``, safetensors, Hugging
-Face tokenizer files). The output directory is written under a temporary name beside it and
+Face tokenizer files). ``syncdoth`` (read only): syncdoth/RetNet's ``RetNetForCausalLM``
+(``model_type: retnet`` with torchscale's field names; see :mod:`.syncdoth`). The output directory is written under a temporary name beside it and
 renamed into place at the end: a conversion that fails writes nothing.
 """
 
@@ -20,7 +21,9 @@ import torch
 from .checkpoint import CONFIG_NAME
 from .config import MODEL_TYPE
 
-FORMATS = ("ours", "fla")
+FORMATS = ("ours", "fla", "syncdoth")
+#: Formats that are only read (``--from``), never written.
+READ_ONLY = ("syncdoth",)
 #: Tokenizer files copied along as they are.
 COPIED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "special_tokens_map.json", "generation_config.json")
 HF_TOKENIZER = "tokenizer.json"
@@ -41,10 +44,7 @@ def detect_format(directory: Path) -> str:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a config object")
     if data.get("model_type") == "retnet" and "decoder_embed_dim" in data:
-        # syncdoth/RetNet shares the model_type; its math varies by version and option
-        # (use_lm_decay, use_ffn_rms_norm, ...): refused rather than guessed.
-        raise ValueError(f"{path}: a syncdoth/RetNet (torchscale-style) checkpoint; only fla's RetNet "
-                         "and ours are supported")
+        return "syncdoth"  # syncdoth/RetNet shares fla's model_type, with torchscale's field names
     if data.get("model_type") == "retnet":
         return "fla"
     if "d_model" in data and data.get("model_type", MODEL_TYPE) == MODEL_TYPE:
@@ -88,16 +88,24 @@ def convert(src: str | Path, out: str | Path, source: str | None = None, target:
         raise ValueError(f"unknown source format {source!r}; known: {', '.join(FORMATS)}")
     if source != detected:
         raise ValueError(f"{src} holds a {detected!r} checkpoint, not {source!r}")
-    target = target or ("ours" if source == "fla" else "fla")
+    target = target or ("fla" if source == "ours" else "ours")
     if target not in FORMATS:
         raise ValueError(f"unknown target format {target!r}; known: {', '.join(FORMATS)}")
+    if target in READ_ONLY:
+        raise ValueError(f"--to {target}: that format is read, not written; known targets: ours, fla")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty directory")
     if out.resolve() == src.resolve():
         raise ValueError("the output directory must differ from the source")
 
-    fla_config = read_fla_config(src) if source == "fla" else None
-    model = RetNet.from_fla(src, dtype=dtype) if source == "fla" else RetNet.from_pretrained(src, dtype=dtype)
+    if source == "syncdoth":
+        from .syncdoth import from_syncdoth, read_syncdoth_config
+
+        fla_config: dict[str, Any] | None = read_syncdoth_config(src)  # its token ids, as fla's
+        model = from_syncdoth(RetNet, src, dtype=dtype)
+    else:
+        fla_config = read_fla_config(src) if source == "fla" else None
+        model = RetNet.from_fla(src, dtype=dtype) if source == "fla" else RetNet.from_pretrained(src, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

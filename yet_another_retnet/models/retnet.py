@@ -733,6 +733,15 @@ class RetNet(GenerationMixin, nn.Module):
         return from_torchscale(cls, state_dict, config)
 
     @classmethod
+    def from_syncdoth(cls, path_or_state_dict: str | Path | dict[str, Tensor], config: dict[str, Any] | None = None,
+                      dtype: torch.dtype | None = None) -> RetNet:
+        """A syncdoth/RetNet ``RetNetForCausalLM``: a checkpoint directory, or a state dict with
+        its config dict. See :mod:`yet_another_retnet.models.syncdoth`."""
+        from .syncdoth import from_syncdoth
+
+        return from_syncdoth(cls, path_or_state_dict, config, dtype=dtype)
+
+    @classmethod
     def from_yar051(cls, state_dict: dict[str, Tensor], **options: Any) -> RetNet:
         """Build a model in yet-another-retnet 0.5.1's architecture from its ``RetNet``'s state dict.
 

@@ -263,9 +263,10 @@ def retention_chunkwise(
         backend: ``None`` (CUDA tensors take our Triton kernels where they apply, everything else
             the PyTorch form), ``"torch"``, ``"triton"`` or ``"fla"``; see
             :mod:`yet_another_retnet.ops.backends`.
-        reset_mask: optional ``(batch, length)`` bool, True where a new document starts (then
-            ``prev_state`` must be ``None``): each document runs alone, through the same fast
-            path, laid out one per row (:mod:`.segments`); the state is the last document's.
+        reset_mask: optional ``(batch, length)`` bool, True where a new document starts: each
+            document runs alone, through the same fast path, laid out one per row
+            (:mod:`.segments`); ``prev_state`` reaches only the tokens before a row's first
+            reset; the state is the last document's.
 
     Returns:
         ``(out, state)``: out ``(batch, heads, length, dv)`` in the input dtype and the state after
@@ -280,19 +281,22 @@ def _chunkwise_documents(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | N
                          decay: DecaySpec, scale: float | None, reset_mask: Tensor,
                          backend: str | None = None) -> tuple[Tensor, Tensor]:
     _check_qkv(q, k, v, rank=4)
-    if prev_state is not None:
-        raise ValueError("reset_mask: packed documents start from an empty state (prev_state must be None)")
+    state = _check_state(prev_state, q, v)
     batch, length = q.shape[0], q.shape[2]
-    seg = segment_layout(check_reset_mask(reset_mask, (batch, length)))
+    seg = segment_layout(check_reset_mask(reset_mask, (batch, length)), carry_state=state is not None)
+    carried = None
+    if state is not None:  # each row's state goes to its first segment, unless that starts a document
+        keep = seg.carried[:, None, None, None].to(state.dtype)
+        carried = state.index_select(0, seg.rows) * keep
 
     def packed(t: Tensor) -> Tensor:  # (b, h, L, d) -> (segments, h, width, d), padding zeroed
         p = pack(t.transpose(1, 2), seg)
         return torch.where(seg.valid[:, :, None, None], p, torch.zeros((), dtype=p.dtype)).transpose(1, 2)
 
-    out, state = _chunkwise(packed(q), packed(k), packed(v), None, chunk_size, decay, scale, fast=True,
-                            backend=backend)
+    out, new_state = _chunkwise(packed(q), packed(k), packed(v), carried, chunk_size, decay, scale, fast=True,
+                                backend=backend)
     out = unpack(out.transpose(1, 2), seg, batch, length).transpose(1, 2)
-    return out, state[seg.last]
+    return out, new_state[seg.last]
 
 
 @_outside_autocast

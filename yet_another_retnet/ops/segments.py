@@ -9,6 +9,13 @@ left-padded to the longest; whatever runs on the packed rows (any retention form
 kernels included) then runs each document alone, and :func:`unpack` puts the outputs back in
 place. Left padding is what every form already supports on a sequence's first call (padded keys
 and values are zeroed and take no position), so the state after each segment is exact too.
+
+A window that continues a state from the previous window (``carry_state``) hands that state to
+each row's first segment only, unless the row starts a document at position 0. Such a segment is
+laid out *left-aligned*, its padding after it: padding after a token cannot reach it (retention is
+causal), whereas padding before it would decay the carried state. Its own final state then holds
+the padding's decay, but it is only ever read where the segment is its row's only one, which
+spans the whole row and so has no padding.
 """
 
 from __future__ import annotations
@@ -30,6 +37,9 @@ class Segments:
         scatter: ``(batch * length,)`` long, flat index into ``segments * width`` of each token.
         last: ``(batch,)`` long, each row's last segment.
         lengths: ``(segments,)`` long, tokens per segment.
+        rows: ``(segments,)`` long, the row each segment comes from.
+        carried: ``(segments,)`` bool, segments that continue their row's earlier state (only
+            with ``carry_state``; they are left-aligned, see the module docstring).
     """
 
     gather: Tensor
@@ -37,6 +47,8 @@ class Segments:
     scatter: Tensor
     last: Tensor
     lengths: Tensor
+    rows: Tensor
+    carried: Tensor
 
     @property
     def padded(self) -> bool:
@@ -56,11 +68,12 @@ def check_reset_mask(reset_mask: object, shape: tuple[int, ...]) -> Tensor:
     return reset_mask
 
 
-def segment_layout(reset_mask: Tensor) -> Segments:
+def segment_layout(reset_mask: Tensor, carry_state: bool = False) -> Segments:
     """The one-document-per-row layout of a ``(batch, length)`` bool ``reset_mask``.
 
     Every row starts a segment at position 0 whatever the mask says there; a True elsewhere
-    starts a new one.
+    starts a new one. With ``carry_state`` each row's first segment continues the row's earlier
+    state unless the mask is True at position 0 (:attr:`Segments.carried`, left-aligned).
     """
     batch, length = reset_mask.shape
     device = reset_mask.device
@@ -75,16 +88,19 @@ def segment_layout(reset_mask: Tensor) -> Segments:
     width = int(lengths.max()) if n else 0
     segment_of = torch.cumsum(flat.long(), 0) - 1  # (batch * length,)
     offset = torch.arange(batch * length, device=device) - first[segment_of]
-    pad = width - lengths  # left padding of each segment
+    rows = first // max(length, 1)
+    carried = torch.zeros(n, dtype=torch.bool, device=device)
+    if carry_state and n:
+        carried = (first % max(length, 1) == 0) & ~reset_mask.reshape(-1)[first]
+    pad = torch.where(carried, torch.zeros_like(lengths), width - lengths)  # left padding of each segment
     scatter = segment_of * width + pad[segment_of] + offset
     slots = torch.arange(width, device=device)
-    valid = slots[None, :] >= pad[:, None]
+    valid = (slots[None, :] >= pad[:, None]) & (slots[None, :] < (pad + lengths)[:, None])
     gather = torch.where(valid, first[:, None] + slots[None, :] - pad[:, None], torch.zeros((), dtype=torch.long,
                                                                                                device=device))
-    rows = first // max(length, 1)
     last = torch.zeros(batch, dtype=torch.long, device=device)
     last.scatter_reduce_(0, rows, torch.arange(n, device=device), reduce="amax", include_self=False)
-    return Segments(gather, valid, scatter, last, lengths)
+    return Segments(gather, valid, scatter, last, lengths, rows, carried)
 
 
 def pack(x: Tensor, seg: Segments) -> Tensor:

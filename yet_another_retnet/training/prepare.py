@@ -70,21 +70,22 @@ class Unit:
 
 
 @dataclass
-class Piece:
-    """A run of tokens from one unit: ``ends`` says whether a document ends with it."""
-
-    tokens: int
-    text_bytes: int
-    ends: bool
-
-
-@dataclass
 class UnitResult:
-    tokens: np.ndarray  # uint32, the unit's tokens (end-of-document ids included)
-    pieces: list[Piece]
+    """One unit's tokens, cut into pieces (a piece is a run of tokens of one document).
+
+    Everything is a compact numpy array, already in the shard dtype: a worker process hands this
+    back through a pipe and the writer only slices it, so the writer stays cheap next to the
+    tokenizing workers (Python lists of ints or of small objects would cost more to move than to
+    make).
+    """
+
+    tokens: np.ndarray  # (T,) shard dtype, the unit's tokens (end-of-document ids included)
+    piece_tokens: np.ndarray  # (P,) int64, tokens of each piece
+    piece_bytes: np.ndarray  # (P,) int64, source text bytes of each piece
+    piece_ends: np.ndarray  # (P,) bool, whether a document ends with the piece
     raw_bytes: int
     digest: str
-    mask: np.ndarray | None = None  # uint8 per token (supervised fine-tuning): 1 where it is scored
+    mask: np.ndarray | None = None  # (T,) uint8 (supervised fine-tuning): 1 where a token is scored
 
 
 @dataclass
@@ -95,6 +96,7 @@ class TokenizerSpec:
     encoding: str = "utf-8"
     field: str = "text"
     sft: bool = False  # jsonl rows of prompt and completion: only the completion is scored
+    dtype: str = "uint32"  # the shard dtype: workers hand back tokens in it
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,11 +242,13 @@ def _decode(raw: bytes, unit: Unit, offset: int, encoding: str) -> str:
 
 def _encode_texts(texts: list[str], raws: list[bytes] | None) -> list[np.ndarray]:
     tok = _WORKER["tok"]
-    if tok is None:
+    if tok is None:  # bytes: uint8 views, widened once when the unit is assembled
         if raws is not None and _WORKER["spec"].encoding.replace("_", "-").lower() in ("utf-8", "utf8"):
-            return [np.frombuffer(r, dtype=np.uint8).astype(np.uint32) for r in raws]
-        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint32) for t in texts]
-    return [np.asarray(e.ids, dtype=np.uint32) for e in tok.encode_batch(texts, add_special_tokens=False)]
+            return [np.frombuffer(r, dtype=np.uint8) for r in raws]
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+    # encode_batch_fast (tokenizers >= 0.20) skips the character offsets, which nothing here reads.
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    return [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts, add_special_tokens=False)]
 
 
 def encode_unit(unit: Unit) -> UnitResult:
@@ -327,34 +331,45 @@ def encode_unit(unit: Unit) -> UnitResult:
     return _assemble(encoded, nbytes, ends, eod, raw_bytes, digest.hexdigest())
 
 
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """``parts`` as one array in the shard dtype (the vocabulary was checked to fit it)."""
+    dtype = np.dtype(_WORKER["spec"].dtype)
+    if not parts:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate(parts, dtype=dtype, casting="same_kind")
+
+
 def _assemble_pairs(encoded: list[np.ndarray], text_bytes: list[int], eod: int | None, raw_bytes: int,
                     digest: str) -> UnitResult:
-    docs, masks = [], []
+    parts, masks, lengths = [], [], []
+    marker = [] if eod is None else [np.asarray([eod], dtype=np.uint32)]
     for prompt, completion in zip(encoded[0::2], encoded[1::2], strict=True):
-        tail = [completion] if eod is None else [completion, np.asarray([eod], dtype=np.uint32)]
-        doc = np.concatenate([prompt, *tail])
-        docs.append(doc)
-        masks.append(np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(doc) - len(prompt), np.uint8)]))
-    pieces = [Piece(len(d), a + b, True) for d, a, b in zip(docs, text_bytes[0::2], text_bytes[1::2], strict=True)]
-    tokens = np.concatenate(docs) if docs else np.zeros(0, dtype=np.uint32)
+        parts += [prompt, completion, *marker]
+        scored = len(completion) + len(marker)
+        lengths.append(len(prompt) + scored)
+        masks += [np.zeros(len(prompt), np.uint8), np.ones(scored, np.uint8)]
+    nbytes = np.asarray(text_bytes, dtype=np.int64)
     mask = np.concatenate(masks) if masks else np.zeros(0, dtype=np.uint8)
-    return UnitResult(tokens, pieces, raw_bytes, digest, mask)
+    return UnitResult(_concat(parts), np.asarray(lengths, dtype=np.int64), nbytes[0::2] + nbytes[1::2],
+                      np.ones(len(lengths), dtype=bool), raw_bytes, digest, mask)
 
 
 def _assemble(encoded: list[np.ndarray], text_bytes: list[int], ends: list[bool], eod: int | None,
               raw_bytes: int, digest: str) -> UnitResult:
     parts: list[np.ndarray] = []
-    pieces: list[Piece] = []
-    marker = None if eod is None else np.asarray([eod], dtype=np.uint32)
-    for ids, nbytes, end in zip(encoded, text_bytes, ends, strict=True):
-        n = len(ids)
-        parts.append(ids)
-        if end and marker is not None:
-            parts.append(marker)
-            n += 1
-        pieces.append(Piece(n, nbytes, end))
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-    return UnitResult(tokens, pieces, raw_bytes, digest)
+    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
+    piece_ends = np.asarray(ends, dtype=bool).reshape(-1)
+    if eod is None:
+        parts = encoded
+    else:
+        marker = np.asarray([eod], dtype=np.uint32)
+        for ids, end in zip(encoded, ends, strict=True):
+            parts.append(ids)
+            if end:
+                parts.append(marker)
+        lengths += piece_ends
+    return UnitResult(_concat(parts), lengths, np.asarray(text_bytes, dtype=np.int64).reshape(-1), piece_ends,
+                      raw_bytes, digest)
 
 
 def _stream_hub(name: str, spec: TokenizerSpec, batch: int = 1000) -> Iterator[UnitResult]:
@@ -428,9 +443,9 @@ class _SplitWriter:
                 self._close()
                 self._open()
             take = min(len(ids), self.shard_tokens - self._in_shard)
-            ids[:take].astype(self.dtype).tofile(self._file)
+            self._file.write(np.ascontiguousarray(ids[:take], dtype=self.dtype).data)
             if self._mask_file is not None and mask is not None:
-                mask[:take].astype(np.uint8).tofile(self._mask_file)
+                self._mask_file.write(np.ascontiguousarray(mask[:take], dtype=np.uint8).data)
                 mask = mask[take:]
             self._in_shard += take
             self.shards[-1]["tokens"] += take
@@ -453,6 +468,10 @@ class PrepareResult:
     reused: bool = False
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    #: CPU seconds spent in this process (planning, writing; with one worker, tokenizing too) and
+    #: in the worker processes: where the time goes, whatever else shares the machine.
+    cpu_main: float = 0.0
+    cpu_workers: float = 0.0
 
 
 class _Progress:
@@ -546,6 +565,7 @@ def prepare(
     it was (or without an index, if an older preparation was being replaced).
     """
     started = time.perf_counter()
+    cpu_before = _cpu_seconds()
     out = Path(out)
     if not sources:
         raise PrepareError("give at least one source")
@@ -602,7 +622,17 @@ def prepare(
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    return PrepareResult(out, index, seconds=time.perf_counter() - started)
+    cpu_main, cpu_workers = (after - before for after, before in zip(_cpu_seconds(), cpu_before, strict=True))
+    return PrepareResult(out, index, seconds=time.perf_counter() - started, cpu_main=cpu_main,
+                         cpu_workers=cpu_workers)
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process and of its finished child processes."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def _results(units: list[Unit], hub: list[Source], spec: TokenizerSpec,
@@ -629,7 +659,7 @@ def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: 
            settings: dict[str, Any], workers: int, progress: TextIO | None, unit_bytes: int) -> dict[str, Any]:
     units = plan_units([s for s in found], unit_bytes)
     hub = [s for s in found if s.kind == "hub"]
-    spec = TokenizerSpec(tokenizer, settings["encoding"], settings["field"], settings["sft"])
+    spec = TokenizerSpec(tokenizer, settings["encoding"], settings["field"], settings["sft"], settings["dtype"])
     np_dtype = DTYPES[settings["dtype"]]
     writers = {s: _SplitWriter(partial, s, np_dtype, settings["shard_tokens"], settings["sft"]) for s in ("train", "val")}
     bar = _Progress(sum(s.size for s in found if s.kind in ("text", "jsonl")), progress)
@@ -641,23 +671,37 @@ def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: 
     for unit, result in _results(units, hub, spec, workers):
         key = found[unit.source].key if unit is not None else "hub"
         fingerprint.update(f"{key}\0{unit.start if unit else 0}\0{result.digest}\n".encode())
-        pos = 0
-        for piece in result.pieces:
-            ids = result.tokens[pos:pos + piece.tokens]
-            mask = None if result.mask is None else result.mask[pos:pos + piece.tokens]
-            pos += piece.tokens
+        # Which split each piece goes to (0: none, an empty document), in one pass over small
+        # ints; the tokens then move with one gather and one write per split.
+        piece_tokens = result.piece_tokens.tolist()
+        piece_bytes = result.piece_bytes.tolist()
+        piece_ends = result.piece_ends.tolist()
+        labels = [0] * len(piece_tokens)
+        written = {"train": writers["train"].tokens, "val": writers["val"].tokens}
+        for i, (n, nbytes, ends) in enumerate(zip(piece_tokens, piece_bytes, piece_ends, strict=True)):
             if open_split is None:
-                if piece.tokens == 0 or (piece.ends and piece.text_bytes == 0):
+                if n == 0 or (ends and nbytes == 0):
                     continue  # an empty document: nothing to learn from
                 open_split = "val" if _is_val(docs, settings["val_fraction"]) else "train"
-                writers[open_split].doc_starts.append(writers[open_split].tokens)
+                writers[open_split].doc_starts.append(written[open_split])
                 docs += 1
                 if unit is not None:
                     docs_per_source[unit.source] = docs_per_source.get(unit.source, 0) + 1
-            writers[open_split].write(ids, mask)
-            writers[open_split].text_bytes += piece.text_bytes
-            if piece.ends:
+            labels[i] = 1 if open_split == "train" else 2
+            written[open_split] += n
+            writers[open_split].text_bytes += nbytes
+            if ends:
                 open_split = None
+        piece_labels = np.asarray(labels, dtype=np.int8)
+        for label, split in ((1, "train"), (2, "val")):
+            chosen = piece_labels == label
+            if not chosen.any():
+                continue
+            if chosen.all():
+                writers[split].write(result.tokens, result.mask)
+                continue
+            take = np.repeat(chosen, result.piece_tokens)
+            writers[split].write(result.tokens[take], None if result.mask is None else result.mask[take])
         done_bytes += result.raw_bytes
         bar.update(done_bytes, docs, writers["train"].tokens + writers["val"].tokens)
     for w in writers.values():
@@ -803,4 +847,6 @@ def run(args: Any) -> int:
           f"{splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens ({index['dtype']}, "
           f"tokenizer {index['tokenizer']['type']}, vocabulary {index['tokenizer']['vocab_size']:,})"
           + ("" if result.reused else f" in {result.seconds:.1f} s"))
+    if not result.reused:
+        print(f"cpu: {result.cpu_main:.2f} s in the main process, {result.cpu_workers:.2f} s in worker processes")
     return 0
