@@ -164,3 +164,24 @@ def test_cli_offers_every_method(model: RetNet, tmp_path: Path, capsys: pytest.C
     assert torch.equal(RetNet.from_pretrained(tmp_path / "q4").generate(ids, 6), want)
     assert main(["quantize", str(tmp_path / "float"), str(tmp_path / "q3"), "--method", "int3"]) == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err and not (tmp_path / "q3").exists()
+
+
+def test_bench_quantization_scores_the_held_out_split(model: RetNet, tmp_path: Path) -> None:
+    from yet_another_retnet.training.data import default_corpus_text, encode_corpus, split_tokens
+
+    model.save_pretrained(tmp_path / "float")
+    out = tmp_path / "report"
+    assert main(["bench", "quantization", "--model", str(tmp_path / "float"), "--windows", "3", "--seq-len", "32",
+                 "--batch", "2", "--methods", "int8,int4", "--out", str(out)]) == 0
+    result = json.loads((out / "quantization.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"float32", "int8", "int4"} and result["scored_tokens"] == 3 * 32
+    # The float row is the model's own loss on the last 5% of the corpus, windows of 33 tokens.
+    _, val = split_tokens(encode_corpus(default_corpus_text()), 0.05)
+    windows = val[: 3 * 32 + 1].unfold(0, 33, 32)
+    with torch.no_grad():
+        want = model(windows, labels=windows).loss  # position t scores token t + 1; the last nothing
+    assert abs(rows["float32"]["loss"] - float(want)) < 1e-4
+    assert abs(rows["int8"]["loss_ratio"] - 1) < abs(rows["int4"]["loss_ratio"] - 1)
+    assert rows["int8"]["top1_agreement"] > rows["int4"]["top1_agreement"]
+    assert "| int4 |" in (out / "quantization.md").read_text()

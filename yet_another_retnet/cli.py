@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "data", "cpu_inference")
+BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "data", "cpu_inference", "quantization")
 
 
 class UsageError(Exception):
