@@ -63,7 +63,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def held_out_windows(model_dir: Path, data: str | None, val_fraction: float, windows: int, seq_len: int) -> torch.Tensor:
     """``(n, seq_len + 1)`` token windows from the end of the corpus (n <= ``windows``)."""
-    from ..training.data import default_corpus_text, encode_corpus, load_tokenizer, read_text_files, split_tokens
+    from ..training.data import (
+        default_corpus_text,
+        encode_corpus,
+        load_tokenizer,
+        read_text_files,
+        split_tokens,
+    )
 
     text = default_corpus_text() if data is None else read_text_files(data)
     _, val = split_tokens(encode_corpus(text, load_tokenizer(model_dir)), val_fraction)
