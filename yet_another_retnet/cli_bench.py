@@ -8,7 +8,7 @@ from typing import Any
 
 from .cli_common import UsageError, _formatter
 
-BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "data", "cpu_inference")
+BENCHMARKS = ("ops", "inference", "training", "quality", "peers", "data", "cpu_inference", "quantization")
 
 
 def add_parser(sub: Any) -> None:

@@ -25,8 +25,13 @@ def add_parser(sub: Any) -> None:
                    help="cast the weights (default: as saved); bfloat16 decodes ~1.5x faster on CPUs with AVX512-BF16")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (first token waits for the compiler; faster after)")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="int8 weights (per output channel) for the projections and head: ~4x fewer bytes a token")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="int8 weights (per output channel) for the projections and head: ~4x fewer bytes a token; "
+                        "int4: 4-bit weights with a scale per group of 128 inputs (int4-gN: groups of N), ~7x fewer")
+
+
+#: ``--quantize`` methods: models/quantized.py's QUANTIZE_METHODS (kept here so --help needs no torch).
+QUANTIZE_CHOICES = ("int8", "int4", "int4-g32", "int4-g64", "int4-g256")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""CPU inference at real size: decoding in float32, bfloat16 and int8 against each one's memory
+"""CPU inference at real size: decoding in float32, bfloat16, int8 and int4 against each one's memory
 floor, prompt prefill in float32 and bfloat16 against the products' peaks, and serving throughput.
 
     retnet bench cpu_inference            # the 1.3B configuration (d 2048, 8 heads, 24 layers,
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="state positions for decoding (default: 2048,16384)")
     p.add_argument("--prefill-contexts", type=common.positive_ints, default=None, metavar="N,N",
                    help="prompt lengths for prefill (default: 2048,16384; quick: 512)")
-    p.add_argument("--variants", default="float32,bfloat16,int8", help="decoding variants (default: all three)")
+    p.add_argument("--variants", default="float32,bfloat16,int8,int4", help="decoding variants (default: all four)")
     p.add_argument("--tokens", type=int, default=None, help="decoding steps timed per point (default: 16; quick: 8)")
     p.add_argument("--clients", type=int, default=16, help="concurrent requests in the serving run (default: 16)")
     p.add_argument("--serve-tokens", type=int, default=None, help="tokens per serving request (default: 16; quick: 8)")
@@ -170,8 +170,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serve_tokens = args.serve_tokens or (8 if quick else 16)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
-        if v not in ("float32", "bfloat16", "int8"):
-            raise ValueError(f"--variants: unknown variant {v!r} (float32, bfloat16, int8)")
+        if v not in ("float32", "bfloat16", "int8", "int4"):
+            raise ValueError(f"--variants: unknown variant {v!r} (float32, bfloat16, int8, int4)")
     from ..models.retnet import count_parameters
 
     result: dict[str, Any] = {"machine": common.machine_info(torch.device("cpu")), "config": config.to_dict(),
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif variant == "bfloat16":
             model = RetNet(config, dtype=torch.bfloat16).eval()
         else:
-            model = quantize_model(RetNet(config, dtype=torch.bfloat16)).float()
+            model = quantize_model(RetNet(config, dtype=torch.bfloat16), variant).float()
         gc.collect()
         nbytes = decode_bytes(model)
         floor = nbytes / bandwidth
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "tokens_per_s": 1 / seconds, "weight_bytes": nbytes, "floor_ms": floor * 1e3,
                            "x_floor": seconds / floor})
             print(json.dumps(decode[-1]), flush=True)
-        if variant != "int8":
+        if variant not in ("int8", "int4"):
             for length in prefill_contexts:
                 runs = [(variant, False)] + ([("float32 + bf16 products", True)] if variant == "float32" else [])
                 for name, products in runs:

@@ -1,14 +1,25 @@
-"""A linear layer with int8 weights (per-output-channel scales): what a quantized model's
-projections and head become (``models/quantized.py``)."""
+"""Linear layers with int8 weights (per-output-channel scales) or int4 weights (per-group scales):
+what a quantized model's projections and head become (``models/quantized.py``).
+
+Both hold their weight as row-wise buffers (:meth:`qparams`: each a tensor with one row per output
+channel, so the rows of several layers stack into one product) and run them through
+:meth:`product`."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from ..ops.quantized import dequantize_int8, qlinear, quantize_int8
+from ..ops.quantized import (
+    dequantize_int4,
+    dequantize_int8,
+    qlinear,
+    qlinear_int4,
+    quantize_int4,
+    quantize_int8,
+)
 
-__all__ = ["QuantizedLinear"]
+__all__ = ["Int4Linear", "QuantizedLinear"]
 
 
 class QuantizedLinear(nn.Module):
@@ -51,9 +62,86 @@ class QuantizedLinear(nn.Module):
         """The dequantized weight ``(out, in)`` in the scale's dtype (a fresh tensor)."""
         return dequantize_int8(self.weight_int8, self.weight_scale, self.weight_scale.dtype)
 
+    def qparams(self) -> tuple[Tensor, ...]:
+        """The weight's row-wise buffers: ``(int8 (out, in), scale (out,))``."""
+        return self.weight_int8, self.weight_scale
+
+    @staticmethod
+    def product(x: Tensor, params: tuple[Tensor, ...], bias: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        """``x`` ``(..., in)`` times the weight given by ``params`` (:meth:`qparams`, or several
+        layers' stacked by rows), ``(..., rows)``."""
+        return qlinear(x, params[0], params[1], bias, residual)
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x`` ``(..., in)`` -> ``(..., out)`` (plus ``residual`` if given)."""
         return qlinear(x, self.weight_int8, self.weight_scale, self.bias, residual)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+class Int4Linear(nn.Module):
+    """``y = x W^T + b`` with ``W`` held as int4: ``weight_int4`` uint8 ``(out, padded / 2)`` (two
+    codes a byte), ``weight_scale`` and ``weight_low`` ``(out, groups)`` per group of
+    ``group_size`` input columns (:func:`~yet_another_retnet.ops.quantized.quantize_int4`);
+    inference only. ``weight`` is the dequantized matrix, made on each access (as for
+    :class:`QuantizedLinear`)."""
+
+    weight_int4: Tensor
+    weight_scale: Tensor
+    weight_low: Tensor
+    bias: nn.Parameter | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = max(1, -(-in_features // group_size))
+        self.register_buffer("weight_int4", torch.zeros(out_features, groups * group_size // 2, dtype=torch.uint8,
+                                                        device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype or torch.float32,
+                                                        device=device))
+        self.register_buffer("weight_low", torch.zeros(out_features, groups, dtype=dtype or torch.float32,
+                                                       device=device))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
+        """The int4 form of ``linear`` (groups of ``group_size`` input columns; bias kept)."""
+        packed, scale, low = quantize_int4(linear.weight, group_size)
+        weight = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, weight.device,
+                    weight.dtype)
+        layer.weight_int4.copy_(packed)
+        layer.weight_scale.copy_(scale)
+        layer.weight_low.copy_(low)
+        if linear.bias is not None:
+            assert layer.bias is not None
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight ``(out, in)`` in the scale's dtype (a fresh tensor)."""
+        return dequantize_int4(self.weight_int4, self.weight_scale, self.weight_low, self.in_features,
+                               self.weight_scale.dtype)
+
+    def qparams(self) -> tuple[Tensor, ...]:
+        """The weight's row-wise buffers: ``(packed (out, padded / 2), scale, low (out, groups))``."""
+        return self.weight_int4, self.weight_scale, self.weight_low
+
+    @staticmethod
+    def product(x: Tensor, params: tuple[Tensor, ...], bias: Tensor | None = None,
+                residual: Tensor | None = None) -> Tensor:
+        """As :meth:`QuantizedLinear.product`, for int4 ``params``."""
+        return qlinear_int4(x, params[0], params[1], params[2], bias, residual)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x`` ``(..., in)`` -> ``(..., out)`` (plus ``residual`` if given)."""
+        return qlinear_int4(x, self.weight_int4, self.weight_scale, self.weight_low, self.bias, residual)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4, group_size={self.group_size}")

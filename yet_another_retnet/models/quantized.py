@@ -1,17 +1,22 @@
-"""Weight-only int8 RetNet: quantize a model, decode with int8 products, save and load it.
+"""Weight-only int8 or int4 RetNet: quantize a model, decode with quantized products, save and
+load it.
 
 :func:`quantize_model` replaces every projection of every layer (q, k, v, g, out; the FFN's fc1,
 gate and fc2) and the LM head by a :class:`~yet_another_retnet.layers.quantized.QuantizedLinear`
-(int8, one float scale per output channel). Embeddings, norms, decays and the recurrent state stay
+(``"int8"``: one float scale per output channel) or an
+:class:`~yet_another_retnet.layers.quantized.Int4Linear` (``"int4"``: a scale and a low value per
+group of 128 input columns; ``"int4-g32"``, ``"int4-g64"``, ``"int4-g256"`` choose other groups).
+Embeddings, norms, decays and the recurrent state stay
 in the model's float dtype. Such a model:
 
-* decodes through :func:`quantized_decode_step`: each layer's q/k/v/g (and a GLU's fc1/gate) int8
-  rows stacked into one product, the retention core in the package's kernel, every product reading
-  its int8 weights once for the whole batch (``ops/quantized.py``);
+* decodes through :func:`quantized_decode_step`: each layer's q/k/v/g (and a GLU's fc1/gate)
+  quantized rows stacked into one product, the retention core in the package's kernel, every product reading
+  its quantized weights once for the whole batch (``ops/quantized.py``);
 * prefills with the same code as the float model, which reads each projection's ``weight``: the
   dequantized matrix, made per layer as it runs (one layer's float weights at a time);
-* is saved by :func:`save_quantized` (``config.json``, ``model.safetensors`` with the int8 weights
-  and their scales, ``quantization.json``) and read back by ``RetNet.from_pretrained``.
+* is saved by :func:`save_quantized` (``config.json``, ``model.safetensors`` with the quantized
+  weights, their scales and the method in its metadata, ``quantization.json``) and read back by
+  ``RetNet.from_pretrained``, which refuses a file whose method or shapes do not match.
 """
 
 from __future__ import annotations
@@ -26,10 +31,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..layers.feedforward import ACTIVATIONS, FeedForward
-from ..layers.quantized import QuantizedLinear
+from ..layers.quantized import Int4Linear, QuantizedLinear
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
 from ..ops.decode_step import retention_step
-from ..ops.quantized import qlinear
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 from .config import RetNetConfig
 
@@ -39,7 +43,7 @@ if TYPE_CHECKING:
 __all__ = ["QUANTIZATION_NAME", "QUANTIZE_METHODS", "is_quantized", "load_quantized", "quantize_model",
            "quantized_decode_step", "save_quantized"]
 
-QUANTIZE_METHODS = ("int8",)
+QUANTIZE_METHODS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g256")
 QUANTIZATION_NAME = "quantization.json"
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "g_proj", "out_proj")
 _FFN = ("fc1", "gate", "fc2")
@@ -49,6 +53,21 @@ def check_method(method: object) -> str:
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"quantize must be one of {QUANTIZE_METHODS}, got {method!r}")
     return cast(str, method)
+
+
+def group_size(method: str) -> int | None:
+    """The int4 group size of ``method`` (``None`` for int8)."""
+    if method == "int8":
+        return None
+    return int(method.partition("-g")[2] or 128)
+
+
+def _make_layer(method: str) -> Any:
+    """``linear -> quantized layer`` for ``method``."""
+    group = group_size(method)
+    if group is None:
+        return QuantizedLinear.from_linear
+    return lambda linear: Int4Linear.from_linear(linear, group)
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -69,16 +88,17 @@ def _replace(model: RetNet, make: Any) -> None:
 
 
 def quantize_model(model: RetNet, method: str = "int8") -> RetNet:
-    """Quantize ``model``'s projections and LM head to ``method`` in place (eval mode); returns it.
+    """Quantize ``model``'s projections and LM head to ``method`` (one of :data:`QUANTIZE_METHODS`)
+    in place (eval mode); returns it.
 
-    A tied head gets its own int8 copy (the embedding stays float). Inference only: the quantized
+    A tied head gets its own quantized copy (the embedding stays float). Inference only: the quantized
     weights take no gradient.
     """
     method = check_method(method)
     if is_quantized(model):
         raise ValueError("the model is quantized already")
     with torch.no_grad():
-        _replace(model, QuantizedLinear.from_linear)
+        _replace(model, _make_layer(method))
     model.release_decode_cache()
     model.__dict__["_quantization"] = method
     return model.eval()
@@ -89,57 +109,59 @@ def quantize_model(model: RetNet, method: str = "int8") -> RetNet:
 # --------------------------------------------------------------------------------------------
 
 
-def _stacked(owner: nn.Module, linears: tuple[QuantizedLinear, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The int8 rows, scales and biases of ``linears`` stacked into one product, cached on
-    ``owner`` (keyed by the buffers' storage: a reload or ``.to()`` rebuilds it)."""
-    key = tuple((m.weight_int8.data_ptr(), m.weight_scale.data_ptr(), m.weight_scale.dtype) for m in linears)
+_Quantized = QuantizedLinear | Int4Linear
+
+
+def _stacked_product(owner: nn.Module, linears: tuple[_Quantized, ...], x: Tensor) -> Tensor:
+    """``x`` through ``linears`` at once: their row-wise buffers and biases stacked into one
+    product (cached on ``owner``, keyed by the buffers' storage: a reload or ``.to()`` rebuilds it)."""
+    key = tuple((t.data_ptr(), t.dtype) for m in linears for t in m.qparams())
     cache = owner.__dict__.get("_qstack_cache")
     if cache is None or cache[0] != key:
         with torch.inference_mode(False):
-            q = torch.cat([m.weight_int8 for m in linears])
-            scale = torch.cat([m.weight_scale for m in linears])
+            params = tuple(torch.cat(parts) for parts in zip(*(m.qparams() for m in linears), strict=True))
             bias = torch.cat([m.bias.detach() for m in linears if m.bias is not None]) \
                 if linears[0].bias is not None else None
-        cache = (key, (q, scale, bias))
+        cache = (key, (params, bias))
         owner.__dict__["_qstack_cache"] = cache
-    return cast(tuple[Tensor, Tensor, Tensor | None], cache[1])
+    params, bias = cache[1]
+    return cast(Tensor, type(linears[0]).product(x, params, bias))
 
 
 def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: Tensor | None) -> tuple[Tensor, Tensor]:
     """One token per row through a quantized layer: ``x`` ``(batch, d_model)`` -> same, new memory.
 
-    The int8 form of :meth:`RetNetDecoderLayer.step` (same order of operations, pre- or post-norm).
+    The quantized form of :meth:`RetNetDecoderLayer.step` (same order of operations, pre- or post-norm).
     """
     retention = cast(MultiScaleRetention, layer.retention)
     ffn = cast(FeedForward, layer.ffn)
     scale = layer.residual_scale
-    q, s, b = _stacked(retention, cast(tuple[QuantizedLinear, ...], (
-        retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj)))
     h = layer.retention_norm(x) if layer.pre_norm else x
-    proj = qlinear(h, q, s, b)
+    proj = _stacked_product(retention, cast(tuple[_Quantized, ...], (
+        retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj)), h)
     gamma = retention.gammas.to(memory.dtype).view(-1, 1, 1)
     y, memory = retention_step(proj, memory, rotation, gamma, *retention.head_norm_affine(),
                                retention.norm_eps, retention.head_norm == "rmsnorm",
                                GATE_ACTIVATIONS[retention.gate_activation])
     residual = x if scale == 1.0 else x * scale
     if layer.branch_norm:  # x + norm(f(x)) (yet-another-retnet 0.5.1's post-norm)
-        x = residual + layer.retention_norm(cast(QuantizedLinear, retention.out_proj)(y))
+        x = residual + layer.retention_norm(cast(_Quantized, retention.out_proj)(y))
     else:
-        x = cast(QuantizedLinear, retention.out_proj)(y, residual)
+        x = cast(_Quantized, retention.out_proj)(y, residual)
         if not layer.pre_norm:
             x = layer.retention_norm(x)
     h = layer.ffn_norm(x) if layer.pre_norm else x
     act = ACTIVATIONS[ffn.activation]
     if ffn.gate is None:
-        a = act(cast(QuantizedLinear, ffn.fc1)(h))
+        a = act(cast(_Quantized, ffn.fc1)(h))
     else:
         width = ffn.fc1.out_features
-        both = qlinear(h, *_stacked(ffn, cast(tuple[QuantizedLinear, ...], (ffn.fc1, ffn.gate))))
+        both = _stacked_product(ffn, cast(tuple[_Quantized, ...], (ffn.fc1, ffn.gate)), h)
         a = act(both[:, :width]) * both[:, width:]
     residual = x if scale == 1.0 else x * scale
     if layer.branch_norm:
-        return residual + layer.ffn_norm(cast(QuantizedLinear, ffn.fc2)(a)), memory
-    x = cast(QuantizedLinear, ffn.fc2)(a, residual)
+        return residual + layer.ffn_norm(cast(_Quantized, ffn.fc2)(a)), memory
+    x = cast(_Quantized, ffn.fc2)(a, residual)
     if not layer.pre_norm:
         x = layer.ffn_norm(x)
     return x, memory
@@ -160,7 +182,7 @@ def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None)
     for layer, memory in zip(model.decoder.layers, state.memories, strict=True):
         x, memory = _layer_step(cast("RetNetDecoderLayer", layer), x, memory, rotation)
         memories.append(memory)
-    logits = cast(QuantizedLinear, model.lm_head)(model.decoder.norm(x))
+    logits = cast(_Quantized, model.lm_head)(model.decoder.norm(x))
     return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))
 
 
@@ -170,8 +192,8 @@ def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None)
 
 
 def save_quantized(model: RetNet, directory: str | Path) -> None:
-    """Write a quantized model: ``config.json``, ``model.safetensors`` (int8 weights with their
-    float scales) and ``quantization.json``, each atomically."""
+    """Write a quantized model: ``config.json``, ``model.safetensors`` (the quantized weights with
+    their float scales; the method in its metadata) and ``quantization.json``, each atomically."""
     method = model.__dict__.get("_quantization")
     if method is None:
         raise ValueError("save_quantized: the model is not quantized (quantize_model first)")
@@ -183,7 +205,10 @@ def save_quantized(model: RetNet, directory: str | Path) -> None:
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
-    info = json.dumps({"method": method, "scheme": "symmetric, one scale per output channel",
+    group = group_size(method)
+    scheme = ("symmetric, one scale per output channel" if group is None else
+              f"asymmetric 4-bit codes, one scale and low value per {group} input columns, two codes a byte")
+    info = json.dumps({"method": method, "bits": 8 if group is None else 4, "group_size": group, "scheme": scheme,
                        "modules": "retention q/k/v/g/out, FFN fc1/gate/fc2, LM head"})
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(
         tensors, str(tmp), metadata={"format": "pt", "config": config_json, "quantization": method}))
@@ -230,16 +255,22 @@ def load_quantized(cls: type[RetNet], directory: Path, device: torch.device | st
         raise ValueError(f"{weights_path} does not hold {method} weights (its metadata says "
                          f"{metadata.get('quantization')!r})")
     model = cls(config, device="meta")
-    _replace(model, lambda linear: QuantizedLinear(linear.in_features, linear.out_features,
-                                                   linear.bias is not None, "meta", linear.weight.dtype))
+    group = group_size(method)
+    if group is None:
+        _replace(model, lambda linear: QuantizedLinear(linear.in_features, linear.out_features,
+                                                       linear.bias is not None, "meta", linear.weight.dtype))
+    else:
+        _replace(model, lambda linear: Int4Linear(linear.in_features, linear.out_features, linear.bias is not None,
+                                                  group, "meta", linear.weight.dtype))
     expected = model.state_dict()
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(n for n in set(expected) & set(tensors)
-                   if tuple(tensors[n].shape) != tuple(expected[n].shape) or tensors[n].dtype.is_floating_point
-                   != expected[n].dtype.is_floating_point)
+                   if tuple(tensors[n].shape) != tuple(expected[n].shape)
+                   or (not tensors[n].dtype.is_floating_point if expected[n].dtype.is_floating_point
+                       else tensors[n].dtype != expected[n].dtype))
     if missing or unexpected or wrong:
         raise ValueError(f"{weights_path} does not match its config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, wrong shape or type {wrong[:5]}")

@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization: per-output-channel scales, and the products that read it.
+"""Weight-only quantization: int8 with per-output-channel scales, int4 with per-group scales, and
+the products that read them.
 
 A weight ``W`` ``(out, in)`` is stored as ``q`` int8 ``(out, in)`` and ``scale`` ``(out,)`` with
 ``W ~= q * scale[:, None]`` (symmetric, ``scale = max |W_row| / 127``): a quarter of float32's
@@ -9,6 +10,16 @@ step (up to :data:`KERNEL_MAX_ROWS`) it runs ``csrc/qgemv.cpp`` (int8 widened in
 weight byte read once per step for the whole batch); for more rows (a prompt) it dequantizes the
 weight and runs the float product (:func:`qlinear_reference`, also what the kernel is tested
 against and the path wherever the extension is unavailable).
+
+int4 (:func:`quantize_int4`) cuts each row into groups of ``group_size`` consecutive input columns
+(a multiple of 32), each with its own ``scale`` and ``low``: ``W[r, c] ~= code * scale + low`` with
+``code`` in 0..15 (asymmetric: ``low`` is the group's minimum, ``scale = (max - min) / 15``). Two
+codes share a byte; within each block of 32 columns, byte ``k`` holds column ``k`` in its low nibble
+and column ``k + 16`` in its high one, so one 16-byte load widens into two runs of 16 consecutive
+columns. A row whose width is not a multiple of the group is padded by repeating its last column
+(which moves no group's range); the kernel meets the padding with zeros of ``x``. :func:`qlinear_int4` runs ``csrc/qgemv.cpp``'s int4 kernel for up to
+:data:`KERNEL_MAX_ROWS` rows (each packed byte read once per step), the dequantized product
+(:func:`qlinear_int4_reference`) otherwise.
 """
 
 from __future__ import annotations
@@ -19,12 +30,15 @@ from torch import Tensor
 from . import _extension
 from .matmul import linear
 
-__all__ = ["KERNEL_MAX_ROWS", "dequantize_int8", "qlinear", "qlinear_reference", "quantize_int8"]
+__all__ = ["INT4_GROUP_SIZES", "KERNEL_MAX_ROWS", "dequantize_int4", "dequantize_int8", "qlinear", "qlinear_int4",
+           "qlinear_int4_reference", "qlinear_reference", "quantize_int4", "quantize_int8"]
 
 #: The most rows :func:`qlinear` sends to the kernel; past this the dequantized matrix product
 #: (compute-bound, on the BLAS) is the faster of the two.
 KERNEL_MAX_ROWS = 32
 _X_DTYPES = (torch.float32, torch.bfloat16)
+#: The group sizes int4 accepts (input columns per scale): multiples of the 32-column packing block.
+INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,3 +88,97 @@ def qlinear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None,
         return out.view(*x.shape[:-1], q.shape[0])
     return qlinear_reference(x, q, scale, bias, residual)
 
+
+
+# --------------------------------------------------------------------------------------------
+# int4, per group
+# --------------------------------------------------------------------------------------------
+
+
+def _check_group(group_size: object) -> int:
+    if group_size not in INT4_GROUP_SIZES or isinstance(group_size, bool):
+        raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+    return int(group_size)
+
+
+def quantize_int4(weight: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor, Tensor]:
+    """``(packed uint8 (out, padded / 2), scale float32 (out, groups), low float32 (out, groups))``
+    of ``weight`` ``(out, in)``: ``padded`` is ``in`` rounded up to a multiple of ``group_size``
+    and ``groups = padded / group_size``. Per group: ``low = min``, ``scale = (max - min) / 15``
+    (1 for a constant group), ``code = round((w - low) / scale)`` in 0..15; packing as the module
+    docstring says."""
+    group = _check_group(group_size)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out, in), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must be floating point, got {weight.dtype}")
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("weight holds inf or NaN: it cannot be quantized")
+    out, cols = w.shape
+    groups = max(1, -(-cols // group))
+    padded = groups * group
+    # The padding repeats each row's last column, so it changes no group's minimum or maximum.
+    if padded != cols:
+        w = torch.cat([w, w[:, -1:].expand(out, padded - cols)], dim=1) if cols else w.new_zeros(out, padded)
+    g = w.view(out, groups, group)
+    low, high = g.amin(dim=2), g.amax(dim=2)
+    scale = (high - low) / 15.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((g - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)
+    blocks = codes.view(out, padded // 32, 2, 16)
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out, padded // 2)
+    return packed.contiguous(), scale.contiguous(), low.contiguous()
+
+
+def _int4_codes(packed: Tensor) -> Tensor:
+    """The codes ``(out, padded)`` (uint8, 0..15) of ``packed`` ``(out, padded / 2)``."""
+    out = packed.shape[0]
+    blocks = packed.view(out, -1, 16)
+    return torch.stack([blocks & 15, blocks >> 4], dim=2).reshape(out, -1)
+
+
+def dequantize_int4(packed: Tensor, scale: Tensor, low: Tensor, in_features: int,
+                    dtype: torch.dtype = torch.float32) -> Tensor:
+    """``code * scale + low`` in ``dtype``, the first ``in_features`` columns: ``(out, in)``
+    (computed in float32; float64 when ``dtype`` is float64)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    out, groups = scale.shape
+    codes = _int4_codes(packed).to(work).view(out, groups, -1)
+    w = codes * scale.to(work)[..., None] + low.to(work)[..., None]
+    return w.view(out, -1)[:, :in_features].to(dtype)
+
+
+def qlinear_int4_reference(x: Tensor, packed: Tensor, scale: Tensor, low: Tensor, bias: Tensor | None = None,
+                           residual: Tensor | None = None) -> Tensor:
+    """:func:`qlinear_int4` as dequantize-then-matmul (same arguments and result)."""
+    w = dequantize_int4(packed, scale, low, x.shape[-1], x.dtype)
+    return linear(x, w, None if bias is None else bias.to(x.dtype), residual)
+
+
+def qlinear_int4(x: Tensor, packed: Tensor, scale: Tensor, low: Tensor, bias: Tensor | None = None,
+                 residual: Tensor | None = None) -> Tensor:
+    """``x @ W^T (+ bias) (+ residual)`` with ``W`` the int4 form of :func:`quantize_int4`.
+
+    Args:
+        x: ``(..., in)`` float32 or bfloat16.
+        packed: ``(out, padded / 2)`` uint8; scale, low: ``(out, groups)``.
+        bias: ``(out,)`` or ``None``; residual: ``(..., out)`` added, or ``None``.
+
+    Returns ``(..., out)`` in ``x``'s dtype (float32 sums in the kernel).
+    """
+    cols = x.shape[-1]
+    padded = packed.shape[-1] * 2
+    groups = scale.shape[-1] if scale.dim() == 2 else 0
+    if (packed.dim() != 2 or packed.dtype != torch.uint8 or scale.shape != low.shape or groups == 0
+            or padded % groups or not padded - padded // groups < cols <= padded):
+        raise ValueError(f"qlinear_int4: packed {tuple(packed.shape)} {packed.dtype}, scale {tuple(scale.shape)} and "
+                         f"low {tuple(low.shape)} do not form an int4 weight for {cols} input columns")
+    rows = x.numel() // max(1, cols)
+    if (x.device.type == "cpu" and x.dtype in _X_DTYPES and 0 < rows <= KERNEL_MAX_ROWS
+            and not (torch.is_grad_enabled() and x.requires_grad) and _extension.load()):
+        flat = x.reshape(rows, cols)
+        add = None if residual is None else residual.reshape(rows, -1)
+        out = torch.ops.yaretnet.qlinear_int4(flat, packed, scale, low, bias, add)
+        return out.view(*x.shape[:-1], packed.shape[0])
+    return qlinear_int4_reference(x, packed, scale, low, bias, residual)

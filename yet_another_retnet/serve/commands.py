@@ -9,25 +9,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import UsageError, _load_model, _pick_device
+from ..cli import QUANTIZE_CHOICES, UsageError, _load_model, _pick_device
 
 #: Files of a model directory that travel with its weights (the tokenizer).
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 
 def add_commands(sub: Any, formatter: Any) -> None:
-    p = sub.add_parser("quantize", formatter_class=formatter, help="save a model with int8 weights",
+    p = sub.add_parser("quantize", formatter_class=formatter, help="save a model with int8 or int4 weights",
                        description="Quantize a model directory's projections and LM head to int8 (one scale per\n"
-                                   "output channel) and save it, with its tokenizer, to OUT (safetensors).")
+                                   "output channel) or int4 (a scale and low value per group of input columns) and\n"
+                                   "save it, with its tokenizer, to OUT (safetensors).")
     p.add_argument("model", metavar="SRC", help="model directory (float weights)")
     p.add_argument("out", metavar="OUT", help="directory to write")
-    p.add_argument("--method", choices=("int8",), default="int8", help="quantization (default: int8)")
+    p.add_argument("--method", choices=QUANTIZE_CHOICES, default="int8",
+                   help="quantization: int8, or int4 with groups of 128 (int4-gN: of N) (default: int8)")
 
     for name, help_text in (("chat", "talk to a model in the terminal"),
                             ("serve", "serve a model over HTTP (OpenAI-style completions API)")):
         p = sub.add_parser(name, formatter_class=formatter, help=help_text, description=_DESCRIPTIONS[name])
         p.add_argument("model", metavar="DIR", help="model directory")
-        p.add_argument("--quantize", choices=("int8",), default=None, help="int8 weights for the projections and head")
+        p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                       help="int8 or int4 weights for the projections and head")
         p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="cast the weights (default: as saved)")
         p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
         if name == "chat":
