@@ -209,7 +209,8 @@ def summarise(job: dict[str, Any], old: list[float | str], new: list[float | str
     if row["old_median"] and row["new_median"] is not None:
         ratio = row["new_median"] / row["old_median"]
         row["ratio_new_over_old"] = ratio
-        row["outside_tolerance"] = abs(ratio - 1.0) > tolerance
+        # One round on each side is one sample of a noisy host: no verdict either way.
+        row["outside_tolerance"] = abs(ratio - 1.0) > tolerance if min(len(old), len(new)) > 1 else None
     else:
         row["ratio_new_over_old"] = None
         row["outside_tolerance"] = True  # no figure is no evidence: flagged
@@ -245,14 +246,17 @@ def markdown(data: dict[str, Any]) -> str:
         ratio_value = r["ratio_new_over_old"] or 1.0
         better = "faster" if (ratio_value > 1) == r["higher_is_better"] else "slower"
         flag = (f"**outside +-{s['tolerance']:.0%}** (new {better})" if r["outside_tolerance"]
-                and r["ratio_new_over_old"] is not None else "**no figure**" if r["outside_tolerance"] else "")
+                and r["ratio_new_over_old"] is not None else "**no figure**" if r["outside_tolerance"]
+                else "inconclusive (one round)" if r["outside_tolerance"] is None else "")
         ratio = "–" if r["ratio_new_over_old"] is None else f"{r['ratio_new_over_old']:.3f}"
         lines.append(f"| {r['row']} | {r['unit']} | {fmt(r['old_median'])} | {fmt(r['new_median'])} | {ratio} | "
                      f"{flag} | {', '.join(fmt(v) for v in r['old_rounds'])} | "
                      f"{', '.join(fmt(v) for v in r['new_rounds'])} |")
     flagged = [r for r in data["rows"] if r["outside_tolerance"]]
+    undecided = [r for r in data["rows"] if r["outside_tolerance"] is None]
     lines += ["", f"{len(flagged)} of {len(data['rows'])} rows outside +-{s['tolerance']:.0%}."
-              if flagged else f"Every row within +-{s['tolerance']:.0%}."]
+              if flagged else f"Every row within +-{s['tolerance']:.0%}." if not undecided
+              else "Inconclusive: one round gives one sample per tree; run --rounds 3 or more."]
     return "\n".join(lines) + "\n"
 
 

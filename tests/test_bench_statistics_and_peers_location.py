@@ -102,6 +102,8 @@ def test_compare_trees_rows_median_ratio_and_flags() -> None:
     assert row["ratio_new_over_old"] == pytest.approx(1.0) and row["outside_tolerance"] is False
     slow = ct.summarise(train, [200.0, 200.0], [180.0, 185.0], 0.05)
     assert slow["ratio_new_over_old"] == pytest.approx(182.5 / 200) and slow["outside_tolerance"] is True
+    one_round = ct.summarise(train, [200.0], [100.0], 0.05)  # one sample each: no verdict
+    assert one_round["ratio_new_over_old"] == pytest.approx(0.5) and one_round["outside_tolerance"] is None
     missing = ct.summarise(train, [200.0], ["timed out after 9 s"], 0.05)
     assert missing["ratio_new_over_old"] is None and missing["outside_tolerance"] is True
     data = {"old": {"rev": "a", "sha": "0" * 40}, "new": {"rev": "b", "sha": "1" * 40},
