@@ -2,7 +2,8 @@
 
 Every relative link in README.md, CHANGELOG.md and docs/**/*.md names a file or folder of the
 repository (an ``#anchor`` must be a heading of the page it names). No tracked text file names a
-path of the machine it was written on (a home or work directory, a sibling checkout).
+path of the machine it was written on (a home or work directory, a sibling checkout). No table
+cell splits inside a code span.
 """
 
 from __future__ import annotations
@@ -63,3 +64,11 @@ def test_no_tracked_file_names_a_path_outside_the_repository() -> None:
             if OUTSIDE.search(line) and "OUTSIDE" not in line:
                 offenders.append(f"{name}:{number}: {line.strip()[:100]}")
     assert not offenders, "paths outside the repository:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_table_cells_do_not_split_inside_code(page: Path) -> None:
+    """A ``|`` inside a code span of a table row ends the cell on GitHub unless it is escaped."""
+    split = [f"{number}: {code}" for number, line in enumerate(page.read_text().splitlines(), 1)
+             if line.startswith("|") for code in re.findall(r"`[^`]*`", line) if re.search(r"(?<!\\)\|", code)]
+    assert not split, f"{page.relative_to(ROOT)}: escape these pipes as \\|: {split}"
