@@ -13,7 +13,7 @@ import pytest
 from yet_another_retnet.bench import _outside, inference
 from yet_another_retnet.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _rows(ms: dict[int, float]) -> list[dict[str, object]]:

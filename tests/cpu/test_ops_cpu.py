@@ -54,7 +54,8 @@ def test_each_family_has_its_predicate_its_source_its_reference_and_its_test(fam
     assert (_extension.CSRC / f"{family}.cpp").is_file()  # the C++ is named like its module
     doc = module.__doc__ or ""
     assert "Reference" in doc or "reference" in doc
-    tests = [word.strip("`.,();") for word in doc.split() if "tests/test_" in word]
+    words = [word.strip("`.,();") for word in doc.split()]
+    tests = [w for w in words if w.startswith("tests/") and w.endswith(".py")]
     assert tests and all((ROOT / t).is_file() for t in tests), tests
     assert "2026" not in doc and "/work" not in doc  # no dated figures, no paths outside the repository
 

@@ -5,8 +5,8 @@ that picks among them.
 the plain reference ops (``project``, :mod:`~yet_another_retnet.ops.retention`'s three forms,
 ``output``). With the layer's ``use_fast_path`` on (the default), :func:`pick_route` names the
 route a multi-token call takes and :func:`run_route` runs it; every route gives the reference's
-numbers to rounding (tests/test_ops_fast.py, tests/test_retention_core.py,
-tests/test_fast_paths.py). The table, checked top to bottom (the first row whose conditions all
+numbers to rounding (tests/ops/test_chunkwise_vs_reference.py, tests/cpu/test_retention_core.py,
+tests/models/test_fast_decoding.py). The table, checked top to bottom (the first row whose conditions all
 hold wins):
 
 =========  =================================================================  ==========================

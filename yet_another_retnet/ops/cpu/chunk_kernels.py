@@ -19,7 +19,7 @@ Reference: :func:`chunk_contributions_reference`, :func:`chunk_output_reference`
 :func:`chunk_retention_reference`, the same in PyTorch ops: the path everywhere else (other
 devices or dtypes, other sizes, tables that need a gradient, no C++ toolchain, torch < 2.4,
 ``YARETNET_FAST_PATH=0``), what a double backward (``create_graph=True``) differentiates (the
-kernels' own backwards record no graph), and what ``tests/test_chunk_kernels.py`` checks the
+kernels' own backwards record no graph), and what ``tests/cpu/test_chunk_kernels.py`` checks the
 kernels against.
 """
 

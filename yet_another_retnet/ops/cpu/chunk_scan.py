@@ -10,7 +10,7 @@ times the work of the scan. :func:`chunk_scan` runs the C++ scan (forward and ba
 float32.
 
 Reference: the decay-matrix product in :func:`yet_another_retnet.ops.retention.retention_chunkwise`
-(the path everywhere else); ``tests/test_chunk_scan.py`` checks the kernel against it and a
+(the path everywhere else); ``tests/cpu/test_chunk_scan.py`` checks the kernel against it and a
 float64 loop.
 """
 

@@ -17,7 +17,7 @@ float64, without a C++ toolchain; both return the same values to float32 roundin
 weights gathered once by :func:`layer_step_plan`): block
 norm, the q/k/v/g product, the core, the output product and residual, block norm, the FFN and
 its residual. Its reference is the decoder layer's own step in PyTorch ops
-(:mod:`yet_another_retnet.models.retnet`). ``tests/test_decode_step.py`` checks both kernels
+(:mod:`yet_another_retnet.models.retnet`). ``tests/cpu/test_decode_step.py`` checks both kernels
 against float64 and their references.
 Why one call: every matrix-vector product streams megabytes of weights through the caches, so
 each small op after one starts cold (~20 us of cache misses for ~5 us of work, measured); a layer

@@ -7,7 +7,7 @@ thread, bfloat16 widened in registers, PyTorch's own thread pool), which reads w
 as part of the package's C++ extension (:mod:`._extension`) the first time it is needed.
 
 Reference: ``torch.mv``/``torch.addmv``, the path wherever :func:`supports` says no (and where the
-extension cannot be built, or with ``YARETNET_FAST_PATH=0``); ``tests/test_gemv.py`` checks the
+extension cannot be built, or with ``YARETNET_FAST_PATH=0``); ``tests/cpu/test_gemv.py`` checks the
 kernel against it and against float64.
 """
 

@@ -18,7 +18,7 @@ autocast, small products, a double backward, ``torch.compile`` graphs. The weigh
 transposed copies run ``csrc/matmul.cpp`` where :func:`supports`.
 
 Reference: ATen's ``F.linear``/``addmm`` (``YARETNET_CPU_MATMUL=aten``) and ``x.t().contiguous()``;
-``tests/test_matmul.py`` checks both backends against each other and float64.
+``tests/cpu/test_matmul.py`` checks both backends against each other and float64.
 """
 
 from __future__ import annotations

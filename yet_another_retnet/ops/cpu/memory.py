@@ -18,7 +18,7 @@ resident memory can exceed that of the plain allocator when many different sizes
 
 Built with the package's C++ extension (``csrc/memory.cpp``, :mod:`._extension`); without it (no
 compiler, or ``YARETNET_FAST_PATH=0``) the context manager does nothing and says so through its
-value. Reference: the plain allocator; ``tests/test_memory.py`` checks that a training step gives
+value. Reference: the plain allocator; ``tests/cpu/test_buffer_cache.py`` checks that a training step gives
 the same results in the cache and out of it.
 """
 

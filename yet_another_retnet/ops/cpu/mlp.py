@@ -9,7 +9,7 @@ same: the input, the GELU's output and the slope.
 
 Reference: :func:`gelu_mlp_reference`, the same in PyTorch ops: the path everywhere else (other
 devices, dtypes, autocast, ``torch.compile`` tracing, no C++ toolchain, ``YARETNET_FAST_PATH=0``),
-what a double backward differentiates, and what ``tests/test_mlp.py`` checks the node against.
+what a double backward differentiates, and what ``tests/cpu/test_gelu_mlp.py`` checks the node against.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ gradients as per-thread partial sums).
 
 Reference: :func:`norm_gate_reference`, the same in PyTorch ops: the path everywhere else (other
 devices and dtypes, no C++ toolchain, torch < 2.4, ``YARETNET_FAST_PATH=0``), what a double
-backward differentiates, and what ``tests/test_norm_gate.py`` checks the kernel against.
+backward differentiates, and what ``tests/cpu/test_norm_gate.py`` checks the kernel against.
 """
 
 from __future__ import annotations

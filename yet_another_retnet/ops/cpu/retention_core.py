@@ -14,7 +14,7 @@ directly, so none of the three intermediate layouts (heads, retained values, the
 streamed through memory and back.
 
 Reference: :func:`retention_core_reference`, the three plain forms composed: the path everywhere
-else, what a double backward differentiates, and what ``tests/test_retention_core.py`` checks the
+else, what a double backward differentiates, and what ``tests/cpu/test_retention_core.py`` checks the
 kernel against.
 """
 

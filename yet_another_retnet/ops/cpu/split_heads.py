@@ -8,7 +8,7 @@ one projection gradient: in eager PyTorch that was a complex multiply, three lay
 backward a conjugate multiply plus a concatenation.
 
 Reference: :func:`split_heads_reference`, the same in PyTorch ops (views, not copies): the path
-everywhere else, what a double backward differentiates, and what ``tests/test_split_heads.py``
+everywhere else, what a double backward differentiates, and what ``tests/cpu/test_split_heads.py``
 checks the kernel against.
 """
 
