@@ -144,9 +144,9 @@ def test_compile_trains_the_same_curve(tmp_path: Path, corpus_file: Path,
     # dynamo's frame counter shows that it did (an eager-against-eager run would fail here).
     from torch._dynamo.utils import counters
 
-    import yet_another_retnet.layers.retention as layer_module
+    import yet_another_retnet.layers.fast as route_module  # the route table (layers/fast.py)
 
-    monkeypatch.setattr(layer_module, "_load_extension", lambda: False)
+    monkeypatch.setattr(route_module, "load_extension", lambda: False)
     base = ["--seq-len", "32", "--batch-size", "4", "--max-steps", "3", "--log-interval", "1",
             "--eval-interval", "3", "--dropout", "0", "--eval-max-windows", "2", "--chunk-size", "8"]
     run_train(tmp_path / "eager", corpus_file, *base)
