@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..cli import QUANTIZE_CHOICES, UsageError, _load_model, _pick_device
+from ..cli import UsageError, _load_model, _pick_device
+from ..cli_generate import QUANTIZE_CHOICES
 
 #: Files of a model directory that travel with its weights (the tokenizer).
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
