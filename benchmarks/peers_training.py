@@ -204,7 +204,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"matmul_params": _matmul_params(model)}
     buffers: Any = contextlib.nullcontext
     if spec["kind"] in OURS and spec["kind"] != "ours-nocache":
-        from yet_another_retnet.ops.memory import cached_cpu_memory
+        from yet_another_retnet.ops.cpu.memory import cached_cpu_memory
 
         buffers = cached_cpu_memory
     _time_shapes(spec, model, step, clock, result, buffers)

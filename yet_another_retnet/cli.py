@@ -22,10 +22,10 @@ from typing import Any
 from .cli_bench import BENCHMARKS, cmd_bench
 from .cli_common import UsageError, _formatter, _load_model, _Parser, _pick_device
 from .cli_eval import cmd_eval
-from .cli_generate import cmd_generate
+from .cli_generate import QUANTIZE_CHOICES, cmd_generate
 from .cli_train import cmd_train
 
-__all__ = ["BENCHMARKS", "COMMANDS", "UsageError", "_load_model", "_pick_device", "build_parser", "cmd_bench",
+__all__ = ["BENCHMARKS", "COMMANDS", "QUANTIZE_CHOICES", "UsageError", "_load_model", "_pick_device", "build_parser", "cmd_bench",
            "cmd_eval", "cmd_generate", "cmd_info", "cmd_prepare", "cmd_train", "main"]
 
 

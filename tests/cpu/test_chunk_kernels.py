@@ -10,7 +10,6 @@ import torch
 from reference import reference_gammas, reference_retention
 
 from yet_another_retnet.ops import _extension, chunk_kernels
-from yet_another_retnet.ops import retention as retention_ops
 from yet_another_retnet.ops.chunk_kernels import (
     chunk_contributions,
     chunk_contributions_reference,
@@ -256,7 +255,6 @@ def test_chunkwise_through_the_kernels_equals_float64_retention(length: int, fus
     # a previous state, a length the chunk does not divide: outputs, state and gradients against
     # the independent float64 recurrence. Through the fused op (whatever the thread count) and
     # through the three separate ops.
-    monkeypatch.setattr(retention_ops, "chunk_retention_applies", chunk_kernels_apply if fused else lambda *a: False)
     monkeypatch.setattr(chunk_kernels, "supports_chunk_retention", chunk_kernels.supports if fused else lambda *a: False)
     gen = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(2, 4, length, 32, generator=gen, requires_grad=True) for _ in range(3))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
 import zlib
 from pathlib import Path
@@ -18,7 +17,7 @@ from yet_another_retnet.models.quantized import is_quantized, quantize_model, sa
 from yet_another_retnet.ops import _extension
 from yet_another_retnet.ops.quantized import dequantize_int8, qlinear, quantize_int8
 
-HAS_TOOLCHAIN = shutil.which("c++") is not None and os.environ.get("YARETNET_CPU_KERNELS", "1") != "0"
+HAS_TOOLCHAIN = shutil.which("c++") is not None and _extension.switch_on()
 
 
 def test_quantize_int8_rounds_each_row_to_its_scale() -> None:

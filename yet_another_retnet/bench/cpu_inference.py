@@ -40,8 +40,8 @@ from ..models import RetNet, RetNetConfig
 from ..models.quantized import quantize_model
 from ..models.retnet import RetNetState
 from ..ops.bf16_products import bf16_products
-from ..ops.gemv import gemv
-from ..ops.matmul import mm_nt
+from ..ops.cpu.gemv import gemv
+from ..ops.cpu.matmul import mm_nt
 from . import common
 
 DEFAULT_OUT = "docs/results/cpu-inference"

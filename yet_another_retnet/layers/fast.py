@@ -20,9 +20,9 @@ compiled   ``"chunkwise"``; ``compile_chunkwise()`` on; length >= 1; a valid  :f
            ``keep_kernel_calls`` with CPU float32 and the kernels built)       one graph per layer call
 core       ``"chunkwise"``; the paper's layer (group norm, swish gate); no    ``ops.retention_core``:
            padding; a float32 state or none; whole chunks; then the kernel's  split, rotation, retention,
-           own :func:`~yet_another_retnet.ops.retention_core.                 head norm and gate in one
-           retention_core_applies` on the projection (CPU float32, the        kernel
-           extension built), else on to ``fused`` with the same product
+           own :func:`~yet_another_retnet.ops.cpu.retention_core.supports`    head norm and gate in one
+           on the projection (CPU float32, the extension built), else on to   kernel
+           ``fused`` with the same product
 fused      every other multi-token self-retention call                        one ``[q|k|v|g]`` product,
                                                                               split (and rotated) by the
                                                                               ``split_heads`` kernel on
@@ -43,11 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._extension import autocast_enabled, is_compiling
-from ..ops._extension import load as load_extension
+from ..ops.cpu import _extension as cpu_extension
+from ..ops.cpu._extension import autocast_enabled, is_compiling
+from ..ops.cpu._extension import load as load_extension
+from ..ops.cpu.gemv import gemv
+from ..ops.cpu.matmul import linear
+from ..ops.cpu.retention_core import retention_core
+from ..ops.cpu.retention_core import supports as core_supports
+from ..ops.cpu.split_heads import split_heads
+from ..ops.cpu.split_heads import supports as split_supports
 from ..ops.decay import ChunkTables, chunk_tables, resolve_log_decay
-from ..ops.gemv import gemv
-from ..ops.matmul import linear
 from ..ops.norms import key_scale
 from ..ops.position import (
     from_halves,
@@ -58,8 +63,6 @@ from ..ops.position import (
     to_halves,
 )
 from ..ops.retention import chunkwise_table_shapes, chunkwise_with_tables
-from ..ops.retention_core import retention_core, retention_core_applies
-from ..ops.split_heads import split_heads, split_heads_apply
 
 if TYPE_CHECKING:
     from .retention import MultiScaleRetention
@@ -185,7 +188,7 @@ def split_projection(
         # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py), in a
         # compiled graph too.
         cos, sin = kernel_tables(rotation)
-        if split_heads_apply(proj, cos):
+        if split_supports(proj, cos) and cpu_extension.load():
             q, k, v, gate = split_heads(proj, cos, sin, heads, dk)
             k, v = drop_padding(k, v, token_mask)
             return q, k, v, gate
@@ -216,7 +219,7 @@ def core_chunkwise(
     """Chunkwise retention from the fused product ``proj`` ``(b, L, 2 d + 2 value_dim)`` to the
     output projection's input ``(b, L, value_dim)``, plus the new memory, in one kernel call
     (``ops.retention_core``); ``None`` where the kernel declines (the length not a whole number of
-    chunks, or :func:`retention_core_applies`)."""
+    chunks, or the kernel's :func:`~yet_another_retnet.ops.cpu.retention_core.supports`)."""
     length = proj.shape[1]
     chunk = length if chunk_size is None else min(chunk_size, length)
     if length == 0 or length % chunk or layer.norm_weight is None or layer.norm_bias is None:
@@ -225,7 +228,7 @@ def core_chunkwise(
     log_gamma = resolve_log_decay(layer.gammas, layer.num_heads, proj.device)
     tables = chunk_tables(log_gamma, chunk, 1, proj.dtype, key_scale(layer.key_dim))
     args = (tables.inner, tables.query_decay, tables.key_decay, tables.chunk_decay.view(layer.num_heads))
-    if not retention_core_applies(proj, cos, layer.num_heads, layer.key_dim, chunk, *args):
+    if not (core_supports(proj, cos, layer.num_heads, layer.key_dim, chunk, *args) and cpu_extension.load()):
         return None
     return retention_core(proj, cos, sin, *args, memory, layer.norm_weight, layer.norm_bias, layer.norm_eps,
                           layer.num_heads, layer.key_dim, chunk)
@@ -247,7 +250,7 @@ def compiled_chunkwise(
     log_gamma = resolve_log_decay(layer.gammas, layer.num_heads, x.device)
     tables = {shape: chunk_tables(log_gamma, *shape, x.dtype, key_scale(layer.key_dim))
               for shape in chunkwise_table_shapes(length, chunk)}
-    halves = rotation is not None and not split_heads_apply(x, rotation[0])
+    halves = rotation is not None and not (split_supports(x, rotation[0]) and cpu_extension.load())
     tables_in = half_tables(*rotation) if halves and rotation is not None else rotation
     return cast(tuple[Tensor, Tensor], compiled(x, memory, chunk, tables_in, token_mask, tables, halves))
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.matmul import linear
-from ..ops.mlp import gelu_mlp
+from ..ops.cpu.matmul import linear
+from ..ops.cpu.mlp import gelu_mlp
 from ..ops.norms import rms_normalize
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "swish": F.silu, "silu": F.silu, "relu": F.relu}

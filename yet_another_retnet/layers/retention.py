@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._extension import autocast_enabled as _autocast_enabled
-from ..ops._extension import is_compiling as _is_compiling
+from ..ops.cpu._extension import autocast_enabled as _autocast_enabled
+from ..ops.cpu._extension import is_compiling as _is_compiling
+from ..ops.cpu.decode_step import retention_step, retention_step_reference
+from ..ops.cpu.matmul import linear
+from ..ops.cpu.norm_gate import head_group_norm, norm_gate
 from ..ops.decay import DECAY_SCHEDULES, ChunkTables, decay_gammas, resolve_log_decay
-from ..ops.decode_step import retention_step, retention_step_reference
-from ..ops.matmul import linear
-from ..ops.norm_gate import head_group_norm, norm_gate
 from ..ops.norms import key_scale, rms_normalize
 from ..ops.position import (
     ROTATIONS,

@@ -33,8 +33,13 @@ from torch import Tensor, nn
 from ..layers.fast import linear_step, stack_linears, weight_version
 from ..layers.feedforward import ACTIVATIONS, FeedForward, RMSNorm
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
-from ..ops.decode_step import KERNEL_MAX_ROWS, LayerStepPlan, decoder_layer_step, layer_step_plan
-from ..ops.gemv import gemv_kernel_available
+from ..ops.cpu import _extension as cpu_extension
+from ..ops.cpu.decode_step import (
+    KERNEL_MAX_ROWS,
+    LayerStepPlan,
+    decoder_layer_step,
+    layer_step_plan,
+)
 
 if TYPE_CHECKING:
     from .retnet import RetNet, RetNetDecoder, RetNetDecoderLayer
@@ -236,7 +241,7 @@ def compile_decode(model: RetNet, enabled: bool, keep_kernel_steps: bool, compil
     if not enabled:
         model.__dict__.pop("_compiled_decode", None)
         return
-    gemv_kernel_available()  # decided (and built) now, not while tracing
+    cpu_extension.load()  # the kernels decided (and built) now, not while tracing
     options: dict[str, Any] = {"dynamic": False, **compile_options}
     options["options"] = {**inductor_decode_options(), **options.get("options", {})}
     model.__dict__["_compiled_decode"] = (torch.compile(model._decode_logits, **options), bool(keep_kernel_steps))

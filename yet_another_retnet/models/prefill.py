@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from torch import Tensor
 
-from ..ops.memory import cached_cpu_memory
+from ..ops.cpu.memory import cached_cpu_memory
 
 if TYPE_CHECKING:
     from .retnet import RetNet, RetNetDecoderLayer, RetNetState

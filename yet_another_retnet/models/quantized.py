@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ..layers.feedforward import ACTIVATIONS, FeedForward
 from ..layers.quantized import Int4Linear, QuantizedLinear
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
-from ..ops.decode_step import retention_step
+from ..ops.cpu.decode_step import retention_step
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 from .config import RetNetConfig
 

@@ -27,10 +27,10 @@ from torch.utils.checkpoint import checkpoint
 from ..generation import GenerationMixin
 from ..layers.feedforward import ACTIVATIONS, FeedForward, build_norm
 from ..layers.retention import MultiScaleRetention, RetentionState, _is_compiling, linear_step
-from ..ops.chunk_scan import chunk_scan_kernel_available
-from ..ops.decode_step import LayerStepPlan
-from ..ops.matmul import linear
-from ..ops.memory import cached_cpu_memory
+from ..ops.cpu import _extension as cpu_extension
+from ..ops.cpu.decode_step import LayerStepPlan
+from ..ops.cpu.matmul import linear
+from ..ops.cpu.memory import cached_cpu_memory
 from ..ops.position import rotation_factor_table
 from ..ops.segments import check_reset_mask, pack, segment_layout, unpack
 from . import decoding
@@ -646,7 +646,7 @@ class RetNet(GenerationMixin, nn.Module):
         """
         options: dict[str, Any] = {"dynamic": False, **compile_options}
         if enabled:
-            chunk_scan_kernel_available()  # decided (and built) now, not while tracing
+            cpu_extension.load()  # the kernels decided (and built) now, not while tracing
         for module in self.modules():
             if isinstance(module, MultiScaleRetention):
                 if enabled:

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _extension
-from .matmul import linear
+from .cpu import _extension
+from .cpu.matmul import linear
 
 __all__ = ["INT4_GROUP_SIZES", "KERNEL_MAX_ROWS", "dequantize_int4", "dequantize_int8", "qlinear", "qlinear_int4",
            "qlinear_int4_reference", "qlinear_reference", "quantize_int4", "quantize_int8"]

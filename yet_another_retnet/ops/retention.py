@@ -29,13 +29,11 @@ import torch
 from torch import Tensor
 
 from .backends import chunkwise_backend, recurrent_backend
-from .chunk_kernels import (
-    chunk_contributions,
-    chunk_output,
-    chunk_retention,
-    chunk_retention_applies,
-)
-from .chunk_scan import chunk_scan, chunk_scan_applies
+from .cpu import _extension as cpu_extension
+from .cpu import chunk_kernels as chunk_kernel_ops
+from .cpu import chunk_scan as chunk_scan_ops
+from .cpu.chunk_kernels import chunk_contributions, chunk_output, chunk_retention
+from .cpu.chunk_scan import chunk_scan
 from .decay import (
     ChunkTables,
     DecaySpec,
@@ -525,7 +523,8 @@ def _chunks_fast(
     # CPU kernels could read the views in place, but rows 2-4 KiB apart made them ~40% slower.)
     qs, ks, vs = (t.contiguous().view(batch, heads, n, chunk, t.shape[-1]) for t in (q, k, v))
     decay = tables.chunk_decay.view(heads)
-    if chunk_retention_applies(qs, vs, tables.inner, tables.query_decay, tables.key_decay, decay):
+    if (chunk_kernel_ops.supports_chunk_retention(qs, vs, tables.inner, tables.query_decay, tables.key_decay, decay)
+            and cpu_extension.load()):
         # CPU: the products below and the scan between them in one op, chunk after chunk.
         out, final = chunk_retention(qs, ks, vs, tables.inner, tables.query_decay, tables.key_decay, decay, state)
         return out.view(batch, heads, length, dv), final
@@ -536,7 +535,7 @@ def _chunks_fast(
         return out.view(batch, heads, length, dv), contributions[:, :, 0]
     flat = contributions.view(batch, heads, n, dk * dv)
     prev = None if state is None else state.reshape(batch, heads, dk * dv)
-    if chunk_scan_applies(flat, decay):  # CPU: a scan over the chunks (n times less work)
+    if chunk_scan_ops.supports(flat, decay) and cpu_extension.load():  # CPU: a scan over the chunks
         befores, final_flat = chunk_scan(flat, decay, prev)
         final = final_flat.view(batch, heads, dk, dv)
     else:  # one decay-matrix product over the chunk index

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from ..models import RetNet, RetNetConfig, count_parameters
 from ..models.checkpoint import atomic_write
 from ..ops import matmul
-from ..ops.memory import cached_cpu_memory
+from ..ops.cpu.memory import cached_cpu_memory
 from . import distributed as dist_utils
 from . import rundir
 from .checkpoint import (
