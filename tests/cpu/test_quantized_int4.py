@@ -185,3 +185,41 @@ def test_bench_quantization_scores_the_held_out_split(model: RetNet, tmp_path: P
     assert abs(rows["int8"]["loss_ratio"] - 1) < abs(rows["int4"]["loss_ratio"] - 1)
     assert rows["int8"]["top1_agreement"] > rows["int4"]["top1_agreement"]
     assert "| int4 |" in (out / "quantization.md").read_text()
+
+
+def _no_dequantizing(self: object) -> torch.Tensor:
+    raise AssertionError("a short prompt dequantized a weight")
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["default", "fla", "yar051"])
+def test_a_short_prompt_prefills_on_the_kernels(method: str, arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt of at most 32 tokens in all prefills through the quantized products (no weight is
+    dequantized) and gives the dequantized forward's last logits and state, with or without a
+    state to start from."""
+    from yet_another_retnet.layers.quantized import QuantizedLinear
+
+    if HAS_TOOLCHAIN:
+        assert _extension.load()
+    options = {"default": {}, "fla": dict(rotation="rope", head_norm="rmsnorm", head_norm_weight=True,
+                                          block_norm="rmsnorm", ffn="glu", activation="swish", tie_embeddings=False),
+               "yar051": dict(pre_norm=False, post_norm_style="branch", final_norm=False, lm_head_bias=True,
+                              tie_embeddings=False, bias=True, value_factor=1.0)}[arch]
+    torch.manual_seed(0)
+    qm = quantize_model(RetNet(RetNetConfig.from_preset("tiny", num_layers=2, chunk_size=16, **options)).eval(), method)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = qm(ids, mode="parallel")  # dequantized weights, the parallel form
+        with monkeypatch.context() as patch:
+            if _extension.load():
+                patch.setattr(QuantizedLinear, "weight", property(_no_dequantizing))
+                patch.setattr(Int4Linear, "weight", property(_no_dequantizing))
+            short = qm.prefill(ids[:, :10])  # 20 rows, from no state
+            more = qm.prefill(ids[:, 10:24], state=short.state)  # 28 rows, from a state
+    assert (short.logits[:, 0] - full.logits[:, 9]).abs().max() < 2e-5
+    assert (more.logits[:, 0] - full.logits[:, 23]).abs().max() < 2e-5
+    assert torch.equal(more.state.position, torch.tensor([24, 24]))
+    with torch.no_grad():
+        whole = qm(ids, mode="chunkwise").state
+    for a, b in zip(more.state.memories, whole.memories, strict=True):
+        assert (a - b).abs().max() < 2e-5

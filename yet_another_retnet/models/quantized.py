@@ -33,7 +33,10 @@ from torch import Tensor, nn
 from ..layers.feedforward import ACTIVATIONS, FeedForward
 from ..layers.quantized import Int4Linear, QuantizedLinear
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
+from ..ops.cpu import _extension
 from ..ops.cpu.decode_step import retention_step
+from ..ops.quantized import KERNEL_MAX_ROWS
+from ..ops.retention import compute_dtype
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 from .config import RetNetConfig
 
@@ -133,6 +136,15 @@ def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: 
 
     The quantized form of :meth:`RetNetDecoderLayer.step` (same order of operations, pre- or post-norm).
     """
+    return _layer_tokens(layer, x, memory, [rotation])
+
+
+def _layer_tokens(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor,
+                  rotations: list[Tensor | None]) -> tuple[Tensor, Tensor]:
+    """:func:`_layer_step` for one token per row (``x`` ``(batch, d_model)``, one rotation) or for a
+    few tokens per row (``x`` ``(batch, length, d_model)``, one rotation per position): every
+    product runs once over all the tokens (each weight read once), the retention core token by
+    token (recurrent form)."""
     retention = cast(MultiScaleRetention, layer.retention)
     ffn = cast(FeedForward, layer.ffn)
     scale = layer.residual_scale
@@ -140,9 +152,17 @@ def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: 
     proj = _stacked_product(retention, cast(tuple[_Quantized, ...], (
         retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj)), h)
     gamma = retention.gammas.to(memory.dtype).view(-1, 1, 1)
-    y, memory = retention_step(proj, memory, rotation, gamma, *retention.head_norm_affine(),
-                               retention.norm_eps, retention.head_norm == "rmsnorm",
-                               GATE_ACTIVATIONS[retention.gate_activation])
+    norm_weight, norm_bias = retention.head_norm_affine()
+    eps, rms, gate_act = retention.norm_eps, retention.head_norm == "rmsnorm", GATE_ACTIVATIONS[retention.gate_activation]
+    if x.dim() == 2:
+        y, memory = retention_step(proj, memory, rotations[0], gamma, norm_weight, norm_bias, eps, rms, gate_act)
+    else:
+        outs = []
+        for t, rotation in enumerate(rotations):
+            y_t, memory = retention_step(proj[:, t].contiguous(), memory, rotation, gamma, norm_weight, norm_bias,
+                                         eps, rms, gate_act)
+            outs.append(y_t)
+        y = torch.stack(outs, dim=1)
     residual = x if scale == 1.0 else x * scale
     if layer.branch_norm:  # x + norm(f(x)) (yet-another-retnet 0.5.1's post-norm)
         x = residual + layer.retention_norm(cast(_Quantized, retention.out_proj)(y))
@@ -157,7 +177,7 @@ def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: 
     else:
         width = ffn.fc1.out_features
         both = _stacked_product(ffn, cast(tuple[_Quantized, ...], (ffn.fc1, ffn.gate)), h)
-        a = act(both[:, :width]) * both[:, width:]
+        a = act(both[..., :width]) * both[..., width:]
     residual = x if scale == 1.0 else x * scale
     if layer.branch_norm:
         return residual + layer.ffn_norm(cast(_Quantized, ffn.fc2)(a)), memory
@@ -167,12 +187,23 @@ def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: 
     return x, memory
 
 
+def _empty_state(model: RetNet, batch: int) -> RetNetState:
+    """:meth:`RetNet.empty_state` without its look at a projection's ``weight`` (which a quantized
+    layer would dequantize only to learn a dtype): zero memories in the compute dtype."""
+    from .retnet import RetNetState
+
+    dtype, device = compute_dtype(model.dtype), model.device
+    memories = [torch.zeros(batch, r.num_heads, r.key_dim, r.head_dim, dtype=dtype, device=device)
+                for r in (cast(MultiScaleRetention, layer.retention) for layer in model.decoder.layers)]
+    return RetNetState(memories, torch.zeros(batch, dtype=torch.long, device=device))
+
+
 def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
     """Logits ``(batch, 1, vocab)`` and the next state for one token per row ``ids`` ``(batch,)``."""
     from .retnet import RetNetOutput, RetNetState
 
     if state is None:
-        state = model.empty_state(ids.shape[0])
+        state = _empty_state(model, ids.shape[0])
     dtype = state.memories[0].dtype
     rotation = model.decoder._retention(0).step_rotation(state.position, dtype)
     if rotation is not None:
@@ -184,6 +215,38 @@ def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None)
         memories.append(memory)
     logits = cast(_Quantized, model.lm_head)(model.decoder.norm(x))
     return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))
+
+
+def short_prompt_prefill(model: RetNet, ids: Tensor, state: RetNetState | None) -> RetNetOutput | None:
+    """A short prompt's prefill on the quantized kernels: logits of its last position
+    ``(batch, 1, vocab)`` and the state after it, for ``ids`` ``(batch, length)`` with at most
+    :data:`~yet_another_retnet.ops.quantized.KERNEL_MAX_ROWS` tokens in all (no padding).
+
+    Each product reads the quantized weights once for all the prompt's tokens, where the float
+    forward would dequantize every matrix (``weight``) for a few rows; the retention core runs
+    token by token, the recurrent form. ``None`` where it does not apply (longer prompts, no
+    extension, not CPU): the caller's forward then runs.
+    """
+    from .retnet import RetNetOutput, RetNetState
+
+    batch, length = ids.shape
+    if not (0 < batch * length <= KERNEL_MAX_ROWS and ids.device.type == "cpu" and _extension.load()):
+        return None
+    if state is None:
+        state = _empty_state(model, batch)
+    dtype = state.memories[0].dtype
+    retention = model.decoder._retention(0)
+    rotations = []
+    for t in range(length):
+        rotation = retention.step_rotation(state.position + t, dtype)
+        rotations.append(None if rotation is None else torch.view_as_real(rotation))
+    x = model._embed(ids)
+    memories = []
+    for layer, memory in zip(model.decoder.layers, state.memories, strict=True):
+        x, memory = _layer_tokens(cast("RetNetDecoderLayer", layer), x, memory, rotations)
+        memories.append(memory)
+    logits = cast(_Quantized, model.lm_head)(model.decoder.norm(x[:, -1:]))
+    return RetNetOutput(logits, RetNetState(memories, state.position + length))
 
 
 # --------------------------------------------------------------------------------------------

@@ -558,6 +558,12 @@ class RetNet(GenerationMixin, nn.Module):
                 and token_mask is None and not self.training and not torch.is_grad_enabled()):
             # Decoding: the fast single-token step (same numbers as the layer-by-layer path).
             return self._decode_step(input_ids[:, 0], state)
+        if (last_logits_only and labels is None and token_mask is None and not self.training
+                and self.__dict__.get("_quantization") is not None):  # a short prompt: the int8/int4 kernels
+            from .quantized import short_prompt_prefill
+            short = short_prompt_prefill(self, input_ids, state)
+            if short is not None:
+                return short
         if last_logits_only and labels is None and mode == "chunkwise" and not self.training:
             # A long prompt's prefill: chunk-major, its peak memory set by a segment (models/prefill.py).
             done = chunk_major_prefill(self, input_ids, state, chunk, token_mask)
