@@ -32,17 +32,16 @@ names = zipfile.ZipFile(wheel).namelist()
 package = [n for n in names if not n.split("/")[0].endswith(".dist-info")]
 bad = [n for n in package if not n.endswith((".py", ".cpp", ".h", "py.typed"))]
 assert not bad, f"the wheel must hold sources only (no compiled binaries), found: {bad}"
-csrc = sorted(p.relative_to(root).as_posix() for d in ("ops/csrc", "ops/cpu/csrc")
+csrc = sorted(p.relative_to(root).as_posix() for d in ("ops/cpu/csrc",)
               for p in (root / "yet_another_retnet" / d).iterdir())
 missing = [n for n in csrc if n not in names]
 assert not missing, f"the wheel lacks kernel sources: {missing}"
 import re
-# The build's source list: ops/cpu/_extension.py names each family (csrc/<family>.cpp) and the
-# int8 source; every one of them, and every header they include, must be in the wheel.
+# The build's source list: ops/cpu/_extension.py names each family (csrc/<family>.cpp);
+# every one of them, and every header they include, must be in the wheel.
 text = (root / "yet_another_retnet/ops/cpu/_extension.py").read_text()
 families = re.search(r"FAMILIES = \(([^)]*)\)", text).group(1)
 compiled = [f"yet_another_retnet/ops/cpu/csrc/{f}.cpp" for f in re.findall(r'"(\w+)"', families)]
-compiled += [f"yet_another_retnet/ops/csrc/{c}" for c in re.findall(r'"(\w+\.cpp)"', text)]
 assert len(compiled) > 10 and all(c in names for c in compiled), compiled
 included = {m for p in csrc if p.endswith((".cpp", ".h"))
             for m in re.findall(r'#include "([\w.]+)"', (root / p).read_text())}

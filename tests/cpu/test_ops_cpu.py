@@ -23,7 +23,7 @@ ROOT = next(d for d in Path(__file__).resolve().parents if (d / "pyproject.toml"
 HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
 #: The previous layout's modules (``yet_another_retnet.ops.<name>``) and predicate names.
 OLD_MODULES = ("_build", "_extension", "chunk_kernels", "chunk_scan", "decode_step", "gemv", "matmul", "memory",
-               "mlp", "norm_gate", "retention_core", "split_heads")
+               "mlp", "norm_gate", "quantized", "retention_core", "split_heads")
 OLD_NAMES = {"chunk_scan": ("chunk_scan_applies", "chunk_scan_kernel_available"),
              "chunk_kernels": ("chunk_kernels_apply", "chunk_retention_applies", "kernel_shapes_fit", "walks_spread"),
              "gemv": ("gemv_kernel_available",), "mlp": ("gelu_mlp_apply",), "norm_gate": ("norm_gate_apply",),
@@ -64,7 +64,8 @@ SUPPORTS = """
     import os, torch
     from pathlib import Path
     from yet_another_retnet.ops.cpu import (_extension, chunk_kernels, chunk_scan, decode_step, gemv, matmul,
-                                            memory, mlp, norm_gate, retention_core, split_heads)
+                                            memory, mlp, norm_gate, quantized, retention_core,
+                                            split_heads)
     torch.set_num_threads(2)
     r = lambda *shape: torch.randn(*shape)
     tables = (r(2, 1, 32, 32), r(2, 1, 32, 1), r(2, 1, 32, 1), r(2))
@@ -83,6 +84,7 @@ SUPPORTS = """
         "matmul": matmul.supports(r(4, 4)),
         "memory": memory.supports(),
         "decode_step": step,
+        "quantized": quantized.supports(r(2, 64), torch.zeros(8, 64, dtype=torch.int8)),
     }
     root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     built = sorted(p.name for p in root.rglob("*")) if root.exists() else []

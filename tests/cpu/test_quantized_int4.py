@@ -1,4 +1,4 @@
-"""Weight-only int4 with groups: the packing, the kernel (``ops/csrc/qgemv.cpp``) against the
+"""Weight-only int4 with groups: the packing, the kernel (``ops/cpu/csrc/quantized.cpp``) against the
 float64 product of the dequantized weight, the model's int4 decoding against its own dequantized
 forward and against int8 and float, files (and their refusals) and the command line."""
 

@@ -1,4 +1,4 @@
-"""Weight-only int8: the kernel (``ops/csrc/qgemv.cpp``) against float64, the quantized model's
+"""Weight-only int8: the kernel (``ops/cpu/csrc/quantized.cpp``) against float64, the quantized model's
 decoding against its own float (dequantized) form, files, and quality on a trained model."""
 
 from __future__ import annotations

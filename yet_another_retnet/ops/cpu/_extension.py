@@ -3,7 +3,7 @@
 The extension holds every kernel family of this package (one ``csrc/<family>.cpp`` per module
 ``<family>.py``: :mod:`.gemv`, :mod:`.chunk_scan`, :mod:`.chunk_kernels`, :mod:`.norm_gate`,
 :mod:`.split_heads`, :mod:`.retention_core`, :mod:`.mlp`, :mod:`.matmul`, :mod:`.memory`,
-:mod:`.decode_step`) and the int8 weight products (``ops/csrc/qgemv.cpp``, wrapped by
+:mod:`.decode_step`) and the int8 weight products (``csrc/quantized.cpp``, wrapped by
 :mod:`yet_another_retnet.ops.quantized`). ``torch.utils.cpp_extension`` compiles it the first
 time a kernel is needed (a C++ compiler and ninja are required; a minute or two, announced on
 stderr; cached under ``$TORCH_EXTENSIONS_DIR`` or torch's default directory), through
@@ -40,13 +40,11 @@ SWITCH = "YARETNET_FAST_PATH"
 DEPRECATED_SWITCH = "YARETNET_CPU_KERNELS"
 #: The kernel families, one module and one ``csrc/<name>.cpp`` each, in link order.
 FAMILIES = ("gemv", "chunk_scan", "chunk_kernels", "norm_gate", "split_heads", "mlp", "decode_step", "memory",
-            "retention_core", "matmul")
+            "retention_core", "matmul", "quantized")
 #: The families whose ops have shape-only forms or autograd (their module's ``register()``).
 _REGISTERING = ("gemv", "chunk_scan", "chunk_kernels", "norm_gate", "mlp", "split_heads", "retention_core")
 CSRC = Path(__file__).with_name("csrc")
-#: The int8 products' source, still beside ``ops/quantized.py``; it includes ``gemv.h`` from :data:`CSRC`.
-_QUANTIZED_SOURCE = Path(__file__).parents[1] / "csrc" / "qgemv.cpp"
-_SOURCES = [*(CSRC / f"{name}.cpp" for name in FAMILIES), _QUANTIZED_SOURCE]
+_SOURCES = [CSRC / f"{name}.cpp" for name in FAMILIES]
 _HEADERS = sorted(CSRC.glob("*.h"))
 #: The message printed before a build (a cached library loads without it).
 COMPILE_NOTICE = "compiling the CPU kernels once (about 1-2 minutes)..."

@@ -6,10 +6,11 @@ A weight ``W`` ``(out, in)`` is stored as ``q`` int8 ``(out, in)`` and ``scale``
 bytes, and decoding is bound by the bytes of weights each token reads.
 
 :func:`qlinear` is ``x @ W^T (+ bias) (+ residual)`` on that form. For the few rows of a decoding
-step (up to :data:`KERNEL_MAX_ROWS`) it runs ``csrc/qgemv.cpp`` (int8 widened in registers, each
+step (up to :data:`KERNEL_MAX_ROWS`) it runs ``csrc/quantized.cpp`` (int8 widened in registers, each
 weight byte read once per step for the whole batch); for more rows (a prompt) it dequantizes the
-weight and runs the float product (:func:`qlinear_reference`, also what the kernel is tested
-against and the path wherever the extension is unavailable).
+weight and runs the float product (:func:`qlinear_reference`, the reference: what the kernel is
+tested against in tests/models/test_quantized.py and tests/cpu/test_quantized_int4.py, and the
+path wherever the extension is unavailable). :func:`supports` says whether a call takes the kernel.
 
 int4 (:func:`quantize_int4`) cuts each row into groups of ``group_size`` consecutive input columns
 (a multiple of 32), each with its own ``scale`` and ``low``: ``W[r, c] ~= code * scale + low`` with
@@ -17,7 +18,7 @@ int4 (:func:`quantize_int4`) cuts each row into groups of ``group_size`` consecu
 codes share a byte; within each block of 32 columns, byte ``k`` holds column ``k`` in its low nibble
 and column ``k + 16`` in its high one, so one 16-byte load widens into two runs of 16 consecutive
 columns. A row whose width is not a multiple of the group is padded by repeating its last column
-(which moves no group's range); the kernel meets the padding with zeros of ``x``. :func:`qlinear_int4` runs ``csrc/qgemv.cpp``'s int4 kernel for up to
+(which moves no group's range); the kernel meets the padding with zeros of ``x``. :func:`qlinear_int4` runs ``csrc/quantized.cpp``'s int4 kernel for up to
 :data:`KERNEL_MAX_ROWS` rows (each packed byte read once per step), the dequantized product
 (:func:`qlinear_int4_reference`) otherwise.
 """
@@ -27,11 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cpu import _extension
-from .cpu.matmul import linear
+from . import _extension
+from .matmul import linear
 
 __all__ = ["INT4_GROUP_SIZES", "KERNEL_MAX_ROWS", "dequantize_int4", "dequantize_int8", "qlinear", "qlinear_int4",
-           "qlinear_int4_reference", "qlinear_reference", "quantize_int4", "quantize_int8"]
+           "qlinear_int4_reference", "qlinear_reference", "quantize_int4", "quantize_int8", "supports"]
 
 #: The most rows :func:`qlinear` sends to the kernel; past this the dequantized matrix product
 #: (compute-bound, on the BLAS) is the faster of the two.
@@ -66,6 +67,16 @@ def qlinear_reference(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None =
                       residual: Tensor | None = None) -> Tensor:
     """:func:`qlinear` as dequantize-then-matmul (same arguments and result)."""
     return linear(x, dequantize_int8(q, scale, x.dtype), None if bias is None else bias.to(x.dtype), residual)
+
+
+def supports(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`qlinear` (``weight`` int8) or :func:`qlinear_int4` (``weight`` packed uint8)
+    takes the kernel for ``x`` ``(..., in)``: CPU float32 or bfloat16, 1 to :data:`KERNEL_MAX_ROWS`
+    rows, outside autograd, the kernels not ruled out. Pure: never builds the extension."""
+    rows = x.numel() // max(1, x.shape[-1])
+    return (x.device.type == "cpu" and x.dtype in _X_DTYPES and weight.dtype in (torch.int8, torch.uint8)
+            and 0 < rows <= KERNEL_MAX_ROWS and not (torch.is_grad_enabled() and x.requires_grad)
+            and _extension.usable())
 
 
 def qlinear(x: Tensor, q: Tensor, scale: Tensor, bias: Tensor | None = None,

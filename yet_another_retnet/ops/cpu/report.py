@@ -83,7 +83,7 @@ FAST_PATHS = (
              "ops/cpu/csrc/decode_step.cpp: yaretnet::retention_step, decoder_layer_step",
              "retention_step_reference, the decoder layer's PyTorch step", "tests/cpu/test_decode_step.py",
              "CPU float32/bfloat16, float32 memory, no autograd, up to 32 rows (a whole layer)"),
-    FastPath("int8 weight products", "ops/quantized.py: qlinear", "ops/csrc/qgemv.cpp: yaretnet::qlinear_int8",
+    FastPath("int8 weight products", "ops/cpu/quantized.py: qlinear, qlinear_int4", "ops/cpu/csrc/quantized.cpp: yaretnet::qlinear_int8, qlinear_int4",
              "qlinear_reference", "tests/models/test_quantized.py",
              "CPU float32/bfloat16 input, int8 weights, up to 32 rows, no autograd"),
 )

@@ -29,7 +29,7 @@ inline float load_weight<float>(const float* p) { return *p; }
 template <>
 inline float load_weight<uint16_t>(const uint16_t* p) { return bf16_to_float(*p); }
 template <>
-inline float load_weight<int8_t>(const int8_t* p) { return static_cast<float>(*p); }  // int8 weights (qgemv.cpp)
+inline float load_weight<int8_t>(const int8_t* p) { return static_cast<float>(*p); }  // int8 weights (quantized.cpp)
 
 #if defined(__AVX512F__)
 // 16 consecutive weights as float32 (masked for a tail of fewer than 16).
@@ -52,7 +52,7 @@ inline __m512 load16(const int8_t* p) {
 #endif
 
 // Rows [begin, end) of Y = X W^T for N (1 to kMaxVectors) vectors at once: W row-major (rows x
-// cols), float32, bfloat16 bits or int8 (unscaled: qgemv.cpp applies the scales); x holds the N float32 vectors of `cols` at stride ldx, y their
+// cols), float32, bfloat16 bits or int8 (unscaled: quantized.cpp applies the scales); x holds the N float32 vectors of `cols` at stride ldx, y their
 // outputs at stride ldy. Each weight is read once for all N, so a small batch costs about what one
 // vector does (decoding is bound by the weights' bytes).
 constexpr int kMaxVectors = 8;
