@@ -26,7 +26,7 @@ from yet_another_retnet.models.quantized import (
     save_quantized,
 )
 from yet_another_retnet.ops import _extension
-from yet_another_retnet.ops.quantized import (
+from yet_another_retnet.ops.cpu.quantized import (
     dequantize_int4,
     qlinear_int4,
     qlinear_int4_reference,

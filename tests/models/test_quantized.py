@@ -15,7 +15,7 @@ import torch
 from yet_another_retnet.models import RetNet, RetNetConfig
 from yet_another_retnet.models.quantized import is_quantized, quantize_model, save_quantized
 from yet_another_retnet.ops import _extension
-from yet_another_retnet.ops.quantized import dequantize_int8, qlinear, quantize_int8
+from yet_another_retnet.ops.cpu.quantized import dequantize_int8, qlinear, quantize_int8
 
 HAS_TOOLCHAIN = shutil.which("c++") is not None and _extension.switch_on()
 

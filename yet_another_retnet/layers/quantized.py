@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..ops.quantized import (
+from ..ops.cpu.quantized import (
     dequantize_int4,
     dequantize_int8,
     qlinear,
@@ -28,7 +28,7 @@ class QuantizedLinear(nn.Module):
 
     ``weight`` is the dequantized matrix, made on each access in the scale's dtype: the code that
     runs a whole prompt reads it (one layer's worth at a time), the decoding step reads the int8
-    form through :func:`~yet_another_retnet.ops.quantized.qlinear`.
+    form through :func:`~yet_another_retnet.ops.cpu.quantized.qlinear`.
     """
 
     weight_int8: Tensor
@@ -84,7 +84,7 @@ class QuantizedLinear(nn.Module):
 class Int4Linear(nn.Module):
     """``y = x W^T + b`` with ``W`` held as int4: ``weight_int4`` uint8 ``(out, padded / 2)`` (two
     codes a byte), ``weight_scale`` and ``weight_low`` ``(out, groups)`` per group of
-    ``group_size`` input columns (:func:`~yet_another_retnet.ops.quantized.quantize_int4`);
+    ``group_size`` input columns (:func:`~yet_another_retnet.ops.cpu.quantized.quantize_int4`);
     inference only. ``weight`` is the dequantized matrix, made on each access (as for
     :class:`QuantizedLinear`)."""
 

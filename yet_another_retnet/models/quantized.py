@@ -11,7 +11,7 @@ in the model's float dtype. Such a model:
 
 * decodes through :func:`quantized_decode_step`: each layer's q/k/v/g (and a GLU's fc1/gate)
   quantized rows stacked into one product, the retention core in the package's kernel, every product reading
-  its quantized weights once for the whole batch (``ops/quantized.py``);
+  its quantized weights once for the whole batch (``ops/cpu/quantized.py``);
 * prefills with the same code as the float model, which reads each projection's ``weight``: the
   dequantized matrix, made per layer as it runs (one layer's float weights at a time);
 * is saved by :func:`save_quantized` (``config.json``, ``model.safetensors`` with the quantized
@@ -35,7 +35,7 @@ from ..layers.quantized import Int4Linear, QuantizedLinear
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
 from ..ops.cpu import _extension
 from ..ops.cpu.decode_step import retention_step
-from ..ops.quantized import KERNEL_MAX_ROWS
+from ..ops.cpu.quantized import KERNEL_MAX_ROWS
 from ..ops.retention import compute_dtype
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 from .config import RetNetConfig
@@ -220,7 +220,7 @@ def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None)
 def short_prompt_prefill(model: RetNet, ids: Tensor, state: RetNetState | None) -> RetNetOutput | None:
     """A short prompt's prefill on the quantized kernels: logits of its last position
     ``(batch, 1, vocab)`` and the state after it, for ``ids`` ``(batch, length)`` with at most
-    :data:`~yet_another_retnet.ops.quantized.KERNEL_MAX_ROWS` tokens in all (no padding).
+    :data:`~yet_another_retnet.ops.cpu.quantized.KERNEL_MAX_ROWS` tokens in all (no padding).
 
     Each product reads the quantized weights once for all the prompt's tokens, where the float
     forward would dequantize every matrix (``weight``) for a few rows; the retention core runs

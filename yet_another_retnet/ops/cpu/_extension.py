@@ -4,7 +4,7 @@ The extension holds every kernel family of this package (one ``csrc/<family>.cpp
 ``<family>.py``: :mod:`.gemv`, :mod:`.chunk_scan`, :mod:`.chunk_kernels`, :mod:`.norm_gate`,
 :mod:`.split_heads`, :mod:`.retention_core`, :mod:`.mlp`, :mod:`.matmul`, :mod:`.memory`,
 :mod:`.decode_step`) and the int8 weight products (``csrc/quantized.cpp``, wrapped by
-:mod:`yet_another_retnet.ops.quantized`). ``torch.utils.cpp_extension`` compiles it the first
+:mod:`yet_another_retnet.ops.cpu.quantized`). ``torch.utils.cpp_extension`` compiles it the first
 time a kernel is needed (a C++ compiler and ninja are required; a minute or two, announced on
 stderr; cached under ``$TORCH_EXTENSIONS_DIR`` or torch's default directory), through
 :mod:`._build`, whose builds a killed process cannot leave half done or locked. Once loaded, each
