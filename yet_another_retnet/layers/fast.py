@@ -185,7 +185,7 @@ def split_projection(
     heads, dk, dv, d = layer.num_heads, layer.key_dim, layer.head_dim, layer.embed_dim
     halves = halves and rotation is not None
     if not halves:
-        # CPU float32: split, rotation and layout in one kernel pass (ops/split_heads.py), in a
+        # CPU float32: split, rotation and layout in one kernel pass (ops/cpu/split_heads.py), in a
         # compiled graph too.
         cos, sin = kernel_tables(rotation)
         if split_supports(proj, cos) and cpu_extension.load():

@@ -69,7 +69,7 @@ class FeedForward(nn.Module):
         skip connection, added inside the second product where it can: ``ops.matmul.linear``)."""
         if (self.gate is None and self.activation == "gelu"
                 and (self.activation_dropout == 0.0 or not self.training)):
-            # One autograd node with the GELU's slope saved (ops/mlp.py) where it applies.
+            # One autograd node with the GELU's slope saved (ops/cpu/mlp.py) where it applies.
             return gelu_mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, residual)
         h = ACTIVATIONS[self.activation](linear(x, self.fc1.weight, self.fc1.bias))
         if self.gate is not None:

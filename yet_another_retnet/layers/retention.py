@@ -378,7 +378,7 @@ class MultiScaleRetention(nn.Module):
         act = GATE_ACTIVATIONS[self.gate_activation]
         if self.head_norm == "groupnorm":
             assert self.norm_weight is not None and self.norm_bias is not None
-            if act is F.silu:  # the paper's layer: one kernel on CPU float32 (ops/norm_gate.py)
+            if act is F.silu:  # the paper's layer: one kernel on CPU float32 (ops/cpu/norm_gate.py)
                 return self._project_out(
                     norm_gate(retained, gate, self.norm_weight, self.norm_bias, self.norm_eps, query.dtype), residual)
             y = head_group_norm(retained, self.norm_weight, self.norm_bias, self.norm_eps, query.dtype)

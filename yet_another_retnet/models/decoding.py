@@ -7,7 +7,7 @@ Two things feed a decoding step besides the token ids:
   the caller;
 * the **decoding plan** (:class:`DecodingPlan`): what is derived from the weights once, when
   decoding starts - each layer's stacked q/k/v/g weights and decays, a GLU's stacked fc1/gate, and
-  the one-call layer kernels' argument tables (``ops/decode_step.py``). It belongs to the model's
+  the one-call layer kernels' argument tables (``ops/cpu/decode_step.py``). It belongs to the model's
   decoder, stays out of the state dict, and is rebuilt when a weight it was made from changes
   (an optimiser step, ``load_state_dict``, ``.to()``, a replaced module or parameter).
 
@@ -174,7 +174,7 @@ def layer_tables(layer: RetNetDecoderLayer, dtype: torch.dtype) -> LayerTables:
 
 
 def layer_kernel_plan(layer: RetNetDecoderLayer, tables: LayerTables) -> LayerStepPlan | None:
-    """The layer's arguments for the one-call decoding kernel (``ops/decode_step.py``), from
+    """The layer's arguments for the one-call decoding kernel (``ops/cpu/decode_step.py``), from
     ``tables`` (:func:`layer_tables`); ``None`` where the kernel does not run it (post-norm, an
     unknown norm or activation, other dtypes or devices, no C++ toolchain)."""
     attn_tables, glu = tables
@@ -255,7 +255,7 @@ def inductor_decode_options() -> dict[str, Any]:
     per *output row* (one measurement: 12 layers of norm + GELU + two d 768 products, bfloat16,
     47.6 ms compiled against 2.7 ms eager). Realising every multi-op buffer first keeps each
     product a plain streaming reduction. The setting's name differs across torch versions. The
-    products themselves stay calls of the gemv kernel (``ops/gemv.py``) where it is built.
+    products themselves stay calls of the gemv kernel (``ops/cpu/gemv.py``) where it is built.
     """
     import torch._inductor.config as inductor_config
 

@@ -88,7 +88,7 @@ def chunk_major_prefill(model: RetNet, input_ids: Tensor, state: RetNetState | N
     decoder = model.decoder
     layers = [cast("RetNetDecoderLayer", layer) for layer in decoder.layers]
     last = len(layers) - 1
-    # Each segment reuses its own buffers from layer to layer (ops/memory.py), and hands them back
+    # Each segment reuses its own buffers from layer to layer (ops/cpu/memory.py), and hands them back
     # at its end: a cache kept across segments would hold the buffers of every shape any segment
     # used (the last one's differ), ~20% above one segment's peak.
     reuse = input_ids.device.type == "cpu"

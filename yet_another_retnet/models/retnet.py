@@ -570,7 +570,7 @@ class RetNet(GenerationMixin, nn.Module):
             if done is not None:
                 return RetNetOutput(self._head(done[0]), done[1])
         # Long CPU inputs: every layer asks for the same large buffers, so reuse the previous
-        # layer's instead of page-faulting fresh ones (8k-token d768 prefill +7-20%, ops/memory.py).
+        # layer's instead of page-faulting fresh ones (8k-token d768 prefill +7-20%, ops/cpu/memory.py).
         reuse = (input_ids.device.type == "cpu" and input_ids.numel() >= _CACHE_FROM_TOKENS
                  and not _is_compiling())
         with cached_cpu_memory() if reuse else contextlib.nullcontext():
@@ -641,7 +641,7 @@ class RetNet(GenerationMixin, nn.Module):
         run projections, rotation, chunkwise retention, head norm and gate of a layer as one graph,
         forward and backward: inductor fuses the element-wise work between the matrix products.
         It is for where the package's CPU kernels do not apply (other devices and dtypes, no C++
-        toolchain): where they do, they fuse that work already, and on CPUs where ``ops/matmul.py``
+        toolchain): where they do, they fuse that work already, and on CPUs where ``ops/cpu/matmul.py``
         chose oneDNN for the products a graph's products stay on ATen's, slower than eager. So by
         default (``keep_kernel_calls=True``) a CPU float32 call, where the kernels are built, stays
         eager; ``keep_kernel_calls=False`` sends it to the graph too (``use_fast_path`` cannot say

@@ -305,7 +305,7 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
     forward_module.train()
 
     # On CPU, large buffers are reused from step to step instead of being page-faulted in afresh
-    # (+10-25% per step at 16k tokens, ops/memory.py); the cache is freed when the loop ends.
+    # (+10-25% per step at 16k tokens, ops/cpu/memory.py); the cache is freed when the loop ends.
     reuse = cached_cpu_memory() if device.type == "cpu" and config.buffer_cache else contextlib.nullcontext()
     with stopper.installed(), reuse:
         while step < stop_at:
