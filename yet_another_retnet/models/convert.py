@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import CONFIG_NAME
 from .config import MODEL_TYPE
+from .shards import load_json
 
 FORMATS = ("ours", "fla", "syncdoth")
 #: Formats that are only read (``--from``), never written.
@@ -37,10 +38,7 @@ def detect_format(directory: Path) -> str:
         raise FileNotFoundError(f"{directory} is not a directory")
     if not path.is_file():
         raise ValueError(f"{directory} is not a checkpoint: no {CONFIG_NAME}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = load_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a config object")
     if data.get("model_type") == "retnet" and "decoder_embed_dim" in data:

@@ -36,6 +36,7 @@ from .config import FLA_ARCHITECTURE, RetNetConfig
 from .shards import (
     DEFAULT_MAX_SHARD_SIZE,
     fill_model,
+    load_json,
     read_tensor,
     save_sharded,
     stored_dtype,
@@ -192,10 +193,7 @@ def read_fla_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint: no {CONFIG_NAME}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = load_json(path)
     if not isinstance(data, dict) or data.get("model_type") != "retnet":
         raise ValueError(f"{path} is not an fla RetNet config (model_type {data.get('model_type') if isinstance(data, dict) else None!r}, expected 'retnet')")
     return data

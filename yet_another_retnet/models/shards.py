@@ -107,6 +107,31 @@ def save_sharded(tensors: Mapping[str, Tensor], directory: str | Path,
     return names
 
 
+def load_json(path: Path) -> Any:
+    """``path``'s JSON value; ``ValueError`` naming the file if it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of the index at ``index_path``, every shard a
+    plain name present beside it. ``ValueError`` for an index that is not one or names a shard
+    outside its directory, ``FileNotFoundError`` for a missing shard."""
+    index = load_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index_path} has no weight_map of tensor names to files")
+    for file in sorted(set(weight_map.values())):
+        # Files from elsewhere are data: a shard must be a plain name inside the directory.
+        if Path(file).name != file or file in ("", ".", ".."):
+            raise ValueError(f"{index_path} names a shard outside the checkpoint: {file!r}")
+        if not (index_path.parent / file).is_file():
+            raise FileNotFoundError(f"{index_path} names {file}, which is not in {index_path.parent}")
+    return weight_map
+
+
 def weight_files(directory: str | Path) -> dict[str, Path]:
     """Each stored tensor's name and the file holding it, from the index or the single file.
 
@@ -116,22 +141,7 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
     directory = Path(directory)
     index_path = directory / INDEX_NAME
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{index_path} is not valid JSON: {err}") from err
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index_path} has no weight_map of tensor names to files")
-        files: dict[str, Path] = {}
-        for file in sorted(set(weight_map.values())):
-            # Files from elsewhere are data: a shard must be a plain name inside the directory.
-            if Path(file).name != file or file in ("", ".", ".."):
-                raise ValueError(f"{index_path} names a shard outside the checkpoint: {file!r}")
-            if not (directory / file).is_file():
-                raise FileNotFoundError(f"{index_path} names {file}, which is not in {directory}")
-            files[file] = directory / file
-        return {name: files[file] for name, file in weight_map.items()}
+        return {name: directory / file for name, file in read_weight_map(index_path).items()}
     single = directory / WEIGHTS_NAME
     if not single.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")

@@ -31,7 +31,6 @@ weights, and LayerNorm-era checkpoints (biases on the block norms). Training-onl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,7 +43,9 @@ from .checkpoint import CONFIG_NAME
 from .config import RetNetConfig
 from .shards import (
     fill_model,
+    load_json,
     read_tensor,
+    read_weight_map,
     stored_dtype,
     tensor_shapes,
     tie_and_check,
@@ -197,10 +198,7 @@ def read_syncdoth_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{directory} is not a checkpoint: no {CONFIG_NAME}")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = load_json(path)
     if not isinstance(data, dict) or not is_syncdoth_config(data):
         raise ValueError(f"{path} is not a syncdoth/RetNet config (model_type 'retnet' with decoder_embed_dim)")
     return data
@@ -209,14 +207,9 @@ def read_syncdoth_config(directory: Path) -> dict[str, Any]:
 def _torch_weights(directory: Path) -> dict[str, Tensor] | None:
     """``pytorch_model.bin`` (or its shards), loaded as data only, memory-mapped; ``None`` if absent."""
     index_path = directory / PT_INDEX
+    weight_map: dict[str, str] | None
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{index_path} is not valid JSON: {err}") from err
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise ValueError(f"{index_path} has no weight_map of tensor names to files")
+        weight_map = read_weight_map(index_path)
         files = sorted(set(weight_map.values()))
     elif (directory / PT_WEIGHTS).is_file():
         weight_map, files = None, [PT_WEIGHTS]
@@ -224,11 +217,7 @@ def _torch_weights(directory: Path) -> dict[str, Tensor] | None:
         return None
     state: dict[str, Tensor] = {}
     for file in files:
-        if Path(file).name != file or file in ("", ".", ".."):  # data, never a path elsewhere
-            raise ValueError(f"{index_path} names a shard outside the checkpoint: {file!r}")
         path = directory / file
-        if not path.is_file():
-            raise FileNotFoundError(f"{index_path} names {file}, which is not in {directory}")
         try:
             part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # torch raises several types for a damaged or hostile pickle
