@@ -100,10 +100,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("rotation", [True, False])
 @pytest.mark.parametrize("rms", [False, True])
 @pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("size", ["small", "streamed"])
 def test_retention_step_kernel_equals_the_float64_formula(dtype: torch.dtype, tol: float, rotation: bool, rms: bool,
-                                                          act: str) -> None:
-    batch, heads, dk, dv = 3, 4, 16, 24
-    x = core_inputs(batch, heads, dk, dv, dtype, f"{dtype}{rotation}{rms}{act}")
+                                                          act: str, size: str) -> None:
+    # "streamed": a 2 MB memory, which the kernel writes with streaming stores (AVX-512)
+    batch, heads, dk, dv = (3, 4, 16, 24) if size == "small" else (1, 2, 256, 1024)
+    x = core_inputs(batch, heads, dk, dv, dtype, f"{dtype}{rotation}{rms}{act}{size}")
     angles = x["angles"] if rotation else None
     factors = None
     if angles is not None:  # what MultiScaleRetention.step_rotation hands over: query, then key with dk^-0.5
@@ -280,14 +282,17 @@ def test_kernels_reject_bad_shapes_with_the_argument_named() -> None:
         (weight, bias, gamma), _ = layer.decode_tables(torch.float32)
         r, f = layer.retention, layer.ffn
         args = [torch.zeros(1, 48), torch.zeros(1, 3, 16, 32), None, layer.retention_norm.weight,
-                layer.retention_norm.bias, weight, bias, gamma.view(-1), r.norm_weight, r.norm_bias,
-                r.out_proj.weight, r.out_proj.bias, layer.ffn_norm.weight, layer.ffn_norm.bias, f.fc1.weight,
-                f.fc1.bias, f.fc2.weight, f.fc2.bias, 1e-5, 1e-5, False, False, 1, 2, False, 1.0]
+                layer.retention_norm.bias, [weight], bias, gamma.view(-1), r.norm_weight, r.norm_bias,
+                [r.out_proj.weight], r.out_proj.bias, layer.ffn_norm.weight, layer.ffn_norm.bias, [f.fc1.weight],
+                f.fc1.bias, [f.fc2.weight], f.fc2.bias, 1e-5, 1e-5, False, False, 1, 2, False, 1.0]
         torch.ops.yaretnet.decoder_layer_step(*args)  # as the layer passes them: fine
-        bad = list(args)
-        bad[5] = weight[:-1]
-        with pytest.raises(RuntimeError, match="qkvg_weight must be"):
-            torch.ops.yaretnet.decoder_layer_step(*bad)
+        for i, parts in ((5, [weight[:-1]]), (5, [weight.double()]), (10, [r.out_proj.weight, r.out_proj.bias]),
+                         (14, [f.fc1.weight.to(torch.uint8), f.fc1.bias, f.fc1.bias])):
+            bad = list(args)
+            bad[i] = parts
+            name = {5: "qkvg_weight", 10: "out_weight", 14: "fc1_weight"}[i]
+            with pytest.raises(RuntimeError, match=f"{name}"):
+                torch.ops.yaretnet.decoder_layer_step(*bad)
         bad = list(args)
         bad[0] = torch.zeros(2, 48)
         with pytest.raises(RuntimeError, match=r"memory \(batch, heads, dk, dv\) of the same batch"):

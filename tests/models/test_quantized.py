@@ -15,7 +15,12 @@ import torch
 from yet_another_retnet.models import RetNet, RetNetConfig
 from yet_another_retnet.models.quantized import is_quantized, quantize_model, save_quantized
 from yet_another_retnet.ops import _extension
-from yet_another_retnet.ops.cpu.quantized import dequantize_int8, qlinear, quantize_int8
+from yet_another_retnet.ops.cpu.quantized import (
+    dequantize_int8,
+    integer_dot,
+    qlinear,
+    quantize_int8,
+)
 
 HAS_TOOLCHAIN = shutil.which("c++") is not None and _extension.switch_on()
 
@@ -51,7 +56,15 @@ def test_kernel_matches_float64(rows: int, shape: tuple[int, int], xdtype: torch
     exact = x.double() @ w.T + bias.double() + add.double()
     magnitude = x.double().abs() @ w.abs().T + bias.double().abs() + add.double().abs()
     tol = shape[1] * 2**-23 * magnitude + (exact.abs() * 2**-8 if xdtype == torch.bfloat16 else 0)
+    if integer_dot():  # x rounded to 16-bit fixed point: each value off by at most max |x| / 65534
+        tol = tol + 1.01 * x.double().abs().amax(1, keepdim=True) / 65534 * w.abs().sum(1)
     assert bool(((got.double() - exact).abs() <= tol + 1e-30).all())
+
+
+#: The quantized step against the dequantized forward: float32 rounding, or with integer dot
+#: products every product's activations rounded to 16 bits (each value off by up to 2^-16 of its
+#: vector's largest), compounded over the layers; a misplaced weight would be off by ~1e-1.
+STEP_TOLERANCE = 5e-4 if integer_dot() else 2e-5
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +103,48 @@ def test_decoding_matches_the_dequantized_forward(model: RetNet, arch: str) -> N
         state = qm.prefill(ids[:, :30]).state
         for t in range(30, 40):
             out = qm(ids[:, t:t + 1], state=state)  # the int8 step
-            assert (out.logits[:, 0] - full[:, t]).abs().max() < 2e-5
+            assert (out.logits[:, 0] - full[:, t]).abs().max() < STEP_TOLERANCE
             state = out.state
         # ... and int8 stays close to the float model it came from
         assert (model(ids).logits - full).abs().max() < 0.05 * model(ids).logits.abs().max()
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "int4-g32"])
+@pytest.mark.parametrize("arch", ["default", "fla", "post-norm"])
+def test_the_one_call_layer_kernel_matches_the_quantized_layer_in_pytorch_ops(method: str, arch: str) -> None:
+    """A pre-norm quantized layer steps in one kernel call (its int8/int4 products inside
+    ``decoder_layer_step``); its reference, the same layer in PyTorch ops around the quantized
+    products, gives the same output and memory. A post-norm layer keeps the reference."""
+    from yet_another_retnet.models.quantized import _fused_plan, _layer_step, _layer_tokens
+
+    torch.manual_seed(0)
+    options = {} if arch == "default" else ARCHITECTURES[arch]
+    model = RetNet(RetNetConfig.from_preset("tiny", num_layers=1, chunk_size=16, **options)).eval()
+    with torch.no_grad():  # non-trivial norm weights and biases, so a skipped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    layer = quantize_model(model, method).decoder.layers[0]
+    plan = _fused_plan(layer)
+    if arch == "post-norm" or not _extension.load():
+        assert plan is None
+        return
+    assert plan is not None
+    gen = torch.Generator().manual_seed(3)
+    retention = layer.retention
+    x = torch.randn(3, model.config.d_model, generator=gen)
+    memory = 0.1 * torch.randn(3, retention.num_heads, retention.key_dim, retention.head_dim, generator=gen)
+    rotation = retention.step_rotation(torch.tensor([0, 5, 300]), torch.float32)
+    rotation = None if rotation is None else torch.view_as_real(rotation)
+    with torch.inference_mode():
+        got, got_memory = _layer_step(layer, x, memory, rotation)
+        want, want_memory = _layer_tokens(layer, x, memory, [rotation])
+    assert (got - want).abs().max() < STEP_TOLERANCE * want.abs().max()
+    assert (got_memory - want_memory).abs().max() < STEP_TOLERANCE * want_memory.abs().max()
+    # A layer changed in place gets a new plan (the cached one would read stale norms).
+    with torch.no_grad():
+        layer.retention_norm.weight.mul_(2.0)
+    assert _fused_plan(layer) is not plan
 
 
 def test_files_round_trip_and_from_pretrained_quantizes(model: RetNet, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from ..ops.cpu import _extension as cpu_extension
 from ..ops.cpu.decode_step import (
     KERNEL_MAX_ROWS,
     LayerStepPlan,
+    ProductWeight,
     decoder_layer_step,
     layer_step_plan,
 )
@@ -177,21 +178,30 @@ def layer_kernel_plan(layer: RetNetDecoderLayer, tables: LayerTables) -> LayerSt
     """The layer's arguments for the one-call decoding kernel (``ops/cpu/decode_step.py``), from
     ``tables`` (:func:`layer_tables`); ``None`` where the kernel does not run it (post-norm, an
     unknown norm or activation, other dtypes or devices, no C++ toolchain)."""
-    attn_tables, glu = tables
+    (weight, bias, gamma), glu = tables
+    retention = cast(MultiScaleRetention, layer.retention)
+    ffn = cast(FeedForward, layer.ffn)
+    out, fc2 = retention.out_proj, ffn.fc2
+    return kernel_plan(layer, qkvg=(weight, bias), gamma=gamma, out=(out.weight, out.bias),
+                       fc1=glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias), fc2=(fc2.weight, fc2.bias))
+
+
+def kernel_plan(layer: RetNetDecoderLayer, *, qkvg: tuple[ProductWeight, Tensor | None], gamma: Tensor,
+                out: tuple[ProductWeight, Tensor | None], fc1: tuple[ProductWeight, Tensor | None],
+                fc2: tuple[ProductWeight, Tensor | None]) -> LayerStepPlan | None:
+    """:func:`layer_kernel_plan` for given products (dense, or a quantized model's int8/int4 parts:
+    ``models/quantized.py``); the norms, head norm, activations and residual scale from ``layer``."""
     retention = cast(MultiScaleRetention, layer.retention)
     ffn = cast(FeedForward, layer.ffn)
     first, second = _block_norm(layer.retention_norm), _block_norm(layer.ffn_norm)
     if not layer.pre_norm or first is None or second is None:
         return None
     (w1, b1, eps, rms), (w2, b2, _, _) = first, second
-    weight, bias, gamma = attn_tables
-    out, fc2 = retention.out_proj, ffn.fc2
     return layer_step_plan(
-        norm1=(w1, b1), qkvg=(weight, bias), gamma=gamma, head_norm=retention.head_norm_affine(),
-        out=(out.weight, out.bias), norm2=(w2, b2), fc1=glu if glu is not None else (ffn.fc1.weight, ffn.fc1.bias),
-        fc2=(fc2.weight, fc2.bias), block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
+        norm1=(w1, b1), qkvg=qkvg, gamma=gamma, head_norm=retention.head_norm_affine(), out=out, norm2=(w2, b2),
+        fc1=fc1, fc2=fc2, block_eps=eps, head_eps=retention.norm_eps, block_rms=rms,
         head_rms=retention.head_norm == "rmsnorm", gate_act=GATE_ACTIVATIONS[retention.gate_activation],
-        ffn_act=ACTIVATIONS[ffn.activation], glu=glu is not None, residual_scale=layer.residual_scale)
+        ffn_act=ACTIVATIONS[ffn.activation], glu=ffn.gate is not None, residual_scale=layer.residual_scale)
 
 
 def layer_dependencies(layer: RetNetDecoderLayer) -> tuple[list[tuple[dict[str, Any], str, Any]], list[Tensor]]:

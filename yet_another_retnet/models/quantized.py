@@ -34,11 +34,12 @@ from ..layers.feedforward import ACTIVATIONS, FeedForward
 from ..layers.quantized import Int4Linear, QuantizedLinear
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
 from ..ops.cpu import _extension
-from ..ops.cpu.decode_step import retention_step
+from ..ops.cpu.decode_step import LayerStepPlan, decoder_layer_step, retention_step
 from ..ops.cpu.quantized import KERNEL_MAX_ROWS
 from ..ops.retention import compute_dtype
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 from .config import RetNetConfig
+from .decoding import kernel_plan
 
 if TYPE_CHECKING:
     from .retnet import RetNet, RetNetDecoderLayer, RetNetOutput, RetNetState
@@ -134,9 +135,51 @@ def _stacked_product(owner: nn.Module, linears: tuple[_Quantized, ...], x: Tenso
 def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: Tensor | None) -> tuple[Tensor, Tensor]:
     """One token per row through a quantized layer: ``x`` ``(batch, d_model)`` -> same, new memory.
 
-    The quantized form of :meth:`RetNetDecoderLayer.step` (same order of operations, pre- or post-norm).
+    One kernel call (``decoder_layer_step`` with the layer's quantized products: :func:`_fused_plan`)
+    where it applies; else the quantized form of :meth:`RetNetDecoderLayer.step` in PyTorch ops
+    around the quantized products (same order of operations, pre- or post-norm), its reference.
     """
-    return _layer_tokens(layer, x, memory, [rotation])
+    plan = _fused_plan(layer)
+    out = None if plan is None else decoder_layer_step(x, memory, rotation, plan)
+    return out if out is not None else _layer_tokens(layer, x, memory, [rotation])
+
+
+def _parts(linears: tuple[_Quantized, ...]) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """The kernel's parts of ``linears`` stacked by rows (scales and lows in float32), and their
+    stacked bias."""
+    parts = tuple(torch.cat(p) for p in zip(*(m.qparams() for m in linears), strict=True))
+    parts = (parts[0], *(t.float().contiguous() for t in parts[1:]))
+    if all(m.bias is None for m in linears):
+        return parts, None
+    like = next(m.bias for m in linears if m.bias is not None)
+    return parts, torch.cat([m.bias.detach() if m.bias is not None else like.new_zeros(m.out_features)
+                             for m in linears])
+
+
+def _fused_plan(layer: RetNetDecoderLayer) -> LayerStepPlan | None:
+    """The one-call kernel's plan for a quantized layer (its int8/int4 products stacked as
+    :func:`_stacked_product` stacks them), cached on the layer and rebuilt when any of its tensors
+    is replaced or changed in place; ``None`` where the kernel does not take the layer."""
+    key = tuple((t.data_ptr(), t.dtype, t._version) for t in (*layer.parameters(), *layer.buffers()))
+    cached = layer.__dict__.get("_quantized_plan")
+    if cached is not None and cached[0] == key:
+        return cast(LayerStepPlan | None, cached[1])
+    retention = cast(MultiScaleRetention, layer.retention)
+    ffn = cast(FeedForward, layer.ffn)
+    plan = None
+    linears = [retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj, retention.out_proj, ffn.fc1,
+               ffn.fc2] + ([] if ffn.gate is None else [ffn.gate])
+    if layer.pre_norm and all(isinstance(m, _Quantized) for m in linears) and _extension.load():
+        with torch.inference_mode(False), torch.no_grad():
+            qkvg = _parts(cast(tuple[_Quantized, ...], (retention.q_proj, retention.k_proj, retention.v_proj,
+                                                         retention.g_proj)))
+            fc1 = _parts(cast(tuple[_Quantized, ...], (ffn.fc1,) if ffn.gate is None else (ffn.fc1, ffn.gate)))
+            out = _parts((cast(_Quantized, retention.out_proj),))
+            fc2 = _parts((cast(_Quantized, ffn.fc2),))
+            plan = kernel_plan(layer, qkvg=qkvg, gamma=retention.gammas.float().view(-1, 1, 1), out=out, fc1=fc1,
+                               fc2=fc2)
+    layer.__dict__["_quantized_plan"] = (key, plan)
+    return plan
 
 
 def _layer_tokens(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor,

@@ -40,8 +40,8 @@ from ..position import rotate_pairs
 from ..triton.decode import step_with_gamma
 from . import _extension
 
-__all__ = ["KERNEL_MAX_ROWS", "LayerStepPlan", "decoder_layer_step", "layer_step_plan", "retention_step",
-           "retention_step_reference", "supports"]
+__all__ = ["KERNEL_MAX_ROWS", "LayerStepPlan", "ProductWeight", "decoder_layer_step", "layer_step_plan",
+           "retention_step", "retention_step_reference", "supports"]
 
 Activation = Callable[[Tensor], Tensor]
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -148,24 +148,43 @@ class LayerStepPlan(NamedTuple):
     argument order: built once per layer by :func:`layer_step_plan` (parameters are held by
     reference, so in-place updates reach the kernel)."""
 
-    tensors: tuple[Tensor | None, ...]
+    tensors: tuple[Tensor | list[Tensor] | None, ...]
     options: tuple[float | bool | int, ...]
     dtype: torch.dtype
 
 
-def layer_step_plan(*, norm1: tuple[Tensor, Tensor | None], qkvg: tuple[Tensor, Tensor | None], gamma: Tensor,
-                    head_norm: tuple[Tensor | None, Tensor | None], out: tuple[Tensor, Tensor | None],
-                    norm2: tuple[Tensor, Tensor | None], fc1: tuple[Tensor, Tensor | None],
-                    fc2: tuple[Tensor, Tensor | None], block_eps: float, head_eps: float, block_rms: bool,
-                    head_rms: bool, gate_act: Activation | None, ffn_act: Activation | None, glu: bool,
-                    residual_scale: float) -> LayerStepPlan | None:
+#: A product's weight for :func:`layer_step_plan`: a dense matrix in the model's dtype, or the parts
+#: of a quantized one (``ops/cpu/quantized.py``): ``(q int8, scale)`` or ``(packed uint8, scale, low)``,
+#: the scales and lows float32.
+ProductWeight = Tensor | tuple[Tensor, ...]
+
+
+def _product_parts(weight: ProductWeight, dtype: torch.dtype) -> list[Tensor] | None:
+    """The kernel's list of tensors for one product, or ``None`` where it cannot take them."""
+    parts = [weight] if isinstance(weight, Tensor) else list(weight)
+    if any(t.device.type != "cpu" for t in parts):
+        return None
+    if len(parts) == 1:
+        return parts if parts[0].dtype == dtype else None
+    kinds = {2: torch.int8, 3: torch.uint8}
+    if kinds.get(len(parts)) != parts[0].dtype or any(t.dtype != torch.float32 for t in parts[1:]):
+        return None
+    return parts
+
+
+def layer_step_plan(*, norm1: tuple[Tensor, Tensor | None], qkvg: tuple[ProductWeight, Tensor | None],
+                    gamma: Tensor, head_norm: tuple[Tensor | None, Tensor | None],
+                    out: tuple[ProductWeight, Tensor | None], norm2: tuple[Tensor, Tensor | None],
+                    fc1: tuple[ProductWeight, Tensor | None], fc2: tuple[ProductWeight, Tensor | None],
+                    block_eps: float, head_eps: float, block_rms: bool, head_rms: bool, gate_act: Activation | None,
+                    ffn_act: Activation | None, glu: bool, residual_scale: float) -> LayerStepPlan | None:
     """A pre-norm decoder layer's weights for :func:`decoder_layer_step`, or ``None`` where the
-    kernel cannot run them (not all CPU float32 or all CPU bfloat16, an activation it does not
-    know, no C++ toolchain).
+    kernel cannot run them (not all on the CPU, norms and biases not all float32 or all bfloat16, a
+    product in another dtype, an activation it does not know, no C++ toolchain).
 
     Args:
         norm1, norm2: ``(weight, bias or None)`` of the block norms before retention and FFN
-            (``block_rms``: RMSNorm, weight only).
+            (``block_rms``: RMSNorm, weight only). Their dtype is the model's.
         qkvg: the stacked q/k/v/g projection ``((2 h dk + 2 h dv, d_model), bias)``.
         gamma: ``(h, 1, 1)`` float32 decays.
         head_norm: the head norm's ``(weight, bias)`` ``(h dv,)`` each (with ``head_rms``: a weight
@@ -175,14 +194,20 @@ def layer_step_plan(*, norm1: tuple[Tensor, Tensor | None], qkvg: tuple[Tensor, 
             (fc1 and gate stacked), ``fc2`` ``(d_model, ffn)``.
         gate_act, ffn_act: the gate's and the FFN's activations (``None``: identity).
         residual_scale: what the residual is multiplied by (DeepNorm's alpha; 1 for the paper).
+
+    Each product's weight is a :data:`ProductWeight`: dense in the model's dtype, or int8 or int4
+    (a quantized model's layers, read by ``csrc/quantized.cpp``'s rows inside the same call).
     """
-    weights = (*norm1, *qkvg, *head_norm, *out, *norm2, *fc1, *fc2)  # all in the model's dtype
-    dtype = qkvg[0].dtype
+    dtype = norm1[0].dtype
+    floats = (*norm1, qkvg[1], *head_norm, out[1], *norm2, fc1[1], fc2[1])  # all in the model's dtype
+    products = [_product_parts(w, dtype) for w in (qkvg[0], out[0], fc1[0], fc2[0])]
     if (gate_act not in _KERNEL_ACTIVATIONS or ffn_act not in _KERNEL_ACTIVATIONS or dtype not in _KERNEL_DTYPES
-            or gamma.dtype != torch.float32 or gamma.device.type != "cpu" or not _extension.load()
-            or any(t is not None and (t.dtype != dtype or t.device.type != "cpu") for t in weights)):
+            or gamma.dtype != torch.float32 or gamma.device.type != "cpu" or any(p is None for p in products)
+            or any(t is not None and (t.dtype != dtype or t.device.type != "cpu") for t in floats)
+            or not _extension.load()):
         return None
-    tensors = (*norm1, *qkvg, gamma.reshape(-1), *head_norm, *out, *norm2, *fc1, *fc2)
+    tensors = (*norm1, products[0], qkvg[1], gamma.reshape(-1), *head_norm, products[1], out[1], *norm2,
+               products[2], fc1[1], products[3], fc2[1])
     options = (block_eps, head_eps, block_rms, head_rms, _KERNEL_ACTIVATIONS[gate_act], _KERNEL_ACTIVATIONS[ffn_act],
                glu, residual_scale)
     return LayerStepPlan(tensors, options, dtype)

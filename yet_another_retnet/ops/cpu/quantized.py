@@ -6,8 +6,9 @@ A weight ``W`` ``(out, in)`` is stored as ``q`` int8 ``(out, in)`` and ``scale``
 bytes, and decoding is bound by the bytes of weights each token reads.
 
 :func:`qlinear` is ``x @ W^T (+ bias) (+ residual)`` on that form. For the few rows of a decoding
-step (up to :data:`KERNEL_MAX_ROWS`) it runs ``csrc/quantized.cpp`` (int8 widened in registers, each
-weight byte read once per step for the whole batch); for more rows (a prompt) it dequantizes the
+step (up to :data:`KERNEL_MAX_ROWS`) it runs ``csrc/quantized.cpp`` (each weight byte read once per
+step for the whole batch; int8 widened in registers, and with AVX512-VNNI integer dot products against
+the activations rounded to 16 bits: :func:`integer_dot`); for more rows (a prompt) it dequantizes the
 weight and runs the float product (:func:`qlinear_reference`, the reference: what the kernel is
 tested against in tests/models/test_quantized.py and tests/cpu/test_quantized_int4.py, and the
 path wherever the extension is unavailable). :func:`supports` says whether a call takes the kernel.
@@ -31,7 +32,8 @@ from torch import Tensor
 from . import _extension
 from .matmul import linear
 
-__all__ = ["INT4_GROUP_SIZES", "KERNEL_MAX_ROWS", "dequantize_int4", "dequantize_int8", "qlinear", "qlinear_int4",
+__all__ = ["INT4_GROUP_SIZES", "KERNEL_MAX_ROWS", "dequantize_int4", "dequantize_int8", "integer_dot", "qlinear",
+           "qlinear_int4",
            "qlinear_int4_reference", "qlinear_reference", "quantize_int4", "quantize_int8", "supports"]
 
 #: The most rows :func:`qlinear` sends to the kernel; past this the dequantized matrix product
@@ -40,6 +42,14 @@ KERNEL_MAX_ROWS = 32
 _X_DTYPES = (torch.float32, torch.bfloat16)
 #: The group sizes int4 accepts (input columns per scale): multiples of the 32-column packing block.
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def integer_dot() -> bool:
+    """Whether the kernels take integer dot products (the extension built with AVX512-VNNI): the
+    activations are then rounded to 16-bit fixed point once per call, one scale per vector (each
+    value off by at most ``max |x| / 65534``), and summed exactly in int32 against the int8 or int4
+    weights (``csrc/int_dot.h``). ``False`` without the extension."""
+    return bool(_extension.load() and torch.ops.yaretnet.quantized_integer_dot())
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:

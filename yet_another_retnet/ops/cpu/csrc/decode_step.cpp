@@ -8,7 +8,8 @@
 //   out  = act(g) * head_norm(q S')                   (groupnorm with its affine, or rmsnorm)
 //
 // decoder_layer_step: one token per row through a whole pre-norm decoder layer (the weights streamed
-// once for up to eight rows):
+// once for up to eight rows; each of the four products dense in the model's dtype, or int8 or int4
+// as ops/cpu/quantized.py stores them, decoded by quantized.cpp's rows):
 //
 //   proj = Wqkvg norm1(x) + b;   (y, S') = the core above;   x1 = s x + Wout y + b
 //   x2   = s x1 + W2 act(W1 norm2(x1) + b1) + b2        (GLU: act(first half) * second half)
@@ -29,6 +30,7 @@
 #include <torch/library.h>
 
 #include "gemv.h"
+#include "quantized.h"
 #include "vec16.h"
 
 #include <algorithm>
@@ -113,7 +115,7 @@ struct Heads {
 template <typename In, typename P, typename Out>
 void step_head(const In* row, const float* rot, const float* memory, float* new_memory, float gamma,
                const P* norm_weight, const P* norm_bias, float eps, bool rms_norm, int64_t act, const Heads& d,
-               int64_t h, Out* out) {
+               int64_t h, Out* out, bool stream) {
   const int64_t dk = d.dk, dv = d.dv, key_dim = d.heads * dk, value_dim = d.heads * dv;
   std::vector<float> buffer(2 * dk + 3 * dv);
   float* q = buffer.data();
@@ -149,6 +151,25 @@ void step_head(const In* row, const float* rot, const float* memory, float* new_
     y[j] = 0.0f;
   }
   // S' = gamma S + k v^T and y = q S' in one pass over the memory.
+#if defined(__AVX512F__)
+  // A memory too large to stay in cache until the next step (a layer of a 1.3B model: 4 MB) is
+  // written with streaming stores: a normal store first reads each line it fills, a third pass
+  // over the memory that the weights' stream competes with. (Fenced in run_core.)
+  if (stream && dv % 16 == 0 && reinterpret_cast<uintptr_t>(new_memory) % 64 == 0) {
+    const __m512 g = _mm512_set1_ps(gamma);
+    for (int64_t j0 = 0; j0 < dv; j0 += 16) {
+      const __m512 vv = _mm512_loadu_ps(v + j0);
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t i = 0; i < dk; ++i) {
+        const __m512 updated = _mm512_fmadd_ps(g, _mm512_loadu_ps(memory + i * dv + j0),
+                                               _mm512_mul_ps(_mm512_set1_ps(k[i]), vv));
+        _mm512_stream_ps(new_memory + i * dv + j0, updated);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), updated, acc);
+      }
+      _mm512_storeu_ps(y + j0, acc);
+    }
+  } else
+#endif
   for (int64_t i = 0; i < dk; ++i) {
     const float* __restrict__ s = memory + i * dv;
     float* __restrict__ n = new_memory + i * dv;
@@ -200,13 +221,20 @@ void run_core(const In* proj, int64_t row_stride, const at::Tensor& memory, cons
   const float* rot = rotation.has_value() ? rotation->data_ptr<float>() : nullptr;
   const float* mem = memory.data_ptr<float>();
   const float* decay = gamma.data_ptr<float>();
-  at::parallel_for(0, batch * d.heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tasks = batch * d.heads, bytes = tasks * state * static_cast<int64_t>(sizeof(float));
+  // Streaming stores past 2 MB a layer (see step_head); a memory under 128 KB is stepped on one
+  // thread (waking the other costs more than its share of the work).
+  const bool stream = bytes >= (int64_t{2} << 20);
+  at::parallel_for(0, tasks, bytes < (int64_t{128} << 10) ? tasks : 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads, h = task % d.heads;
       step_head<In, P, Out>(proj + b * row_stride, rot == nullptr ? nullptr : rot + b * 2 * d.dk, mem + task * state,
                             new_memory + task * state, decay[h], norm_weight, norm_bias, eps, rms_norm, act, d, h,
-                            out + b * value_dim);
+                            out + b * value_dim, stream);
     }
+#if defined(__AVX512F__)
+    if (stream) _mm_sfence();  // the streamed lines are visible before the memory is read
+#endif
   });
 }
 
@@ -250,15 +278,75 @@ void block_norm(const float* x, float* out, int64_t n, const P* weight, const P*
   for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m.mean) * m.rstd * static_cast<float>(weight[i]) + value(bias, i);
 }
 
+// One of a layer's four products: the model's dtype (dense), or int8 with a scale per row, or int4
+// with a scale and a low value per group (ops/cpu/quantized.py's forms). From the op's list of
+// tensors: [weight], [q int8, scale], or [packed uint8, scale, low].
+struct Product {
+  enum class Kind { kDense, kInt8, kInt4 };
+  Kind kind = Kind::kDense;
+  const void* weight = nullptr;
+  const float* scale = nullptr;
+  const float* low = nullptr;
+  int64_t rows = 0, cols = 0, padded = 0, group = 0;
+};
+
+Product make_product(const char* op, const char* name, at::TensorList parts, at::ScalarType dtype, int64_t rows,
+                     int64_t cols) {
+  TORCH_CHECK(!parts.empty() && parts.size() <= 3, op, ": ", name, " must be [weight], [int8 weight, scale] or ",
+              "[packed int4 weight, scale, low], got ", parts.size(), " tensors");
+  const at::Tensor& w = parts[0];
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.is_contiguous() && w.device().is_cpu(), op, ": ", name,
+              " must be a contiguous CPU matrix of ", rows, " rows, got ", w.sizes());
+  auto check_float = [&](const at::Tensor& t, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.size(0) == rows, op,
+                ": ", name, "'s ", what, " must be contiguous CPU float32 with ", rows, " rows, got ", t.sizes(),
+                " ", t.scalar_type());
+  };
+  Product p;
+  p.weight = w.data_ptr();
+  p.rows = rows;
+  p.cols = cols;
+  if (parts.size() == 1) {
+    TORCH_CHECK(w.scalar_type() == dtype && w.size(1) == cols, op, ": ", name, " must be a ", dtype, " (", rows, ", ",
+                cols, ") matrix, got ", w.sizes(), " ", w.scalar_type());
+  } else if (parts.size() == 2) {
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == cols && parts[1].dim() == 1, op, ": ", name,
+                " must be an int8 (", rows, ", ", cols, ") matrix and its (", rows, ") scales, got ", w.sizes(), " ",
+                w.scalar_type());
+    check_float(parts[1], "scale");
+    p.kind = Product::Kind::kInt8;
+    p.scale = parts[1].data_ptr<float>();
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kByte, op, ": ", name, " must be a packed uint8 int4 matrix, got ",
+                w.scalar_type());
+    check_float(parts[1], "scale");
+    check_float(parts[2], "low");
+    p.kind = Product::Kind::kInt4;
+    p.padded = w.size(1) * 2;
+    p.group = yaretnet_cpu::int4_group(op, parts[1], parts[2], rows, p.padded, cols);
+    p.scale = parts[1].data_ptr<float>();
+    p.low = parts[2].data_ptr<float>();
+  }
+  return p;
+}
+
 // y = W x + b (+ scale * residual) for each of n rows: x (n, cols) at row stride ldx, y and
-// residual (n, rows), W (rows, cols) in the model's dtype, the rest float32. The weights stream
-// once per group of up to kMaxVectors rows.
+// residual (n, rows), the bias in the model's dtype P, the rest float32. The weights stream once
+// per group of up to kMaxVectors rows.
 template <typename P>
-void linear(const P* weight, const P* bias, const float* x, int64_t ldx, float* y, int64_t rows, int64_t cols,
-            int64_t n, const float* residual = nullptr, float scale = 1.0f) {
-  for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors) {
-    gemv_parallel_multi(bits(weight), x + v0 * ldx, ldx, y + v0 * rows, rows, rows, cols,
-                        std::min<int64_t>(kMaxVectors, n - v0));
+void linear(const Product& w, const P* bias, const float* x, int64_t ldx, float* y, int64_t n,
+            const float* residual = nullptr, float scale = 1.0f) {
+  const int64_t rows = w.rows, cols = w.cols;
+  if (w.kind == Product::Kind::kInt8) {
+    yaretnet_cpu::int8_product(x, ldx, n, cols, static_cast<const int8_t*>(w.weight), w.scale, rows, y, rows);
+  } else if (w.kind == Product::Kind::kInt4) {
+    yaretnet_cpu::int4_product(x, ldx, n, cols, static_cast<const uint8_t*>(w.weight), w.scale, w.low, rows,
+                               w.padded, w.group, y, rows);
+  } else {
+    for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors) {
+      gemv_parallel_multi(bits(static_cast<const P*>(w.weight)), x + v0 * ldx, ldx, y + v0 * rows, rows, rows, cols,
+                          std::min<int64_t>(kMaxVectors, n - v0));
+    }
   }
   for (int64_t v = 0; v < n; ++v) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -272,17 +360,17 @@ void linear(const P* weight, const P* bias, const float* x, int64_t ldx, float* 
 struct LayerWeights {
   const at::Tensor& norm1_weight;
   const c10::optional<at::Tensor>& norm1_bias;
-  const at::Tensor& qkvg_weight;
+  Product qkvg;
   const c10::optional<at::Tensor>& qkvg_bias;
   const c10::optional<at::Tensor>& head_weight;
   const c10::optional<at::Tensor>& head_bias;
-  const at::Tensor& out_weight;
+  Product out;
   const c10::optional<at::Tensor>& out_bias;
   const at::Tensor& norm2_weight;
   const c10::optional<at::Tensor>& norm2_bias;
-  const at::Tensor& fc1_weight;
+  Product fc1;
   const c10::optional<at::Tensor>& fc1_bias;
-  const at::Tensor& fc2_weight;
+  Product fc2;
   const c10::optional<at::Tensor>& fc2_bias;
 };
 
@@ -297,8 +385,8 @@ struct LayerOptions {
 template <typename P>
 at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
                       const at::Tensor& gamma, const LayerWeights& w, const LayerOptions& o, at::Tensor& new_memory) {
-  const int64_t n = x.size(0), dim = x.size(1), proj_rows = w.qkvg_weight.size(0), value_dim = w.out_weight.size(1);
-  const int64_t fc1_rows = w.fc1_weight.size(0), hidden = w.fc2_weight.size(1);
+  const int64_t n = x.size(0), dim = x.size(1), proj_rows = w.qkvg.rows, value_dim = w.out.cols;
+  const int64_t fc1_rows = w.fc1.rows, hidden = w.fc2.cols;
   // Per row: the input, its norm, the two residual sums, the projection, the core's output and the
   // FFN's hidden units, each block holding all n rows.
   std::vector<float> buffer(n * (4 * dim + proj_rows + value_dim + fc1_rows));
@@ -316,16 +404,15 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::
 
   for (int64_t v = 0; v < n; ++v)
     block_norm(xf + v * dim, normed + v * dim, dim, norm1_w, norm1_b, o.block_eps, o.block_rms);
-  linear(w.qkvg_weight.data_ptr<P>(), data_or_null<P>(w.qkvg_bias), normed, dim, proj, proj_rows, dim, n);
+  linear(w.qkvg, data_or_null<P>(w.qkvg_bias), normed, dim, proj, n);
   run_core<float, P, float>(proj, proj_rows, memory, rotation, gamma, data_or_null<P>(w.head_weight),
                             data_or_null<P>(w.head_bias), o.head_eps, o.head_rms, o.gate_act,
                             new_memory.data_ptr<float>(), y);
-  linear(w.out_weight.data_ptr<P>(), data_or_null<P>(w.out_bias), y, value_dim, x1, dim, value_dim, n, xf,
-         o.residual_scale);
+  linear(w.out, data_or_null<P>(w.out_bias), y, value_dim, x1, n, xf, o.residual_scale);
 
   for (int64_t v = 0; v < n; ++v)
     block_norm(x1 + v * dim, normed + v * dim, dim, norm2_w, norm2_b, o.block_eps, o.block_rms);
-  linear(w.fc1_weight.data_ptr<P>(), data_or_null<P>(w.fc1_bias), normed, dim, u, fc1_rows, dim, n);
+  linear(w.fc1, data_or_null<P>(w.fc1_bias), normed, dim, u, n);
   for (int64_t v = 0; v < n; ++v) {
     float* uv = u + v * fc1_rows;
     activate(uv, hidden, o.ffn_act);
@@ -333,8 +420,7 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::
       for (int64_t i = 0; i < hidden; ++i) uv[i] *= uv[hidden + i];
   }
   // fc2 reads each row's first `hidden` units (a GLU's row holds 2 hidden).
-  linear(w.fc2_weight.data_ptr<P>(), data_or_null<P>(w.fc2_bias), u, fc1_rows, x2, dim, hidden, n, x1,
-         o.residual_scale);
+  linear(w.fc2, data_or_null<P>(w.fc2_bias), u, fc1_rows, x2, n, x1, o.residual_scale);
 
   at::Tensor out = at::empty_like(x);
   P* op = out.data_ptr<P>();
@@ -344,11 +430,11 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::
 
 std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
     const at::Tensor& x, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
-    const at::Tensor& norm1_weight, const c10::optional<at::Tensor>& norm1_bias, const at::Tensor& qkvg_weight,
+    const at::Tensor& norm1_weight, const c10::optional<at::Tensor>& norm1_bias, at::TensorList qkvg_weight,
     const c10::optional<at::Tensor>& qkvg_bias, const at::Tensor& gamma, const c10::optional<at::Tensor>& head_weight,
-    const c10::optional<at::Tensor>& head_bias, const at::Tensor& out_weight, const c10::optional<at::Tensor>& out_bias,
-    const at::Tensor& norm2_weight, const c10::optional<at::Tensor>& norm2_bias, const at::Tensor& fc1_weight,
-    const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
+    const c10::optional<at::Tensor>& head_bias, at::TensorList out_weight, const c10::optional<at::Tensor>& out_bias,
+    const at::Tensor& norm2_weight, const c10::optional<at::Tensor>& norm2_bias, at::TensorList fc1_weight,
+    const c10::optional<at::Tensor>& fc1_bias, at::TensorList fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
     double block_eps, double head_eps, bool block_rms, bool head_rms, int64_t gate_act, int64_t ffn_act, bool glu,
     double residual_scale) {
   const char* op = "yaretnet::decoder_layer_step";
@@ -359,17 +445,13 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
               ": x must be contiguous rows (batch, d_model) and memory (batch, heads, dk, dv) of the same batch, got ",
               x.sizes(), " and ", memory.sizes());
   const int64_t dim = x.size(1), key_dim = d.heads * d.dk, value_dim = d.heads * d.dv;
-  const int64_t hidden = fc2_weight.dim() == 2 ? fc2_weight.size(1) : -1;
-  auto check_matrix = [&](const char* name, const at::Tensor& t, int64_t rows, int64_t cols) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols && t.is_contiguous() &&
-                    t.scalar_type() == dtype,
-                op, ": ", name, " must be a contiguous ", dtype, " (", rows, ", ", cols, ") matrix, got ", t.sizes(),
-                " ", t.scalar_type());
-  };
-  check_matrix("qkvg_weight", qkvg_weight, 2 * (key_dim + value_dim), dim);
-  check_matrix("out_weight", out_weight, dim, value_dim);
-  check_matrix("fc1_weight", fc1_weight, glu ? 2 * hidden : hidden, dim);
-  check_matrix("fc2_weight", fc2_weight, dim, hidden);
+  TORCH_CHECK(!fc1_weight.empty() && fc1_weight[0].dim() == 2 && (!glu || fc1_weight[0].size(0) % 2 == 0), op,
+              ": fc1_weight must hold a matrix (with glu: of an even number of rows)");
+  const int64_t fc1_rows = fc1_weight[0].size(0), hidden = glu ? fc1_rows / 2 : fc1_rows;
+  const Product qkvg = make_product(op, "qkvg_weight", qkvg_weight, dtype, 2 * (key_dim + value_dim), dim);
+  const Product out = make_product(op, "out_weight", out_weight, dtype, dim, value_dim);
+  const Product fc1 = make_product(op, "fc1_weight", fc1_weight, dtype, fc1_rows, dim);
+  const Product fc2 = make_product(op, "fc2_weight", fc2_weight, dtype, dim, hidden);
   check_vector(op, "norm1_weight", norm1_weight, dim, dtype);
   check_vector(op, "norm2_weight", norm2_weight, dim, dtype);
   check_vector(op, "norm1_bias", norm1_bias, dim, dtype);
@@ -378,19 +460,19 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
   check_vector(op, "head_weight", head_weight, value_dim, dtype);
   check_vector(op, "head_bias", head_bias, value_dim, dtype);
   check_vector(op, "out_bias", out_bias, dim, dtype);
-  check_vector(op, "fc1_bias", fc1_bias, fc1_weight.size(0), dtype);
+  check_vector(op, "fc1_bias", fc1_bias, fc1_rows, dtype);
   check_vector(op, "fc2_bias", fc2_bias, dim, dtype);
   check_vector(op, "gamma", gamma, d.heads, at::kFloat);
   TORCH_CHECK(gate_act >= kIdentity && gate_act <= kRelu && ffn_act >= kIdentity && ffn_act <= kRelu, op,
               ": unknown activation ", gate_act, " / ", ffn_act);
-  const LayerWeights w{norm1_weight, norm1_bias, qkvg_weight, qkvg_bias, head_weight, head_bias, out_weight,
-                       out_bias,     norm2_weight, norm2_bias, fc1_weight, fc1_bias,  fc2_weight, fc2_bias};
+  const LayerWeights w{norm1_weight, norm1_bias, qkvg, qkvg_bias, head_weight, head_bias, out,
+                       out_bias,     norm2_weight, norm2_bias, fc1,  fc1_bias,  fc2,  fc2_bias};
   const LayerOptions o{static_cast<float>(block_eps), static_cast<float>(head_eps), block_rms, head_rms, gate_act,
                        ffn_act, glu, static_cast<float>(residual_scale)};
   at::Tensor new_memory = at::empty_like(memory);
-  at::Tensor out = dtype == at::kFloat ? layer_step<float>(x, memory, rotation, gamma, w, o, new_memory)
-                                       : layer_step<c10::BFloat16>(x, memory, rotation, gamma, w, o, new_memory);
-  return {out, new_memory};
+  at::Tensor result = dtype == at::kFloat ? layer_step<float>(x, memory, rotation, gamma, w, o, new_memory)
+                                          : layer_step<c10::BFloat16>(x, memory, rotation, gamma, w, o, new_memory);
+  return {result, new_memory};
 }
 
 }  // namespace
@@ -401,9 +483,9 @@ TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
       "Tensor? norm_bias, float eps, bool rms_norm, int gate_act) -> (Tensor, Tensor)");
   m.def(
       "decoder_layer_step(Tensor x, Tensor memory, Tensor? rotation, Tensor norm1_weight, Tensor? norm1_bias, "
-      "Tensor qkvg_weight, Tensor? qkvg_bias, Tensor gamma, Tensor? head_weight, Tensor? head_bias, "
-      "Tensor out_weight, Tensor? out_bias, Tensor norm2_weight, Tensor? norm2_bias, Tensor fc1_weight, "
-      "Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, float block_eps, float head_eps, bool block_rms, "
+      "Tensor[] qkvg_weight, Tensor? qkvg_bias, Tensor gamma, Tensor? head_weight, Tensor? head_bias, "
+      "Tensor[] out_weight, Tensor? out_bias, Tensor norm2_weight, Tensor? norm2_bias, Tensor[] fc1_weight, "
+      "Tensor? fc1_bias, Tensor[] fc2_weight, Tensor? fc2_bias, float block_eps, float head_eps, bool block_rms, "
       "bool head_rms, int gate_act, int ffn_act, bool glu, float residual_scale) -> (Tensor, Tensor)");
 }
 

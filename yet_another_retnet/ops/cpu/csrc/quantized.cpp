@@ -16,6 +16,10 @@
 // the second term from per-vector group sums computed once per call. The codes widen in registers
 // (AVX-512: one 16-byte load gives 32 columns); the same L2 blocking reads each byte once per step.
 //
+// Where the CPU has AVX512-VNNI both products take int_dot.h's integer dot products instead: the
+// activations rounded to 16-bit fixed point once per call, exact int32 sums (why and how: there).
+// A vector holding inf or NaN takes the float loop, so it propagates as in the reference.
+//
 // The reference is the float form: dequantize (weight * scale[:, None]) then F.linear
 // (ops/quantized.py falls back to it, and the tests compare against it). Built with -march=native
 // like the rest of the extension: AVX-512 where the building CPU has it, the portable loop
@@ -26,82 +30,55 @@
 #include <torch/library.h>
 
 #include "gemv.h"
+#include "int_dot.h"
+#include "quantized.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
+#include <vector>
 
 namespace {
 
 using yaretnet_cpu::gemv_rows_multi;
 using yaretnet_cpu::kMaxVectors;
 
-// Rows [b, e) for n (1 to kMaxVectors) vectors: the unscaled int8 sums.
-void rows_for(const int8_t* w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t cols, int64_t b,
-              int64_t e, int64_t n) {
-  switch (n) {
-    case 1: gemv_rows_multi<int8_t, 1>(w, x, ldx, y, ldy, cols, b, e); break;
-    case 2: gemv_rows_multi<int8_t, 2>(w, x, ldx, y, ldy, cols, b, e); break;
-    case 3: gemv_rows_multi<int8_t, 3>(w, x, ldx, y, ldy, cols, b, e); break;
-    case 4: gemv_rows_multi<int8_t, 4>(w, x, ldx, y, ldy, cols, b, e); break;
-    case 5: gemv_rows_multi<int8_t, 5>(w, x, ldx, y, ldy, cols, b, e); break;
-    case 6: gemv_rows_multi<int8_t, 6>(w, x, ldx, y, ldy, cols, b, e); break;
-    case 7: gemv_rows_multi<int8_t, 7>(w, x, ldx, y, ldy, cols, b, e); break;
-    default: gemv_rows_multi<int8_t, 8>(w, x, ldx, y, ldy, cols, b, e); break;
-  }
+// Runs body(r0, r1, v0, nv) over the (rows x n) output, parallel over rows: ~64 KB of weights per
+// task amortises the scheduling; for more than kMaxVectors vectors each task walks its rows in
+// ~32 KB blocks that stay in L2 while every group of (up to) kMaxVectors vectors passes over them,
+// so each weight byte comes from memory once per call, whatever the batch.
+template <typename Body>
+void for_row_blocks(int64_t rows, int64_t row_bytes, int64_t n, const Body& body) {
+  if (n <= 0 || rows <= 0) return;
+  row_bytes = std::max<int64_t>(1, row_bytes);
+  const int64_t grain = std::max<int64_t>(16, 65536 / row_bytes);
+  const int64_t block = n <= kMaxVectors ? rows : std::max<int64_t>(16, 32768 / row_bytes);
+  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+    for (int64_t r0 = b; r0 < e; r0 += block) {
+      const int64_t r1 = std::min(e, r0 + block);
+      for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors) body(r0, r1, v0, std::min<int64_t>(kMaxVectors, n - v0));
+    }
+  });
 }
 
-// x (n, cols) float32/bfloat16, weight (rows, cols) int8, scale (rows,) float32, bias (rows,) and
-// add (n, rows) optional -> (n, rows) in x's dtype; float32 sums, rounded once at the end.
-at::Tensor qlinear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add) {
-  constexpr const char* op = "yaretnet::qlinear_int8";
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x and weight must be 2-D, got ", x.sizes(), " and ",
-              weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == at::kChar, op, ": weight must be int8, got ", weight.scalar_type());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && scale.device().is_cpu(), op, ": CPU tensors only");
-  const int64_t n = x.size(0), cols = x.size(1), rows = weight.size(0);
-  TORCH_CHECK(weight.size(1) == cols, op, ": weight has ", weight.size(1), " columns but x has ", cols);
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows, op, ": scale must have shape (", rows, "), got ",
-              scale.sizes());
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows && bias->device().is_cpu(), op,
-                ": bias must be a CPU tensor of shape (", rows, "), got ", bias->sizes());
-  if (add.has_value())
-    TORCH_CHECK(add->dim() == 2 && add->size(0) == n && add->size(1) == rows && add->device().is_cpu(), op,
-                ": add must be a CPU tensor of shape (", n, ", ", rows, "), got ", add->sizes());
-
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor w = weight.contiguous();
-  const at::Tensor s = scale.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({n, rows}, x.options().dtype(at::kFloat));
-  const int8_t* wp = w.data_ptr<int8_t>();
-  const float* xp = xf.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (n > 0 && rows > 0) {
-    // ~64 KB of weights per task amortises the scheduling; ~32 KB blocks stay in L2 while every
-    // group of eight vectors passes over them.
-    const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, cols));
-    const int64_t block = n <= kMaxVectors ? rows : std::max<int64_t>(16, 32768 / std::max<int64_t>(1, cols));
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r0 = b; r0 < e; r0 += block) {
-        const int64_t r1 = std::min(e, r0 + block);
-        for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors)
-          rows_for(wp, xp + v0 * cols, cols, yp + v0 * rows, rows, cols, r0, r1,
-                   std::min<int64_t>(kMaxVectors, n - v0));
-      }
-    });
+// Calls fn(std::integral_constant<int, N>{}) for N = n (1 to kMaxVectors): the kernels are
+// templates on the vector count, so their accumulators stay in registers.
+template <typename Fn>
+void with_vectors(int64_t n, const Fn& fn) {
+  switch (n) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    case 4: fn(std::integral_constant<int, 4>{}); break;
+    case 5: fn(std::integral_constant<int, 5>{}); break;
+    case 6: fn(std::integral_constant<int, 6>{}); break;
+    case 7: fn(std::integral_constant<int, 7>{}); break;
+    default: fn(std::integral_constant<int, 8>{}); break;
   }
-  // The scales, bias and residual: one pass over the small output.
-  y.mul_(s);
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  if (add.has_value()) y.add_(add->to(at::kFloat));
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------
-// int4, per group
+// int4, per group: the float loop (without AVX512-VNNI)
 // ---------------------------------------------------------------------------------------------
 
 // Rows [b, e) of Y = X W^T for N vectors, W int4 (packed: rows x padded / 2 bytes). x holds the N
@@ -164,19 +141,118 @@ void int4_rows(const uint8_t* w, const float* scale, const float* low, const flo
   }
 }
 
-void int4_rows_for(const uint8_t* w, const float* scale, const float* low, const float* x, int64_t ldx,
-                   const float* xsum, float* y, int64_t ldy, int64_t padded, int64_t group, int64_t b, int64_t e,
-                   int64_t n) {
-  switch (n) {
-    case 1: int4_rows<1>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
-    case 2: int4_rows<2>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
-    case 3: int4_rows<3>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
-    case 4: int4_rows<4>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
-    case 5: int4_rows<5>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
-    case 6: int4_rows<6>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
-    case 7: int4_rows<7>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
-    default: int4_rows<8>(w, scale, low, x, ldx, xsum, y, ldy, padded, group, b, e); break;
+}  // namespace
+
+namespace yaretnet_cpu {
+
+void int8_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const int8_t* w, const float* scale,
+                  int64_t rows, float* y, int64_t ldy) {
+  if (n <= 0 || rows <= 0) return;
+#if defined(YARETNET_INT_DOT)
+  const int64_t ldq = (cols + 31) / 32 * 32;
+  std::vector<int16_t> xq(n * ldq);
+  std::vector<float> xs(n);
+  if (quantize_activations(x, ldx, n, cols, xq.data(), ldq, ldq, xs.data(), false)) {
+    for_row_blocks(rows, cols, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+      with_vectors(nv, [&](auto count) {
+        int8_dot_range<decltype(count)::value>(w, xq.data() + v0 * ldq, ldq, xs.data() + v0, scale, y + v0 * ldy, ldy,
+                                               cols, r0, r1);
+      });
+    });
+    return;
   }
+#endif
+  for_row_blocks(rows, cols, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+    with_vectors(nv, [&](auto count) {
+      gemv_rows_multi<int8_t, decltype(count)::value>(w, x + v0 * ldx, ldx, y + v0 * ldy, ldy, cols, r0, r1);
+    });
+  });
+  for (int64_t v = 0; v < n; ++v)  // the scales: one pass over the small output
+    for (int64_t r = 0; r < rows; ++r) y[v * ldy + r] *= scale[r];
+}
+
+void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const uint8_t* packed, const float* scale,
+                  const float* low, int64_t rows, int64_t padded, int64_t group, float* y, int64_t ldy) {
+  if (n <= 0 || rows <= 0) return;
+  const int64_t groups = padded / group;
+  // The vectors zero-padded to the packed width, and their group sums (the lows' term).
+  std::vector<float> xpad(n * padded, 0.0f), xsum(n * groups, 0.0f);
+  for (int64_t v = 0; v < n; ++v) {
+    std::copy(x + v * ldx, x + v * ldx + cols, xpad.begin() + v * padded);
+    for (int64_t c = 0; c < cols; ++c) xsum[v * groups + c / group] += x[v * ldx + c];
+  }
+  const float* xp = xpad.data();
+  const float* xs = xsum.data();
+#if defined(YARETNET_INT_DOT)
+  const int64_t ldq = (padded + 63) / 64 * 64;
+  std::vector<int16_t> xq(n * ldq);
+  std::vector<float> xscale(n);
+  if (quantize_activations(xp, padded, n, padded, xq.data(), ldq, ldq, xscale.data(), true)) {
+    for_row_blocks(rows, padded / 2, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+      with_vectors(nv, [&](auto count) {
+        int4_dot_range<decltype(count)::value>(packed, scale, low, xq.data() + v0 * ldq, ldq, xscale.data() + v0,
+                                               xs + v0 * groups, y + v0 * ldy, ldy, padded, group, r0, r1);
+      });
+    });
+    return;
+  }
+#endif
+  for_row_blocks(rows, padded / 2, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+    with_vectors(nv, [&](auto count) {
+      int4_rows<decltype(count)::value>(packed, scale, low, xp + v0 * padded, padded, xs + v0 * groups, y + v0 * ldy,
+                                        ldy, padded, group, r0, r1);
+    });
+  });
+}
+
+}  // namespace yaretnet_cpu
+
+namespace {
+
+using yaretnet_cpu::int4_product;
+using yaretnet_cpu::int8_product;
+
+void check_bias_add(const char* op, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add,
+                    int64_t n, int64_t rows) {
+  if (bias.has_value())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows && bias->device().is_cpu(), op,
+                ": bias must be a CPU tensor of shape (", rows, "), got ", bias->sizes());
+  if (add.has_value())
+    TORCH_CHECK(add->dim() == 2 && add->size(0) == n && add->size(1) == rows && add->device().is_cpu(), op,
+                ": add must be a CPU tensor of shape (", n, ", ", rows, "), got ", add->sizes());
+}
+
+// y (n, rows) float32 plus the bias and residual, in x's dtype.
+at::Tensor finish(at::Tensor y, const at::Tensor& x, const c10::optional<at::Tensor>& bias,
+                  const c10::optional<at::Tensor>& add) {
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  if (add.has_value()) y.add_(add->to(at::kFloat));
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// x (n, cols) float32/bfloat16, weight (rows, cols) int8, scale (rows,) float32, bias (rows,) and
+// add (n, rows) optional -> (n, rows) in x's dtype; float32 sums, rounded once at the end.
+at::Tensor qlinear_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                        const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& add) {
+  constexpr const char* op = "yaretnet::qlinear_int8";
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x and weight must be 2-D, got ", x.sizes(), " and ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == at::kChar, op, ": weight must be int8, got ", weight.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && scale.device().is_cpu(), op, ": CPU tensors only");
+  const int64_t n = x.size(0), cols = x.size(1), rows = weight.size(0);
+  TORCH_CHECK(weight.size(1) == cols, op, ": weight has ", weight.size(1), " columns but x has ", cols);
+  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == rows, op, ": scale must have shape (", rows, "), got ",
+              scale.sizes());
+  check_bias_add(op, bias, add, n, rows);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({n, rows}, x.options().dtype(at::kFloat));
+  int8_product(xf.data_ptr<float>(), cols, n, cols, w.data_ptr<int8_t>(), s.data_ptr<float>(), rows,
+               y.data_ptr<float>(), rows);
+  return finish(y, x, bias, add);
 }
 
 // x (n, cols) float32/bfloat16, packed (rows, padded / 2) uint8, scale and low (rows, groups),
@@ -193,6 +269,33 @@ at::Tensor qlinear_int4(const at::Tensor& x, const at::Tensor& packed, const at:
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale.device().is_cpu() && low.device().is_cpu(),
               op, ": CPU tensors only");
   const int64_t n = x.size(0), cols = x.size(1), rows = packed.size(0), padded = packed.size(1) * 2;
+  const int64_t group = yaretnet_cpu::int4_group(op, scale, low, rows, padded, cols);
+  check_bias_add(op, bias, add, n, rows);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const at::Tensor w = packed.contiguous();
+  const at::Tensor s = scale.to(at::kFloat).contiguous();
+  const at::Tensor l = low.to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({n, rows}, x.options().dtype(at::kFloat));
+  int4_product(xf.data_ptr<float>(), cols, n, cols, w.data_ptr<uint8_t>(), s.data_ptr<float>(), l.data_ptr<float>(),
+               rows, padded, group, y.data_ptr<float>(), rows);
+  return finish(y, x, bias, add);
+}
+
+// Whether this build takes int_dot.h's integer dot products (AVX512-VNNI at compile time).
+bool quantized_integer_dot() {
+#if defined(YARETNET_INT_DOT)
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+namespace yaretnet_cpu {
+
+int64_t int4_group(const char* op, const at::Tensor& scale, const at::Tensor& low, int64_t rows, int64_t padded,
+                   int64_t cols) {
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) > 0 && low.sizes() == scale.sizes(), op,
               ": scale and low must both have shape (", rows, ", groups), got ", scale.sizes(), " and ", low.sizes());
   const int64_t groups = scale.size(1);
@@ -201,49 +304,13 @@ at::Tensor qlinear_int4(const at::Tensor& x, const at::Tensor& packed, const at:
   const int64_t group = padded / groups;
   TORCH_CHECK(cols <= padded && cols > padded - group, op, ": x has ", cols, " columns but the weight holds ",
               padded, " in groups of ", group);
-  if (bias.has_value())
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == rows && bias->device().is_cpu(), op,
-                ": bias must be a CPU tensor of shape (", rows, "), got ", bias->sizes());
-  if (add.has_value())
-    TORCH_CHECK(add->dim() == 2 && add->size(0) == n && add->size(1) == rows && add->device().is_cpu(), op,
-                ": add must be a CPU tensor of shape (", n, ", ", rows, "), got ", add->sizes());
-
-  at::Tensor xf = x.to(at::kFloat).contiguous();
-  if (cols != padded) xf = at::constant_pad_nd(xf, {0, padded - cols}, 0.0).contiguous();
-  const at::Tensor xsum = xf.view({n, groups, group}).sum(-1).contiguous();
-  const at::Tensor w = packed.contiguous();
-  const at::Tensor s = scale.to(at::kFloat).contiguous();
-  const at::Tensor l = low.to(at::kFloat).contiguous();
-  at::Tensor y = at::empty({n, rows}, x.options().dtype(at::kFloat));
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const float* sp = s.data_ptr<float>();
-  const float* lp = l.data_ptr<float>();
-  const float* xp = xf.data_ptr<float>();
-  const float* xs = xsum.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  if (n > 0 && rows > 0) {
-    // As for int8: ~64 KB of packed weights per task, ~32 KB blocks that stay in L2 while every
-    // group of eight vectors passes over them.
-    const int64_t bytes = std::max<int64_t>(1, padded / 2);
-    const int64_t grain = std::max<int64_t>(16, 65536 / bytes);
-    const int64_t block = n <= kMaxVectors ? rows : std::max<int64_t>(16, 32768 / bytes);
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r0 = b; r0 < e; r0 += block) {
-        const int64_t r1 = std::min(e, r0 + block);
-        for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors)
-          int4_rows_for(wp, sp, lp, xp + v0 * padded, padded, xs + v0 * groups, yp + v0 * rows, rows, padded, group,
-                        r0, r1, std::min<int64_t>(kMaxVectors, n - v0));
-      }
-    });
-  }
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  if (add.has_value()) y.add_(add->to(at::kFloat));
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return group;
 }
 
-}  // namespace
+}  // namespace yaretnet_cpu
 
 TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
+  m.def("quantized_integer_dot() -> bool", &quantized_integer_dot);  // no tensors: a catch-all kernel
   m.def("qlinear_int8(Tensor x, Tensor weight, Tensor scale, Tensor? bias=None, Tensor? add=None) -> Tensor");
   m.def("qlinear_int4(Tensor x, Tensor packed, Tensor scale, Tensor low, Tensor? bias=None, Tensor? add=None) -> Tensor");
 }
