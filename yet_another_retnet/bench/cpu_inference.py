@@ -7,9 +7,13 @@ floor, prompt prefill in float32 and bfloat16 against the products' peaks, and s
 
 Everything is measured side by side in one process:
 
-* **Memory floor**: the time to stream the bytes a decoding step must read (every projection
-  and the head, in that variant's dtype) at the streaming read bandwidth measured here (the
-  faster of ``torch.sum`` and the float32 gemv kernel over a buffer far larger than the caches).
+* **Memory floor**: the time to move the bytes a decoding step must move - read every projection
+  and the head in that variant's dtype, and read and write every layer's float32 state (at 1.3B,
+  4 MB a layer: 192 MB a token, 15% of the int8 weights) - at the streaming read bandwidth
+  measured just before each point (the faster of ``torch.sum`` and the float32 gemv kernel over a
+  buffer far larger than the caches; on a shared VM it drifts by 2x within minutes, so one figure
+  at the start would not do). ``x floor`` is the step's time over that; ``x weights`` over the
+  weights' time alone (the floor the issue first stated).
 * **Decode**: ms per token at batch 1 with the state at position 2k and 16k (the decoding cost of
   a RetNet does not depend on what the state holds, only the rotation table's position does; the
   state is random, the prefill is measured separately).
@@ -96,6 +100,12 @@ def decode_bytes(model: RetNet) -> int:
     return total
 
 
+def state_bytes(model: RetNet, batch: int = 1) -> int:
+    """Bytes of recurrent state one decoding step reads and writes: every layer's float32
+    ``(batch, heads, dk, dv)`` memory, once each way."""
+    return 2 * sum(m.numel() * m.element_size() for m in model.empty_state(batch).memories)
+
+
 def product_peak(dtype: torch.dtype, n: int) -> float:
     """GFLOP/s of an ``n x n x n`` product in ``dtype``: the best of three, through ATen's
     ``torch.mm`` and through the package's ``mm_nt`` (oneDNN where it chose it), the faster."""
@@ -176,7 +186,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"machine": common.machine_info(torch.device("cpu")), "config": config.to_dict(),
                               "parameters": count_parameters(config), "quick": quick}
-    bandwidth = read_bandwidth(256 << 20 if quick else 1 << 30)
+    probe = 256 << 20 if quick else 1 << 30
+    bandwidth = read_bandwidth(probe)
     result["read_bandwidth_gb_s"] = bandwidth / 1e9
     result["product_peak_gflops"] = {"float32": product_peak(torch.float32, 1024 if quick else 2048),
                                      "bfloat16": product_peak(torch.bfloat16, 1024 if quick else 2048)}
@@ -194,13 +205,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             model = quantize_model(RetNet(config, dtype=torch.bfloat16), variant).float()
         gc.collect()
-        nbytes = decode_bytes(model)
-        floor = nbytes / bandwidth
+        nbytes, sbytes = decode_bytes(model), state_bytes(model)
         for position in decode_contexts:
+            here = read_bandwidth(probe)  # the bandwidth of this moment, beside the timing
             seconds = time_decode(model, position, tokens)
+            floor = (nbytes + sbytes) / here
             decode.append({"variant": variant, "context": position, "ms_per_token": seconds * 1e3,
-                           "tokens_per_s": 1 / seconds, "weight_bytes": nbytes, "floor_ms": floor * 1e3,
-                           "x_floor": seconds / floor})
+                           "tokens_per_s": 1 / seconds, "weight_bytes": nbytes, "state_bytes": sbytes,
+                           "read_bandwidth_gb_s": here / 1e9, "floor_ms": floor * 1e3, "x_floor": seconds / floor,
+                           "x_weights_floor": seconds / (nbytes / here)})
             print(json.dumps(decode[-1]), flush=True)
         if variant not in ("int8", "int4"):
             for length in prefill_contexts:
@@ -231,13 +244,19 @@ def markdown(result: dict[str, Any]) -> str:
              f"Measured {m['date']} on {m['cpu']} ({m['torch_threads']} threads, load average {m['load_average_1m']} "
              f"at the start: other jobs shared the machine), torch {m['torch']}. Command: "
              f"`retnet bench cpu_inference{' --quick' if result['quick'] else ''}`.", "",
-             f"Streaming read bandwidth measured in the same run: {result['read_bandwidth_gb_s']:.1f} GB/s.", "",
+             f"Streaming read bandwidth at the start: {result['read_bandwidth_gb_s']:.1f} GB/s; each decoding row "
+             "measures it again just before it (its own column).", "",
              "## Decoding, batch 1", "",
-             "| variant | context | ms/token | tokens/s | weights read (MB) | floor (ms) | x floor |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "The floor moves the weights once and each layer's float32 state in and out: (weights + state) / "
+             "bandwidth. `x weights` compares with the weights' time alone.", "",
+             "| variant | context | ms/token | tokens/s | weights (MB) | state in+out (MB) | GB/s | floor (ms) "
+             "| x floor | x weights |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["decode"]:
         lines.append(f"| {r['variant']} | {r['context']} | {r['ms_per_token']:.2f} | {r['tokens_per_s']:.2f} | "
-                     f"{r['weight_bytes'] / 1e6:,.0f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} |")
+                     f"{r['weight_bytes'] / 1e6:,.0f} | {r['state_bytes'] / 1e6:,.0f} | "
+                     f"{r['read_bandwidth_gb_s']:.1f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
+                     f"{r['x_weights_floor']:.2f} |")
     peaks = result["product_peak_gflops"]
     lines += ["", "## Prefill, batch 1", "",
               f"Product peaks measured here: float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s.", "",

@@ -2,8 +2,10 @@
 
 A decoding step reads every weight once (two FLOPs per weight), so its speed is the speed at which
 the weights stream from memory. :func:`gemv` runs ``csrc/gemv.cpp`` (eight rows in flight per
-thread, bfloat16 widened in registers, PyTorch's own thread pool), which reads weights ~1.1x
-(float32) to ~1.4x (bfloat16) faster than ``torch.mv`` on our CPUs. The kernel is built from source
+thread, PyTorch's own thread pool), which reads weights ~1.1x (float32) to ~1.4x (bfloat16) faster
+than ``torch.mv`` on our CPUs. bfloat16 weights are widened in registers (exact), or where the CPU
+has AVX512-BF16 multiplied by the vector rounded to bfloat16 (:func:`bf16_dot`; what a bfloat16
+model's own forward feeds its products), float32 sums either way. The kernel is built from source
 as part of the package's C++ extension (:mod:`._extension`) the first time it is needed.
 
 Reference: ``torch.mv``/``torch.addmv``, the path wherever :func:`supports` says no (and where the
@@ -18,9 +20,16 @@ from torch import Tensor
 
 from . import _extension
 
-__all__ = ["gemv", "gemv_kernel_available", "supports"]
+__all__ = ["bf16_dot", "gemv", "gemv_kernel_available", "supports"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
+
+
+def bf16_dot() -> bool:
+    """Whether the kernels multiply bfloat16 weights by vectors rounded to bfloat16 (VDPBF16PS: the
+    extension built with AVX512-BF16) rather than widening the weights to float32. ``False``
+    without the extension."""
+    return bool(_extension.load() and torch.ops.yaretnet.gemv_bf16_dot())
 
 
 def supports(weight: Tensor, x: Tensor) -> bool:

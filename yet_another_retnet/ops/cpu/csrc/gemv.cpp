@@ -8,7 +8,8 @@
 // either way, bfloat16 1.4x faster than torch.mv), converts
 // bfloat16 to float32 in registers (a 16-bit shift: exact), accumulates in float32 and splits
 // the rows over PyTorch's own intra-op thread pool (at::parallel_for), so it never starts a second
-// OpenMP runtime.
+// OpenMP runtime. Where the CPU has AVX512-BF16, bfloat16 weights take VDPBF16PS instead, the
+// vector rounded to bfloat16 once (gemv.h says why).
 //
 // The plain reference is torch.mv / torch.addmv (ops/gemv.py falls back to it, and the tests
 // compare against it). Built with -march=native by torch.utils.cpp_extension on first use: the
@@ -84,10 +85,21 @@ at::Tensor gemv(const at::Tensor& weight, const at::Tensor& x, const c10::option
   return y;
 }
 
+// Whether bfloat16 weights take VDPBF16PS (AVX512-BF16 at compile time: the vector is then
+// rounded to bfloat16).
+bool gemv_bf16_dot() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(yaretnet, m) {
   m.def("gemv(Tensor weight, Tensor x, Tensor? add=None) -> Tensor");
+  m.def("gemv_bf16_dot() -> bool", &gemv_bf16_dot);  // no tensors: a catch-all kernel
 }
 
 TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {
