@@ -82,10 +82,13 @@ FAST_PATHS = (
     FastPath("decoding step of a layer", "ops/cpu/decode_step.py: supports, layer_step_plan",
              "ops/cpu/csrc/decode_step.cpp: yaretnet::retention_step, decoder_layer_step",
              "retention_step_reference, the decoder layer's PyTorch step", "tests/cpu/test_decode_step.py",
-             "CPU float32/bfloat16, float32 memory, no autograd, up to 32 rows (a whole layer)"),
-    FastPath("int8 weight products", "ops/cpu/quantized.py: qlinear, qlinear_int4", "ops/cpu/csrc/quantized.cpp: yaretnet::qlinear_int8, qlinear_int4",
-             "qlinear_reference", "tests/models/test_quantized.py",
-             "CPU float32/bfloat16 input, int8 weights, up to 32 rows, no autograd"),
+             "CPU float32/bfloat16 (or int8/int4 products), float32 memory, no autograd, up to 32 rows (a whole "
+             "layer); bfloat16 weights on VDPBF16PS with AVX512-BF16 (gemv.bf16_dot)"),
+    FastPath("int8 and int4 weight products", "ops/cpu/quantized.py: qlinear, qlinear_int4",
+             "ops/cpu/csrc/quantized.cpp: yaretnet::qlinear_int8, qlinear_int4 (int_dot.h: VPDPWSSD with AVX512-VNNI)",
+             "qlinear_reference, qlinear_int4_reference", "tests/models/test_quantized.py",
+             "CPU float32/bfloat16 input, int8/int4 weights, up to 32 rows, no autograd; with AVX512-VNNI the "
+             "input rounded to 16 bits (quantized.integer_dot)"),
 )
 
 
