@@ -100,6 +100,7 @@ class Engine:
         self._state: Any = None  # the active requests' states stacked, row i for _active[i]
         self._prefilling: list[Request] = []  # long prompts being prefilled, first first
         self._blank: Any = None  # the state of one row before any token
+        self._joining: list[Any] = []  # states of the rows appended to _active since the last step
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (each for the whole batch)
@@ -144,7 +145,7 @@ class Engine:
             except Exception as err:  # keep serving: fail the requests in the batch, not the server
                 for request in self._active:
                     request.emit(None, _error(err))
-                self._active, self._state = [], None
+                self._active, self._state, self._joining = [], None, []
 
     def _admit(self) -> None:
         block = not self._active and not self._prefilling  # idle: wait for work (bounded, so stop() is seen)
@@ -185,8 +186,9 @@ class Engine:
         return self._blank
 
     def _join(self, request: Request, state: Any) -> None:
+        """``request`` takes the next row; its state joins at :meth:`_step`, with the others'."""
         self._active.append(request)
-        self._state = state if self._state is None else _cat_states(self._state, state)
+        self._joining.append(state)
 
     def _prefill_piece(self) -> None:
         """The next piece of the first long prompt; once only its last token is left, it joins."""
@@ -221,6 +223,7 @@ class Engine:
 
     def _step(self) -> None:
         """One token per row: the next prompt token, or the last sampled one."""
+        self._flush_joins()
         rows = [r.ids[r.read] if r.read < len(r.ids) else r.next_token for r in self._active]
         tokens = torch.tensor(rows, device=self.model.device)
         with torch.inference_mode():
@@ -259,8 +262,16 @@ class Engine:
                 keep.append(i)
         self._keep(keep)
 
+    def _flush_joins(self) -> None:
+        """The joining rows' states appended to the batch's: one copy of the batch state for all
+        of them, not one each (a ``base`` row is ~4.7 MB)."""
+        if self._joining:
+            self._state = _cat_states(([] if self._state is None else [self._state]) + self._joining)
+            self._joining = []
+
     def _keep(self, rows: list[int]) -> None:
         if len(rows) != len(self._active):
+            self._flush_joins()
             self._active = [self._active[i] for i in rows]
             self._state = _select_rows(self._state, rows) if rows else None
 
@@ -269,9 +280,10 @@ def _error(err: Exception) -> str:
     return f"error: {type(err).__name__}: {err}"
 
 
-def _cat_states(a: Any, b: Any) -> Any:
-    return type(a)([torch.cat([x, y]) for x, y in zip(a.memories, b.memories, strict=True)],
-                   torch.cat([a.position, b.position]))
+def _cat_states(states: list[Any]) -> Any:
+    """``states`` stacked along the batch axis, in order."""
+    memories = [torch.cat(layer) for layer in zip(*(s.memories for s in states), strict=True)]
+    return type(states[0])(memories, torch.cat([s.position for s in states]))
 
 
 def _select_rows(state: Any, rows: list[int]) -> Any:
