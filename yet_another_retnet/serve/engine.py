@@ -15,8 +15,8 @@ batching requests is stacking their states along the batch axis; nothing is padd
    sampled token, at its own position (``RetNetState.position`` is per row). The batched layer
    kernels read each weight once per step for the whole batch;
 4. each request that has read its whole prompt picks its next token from its own logits with its
-   own seeded generator; the finished ones leave the batch. Logits of prompt tokens before the
-   last are not looked at.
+   own seeded generator (:mod:`.sampling`: one uniform draw a token); the finished ones leave the
+   batch. Logits of prompt tokens before the last are not looked at.
 
 Which way a prompt goes depends on its length alone, never on the batch, so a request's tokens
 are the ones it gets alone with the same seed (to the batched kernels' rounding of each row,
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..generation import next_tokens
+from .sampling import pick_token
 
 #: ``emit(token, finish_reason)``: a token (``finish_reason`` ``None``), or the end (``token`` ``None``,
 #: ``finish_reason`` ``"length"``, ``"stop"``, ``"cancelled"`` or ``"error: ..."``).
@@ -232,7 +232,7 @@ class Engine:
         for i, request in enumerate(self._active):
             if request.read < len(request.ids):
                 request.read += 1
-            request.logits = out.logits[i:i + 1, -1] if request.read == len(request.ids) else None
+            request.logits = out.logits[i, -1] if request.read == len(request.ids) else None
         self.steps += 1
 
     def _sample(self) -> None:
@@ -242,12 +242,10 @@ class Engine:
             if request.logits is None:  # still reading its prompt
                 keep.append(i)
                 continue
-            greedy = request.temperature == 0
             try:
                 with torch.inference_mode():
-                    token = int(next_tokens(request.logits, not greedy, 1.0 if greedy else request.temperature,
-                                            request.top_k, None if greedy else request.top_p,
-                                            request.generator)[0])
+                    token = pick_token(request.logits, request.temperature, request.top_k, request.top_p,
+                                       request.generator)
             except Exception as err:  # bad sampling settings: this request alone
                 request.emit(None, _error(err))
                 continue

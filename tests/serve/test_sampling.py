@@ -1,0 +1,36 @@
+"""The serving engine's sampler (``serve/sampling.py``): its tokens follow the distribution that
+``generation.next_tokens`` samples from (the same shift, temperature and filters)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from yet_another_retnet.generation import filter_logits
+from yet_another_retnet.serve.sampling import pick_token
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, None), (0.7, None, 0.8), (1.5, 3, None)])
+def test_pick_token_samples_the_filtered_softmax(temperature: float, top_k: int | None,
+                                                 top_p: float | None) -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 1.7, -30.0, 0.0, 1.0])
+    expected = filter_logits(logits[None] / temperature, top_k, top_p).softmax(-1)[0].double()
+    gen = torch.Generator().manual_seed(0)
+    draws = 20000
+    counts = torch.zeros(logits.shape[0], dtype=torch.float64)
+    for _ in range(draws):
+        counts[pick_token(logits, temperature, top_k, top_p, gen)] += 1
+    # Filtered-out tokens never come; the rest within 4 standard errors of their probability.
+    assert bool((counts[expected == 0] == 0).all())
+    error = (expected * (1 - expected) / draws).sqrt()
+    assert bool(((counts / draws - expected).abs() <= 4 * error + 1e-12).all()), (counts / draws, expected)
+
+
+def test_pick_token_is_the_argmax_at_temperature_zero_and_repeats_with_its_seed() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    assert pick_token(logits, 0.0, None, 0.5, None) == int(logits.argmax())
+    runs = [[pick_token(logits, 1.0, None, None, torch.Generator().manual_seed(5)) for _ in range(3)]
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    gen = torch.Generator().manual_seed(5)
+    assert len({pick_token(logits, 1.0, None, None, gen) for _ in range(50)}) > 10
