@@ -18,10 +18,11 @@ batching requests is stacking their states along the batch axis; nothing is padd
    own seeded generator (:mod:`.sampling`: one uniform draw a token); the finished ones leave the
    batch. Logits of prompt tokens before the last are not looked at.
 
-Which way a prompt goes depends on its length alone, never on the batch, so a request's tokens
-are the ones it gets alone with the same seed (to the batched kernels' rounding of each row,
-which does not depend on the other rows' values). Tokens go back through each request's ``emit``
-callback (called on the engine's thread).
+Which way a prompt goes depends on its length alone, never on the batch, and each row of a
+batched step is computed from that row alone, so a request's tokens are the ones it gets alone
+with the same seed. (The kernels' summation order can depend on the number of rows, which moves
+logits by float32 rounding: a token could differ only at a near tie; docs/serving.md.) Tokens go
+back through each request's ``emit`` callback (called on the engine's thread).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from .sampling import pick_token
 #: ``finish_reason`` ``"length"``, ``"stop"``, ``"cancelled"`` or ``"error: ..."``).
 Emit = Callable[[int | None, str | None], None]
 
-#: Prompts longer than this are prefilled before they join the batch; shorter ones are read one
+#: Prompts longer than this are prefilled before they join the batch; the others are read one
 #: token per batched step. A token riding in a batch of 16 costs one more row of a step (the
 #: weights are read once for all rows), while a prefill is a pass over the weights of its own
 #: that stalls every other request; past a few dozen tokens the prefill's chunkwise products win
@@ -161,7 +162,7 @@ class Engine:
             try:
                 self._check(request)
                 request.generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
-                if len(request.ids) > self.prefill_from:
+                if len(request.ids) > max(self.prefill_from, 1):  # something to prefill
                     self._prefilling.append(request)
                 else:
                     self._join(request, self._blank_state())
