@@ -34,3 +34,17 @@ def test_pick_token_is_the_argmax_at_temperature_zero_and_repeats_with_its_seed(
     assert runs[0] == runs[1]
     gen = torch.Generator().manual_seed(5)
     assert len({pick_token(logits, 1.0, None, None, gen) for _ in range(50)}) > 10
+
+
+def test_pick_token_refuses_logits_without_a_distribution() -> None:
+    with pytest.raises(ValueError, match="logits"):
+        pick_token(torch.tensor([0.0, float("nan"), 1.0]), 1.0, None, None, torch.Generator().manual_seed(0))
+
+
+def test_pick_token_never_picks_a_filtered_token_at_the_top_of_the_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A draw that rounds up to the whole mass lands past the end: the last token with a
+    # probability is taken, never the filtered-out ones after it.
+    logits = torch.tensor([1.0, 2.0, 0.5, -40.0, -50.0])
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor(1.0))
+    assert pick_token(logits, 1.0, 3, None, None) == 2
+    assert pick_token(torch.tensor([1.0, 2.0, 0.5, 0.3]), 1.0, None, None, None) == 3

@@ -29,6 +29,12 @@ def pick_token(logits: Tensor, temperature: float, top_k: int | None, top_p: flo
     scores = logits.float()[None]
     scores = filter_logits((scores - scores.amax()) / temperature, top_k, top_p)
     cdf = scores.softmax(dim=-1)[0].cumsum(dim=0)
-    # u in [0, total): the first entry whose cumulative sum exceeds u has a nonzero probability.
-    u = torch.rand((), generator=generator, device=cdf.device) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u[None], right=True)), cdf.shape[0] - 1)
+    total = float(cdf[-1])
+    if not total > 0 or total == float("inf"):  # NaN logits: no distribution to draw from
+        raise ValueError(f"logits: no finite distribution to sample from (its sum is {total})")
+    # The first entry whose cumulative sum exceeds u in [0, total) has a nonzero probability.
+    u = torch.rand((), generator=generator, device=cdf.device) * total
+    index = int(torch.searchsorted(cdf, u[None], right=True))
+    if index == cdf.shape[0]:  # u rounded up to the total: the last entry with a nonzero probability
+        index = int(torch.searchsorted(cdf, cdf[-1:]))
+    return index
