@@ -25,7 +25,8 @@ from yet_another_retnet.training.data import ByteTokenizer
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    model = RetNet(RetNetConfig.from_preset("tiny", num_layers=2, chunk_size=16, init_std=0.2))
+    model = RetNet(RetNetConfig.from_preset("tiny", num_layers=2, chunk_size=16, init_std=0.2,
+                                            tie_embeddings=False))  # else it repeats its last token
     out = tmp_path_factory.mktemp("serve") / "model"
     model.save_pretrained(out)
     return out

@@ -4,15 +4,25 @@ A RetNet request's whole context is its recurrent state, a fixed size whatever i
 batching requests is stacking their states along the batch axis; nothing is padded or paged.
 :class:`Engine` runs one thread that owns the model and loops:
 
-1. admit waiting requests (up to ``max_batch`` in flight): each prompt is prefilled alone and its
-   state appended to the batch's;
-2. pick each request's next token from its own logits with its own seeded generator (so a
-   request's output does not depend on who else is in the batch);
-3. drop the requests that finished or whose client went away (their rows leave the batch state);
-4. one decoding step for all the rest: the batched layer kernels read each weight once per step
-   for the whole batch, so 16 requests cost little more than one.
+1. admit waiting requests (up to ``max_batch`` in flight). A prompt of at most
+   :data:`PREFILL_FROM` tokens joins the batch at once with an empty state: the batched step
+   reads it one token per step, as it reads the other rows' generated tokens, so admitting 16
+   short prompts costs no pass over the weights of its own. A longer prompt is prefilled first
+   (all but its last token, chunkwise, :data:`PREFILL_PIECE` tokens per loop turn so the batch
+   keeps decoding meanwhile) and joins with that state; its last token goes through the batch;
+2. drop the requests whose client went away (their rows leave the batch state);
+3. one decoding step for the whole batch: each row consumes its next prompt token or its last
+   sampled token, at its own position (``RetNetState.position`` is per row). The batched layer
+   kernels read each weight once per step for the whole batch;
+4. each request that has read its whole prompt picks its next token from its own logits with its
+   own seeded generator (:mod:`.sampling`: one uniform draw a token); the finished ones leave the
+   batch. Logits of prompt tokens before the last are not looked at.
 
-Tokens go back through each request's ``emit`` callback (called on the engine's thread).
+Which way a prompt goes depends on its length alone, never on the batch, and each row of a
+batched step is computed from that row alone, so a request's tokens are the ones it gets alone
+with the same seed. (The kernels' summation order can depend on the number of rows, which moves
+logits by float32 rounding: a token could differ only at a near tie; docs/serving.md.) Tokens go
+back through each request's ``emit`` callback (called on the engine's thread).
 """
 
 from __future__ import annotations
@@ -26,11 +36,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..generation import next_tokens
+from .sampling import pick_token
 
 #: ``emit(token, finish_reason)``: a token (``finish_reason`` ``None``), or the end (``token`` ``None``,
 #: ``finish_reason`` ``"length"``, ``"stop"``, ``"cancelled"`` or ``"error: ..."``).
 Emit = Callable[[int | None, str | None], None]
+
+#: Prompts longer than this are prefilled before they join the batch; the others are read one
+#: token per batched step. A token riding in a batch of 16 costs one more row of a step (the
+#: weights are read once for all rows), while a prefill is a pass over the weights of its own
+#: that stalls every other request; past a few dozen tokens the prefill's chunkwise products win
+#: (measured in docs/serving.md).
+PREFILL_FROM = 32
+#: Tokens of a long prompt prefilled per loop turn, between two batched steps: the other requests
+#: wait for one piece, not for the whole prompt. A multiple of the usual chunk sizes.
+PREFILL_PIECE = 512
 
 
 @dataclass
@@ -51,6 +71,8 @@ class Request:
     next_token: int = 0
     logits: Tensor | None = None
     generator: torch.Generator | None = None
+    read: int = 0  # prompt tokens the model has read (prefilled or stepped)
+    prefix_state: Any = None  # a long prompt's state while it is being prefilled
 
     def cancel(self) -> None:
         """The client went away: the engine frees the slot at its next step."""
@@ -58,15 +80,28 @@ class Request:
 
 
 class Engine:
-    """Owns ``model`` on one background thread; :meth:`submit` hands it requests."""
+    """Owns ``model`` on one background thread; :meth:`submit` hands it requests.
 
-    def __init__(self, model: Any, max_batch: int = 16) -> None:
+    ``prefill_from``: prompts longer than this many tokens are prefilled before they join the
+    batch (default :data:`PREFILL_FROM`); ``prefill_piece``: tokens prefilled per loop turn.
+    """
+
+    def __init__(self, model: Any, max_batch: int = 16, prefill_from: int = PREFILL_FROM,
+                 prefill_piece: int = PREFILL_PIECE) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_from < 0:
+            raise ValueError(f"prefill_from must be >= 0, got {prefill_from}")
+        if prefill_piece < 1:
+            raise ValueError(f"prefill_piece must be >= 1, got {prefill_piece}")
         self.model, self.max_batch = model, max_batch
+        self.prefill_from, self.prefill_piece = prefill_from, prefill_piece
         self._waiting: queue.Queue[Request] = queue.Queue()
-        self._active: list[Request] = []
+        self._active: list[Request] = []  # rows of the batch
         self._state: Any = None  # the active requests' states stacked, row i for _active[i]
+        self._prefilling: list[Request] = []  # long prompts being prefilled, first first
+        self._blank: Any = None  # the state of one row before any token
+        self._joining: list[Any] = []  # states of the rows appended to _active since the last step
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0  # decoding steps run (each for the whole batch)
@@ -90,8 +125,8 @@ class Engine:
 
     @property
     def active(self) -> int:
-        """Requests being decoded now (their slots are taken)."""
-        return len(self._active)
+        """Requests in flight (their slots are taken): in the batch or being prefilled."""
+        return len(self._active) + len(self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -103,19 +138,19 @@ class Engine:
         while not self._stop.is_set():
             try:
                 self._admit()
-                if not self._active:
-                    continue
-                self._sample()
+                self._prefill_piece()
+                self._drop_cancelled()
                 if self._active:
                     self._step()
-            except Exception as err:  # keep serving: fail the requests in flight, not the server
+                    self._sample()
+            except Exception as err:  # keep serving: fail the requests in the batch, not the server
                 for request in self._active:
-                    request.emit(None, f"error: {type(err).__name__}: {err}")
-                self._active, self._state = [], None
+                    request.emit(None, _error(err))
+                self._active, self._state, self._joining = [], None, []
 
     def _admit(self) -> None:
-        block = not self._active  # idle: wait for work (bounded, so stop() is seen)
-        while len(self._active) < self.max_batch:
+        block = not self._active and not self._prefilling  # idle: wait for work (bounded, so stop() is seen)
+        while self.active < self.max_batch:
             try:
                 request = self._waiting.get(timeout=0.05) if block else self._waiting.get_nowait()
             except queue.Empty:
@@ -125,28 +160,96 @@ class Engine:
                 request.emit(None, "cancelled")
                 continue
             try:
-                with torch.inference_mode():
-                    out = self.model.prefill(torch.tensor([request.ids], device=self.model.device))
-            except Exception as err:
-                request.emit(None, f"error: {type(err).__name__}: {err}")
-                continue
-            request.logits = out.logits[:, -1]
-            request.generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
-            self._active.append(request)
-            self._state = out.state if self._state is None else _cat_states(self._state, out.state)
+                self._check(request)
+                request.generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
+                if len(request.ids) > max(self.prefill_from, 1):  # something to prefill
+                    self._prefilling.append(request)
+                else:
+                    self._join(request, self._blank_state())
+            except Exception as err:  # this request alone
+                request.emit(None, _error(err))
 
-    def _sample(self) -> None:
-        """Each request's next token; finished and cancelled ones leave the batch."""
-        keep: list[int] = []
-        for i, request in enumerate(self._active):
+    def _check(self, request: Request) -> None:
+        """A bad request fails alone here, before its tokens can reach the batch's step."""
+        vocab = int(self.model.config.vocab_size)
+        if not request.ids:
+            raise ValueError("ids: the prompt must hold at least one token")
+        if min(request.ids) < 0 or max(request.ids) >= vocab:
+            raise ValueError(f"ids: token ids must lie in [0, {vocab})")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {request.temperature}")
+
+    def _blank_state(self) -> Any:
+        if self._blank is None:
+            self._blank = self.model.empty_state(1)
+        return self._blank
+
+    def _join(self, request: Request, state: Any) -> None:
+        """``request`` takes the next row; its state joins at :meth:`_step`, with the others'."""
+        self._active.append(request)
+        self._joining.append(state)
+
+    def _prefill_piece(self) -> None:
+        """The next piece of the first long prompt; once only its last token is left, it joins."""
+        while self._prefilling:
+            request = self._prefilling[0]
             if request.cancelled.is_set():
+                self._prefilling.pop(0)
                 request.emit(None, "cancelled")
                 continue
-            assert request.logits is not None
-            greedy = request.temperature == 0
-            with torch.inference_mode():
-                token = int(next_tokens(request.logits, not greedy, 1.0 if greedy else request.temperature,
-                                        request.top_k, None if greedy else request.top_p, request.generator)[0])
+            end = min(request.read + self.prefill_piece, len(request.ids) - 1)
+            try:
+                with torch.inference_mode():
+                    piece = torch.tensor([request.ids[request.read:end]], device=self.model.device)
+                    request.prefix_state = self.model.prefill(piece, state=request.prefix_state).state
+            except Exception as err:  # this request alone
+                self._prefilling.pop(0)
+                request.emit(None, _error(err))
+                return
+            request.read = end
+            if end == len(request.ids) - 1:
+                self._prefilling.pop(0)
+                state, request.prefix_state = request.prefix_state, None
+                self._join(request, state)
+            return
+
+    def _drop_cancelled(self) -> None:
+        keep = [i for i, request in enumerate(self._active) if not request.cancelled.is_set()]
+        for request in self._active:
+            if request.cancelled.is_set():
+                request.emit(None, "cancelled")
+        self._keep(keep)
+
+    def _step(self) -> None:
+        """One token per row: the next prompt token, or the last sampled one."""
+        self._flush_joins()
+        rows = [r.ids[r.read] if r.read < len(r.ids) else r.next_token for r in self._active]
+        tokens = torch.tensor(rows, device=self.model.device)
+        with torch.inference_mode():
+            out = self.model(tokens[:, None], state=self._state)
+        self._state = out.state
+        for i, request in enumerate(self._active):
+            if request.read < len(request.ids):
+                request.read += 1
+            request.logits = out.logits[i, -1] if request.read == len(request.ids) else None
+        self.steps += 1
+
+    def _sample(self) -> None:
+        """Each request past its prompt picks its next token; finished ones leave the batch."""
+        keep: list[int] = []
+        for i, request in enumerate(self._active):
+            if request.logits is None:  # still reading its prompt
+                keep.append(i)
+                continue
+            try:
+                with torch.inference_mode():
+                    token = pick_token(request.logits, request.temperature, request.top_k, request.top_p,
+                                       request.generator)
+            except Exception as err:  # bad sampling settings: this request alone
+                request.emit(None, _error(err))
+                continue
             request.generated += 1
             request.emit(token, None)
             if request.eos_token_id is not None and token == request.eos_token_id:
@@ -156,23 +259,30 @@ class Engine:
             else:
                 request.next_token = token
                 keep.append(i)
-        if len(keep) != len(self._active):
-            self._active = [self._active[i] for i in keep]
-            self._state = _select_rows(self._state, keep) if keep else None
+        self._keep(keep)
 
-    def _step(self) -> None:
-        tokens = torch.tensor([r.next_token for r in self._active], device=self.model.device)
-        with torch.inference_mode():
-            out = self.model(tokens[:, None], state=self._state)
-        self._state = out.state
-        for i, request in enumerate(self._active):
-            request.logits = out.logits[i:i + 1, -1]
-        self.steps += 1
+    def _flush_joins(self) -> None:
+        """The joining rows' states appended to the batch's: one copy of the batch state for all
+        of them, not one each (a ``base`` row is ~4.7 MB)."""
+        if self._joining:
+            self._state = _cat_states(([] if self._state is None else [self._state]) + self._joining)
+            self._joining = []
+
+    def _keep(self, rows: list[int]) -> None:
+        if len(rows) != len(self._active):
+            self._flush_joins()
+            self._active = [self._active[i] for i in rows]
+            self._state = _select_rows(self._state, rows) if rows else None
 
 
-def _cat_states(a: Any, b: Any) -> Any:
-    return type(a)([torch.cat([x, y]) for x, y in zip(a.memories, b.memories, strict=True)],
-                   torch.cat([a.position, b.position]))
+def _error(err: Exception) -> str:
+    return f"error: {type(err).__name__}: {err}"
+
+
+def _cat_states(states: list[Any]) -> Any:
+    """``states`` stacked along the batch axis, in order."""
+    memories = [torch.cat(layer) for layer in zip(*(s.memories for s in states), strict=True)]
+    return type(states[0])(memories, torch.cat([s.position for s in states]))
 
 
 def _select_rows(state: Any, rows: list[int]) -> Any:

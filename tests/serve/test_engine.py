@@ -1,0 +1,217 @@
+"""The continuous-batching engine (``serve/engine.py``) driven directly: prompts of every length
+read inside the batch or prefilled first, each request's tokens against the same request alone
+and against the model's own decoding, cancellation mid-prompt, bad requests, ``max_batch``."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from yet_another_retnet.models import RetNet, RetNetConfig
+from yet_another_retnet.models.quantized import quantize_model
+from yet_another_retnet.serve.engine import PREFILL_FROM, Engine, Request
+from yet_another_retnet.serve.sampling import pick_token
+
+TIMEOUT = 300  # a hang, not a slow machine: the waits below end as soon as the engine answers
+
+
+def _tiny(quantize: str | None = None) -> RetNet:
+    # Untied embeddings: with the tied head a random model's logits favour the token it just read,
+    # so it repeats that token whatever the context (a wrong position would change nothing).
+    torch.manual_seed(0)
+    model = RetNet(RetNetConfig.from_preset("tiny", num_layers=2, chunk_size=16, init_std=0.2,
+                                            tie_embeddings=False)).eval()
+    model = quantize_model(model, quantize).eval() if quantize else model
+    # Build the CPU kernels here, not inside an engine's first step while a test waits on it.
+    model.generate(torch.tensor([list(range(40))]), 2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> RetNet:
+    return _tiny()
+
+
+class Collect:
+    """A request's ``emit``: its tokens, how it ended, and an event set at the end."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, token: int | None, finish: str | None) -> None:
+        if finish is None:
+            assert token is not None and not self.done.is_set()
+            self.tokens.append(token)
+        else:
+            self.finish = finish
+            self.done.set()
+
+
+def _prompt(length: int, salt: int) -> list[int]:
+    return [(7 * t + 13 * salt + 1) % 256 for t in range(length)]
+
+
+def _run(engine: Engine, specs: list[dict[str, Any]]) -> list[Collect]:
+    """Submit every request at once and wait for all of them."""
+    outs = [Collect() for _ in specs]
+    for spec, out in zip(specs, outs, strict=True):
+        engine.submit(Request(emit=out, **spec))
+    for out in outs:
+        assert out.done.wait(TIMEOUT), "request never finished"
+    return outs
+
+
+def _specs() -> list[dict[str, Any]]:
+    lengths = [1, 3, 8, 9, 20, 33, PREFILL_FROM + 9, 70]
+    return [{"ids": _prompt(n, i), "max_tokens": 5 + i % 4, "temperature": 0.0 if i % 2 else 0.9,
+             "top_p": 0.95, "seed": 10 + i} for i, n in enumerate(lengths)]
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("prefill_from", [PREFILL_FROM, 8, 0])
+def test_a_request_gets_in_a_batch_what_it_gets_alone(quantize: str | None, prefill_from: int,
+                                                      model: RetNet) -> None:
+    net = _tiny(quantize) if quantize else model
+    # A piece smaller than the prompts: the 70-token prompt is prefilled over several loop turns.
+    engine = Engine(net, max_batch=16, prefill_from=prefill_from, prefill_piece=24)
+    engine.start()
+    try:
+        specs = _specs()
+        together = _run(engine, specs)
+        steps = engine.steps
+        alone = [_run(engine, [spec])[0] for spec in specs]
+    finally:
+        engine.stop()
+    assert [o.finish for o in together] == ["length"] * len(specs)
+    assert [o.tokens for o in together] == [o.tokens for o in alone]
+    assert all(len(o.tokens) == s["max_tokens"] for o, s in zip(together, specs, strict=True))
+    # Read together: as many steps as the longest request needs, not the sum of them all (plus
+    # the steps run while the long prompts are prefilled, a piece per loop turn).
+    prefilled = [len(s["ids"]) for s in specs if len(s["ids"]) > max(prefill_from, 1)]
+    longest = max(min(len(s["ids"]), prefill_from + 1) + s["max_tokens"] - 1 for s in specs)
+    assert steps <= longest + sum(-(-(n - 1) // 24) for n in prefilled) + 2
+
+
+def test_the_engine_decodes_as_the_model_does(model: RetNet) -> None:
+    """Short prompts are read token by token, long ones prefilled then stepped: the same routes
+    by hand give identical tokens; greedy ``generate`` (a chunkwise prefill of the whole prompt)
+    gives the same tokens (its logits agree to float32 rounding)."""
+    engine = Engine(model, max_batch=4, prefill_from=16, prefill_piece=16)
+    specs = [{"ids": _prompt(n, n), "max_tokens": 12, "temperature": t, "seed": 3}
+             for n in (5, 40) for t in (0.0, 0.8)]
+    engine.start()
+    try:
+        outs = _run(engine, specs)
+    finally:
+        engine.stop()
+    for spec, out in zip(specs, outs, strict=True):
+        ids, greedy = spec["ids"], spec["temperature"] == 0
+        gen = torch.Generator().manual_seed(spec["seed"])
+        with torch.inference_mode():
+            state, feed = None, ids
+            if len(ids) > 16:  # the long route: prefill all but the last token, in pieces of 16
+                for start in range(0, len(ids) - 1, 16):
+                    piece = torch.tensor([ids[start:min(start + 16, len(ids) - 1)]])
+                    state = model.prefill(piece, state=state).state
+                feed = ids[-1:]
+            for token in feed:
+                step = model(torch.tensor([[token]]), state=state)
+                state = step.state
+            by_hand = []
+            for _ in range(spec["max_tokens"]):
+                by_hand.append(pick_token(step.logits[0, -1], spec["temperature"], None, None, gen))
+                step = model(torch.tensor([by_hand[-1:]]), state=step.state)
+        assert out.tokens == by_hand
+        if greedy:
+            generated = model.generate(torch.tensor([ids]), spec["max_tokens"])
+            assert out.tokens == generated[0, len(ids):].tolist()
+
+
+class Gated:
+    """``model`` whose prefill and batched step wait, the first time each runs, for the test."""
+
+    def __init__(self, model: RetNet) -> None:
+        self.model = model
+        self.entered = {"prefill": threading.Event(), "step": threading.Event()}
+        self.go = {"prefill": threading.Event(), "step": threading.Event()}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def _gate(self, which: str) -> None:
+        if not self.entered[which].is_set():
+            self.entered[which].set()
+            assert self.go[which].wait(TIMEOUT)
+
+    def prefill(self, *args: Any, **kwargs: Any) -> Any:
+        self._gate("prefill")
+        return self.model.prefill(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self._gate("step")
+        return self.model(*args, **kwargs)
+
+
+@pytest.mark.parametrize("route", ["step", "prefill"])
+def test_a_cancel_mid_prompt_frees_the_slot(route: str, model: RetNet) -> None:
+    gated = Gated(model)
+    gated.go["step" if route == "prefill" else "prefill"].set()
+    engine = Engine(gated, max_batch=1, prefill_from=16, prefill_piece=8)
+    engine.start()
+    try:
+        first, second = Collect(), Collect()
+        request = Request(_prompt(6 if route == "step" else 60, 1), 50, first, temperature=0)
+        engine.submit(request)
+        engine.submit(Request(_prompt(4, 2), 3, second, temperature=0))
+        assert gated.entered[route].wait(TIMEOUT)  # the first prompt is being read
+        assert engine.active == 1 and engine.waiting == 1  # the only slot is taken
+        request.cancel()
+        gated.go[route].set()
+        assert first.done.wait(TIMEOUT) and second.done.wait(TIMEOUT)
+    finally:
+        engine.stop()
+    assert first.finish == "cancelled" and first.tokens == []
+    assert second.finish == "length" and len(second.tokens) == 3
+    assert engine.active == 0
+
+
+def test_a_bad_request_fails_alone_and_max_batch_holds(model: RetNet) -> None:
+    engine = Engine(model, max_batch=2)
+    seen: list[int] = []
+
+    class Watch(Collect):
+        def __call__(self, token: int | None, finish: str | None) -> None:
+            seen.append(engine.active)  # called on the engine's thread, between steps
+            super().__call__(token, finish)
+
+    good = [{"ids": _prompt(3 + i, i), "max_tokens": 4, "temperature": 0.0} for i in range(4)]
+    bad = [{"ids": [1, 2, 256], "max_tokens": 4}, {"ids": [], "max_tokens": 4},
+           {"ids": [1], "max_tokens": 0}, {"ids": [1], "max_tokens": 2, "temperature": -1.0}]
+    specs = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], good[3]]
+    outs = [Watch() for _ in specs]
+    engine.start()
+    try:
+        for spec, out in zip(specs, outs, strict=True):
+            engine.submit(Request(emit=out, **spec))
+        for out in outs:
+            assert out.done.wait(TIMEOUT)
+        alone = [_run(engine, [spec])[0].tokens for spec in good]
+    finally:
+        engine.stop()
+    errors = [o.finish for o in outs if o.finish != "length"]
+    assert [o.tokens for o in outs if o.finish == "length"] == alone
+    assert len(errors) == 4 and all(e is not None and e.startswith("error: ValueError") for e in errors)
+    assert "ids" in str(errors[0]) and "max_tokens" in str(errors[2]) and "temperature" in str(errors[3])
+    assert max(seen) <= 2
+
+
+def test_engine_arguments_are_checked(model: RetNet) -> None:
+    for kwargs, name in (({"max_batch": 0}, "max_batch"), ({"prefill_from": -1}, "prefill_from"),
+                         ({"prefill_piece": 0}, "prefill_piece")):
+        with pytest.raises(ValueError, match=name):
+            Engine(model, **kwargs)
