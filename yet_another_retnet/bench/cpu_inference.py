@@ -10,9 +10,10 @@ Everything is measured side by side in one process:
 * **Memory floor**: the time to move the bytes a decoding step must move - read every projection
   and the head in that variant's dtype, and read and write every layer's float32 state (at 1.3B,
   4 MB a layer: 192 MB a token, 15% of the int8 weights) - at the streaming read bandwidth
-  measured just before each point (the faster of ``torch.sum`` and the float32 gemv kernel over a
+  measured just before each timing (the faster of ``torch.sum`` and the float32 gemv kernel over a
   buffer far larger than the caches; on a shared VM it drifts by 2x within minutes, so one figure
-  at the start would not do). ``x floor`` is the step's time over that; ``x weights`` over the
+  at the start would not do): three rounds of the pair per point, the round with the median
+  ratio reported (all three in the JSON). ``x floor`` is the step's time over that; ``x weights`` over the
   weights' time alone (the floor the issue first stated).
 * **Decode**: ms per token at batch 1 with the state at position 2k and 16k (the decoding cost of
   a RetNet does not depend on what the state holds, only the rotation table's position does; the
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     decode_contexts = args.decode_contexts or ([512, 4096] if quick else [2048, 16384])
     prefill_contexts = args.prefill_contexts or ([512] if quick else [2048, 16384])
     tokens = args.tokens or (8 if quick else 16)
+    rounds_per_point = 1 if quick else 3
     serve_tokens = args.serve_tokens or (8 if quick else 16)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
@@ -207,13 +209,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gc.collect()
         nbytes, sbytes = decode_bytes(model), state_bytes(model)
         for position in decode_contexts:
-            here = read_bandwidth(probe)  # the bandwidth of this moment, beside the timing
-            seconds = time_decode(model, position, tokens)
+            # Rounds of (the bandwidth of this moment, then the decoding timing beside it); the
+            # row is the round with the median ratio of the two.
+            rounds = []
+            for _ in range(rounds_per_point):
+                here = read_bandwidth(probe)
+                seconds = time_decode(model, position, tokens)
+                rounds.append((seconds / ((nbytes + sbytes) / here), seconds, here))
+            _, seconds, here = sorted(rounds)[len(rounds) // 2]
             floor = (nbytes + sbytes) / here
             decode.append({"variant": variant, "context": position, "ms_per_token": seconds * 1e3,
                            "tokens_per_s": 1 / seconds, "weight_bytes": nbytes, "state_bytes": sbytes,
                            "read_bandwidth_gb_s": here / 1e9, "floor_ms": floor * 1e3, "x_floor": seconds / floor,
-                           "x_weights_floor": seconds / (nbytes / here)})
+                           "x_weights_floor": seconds / (nbytes / here),
+                           "rounds": [{"ms_per_token": t * 1e3, "read_bandwidth_gb_s": b / 1e9, "x_floor": x}
+                                      for x, t, b in rounds]})
             print(json.dumps(decode[-1]), flush=True)
         if variant not in ("int8", "int4"):
             for length in prefill_contexts:
@@ -245,7 +255,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"at the start: other jobs shared the machine), torch {m['torch']}. Command: "
              f"`retnet bench cpu_inference{' --quick' if result['quick'] else ''}`.", "",
              f"Streaming read bandwidth at the start: {result['read_bandwidth_gb_s']:.1f} GB/s; each decoding row "
-             "measures it again just before it (its own column).", "",
+             "measures it again just before its timing (its own column: the round with the median ratio of "
+             "three; all rounds in the JSON).", "",
              "## Decoding, batch 1", "",
              "The floor moves the weights once and each layer's float32 state in and out: (weights + state) / "
              "bandwidth. `x weights` compares with the weights' time alone.", "",
