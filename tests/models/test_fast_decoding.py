@@ -386,3 +386,35 @@ def test_compiled_chunkwise_equals_eager_outputs_states_and_gradients(dtype: tor
         assert rel(got.detach(), want.detach()) < 1e-5
     model.compile_chunkwise(False)
     assert not any("_compiled_chunkwise" in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("variant", ["float32", "post-norm", "int8", "int4", "float64"])
+def test_step_in_place_equals_the_allocating_step(variant: str) -> None:
+    """``RetNet.step_`` overwrites the state with what ``model(ids, state=...)`` returns: the layer
+    kernels write into the old memories (float32, int8, int4), the other routes (a post-norm layer,
+    float64) are copied in; positions advance; a wrong shape is refused."""
+    from yet_another_retnet.models.quantized import quantize_model
+
+    dtype = torch.float64 if variant == "float64" else torch.float32
+    model = make_model(dtype, seed=5, **({"pre_norm": False} if variant == "post-norm" else {}))
+    if variant in ("int8", "int4"):
+        model = quantize_model(model, variant)
+    prompt = ids(3, 6, seed=6)
+    with torch.inference_mode():
+        state = model.prefill(prompt).state
+    memories = [m.clone() for m in state.memories]
+    position = state.position.clone()
+    tokens = ids(3, 4, seed=7)
+    want = state
+    for t in range(4):
+        with torch.inference_mode():
+            out = model(tokens[:, t:t + 1], state=want)
+        logits = model.step_(tokens[:, t], state)
+        want = out.state
+        assert torch.equal(logits, out.logits[:, -1])
+        assert all(torch.equal(a, b) for a, b in zip(state.memories, want.memories, strict=True))
+        assert torch.equal(state.position, want.position)
+    assert torch.equal(state.position, position + 4)
+    assert not any(torch.equal(a, b) for a, b in zip(state.memories, memories, strict=True))
+    with pytest.raises(ValueError, match="ids must be"):
+        model.step_(tokens[:2, 0], state)

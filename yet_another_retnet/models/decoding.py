@@ -115,9 +115,11 @@ def build_plan(decoder: RetNetDecoder, dtype: torch.dtype) -> DecodingPlan:
 
 
 def decode_logits(model: RetNet, ids: Tensor, memories: list[Tensor],
-                  position: Tensor) -> tuple[Tensor, list[Tensor]]:
+                  position: Tensor, in_place: bool = False) -> tuple[Tensor, list[Tensor]]:
     """``(logits (batch, vocab), new memories)`` for one token per row ``ids`` ``(batch,)`` at
-    ``position`` ``(batch,)``; ``memories`` (one ``(batch, heads, dk, dv)`` per layer) unchanged.
+    ``position`` ``(batch,)``; ``memories`` (one ``(batch, heads, dk, dv)`` per layer) unchanged,
+    or with ``in_place`` overwritten by the new ones where the layer kernels take the step (the
+    new memories returned are then those tensors; the caller copies the others).
 
     The compiled graph (:func:`compile_decode`) runs the step unless the one-call layer kernels
     take it (its ``keep_kernel_steps``, up to :data:`KERNEL_MAX_ROWS` rows); without a graph the
@@ -128,7 +130,7 @@ def decode_logits(model: RetNet, ids: Tensor, memories: list[Tensor],
     plan = decoding_plan(model.decoder, dtype)
     if compiled is None or (keep_kernel_steps and ids.shape[0] <= KERNEL_MAX_ROWS and plan.kernels is not None):
         # Eager: where a graph exists, the one-call layer kernels beat it (see RetNet.compile_decode).
-        hidden, memories = run_layers(model.decoder, model._embed(ids), memories, position, plan)
+        hidden, memories = run_layers(model.decoder, model._embed(ids), memories, position, plan, in_place)
         return linear_step(hidden, model.lm_head.weight, model.lm_head.bias), memories
     rotation = model.decoder._retention(0).step_rotation(position, dtype)
     real = None if rotation is None else torch.view_as_real(rotation)  # inductor: no complex ops
@@ -136,7 +138,7 @@ def decode_logits(model: RetNet, ids: Tensor, memories: list[Tensor],
 
 
 def run_layers(decoder: RetNetDecoder, hidden: Tensor, memories: list[Tensor], position: Tensor,
-               plan: DecodingPlan) -> tuple[Tensor, list[Tensor]]:
+               plan: DecodingPlan, in_place: bool = False) -> tuple[Tensor, list[Tensor]]:
     """Every layer and the final norm for one token per row: ``hidden`` ``(batch, d_model)`` ->
     normed ``(batch, d_model)``, and the new memories.
 
@@ -152,7 +154,7 @@ def run_layers(decoder: RetNetDecoder, hidden: Tensor, memories: list[Tensor], p
         rotation = torch.view_as_real(rotation)
     new_memories = []
     for i, (kernel, memory) in enumerate(zip(plan.kernels, memories, strict=True)):
-        out = decoder_layer_step(hidden, memory, rotation, kernel)
+        out = decoder_layer_step(hidden, memory, rotation, kernel, memory if in_place else None)
         if out is None:
             layer = cast("RetNetDecoderLayer", decoder.layers[i])
             out = layer.step(hidden, memory, rotation, plan.tables[i])

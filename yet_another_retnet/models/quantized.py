@@ -132,7 +132,8 @@ def _stacked_product(owner: nn.Module, linears: tuple[_Quantized, ...], x: Tenso
     return cast(Tensor, type(linears[0]).product(x, params, bias))
 
 
-def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: Tensor | None) -> tuple[Tensor, Tensor]:
+def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: Tensor | None,
+                in_place: bool = False) -> tuple[Tensor, Tensor]:
     """One token per row through a quantized layer: ``x`` ``(batch, d_model)`` -> same, new memory.
 
     One kernel call (``decoder_layer_step`` with the layer's quantized products: :func:`_fused_plan`)
@@ -140,7 +141,7 @@ def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: 
     around the quantized products (same order of operations, pre- or post-norm), its reference.
     """
     plan = _fused_plan(layer)
-    out = None if plan is None else decoder_layer_step(x, memory, rotation, plan)
+    out = None if plan is None else decoder_layer_step(x, memory, rotation, plan, memory if in_place else None)
     return out if out is not None else _layer_tokens(layer, x, memory, [rotation])
 
 
@@ -241,8 +242,10 @@ def _empty_state(model: RetNet, batch: int) -> RetNetState:
     return RetNetState(memories, torch.zeros(batch, dtype=torch.long, device=device))
 
 
-def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
-    """Logits ``(batch, 1, vocab)`` and the next state for one token per row ``ids`` ``(batch,)``."""
+def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None,
+                          in_place: bool = False) -> RetNetOutput:
+    """Logits ``(batch, 1, vocab)`` and the next state for one token per row ``ids`` ``(batch,)``;
+    ``in_place`` as for :func:`~yet_another_retnet.models.decoding.decode_logits`."""
     from .retnet import RetNetOutput, RetNetState
 
     if state is None:
@@ -254,7 +257,7 @@ def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None)
     x = model._embed(ids)
     memories = []
     for layer, memory in zip(model.decoder.layers, state.memories, strict=True):
-        x, memory = _layer_step(cast("RetNetDecoderLayer", layer), x, memory, rotation)
+        x, memory = _layer_step(cast("RetNetDecoderLayer", layer), x, memory, rotation, in_place)
         memories.append(memory)
     logits = cast(_Quantized, model.lm_head)(model.decoder.norm(x))
     return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))

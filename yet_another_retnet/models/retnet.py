@@ -662,16 +662,45 @@ class RetNet(GenerationMixin, nn.Module):
                     module.__dict__.pop("_compiled_chunkwise", None)
         return self
 
-    def _decode_step(self, ids: Tensor, state: RetNetState | None) -> RetNetOutput:
-        """One token per row ``(batch,)`` through the fast step (models/decoding.py)."""
+    def _decode_step(self, ids: Tensor, state: RetNetState | None, in_place: bool = False) -> RetNetOutput:
+        """One token per row ``(batch,)`` through the fast step (models/decoding.py); ``in_place``:
+        the layer kernels write the new memories over ``state``'s (see :meth:`step_`)."""
         if self.__dict__.get("_quantization") is not None:  # int8 weights: models/quantized.py
             from .quantized import quantized_decode_step
 
-            return quantized_decode_step(self, ids, state)
+            return quantized_decode_step(self, ids, state, in_place)
         if state is None:
             state = self.empty_state(ids.shape[0])
-        logits, memories = decoding.decode_logits(self, ids, state.memories, state.position)
+        logits, memories = decoding.decode_logits(self, ids, state.memories, state.position, in_place)
         return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))
+
+    def step_(self, ids: Tensor, state: RetNetState) -> Tensor:
+        """One decoding step that overwrites ``state`` with the next one: for a loop that owns its
+        state (the serving engine) and keeps no earlier copy. Same numbers as
+        ``self(ids[:, None], state=state)``; nothing is allocated for the new state, where a fresh
+        one is 4 MB a layer per row at the 1.3B configuration (glibc maps and faults in such
+        blocks anew each time).
+
+        Args:
+            ids: ``(batch,)`` one token per row.
+            state: the rows' :class:`RetNetState`; its memories and positions are updated in place.
+
+        Returns the logits ``(batch, vocab)``.
+        """
+        if ids.dim() != 1 or ids.shape[0] != state.position.shape[0]:
+            raise ValueError(f"ids must be (batch,) with the state's batch of {state.position.shape[0]}, "
+                             f"got {tuple(ids.shape)}")
+        with torch.inference_mode():
+            if not self.training and self.__dict__.get("_fast_decode", True):
+                out = self._decode_step(ids, state, in_place=True)
+            else:
+                out = self._forward(ids[:, None], state, "recurrent", None)
+            assert out.state is not None
+            for memory, new in zip(state.memories, out.state.memories, strict=True):
+                if new is not memory:  # a layer the kernels did not take, or another route
+                    memory.copy_(new)
+            state.position.add_(1)
+        return out.logits[:, -1]
 
     def _decode_logits(self, ids: Tensor, memories: list[Tensor], rotation: Tensor | None,
                        tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:

@@ -213,16 +213,18 @@ def layer_step_plan(*, norm1: tuple[Tensor, Tensor | None], qkvg: tuple[ProductW
     return LayerStepPlan(tensors, options, dtype)
 
 
-def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None,
-                       plan: LayerStepPlan) -> tuple[Tensor, Tensor] | None:
+def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None, plan: LayerStepPlan,
+                       out_memory: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
     """One token per row through a pre-norm decoder layer in one kernel call (each weight read
     once for up to eight rows: a small batch costs about what one row does).
 
     Args:
         x: ``(batch, d_model)`` the layer's input (the residual stream, not normed).
-        memory: ``(batch, h, dk, dv)`` float32 memory; not modified.
+        memory: ``(batch, h, dk, dv)`` float32 memory; not modified (unless it is ``out_memory``).
         rotation: as for :func:`retention_step`.
         plan: the layer's :func:`layer_step_plan`.
+        out_memory: where to write the new memory (contiguous, shaped like ``memory``; ``memory``
+            itself steps it in place), or ``None`` for a new tensor.
 
     Returns ``(x_out (batch, d_model) in x's dtype, new memory (batch, h, dk, dv))``, or ``None``
     where the kernel does not apply to these inputs (more than :data:`KERNEL_MAX_ROWS` rows,
@@ -230,8 +232,10 @@ def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None,
     """
     if x.shape[0] > KERNEL_MAX_ROWS or x.dtype != plan.dtype or not _kernel_inputs(x, memory):
         return None
+    if out_memory is not None and not (out_memory.is_contiguous() and memory.is_contiguous()):
+        return None
     return torch.ops.yaretnet.decoder_layer_step(x.contiguous(), memory.contiguous(), _real(rotation), *plan.tensors,
-                                                 *plan.options)
+                                                 *plan.options, out_memory)
 
 
 def _kernel_inputs(x: Tensor, memory: Tensor, *params: Tensor | None) -> bool:

@@ -211,6 +211,19 @@ void check_vector(const char* op, const char* name, const c10::optional<at::Tens
               name, " must be a contiguous ", dtype, " vector of ", size, " values");
 }
 
+// Where the new memory goes: `out_memory` when given (it may be `memory` itself: each value is
+// read before it is overwritten, and by the same task; a loop that owns its state steps it in
+// place and allocates nothing: at 16 rows of a 1.3B model a fresh memory is 64 MB a layer, which
+// glibc maps and faults in anew every step), else a new tensor.
+at::Tensor memory_out(const char* op, const at::Tensor& memory, const c10::optional<at::Tensor>& out_memory) {
+  if (!out_memory.has_value()) return at::empty_like(memory);
+  TORCH_CHECK(out_memory->sizes() == memory.sizes() && out_memory->scalar_type() == at::kFloat &&
+                  out_memory->is_contiguous() && out_memory->device().is_cpu(),
+              op, ": out_memory must be a contiguous float32 CPU tensor shaped like memory ", memory.sizes(), ", got ",
+              out_memory->sizes(), " ", out_memory->scalar_type());
+  return *out_memory;
+}
+
 // The core for `batch` rows (parallel over rows and heads).
 template <typename In, typename P, typename Out>
 void run_core(const In* proj, int64_t row_stride, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
@@ -242,7 +255,8 @@ std::tuple<at::Tensor, at::Tensor> retention_step(const at::Tensor& proj, const 
                                                   const c10::optional<at::Tensor>& rotation, const at::Tensor& gamma,
                                                   const c10::optional<at::Tensor>& norm_weight,
                                                   const c10::optional<at::Tensor>& norm_bias, double eps,
-                                                  bool rms_norm, int64_t gate_act) {
+                                                  bool rms_norm, int64_t gate_act,
+                                                  const c10::optional<at::Tensor>& out_memory) {
   const char* op = "yaretnet::retention_step";
   const Heads d = check_memory(op, memory, rotation);
   const int64_t batch = memory.size(0), value_dim = d.heads * d.dv;
@@ -255,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> retention_step(const at::Tensor& proj, const 
   check_vector(op, "norm_weight", norm_weight, value_dim, dtype);
   check_vector(op, "norm_bias", norm_bias, value_dim, dtype);
   TORCH_CHECK(gate_act >= kIdentity && gate_act <= kRelu, op, ": unknown gate activation ", gate_act);
-  at::Tensor new_memory = at::empty_like(memory);
+  at::Tensor new_memory = memory_out(op, memory, out_memory);
   at::Tensor out = at::empty({batch, value_dim}, proj.options());
   auto run = [&](auto* typed) {
     using P = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
@@ -436,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
     const at::Tensor& norm2_weight, const c10::optional<at::Tensor>& norm2_bias, at::TensorList fc1_weight,
     const c10::optional<at::Tensor>& fc1_bias, at::TensorList fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
     double block_eps, double head_eps, bool block_rms, bool head_rms, int64_t gate_act, int64_t ffn_act, bool glu,
-    double residual_scale) {
+    double residual_scale, const c10::optional<at::Tensor>& out_memory) {
   const char* op = "yaretnet::decoder_layer_step";
   const Heads d = check_memory(op, memory, rotation);
   const auto dtype = x.scalar_type();
@@ -469,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
                        out_bias,     norm2_weight, norm2_bias, fc1,  fc1_bias,  fc2,  fc2_bias};
   const LayerOptions o{static_cast<float>(block_eps), static_cast<float>(head_eps), block_rms, head_rms, gate_act,
                        ffn_act, glu, static_cast<float>(residual_scale)};
-  at::Tensor new_memory = at::empty_like(memory);
+  at::Tensor new_memory = memory_out(op, memory, out_memory);
   at::Tensor result = dtype == at::kFloat ? layer_step<float>(x, memory, rotation, gamma, w, o, new_memory)
                                           : layer_step<c10::BFloat16>(x, memory, rotation, gamma, w, o, new_memory);
   return {result, new_memory};
@@ -480,13 +494,14 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
 TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
   m.def(
       "retention_step(Tensor proj, Tensor memory, Tensor? rotation, Tensor gamma, Tensor? norm_weight, "
-      "Tensor? norm_bias, float eps, bool rms_norm, int gate_act) -> (Tensor, Tensor)");
+      "Tensor? norm_bias, float eps, bool rms_norm, int gate_act, Tensor(a!)? out_memory=None) -> (Tensor, Tensor)");
   m.def(
       "decoder_layer_step(Tensor x, Tensor memory, Tensor? rotation, Tensor norm1_weight, Tensor? norm1_bias, "
       "Tensor[] qkvg_weight, Tensor? qkvg_bias, Tensor gamma, Tensor? head_weight, Tensor? head_bias, "
       "Tensor[] out_weight, Tensor? out_bias, Tensor norm2_weight, Tensor? norm2_bias, Tensor[] fc1_weight, "
       "Tensor? fc1_bias, Tensor[] fc2_weight, Tensor? fc2_bias, float block_eps, float head_eps, bool block_rms, "
-      "bool head_rms, int gate_act, int ffn_act, bool glu, float residual_scale) -> (Tensor, Tensor)");
+      "bool head_rms, int gate_act, int ffn_act, bool glu, float residual_scale, Tensor(a!)? out_memory=None) -> "
+      "(Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {
