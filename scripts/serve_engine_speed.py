@@ -18,42 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-import time
 
 import torch
 
 from yet_another_retnet.bench.common import retnet_config
+from yet_another_retnet.bench.cpu_inference import serve_throughput
 from yet_another_retnet.models import RetNet
 from yet_another_retnet.models.quantized import quantize_model
-from yet_another_retnet.serve.engine import Engine, Request
 
 
 def throughput(model: RetNet, clients: int, prompt: int, tokens: int, **options: int) -> tuple[float, int]:
-    """(tokens/s, batched steps) of ``clients`` requests of a ``prompt``-token prompt and
-    ``tokens`` sampled tokens each, submitted together."""
-    engine = Engine(model, max_batch=clients, **options)
-    done = threading.Semaphore(0)
-
-    def emit(token: int | None, finish: str | None) -> None:
-        if finish is not None:
-            done.release()
-
-    engine.start()
-    try:
-        engine.submit(Request([1, 2, 3], 2, emit, temperature=0))  # warm-up
-        if not done.acquire(timeout=600):
-            raise RuntimeError("warm-up timed out")
-        steps, start = engine.steps, time.perf_counter()
-        for i in range(clients):
-            ids = [1 + (i + t) % 100 for t in range(prompt)]
-            engine.submit(Request(ids, tokens, emit, temperature=1.0, seed=i))
-        for _ in range(clients):
-            if not done.acquire(timeout=1800):
-                raise RuntimeError("a request timed out")
-        return clients * tokens / (time.perf_counter() - start), engine.steps - steps
-    finally:
-        engine.stop()
+    """(tokens/s, batched steps): the benchmark's serving measurement."""
+    return serve_throughput(model, clients, tokens, prompt, **options)
 
 
 def main() -> None:

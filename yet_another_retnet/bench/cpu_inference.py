@@ -144,11 +144,14 @@ def time_prefill(model: RetNet, length: int) -> float:
         return time.perf_counter() - t0
 
 
-def serve_throughput(model: RetNet, clients: int, tokens: int) -> float:
-    """Tokens/s of ``clients`` concurrent requests of ``tokens`` tokens through the engine."""
+def serve_throughput(model: RetNet, clients: int, tokens: int, prompt: int = 4,
+                     **options: int) -> tuple[float, int]:
+    """``(tokens/s, batched steps)`` of ``clients`` concurrent requests of a ``prompt``-token
+    prompt and ``tokens`` sampled tokens each, submitted together to the engine (``options``: its
+    constructor's, such as ``prefill_from``)."""
     from ..serve.engine import Engine, Request
 
-    engine = Engine(model, max_batch=max(clients, 1))
+    engine = Engine(model, max_batch=max(clients, 1), **options)
     done = threading.Semaphore(0)
 
     def emit(token: int | None, finish: str | None) -> None:
@@ -157,16 +160,17 @@ def serve_throughput(model: RetNet, clients: int, tokens: int) -> float:
 
     engine.start()
     try:
-        warm = Request([1, 2, 3], 2, emit, temperature=0)
-        engine.submit(warm)
-        done.acquire(timeout=600)
-        t0 = time.perf_counter()
+        engine.submit(Request([1, 2, 3], 2, emit, temperature=0))  # warm-up
+        if not done.acquire(timeout=600):
+            raise RuntimeError("serving warm-up timed out")
+        steps, t0 = engine.steps, time.perf_counter()
         for i in range(clients):
-            engine.submit(Request([1 + i % 100, 2, 3, 4], tokens, emit, temperature=1.0, seed=i))
+            ids = [1 + (i + t) % 100 for t in range(prompt)]
+            engine.submit(Request(ids, tokens, emit, temperature=1.0, seed=i))
         for _ in range(clients):
             if not done.acquire(timeout=1800):
                 raise RuntimeError("serving run timed out")
-        return clients * tokens / (time.perf_counter() - t0)
+        return clients * tokens / (time.perf_counter() - t0), engine.steps - steps
     finally:
         engine.stop()
 
@@ -238,8 +242,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(json.dumps(prefill[-1]), flush=True)
         if variant == ("int8" if "int8" in variants else variants[0]):
             result["serve"] = {"variant": variant, "tokens_per_request": serve_tokens, "clients": args.clients,
-                               "one_client_tokens_per_s": serve_throughput(model, 1, serve_tokens),
-                               "many_clients_tokens_per_s": serve_throughput(model, args.clients, serve_tokens)}
+                               "one_client_tokens_per_s": serve_throughput(model, 1, serve_tokens)[0],
+                               "many_clients_tokens_per_s": serve_throughput(model, args.clients, serve_tokens)[0]}
             print(json.dumps(result["serve"]), flush=True)
         del model
     result["decode"], result["prefill"] = decode, prefill
