@@ -1,6 +1,7 @@
 """Peak resident memory of one prompt prefill beyond the weights, in a fresh process.
 
-    python scripts/prefill_peak.py LENGTH [LAYERS]      # d 768 (the base preset), vocab 32000
+    python scripts/prefill_peak.py LENGTH [LAYERS]                 # d 768 (the base preset), vocab 32000
+    python scripts/prefill_peak.py LENGTH --preset 1.3b            # d 2048, 24 layers (fla's 1.3B shape)
 
 Builds the model (random weights), runs a short warm-up prefill, releases the freed heap, resets
 the process's high-water mark (Linux ``/proc/self/clear_refs``), prefills ``LENGTH`` tokens at
@@ -10,14 +11,15 @@ prefill, and tokens/s. Run one process per length: the high-water mark is per pr
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
-import sys
 import time
 
 import torch
 
-from yet_another_retnet.models import RetNet, RetNetConfig
+from yet_another_retnet.bench.common import retnet_config
+from yet_another_retnet.models import RetNet
 
 
 def _kib(field: str) -> int:
@@ -29,10 +31,16 @@ def _kib(field: str) -> int:
 
 
 def main() -> None:
-    length = int(sys.argv[1])
-    layers = int(sys.argv[2]) if len(sys.argv) > 2 else 12
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("length", type=int, help="prompt tokens")
+    p.add_argument("layers", type=int, nargs="?", default=None, help="override the preset's layer count")
+    p.add_argument("--preset", default="base", help="model shape (default: base)")
+    args = p.parse_args()
+    length = args.length
+    overrides = {} if args.layers is None else {"num_layers": args.layers}
     torch.manual_seed(0)
-    model = RetNet(RetNetConfig.from_preset("base", vocab_size=32000, num_layers=layers)).eval()
+    model = RetNet(retnet_config(args.preset, vocab_size=32000, **overrides)).eval()
+    layers = model.config.num_layers
     ids = torch.randint(0, 32000, (1, length))
     with torch.inference_mode():
         model.prefill(ids[:, :256])
