@@ -90,3 +90,18 @@ def test_bf16_products_prefill_is_float32_to_bf16_rounding(model: RetNet) -> Non
     assert err_fp32 < err_bf16 < 0.05 * scale  # ... to bf16 rounding, no more
     for a, b in zip(got.state.memories, exact.state.memories, strict=True):
         assert (a.double() - b).abs().max() < 0.05 * max(1.0, float(b.abs().max()))
+
+
+def test_segments_that_carry_a_state_are_shorter_by_what_it_weighs() -> None:
+    """At the 1.3B configuration a row's state (24 layers x 8 heads x 256 x 512 floats) weighs
+    what ~341 tokens of activations do (six floats per column of the widest projection, 12,288),
+    so the segments after the first hold 1,664 tokens; at d 768 with 4 layers, 14 tokens."""
+    from yet_another_retnet.bench.common import retnet_config
+    from yet_another_retnet.models.prefill import state_tokens
+
+    big = RetNet(retnet_config("1.3b", vocab_size=32000), device="meta")
+    state = 24 * 8 * 256 * 512
+    assert state_tokens(big, 1) == state // (6 * 12288) == 341 and state_tokens(big, 2) == 2 * state // (6 * 12288)
+    assert segment_length(1, 128, 2048 - state_tokens(big, 1)) == 1664
+    small = RetNet(retnet_config("base", vocab_size=32000, num_layers=4), device="meta")
+    assert state_tokens(small, 1) == 4 * 12 * 64 * 128 // (6 * 4608) == 14
