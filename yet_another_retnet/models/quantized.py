@@ -123,10 +123,7 @@ def _stacked_product(owner: nn.Module, linears: tuple[_Quantized, ...], x: Tenso
     cache = owner.__dict__.get("_qstack_cache")
     if cache is None or cache[0] != key:
         with torch.inference_mode(False):
-            params = tuple(torch.cat(parts) for parts in zip(*(m.qparams() for m in linears), strict=True))
-            bias = torch.cat([m.bias.detach() for m in linears if m.bias is not None]) \
-                if linears[0].bias is not None else None
-        cache = (key, (params, bias))
+            cache = (key, _parts(linears))
         owner.__dict__["_qstack_cache"] = cache
     params, bias = cache[1]
     return cast(Tensor, type(linears[0]).product(x, params, bias))
@@ -146,8 +143,8 @@ def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: 
 
 
 def _parts(linears: tuple[_Quantized, ...]) -> tuple[tuple[Tensor, ...], Tensor | None]:
-    """The kernel's parts of ``linears`` stacked by rows (scales and lows in float32), and their
-    stacked bias."""
+    """The parts of ``linears`` stacked by rows (their :meth:`qparams`, scales and lows in float32,
+    as the kernels read them), and their stacked bias (zeros for a linear without one)."""
     parts = tuple(torch.cat(p) for p in zip(*(m.qparams() for m in linears), strict=True))
     parts = (parts[0], *(t.float().contiguous() for t in parts[1:]))
     if all(m.bias is None for m in linears):
