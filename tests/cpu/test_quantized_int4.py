@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from quantized_bounds import STEP_TOLERANCE, activation_rounding
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -28,7 +29,6 @@ from yet_another_retnet.models.quantized import (
 from yet_another_retnet.ops import _extension
 from yet_another_retnet.ops.cpu.quantized import (
     dequantize_int4,
-    integer_dot,
     qlinear_int4,
     qlinear_int4_reference,
     quantize_int4,
@@ -80,9 +80,8 @@ def test_int4_kernel_matches_float64(rows: int, shape: tuple[int, int], group: i
              + low.double().abs().repeat_interleave(group, dim=1)[:, :shape[1]])
     magnitude = x.double().abs() @ parts.T + bias.double().abs() + add.double().abs()
     tol = 2 * shape[1] * 2**-23 * magnitude + (exact.abs() * 2**-8 if xdtype == torch.bfloat16 else 0)
-    if integer_dot():  # x rounded to 16-bit fixed point: each value off by at most max |x| / 65534
-        codes = dequantize_int4(packed, scale, torch.zeros_like(low), shape[1], torch.float64).abs().sum(1)
-        tol = tol + 1.01 * x.double().abs().amax(1, keepdim=True) / 65534 * codes
+    codes = dequantize_int4(packed, scale, torch.zeros_like(low), shape[1], torch.float64).abs().sum(1)
+    tol = tol + activation_rounding(x, codes)  # the scaled codes' part: the lows multiply float sums of x
     assert bool(((got.double() - exact).abs() <= tol + 1e-30).all())
     # The float path (a prompt's rows, or no extension) computes the same product.
     ref = qlinear_int4_reference(x.float(), packed, scale, low, bias, add.float())
@@ -96,11 +95,6 @@ def test_int4_kernel_refuses_a_mismatched_weight() -> None:
     with pytest.raises(ValueError, match="do not form"):
         qlinear_int4(torch.randn(1, 64), packed, scale[:, :1], low)
 
-
-#: The quantized step against the dequantized forward: float32 rounding, or with integer dot
-#: products every product's activations rounded to 16 bits (each value off by up to 2^-16 of its
-#: vector's largest), compounded over the layers; a misplaced weight would be off by ~1e-1.
-STEP_TOLERANCE = 5e-4 if integer_dot() else 2e-5
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from quantized_bounds import STEP_TOLERANCE, activation_rounding
 
 from yet_another_retnet.models import RetNet, RetNetConfig
 from yet_another_retnet.models.quantized import is_quantized, quantize_model, save_quantized
 from yet_another_retnet.ops import _extension
 from yet_another_retnet.ops.cpu.quantized import (
     dequantize_int8,
-    integer_dot,
     qlinear,
     quantize_int8,
 )
@@ -56,15 +56,9 @@ def test_kernel_matches_float64(rows: int, shape: tuple[int, int], xdtype: torch
     exact = x.double() @ w.T + bias.double() + add.double()
     magnitude = x.double().abs() @ w.abs().T + bias.double().abs() + add.double().abs()
     tol = shape[1] * 2**-23 * magnitude + (exact.abs() * 2**-8 if xdtype == torch.bfloat16 else 0)
-    if integer_dot():  # x rounded to 16-bit fixed point: each value off by at most max |x| / 65534
-        tol = tol + 1.01 * x.double().abs().amax(1, keepdim=True) / 65534 * w.abs().sum(1)
+    tol = tol + activation_rounding(x, w.abs().sum(1))
     assert bool(((got.double() - exact).abs() <= tol + 1e-30).all())
 
-
-#: The quantized step against the dequantized forward: float32 rounding, or with integer dot
-#: products every product's activations rounded to 16 bits (each value off by up to 2^-16 of its
-#: vector's largest), compounded over the layers; a misplaced weight would be off by ~1e-1.
-STEP_TOLERANCE = 5e-4 if integer_dot() else 2e-5
 
 
 @pytest.fixture(scope="module")
