@@ -59,6 +59,18 @@ inline __m512 load16(const int8_t* p) {
 // vector does (decoding is bound by the weights' bytes).
 constexpr int kMaxVectors = 8;
 
+// How many rows a kernel walks at once, a (rows / S)-th of its range apart, for N vectors. Each
+// row is its own stream through memory; a few streams keep more cache-line fills in flight than
+// one, but more than four lose again: on the 2-core AMD EPYC VMs, 8 streams read 1 GB matrices
+// slower than 4 in every kernel here (float32, bfloat16, int8 and int4 alike, the quantized ones
+// by a fifth: docs/results/cpu-inference). `accumulators` caps S * N so the sums stay in
+// registers (the float kernels keep one per stream and vector, the int4 one two), and at least
+// `least` streams remain for N vectors (one stream at 8 vectors ran 1.3x slower than two).
+template <int N>
+constexpr int decode_streams(int accumulators = 16, int least = 2) {
+  return std::min(4, std::max(least, accumulators / N));
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // bfloat16 weights where the CPU has AVX512-BF16: the vectors rounded to bfloat16 once (what a
 // bfloat16 model's own forward feeds its products), then VDPBF16PS multiplies 32 weights by 32
@@ -104,7 +116,7 @@ void gemv_rows_bf16_dot(const uint16_t* w, const float* x, int64_t ldx, float* y
       xb[v * blocks + b] = _mm512_cvtne2ps_pbh(hi, lo);
     }
   }
-  constexpr int S = std::min(8, std::max(2, 16 / N));
+  constexpr int S = decode_streams<N>();
   const int64_t q = (end - begin) / S;
   for (int64_t r = begin; r < begin + q; ++r) bf16_dot_rows<S, N>(w, r, q, xb.data(), blocks, cols, y, ldy);
   for (int64_t r = begin + S * q; r < end; ++r) bf16_dot_rows<1, N>(w, r, 0, xb.data(), blocks, cols, y, ldy);
@@ -124,11 +136,8 @@ void gemv_rows_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t 
 #if defined(__AVX512F__)
   const int64_t full = cols - cols % 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1u);
-  // kStreams rows a kStreams-th of the range apart: independent streams through memory keep more
-  // cache-line fills in flight than adjacent rows (one stream) do. 8 for one vector; N vectors
-  // share 16 / N of them (at least 2: one stream at 8 vectors ran 1.3x slower), so the
-  // accumulators (at most 16) and the N vectors stay in registers.
-  constexpr int kStreams = std::min(8, std::max(2, 16 / N));
+  // kStreams rows a kStreams-th of the range apart (decode_streams: why so many).
+  constexpr int kStreams = decode_streams<N>();
   const int64_t q = (end - begin) / kStreams;
   for (; r < begin + q; ++r) {
     const W* w0 = w + r * cols;

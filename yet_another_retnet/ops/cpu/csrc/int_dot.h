@@ -21,6 +21,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "gemv.h"  // decode_streams
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define YARETNET_INT_DOT 1
 #include <immintrin.h>
@@ -105,7 +107,7 @@ inline void int8_dot_rows(const int8_t* w, int64_t r, int64_t stride, const int1
 template <int N>
 void int8_dot_range(const int8_t* w, const int16_t* xq, int64_t ldq, const float* xs, const float* wscale, float* y,
                     int64_t ldy, int64_t cols, int64_t b, int64_t e) {
-  constexpr int S = std::min(8, std::max(2, 16 / N));
+  constexpr int S = decode_streams<N>();
   const int64_t q = (e - b) / S;
   for (int64_t r = b; r < b + q; ++r) int8_dot_rows<S, N>(w, r, q, xq, ldq, xs, wscale, y, ldy, cols);
   for (int64_t r = b + S * q; r < e; ++r) int8_dot_rows<1, N>(w, r, 0, xq, ldq, xs, wscale, y, ldy, cols);
@@ -179,8 +181,8 @@ template <int N>
 void int4_dot_range(const uint8_t* w, const float* scale, const float* low, const int16_t* xq, int64_t ldq,
                     const float* xs, const float* xsum, float* y, int64_t ldy, int64_t padded, int64_t group,
                     int64_t b, int64_t e) {
-  // Fewer streams than int8: each holds a float and an int32 accumulator per vector.
-  constexpr int S = std::max(1, 8 / N);
+  // Fewer streams than int8 for a batch: each holds a float and an int32 accumulator per vector.
+  constexpr int S = decode_streams<N>(8, 1);
   const int64_t q = (e - b) / S;
   for (int64_t r = b; r < b + q; ++r)
     int4_dot_rows<S, N>(w, r, q, scale, low, xq, ldq, xs, xsum, y, ldy, padded, group);
