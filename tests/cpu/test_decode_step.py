@@ -122,6 +122,22 @@ def test_retention_step_kernel_equals_the_float64_formula(dtype: torch.dtype, to
     assert torch.equal(x["memory"], memory_before)  # the caller's memory is left alone
 
 
+@pytest.mark.parametrize("size", ["small", "streamed"])
+def test_retention_step_in_place_writes_what_a_new_memory_gets(size: str) -> None:
+    # out_memory=memory (RetNet.step_, the serving loop): each value read before it is
+    # overwritten, by the same task, on both store paths (streamed from 2 MB)
+    batch, heads, dk, dv = (3, 4, 16, 24) if size == "small" else (2, 2, 256, 1024)
+    x = core_inputs(batch, heads, dk, dv, torch.float32, f"inplace{size}")
+    args = (None, x["gamma"], x["w"], x["b"], EPS, False, 1)
+    with torch.inference_mode():
+        out, new = torch.ops.yaretnet.retention_step(x["proj"], x["memory"], *args, None)
+        memory = x["memory"].clone()
+        out_in_place, same = torch.ops.yaretnet.retention_step(x["proj"], memory, *args, memory)
+    assert same.data_ptr() == memory.data_ptr()
+    assert torch.equal(memory, new) and torch.equal(out_in_place, out)
+    assert not torch.equal(memory, x["memory"])
+
+
 def make_model(dtype: torch.dtype, **overrides: Any) -> RetNet:
     fields: dict[str, Any] = {"vocab_size": 53, "d_model": 48, "num_heads": 3, "num_layers": 2, "ffn_dim": 40,
                               "dropout": 0.0, "chunk_size": 4, "tie_embeddings": False}

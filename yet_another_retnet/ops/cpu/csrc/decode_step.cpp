@@ -154,19 +154,21 @@ void step_head(const In* row, const float* rot, const float* memory, float* new_
 #if defined(__AVX512F__)
   // A memory too large to stay in cache until the next step (a layer of a 1.3B model: 4 MB) is
   // written with streaming stores: a normal store first reads each line it fills, a third pass
-  // over the memory that the weights' stream competes with. (Fenced in run_core.)
+  // over the memory that the weights' stream competes with. (Fenced in run_core.) Row by row, in
+  // memory order, with y's dv sums in L1: walking it in columns of 16 (one register of sums)
+  // jumps a row's length every line, and read 1.4x (into a new memory) to 2.3x (in place)
+  // slower.
   if (stream && dv % 16 == 0 && reinterpret_cast<uintptr_t>(new_memory) % 64 == 0) {
     const __m512 g = _mm512_set1_ps(gamma);
-    for (int64_t j0 = 0; j0 < dv; j0 += 16) {
-      const __m512 vv = _mm512_loadu_ps(v + j0);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t i = 0; i < dk; ++i) {
-        const __m512 updated = _mm512_fmadd_ps(g, _mm512_loadu_ps(memory + i * dv + j0),
-                                               _mm512_mul_ps(_mm512_set1_ps(k[i]), vv));
-        _mm512_stream_ps(new_memory + i * dv + j0, updated);
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(q[i]), updated, acc);
+    for (int64_t i = 0; i < dk; ++i) {
+      const __m512 ki = _mm512_set1_ps(k[i]), qi = _mm512_set1_ps(q[i]);
+      const float* s = memory + i * dv;
+      float* n = new_memory + i * dv;
+      for (int64_t j = 0; j < dv; j += 16) {
+        const __m512 updated = _mm512_fmadd_ps(g, _mm512_loadu_ps(s + j), _mm512_mul_ps(ki, _mm512_loadu_ps(v + j)));
+        _mm512_stream_ps(n + j, updated);
+        _mm512_storeu_ps(y + j, _mm512_fmadd_ps(qi, updated, _mm512_loadu_ps(y + j)));
       }
-      _mm512_storeu_ps(y + j0, acc);
     }
   } else
 #endif
