@@ -73,6 +73,7 @@ class GenerationMixin:
     config: Any
     _forward: Any
     _check_inputs: Any
+    step_: Any
 
     def _check_prompt(self, input_ids: object, state: object, attention_mask: object,
                       chunk_size: object) -> Tensor | None:
@@ -151,9 +152,8 @@ class GenerationMixin:
             yield token.clone()
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 return
-            with torch.inference_mode():
-                out = self._forward(token[:, None], state, "recurrent", None)
-            state, logits = out.state, out.logits[:, -1]
+            # The state is this loop's alone: stepped in place, nothing allocated per token.
+            logits = self.step_(token, state)
 
     def generate(
         self,

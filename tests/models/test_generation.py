@@ -55,16 +55,27 @@ def test_decoding_is_one_recurrent_step_per_token_without_autograd(monkeypatch: 
                       "state_bytes": out.state.nbytes(), "logits_grad": out.logits.requires_grad})
         return out
 
+    steps: list[dict[str, Any]] = []
+    inner_step = model.step_
+
+    def step_spy(ids: torch.Tensor, state: Any) -> torch.Tensor:
+        before = state.nbytes()
+        logits = inner_step(ids, state)
+        steps.append({"shape": tuple(ids.shape), "inference": logits.is_inference(), "grad_fn": logits.grad_fn,
+                      "state_bytes": (before, state.nbytes())})
+        return logits
+
     monkeypatch.setattr(model, "_forward", spy)
+    monkeypatch.setattr(model, "step_", step_spy)
     x = prompt(10, seed=2, batch=2)
     out = model.generate(x, max_new_tokens=6)
     assert not out.requires_grad and out.grad_fn is None
-    assert calls[0]["length"] == 10 and calls[0]["mode"] == "chunkwise"
-    decode = calls[1:]
-    assert len(decode) == 5  # the last token needs no forward
-    assert all(c["length"] == 1 and c["mode"] == "recurrent" for c in decode)
+    assert len(calls) == 1 and calls[0]["length"] == 10 and calls[0]["mode"] == "chunkwise"
+    # then one in-place recurrent step a token (the last token needs none)
+    assert [c["shape"] for c in steps] == [(2,)] * 5
     assert not any(c["grad"] or c["logits_grad"] for c in calls)
-    assert len({c["state_bytes"] for c in calls}) == 1  # the state never grows
+    assert all(c["inference"] and c["grad_fn"] is None for c in steps)
+    assert {c["state_bytes"] for c in steps} == {(calls[0]["state_bytes"],) * 2}  # the state never grows
 
 
 def test_long_prompt_prefill_crosses_chunks() -> None:

@@ -120,16 +120,16 @@ def product_peak(dtype: torch.dtype, n: int) -> float:
 
 
 def time_decode(model: RetNet, position: int, tokens: int) -> float:
-    """Median seconds per token of ``tokens`` batch-1 steps from a state at ``position``."""
+    """Median seconds per token of ``tokens`` batch-1 steps from a state at ``position``, stepped in
+    place (:meth:`RetNet.step_`) as ``generate`` does."""
     state = model.empty_state(1)
     state = RetNetState([torch.randn_like(m) * 0.01 for m in state.memories], torch.tensor([position]))
-    token = torch.tensor([[1]])
+    token = torch.tensor([1])
     times = []
     with torch.inference_mode():
         for i in range(tokens + 2):
             t0 = time.perf_counter()
-            out = model(token, state=state)
-            state = out.state
+            model.step_(token, state)
             if i >= 2:  # the first steps build the stacked tables and rotation cache
                 times.append(time.perf_counter() - t0)
     return statistics.median(times)

@@ -67,9 +67,7 @@ class Chat:
                 yield piece
             if step + 1 == self.max_new_tokens:
                 break
-            with torch.inference_mode():
-                out = self.model(token[:, None], state=self.state)
-            self.state, logits = out.state, out.logits[:, -1]
+            logits = self.model.step_(token, self.state)  # the chat's own state: stepped in place
         # Cut off: the model never read the last token; it goes first next turn, then a line break.
         line_break = self.tokenizer.encode("\n")
         self.pending = [self.transcript[-1], *line_break]
