@@ -109,7 +109,9 @@ def test_the_one_call_layer_kernel_matches_the_quantized_layer_in_pytorch_ops(me
     """A pre-norm quantized layer steps in one kernel call (its int8/int4 products inside
     ``decoder_layer_step``); its reference, the same layer in PyTorch ops around the quantized
     products, gives the same output and memory. A post-norm layer keeps the reference."""
-    from yet_another_retnet.models.quantized import _fused_plan, _layer_step, _layer_tokens
+    from yet_another_retnet.models.decoding import decoding_plan
+    from yet_another_retnet.models.quantized import _layer_tokens, build_quantized_plan
+    from yet_another_retnet.ops.cpu.decode_step import decoder_layer_step
 
     torch.manual_seed(0)
     options = {} if arch == "default" else ARCHITECTURES[arch]
@@ -119,7 +121,10 @@ def test_the_one_call_layer_kernel_matches_the_quantized_layer_in_pytorch_ops(me
             if "norm" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     layer = quantize_model(model, method).decoder.layers[0]
-    plan = _fused_plan(layer)
+    decoder_plan = decoding_plan(model.decoder, torch.float32, build_quantized_plan)
+    assert decoding_plan(model.decoder, torch.float32, build_quantized_plan) is decoder_plan  # kept
+    assert decoder_plan.kernels is not None
+    plan = decoder_plan.kernels[0]
     if arch == "post-norm" or not _extension.load():
         assert plan is None
         return
@@ -131,14 +136,16 @@ def test_the_one_call_layer_kernel_matches_the_quantized_layer_in_pytorch_ops(me
     rotation = retention.step_rotation(torch.tensor([0, 5, 300]), torch.float32)
     rotation = None if rotation is None else torch.view_as_real(rotation)
     with torch.inference_mode():
-        got, got_memory = _layer_step(layer, x, memory, rotation)
+        out = decoder_layer_step(x, memory, rotation, plan)
         want, want_memory = _layer_tokens(layer, x, memory, [rotation])
+    assert out is not None
+    got, got_memory = out
     assert (got - want).abs().max() < STEP_TOLERANCE * want.abs().max()
     assert (got_memory - want_memory).abs().max() < STEP_TOLERANCE * want_memory.abs().max()
     # A layer changed in place gets a new plan (the cached one would read stale norms).
     with torch.no_grad():
         layer.retention_norm.weight.mul_(2.0)
-    assert _fused_plan(layer) is not plan
+    assert decoding_plan(model.decoder, torch.float32, build_quantized_plan) is not decoder_plan
 
 
 def test_files_round_trip_and_from_pretrained_quantizes(model: RetNet, tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ Two things feed a decoding step besides the token ids:
   decoding starts - each layer's stacked q/k/v/g weights and decays, a GLU's stacked fc1/gate, and
   the one-call layer kernels' argument tables (``ops/cpu/decode_step.py``). It belongs to the model's
   decoder, stays out of the state dict, and is rebuilt when a weight it was made from changes
-  (an optimiser step, ``load_state_dict``, ``.to()``, a replaced module or parameter).
+  (an optimiser step, ``load_state_dict``, ``.to()``, a replaced module or parameter). A
+  quantized model's plan (``models/quantized.py``) is made by its own builder and kept the same way.
 
 A step, as :meth:`RetNet.forward` runs it for one token in eval mode without autograd:
 
@@ -24,6 +25,7 @@ A step, as :meth:`RetNet.forward` runs it for one token in eval mode without aut
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -56,8 +58,9 @@ class DecodingPlan:
 
     Attributes:
         dtype: the state's dtype the tables are for (float32, or float64).
-        tables: per layer, :meth:`RetNetDecoderLayer.decode_tables`.
-        kernels: per layer, the one-call kernel's arguments; ``None`` unless every layer has them.
+        tables: per layer, :meth:`RetNetDecoderLayer.decode_tables` (empty in a quantized plan).
+        kernels: per layer, the one-call kernel's arguments; ``None`` unless every layer has them
+            (a quantized plan: ``None`` for a layer the kernel does not take).
         watch: ``(owner dict, name, object)`` for every submodule, parameter and buffer the plan
             was made from: replacing one makes the plan stale.
         versions: ``(weight, weight_version)`` of every weight copied into ``tables``: an in-place
@@ -66,9 +69,10 @@ class DecodingPlan:
 
     dtype: torch.dtype
     tables: list[LayerTables]
-    kernels: list[LayerStepPlan] | None
+    kernels: list[LayerStepPlan] | list[LayerStepPlan | None] | None
     watch: list[tuple[dict[str, Any], str, Any]]
     versions: list[tuple[Tensor, tuple[int, int]]]
+    builder: Callable[[RetNetDecoder, torch.dtype], DecodingPlan] | None = None
 
     def valid(self) -> bool:
         """Whether every object and weight the plan came from is still the same. One flat pass:
@@ -77,12 +81,16 @@ class DecodingPlan:
                 and all(weight_version(p) == version for p, version in self.versions))
 
 
-def decoding_plan(decoder: RetNetDecoder, dtype: torch.dtype) -> DecodingPlan:
-    """The decoder's plan for a state of ``dtype``: the one it holds if still valid, else a new one."""
+def decoding_plan(decoder: RetNetDecoder, dtype: torch.dtype,
+                  builder: Callable[[RetNetDecoder, torch.dtype], DecodingPlan] | None = None) -> DecodingPlan:
+    """The decoder's plan for a state of ``dtype``, made by ``builder`` (default :func:`build_plan`):
+    the one it holds if still valid and made so, else a new one."""
+    builder = builder or build_plan
     plan = decoder.__dict__.get("_decoding_plan")
-    if plan is not None and plan.dtype == dtype and plan.valid():
+    if plan is not None and plan.dtype == dtype and plan.builder is builder and plan.valid():
         return cast(DecodingPlan, plan)
-    plan = build_plan(decoder, dtype)
+    plan = builder(decoder, dtype)
+    plan.builder = builder
     decoder.__dict__["_decoding_plan"] = plan
     return plan
 
@@ -97,8 +105,7 @@ def build_plan(decoder: RetNetDecoder, dtype: torch.dtype) -> DecodingPlan:
     layers = [cast("RetNetDecoderLayer", layer) for layer in decoder.layers]
     tables = [layer.decode_tables(dtype) for layer in layers]
     kernels = [layer_kernel_plan(layer, t) for layer, t in zip(layers, tables, strict=True)]
-    watch: list[tuple[dict[str, Any], str, Any]] = [(decoder._modules, "layers", decoder.layers)]
-    watch += [(decoder.layers._modules, name, layer) for name, layer in decoder.layers._modules.items()]
+    watch = decoder_watch(decoder)
     copied: list[Tensor] = []
     for layer in layers:
         layer_watch, layer_copied = layer_dependencies(layer)
@@ -107,6 +114,12 @@ def build_plan(decoder: RetNetDecoder, dtype: torch.dtype) -> DecodingPlan:
     ready = [k for k in kernels if k is not None]
     return DecodingPlan(dtype, tables, ready if len(ready) == len(kernels) else None, watch,
                         [(p, weight_version(p)) for p in copied])
+
+
+def decoder_watch(decoder: RetNetDecoder) -> list[tuple[dict[str, Any], str, Any]]:
+    """``(owner dict, name, object)`` for the decoder's layer list and each layer in it."""
+    watch: list[tuple[dict[str, Any], str, Any]] = [(decoder._modules, "layers", decoder.layers)]
+    return watch + [(decoder.layers._modules, name, layer) for name, layer in decoder.layers._modules.items()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +167,7 @@ def run_layers(decoder: RetNetDecoder, hidden: Tensor, memories: list[Tensor], p
         rotation = torch.view_as_real(rotation)
     new_memories = []
     for i, (kernel, memory) in enumerate(zip(plan.kernels, memories, strict=True)):
+        assert kernel is not None  # a float plan has kernels for every layer or none
         out = decoder_layer_step(hidden, memory, rotation, kernel, memory if in_place else None)
         if out is None:
             layer = cast("RetNetDecoderLayer", decoder.layers[i])

@@ -30,6 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..layers.fast import weight_version
 from ..layers.feedforward import ACTIVATIONS, FeedForward
 from ..layers.quantized import Int4Linear, QuantizedLinear
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
@@ -39,10 +40,10 @@ from ..ops.cpu.quantized import KERNEL_MAX_ROWS
 from ..ops.retention import compute_dtype
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 from .config import RetNetConfig
-from .decoding import kernel_plan
+from .decoding import DecodingPlan, decoder_watch, decoding_plan, kernel_plan, layer_dependencies
 
 if TYPE_CHECKING:
-    from .retnet import RetNet, RetNetDecoderLayer, RetNetOutput, RetNetState
+    from .retnet import RetNet, RetNetDecoder, RetNetDecoderLayer, RetNetOutput, RetNetState
 
 __all__ = ["QUANTIZATION_NAME", "QUANTIZE_METHODS", "is_quantized", "load_quantized", "quantize_model",
            "quantized_decode_step", "save_quantized"]
@@ -129,19 +130,6 @@ def _stacked_product(owner: nn.Module, linears: tuple[_Quantized, ...], x: Tenso
     return cast(Tensor, type(linears[0]).product(x, params, bias))
 
 
-def _layer_step(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor, rotation: Tensor | None,
-                in_place: bool = False) -> tuple[Tensor, Tensor]:
-    """One token per row through a quantized layer: ``x`` ``(batch, d_model)`` -> same, new memory.
-
-    One kernel call (``decoder_layer_step`` with the layer's quantized products: :func:`_fused_plan`)
-    where it applies; else the quantized form of :meth:`RetNetDecoderLayer.step` in PyTorch ops
-    around the quantized products (same order of operations, pre- or post-norm), its reference.
-    """
-    plan = _fused_plan(layer)
-    out = None if plan is None else decoder_layer_step(x, memory, rotation, plan, memory if in_place else None)
-    return out if out is not None else _layer_tokens(layer, x, memory, [rotation])
-
-
 def _parts(linears: tuple[_Quantized, ...]) -> tuple[tuple[Tensor, ...], Tensor | None]:
     """The parts of ``linears`` stacked by rows (their :meth:`qparams`, scales and lows in float32,
     as the kernels read them), and their stacked bias (zeros for a linear without one)."""
@@ -154,35 +142,41 @@ def _parts(linears: tuple[_Quantized, ...]) -> tuple[tuple[Tensor, ...], Tensor 
                              for m in linears])
 
 
-def _fused_plan(layer: RetNetDecoderLayer) -> LayerStepPlan | None:
-    """The one-call kernel's plan for a quantized layer (its int8/int4 products stacked as
-    :func:`_stacked_product` stacks them), cached on the layer and rebuilt when any of its tensors
-    is replaced or changed in place; ``None`` where the kernel does not take the layer."""
-    key = tuple((t.data_ptr(), t.dtype, t._version) for t in (*layer.parameters(), *layer.buffers()))
-    cached = layer.__dict__.get("_quantized_plan")
-    if cached is not None and cached[0] == key:
-        return cast(LayerStepPlan | None, cached[1])
+def _layer_kernel(layer: RetNetDecoderLayer) -> LayerStepPlan | None:
+    """The one-call kernel's arguments for a quantized layer (its int8/int4 products stacked as
+    :func:`_stacked_product` stacks them); ``None`` where the kernel does not take the layer."""
     retention = cast(MultiScaleRetention, layer.retention)
     ffn = cast(FeedForward, layer.ffn)
-    plan = None
     linears = [retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj, retention.out_proj, ffn.fc1,
                ffn.fc2] + ([] if ffn.gate is None else [ffn.gate])
-    if layer.pre_norm and all(isinstance(m, _Quantized) for m in linears) and _extension.load():
-        with torch.inference_mode(False), torch.no_grad():
-            qkvg = _parts(cast(tuple[_Quantized, ...], (retention.q_proj, retention.k_proj, retention.v_proj,
-                                                         retention.g_proj)))
-            fc1 = _parts(cast(tuple[_Quantized, ...], (ffn.fc1,) if ffn.gate is None else (ffn.fc1, ffn.gate)))
-            out = _parts((cast(_Quantized, retention.out_proj),))
-            fc2 = _parts((cast(_Quantized, ffn.fc2),))
-            plan = kernel_plan(layer, qkvg=qkvg, gamma=retention.gammas.float().view(-1, 1, 1), out=out, fc1=fc1,
-                               fc2=fc2)
-    layer.__dict__["_quantized_plan"] = (key, plan)
-    return plan
+    if not (layer.pre_norm and all(isinstance(m, _Quantized) for m in linears) and _extension.load()):
+        return None
+    with torch.inference_mode(False), torch.no_grad():
+        qkvg = _parts(cast(tuple[_Quantized, ...], (retention.q_proj, retention.k_proj, retention.v_proj,
+                                                     retention.g_proj)))
+        fc1 = _parts(cast(tuple[_Quantized, ...], (ffn.fc1,) if ffn.gate is None else (ffn.fc1, ffn.gate)))
+        out = _parts((cast(_Quantized, retention.out_proj),))
+        fc2 = _parts((cast(_Quantized, ffn.fc2),))
+        return kernel_plan(layer, qkvg=qkvg, gamma=retention.gammas.float().view(-1, 1, 1), out=out, fc1=fc1,
+                           fc2=fc2)
+
+
+def build_quantized_plan(decoder: RetNetDecoder, dtype: torch.dtype) -> DecodingPlan:
+    """A quantized decoder's :class:`~yet_another_retnet.models.decoding.DecodingPlan`: per layer the
+    one-call kernel's arguments (:func:`_layer_kernel`), valid while no module, parameter or buffer
+    of a layer is replaced or changed in place (every one may be copied into the stacked parts)."""
+    layers = [cast("RetNetDecoderLayer", layer) for layer in decoder.layers]
+    watch = decoder_watch(decoder)
+    versions = []
+    for layer in layers:
+        watch += layer_dependencies(layer)[0]
+        versions += [(t, weight_version(t)) for t in (*layer.parameters(), *layer.buffers())]
+    return DecodingPlan(dtype, [], [_layer_kernel(layer) for layer in layers], watch, versions)
 
 
 def _layer_tokens(layer: RetNetDecoderLayer, x: Tensor, memory: Tensor,
                   rotations: list[Tensor | None]) -> tuple[Tensor, Tensor]:
-    """:func:`_layer_step` for one token per row (``x`` ``(batch, d_model)``, one rotation) or for a
+    """A quantized layer step in PyTorch ops for one token per row (``x`` ``(batch, d_model)``, one rotation) or for a
     few tokens per row (``x`` ``(batch, length, d_model)``, one rotation per position): every
     product runs once over all the tokens (each weight read once), the retention core token by
     token (recurrent form)."""
@@ -251,10 +245,14 @@ def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None,
     rotation = model.decoder._retention(0).step_rotation(state.position, dtype)
     if rotation is not None:
         rotation = torch.view_as_real(rotation)
+    kernels = cast(list[LayerStepPlan | None], decoding_plan(model.decoder, dtype, build_quantized_plan).kernels)
     x = model._embed(ids)
     memories = []
-    for layer, memory in zip(model.decoder.layers, state.memories, strict=True):
-        x, memory = _layer_step(cast("RetNetDecoderLayer", layer), x, memory, rotation, in_place)
+    for layer, kernel, memory in zip(model.decoder.layers, kernels, state.memories, strict=True):
+        # One kernel call where it takes the layer; else the quantized form of
+        # RetNetDecoderLayer.step in PyTorch ops around the quantized products (its reference).
+        out = None if kernel is None else decoder_layer_step(x, memory, rotation, kernel, memory if in_place else None)
+        x, memory = out if out is not None else _layer_tokens(cast("RetNetDecoderLayer", layer), x, memory, [rotation])
         memories.append(memory)
     logits = cast(_Quantized, model.lm_head)(model.decoder.norm(x))
     return RetNetOutput(logits[:, None], RetNetState(memories, state.position + 1))

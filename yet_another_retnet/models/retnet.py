@@ -320,7 +320,7 @@ class RetNetDecoder(nn.Module):
 
     def _step_plans(self, dtype: torch.dtype) -> list[LayerStepPlan] | None:
         """The layer kernels' arguments of the decoding plan (``None`` unless every layer has them)."""
-        return decoding.decoding_plan(self, dtype).kernels
+        return cast(list[LayerStepPlan] | None, decoding.decoding_plan(self, dtype).kernels)
 
     def step_layers(self, hidden: Tensor, memories: list[Tensor], rotation: Tensor | None,
                     tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
