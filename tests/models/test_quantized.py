@@ -61,6 +61,28 @@ def test_kernel_matches_float64(rows: int, shape: tuple[int, int], xdtype: torch
 
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 5, 99])
+def test_a_nan_or_inf_activation_reaches_the_output_as_in_the_float_product(bad: float, where: int) -> None:
+    # The integer products round the activations to fixed point; a vector holding NaN or inf
+    # must take the float path instead (a rounded NaN would give finite, wrong sums).
+    from yet_another_retnet.ops.cpu.quantized import qlinear_int4, quantize_int4
+
+    gen = torch.Generator().manual_seed(where)
+    w = torch.randn(40, 130, generator=gen)
+    x = torch.randn(3, 130, generator=gen)
+    x[1, where] = bad
+    q, scale = quantize_int8(w)
+    packed, scale4, low = quantize_int4(w, 64)
+    with torch.inference_mode():
+        for got, weight in ((qlinear(x, q, scale), dequantize_int8(q, scale)),
+                            (qlinear_int4(x, packed, scale4, low), None)):
+            assert bool(torch.isfinite(got[[0, 2]]).all())  # the other rows are untouched
+            assert not bool(torch.isfinite(got[1]).any())  # every output of the bad row is NaN or inf
+            if weight is not None:
+                assert torch.equal(torch.isnan(got[1]), torch.isnan(x[1:2] @ weight.T)[0])
+
+
 @pytest.fixture(scope="module")
 def model() -> RetNet:
     torch.manual_seed(0)

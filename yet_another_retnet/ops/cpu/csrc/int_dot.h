@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "gemv.h"  // decode_streams
 
@@ -34,29 +35,46 @@ namespace yaretnet_cpu {
 
 constexpr int64_t kFlushColumns = 4096;
 
-// Rounds n float32 vectors of `cols` (stride ldx) to int16 (stride ldq, zero-padded to `padded`),
-// one scale each into xs. With `int4_order`, each block of 64 columns is stored as the int4
-// kernel consumes it: columns 0-15 and 32-47 (the packed bytes' low nibbles), then 16-31 and 48-63
-// (their high ones). Returns false if a vector holds inf or NaN (the caller takes the float path).
+// Rounds n float32 vectors of `cols` (stride ldx) to int16 (stride ldq, zero-padded to `padded`, a
+// multiple of 16), one scale each into xs. With `int4_order`, each block of 64 columns is stored as
+// the int4 kernel consumes it: columns 0-15 and 32-47 (the packed bytes' low nibbles), then 16-31
+// and 48-63 (their high ones). Returns false if a vector holds inf or NaN (the caller takes the
+// float path, where they propagate as in the reference). Vectorised: it runs on one thread before
+// every product, while the other waits.
 inline bool quantize_activations(const float* x, int64_t ldx, int64_t n, int64_t cols, int16_t* xq, int64_t ldq,
                                  int64_t padded, float* xs, bool int4_order) {
+  const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
+  const auto head = [&](int64_t from) {  // the first min(16, cols - from) lanes (none past the end)
+    const int64_t k = std::max<int64_t>(0, std::min<int64_t>(16, cols - from));
+    return static_cast<__mmask16>((1u << k) - 1u);
+  };
   for (int64_t v = 0; v < n; ++v) {
     const float* xv = x + v * ldx;
-    float amax = 0.0f;
-    for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(xv[c]));
-    if (!std::isfinite(amax)) return false;
-    const float scale = amax > 0.0f ? amax / 32767.0f : 1.0f;
-    const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
-    xs[v] = scale;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 finite = 0xFFFF;
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = head(c);
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, xv + c));
+      // Ordered <=: false for NaN and for inf, so either clears a lane of `finite`.
+      finite &= static_cast<__mmask16>(_mm512_mask_cmp_ps_mask(m, a, largest, _CMP_LE_OQ) | ~m);
+      amax = _mm512_max_ps(amax, a);
+    }
+    if (finite != 0xFFFF) return false;
+    const float top = _mm512_reduce_max_ps(amax);
+    xs[v] = top > 0.0f ? top / 32767.0f : 1.0f;
+    const __m512 inv = _mm512_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
+    const __m512 lo = _mm512_set1_ps(-32767.0f), hi = _mm512_set1_ps(32767.0f);
     int16_t* qv = xq + v * ldq;
-    for (int64_t c = 0; c < padded; ++c) {
+    for (int64_t c = 0; c < padded; c += 16) {
       int64_t src = c;
-      if (int4_order) {  // position c of a 64-column block holds column perm(c) of the block
-        const int64_t base = c - c % 64, k = c % 64;
-        src = base + (k < 32 ? (k < 16 ? k : k + 16) : (k < 48 ? k - 16 : k));
+      if (int4_order) {  // positions 16-31 and 32-47 of a 64-column block swap their sources
+        const int64_t k = c % 64;
+        src = c + (k == 16 ? 16 : k == 32 ? -16 : 0);
       }
-      const float value = src < cols ? xv[src] * inv : 0.0f;
-      qv[c] = static_cast<int16_t>(std::lrint(std::min(32767.0f, std::max(-32767.0f, value))));
+      const __m512 scaled = _mm512_mul_ps(_mm512_maskz_loadu_ps(head(src), xv + src), inv);
+      // Clamped, then rounded to nearest even (the default mode, as std::lrint), then narrowed.
+      const __m512i rounded = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, scaled)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(qv + c), _mm512_cvtsepi32_epi16(rounded));
     }
   }
   return true;

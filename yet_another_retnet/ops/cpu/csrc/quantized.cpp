@@ -175,19 +175,28 @@ void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const ui
                   const float* low, int64_t rows, int64_t padded, int64_t group, float* y, int64_t ldy) {
   if (n <= 0 || rows <= 0) return;
   const int64_t groups = padded / group;
-  // The vectors zero-padded to the packed width, and their group sums (the lows' term).
-  std::vector<float> xpad(n * padded, 0.0f), xsum(n * groups, 0.0f);
+  // The vectors' group sums (the lows' term), eight partial sums a group so the loop vectorises.
+  std::vector<float> xsum(n * groups, 0.0f);
   for (int64_t v = 0; v < n; ++v) {
-    std::copy(x + v * ldx, x + v * ldx + cols, xpad.begin() + v * padded);
-    for (int64_t c = 0; c < cols; ++c) xsum[v * groups + c / group] += x[v * ldx + c];
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* seg = x + v * ldx + g * group;
+      const int64_t len = std::max<int64_t>(0, std::min(group, cols - g * group));
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t i = 0;
+      for (; i + 8 <= len; i += 8)
+        for (int j = 0; j < 8; ++j) part[j] += seg[i + j];
+      float sum = 0.0f;
+      for (; i < len; ++i) sum += seg[i];
+      for (float p : part) sum += p;
+      xsum[v * groups + g] = sum;
+    }
   }
-  const float* xp = xpad.data();
   const float* xs = xsum.data();
 #if defined(YARETNET_INT_DOT)
   const int64_t ldq = (padded + 63) / 64 * 64;
   std::vector<int16_t> xq(n * ldq);
   std::vector<float> xscale(n);
-  if (quantize_activations(xp, padded, n, padded, xq.data(), ldq, ldq, xscale.data(), true)) {
+  if (quantize_activations(x, ldx, n, cols, xq.data(), ldq, ldq, xscale.data(), true)) {
     for_row_blocks(rows, padded / 2, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
       with_vectors(nv, [&](auto count) {
         int4_dot_range<decltype(count)::value>(packed, scale, low, xq.data() + v0 * ldq, ldq, xscale.data() + v0,
@@ -197,6 +206,10 @@ void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const ui
     return;
   }
 #endif
+  // The float loop reads the vectors zero-padded to the packed width.
+  std::vector<float> xpad(n * padded, 0.0f);
+  for (int64_t v = 0; v < n; ++v) std::copy(x + v * ldx, x + v * ldx + cols, xpad.begin() + v * padded);
+  const float* xp = xpad.data();
   for_row_blocks(rows, padded / 2, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
     with_vectors(nv, [&](auto count) {
       int4_rows<decltype(count)::value>(packed, scale, low, xp + v0 * padded, padded, xs + v0 * groups, y + v0 * ldy,
