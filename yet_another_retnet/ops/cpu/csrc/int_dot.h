@@ -142,7 +142,15 @@ inline void int4_dot_rows(const uint8_t* w, int64_t r, int64_t stride, const flo
                           int64_t padded, int64_t group) {
   const int64_t groups = padded / group, bytes = padded / 2;
   const uint8_t* rows[S];
-  for (int i = 0; i < S; ++i) rows[i] = w + (r + i * stride) * bytes;
+  for (int i = 0; i < S; ++i) {
+    rows[i] = w + (r + i * stride) * bytes;
+    // The scales and lows are streams of their own, a line or two a row, that the codes' loop
+    // would otherwise stall on at each group's end and at the row's end: fetched two rows ahead.
+    for (int64_t k = 0; k < groups; k += 16) {
+      _mm_prefetch(reinterpret_cast<const char*>(scale + (r + 2 + i * stride) * groups + k), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(low + (r + 2 + i * stride) * groups + k), _MM_HINT_T0);
+    }
+  }
   __m512 total[S][N];
   for (int i = 0; i < S; ++i)
     for (int v = 0; v < N; ++v) total[i][v] = _mm512_setzero_ps();
