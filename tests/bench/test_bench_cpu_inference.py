@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from yet_another_retnet.cli import main
 from yet_another_retnet.models import RetNet, RetNetConfig
 
@@ -16,13 +18,19 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "cpu_inference.json").read_text())
     rows = {r["variant"]: r for r in result["decode"]}
     assert set(rows) == {"float32", "int8", "int4"}
-    # int8 reads about a quarter of float32's bytes (plus float norms and scales); int4 with groups
-    # of 128 about 0.5625 / 4 (two codes a byte, a float32 scale and low value per group).
+    # int8 reads about a quarter of float32's bytes (plus float norms and scales). int4: 0.5625
+    # bytes a projection weight (two codes a byte, a float32 scale and low value per 128), the LM
+    # head in int8 (one byte a weight, a scale a row), everything else float32.
+    model = RetNet(RetNetConfig.from_json(json.dumps(result["config"])), device="meta")
+    head = model.lm_head.weight.numel()
+    projections = sum(m.weight.numel() for layer in model.decoder.layers for m in layer.modules()
+                      if isinstance(m, torch.nn.Linear))
+    rest = rows["float32"]["weight_bytes"] / 4 - head - projections
+    int4 = projections * 0.5625 + head + model.lm_head.out_features * 4 + rest * 4
     assert 0.2 < rows["int8"]["weight_bytes"] / rows["float32"]["weight_bytes"] < 0.3
-    assert 0.12 < rows["int4"]["weight_bytes"] / rows["float32"]["weight_bytes"] < 0.16
+    assert abs(rows["int4"]["weight_bytes"] / int4 - 1) < 0.01
     assert all(r["ms_per_token"] > 0 and r["floor_ms"] > 0 for r in result["decode"])
     # The floor moves each layer's float32 state in and out besides the weights.
-    model = RetNet(RetNetConfig.from_json(json.dumps(result["config"])), device="meta")
     state = 2 * 4 * sum(m.numel() for m in model.empty_state(1).memories)
     for r in result["decode"]:
         assert r["state_bytes"] == state

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from yet_another_retnet.cli import QUANTIZE_CHOICES, main
-from yet_another_retnet.layers.quantized import Int4Linear
+from yet_another_retnet.layers.quantized import Int4Linear, QuantizedLinear
 from yet_another_retnet.models import RetNet, RetNetConfig
 from yet_another_retnet.models.quantized import (
     QUANTIZE_METHODS,
@@ -107,8 +107,9 @@ def model() -> RetNet:
 @pytest.mark.parametrize("method", ["int4", "int4-g32"])
 def test_int4_decoding_matches_the_dequantized_forward(model: RetNet, method: str) -> None:
     qm = quantize_model(copy.deepcopy(model), method)
-    assert is_quantized(qm) and isinstance(qm.lm_head, Int4Linear)
-    assert qm.lm_head.group_size == (32 if method == "int4-g32" else 128)
+    fc2 = qm.decoder.layers[0].ffn.fc2
+    assert is_quantized(qm) and isinstance(fc2, Int4Linear) and isinstance(qm.lm_head, QuantizedLinear)
+    assert fc2.group_size == (32 if method == "int4-g32" else 128)  # the head stays int8
     ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(1))
     int8 = quantize_model(copy.deepcopy(model), "int8")
     with torch.no_grad():
@@ -143,6 +144,14 @@ def test_int4_files_round_trip_and_refuse_a_mismatch(model: RetNet, tmp_path: Pa
     assert size < 0.45 * float_size  # the float embedding stays; the projections shrink ~6x
     with pytest.raises(ValueError, match="holds int4-g64 weights already"):
         RetNet.from_pretrained(tmp_path / "int4", quantize="int8")
+    assert info["lm_head"] == "int8" and isinstance(loaded.lm_head, QuantizedLinear)
+    # A file from before the int4 methods kept the head in int8 (its head in int4) reads as written.
+    old = copy.deepcopy(qm)
+    old.lm_head = Int4Linear.from_linear(model.lm_head, 64)
+    save_quantized(old, tmp_path / "old")
+    read_old = RetNet.from_pretrained(tmp_path / "old")
+    assert isinstance(read_old.lm_head, Int4Linear) and read_old.lm_head.group_size == 64
+    assert torch.equal(read_old.generate(ids, 8), old.generate(ids, 8))
     # quantization.json naming another group than the file's metadata: refused, not misread.
     (tmp_path / "int4" / "quantization.json").write_text('{"method": "int4"}')
     with pytest.raises(ValueError, match="does not hold int4 weights"):

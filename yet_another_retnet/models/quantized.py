@@ -6,8 +6,10 @@ gate and fc2) and the LM head by a :class:`~yet_another_retnet.layers.quantized.
 (``"int8"``: one float scale per output channel) or an
 :class:`~yet_another_retnet.layers.quantized.Int4Linear` (``"int4"``: a scale and a low value per
 group of 128 input columns; ``"int4-g32"``, ``"int4-g64"``, ``"int4-g256"`` choose other groups).
-Embeddings, norms, decays and the recurrent state stay
-in the model's float dtype. Such a model:
+The int4 methods keep the LM head in int8: it alone decides every next token, and at int4 it
+caused most of the int4 model's disagreements with the float one (``docs/results/quantization``);
+at 1.3B its int8 form adds ~4% to the bytes a token reads. Embeddings, norms, decays and the
+recurrent state stay in the model's float dtype. Such a model:
 
 * decodes through :func:`quantized_decode_step`: each layer's q/k/v/g (and a GLU's fc1/gate)
   quantized rows stacked into one product, the retention core in the package's kernel, every product reading
@@ -68,11 +70,15 @@ def group_size(method: str) -> int | None:
 
 
 def _make_layer(method: str) -> Any:
-    """``linear -> quantized layer`` for ``method``."""
+    """``linear -> quantized layer`` for ``method``'s projections."""
     group = group_size(method)
     if group is None:
         return QuantizedLinear.from_linear
     return lambda linear: Int4Linear.from_linear(linear, group)
+
+
+#: What each method makes of the LM head: int8 for all of them (see the module's docstring).
+HEAD_METHOD = "int8"
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -80,8 +86,8 @@ def is_quantized(model: nn.Module) -> bool:
     return model.__dict__.get("_quantization") is not None
 
 
-def _replace(model: RetNet, make: Any) -> None:
-    """Every projection and the head replaced by ``make(name, linear)``."""
+def _replace(model: RetNet, make: Any, make_head: Any) -> None:
+    """Every projection replaced by ``make(linear)``, the LM head by ``make_head(linear)``."""
     for layer in model.decoder.layers:
         owners = [(layer.retention, _PROJECTIONS), (layer.ffn, _FFN)]
         for owner, names in owners:
@@ -89,7 +95,7 @@ def _replace(model: RetNet, make: Any) -> None:
                 linear = getattr(owner, name, None)
                 if isinstance(linear, nn.Linear):
                     setattr(owner, name, make(linear))
-    model.lm_head = make(model.lm_head)
+    model.lm_head = make_head(model.lm_head)
 
 
 def quantize_model(model: RetNet, method: str = "int8") -> RetNet:
@@ -103,7 +109,7 @@ def quantize_model(model: RetNet, method: str = "int8") -> RetNet:
     if is_quantized(model):
         raise ValueError("the model is quantized already")
     with torch.no_grad():
-        _replace(model, _make_layer(method))
+        _replace(model, _make_layer(method), _make_layer(HEAD_METHOD))
     model.release_decode_cache()
     model.__dict__["_quantization"] = method
     return model.eval()
@@ -312,8 +318,9 @@ def save_quantized(model: RetNet, directory: str | Path) -> None:
     group = group_size(method)
     scheme = ("symmetric, one scale per output channel" if group is None else
               f"asymmetric 4-bit codes, one scale and low value per {group} input columns, two codes a byte")
+    head = "int8" if isinstance(model.lm_head, QuantizedLinear) else method
     info = json.dumps({"method": method, "bits": 8 if group is None else 4, "group_size": group, "scheme": scheme,
-                       "modules": "retention q/k/v/g/out, FFN fc1/gate/fc2, LM head"})
+                       "modules": "retention q/k/v/g/out, FFN fc1/gate/fc2, LM head", "lm_head": head})
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(
         tensors, str(tmp), metadata={"format": "pt", "config": config_json, "quantization": method}))
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_json))
@@ -360,12 +367,19 @@ def load_quantized(cls: type[RetNet], directory: Path, device: torch.device | st
                          f"{metadata.get('quantization')!r})")
     model = cls(config, device="meta")
     group = group_size(method)
-    if group is None:
-        _replace(model, lambda linear: QuantizedLinear(linear.in_features, linear.out_features,
-                                                       linear.bias is not None, "meta", linear.weight.dtype))
-    else:
-        _replace(model, lambda linear: Int4Linear(linear.in_features, linear.out_features, linear.bias is not None,
-                                                  group, "meta", linear.weight.dtype))
+
+    def int8(linear: nn.Linear) -> QuantizedLinear:
+        return QuantizedLinear(linear.in_features, linear.out_features, linear.bias is not None, "meta",
+                               linear.weight.dtype)
+
+    def int4(linear: nn.Linear) -> Int4Linear:
+        assert group is not None
+        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, group, "meta",
+                          linear.weight.dtype)
+
+    # Files written before the int4 methods kept the head in int8 hold an int4 head: read as written.
+    int4_head = group is not None and "lm_head.weight_int4" in tensors
+    _replace(model, int8 if group is None else int4, int4 if int4_head else int8)
     expected = model.state_dict()
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)

@@ -18,9 +18,9 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 
 def add_commands(sub: Any, formatter: Any) -> None:
     p = sub.add_parser("quantize", formatter_class=formatter, help="save a model with int8 or int4 weights",
-                       description="Quantize a model directory's projections and LM head to int8 (one scale per\n"
-                                   "output channel) or int4 (a scale and low value per group of input columns) and\n"
-                                   "save it, with its tokenizer, to OUT (safetensors).")
+                       description="Quantize a model directory's projections to int8 (one scale per output\n"
+                                   "channel) or int4 (a scale and low value per group of input columns), its LM head\n"
+                                   "to int8, and save it, with its tokenizer, to OUT (safetensors).")
     p.add_argument("model", metavar="SRC", help="model directory (float weights)")
     p.add_argument("out", metavar="OUT", help="directory to write")
     p.add_argument("--method", choices=QUANTIZE_CHOICES, default="int8",
