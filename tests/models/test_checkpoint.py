@@ -180,6 +180,37 @@ def test_corrupt_weights_raise_oserror(tmp_path: Path, damage: str) -> None:
         RetNet.from_pretrained(tmp_path)
 
 
+def test_checksums_are_checked_in_the_one_read_of_each_tensor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = make_model(tie_embeddings=False)
+    model.save_pretrained(tmp_path, max_shard_size=3000)  # several shards, each with its checksum
+    files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(files) >= 3
+    reads: list[str] = []
+    read_tensor = shards.read_tensor
+
+    def counted(path: Path, name: str) -> torch.Tensor:
+        reads.append(name)
+        return read_tensor(path, name)
+
+    monkeypatch.setattr(shards, "read_tensor", counted)
+    loaded = RetNet.from_pretrained(tmp_path)
+    assert sorted(reads) == sorted(model.state_dict())  # every tensor read once, checksums included
+    assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    # One value changed in the second shard, its checksum kept: caught, naming that shard.
+    from safetensors import safe_open
+
+    with safe_open(str(files[1]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = f.metadata()
+    name = sorted(tensors)[-1]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[-1] += 1.0
+    save_file(tensors, str(files[1]), metadata=metadata)
+    with pytest.raises(OSError, match=files[1].name):
+        RetNet.from_pretrained(tmp_path)
+    assert RetNet.from_pretrained(tmp_path, verify=False) is not None
+
+
 @pytest.mark.parametrize("damage", ["not-json", "not-an-object", "unknown-field", "invalid-value", "binary"])
 def test_corrupt_config_raises_valueerror(tmp_path: Path, damage: str) -> None:
     make_model().save_pretrained(tmp_path)

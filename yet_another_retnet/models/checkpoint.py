@@ -7,8 +7,8 @@ metadata, so a pair that does not belong together (a crash between the two renam
 hand-edited config) is caught on load, and a SHA-256 of its tensors (names, dtypes, shapes and
 bytes), so a damaged byte in the weights is a clear error instead of a silently wrong model.
 Files without that checksum (older saves, other tools) load unverified; ``verify=False`` or
-``YARETNET_VERIFY_WEIGHTS=0`` skips the check (one extra read of the weights, about 1 s per GB,
-one tensor at a time). Everything in the metadata is parsed as data: the config as JSON text,
+``YARETNET_VERIFY_WEIGHTS=0`` skips the check (the hashing of the bytes as they are read in, about
+1 s per GB). Everything in the metadata is parsed as data: the config as JSON text,
 never as a path.
 """
 
@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -130,11 +129,10 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
     from .shards import (
         fill_model,
         read_metadata,
-        read_tensor,
         stored_dtype,
         tensor_shapes,
         tie_and_check,
-        verify_checksum,
+        verified_readers,
         weight_files,
     )
 
@@ -145,6 +143,7 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
     files = weight_files(directory)
     if verify is None:
         verify = os.environ.get(VERIFY_ENV, "1") != "0"
+    checksums: dict[Path, str | None] = {}
     for path in sorted(set(files.values())):
         metadata = read_metadata(path)
         saved = metadata.get("config")
@@ -155,8 +154,7 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
                 raise ValueError(f"{path}: the config in its metadata is invalid: {err}") from err
             if stored != config:
                 raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {path}")
-        if verify:
-            verify_checksum(path, metadata.get(CHECKSUM_KEY))
+        checksums[path] = metadata.get(CHECKSUM_KEY) if verify else None
     shapes = tensor_shapes(files)
     dtypes = sorted({dtype_name for _, dtype_name in shapes.values()})
     if len(dtypes) > 1:
@@ -172,10 +170,8 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
             f"the weights in {directory} do not match its config: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}, wrong shape {wrong[:5]}"
         )
-    def reader(name: str) -> Callable[[], torch.Tensor]:
-        return lambda: read_tensor(files[name], name)
-
-    fill_model(model, ((name, reader(name)) for name in expected), target_dtype)
+    # Each file's checksum is checked as its tensors are read in: one pass over the weights.
+    fill_model(model, verified_readers(files, checksums), target_dtype)
     tie_and_check(model)
     model.eval()
     return model.to(device=device or "cpu")

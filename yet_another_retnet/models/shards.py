@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -184,24 +184,37 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise OSError(f"{path} is truncated or corrupt: {err}") from err
 
 
-def verify_checksum(path: Path, checksum: str | None) -> None:
-    """Check ``path``'s tensors against the ``checksum`` saved with them (``None``: nothing to
-    check, as for files of other tools). Reads one tensor at a time, so memory stays flat."""
-    if checksum is None:
-        return
+def verified_readers(files: Mapping[str, Path], checksums: Mapping[Path, str | None]
+                     ) -> Iterator[tuple[str, Callable[[], Tensor]]]:
+    """``(name, read)`` for every tensor of ``files``, file by file and in name order within a
+    file, each ``read`` feeding what it read to its file's SHA-256; the read of a file's last
+    tensor raises ``OSError`` if the file does not match its ``checksums`` entry (``None``: not
+    checked, as for files of other tools). The caller's single pass over the weights is the
+    check's: nothing is read twice, and a file fails before its model is handed out."""
     import hashlib
 
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            names = sorted(f.keys())
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise OSError(f"{path} is truncated or corrupt: {err}") from err
-    digest = hashlib.sha256()
-    for name in names:
-        digest_update(digest, name, read_tensor(path, name))
-    if digest.hexdigest() != checksum:
-        raise OSError(f"{path} is corrupt: its tensors do not match the checksum saved with them "
-                      f"(verify=False or {VERIFY_ENV}=0 loads it anyway)")
+    by_file: dict[Path, list[str]] = {}
+    for name, path in files.items():
+        by_file.setdefault(path, []).append(name)
+    for path in sorted(by_file):
+        names = sorted(by_file[path])
+        checksum = checksums.get(path)
+        digest = hashlib.sha256() if checksum is not None else None
+        for i, name in enumerate(names):
+            yield name, _reader(path, name, digest, checksum if i == len(names) - 1 else None)
+
+
+def _reader(path: Path, name: str, digest: Any, checksum: str | None) -> Callable[[], Tensor]:
+    def read() -> Tensor:
+        t = read_tensor(path, name)
+        if digest is not None:
+            digest_update(digest, name, t)
+            if checksum is not None and digest.hexdigest() != checksum:
+                raise OSError(f"{path} is corrupt: its tensors do not match the checksum saved with them "
+                              f"(verify=False or {VERIFY_ENV}=0 loads it anyway)")
+        return t
+
+    return read
 
 
 def read_tensor(path: Path, name: str) -> Tensor:
