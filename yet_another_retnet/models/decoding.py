@@ -168,7 +168,7 @@ def run_layers(decoder: RetNetDecoder, hidden: Tensor, memories: list[Tensor], p
     new_memories = []
     for i, (kernel, memory) in enumerate(zip(plan.kernels, memories, strict=True)):
         assert kernel is not None  # a float plan has kernels for every layer or none
-        out = decoder_layer_step(hidden, memory, rotation, kernel, memory if in_place else None)
+        out = decoder_layer_step(hidden, memory, rotation, kernel, in_place)
         if out is None:
             layer = cast("RetNetDecoderLayer", decoder.layers[i])
             out = layer.step(hidden, memory, rotation, plan.tables[i])

@@ -257,7 +257,7 @@ def quantized_decode_step(model: RetNet, ids: Tensor, state: RetNetState | None,
     for layer, kernel, memory in zip(model.decoder.layers, kernels, state.memories, strict=True):
         # One kernel call where it takes the layer; else the quantized form of
         # RetNetDecoderLayer.step in PyTorch ops around the quantized products (its reference).
-        out = None if kernel is None else decoder_layer_step(x, memory, rotation, kernel, memory if in_place else None)
+        out = None if kernel is None else decoder_layer_step(x, memory, rotation, kernel, in_place)
         x, memory = out if out is not None else _layer_tokens(cast("RetNetDecoderLayer", layer), x, memory, [rotation])
         memories.append(memory)
     logits = cast(_Quantized, model.lm_head)(model.decoder.norm(x))

@@ -42,7 +42,8 @@ DEPRECATED_SWITCH = "YARETNET_CPU_KERNELS"
 FAMILIES = ("gemv", "chunk_scan", "chunk_kernels", "norm_gate", "split_heads", "mlp", "decode_step", "memory",
             "retention_core", "matmul", "quantized")
 #: The families whose ops have shape-only forms or autograd (their module's ``register()``).
-_REGISTERING = ("gemv", "chunk_scan", "chunk_kernels", "norm_gate", "mlp", "split_heads", "retention_core")
+_REGISTERING = ("gemv", "chunk_scan", "chunk_kernels", "norm_gate", "mlp", "split_heads", "retention_core",
+                "decode_step", "quantized")
 CSRC = Path(__file__).with_name("csrc")
 _SOURCES = [CSRC / f"{name}.cpp" for name in FAMILIES]
 _HEADERS = sorted(CSRC.glob("*.h"))

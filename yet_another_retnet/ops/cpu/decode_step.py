@@ -27,7 +27,7 @@ in PyTorch ops is ~25 of them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -214,17 +214,17 @@ def layer_step_plan(*, norm1: tuple[Tensor, Tensor | None], qkvg: tuple[ProductW
 
 
 def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None, plan: LayerStepPlan,
-                       out_memory: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+                       in_place: bool = False) -> tuple[Tensor, Tensor] | None:
     """One token per row through a pre-norm decoder layer in one kernel call (each weight read
     once for up to eight rows: a small batch costs about what one row does).
 
     Args:
         x: ``(batch, d_model)`` the layer's input (the residual stream, not normed).
-        memory: ``(batch, h, dk, dv)`` float32 memory; not modified (unless it is ``out_memory``).
+        memory: ``(batch, h, dk, dv)`` float32 memory; not modified unless ``in_place``.
         rotation: as for :func:`retention_step`.
         plan: the layer's :func:`layer_step_plan`.
-        out_memory: where to write the new memory (contiguous, shaped like ``memory``; ``memory``
-            itself steps it in place), or ``None`` for a new tensor.
+        in_place: step ``memory`` where it is (contiguous; the op ``decoder_layer_step_inplace``)
+            and return it as the new memory, instead of a new tensor.
 
     Returns ``(x_out (batch, d_model) in x's dtype, new memory (batch, h, dk, dv))``, or ``None``
     where the kernel does not apply to these inputs (more than :data:`KERNEL_MAX_ROWS` rows,
@@ -232,10 +232,14 @@ def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None, plan:
     """
     if x.shape[0] > KERNEL_MAX_ROWS or x.dtype != plan.dtype or not _kernel_inputs(x, memory):
         return None
-    if out_memory is not None and not (out_memory.is_contiguous() and memory.is_contiguous()):
-        return None
+    if in_place:
+        if not memory.is_contiguous():
+            return None
+        out = torch.ops.yaretnet.decoder_layer_step_inplace(x.contiguous(), memory, _real(rotation), *plan.tensors,
+                                                            *plan.options)
+        return out, memory
     return torch.ops.yaretnet.decoder_layer_step(x.contiguous(), memory.contiguous(), _real(rotation), *plan.tensors,
-                                                 *plan.options, out_memory)
+                                                 *plan.options)
 
 
 def _kernel_inputs(x: Tensor, memory: Tensor, *params: Tensor | None) -> bool:
@@ -250,3 +254,24 @@ def _real(rotation: Tensor | None) -> Tensor | None:
     if rotation is None:
         return None
     return (torch.view_as_real(rotation) if rotation.is_complex() else rotation).contiguous()
+
+
+def register() -> None:
+    """The ops' shape-only forms (called once the library is loaded), so ``torch.compile`` and
+    ``torch.library.opcheck`` can trace them."""
+
+    @_extension.register_fake("yaretnet::retention_step")
+    def _(proj: Tensor, memory: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+        return proj.new_empty(memory.shape[0], memory.shape[1] * memory.shape[3]), torch.empty_like(memory)
+
+    @_extension.register_fake("yaretnet::retention_step_inplace")
+    def _(proj: Tensor, memory: Tensor, *args: Any) -> Tensor:
+        return proj.new_empty(memory.shape[0], memory.shape[1] * memory.shape[3])
+
+    @_extension.register_fake("yaretnet::decoder_layer_step")
+    def _(x: Tensor, memory: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+        return torch.empty_like(x), torch.empty_like(memory)
+
+    @_extension.register_fake("yaretnet::decoder_layer_step_inplace")
+    def _(x: Tensor, memory: Tensor, *args: Any) -> Tensor:
+        return torch.empty_like(x)

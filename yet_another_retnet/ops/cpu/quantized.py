@@ -26,6 +26,8 @@ columns. A row whose width is not a multiple of the group is padded by repeating
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -203,3 +205,16 @@ def qlinear_int4(x: Tensor, packed: Tensor, scale: Tensor, low: Tensor, bias: Te
         out = torch.ops.yaretnet.qlinear_int4(flat, packed, scale, low, bias, add)
         return out.view(*x.shape[:-1], packed.shape[0])
     return qlinear_int4_reference(x, packed, scale, low, bias, residual)
+
+
+def register() -> None:
+    """The products' shape-only forms (called once the library is loaded), so ``torch.compile``
+    and ``torch.library.opcheck`` can trace them: ``(rows, out_features)`` in ``x``'s dtype."""
+
+    @_extension.register_fake("yaretnet::qlinear_int8")
+    def _(x: Tensor, weight: Tensor, *args: Any) -> Tensor:
+        return x.new_empty(x.shape[0], weight.shape[0])
+
+    @_extension.register_fake("yaretnet::qlinear_int4")
+    def _(x: Tensor, packed: Tensor, *args: Any) -> Tensor:
+        return x.new_empty(x.shape[0], packed.shape[0])

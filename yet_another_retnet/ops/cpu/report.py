@@ -80,7 +80,7 @@ FAST_PATHS = (
              "ops/cpu/csrc/memory.cpp: yaretnet::cpu_memory_cache_enable", "the plain allocator", "tests/cpu/test_buffer_cache.py",
              "CPU tensors of at least 1 MiB inside cached_cpu_memory()"),
     FastPath("decoding step of a layer", "ops/cpu/decode_step.py: supports, layer_step_plan",
-             "ops/cpu/csrc/decode_step.cpp: yaretnet::retention_step, decoder_layer_step",
+             "ops/cpu/csrc/decode_step.cpp: yaretnet::retention_step, decoder_layer_step (and their _inplace forms)",
              "retention_step_reference, the decoder layer's PyTorch step", "tests/cpu/test_decode_step.py",
              "CPU float32/bfloat16 (or int8/int4 products), float32 memory, no autograd, up to 32 rows (a whole "
              "layer); bfloat16 weights on VDPBF16PS with AVX512-BF16 (gemv.bf16_dot)"),

@@ -253,7 +253,7 @@ void run_core(const In* proj, int64_t row_stride, const at::Tensor& memory, cons
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> retention_step(const at::Tensor& proj, const at::Tensor& memory,
+std::tuple<at::Tensor, at::Tensor> retention_step_impl(const at::Tensor& proj, const at::Tensor& memory,
                                                   const c10::optional<at::Tensor>& rotation, const at::Tensor& gamma,
                                                   const c10::optional<at::Tensor>& norm_weight,
                                                   const c10::optional<at::Tensor>& norm_bias, double eps,
@@ -444,7 +444,7 @@ at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
+std::tuple<at::Tensor, at::Tensor> decoder_layer_step_impl(
     const at::Tensor& x, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
     const at::Tensor& norm1_weight, const c10::optional<at::Tensor>& norm1_bias, at::TensorList qkvg_weight,
     const c10::optional<at::Tensor>& qkvg_bias, const at::Tensor& gamma, const c10::optional<at::Tensor>& head_weight,
@@ -491,22 +491,77 @@ std::tuple<at::Tensor, at::Tensor> decoder_layer_step(
   return {result, new_memory};
 }
 
+// The registered ops: a functional form (a new memory) and an in-place one (the memory stepped
+// where it is, only the output returned), each with a schema that says which it is.
+std::tuple<at::Tensor, at::Tensor> retention_step(const at::Tensor& proj, const at::Tensor& memory,
+                                                  const c10::optional<at::Tensor>& rotation, const at::Tensor& gamma,
+                                                  const c10::optional<at::Tensor>& norm_weight,
+                                                  const c10::optional<at::Tensor>& norm_bias, double eps,
+                                                  bool rms_norm, int64_t gate_act) {
+  return retention_step_impl(proj, memory, rotation, gamma, norm_weight, norm_bias, eps, rms_norm, gate_act,
+                             c10::nullopt);
+}
+
+at::Tensor retention_step_inplace(const at::Tensor& proj, at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
+                                  const at::Tensor& gamma, const c10::optional<at::Tensor>& norm_weight,
+                                  const c10::optional<at::Tensor>& norm_bias, double eps, bool rms_norm,
+                                  int64_t gate_act) {
+  return std::get<0>(
+      retention_step_impl(proj, memory, rotation, gamma, norm_weight, norm_bias, eps, rms_norm, gate_act, memory));
+}
+
+// The layer's arguments after (x, memory), shared by both ops' signatures and calls.
+#define YARETNET_LAYER_PARAMS                                                                                  \
+  const c10::optional<at::Tensor>& rotation, const at::Tensor& norm1_weight,                                  \
+      const c10::optional<at::Tensor>& norm1_bias, at::TensorList qkvg_weight,                                \
+      const c10::optional<at::Tensor>& qkvg_bias, const at::Tensor& gamma,                                    \
+      const c10::optional<at::Tensor>& head_weight, const c10::optional<at::Tensor>& head_bias,               \
+      at::TensorList out_weight, const c10::optional<at::Tensor>& out_bias, const at::Tensor& norm2_weight,   \
+      const c10::optional<at::Tensor>& norm2_bias, at::TensorList fc1_weight,                                 \
+      const c10::optional<at::Tensor>& fc1_bias, at::TensorList fc2_weight,                                   \
+      const c10::optional<at::Tensor>& fc2_bias, double block_eps, double head_eps, bool block_rms,           \
+      bool head_rms, int64_t gate_act, int64_t ffn_act, bool glu, double residual_scale
+#define YARETNET_LAYER_ARGS                                                                                    \
+  rotation, norm1_weight, norm1_bias, qkvg_weight, qkvg_bias, gamma, head_weight, head_bias, out_weight,      \
+      out_bias, norm2_weight, norm2_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, block_eps, head_eps,    \
+      block_rms, head_rms, gate_act, ffn_act, glu, residual_scale
+
+std::tuple<at::Tensor, at::Tensor> decoder_layer_step(const at::Tensor& x, const at::Tensor& memory,
+                                                      YARETNET_LAYER_PARAMS) {
+  return decoder_layer_step_impl(x, memory, YARETNET_LAYER_ARGS, c10::nullopt);
+}
+
+at::Tensor decoder_layer_step_inplace(const at::Tensor& x, at::Tensor& memory, YARETNET_LAYER_PARAMS) {
+  return std::get<0>(decoder_layer_step_impl(x, memory, YARETNET_LAYER_ARGS, memory));
+}
+
+#undef YARETNET_LAYER_PARAMS
+#undef YARETNET_LAYER_ARGS
+
 }  // namespace
 
+#define YARETNET_STEP_ARGS "Tensor? rotation, Tensor gamma, Tensor? norm_weight, Tensor? norm_bias, float eps, " \
+                           "bool rms_norm, int gate_act"
+#define YARETNET_LAYER_SCHEMA                                                                                      \
+  "Tensor? rotation, Tensor norm1_weight, Tensor? norm1_bias, Tensor[] qkvg_weight, Tensor? qkvg_bias, "           \
+  "Tensor gamma, Tensor? head_weight, Tensor? head_bias, Tensor[] out_weight, Tensor? out_bias, "                   \
+  "Tensor norm2_weight, Tensor? norm2_bias, Tensor[] fc1_weight, Tensor? fc1_bias, Tensor[] fc2_weight, "          \
+  "Tensor? fc2_bias, float block_eps, float head_eps, bool block_rms, bool head_rms, int gate_act, int ffn_act, "  \
+  "bool glu, float residual_scale"
+
 TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
-  m.def(
-      "retention_step(Tensor proj, Tensor memory, Tensor? rotation, Tensor gamma, Tensor? norm_weight, "
-      "Tensor? norm_bias, float eps, bool rms_norm, int gate_act, Tensor(a!)? out_memory=None) -> (Tensor, Tensor)");
-  m.def(
-      "decoder_layer_step(Tensor x, Tensor memory, Tensor? rotation, Tensor norm1_weight, Tensor? norm1_bias, "
-      "Tensor[] qkvg_weight, Tensor? qkvg_bias, Tensor gamma, Tensor? head_weight, Tensor? head_bias, "
-      "Tensor[] out_weight, Tensor? out_bias, Tensor norm2_weight, Tensor? norm2_bias, Tensor[] fc1_weight, "
-      "Tensor? fc1_bias, Tensor[] fc2_weight, Tensor? fc2_bias, float block_eps, float head_eps, bool block_rms, "
-      "bool head_rms, int gate_act, int ffn_act, bool glu, float residual_scale, Tensor(a!)? out_memory=None) -> "
-      "(Tensor, Tensor)");
+  m.def("retention_step(Tensor proj, Tensor memory, " YARETNET_STEP_ARGS ") -> (Tensor, Tensor)");
+  m.def("retention_step_inplace(Tensor proj, Tensor(a!) memory, " YARETNET_STEP_ARGS ") -> Tensor");
+  m.def("decoder_layer_step(Tensor x, Tensor memory, " YARETNET_LAYER_SCHEMA ") -> (Tensor, Tensor)");
+  m.def("decoder_layer_step_inplace(Tensor x, Tensor(a!) memory, " YARETNET_LAYER_SCHEMA ") -> Tensor");
 }
+
+#undef YARETNET_STEP_ARGS
+#undef YARETNET_LAYER_SCHEMA
 
 TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {
   m.impl("retention_step", &retention_step);
+  m.impl("retention_step_inplace", &retention_step_inplace);
   m.impl("decoder_layer_step", &decoder_layer_step);
+  m.impl("decoder_layer_step_inplace", &decoder_layer_step_inplace);
 }
