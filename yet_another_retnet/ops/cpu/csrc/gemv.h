@@ -63,7 +63,7 @@ constexpr int kMaxVectors = 8;
 // row is its own stream through memory; a few streams keep more cache-line fills in flight than
 // one, but more than four lose again: on the 2-core AMD EPYC VMs, 8 streams read 1 GB matrices
 // slower than 4 in every kernel here (float32, bfloat16, int8 and int4 alike, the quantized ones
-// by a fifth: docs/results/cpu-inference). `accumulators` caps S * N so the sums stay in
+// by a fifth: docs/performance.md). `accumulators` caps S * N so the sums stay in
 // registers (the float kernels keep one per stream and vector, the int4 one two), and at least
 // `least` streams remain for N vectors (one stream at 8 vectors ran 1.3x slower than two).
 template <int N>
