@@ -28,31 +28,19 @@ import signal
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 from torch import Tensor, nn
 
-from ..models import RetNet, RetNetConfig, count_parameters
+from ..models import RetNet, count_parameters
 from ..models.checkpoint import atomic_write
-from ..ops import matmul
 from ..ops.cpu.memory import cached_cpu_memory
 from . import distributed as dist_utils
 from . import rundir
-from .checkpoint import (
-    CHECKPOINT_NAME,
-    full_model_state,
-    full_state_dicts,
-    load_full_state_dicts,
-    load_sharded,
-    remove_stale_sharded,
-    rng_state,
-    save_checkpoint,
-    save_sharded,
-    set_rng_state,
-)
+from .checkpoint import CHECKPOINT_NAME, remove_stale_sharded
 
 # The pieces of a run, each in its own module; imported here by name so that every name keeps
 # working from this module, where it used to live.
@@ -77,12 +65,13 @@ from .corpus import (
     load_corpus,
     load_data,
 )
-from .data import ByteTokenizer, HFTokenizer, StreamDecoder, WindowSampler
+from .data import ByteTokenizer, HFTokenizer, StreamDecoder, TokenSource
 from .evaluation import autocast_context, bits_per_byte, eval_window_index, evaluate, lm_loss
 from .loggers import Loggers, memory_figures, model_flops_per_token
 from .optim import build_optimizer, lr_factor
-from .progress import ProgressBar, plot_losses, write_metrics
+from .progress import ProgressBar
 from .resolve import build_model_config, check_run, resolve_config
+from .state import Run, TrainState, build_state, save_state
 
 __all__ = [
     "DOC_BOUNDARIES", "LOGGERS", "PRECISIONS", "PREPARED_DIR", "PREPARED_EVAL_WINDOWS", "RUN_FILES",
@@ -141,6 +130,13 @@ def train(config: TrainConfig, resume: bool = False, stream: TextIO | None = Non
 
 
 def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainResult:
+    """The run behind :func:`train`, as an outline: check everything, build (or resume) the
+    training state, prepare the output directory, step until done, then report.
+
+    Every check comes before the first write to ``out``, so bad input leaves the directory as
+    it was. Under ``torchrun`` every rank runs all of it; only the main process writes files and
+    talks to the user.
+    """
     config.validate()
     stream = stream if stream is not None else sys.stdout
     started = time.perf_counter()
@@ -151,6 +147,44 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
             stream.write(text + "\n")
             stream.flush()
 
+    micro_batch = _micro_batch_size(config, info, device)
+    corpus, tokenizer = load_data(config, info)
+    try:
+        model_config, checkpoint = check_run(config, corpus, tokenizer, resume, say)
+    except BaseException:
+        discard_staged_data(corpus, info)
+        raise
+    record = {"train": config.to_dict(), "model_config": model_config.to_dict(),
+              "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
+    run = Run(config, model_config, info, device, Path(config.out), micro_batch, record, say)
+
+    # ---- everything is checked: from here on the run writes to ``out`` ----
+    state = build_state(run, corpus.train, checkpoint, started)
+    del checkpoint  # its tensors are in the model and optimizer now: do not hold a second copy
+    dist_utils.barrier(info)  # every rank has mapped the data before rank 0 moves it
+    if info.is_main:
+        _prepare_run_dir(run, corpus, tokenizer, resume)
+    _announce(run, corpus.description, state.step if resume else None)
+    run_eval = _validation(run, corpus, state.train_module)
+    interrupted = _train_loop(run, state, corpus.train, run_eval, stream, resume)
+
+    step, val_loss, val_bpb = state.step, state.val_loss, state.val_bpb
+    if step < config.max_steps and not interrupted:
+        say(f"stopped after {step} of {config.max_steps} steps (--stop-after); continue with --resume")
+    sample = None
+    if step == config.max_steps and config.sample_tokens > 0 and not interrupted:
+        sample = _sample(state.model, config, run.out, tokenizer, info, device, say)
+    wall = time.perf_counter() - started
+    say(f"done: step {step}/{config.max_steps} in {wall:.1f} s"
+        + (f"; val loss {val_loss:.4f}, val bits/byte {val_bpb:.4f}" if val_loss is not None and val_bpb is not None else ""))
+    dist_utils.barrier(info)
+    return TrainResult(step, config.max_steps, val_loss, val_bpb, wall, state.losses, sample, interrupted)
+
+
+def _micro_batch_size(config: TrainConfig, info: dist_utils.DistInfo, device: torch.device) -> int:
+    """Sequences per forward pass on this rank: ``--batch-size`` is the global batch, so it is
+    split over the processes and the accumulation steps, and must divide evenly (checked here,
+    before any data is read, like bfloat16 support on the GPU)."""
     if config.batch_size % (info.world_size * config.grad_accum):
         raise TrainingError(
             f"--batch-size {config.batch_size} (the global batch) must be divisible by the number of "
@@ -159,197 +193,103 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
     micro_batch = config.batch_size // (info.world_size * config.grad_accum)
     if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainingError("--precision bf16: this GPU does not support bfloat16")
+    return micro_batch
 
-    corpus, tokenizer = load_data(config, info)
-    try:
-        model_config, checkpoint = check_run(config, corpus, tokenizer, resume, say)
-    except BaseException:
-        discard_staged_data(corpus, info)
-        raise
-    out = Path(config.out)
 
-    # ---- everything is checked: from here on the run writes to ``out`` ----
-    torch.manual_seed(config.seed)
-    model = RetNet(model_config).to(device)
-    if config.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    train_module = dist_utils.wrap_model(model, info, device, config.fsdp)
-    optimizer = build_optimizer(model, config, fused_ok=device.type == "cuda" and not config.fsdp)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    sampler = WindowSampler(corpus.train, config.seq_len, config.seed)
-    metrics: list[dict[str, Any]] = []
-    step = 0
-    elapsed_before = 0.0
-    window_before: list[float] = []
-    if checkpoint is not None:
-        if "sharded" in checkpoint:  # written with torch.distributed.checkpoint, by any number of ranks
-            load_sharded(out, str(checkpoint["sharded"]), model, optimizer)
-        else:
-            load_full_state_dicts(model, optimizer, checkpoint["model"], checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        sampler.load_state_dict(checkpoint["sampler"])
-        set_rng_state(checkpoint["rng"])
-        metrics = list(checkpoint["metrics"])
-        step = int(checkpoint["step"])
-        elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
-        window_before = [float(x) for x in checkpoint.get("window_losses", [])]
-        # The schedule follows this call's --max-steps (a finished run only with --extend-schedule:
-        # resolve.check_run).
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_factor(step, config)
-        del checkpoint
-    forward_module: nn.Module = train_module
-    if config.compile:
-        if config.fsdp:  # sharded parameters: compile the wrapped module as a whole
-            forward_module = torch.compile(train_module)  # type: ignore[assignment]
-        else:
-            # Each retention layer's chunkwise form (measured faster than compiling the whole
-            # model, whose input checks break the graph); evaluation shares it.
-            model.compile_chunkwise()
-
-    run_record = {"train": config.to_dict(), "model_config": model_config.to_dict(),
-                  "tokenizer": tokenizer.describe(), "data_sha256": corpus.sha256}
-    dist_utils.barrier(info)  # every rank has mapped the data before rank 0 moves it
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        note = rundir.recover(out, RUN_FILES)
-        if not resume:  # a fresh run must not inherit a stale file: --overwrite keeps them aside
-            if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME, ignore=(PREPARED_DIR,)) in ("run", "foreign"):
-                rundir.set_aside(out, RUN_FILES)
-            for name in RUN_FILES:
-                (out / name).unlink(missing_ok=True)
-        adopt_staged_data(corpus, out)
+def _prepare_run_dir(run: Run, corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, resume: bool) -> None:
+    """Make ``out`` hold this run and nothing stale (the main process, once every rank has read
+    the data): finish what a killed run left half done, set a replaced run aside (``--overwrite``:
+    it comes back if this run fails before its first checkpoint), move staged prepared data in,
+    delete half-written files, and write the run's settings and tokenizer."""
+    out = run.out
+    out.mkdir(parents=True, exist_ok=True)
+    note = rundir.recover(out, RUN_FILES)
+    if not resume:  # a fresh run must not inherit a stale file: --overwrite keeps them aside
+        if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME, ignore=(PREPARED_DIR,)) in ("run", "foreign"):
+            rundir.set_aside(out, RUN_FILES)
         for name in RUN_FILES:
-            for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
-                leftover.unlink(missing_ok=True)
-        if note:
-            say(note)
-        if not resume:
-            remove_stale_sharded(out, None)
-        text = json.dumps(run_record, indent=2, sort_keys=True) + "\n"
-        atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
-        tokenizer.save(out)
+            (out / name).unlink(missing_ok=True)
+    adopt_staged_data(corpus, out)
+    for name in RUN_FILES:
+        for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
+            leftover.unlink(missing_ok=True)
+    if note:
+        run.say(note)
+    if not resume:
+        remove_stale_sharded(out, None)
+    text = json.dumps(run.record, indent=2, sort_keys=True) + "\n"
+    atomic_write(out / TRAIN_CONFIG_NAME, lambda tmp: tmp.write_text(text))
+    tokenizer.save(out)
 
+
+def _announce(run: Run, data_description: str, resumed_at: int | None) -> None:
+    """The banner: what the run trains on, the model, the schedule and where it writes."""
+    config, model_config, say = run.config, run.model_config, run.say
     n_params = count_parameters(model_config)
-    say(f"retnet train: {corpus.description}")
+    say(f"retnet train: {data_description}")
     say(f"model: preset {config.preset}, d_model {model_config.d_model}, {model_config.num_layers} layers, "
         f"{model_config.num_heads} heads, ffn {model_config.ffn_dim}, vocab {model_config.vocab_size}: "
         f"{n_params / 1e6:.2f}M parameters")
     say(f"training: {config.max_steps} steps x {config.batch_size} sequences x {config.seq_len} tokens, "
-        f"lr {config.lr:g}, {config.precision}, device {device}, {info.world_size} process(es)"
-        + (", FSDP" if config.fsdp else ", DDP" if info.enabled else "")
-        + (f"; resuming at step {step}" if resume else ""))
-    say(f"output: {out}")
+        f"lr {config.lr:g}, {config.precision}, device {run.device}, {run.info.world_size} process(es)"
+        + (", FSDP" if config.fsdp else ", DDP" if run.info.enabled else "")
+        + (f"; resuming at step {resumed_at}" if resumed_at is not None else ""))
+    say(f"output: {run.out}")
 
-    reset = config.doc_boundaries == "reset"
+
+def _validation(run: Run, corpus: Corpus, module: nn.Module) -> Callable[[], tuple[float, float]]:
+    """The run's evaluation, fixed once: which windows of the validation split it scores (all,
+    or ``--eval-max-windows`` of them spread evenly, so every evaluation scores the same ones),
+    where documents restart in them and which of their targets count. Only those windows are
+    read. Returns a function giving the mean loss (nats per token) and bits per byte."""
+    config = run.config
     eval_len = min(config.seq_len, len(corpus.val) - 1)
     n_windows = (len(corpus.val) - 1) // eval_len
     cap = config.eval_max_windows or (PREPARED_EVAL_WINDOWS if corpus.prepared else None)
     eval_starts = eval_window_index(n_windows, cap) * eval_len  # spread evenly over the split
     val_windows = corpus.val.windows(eval_starts, eval_len + 1)  # only these are read
-    val_resets = corpus.val.resets(eval_starts, eval_len) if reset else None
+    val_resets = corpus.val.resets(eval_starts, eval_len) if config.doc_boundaries == "reset" else None
     val_scored = corpus.val.loss_masks(eval_starts, eval_len + 1) if corpus.val.has_loss_mask else None
-    eval_batch = max(1, micro_batch)
+    eval_batch = max(1, run.micro_batch)
 
     def run_eval() -> tuple[float, float]:
-        loss = evaluate(train_module, val_windows, eval_batch, device, config.precision, config.chunk_size, info,
+        loss = evaluate(module, val_windows, eval_batch, run.device, config.precision, config.chunk_size, run.info,
                         val_resets, val_scored)
         bpb = bits_per_byte(loss, corpus.bytes_per_token)
         return loss, bpb
 
+    return run_eval
+
+
+def _train_loop(run: Run, state: TrainState, train_data: TokenSource,
+                run_eval: Callable[[], tuple[float, float]], stream: TextIO, resume: bool) -> bool:
+    """Step until ``--max-steps`` (or ``--stop-after`` steps more): a log record every
+    ``--log-interval`` steps and at the last, an evaluation every ``--eval-interval`` and at
+    ``--max-steps``, a checkpoint every ``--save-interval`` and at the last step. SIGINT/SIGTERM
+    stop the run after the step under way, with a checkpoint; returns whether that happened."""
+    config, info, device = run.config, run.info, run.device
     plot_notes: set[str] = set()  # say "no matplotlib" once, not at every checkpoint
-
-    def save(at_step: int) -> None:
-        sharded = None
-        if config.sharded_checkpoint:  # each rank writes its shards; only the model is gathered (export)
-            sharded = save_sharded(out, at_step, model, optimizer, info.is_main)
-            model_state = full_model_state(model)
-            states: dict[str, Any] = {"sharded": sharded}
-        else:
-            model_state, optimizer_state = full_state_dicts(model, optimizer)
-            states = {"model": model_state, "optimizer": optimizer_state}
-        if info.is_main:
-            save_checkpoint(out, {
-                "step": at_step, **states,
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "sampler": sampler.state_dict(), "rng": rng_state(), "metrics": metrics,
-                "elapsed_s": elapsed_before + time.perf_counter() - started, "run": run_record,
-                "cpu_matmul": matmul.cpu_backend(), "window_losses": list(window_losses),
-            })
-            remove_stale_sharded(out, sharded)  # only now is the new checkpoint the valid one
-            _save_model(model_state, model_config, out)
-            write_metrics(out, metrics)
-            rundir.checkpointed(out)  # --overwrite: the replaced run can go now
-            note = plot_losses(out, metrics)
-            if note and note not in plot_notes:
-                say(note)
-                plot_notes.add(note)
-        dist_utils.barrier(info)
-
     bar = ProgressBar(config.max_steps, config.log_interval, stream) if info.is_main else None
     tokens_per_step = config.batch_size * config.seq_len
-    flops_per_token = model_flops_per_token(model, model_config, config.seq_len)
-    loggers = Loggers(config.log_to, out, run_record, resume) if info.is_main and config.log_to else None
+    flops_per_token = model_flops_per_token(state.model, run.model_config, config.seq_len)
+    loggers = Loggers(config.log_to, run.out, run.record, resume) if info.is_main and config.log_to else None
     save_interval = config.save_interval or config.eval_interval
-    stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, step + config.stop_after)
-    losses: list[float] = []
-    # The losses since the last log line: a resumed run logs the same means as a straight one.
-    window_losses: list[float] = list(window_before)
+    stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, state.step + config.stop_after)
     stopper = _StopRequest()
-    val_loss: float | None = None
-    val_bpb: float | None = None
     step_times: list[float] = []
     interrupted = False
-    forward_module.train()
+    state.forward_module.train()
 
     # On CPU, large buffers are reused from step to step instead of being page-faulted in afresh
     # (+10-25% per step at 16k tokens, ops/cpu/memory.py); the cache is freed when the loop ends.
     reuse = cached_cpu_memory() if device.type == "cpu" and config.buffer_cache else contextlib.nullcontext()
     with stopper.installed(), reuse:
-        while step < stop_at:
+        while state.step < stop_at:
             t0 = time.perf_counter()
-            starts = sampler.next_starts(config.batch_size)  # the global batch's offsets ...
-            mine = starts[info.rank * config.batch_size // info.world_size:
-                          (info.rank + 1) * config.batch_size // info.world_size]
-            local = sampler.windows(mine)  # ... of which this rank reads only its own rows
-            resets = corpus.train.resets(mine, config.seq_len).split(micro_batch) if reset else None
-            scored = (corpus.train.loss_masks(mine, config.seq_len + 1).split(micro_batch)
-                      if corpus.train.has_loss_mask else None)
-            step_loss = torch.zeros((), device=device)
-            for i, micro in enumerate(local.split(micro_batch)):
-                last = i == config.grad_accum - 1
-                # DDP: all-reduce the gradients once, in the last micro-batch's backward pass.
-                no_sync = getattr(train_module, "no_sync", None)
-                with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                    with autocast_context(device, config.precision):
-                        loss = lm_loss(forward_module, micro.to(device, non_blocking=True), config.chunk_size,
-                                       None if resets is None else resets[i].to(device),
-                                       None if scored is None else scored[i].to(device))
-                        scaled = loss / config.grad_accum
-                    scaler.scale(scaled).backward()
-                step_loss += scaled.detach()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       config.grad_clip if config.grad_clip > 0 else math.inf)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
-                grad_norm = grad_norm.full_tensor()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = optimizer.param_groups[0]["lr"]
-            with warnings.catch_warnings():
-                # fp16: the scaler skips a step whose gradients overflowed, and the scheduler
-                # warns that the optimizer did not step; the schedule advancing anyway is intended.
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-                scheduler.step()
-            step += 1
-            mean_loss = float(dist_utils.all_reduce_mean(step_loss, info))
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"the loss became {mean_loss} at step {step}; lower --lr or use fp32")
-            losses.append(mean_loss)
-            window_losses.append(mean_loss)
+            mean_loss, grad_norm, lr = _optimizer_step(run, state, train_data)
+            step = state.step
+            state.losses.append(mean_loss)
+            state.window_losses.append(mean_loss)
             step_times.append(time.perf_counter() - t0)
             recent = step_times[-20:]
             seconds_per_step = sum(recent) / len(recent)
@@ -357,58 +297,101 @@ def _train(config: TrainConfig, resume: bool, stream: TextIO | None) -> TrainRes
                 bar.update(step, mean_loss, tokens_per_step / seconds_per_step, lr,
                            seconds_per_step * (stop_at - step))
             if step % config.log_interval == 0 or step == stop_at:
-                tokens_per_s = tokens_per_step / seconds_per_step
-                # "loss": the mean over the steps since the previous record (the bar shows each step's).
-                record = {"kind": "train", "step": step, "loss": sum(window_losses) / len(window_losses),
-                          "loss_window_steps": len(window_losses),
-                          "lr": lr, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
-                          "tokens_per_s": tokens_per_s, "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
-                          "elapsed_s": elapsed_before + time.perf_counter() - started, **memory_figures(device)}
-                if config.peak_tflops:
-                    record["mfu"] = record["model_tflops_per_s"] / (config.peak_tflops * info.world_size)
-                metrics.append(record)
+                state.metrics.append(_train_record(run, state, lr, grad_norm, seconds_per_step, flops_per_token))
                 if loggers is not None:
-                    loggers.log(record)
-                window_losses = []
+                    loggers.log(state.metrics[-1])
+                state.window_losses = []
             if step % config.eval_interval == 0 or step == config.max_steps:
                 val_loss, val_bpb = run_eval()
-                metrics.append({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
-                                "val_ppl": math.exp(min(val_loss, 50.0)),
-                                "elapsed_s": elapsed_before + time.perf_counter() - started})
+                state.val_loss, state.val_bpb = val_loss, val_bpb
+                state.metrics.append({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
+                                      "val_ppl": math.exp(min(val_loss, 50.0)), "elapsed_s": state.elapsed_s()})
                 if loggers is not None:
-                    loggers.log(metrics[-1])
+                    loggers.log(state.metrics[-1])
                 if bar is not None:
                     bar.message(f"eval step {step}: val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.3f}"
                                 f" | val bits/byte {val_bpb:.4f}")
             stop_now = dist_utils.broadcast_flag(stopper.requested, info, device)
             if step % save_interval == 0 or step == stop_at or stop_now:
-                save(step)
+                save_state(run, state, plot_notes)
             if stop_now:
                 interrupted = True
-                say(f"stopped by a signal at step {step}; checkpoint saved: continue with --resume")
+                run.say(f"stopped by a signal at step {step}; checkpoint saved: continue with --resume")
                 break
 
     if loggers is not None:
         loggers.close()
-    if step < config.max_steps and not interrupted:
-        say(f"stopped after {step} of {config.max_steps} steps (--stop-after); continue with --resume")
-    sample = None
-    if step == config.max_steps and config.sample_tokens > 0 and not interrupted:
-        sample = _sample(model, config, out, tokenizer, info, device, say)
-    wall = time.perf_counter() - started
-    say(f"done: step {step}/{config.max_steps} in {wall:.1f} s"
-        + (f"; val loss {val_loss:.4f}, val bits/byte {val_bpb:.4f}" if val_loss is not None and val_bpb is not None else ""))
-    dist_utils.barrier(info)
-    return TrainResult(step, config.max_steps, val_loss, val_bpb, wall, losses, sample, interrupted)
+    return interrupted
 
 
+def _optimizer_step(run: Run, state: TrainState, train_data: TokenSource) -> tuple[float, Tensor, float]:
+    """One optimizer step on the next global batch, advancing ``state.step``. Returns the step's
+    loss (the mean over every process's rows), the gradient norm before clipping and the
+    learning rate the step used; raises ``FloatingPointError`` on a loss that is not finite.
 
-def _save_model(state: dict[str, Tensor], model_config: RetNetConfig, out: Path) -> None:
-    """``save_pretrained`` from a full CPU state dict (the FSDP-safe way: no live module needed)."""
-    with torch.device("meta"):
-        shell = RetNet(model_config, device="meta")
-    shell.load_state_dict(state, assign=True, strict=False)
-    shell.save_pretrained(out)
+    Every rank draws the same global batch and reads only its own rows, in ``--grad-accum``
+    micro-batches whose scaled losses' gradients add up to the batch's.
+    """
+    config, info, device, micro_batch = run.config, run.info, run.device, run.micro_batch
+    sampler, optimizer, scaler = state.sampler, state.optimizer, state.scaler
+    starts = sampler.next_starts(config.batch_size)  # the global batch's offsets ...
+    mine = starts[info.rank * config.batch_size // info.world_size:
+                  (info.rank + 1) * config.batch_size // info.world_size]
+    local = sampler.windows(mine)  # ... of which this rank reads only its own rows
+    resets = train_data.resets(mine, config.seq_len).split(micro_batch) if config.doc_boundaries == "reset" else None
+    scored = (train_data.loss_masks(mine, config.seq_len + 1).split(micro_batch)
+              if train_data.has_loss_mask else None)
+    step_loss = torch.zeros((), device=device)
+    for i, micro in enumerate(local.split(micro_batch)):
+        last = i == config.grad_accum - 1
+        # DDP: all-reduce the gradients once, in the last micro-batch's backward pass.
+        no_sync = getattr(state.train_module, "no_sync", None)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            with autocast_context(device, config.precision):
+                loss = lm_loss(state.forward_module, micro.to(device, non_blocking=True), config.chunk_size,
+                               None if resets is None else resets[i].to(device),
+                               None if scored is None else scored[i].to(device))
+                scaled = loss / config.grad_accum
+            scaler.scale(scaled).backward()
+        step_loss += scaled.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(),
+                                               config.grad_clip if config.grad_clip > 0 else math.inf)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    with warnings.catch_warnings():
+        # fp16: the scaler skips a step whose gradients overflowed, and the scheduler
+        # warns that the optimizer did not step; the schedule advancing anyway is intended.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        state.scheduler.step()
+    state.step += 1
+    mean_loss = float(dist_utils.all_reduce_mean(step_loss, info))
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"the loss became {mean_loss} at step {state.step}; lower --lr or use fp32")
+    return mean_loss, grad_norm, lr
+
+
+def _train_record(run: Run, state: TrainState, lr: float, grad_norm: Tensor, seconds_per_step: float,
+                  flops_per_token: float) -> dict[str, Any]:
+    """The metrics record of a log step. Its "loss" is the mean over the steps since the previous
+    record (the progress bar shows each step's own), which is what makes a resumed run's records
+    equal those of a run that never stopped; the throughput is over the last 20 steps."""
+    config = run.config
+    tokens_per_step = config.batch_size * config.seq_len
+    tokens_per_s = tokens_per_step / seconds_per_step
+    window = state.window_losses
+    record: dict[str, Any] = {
+        "kind": "train", "step": state.step, "loss": sum(window) / len(window), "loss_window_steps": len(window),
+        "lr": lr, "grad_norm": float(grad_norm), "tokens": state.step * tokens_per_step,
+        "tokens_per_s": tokens_per_s, "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
+        "elapsed_s": state.elapsed_s(), **memory_figures(run.device)}
+    if config.peak_tflops:
+        record["mfu"] = record["model_tflops_per_s"] / (config.peak_tflops * run.info.world_size)
+    return record
 
 
 def _sample(model: RetNet, config: TrainConfig, out: Path, tokenizer: ByteTokenizer | HFTokenizer,
