@@ -66,6 +66,15 @@ constexpr int kMaxVectors = 8;
 // by a fifth: docs/performance.md). `accumulators` caps S * N so the sums stay in
 // registers (the float kernels keep one per stream and vector, the int4 one two), and at least
 // `least` streams remain for N vectors (one stream at 8 vectors ran 1.3x slower than two).
+// How far ahead of each stream the kernels prefetch, in bytes (once per cache line). The machine's
+// read rate moves between ~50 and ~80 GB/s (shared VMs); at the higher rate more bytes must be in
+// flight. The float kernels read as fast at 1 KB as at 2 KB in both; the integer kernels of
+// int_dot.h (more instructions per byte, so their demand loads come later) gained 13% (int8) and
+// 20% (int4) at the higher rate from 2 KB, and lost 2% and 4.5% at the lower one
+// (docs/performance.md).
+constexpr int64_t kPrefetchAhead = 1024;
+constexpr int64_t kIntPrefetchAhead = 2048;
+
 template <int N>
 constexpr int decode_streams(int accumulators = 16, int least = 2) {
   return std::min(4, std::max(least, accumulators / N));
@@ -92,7 +101,7 @@ inline void bf16_dot_rows(const uint16_t* w, int64_t r, int64_t stride, const __
                                    : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << (cols - c)) - 1ull),
                                                               rows[i] + c);
       for (int v = 0; v < N; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)raw, xb[v * blocks + b]);
-      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + 1024, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + kPrefetchAhead, _MM_HINT_T0);
     }
   }
   for (int i = 0; i < S; ++i)
@@ -151,11 +160,11 @@ void gemv_rows_multi(const W* w, const float* x, int64_t ldx, float* y, int64_t 
         const __m512 wv = load16(w0 + i * q * cols + c);
         for (int v = 0; v < N; ++v) acc[i][v] = _mm512_fmadd_ps(wv, xv[v], acc[i][v]);
       }
-      // Software prefetch 1 KB ahead in every stream, once per cache line (prefetches never
+      // Software prefetch kPrefetchAhead bytes ahead in every stream, once per cache line (prefetches never
       // fault, so running past a row's end is harmless). Measured: bfloat16 ~12% faster.
       if ((c * sizeof(W)) % 64 == 0)
         for (int i = 0; i < kStreams; ++i)
-          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * q * cols + c) + 1024, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(w0 + i * q * cols + c) + kPrefetchAhead, _MM_HINT_T0);
     }
     if (tail) {
       for (int i = 0; i < kStreams; ++i) {

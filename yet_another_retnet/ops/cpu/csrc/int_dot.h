@@ -22,7 +22,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "gemv.h"  // decode_streams
+#include "gemv.h"  // decode_streams, kIntPrefetchAhead
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define YARETNET_INT_DOT 1
@@ -101,8 +101,8 @@ inline void int8_dot_rows(const int8_t* w, int64_t r, int64_t stride, const int1
             _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + c)));
         for (int v = 0; v < N; ++v)
           acc[i][v] = _mm512_dpwssd_epi32(acc[i][v], wv, _mm512_loadu_si512(xq + v * ldq + c));
-        // One software prefetch a cache line, 1 KB ahead in every stream (as gemv.h does).
-        if (c % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + 1024, _MM_HINT_T0);
+        // One software prefetch a cache line, kIntPrefetchAhead bytes ahead in every stream.
+        if (c % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + kIntPrefetchAhead, _MM_HINT_T0);
       }
     }
     if (c < c1) {  // the last, partial block of 32 columns (xq's padding is zero)
@@ -175,7 +175,7 @@ inline void int4_dot_rows(const uint8_t* w, int64_t r, int64_t stride, const flo
           acc[i][v] = _mm512_dpwssd_epi32(acc[i][v], lo, _mm512_loadu_si512(xv));
           acc[i][v] = _mm512_dpwssd_epi32(acc[i][v], hi, _mm512_loadu_si512(xv + 32));
         }
-        if (c % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c / 2) + 1024, _MM_HINT_T0);
+        if (c % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c / 2) + kIntPrefetchAhead, _MM_HINT_T0);
       }
     }
     const int64_t g = u0 / group;
