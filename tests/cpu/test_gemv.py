@@ -77,6 +77,33 @@ def test_kernel_takes_non_contiguous_weights_and_rejects_bad_shapes() -> None:
         torch.ops.yaretnet.gemv(torch.randn(3, 4), torch.randn(4), torch.randn(2))
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_rows_split_over_threads_are_each_computed_once(threads: int) -> None:
+    """A prime number of rows, split over 1 to 3 threads and within each into four streams and a
+    remainder, comes out whole in the float and int8 kernels."""
+    if not gemv_kernel_available():
+        pytest.skip("kernel unavailable")
+    from yet_another_retnet.ops.cpu.quantized import qlinear, quantize_int8
+
+    gen = torch.Generator().manual_seed(threads)
+    w, x = torch.randn(5003, 96, generator=gen), torch.randn(96, generator=gen)
+    q, qscale = quantize_int8(w)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            dense = torch.ops.yaretnet.gemv(w, x, None)
+            int8 = qlinear(x[None], q, qscale)[0]
+    finally:
+        torch.set_num_threads(before)
+    exact, scale = reference(w, x, None)
+    assert bool(((dense.double() - exact).abs() <= 96 * 2**-23 * scale).all())
+    exact8, scale8 = reference(q.double() * qscale.double()[:, None], x, None)
+    # int8: the activations' rounding (at most max |x| / 65534 a value, with VNNI) on top.
+    bound = 96 * 2**-23 * scale8 + (q.double().abs() * qscale.double()[:, None]).sum(1) * x.abs().max() / 65534
+    assert bool(((int8.double() - exact8).abs() <= bound).all())
+
+
 def test_gemv_falls_back_to_torch_mv_for_autograd_and_other_dtypes() -> None:
     w = torch.randn(6, 5, requires_grad=True)
     x = torch.randn(5)

@@ -29,6 +29,7 @@ from yet_another_retnet.models.quantized import (
 from yet_another_retnet.ops import _extension
 from yet_another_retnet.ops.cpu.quantized import (
     dequantize_int4,
+    interleave_int4,
     qlinear_int4,
     qlinear_int4_reference,
     quantize_int4,
@@ -95,6 +96,35 @@ def test_int4_kernel_refuses_a_mismatched_weight() -> None:
     with pytest.raises(ValueError, match="do not form"):
         qlinear_int4(torch.randn(1, 64), packed, scale[:, :1], low)
 
+
+
+@pytest.mark.parametrize("rows, shape, group", [(1, (7, 5), 32), (3, (64, 48), 64), (8, (300, 257), 128),
+                                                (12, (130, 768), 32), (32, (257, 300), 256)])
+def test_interleaved_int4_rows_read_as_the_separate_tensors(rows: int, shape: tuple[int, int], group: int) -> None:
+    """A decoding plan's int4 weight (interleave_int4: each row's scales, lows and codes in one
+    buffer) equals its parts and gives bit for bit the product of the separate tensors, on the
+    kernel (integer or float loop, as built) and on the reference."""
+    if HAS_TOOLCHAIN:
+        assert _extension.load()
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((rows, shape, group)).encode()))
+    packed, scale, low = quantize_int4(torch.randn(shape, generator=gen), group)
+    views = interleave_int4(packed, scale, low)
+    assert all(torch.equal(a, b) for a, b in zip(views, (packed, scale, low), strict=True))
+    codes, vscale, vlow = views
+    # One buffer: a row's scales, then its lows, then its codes on the next 64-byte line.
+    base = codes.untyped_storage().data_ptr()
+    assert vscale.untyped_storage().data_ptr() == vlow.untyped_storage().data_ptr() == base
+    assert codes.stride(0) == 4 * vscale.stride(0) == 4 * vlow.stride(0) and codes.stride(0) % 64 == 0
+    assert codes.data_ptr() % 64 == 0 and vlow.data_ptr() - vscale.data_ptr() == 4 * scale.shape[1]
+    x = torch.randn(rows, shape[1], generator=gen)
+    bias = torch.randn(shape[0], generator=gen)
+    with torch.inference_mode():
+        assert torch.equal(qlinear_int4(x, *views, bias), qlinear_int4(x, packed, scale, low, bias))
+        # Rows of no unit stride are copied into the kernel's form, not misread.
+        wide = torch.zeros(shape[0], 2 * packed.shape[1], dtype=torch.uint8)
+        wide[:, ::2] = packed
+        assert torch.equal(qlinear_int4(x, wide[:, ::2], scale, low, bias), qlinear_int4(x, packed, scale, low, bias))
+    assert torch.equal(qlinear_int4_reference(x, *views, bias), qlinear_int4_reference(x, packed, scale, low, bias))
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +266,15 @@ def test_a_short_prompt_prefills_on_the_kernels(method: str, arch: str, monkeypa
         whole = qm(ids, mode="chunkwise").state
     for a, b in zip(more.state.memories, whole.memories, strict=True):
         assert (a - b).abs().max() < STEP_TOLERANCE
+
+
+def test_a_decoding_plan_interleaves_its_int4_products(model: RetNet) -> None:
+    from yet_another_retnet.models.quantized import _parts
+
+    quantized = quantize_model(copy.deepcopy(model), "int4")
+    retention = quantized.decoder.layers[0].retention
+    (codes, scale, low), _ = _parts((retention.q_proj, retention.k_proj, retention.v_proj, retention.g_proj))
+    assert codes.untyped_storage().data_ptr() == scale.untyped_storage().data_ptr()
+    stacked = [torch.cat(p) for p in zip(*(m.qparams() for m in (retention.q_proj, retention.k_proj,
+                                                                  retention.v_proj, retention.g_proj)), strict=True)]
+    assert all(torch.equal(a, b) for a, b in zip((codes, scale, low), stacked, strict=True))

@@ -38,7 +38,7 @@ from ..layers.quantized import Int4Linear, QuantizedLinear
 from ..layers.retention import GATE_ACTIVATIONS, MultiScaleRetention
 from ..ops.cpu import _extension
 from ..ops.cpu.decode_step import LayerStepPlan, decoder_layer_step, retention_step
-from ..ops.cpu.quantized import KERNEL_MAX_ROWS
+from ..ops.cpu.quantized import KERNEL_MAX_ROWS, interleave_int4
 from ..ops.retention import compute_dtype
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
 from .config import RetNetConfig
@@ -141,6 +141,8 @@ def _parts(linears: tuple[_Quantized, ...]) -> tuple[tuple[Tensor, ...], Tensor 
     as the kernels read them), and their stacked bias (zeros for a linear without one)."""
     parts = tuple(torch.cat(p) for p in zip(*(m.qparams() for m in linears), strict=True))
     parts = (parts[0], *(t.float().contiguous() for t in parts[1:]))
+    if len(parts) == 3:  # int4: each row one stream through memory (interleave_int4: why)
+        parts = interleave_int4(*parts)
     if all(m.bias is None for m in linears):
         return parts, None
     like = next(m.bias for m in linears if m.bias is not None)

@@ -302,8 +302,8 @@ struct Product {
   Kind kind = Kind::kDense;
   const void* weight = nullptr;
   const float* scale = nullptr;
-  const float* low = nullptr;
-  int64_t rows = 0, cols = 0, padded = 0, group = 0;
+  yaretnet_cpu::Int4Weight int4{};
+  int64_t rows = 0, cols = 0;
 };
 
 Product make_product(const char* op, const char* name, at::TensorList parts, at::ScalarType dtype, int64_t rows,
@@ -311,37 +311,32 @@ Product make_product(const char* op, const char* name, at::TensorList parts, at:
   TORCH_CHECK(!parts.empty() && parts.size() <= 3, op, ": ", name, " must be [weight], [int8 weight, scale] or ",
               "[packed int4 weight, scale, low], got ", parts.size(), " tensors");
   const at::Tensor& w = parts[0];
-  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.is_contiguous() && w.device().is_cpu(), op, ": ", name,
-              " must be a contiguous CPU matrix of ", rows, " rows, got ", w.sizes());
-  auto check_float = [&](const at::Tensor& t, const char* what) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.size(0) == rows, op,
-                ": ", name, "'s ", what, " must be contiguous CPU float32 with ", rows, " rows, got ", t.sizes(),
-                " ", t.scalar_type());
-  };
   Product p;
-  p.weight = w.data_ptr();
   p.rows = rows;
   p.cols = cols;
+  if (parts.size() == 3) {  // int4: rows at any stride (a plan's interleaved buffer: quantized.h)
+    TORCH_CHECK(w.dim() == 2 && w.size(0) == rows, op, ": ", name, " must be a packed int4 matrix of ", rows,
+                " rows, got ", w.sizes());
+    p.kind = Product::Kind::kInt4;
+    p.int4 = yaretnet_cpu::int4_weight(op, w, parts[1], parts[2], rows, cols);
+    return p;
+  }
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == rows && w.is_contiguous() && w.device().is_cpu(), op, ": ", name,
+              " must be a contiguous CPU matrix of ", rows, " rows, got ", w.sizes());
+  p.weight = w.data_ptr();
   if (parts.size() == 1) {
     TORCH_CHECK(w.scalar_type() == dtype && w.size(1) == cols, op, ": ", name, " must be a ", dtype, " (", rows, ", ",
                 cols, ") matrix, got ", w.sizes(), " ", w.scalar_type());
-  } else if (parts.size() == 2) {
+  } else {
     TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == cols && parts[1].dim() == 1, op, ": ", name,
                 " must be an int8 (", rows, ", ", cols, ") matrix and its (", rows, ") scales, got ", w.sizes(), " ",
                 w.scalar_type());
-    check_float(parts[1], "scale");
+    const at::Tensor& t = parts[1];
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu() && t.size(0) == rows, op,
+                ": ", name, "'s scale must be contiguous CPU float32 with ", rows, " rows, got ", t.sizes(), " ",
+                t.scalar_type());
     p.kind = Product::Kind::kInt8;
-    p.scale = parts[1].data_ptr<float>();
-  } else {
-    TORCH_CHECK(w.scalar_type() == at::kByte, op, ": ", name, " must be a packed uint8 int4 matrix, got ",
-                w.scalar_type());
-    check_float(parts[1], "scale");
-    check_float(parts[2], "low");
-    p.kind = Product::Kind::kInt4;
-    p.padded = w.size(1) * 2;
-    p.group = yaretnet_cpu::int4_group(op, parts[1], parts[2], rows, p.padded, cols);
-    p.scale = parts[1].data_ptr<float>();
-    p.low = parts[2].data_ptr<float>();
+    p.scale = t.data_ptr<float>();
   }
   return p;
 }
@@ -356,8 +351,7 @@ void linear(const Product& w, const P* bias, const float* x, int64_t ldx, float*
   if (w.kind == Product::Kind::kInt8) {
     yaretnet_cpu::int8_product(x, ldx, n, cols, static_cast<const int8_t*>(w.weight), w.scale, rows, y, rows);
   } else if (w.kind == Product::Kind::kInt4) {
-    yaretnet_cpu::int4_product(x, ldx, n, cols, static_cast<const uint8_t*>(w.weight), w.scale, w.low, rows,
-                               w.padded, w.group, y, rows);
+    yaretnet_cpu::int4_product(x, ldx, n, cols, w.int4, rows, y, rows);
   } else {
     for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors) {
       gemv_parallel_multi(bits(static_cast<const P*>(w.weight)), x + v0 * ldx, ldx, y + v0 * rows, rows, rows, cols,

@@ -23,6 +23,7 @@
 #include <limits>
 
 #include "gemv.h"  // decode_streams, kIntPrefetchAhead
+#include "quantized.h"  // Int4Weight
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define YARETNET_INT_DOT 1
@@ -131,24 +132,28 @@ void int8_dot_range(const int8_t* w, const int16_t* xq, int64_t ldq, const float
   for (int64_t r = b + S * q; r < e; ++r) int8_dot_rows<1, N>(w, r, 0, xq, ldq, xs, wscale, y, ldy, cols);
 }
 
-// int4: rows r + i * stride (i < S) for N vectors. packed (rows x padded / 2): within each block of
-// 32 columns byte k holds column k (low nibble) and k + 16 (high). xq in the int4 order of
+// int4: rows r + i * stride (i < S) of w for N vectors. Within each block of 32 columns a row's
+// byte k holds column k (low nibble) and k + 16 (high). xq in the int4 order of
 // quantize_activations, padded to a multiple of 64. Per group g of `group` columns the exact code
 // sum is scaled by scale[row, g]; low[row, g] * xsum[v, g] (xsum: the float vectors' group sums)
 // adds the groups' offsets. y[v, row] = xs[v] * sum_g scale_g * codesum_g + sum_g low_g * xsum_g.
 template <int S, int N>
-inline void int4_dot_rows(const uint8_t* w, int64_t r, int64_t stride, const float* scale, const float* low,
-                          const int16_t* xq, int64_t ldq, const float* xs, const float* xsum, float* y, int64_t ldy,
-                          int64_t padded, int64_t group) {
-  const int64_t groups = padded / group, bytes = padded / 2;
+inline void int4_dot_rows(const Int4Weight& w, int64_t r, int64_t stride, const int16_t* xq, int64_t ldq,
+                          const float* xs, const float* xsum, float* y, int64_t ldy) {
+  const int64_t padded = w.padded, group = w.group, groups = w.groups();
   const uint8_t* rows[S];
+  const float* scales[S];
   for (int i = 0; i < S; ++i) {
-    rows[i] = w + (r + i * stride) * bytes;
-    // The scales and lows are streams of their own, a line or two a row, that the codes' loop
-    // would otherwise stall on at each group's end and at the row's end: fetched two rows ahead.
-    for (int64_t k = 0; k < groups; k += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(scale + (r + 2 + i * stride) * groups + k), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(low + (r + 2 + i * stride) * groups + k), _MM_HINT_T0);
+    rows[i] = w.codes_row(r + i * stride);
+    scales[i] = w.scale_row(r + i * stride);
+    // Stored apart from the codes, the scales and lows are streams of their own, a line or two a
+    // row, that the codes' loop would otherwise stall on at each group's end and at the row's
+    // end: fetched two rows ahead. (Interleaved, the codes' prefetch has already brought them.)
+    if (!w.interleaved()) {
+      for (int64_t k = 0; k < groups; k += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(w.scale_row(r + 2 + i * stride) + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w.low_row(r + 2 + i * stride) + k), _MM_HINT_T0);
+      }
     }
   }
   __m512 total[S][N];
@@ -180,7 +185,7 @@ inline void int4_dot_rows(const uint8_t* w, int64_t r, int64_t stride, const flo
     }
     const int64_t g = u0 / group;
     for (int i = 0; i < S; ++i) {
-      const float* sr = scale + (r + i * stride) * groups;
+      const float* sr = scales[i];
       const __m512 s = group >= 64 ? _mm512_set1_ps(sr[g])
                                    : _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sr[g]),
                                                           _mm512_set1_ps(g + 1 < groups ? sr[g + 1] : 0.0f));
@@ -188,7 +193,7 @@ inline void int4_dot_rows(const uint8_t* w, int64_t r, int64_t stride, const flo
     }
   }
   for (int i = 0; i < S; ++i) {
-    const float* lr = low + (r + i * stride) * groups;
+    const float* lr = w.low_row(r + i * stride);
     for (int v = 0; v < N; ++v) {
       const float* sv = xsum + v * groups;
       __m512 offset = _mm512_setzero_ps();
@@ -204,16 +209,13 @@ inline void int4_dot_rows(const uint8_t* w, int64_t r, int64_t stride, const flo
 }
 
 template <int N>
-void int4_dot_range(const uint8_t* w, const float* scale, const float* low, const int16_t* xq, int64_t ldq,
-                    const float* xs, const float* xsum, float* y, int64_t ldy, int64_t padded, int64_t group,
-                    int64_t b, int64_t e) {
+void int4_dot_range(const Int4Weight& w, const int16_t* xq, int64_t ldq, const float* xs, const float* xsum, float* y,
+                    int64_t ldy, int64_t b, int64_t e) {
   // Fewer streams than int8 for a batch: each holds a float and an int32 accumulator per vector.
   constexpr int S = decode_streams<N>(8, 1);
   const int64_t q = (e - b) / S;
-  for (int64_t r = b; r < b + q; ++r)
-    int4_dot_rows<S, N>(w, r, q, scale, low, xq, ldq, xs, xsum, y, ldy, padded, group);
-  for (int64_t r = b + S * q; r < e; ++r)
-    int4_dot_rows<1, N>(w, r, 0, scale, low, xq, ldq, xs, xsum, y, ldy, padded, group);
+  for (int64_t r = b; r < b + q; ++r) int4_dot_rows<S, N>(w, r, q, xq, ldq, xs, xsum, y, ldy);
+  for (int64_t r = b + S * q; r < e; ++r) int4_dot_rows<1, N>(w, r, 0, xq, ldq, xs, xsum, y, ldy);
 }
 
 #endif  // YARETNET_INT_DOT

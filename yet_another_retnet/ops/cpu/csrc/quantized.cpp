@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -81,17 +82,17 @@ void with_vectors(int64_t n, const Fn& fn) {
 // int4, per group: the float loop (without AVX512-VNNI)
 // ---------------------------------------------------------------------------------------------
 
-// Rows [b, e) of Y = X W^T for N vectors, W int4 (packed: rows x padded / 2 bytes). x holds the N
+// Rows [b, e) of Y = X W^T for N vectors, W int4 (codes: padded / 2 bytes a row). x holds the N
 // float32 vectors (zero-padded to `padded` columns) at stride ldx, xsum their group sums (N x
 // groups, stride groups), y the outputs at stride ldy.
 template <int N>
-void int4_rows(const uint8_t* w, const float* scale, const float* low, const float* x, int64_t ldx,
-               const float* xsum, float* y, int64_t ldy, int64_t padded, int64_t group, int64_t b, int64_t e) {
-  const int64_t groups = padded / group;
+void int4_rows(const yaretnet_cpu::Int4Weight& w, const float* x, int64_t ldx, const float* xsum, float* y,
+               int64_t ldy, int64_t b, int64_t e) {
+  const int64_t padded = w.padded, group = w.group, groups = w.groups();
   for (int64_t r = b; r < e; ++r) {
-    const uint8_t* wr = w + r * (padded / 2);
-    const float* sr = scale + r * groups;
-    const float* lr = low + r * groups;
+    const uint8_t* wr = w.codes_row(r);
+    const float* sr = w.scale_row(r);
+    const float* lr = w.low_row(r);
     float out[N];
 #if defined(__AVX512F__)
     __m512 total[N];
@@ -171,10 +172,10 @@ void int8_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const in
     for (int64_t r = 0; r < rows; ++r) y[v * ldy + r] *= scale[r];
 }
 
-void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const uint8_t* packed, const float* scale,
-                  const float* low, int64_t rows, int64_t padded, int64_t group, float* y, int64_t ldy) {
+void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const Int4Weight& w, int64_t rows, float* y,
+                  int64_t ldy) {
   if (n <= 0 || rows <= 0) return;
-  const int64_t groups = padded / group;
+  const int64_t padded = w.padded, group = w.group, groups = w.groups();
   // The vectors' group sums (the lows' term), eight partial sums a group so the loop vectorises.
   std::vector<float> xsum(n * groups, 0.0f);
   for (int64_t v = 0; v < n; ++v) {
@@ -192,15 +193,17 @@ void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const ui
     }
   }
   const float* xs = xsum.data();
+  // Bytes a row streams (the task grain and L2 blocks of for_row_blocks).
+  const int64_t row_bytes = w.interleaved() ? w.code_stride : padded / 2 + 8 * groups;
 #if defined(YARETNET_INT_DOT)
   const int64_t ldq = (padded + 63) / 64 * 64;
   std::vector<int16_t> xq(n * ldq);
   std::vector<float> xscale(n);
   if (quantize_activations(x, ldx, n, cols, xq.data(), ldq, ldq, xscale.data(), true)) {
-    for_row_blocks(rows, padded / 2, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+    for_row_blocks(rows, row_bytes, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
       with_vectors(nv, [&](auto count) {
-        int4_dot_range<decltype(count)::value>(packed, scale, low, xq.data() + v0 * ldq, ldq, xscale.data() + v0,
-                                               xs + v0 * groups, y + v0 * ldy, ldy, padded, group, r0, r1);
+        int4_dot_range<decltype(count)::value>(w, xq.data() + v0 * ldq, ldq, xscale.data() + v0, xs + v0 * groups,
+                                               y + v0 * ldy, ldy, r0, r1);
       });
     });
     return;
@@ -210,10 +213,9 @@ void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const ui
   std::vector<float> xpad(n * padded, 0.0f);
   for (int64_t v = 0; v < n; ++v) std::copy(x + v * ldx, x + v * ldx + cols, xpad.begin() + v * padded);
   const float* xp = xpad.data();
-  for_row_blocks(rows, padded / 2, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+  for_row_blocks(rows, row_bytes, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
     with_vectors(nv, [&](auto count) {
-      int4_rows<decltype(count)::value>(packed, scale, low, xp + v0 * padded, padded, xs + v0 * groups, y + v0 * ldy,
-                                        ldy, padded, group, r0, r1);
+      int4_rows<decltype(count)::value>(w, xp + v0 * padded, padded, xs + v0 * groups, y + v0 * ldy, ldy, r0, r1);
     });
   });
 }
@@ -281,16 +283,19 @@ at::Tensor qlinear_int4(const at::Tensor& x, const at::Tensor& packed, const at:
               ": x must be float32 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scale.device().is_cpu() && low.device().is_cpu(),
               op, ": CPU tensors only");
-  const int64_t n = x.size(0), cols = x.size(1), rows = packed.size(0), padded = packed.size(1) * 2;
-  const int64_t group = yaretnet_cpu::int4_group(op, scale, low, rows, padded, cols);
+  const int64_t n = x.size(0), cols = x.size(1), rows = packed.size(0);
   check_bias_add(op, bias, add, n, rows);
+  // Rows at any stride are read where they are (a decoding plan's interleaved buffer); anything
+  // else is copied into the form the kernels read.
+  const auto rowwise = [](const at::Tensor& t, at::ScalarType dtype) {
+    at::Tensor u = t.to(dtype);
+    return u.dim() == 2 && (u.size(1) <= 1 || u.stride(1) == 1) && u.stride(0) >= u.size(1) ? u : u.contiguous();
+  };
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor w = packed.contiguous();
-  const at::Tensor s = scale.to(at::kFloat).contiguous();
-  const at::Tensor l = low.to(at::kFloat).contiguous();
+  const at::Tensor w = rowwise(packed, at::kByte), s = rowwise(scale, at::kFloat), l = rowwise(low, at::kFloat);
+  const yaretnet_cpu::Int4Weight weight = yaretnet_cpu::int4_weight(op, w, s, l, rows, cols);
   at::Tensor y = at::empty({n, rows}, x.options().dtype(at::kFloat));
-  int4_product(xf.data_ptr<float>(), cols, n, cols, w.data_ptr<uint8_t>(), s.data_ptr<float>(), l.data_ptr<float>(),
-               rows, padded, group, y.data_ptr<float>(), rows);
+  int4_product(xf.data_ptr<float>(), cols, n, cols, weight, rows, y.data_ptr<float>(), rows);
   return finish(y, x, bias, add);
 }
 
@@ -307,17 +312,27 @@ bool quantized_integer_dot() {
 
 namespace yaretnet_cpu {
 
-int64_t int4_group(const char* op, const at::Tensor& scale, const at::Tensor& low, int64_t rows, int64_t padded,
-                   int64_t cols) {
+Int4Weight int4_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
+                       int64_t rows, int64_t cols) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(0) == rows, op,
+              ": packed must be a uint8 (", rows, ", padded / 2) matrix, got ", packed.sizes(), " ",
+              packed.scalar_type());
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) > 0 && low.sizes() == scale.sizes(), op,
               ": scale and low must both have shape (", rows, ", groups), got ", scale.sizes(), " and ", low.sizes());
-  const int64_t groups = scale.size(1);
+  for (const auto& [name, t] : {std::pair{"packed", &packed}, std::pair{"scale", &scale}, std::pair{"low", &low}}) {
+    TORCH_CHECK(t->device().is_cpu() && (t->size(1) <= 1 || t->stride(1) == 1) && t->stride(0) >= t->size(1), op,
+                ": ", name, " must be a CPU matrix with contiguous rows, got strides ", t->strides());
+    TORCH_CHECK(t == &packed || t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
+                t->scalar_type());
+  }
+  const int64_t padded = packed.size(1) * 2, groups = scale.size(1);
   TORCH_CHECK(padded % groups == 0 && (padded / groups) % 32 == 0, op, ": ", padded,
               " packed columns do not split into ", groups, " groups of a multiple of 32");
   const int64_t group = padded / groups;
   TORCH_CHECK(cols <= padded && cols > padded - group, op, ": x has ", cols, " columns but the weight holds ",
               padded, " in groups of ", group);
-  return group;
+  return {packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), low.data_ptr<float>(), packed.stride(0),
+          scale.stride(0), low.stride(0), padded, group};
 }
 
 }  // namespace yaretnet_cpu

@@ -13,13 +13,35 @@ namespace yaretnet_cpu {
 void int8_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const int8_t* w, const float* scale,
                   int64_t rows, float* y, int64_t ldy);
 
-// The same for the int4 form of ops/cpu/quantized.py: packed (rows x padded / 2), scale and low
-// (rows x padded / group); cols <= padded.
-void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const uint8_t* packed, const float* scale,
-                  const float* low, int64_t rows, int64_t padded, int64_t group, float* y, int64_t ldy);
+// An int4 weight in the form of ops/cpu/quantized.py: codes (rows x padded / 2 bytes), scale and
+// low (rows x padded / group floats), each row at its own stride (in elements). Separate
+// contiguous tensors have strides padded / 2, groups, groups; the decoding plans interleave a
+// row's scales, lows and codes in one buffer (interleave_int4), so that each row is one stream
+// through memory rather than three.
+struct Int4Weight {
+  const uint8_t* codes;
+  const float* scale;
+  const float* low;
+  int64_t code_stride, scale_stride, low_stride;
+  int64_t padded, group;
+  int64_t groups() const { return padded / group; }
+  const uint8_t* codes_row(int64_t r) const { return codes + r * code_stride; }
+  const float* scale_row(int64_t r) const { return scale + r * scale_stride; }
+  const float* low_row(int64_t r) const { return low + r * low_stride; }
+  // Whether the scales and lows sit in the codes' own rows (then the codes' prefetch fetches them).
+  bool interleaved() const {
+    return scale_stride * 4 == code_stride && low_stride * 4 == code_stride;
+  }
+};
 
-// Checks scale and low (rows, groups) against a packed width and x's columns; returns the group size.
-int64_t int4_group(const char* op, const at::Tensor& scale, const at::Tensor& low, int64_t rows, int64_t padded,
-                   int64_t cols);
+// The same for the int4 form; cols <= padded.
+void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const Int4Weight& w, int64_t rows, float* y,
+                  int64_t ldy);
+
+// The Int4Weight of packed (rows, padded / 2) uint8 and scale, low (rows, groups) float32 tensors
+// whose rows are contiguous (any row stride): checked against x's columns.
+Int4Weight int4_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
+                       int64_t rows, int64_t cols);
+
 
 }  // namespace yaretnet_cpu
