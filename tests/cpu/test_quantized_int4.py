@@ -125,6 +125,10 @@ def test_interleaved_int4_rows_read_as_the_separate_tensors(rows: int, shape: tu
         wide[:, ::2] = packed
         assert torch.equal(qlinear_int4(x, wide[:, ::2], scale, low, bias), qlinear_int4(x, packed, scale, low, bias))
     assert torch.equal(qlinear_int4_reference(x, *views, bias), qlinear_int4_reference(x, packed, scale, low, bias))
+    with pytest.raises(ValueError, match="scale and low"):
+        interleave_int4(packed, scale, low[:-1])
+    with pytest.raises(ValueError, match="packed must be"):
+        interleave_int4(packed.to(torch.int8), scale, low)
 
 
 @pytest.fixture(scope="module")

@@ -183,6 +183,11 @@ def interleave_int4(packed: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor,
     is ``[scale (groups) | low (groups) | codes (padded / 2)]`` float32, float32, uint8, the codes
     starting on a 64-byte line and the rows a whole number of lines long.
     """
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"interleave_int4: packed must be a 2-D uint8 tensor, got {tuple(packed.shape)} {packed.dtype}")
+    if scale.dim() != 2 or scale.shape != low.shape or scale.shape[0] != packed.shape[0] or scale.shape[1] == 0:
+        raise ValueError(f"interleave_int4: scale and low must both be ({packed.shape[0]}, groups), got "
+                         f"{tuple(scale.shape)} and {tuple(low.shape)}")
     rows, half = packed.shape
     groups = scale.shape[1]
     header = -(-8 * groups // 64) * 64

@@ -43,5 +43,4 @@ void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const In
 Int4Weight int4_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
                        int64_t rows, int64_t cols);
 
-
 }  // namespace yaretnet_cpu
