@@ -8,6 +8,7 @@ bfloat16 weights the documented 5e-2 of the largest float32 logit.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -418,3 +419,33 @@ def test_step_in_place_equals_the_allocating_step(variant: str) -> None:
     assert not any(torch.equal(a, b) for a, b in zip(state.memories, memories, strict=True))
     with pytest.raises(ValueError, match="ids must be"):
         model.step_(tokens[:2, 0], state)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_decoding_plan_goes_stale_on_every_kind_of_change(quantized: bool) -> None:
+    """DecodingPlan.valid: true while nothing it was built from changed; false after an in-place
+    edit of a weight (float or quantized buffer), a replaced parameter or a replaced module."""
+    from yet_another_retnet.models.decoding import build_plan, decoding_plan
+    from yet_another_retnet.models.quantized import build_quantized_plan, quantize_model
+
+    model = make_model(dtype=torch.float32, ffn="glu", bias=True)
+    if quantized:
+        model = quantize_model(model, "int4")
+    builder = build_quantized_plan if quantized else build_plan
+    layer = model.decoder.layers[1]
+    edits = [
+        lambda: layer.retention.k_proj.weight_scale.mul_(1.5) if quantized else layer.retention.k_proj.weight.mul_(1.5),
+        lambda: layer.ffn.fc1.bias.add_(0.25),
+        lambda: setattr(layer.retention.out_proj, "bias", torch.nn.Parameter(layer.retention.out_proj.bias.detach() * 2)),
+        lambda: setattr(layer, "ffn", layer.ffn),  # the same module put back: still valid
+        lambda: setattr(layer.ffn, "gate", copy.deepcopy(layer.ffn.gate)),  # an equal copy: a new object
+    ]
+    expected = [False, False, False, True, False]
+    for edit, stays in zip(edits, expected, strict=True):
+        plan = decoding_plan(model.decoder, torch.float32, builder)
+        assert plan.valid()
+        with torch.no_grad():
+            edit()
+        assert plan.valid() is stays
+        if not stays:
+            assert decoding_plan(model.decoder, torch.float32, builder) is not plan
