@@ -140,9 +140,10 @@ def _parts(linears: tuple[_Quantized, ...]) -> tuple[tuple[Tensor, ...], Tensor 
     """The parts of ``linears`` stacked by rows (their :meth:`qparams`, scales and lows in float32,
     as the kernels read them), and their stacked bias (zeros for a linear without one)."""
     parts = tuple(torch.cat(p) for p in zip(*(m.qparams() for m in linears), strict=True))
-    parts = (parts[0], *(t.float().contiguous() for t in parts[1:]))
-    if len(parts) == 3:  # int4: each row one stream through memory (interleave_int4: why)
+    if len(parts) == 3:  # int4: each row one stream through memory (interleave_int4: why; it casts)
         parts = interleave_int4(*parts)
+    else:
+        parts = (parts[0], parts[1].float().contiguous())
     if all(m.bias is None for m in linears):
         return parts, None
     like = next(m.bias for m in linears if m.bias is not None)

@@ -289,7 +289,7 @@ at::Tensor qlinear_int4(const at::Tensor& x, const at::Tensor& packed, const at:
   // else is copied into the form the kernels read.
   const auto rowwise = [](const at::Tensor& t, at::ScalarType dtype) {
     at::Tensor u = t.to(dtype);
-    return u.dim() == 2 && (u.size(1) <= 1 || u.stride(1) == 1) && u.stride(0) >= u.size(1) ? u : u.contiguous();
+    return yaretnet_cpu::rows_in_place(u) ? u : u.contiguous();
   };
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   const at::Tensor w = rowwise(packed, at::kByte), s = rowwise(scale, at::kFloat), l = rowwise(low, at::kFloat);
@@ -312,6 +312,10 @@ bool quantized_integer_dot() {
 
 namespace yaretnet_cpu {
 
+bool rows_in_place(const at::Tensor& t) {
+  return t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1) && t.stride(0) >= t.size(1);
+}
+
 Int4Weight int4_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
                        int64_t rows, int64_t cols) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.size(0) == rows, op,
@@ -320,8 +324,8 @@ Int4Weight int4_weight(const char* op, const at::Tensor& packed, const at::Tenso
   TORCH_CHECK(scale.dim() == 2 && scale.size(0) == rows && scale.size(1) > 0 && low.sizes() == scale.sizes(), op,
               ": scale and low must both have shape (", rows, ", groups), got ", scale.sizes(), " and ", low.sizes());
   for (const auto& [name, t] : {std::pair{"packed", &packed}, std::pair{"scale", &scale}, std::pair{"low", &low}}) {
-    TORCH_CHECK(t->device().is_cpu() && (t->size(1) <= 1 || t->stride(1) == 1) && t->stride(0) >= t->size(1), op,
-                ": ", name, " must be a CPU matrix with contiguous rows, got strides ", t->strides());
+    TORCH_CHECK(t->device().is_cpu() && rows_in_place(*t), op, ": ", name,
+                " must be a CPU matrix with contiguous rows, got strides ", t->strides());
     TORCH_CHECK(t == &packed || t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ",
                 t->scalar_type());
   }

@@ -38,6 +38,10 @@ struct Int4Weight {
 void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const Int4Weight& w, int64_t rows, float* y,
                   int64_t ldy);
 
+// Whether a 2-D tensor's rows are each contiguous (any row stride, rows not overlapping): the
+// layout the int4 kernels read in place.
+bool rows_in_place(const at::Tensor& t);
+
 // The Int4Weight of packed (rows, padded / 2) uint8 and scale, low (rows, groups) float32 tensors
 // whose rows are contiguous (any row stride): checked against x's columns.
 Int4Weight int4_weight(const char* op, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& low,
