@@ -56,11 +56,14 @@ def _prompt(length: int, salt: int) -> list[int]:
     return [(7 * t + 13 * salt + 1) % 256 for t in range(length)]
 
 
-def _run(engine: Engine, specs: list[dict[str, Any]]) -> list[Collect]:
-    """Submit every request at once and wait for all of them."""
+def _run(engine: Engine, specs: list[dict[str, Any]], start: bool = False) -> list[Collect]:
+    """Submit every request at once and wait for all of them; ``start``: start the engine once all
+    are queued, so that they are admitted together however fast this machine's threads switch."""
     outs = [Collect() for _ in specs]
     for spec, out in zip(specs, outs, strict=True):
         engine.submit(Request(emit=out, **spec))
+    if start:
+        engine.start()
     for out in outs:
         assert out.done.wait(TIMEOUT), "request never finished"
     return outs
@@ -79,10 +82,9 @@ def test_a_request_gets_in_a_batch_what_it_gets_alone(quantize: str | None, pref
     net = _tiny(quantize) if quantize else model
     # A piece smaller than the prompts: the 70-token prompt is prefilled over several loop turns.
     engine = Engine(net, max_batch=16, prefill_from=prefill_from, prefill_piece=24)
-    engine.start()
     try:
         specs = _specs()
-        together = _run(engine, specs)
+        together = _run(engine, specs, start=True)
         steps = engine.steps
         alone = [_run(engine, [spec])[0] for spec in specs]
     finally:
