@@ -144,3 +144,40 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_started_over(
     assert _train(out, corpus_file, "--max-steps", "2", "--eval-interval", "2") == 0
     assert load_checkpoint(out)["step"] == 2
     assert not list(out.glob(".*"))
+
+
+def test_a_set_aside_killed_before_its_manifest_keeps_the_old_run(tmp_path: Path) -> None:
+    """kill -9 between ``.previous-run/`` being made and its manifest landing: nothing had moved,
+    so the next command must keep every file of the old run (not take them for the new run's)."""
+    from yet_another_retnet.training import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in trainer.RUN_FILES[:3]:
+        (out / name).write_text(f"old {name}")
+    aside = out / rundir.ASIDE_NAME
+    aside.mkdir()
+    (aside / "MANIFEST.json.tmp").write_text('["half')  # the kill: a manifest never renamed in
+    before = {p.name: p.read_text() for p in out.iterdir() if p.is_file()}
+    with rundir.hold(out):
+        note = rundir.recover(out, trainer.RUN_FILES)
+    assert note is not None and "restored" in note
+    assert not aside.exists()
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+
+
+def test_recovery_deletes_half_written_run_files(tmp_path: Path) -> None:
+    """A run killed inside an atomic write leaves its temporary; the next command deletes it (and
+    nothing of the user's that merely looks similar)."""
+    from yet_another_retnet.training import rundir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    name = trainer.RUN_FILES[0]
+    (out / name).write_text("whole")
+    (out / f".{name}.k2j4.tmp").write_text("half")
+    (out / ".notes.txt.tmp").write_text("the user's")
+    with rundir.hold(out):
+        assert rundir.recover(out, trainer.RUN_FILES) is None
+    assert sorted(p.name for p in out.iterdir()) == sorted([".notes.txt.tmp", name])
+    assert (out / name).read_text() == "whole"

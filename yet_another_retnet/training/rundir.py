@@ -146,6 +146,9 @@ def recover(out: Path, run_files: Sequence[str]) -> str | None:
     if aside.is_dir():
         _restore(out, run_files)
         note = f"restored the run in {out} that an interrupted --overwrite had set aside"
+    for name in run_files:  # half-written by a killed run (atomic_write's temporaries)
+        for leftover in out.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
     return note
 
 
@@ -173,8 +176,11 @@ def _restore(out: Path, run_files: Sequence[str]) -> None:
     aside = out / ASIDE_NAME
     try:
         moved = set(json.loads((aside / _MANIFEST).read_text()))
-    except (OSError, ValueError):  # killed before the manifest: nothing had moved yet
-        moved = set()
+    except (OSError, ValueError):
+        # Killed before the manifest was in place: nothing had moved, and the new run had written
+        # nothing yet, so every run file in `out` is the old run's own.
+        shutil.rmtree(aside, ignore_errors=True)
+        return
     for name in run_files:
         if name in moved:
             if (aside / name).exists():

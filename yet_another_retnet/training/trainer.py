@@ -199,8 +199,8 @@ def _micro_batch_size(config: TrainConfig, info: dist_utils.DistInfo, device: to
 def _prepare_run_dir(run: Run, corpus: Corpus, tokenizer: ByteTokenizer | HFTokenizer, resume: bool) -> None:
     """Make ``out`` hold this run and nothing stale (the main process, once every rank has read
     the data): finish what a killed run left half done, set a replaced run aside (``--overwrite``:
-    it comes back if this run fails before its first checkpoint), move staged prepared data in,
-    delete half-written files, and write the run's settings and tokenizer."""
+    it comes back if this run fails before its first checkpoint; half-written files deleted),
+    move staged prepared data in, and write the run's settings and tokenizer."""
     out = run.out
     out.mkdir(parents=True, exist_ok=True)
     note = rundir.recover(out, RUN_FILES)
@@ -210,9 +210,6 @@ def _prepare_run_dir(run: Run, corpus: Corpus, tokenizer: ByteTokenizer | HFToke
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     adopt_staged_data(corpus, out)
-    for name in RUN_FILES:
-        for leftover in out.glob(f".{name}.*.tmp"):  # half-written by a killed run
-            leftover.unlink(missing_ok=True)
     if note:
         run.say(note)
     if not resume:
