@@ -106,9 +106,8 @@ def test_the_engine_decodes_as_the_model_does(model: RetNet) -> None:
     engine = Engine(model, max_batch=4, prefill_from=16, prefill_piece=16)
     specs = [{"ids": _prompt(n, n), "max_tokens": 12, "temperature": t, "seed": 3}
              for n in (5, 40) for t in (0.0, 0.8)]
-    engine.start()
     try:
-        outs = _run(engine, specs)
+        outs = _run(engine, specs, start=True)
     finally:
         engine.stop()
     for spec, out in zip(specs, outs, strict=True):
@@ -200,10 +199,10 @@ def test_a_bad_request_fails_alone_and_max_batch_holds(model: RetNet) -> None:
            {"ids": [1], "max_tokens": 0}, {"ids": [1], "max_tokens": 2, "temperature": -1.0}]
     specs = [good[0], bad[0], good[1], bad[1], bad[2], good[2], bad[3], good[3]]
     outs = [Watch() for _ in specs]
-    engine.start()
     try:
         for spec, out in zip(specs, outs, strict=True):
             engine.submit(Request(emit=out, **spec))
+        engine.start()  # with all queued: the same batches however fast this machine's threads switch
         for out in outs:
             assert out.done.wait(TIMEOUT)
         alone = [_run(engine, [spec])[0].tokens for spec in good]
