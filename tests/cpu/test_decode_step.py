@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import yet_another_retnet.models.decoding as decoding_module
 from yet_another_retnet import RetNet, RetNetConfig
+from yet_another_retnet.models.quantized import quantize_model, quantized_decode_step
 from yet_another_retnet.ops import _extension
 from yet_another_retnet.ops.decode_step import (
     KERNEL_MAX_ROWS,
@@ -212,6 +213,46 @@ def test_decoder_layer_step_kernel_equals_the_float64_recurrent_form(variant: st
     assert rel(got, want) < bound, (rel(got, want), bound)
     for g, w in zip(got_memories, want_memories, strict=True):
         assert g.dtype == torch.float32 and rel(g, w) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("ffn", ["glu", "mlp"])
+def test_a_layer_step_gives_the_same_bits_on_any_number_of_threads(weights: str, ffn: str) -> None:
+    # Big enough that the layer kernel runs each layer as one team of threads (csrc/team.h: every
+    # product split over the members, barriers between): every row, head and hidden unit must come
+    # out as it does on one thread. A hidden size that is not a multiple of 16 puts a scalar tail
+    # in the activation, which must stay the same units' tail however the units are shared; three
+    # threads split unevenly (and outnumber CI's cores); 11 rows take two groups of vectors.
+    model = make_model(torch.bfloat16 if weights == "bfloat16" else torch.float32, d_model=256, num_heads=4,
+                       ffn_dim=344, ffn=ffn, num_layers=2)
+    if weights in ("int8", "int4"):
+        model = quantize_model(model, weights)
+    tokens = torch.randint(0, 53, (11, 6), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        state = model(tokens[:, :5], mode="chunkwise").state  # the layers alone below: MKL's
+        hidden = model._embed(tokens[:, 5])  # products in a prefill depend on the thread count
+
+        def step() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            if weights in ("int8", "int4"):  # the layers and the quantized head (our kernels)
+                out = quantized_decode_step(model, tokens[:, 5], state)
+                return out.logits, out.state.memories
+            plan = decoding_module.decoding_plan(model.decoder, state.memories[0].dtype)
+            assert plan.kernels is not None
+            return decoding_module.run_layers(model.decoder, hidden, state.memories, state.position, plan)
+
+        threads = torch.get_num_threads()
+        try:
+            runs = []
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                runs.append(step())
+        finally:
+            torch.set_num_threads(threads)
+    (out, memories), *others = runs
+    assert torch.isfinite(out).all() and not torch.equal(memories[0], state.memories[0])
+    for other_out, other_memories in others:
+        assert torch.equal(other_out, out)
+        assert all(torch.equal(a, b) for a, b in zip(other_memories, memories, strict=True))
 
 
 def test_the_layer_kernel_steps_aside_where_it_does_not_apply() -> None:

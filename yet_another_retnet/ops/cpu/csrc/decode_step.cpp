@@ -31,6 +31,7 @@
 
 #include "gemv.h"
 #include "quantized.h"
+#include "team.h"
 #include "vec16.h"
 
 #include <algorithm>
@@ -227,11 +228,12 @@ at::Tensor memory_out(const char* op, const at::Tensor& memory, const c10::optio
   return *out_memory;
 }
 
-// The core for `batch` rows (parallel over rows and heads).
+// The core for `batch` rows, parallel over rows and heads: over the thread pool, or this team
+// member's share of the (row, head) tasks.
 template <typename In, typename P, typename Out>
-void run_core(const In* proj, int64_t row_stride, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
-              const at::Tensor& gamma, const P* norm_weight, const P* norm_bias, float eps, bool rms_norm, int64_t act,
-              float* new_memory, Out* out) {
+void run_core(const yaretnet_cpu::Member& member, const In* proj, int64_t row_stride, const at::Tensor& memory,
+              const c10::optional<at::Tensor>& rotation, const at::Tensor& gamma, const P* norm_weight,
+              const P* norm_bias, float eps, bool rms_norm, int64_t act, float* new_memory, Out* out) {
   const Heads d{memory.size(1), memory.size(2), memory.size(3)};
   const int64_t batch = memory.size(0), state = d.dk * d.dv, value_dim = d.heads * d.dv;
   const float* rot = rotation.has_value() ? rotation->data_ptr<float>() : nullptr;
@@ -241,7 +243,8 @@ void run_core(const In* proj, int64_t row_stride, const at::Tensor& memory, cons
   // Streaming stores past 2 MB a layer (see step_head); a memory under 128 KB is stepped on one
   // thread (waking the other costs more than its share of the work).
   const bool stream = bytes >= (int64_t{2} << 20);
-  at::parallel_for(0, tasks, bytes < (int64_t{128} << 10) ? tasks : 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = bytes < (int64_t{128} << 10) ? tasks : 1;
+  const auto walk = [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / d.heads, h = task % d.heads;
       step_head<In, P, Out>(proj + b * row_stride, rot == nullptr ? nullptr : rot + b * 2 * d.dk, mem + task * state,
@@ -251,7 +254,13 @@ void run_core(const In* proj, int64_t row_stride, const at::Tensor& memory, cons
 #if defined(__AVX512F__)
     if (stream) _mm_sfence();  // the streamed lines are visible before the memory is read
 #endif
-  });
+  };
+  if (member.pool()) {
+    at::parallel_for(0, tasks, grain, walk);
+  } else {
+    const yaretnet_cpu::RowRange mine = member.share(tasks, grain);
+    if (mine.lo < mine.hi) walk(mine.lo, mine.hi);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> retention_step_impl(const at::Tensor& proj, const at::Tensor& memory,
@@ -276,7 +285,8 @@ std::tuple<at::Tensor, at::Tensor> retention_step_impl(const at::Tensor& proj, c
   at::Tensor out = at::empty({batch, value_dim}, proj.options());
   auto run = [&](auto* typed) {
     using P = std::remove_const_t<std::remove_pointer_t<decltype(typed)>>;
-    run_core<P, P, P>(proj.data_ptr<P>(), proj.stride(0), memory, rotation, gamma, data_or_null<P>(norm_weight),
+    run_core<P, P, P>(yaretnet_cpu::Member{}, proj.data_ptr<P>(), proj.stride(0), memory, rotation, gamma,
+                      data_or_null<P>(norm_weight),
                       data_or_null<P>(norm_bias), static_cast<float>(eps), rms_norm, gate_act,
                       new_memory.data_ptr<float>(), out.data_ptr<P>());
   };
@@ -342,26 +352,45 @@ Product make_product(const char* op, const char* name, at::TensorList parts, at:
   return p;
 }
 
+// The rows a thread-pool task of product `w` takes at least (P: the model's dtype, a dense
+// weight's).
+template <typename P>
+int64_t grain(const Product& w) {
+  switch (w.kind) {
+    case Product::Kind::kInt8: return yaretnet_cpu::product_grain(w.cols);
+    case Product::Kind::kInt4: return yaretnet_cpu::product_grain(yaretnet_cpu::int4_row_bytes(w.int4));
+    default: return yaretnet_cpu::gemv_grain<P>(w.cols);
+  }
+}
+
 // y = W x + b (+ scale * residual) for each of n rows: x (n, cols) at row stride ldx, y and
 // residual (n, rows), the bias in the model's dtype P, the rest float32. The weights stream once
-// per group of up to kMaxVectors rows.
+// per group of up to kMaxVectors rows. All of W's rows over the thread pool, or with `only` the
+// rows [only->lo, only->hi) on the calling thread.
 template <typename P>
 void linear(const Product& w, const P* bias, const float* x, int64_t ldx, float* y, int64_t n,
-            const float* residual = nullptr, float scale = 1.0f) {
+            const yaretnet_cpu::RowRange* only, const float* residual = nullptr, float scale = 1.0f) {
   const int64_t rows = w.rows, cols = w.cols;
+  const int64_t lo = only != nullptr ? only->lo : 0, hi = only != nullptr ? only->hi : rows;
+  if (lo >= hi) return;
   if (w.kind == Product::Kind::kInt8) {
-    yaretnet_cpu::int8_product(x, ldx, n, cols, static_cast<const int8_t*>(w.weight), w.scale, rows, y, rows);
+    yaretnet_cpu::int8_product(x, ldx, n, cols, static_cast<const int8_t*>(w.weight), w.scale, rows, y, rows, only);
   } else if (w.kind == Product::Kind::kInt4) {
-    yaretnet_cpu::int4_product(x, ldx, n, cols, w.int4, rows, y, rows);
+    yaretnet_cpu::int4_product(x, ldx, n, cols, w.int4, rows, y, rows, only);
   } else {
+    const auto* weight = bits(static_cast<const P*>(w.weight));
     for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors) {
-      gemv_parallel_multi(bits(static_cast<const P*>(w.weight)), x + v0 * ldx, ldx, y + v0 * rows, rows, rows, cols,
-                          std::min<int64_t>(kMaxVectors, n - v0));
+      const int64_t nv = std::min<int64_t>(kMaxVectors, n - v0);
+      if (only != nullptr) {
+        yaretnet_cpu::gemv_range(weight, x + v0 * ldx, ldx, y + v0 * rows, rows, cols, nv, lo, hi);
+      } else {
+        gemv_parallel_multi(weight, x + v0 * ldx, ldx, y + v0 * rows, rows, rows, cols, nv);
+      }
     }
   }
   if (bias == nullptr && residual == nullptr) return;  // nothing to add (q/k/v/g and fc1 without biases)
   for (int64_t v = 0; v < n; ++v) {
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = lo; r < hi; ++r) {
       float& out = y[v * rows + r];
       out += value(bias, r);
       if (residual != nullptr) out += scale * residual[v * rows + r];
@@ -397,48 +426,80 @@ struct LayerOptions {
 template <typename P>
 at::Tensor layer_step(const at::Tensor& x, const at::Tensor& memory, const c10::optional<at::Tensor>& rotation,
                       const at::Tensor& gamma, const LayerWeights& w, const LayerOptions& o, at::Tensor& new_memory) {
+  using yaretnet_cpu::Member;
+  using yaretnet_cpu::RowRange;
   const int64_t n = x.size(0), dim = x.size(1), proj_rows = w.qkvg.rows, value_dim = w.out.cols;
   const int64_t fc1_rows = w.fc1.rows, hidden = w.fc2.cols;
-  // Per row: the input, its norm, the two residual sums, the projection, the core's output and the
-  // FFN's hidden units, each block holding all n rows.
+  // One team for the whole layer (team.h) where its largest product is split over the threads
+  // anyway; a smaller layer runs on this thread, as each of its products would.
+  const int64_t threads = proj_rows > grain<P>(w.qkvg) ? at::get_num_threads() : 1;
+  const int64_t members = std::max<int64_t>(1, threads);
+  // Per row: the input, the two residual sums, the projection, the core's output and the FFN's
+  // hidden units, each block holding all n rows; then each member's own norm of the rows.
   // Left uninitialised: every block is written before it is read (zeroing ~130 KB a layer at 1.3B
   // was serial work the other thread waited through).
-  const std::unique_ptr<float[]> buffer(new float[n * (4 * dim + proj_rows + value_dim + fc1_rows)]);
+  const std::unique_ptr<float[]> buffer(new float[n * (3 * dim + proj_rows + value_dim + fc1_rows + members * dim)]);
   float* xf = buffer.get();
-  float* normed = xf + n * dim;
-  float* x1 = normed + n * dim;
+  float* x1 = xf + n * dim;
   float* x2 = x1 + n * dim;
   float* proj = x2 + n * dim;
   float* y = proj + n * proj_rows;
   float* u = y + n * value_dim;
+  float* norms = u + n * fc1_rows;
   const P* xp = x.data_ptr<P>();
   for (int64_t i = 0; i < n * dim; ++i) xf[i] = static_cast<float>(xp[i]);
   const P *norm1_w = w.norm1_weight.data_ptr<P>(), *norm1_b = data_or_null<P>(w.norm1_bias);
   const P *norm2_w = w.norm2_weight.data_ptr<P>(), *norm2_b = data_or_null<P>(w.norm2_bias);
-
-  for (int64_t v = 0; v < n; ++v)
-    block_norm(xf + v * dim, normed + v * dim, dim, norm1_w, norm1_b, o.block_eps, o.block_rms);
-  linear(w.qkvg, data_or_null<P>(w.qkvg_bias), normed, dim, proj, n);
-  run_core<float, P, float>(proj, proj_rows, memory, rotation, gamma, data_or_null<P>(w.head_weight),
-                            data_or_null<P>(w.head_bias), o.head_eps, o.head_rms, o.gate_act,
-                            new_memory.data_ptr<float>(), y);
-  linear(w.out, data_or_null<P>(w.out_bias), y, value_dim, x1, n, xf, o.residual_scale);
-
-  for (int64_t v = 0; v < n; ++v)
-    block_norm(x1 + v * dim, normed + v * dim, dim, norm2_w, norm2_b, o.block_eps, o.block_rms);
-  linear(w.fc1, data_or_null<P>(w.fc1_bias), normed, dim, u, n);
-  for (int64_t v = 0; v < n; ++v) {
-    float* uv = u + v * fc1_rows;
-    activate(uv, hidden, o.ffn_act);
-    if (o.glu)
-      for (int64_t i = 0; i < hidden; ++i) uv[i] *= uv[hidden + i];
-  }
-  // fc2 reads each row's first `hidden` units (a GLU's row holds 2 hidden).
-  linear(w.fc2, data_or_null<P>(w.fc2_bias), u, fc1_rows, x2, n, x1, o.residual_scale);
-
   at::Tensor out = at::empty_like(x);
   P* op = out.data_ptr<P>();
-  for (int64_t i = 0; i < n * dim; ++i) op[i] = static_cast<P>(x2[i]);
+
+  yaretnet_cpu::run_team(threads, [&](Member& m) {
+    // The rows of a product this member computes (null alone: all of them, over the pool). Each
+    // norm is cheap next to a product: every member computes it for itself rather than wait.
+    const auto part = [&](const RowRange& r) { return m.pool() ? nullptr : &r; };
+    float* normed = norms + m.first * n * dim;
+
+    for (int64_t v = 0; v < n; ++v)
+      block_norm(xf + v * dim, normed + v * dim, dim, norm1_w, norm1_b, o.block_eps, o.block_rms);
+    const RowRange qkvg = m.share(proj_rows, grain<P>(w.qkvg));
+    linear(w.qkvg, data_or_null<P>(w.qkvg_bias), normed, dim, proj, n, part(qkvg));
+    m.sync();  // the core reads every head's projection
+    run_core<float, P, float>(m, proj, proj_rows, memory, rotation, gamma, data_or_null<P>(w.head_weight),
+                              data_or_null<P>(w.head_bias), o.head_eps, o.head_rms, o.gate_act,
+                              new_memory.data_ptr<float>(), y);
+    m.sync();  // the output product reads every head's output
+    const RowRange outs = m.share(dim, grain<P>(w.out));
+    linear(w.out, data_or_null<P>(w.out_bias), y, value_dim, x1, n, part(outs), xf, o.residual_scale);
+    m.sync();  // the second norm reads every unit of x1
+
+    for (int64_t v = 0; v < n; ++v)
+      block_norm(x1 + v * dim, normed + v * dim, dim, norm2_w, norm2_b, o.block_eps, o.block_rms);
+    // The hidden units [lo, hi), and with a GLU their gates' rows [hidden + lo, hidden + hi): a
+    // member applies the activation and the gate to its own units without a barrier. Shares start
+    // on a multiple of 16, so each unit takes the same (vector or scalar) activation however many
+    // threads run.
+    const RowRange units = m.share(hidden, grain<P>(w.fc1));
+    const auto aligned = [&](int64_t i) { return i >= hidden ? hidden : (i + 15) / 16 * 16; };
+    const RowRange mine{aligned(units.lo), aligned(units.hi)}, gates{hidden + mine.lo, hidden + mine.hi};
+    if (m.pool()) {
+      linear(w.fc1, data_or_null<P>(w.fc1_bias), normed, dim, u, n, nullptr);
+    } else {
+      linear(w.fc1, data_or_null<P>(w.fc1_bias), normed, dim, u, n, &mine);
+      if (o.glu) linear(w.fc1, data_or_null<P>(w.fc1_bias), normed, dim, u, n, &gates);
+    }
+    for (int64_t v = 0; v < n; ++v) {
+      float* uv = u + v * fc1_rows;
+      activate(uv + mine.lo, mine.hi - mine.lo, o.ffn_act);
+      if (o.glu)
+        for (int64_t i = mine.lo; i < mine.hi; ++i) uv[i] *= uv[hidden + i];
+    }
+    m.sync();  // fc2 reads every hidden unit
+    // fc2 reads each row's first `hidden` units (a GLU's row holds 2 hidden).
+    const RowRange x2s = m.share(dim, grain<P>(w.fc2));
+    linear(w.fc2, data_or_null<P>(w.fc2_bias), u, fc1_rows, x2, n, part(x2s), x1, o.residual_scale);
+    for (int64_t v = 0; v < n; ++v)
+      for (int64_t i = x2s.lo; i < x2s.hi; ++i) op[v * dim + i] = static_cast<P>(x2[v * dim + i]);
+  });
   return out;
 }
 

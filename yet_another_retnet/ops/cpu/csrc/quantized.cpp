@@ -48,18 +48,24 @@ using yaretnet_cpu::kMaxVectors;
 // task amortises the scheduling; for more than kMaxVectors vectors each task walks its rows in
 // ~32 KB blocks that stay in L2 while every group of (up to) kMaxVectors vectors passes over them,
 // so each weight byte comes from memory once per call, whatever the batch.
+// `only`: rows [only->lo, only->hi) alone, on the calling thread (a team member's share).
 template <typename Body>
-void for_row_blocks(int64_t rows, int64_t row_bytes, int64_t n, const Body& body) {
+void for_row_blocks(int64_t rows, int64_t row_bytes, int64_t n, const yaretnet_cpu::RowRange* only,
+                    const Body& body) {
   if (n <= 0 || rows <= 0) return;
   row_bytes = std::max<int64_t>(1, row_bytes);
-  const int64_t grain = std::max<int64_t>(16, 65536 / row_bytes);
   const int64_t block = n <= kMaxVectors ? rows : std::max<int64_t>(16, 32768 / row_bytes);
-  at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+  const auto range = [&](int64_t b, int64_t e) {
     for (int64_t r0 = b; r0 < e; r0 += block) {
       const int64_t r1 = std::min(e, r0 + block);
       for (int64_t v0 = 0; v0 < n; v0 += kMaxVectors) body(r0, r1, v0, std::min<int64_t>(kMaxVectors, n - v0));
     }
-  });
+  };
+  if (only != nullptr) {
+    range(std::max<int64_t>(0, only->lo), std::min(rows, only->hi));
+  } else {
+    at::parallel_for(0, rows, yaretnet_cpu::product_grain(row_bytes), range);
+  }
 }
 
 // Calls fn(std::integral_constant<int, N>{}) for N = n (1 to kMaxVectors): the kernels are
@@ -147,14 +153,14 @@ void int4_rows(const yaretnet_cpu::Int4Weight& w, const float* x, int64_t ldx, c
 namespace yaretnet_cpu {
 
 void int8_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const int8_t* w, const float* scale,
-                  int64_t rows, float* y, int64_t ldy) {
+                  int64_t rows, float* y, int64_t ldy, const RowRange* only) {
   if (n <= 0 || rows <= 0) return;
 #if defined(YARETNET_INT_DOT)
   const int64_t ldq = (cols + 31) / 32 * 32;
   std::vector<int16_t> xq(n * ldq);
   std::vector<float> xs(n);
   if (quantize_activations(x, ldx, n, cols, xq.data(), ldq, ldq, xs.data(), false)) {
-    for_row_blocks(rows, cols, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+    for_row_blocks(rows, cols, n, only, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
       with_vectors(nv, [&](auto count) {
         int8_dot_range<decltype(count)::value>(w, xq.data() + v0 * ldq, ldq, xs.data() + v0, scale, y + v0 * ldy, ldy,
                                                cols, r0, r1);
@@ -163,17 +169,19 @@ void int8_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const in
     return;
   }
 #endif
-  for_row_blocks(rows, cols, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+  for_row_blocks(rows, cols, n, only, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
     with_vectors(nv, [&](auto count) {
       gemv_rows_multi<int8_t, decltype(count)::value>(w, x + v0 * ldx, ldx, y + v0 * ldy, ldy, cols, r0, r1);
     });
   });
+  const int64_t lo = only != nullptr ? std::max<int64_t>(0, only->lo) : 0;
+  const int64_t hi = only != nullptr ? std::min(rows, only->hi) : rows;
   for (int64_t v = 0; v < n; ++v)  // the scales: one pass over the small output
-    for (int64_t r = 0; r < rows; ++r) y[v * ldy + r] *= scale[r];
+    for (int64_t r = lo; r < hi; ++r) y[v * ldy + r] *= scale[r];
 }
 
 void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const Int4Weight& w, int64_t rows, float* y,
-                  int64_t ldy) {
+                  int64_t ldy, const RowRange* only) {
   if (n <= 0 || rows <= 0) return;
   const int64_t padded = w.padded, group = w.group, groups = w.groups();
   // The vectors' group sums (the lows' term), eight partial sums a group so the loop vectorises.
@@ -193,14 +201,13 @@ void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const In
     }
   }
   const float* xs = xsum.data();
-  // Bytes a row streams (the task grain and L2 blocks of for_row_blocks).
-  const int64_t row_bytes = w.interleaved() ? w.code_stride : padded / 2 + 8 * groups;
+  const int64_t row_bytes = int4_row_bytes(w);  // the task grain and L2 blocks of for_row_blocks
 #if defined(YARETNET_INT_DOT)
   const int64_t ldq = (padded + 63) / 64 * 64;
   std::vector<int16_t> xq(n * ldq);
   std::vector<float> xscale(n);
   if (quantize_activations(x, ldx, n, cols, xq.data(), ldq, ldq, xscale.data(), true)) {
-    for_row_blocks(rows, row_bytes, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+    for_row_blocks(rows, row_bytes, n, only, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
       with_vectors(nv, [&](auto count) {
         int4_dot_range<decltype(count)::value>(w, xq.data() + v0 * ldq, ldq, xscale.data() + v0, xs + v0 * groups,
                                                y + v0 * ldy, ldy, r0, r1);
@@ -213,7 +220,7 @@ void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const In
   std::vector<float> xpad(n * padded, 0.0f);
   for (int64_t v = 0; v < n; ++v) std::copy(x + v * ldx, x + v * ldx + cols, xpad.begin() + v * padded);
   const float* xp = xpad.data();
-  for_row_blocks(rows, row_bytes, n, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
+  for_row_blocks(rows, row_bytes, n, only, [&](int64_t r0, int64_t r1, int64_t v0, int64_t nv) {
     with_vectors(nv, [&](auto count) {
       int4_rows<decltype(count)::value>(w, xp + v0 * padded, padded, xs + v0 * groups, y + v0 * ldy, ldy, r0, r1);
     });

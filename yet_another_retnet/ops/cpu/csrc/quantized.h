@@ -4,14 +4,20 @@
 
 #include <ATen/ATen.h>
 
+#include "team.h"
+
 #include <cstdint>
 
 namespace yaretnet_cpu {
 
 // y (n x rows, row stride ldy) = x (n x cols, row stride ldx) W^T, W int8 (rows x cols, row-major)
-// times scale (rows) per row: float32, no bias. Each weight byte is read once per call.
+// times scale (rows) per row: float32, no bias. Each weight byte is read once per call. All rows
+// over PyTorch's thread pool, or with `only` the rows [only->lo, only->hi) on the calling thread.
 void int8_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const int8_t* w, const float* scale,
-                  int64_t rows, float* y, int64_t ldy);
+                  int64_t rows, float* y, int64_t ldy, const RowRange* only = nullptr);
+
+// The rows a thread-pool task of these products takes at least, for rows of `row_bytes`.
+inline int64_t product_grain(int64_t row_bytes) { return row_grain(row_bytes, 16); }
 
 // An int4 weight in the form of ops/cpu/quantized.py: codes (rows x padded / 2 bytes), scale and
 // low (rows x padded / group floats), each row at its own stride (in elements). Separate
@@ -34,9 +40,14 @@ struct Int4Weight {
   }
 };
 
+// Bytes an int4 row streams: codes, scales and lows.
+inline int64_t int4_row_bytes(const Int4Weight& w) {
+  return w.interleaved() ? w.code_stride : w.padded / 2 + 8 * w.groups();
+}
+
 // The same for the int4 form; cols <= padded.
 void int4_product(const float* x, int64_t ldx, int64_t n, int64_t cols, const Int4Weight& w, int64_t rows, float* y,
-                  int64_t ldy);
+                  int64_t ldy, const RowRange* only = nullptr);
 
 // Whether a 2-D tensor's rows are each contiguous (any row stride, rows not overlapping): the
 // layout the int4 kernels read in place.
