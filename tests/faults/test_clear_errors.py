@@ -164,3 +164,42 @@ def test_config_fields_name_themselves_with_the_right_type() -> None:
             RetNetConfig(**{field: value})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="NaN is not a valid JSON number"):
         RetNetConfig.from_json_text(json.dumps({"dropout": 0.1}).replace("0.1", "NaN"))
+
+
+def test_config_sizes_that_overflow_or_never_finish_are_refused_at_once_by_name(tmp_path: Path) -> None:
+    import time
+
+    start = time.monotonic()
+    for field, value in [("value_factor", 1e308), ("value_factor", 1e12), ("d_model", 2**40),
+                         ("num_layers", 100_000_000), ("vocab_size", 2**40), ("ffn_dim", 2**40),
+                         ("chunk_size", 2**62)]:
+        with pytest.raises(ValueError, match=field):
+            RetNetConfig(**{field: value})
+    assert time.monotonic() - start < 5  # refused, not built
+    model_dir = tmp_path / "model"
+    RetNet(RetNetConfig(vocab_size=32, d_model=16, num_heads=2, num_layers=1, ffn_dim=32)).save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    for field, value in [("value_factor", 1e308), ("num_layers", 100_000_000), ("d_model", 2**40)]:
+        (model_dir / "config.json").write_text(json.dumps({**config, field: value}))
+        with pytest.raises(ValueError, match=rf"config\.json is not a valid RetNetConfig: {field}"):
+            RetNet.from_pretrained(model_dir)
+
+
+def test_deeply_nested_json_files_are_named_not_a_recursion_error(tmp_path: Path) -> None:
+    from yet_another_retnet.models.quantized import read_quantization
+    from yet_another_retnet.models.shards import load_json
+
+    nested = "[" * 200_000 + "]" * 200_000
+    model_dir = tmp_path / "model"
+    RetNet(RetNetConfig(vocab_size=32, d_model=16, num_heads=2, num_layers=1, ffn_dim=32)).save_pretrained(model_dir)
+    (model_dir / "config.json").write_text(nested)
+    with pytest.raises(ValueError, match=r"config\.json.*nested too deeply"):
+        RetNet.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        RetNetConfig.from_json_text(nested)
+    (tmp_path / "index.json").write_text(nested)
+    with pytest.raises(ValueError, match=r"index\.json is not valid JSON: nested too deeply"):
+        load_json(tmp_path / "index.json")
+    (tmp_path / "quantization.json").write_text(nested)
+    with pytest.raises(ValueError, match=r"quantization\.json.*nested too deeply"):
+        read_quantization(tmp_path)

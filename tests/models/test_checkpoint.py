@@ -265,3 +265,137 @@ def test_saved_files_follow_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     for name in ("config.json", "model.safetensors"):
         assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o644
+
+
+class Killed(BaseException):
+    """A kill at one point of a save: not an ``Exception``, so no ``except`` in the code under test
+    turns it into something else."""
+
+
+def _kill_at(step: int, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make the ``step``-th visible change of a directory (a rename into place, the removal of a
+    file that is not a hidden temporary one) raise :class:`Killed` before it happens; returns the
+    list the changes are recorded in (``step=-1``: never killed, only recorded)."""
+    done: list[str] = []
+    real_replace, real_unlink = os.replace, Path.unlink
+
+    def point(what: str) -> None:
+        if len(done) == step:
+            raise Killed(what)
+        done.append(what)
+
+    def replace(src: Any, dst: Any) -> None:
+        point(f"rename {Path(dst).name}")
+        real_replace(src, dst)
+
+    def unlink(self: Path, missing_ok: bool = False) -> None:
+        if not self.name.startswith("."):  # a temporary file's clean-up is no visible change
+            point(f"remove {self.name}")
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    return done
+
+
+def _logits(source: Path | RetNet) -> torch.Tensor:
+    """The logits on ``IDS`` of a model, or of the one loaded from a directory."""
+    model = RetNet.from_pretrained(source) if isinstance(source, Path) else source
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+def test_an_interrupted_save_over_shards_is_refused_never_loaded_as_a_mix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards of two saves (a re-save killed after its first shard) each pass their own checksum:
+    the save id in every shard and the index tells them apart."""
+    old, new = make_model(seed=1, tie_embeddings=False), make_model(seed=2, tie_embeddings=False)
+    old.save_pretrained(tmp_path, max_shard_size=3000)
+    shard_files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shard_files) >= 3
+    _kill_at(1, monkeypatch)  # the first shard renamed into place, then the kill
+    with pytest.raises(Killed):
+        new.save_pretrained(tmp_path, max_shard_size=3000)
+    monkeypatch.undo()
+    assert sorted(tmp_path.glob("model-*.safetensors")) == shard_files  # the same names, one of them new
+    with pytest.raises(ValueError, match=r"interrupted.*save the model again") as caught:
+        RetNet.from_pretrained(tmp_path)
+    assert shard_files[0].name in str(caught.value)
+    new.save_pretrained(tmp_path, max_shard_size=3000)  # saving again repairs it
+    assert torch.equal(_logits(tmp_path), _logits(new))
+
+    # Files from before save ids (no id in the index or the shards) still load ...
+    index_path = tmp_path / shards.INDEX_NAME
+    index = json.loads(index_path.read_text())
+    assert shards.SAVE_ID_KEY in index["metadata"]
+    del index["metadata"][shards.SAVE_ID_KEY]
+    index_path.write_text(json.dumps(index))
+    from safetensors import safe_open
+
+    for path in shard_files:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            metadata = dict(f.metadata())
+        if path != shard_files[0]:  # ... but not beside a shard a newer save wrote
+            del metadata[shards.SAVE_ID_KEY]
+        save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="interrupted"):
+        RetNet.from_pretrained(tmp_path)
+    with safe_open(str(shard_files[0]), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata = {k: v for k, v in f.metadata().items() if k != shards.SAVE_ID_KEY}
+    save_file(tensors, str(shard_files[0]), metadata=metadata)
+    assert torch.equal(_logits(tmp_path), _logits(new))
+
+
+@pytest.mark.parametrize(("first", "second"), [("int8", "float"), ("int8", "float-sharded"),
+                                               ("float-sharded", "int8"), ("int8", "int4")])
+def test_a_save_killed_at_any_point_over_another_format_leaves_the_old_or_the_new_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: str, second: str) -> None:
+    """Float over quantized and back: a stale quantization.json (or index) never makes the
+    directory unloadable or read as the other format, at any kill point nor at the end."""
+    from yet_another_retnet.models.quantized import quantize_model
+
+    def save(kind: str, seed: int, directory: Path) -> None:
+        model = make_model(seed=seed, tie_embeddings=False)
+        if kind in ("int8", "int4"):
+            quantize_model(model, kind).save_pretrained(directory)  # a quantized model keeps its format
+        else:
+            model.save_pretrained(directory, max_shard_size=3000 if kind == "float-sharded" else None)
+
+    save(first, 1, tmp_path / "old")
+    save(second, 2, tmp_path / "new")
+    want_old, want_new = _logits(tmp_path / "old"), _logits(tmp_path / "new")
+    assert not torch.equal(want_old, want_new)
+    steps = _kill_at(-1, monkeypatch)
+    save(first, 1, tmp_path / "count")
+    steps.clear()
+    save(second, 2, tmp_path / "count")
+    monkeypatch.undo()
+    assert len(steps) >= 3, steps
+    for step in range(len(steps) + 1):
+        directory = tmp_path / f"kill-{step}"
+        save(first, 1, directory)
+        _kill_at(step, monkeypatch)
+        if step < len(steps):
+            with pytest.raises(Killed):
+                save(second, 2, directory)
+        else:
+            save(second, 2, directory)
+        monkeypatch.undo()
+        got = _logits(directory)
+        assert torch.equal(got, want_old) or torch.equal(got, want_new), (step, steps)
+    # The finished save leaves nothing of the old format behind.
+    names = {p.name for p in (tmp_path / f"kill-{len(steps)}").iterdir()}
+    assert ("quantization.json" in names) == (second in ("int8", "int4"))
+    assert (shards.INDEX_NAME in names) == (second == "float-sharded")
+
+
+def test_integer_weights_are_refused_for_float_parameters(tmp_path: Path) -> None:
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    tensors = {k: (v * 100).to(torch.int32).contiguous() for k, v in model.state_dict().items()
+               if k != "lm_head.weight"}  # one integer dtype throughout: not a mix
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"decoder\..*stored as int32, not a floating-point type"):
+        RetNet.from_pretrained(tmp_path)

@@ -30,6 +30,7 @@ from fla_oracle import (
     fla_model,
     fla_on_cpu,
 )
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from yet_another_retnet import RetNet
@@ -144,6 +145,37 @@ def test_unsupported_fla_fields_are_named(field, value):
         config_from_fla(config)
 
 
+@pytest.mark.parametrize(("field", "value"), [("expand_v", None), ("norm_eps", None), ("hidden_ratio", "2"),
+                                              ("expand_v", "2"), ("hidden_ratio", 1e308),
+                                              ("intermediate_size", "256"), ("hidden_size", "64")])
+def test_fla_fields_of_the_wrong_type_are_named(field, value):
+    config = {"model_type": "retnet", "hidden_size": 64, "num_heads": 4, "intermediate_size": None, field: value}
+    with pytest.raises(ValueError, match=f"{field}"):
+        config_from_fla(config)
+
+
+def test_a_tied_fla_config_with_its_own_head_is_refused(tmp_path: Path):
+    """tie_word_embeddings with an lm_head.weight that is not the embedding: dropping the head
+    would load a model with other logits than the checkpoint's."""
+    from yet_another_retnet import RetNetConfig
+    from yet_another_retnet.models.config import FLA_ARCHITECTURE
+    from yet_another_retnet.models.fla import fla_state_dict
+
+    torch.manual_seed(0)
+    model = RetNet(RetNetConfig(**{**FLA_ARCHITECTURE, "vocab_size": 40, "d_model": 16, "num_heads": 2,
+                                   "num_layers": 1, "ffn_dim": 32})).eval()
+    state, config = fla_state_dict(model), {**config_to_fla(model.config), "tie_word_embeddings": True}
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs from model\.embeddings\.weight"):
+        RetNet.from_fla(state, config)
+    model.to_fla(tmp_path / "fla")
+    (tmp_path / "fla" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lm_head\.weight differs from model\.embeddings\.weight"):
+        RetNet.from_fla(tmp_path / "fla")
+    # A stored head equal to the embedding is what tying means: it loads.
+    tied = RetNet.from_fla({**state, "lm_head.weight": state["model.embeddings.weight"].clone()}, config)
+    assert tied.config.tie_embeddings and tied.lm_head.weight is tied.embed_tokens.weight
+
+
 def test_export_refuses_what_fla_cannot_express():
     from yet_another_retnet import RetNetConfig
 
@@ -213,11 +245,14 @@ def test_from_pretrained_reads_and_writes_shards(tmp_path: Path, oracle32):
     a, b = RetNet.from_pretrained(tmp_path / "one"), RetNet.from_pretrained(tmp_path / "many", dtype=torch.bfloat16)
     assert all(torch.equal(x.to(torch.bfloat16), y) for x, y in zip(a.state_dict().values(), b.state_dict().values(),
                                                                     strict=True))
-    # a shard whose tensor has the wrong shape for the config
+    # a shard whose tensor has the wrong shape for the config (its metadata, save id and all, kept)
     victim = tmp_path / "many" / files[0]
     tensors = load_file(str(victim))
+    with safe_open(str(victim), framework="pt") as f:
+        metadata = f.metadata()
     name = next(iter(tensors))
-    save_file({name: torch.zeros(3, 3), **{k: v for k, v in tensors.items() if k != name}}, str(victim))
+    save_file({name: torch.zeros(3, 3), **{k: v for k, v in tensors.items() if k != name}}, str(victim),
+              metadata=metadata)
     with pytest.raises(ValueError, match="wrong shape"):
         RetNet.from_pretrained(tmp_path / "many")
 

@@ -208,3 +208,78 @@ def test_int8_quality_on_a_trained_model(tmp_path: Path) -> None:
     assert abs(float(b.loss) - float(a.loss)) <= 0.005 * float(a.loss)
     agree = (a.logits.argmax(-1) == b.logits.argmax(-1)).float().mean()
     assert float(agree) >= 0.99
+
+
+def _rewrite(path: Path, change_tensors=None, **metadata: str | None) -> None:
+    """Write ``path`` (a safetensors file) again, its metadata updated by ``metadata`` (``None``
+    drops a key) and its tensors by ``change_tensors``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        meta = dict(f.metadata() or {})
+    meta.update(metadata)
+    if change_tensors is not None:
+        change_tensors(tensors)
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def test_quantized_metadata_is_parsed_as_data_never_opened_as_a_path(model: RetNet, tmp_path: Path) -> None:
+    directory = tmp_path / "int8"
+    save_quantized(quantize_model(copy.deepcopy(model)), directory)
+    secret = tmp_path / "secret.json"
+    secret.write_text((directory / "config.json").read_text())  # a valid config, reachable as a path
+    for value in (str(secret), str(tmp_path / "nowhere.json"), " " + str(secret)):
+        _rewrite(directory / "model.safetensors", config=value)
+        with pytest.raises(ValueError, match=r"model\.safetensors: the config in its metadata is invalid"):
+            RetNet.from_pretrained(directory)
+
+
+def test_quantized_weights_carry_a_checksum(model: RetNet, tmp_path: Path) -> None:
+    from yet_another_retnet.models.checkpoint import CHECKSUM_KEY
+
+    qm = quantize_model(copy.deepcopy(model))
+    save_quantized(qm, tmp_path / "int8")
+    path = tmp_path / "int8" / "model.safetensors"
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    want = qm.generate(ids, 4)
+
+    def flip(tensors: dict[str, torch.Tensor]) -> None:  # one int8 code changed, the checksum kept
+        name = next(n for n in sorted(tensors) if tensors[n].dtype == torch.int8)
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] ^= 1
+
+    _rewrite(path, flip)
+    with pytest.raises(OSError, match=r"int8/model\.safetensors is corrupt"):
+        RetNet.from_pretrained(tmp_path / "int8")
+    assert RetNet.from_pretrained(tmp_path / "int8", verify=False) is not None
+    _rewrite(path, **{CHECKSUM_KEY: None})  # a file from before the checksum: loads unverified
+    RetNet.from_pretrained(tmp_path / "int8")
+    save_quantized(qm, tmp_path / "int8")
+    assert torch.equal(RetNet.from_pretrained(tmp_path / "int8").generate(ids, 4), want)
+
+
+def test_a_quantized_model_saves_in_its_own_format_and_is_not_exported_to_fla(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from yet_another_retnet.cli import main
+
+    torch.manual_seed(0)
+    float_model = RetNet(RetNetConfig.from_preset("tiny", num_layers=2, chunk_size=16, dropout=0.0,
+                                                  **ARCHITECTURES["fla"])).eval()  # fla could take its float form
+    qm = quantize_model(copy.deepcopy(float_model))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(5))
+    want = qm.generate(ids, 5)
+    qm.save_pretrained(tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "quantization.json").read_text())["method"] == "int8"
+    assert torch.equal(RetNet.from_pretrained(tmp_path / "q").generate(ids, 5), want)
+    with pytest.raises(ValueError, match=r"quantized \(int8\).*float weights"):
+        qm.to_fla(tmp_path / "fla")
+    assert not (tmp_path / "fla").exists()
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "q"), str(tmp_path / "to-fla")]) == 2  # ours -> fla by default
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "quantized" in err[0], err
+    assert not (tmp_path / "to-fla").exists()
+    assert main(["convert", "--to", "ours", str(tmp_path / "q"), str(tmp_path / "copy")]) == 0
+    assert torch.equal(RetNet.from_pretrained(tmp_path / "copy").generate(ids, 5), want)

@@ -215,3 +215,34 @@ def test_disconnect_frees_the_slot_and_bad_requests_get_400(server: str) -> None
         assert r.status_code == 400 and "role" in r.json()["error"]["message"]
         r = client.post("/v1/completions", json={"prompt": "still serving ", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+def test_quantize_command_builds_out_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A sharded SRC quantizes (its size from its shards); a failure half-way (a full disk while
+    copying the tokenizer) leaves no OUT, which would otherwise load with the byte tokenizer."""
+    import errno
+    import shutil
+
+    torch.manual_seed(0)
+    src = tmp_path / "sharded"
+    RetNet(RetNetConfig.from_preset("tiny", num_layers=2)).save_pretrained(src, max_shard_size="100KB")
+    assert (src / "model.safetensors.index.json").is_file()
+    (src / "tokenizer_config.json").write_text(json.dumps({"type": "byte"}))
+    out = tmp_path / "int8"
+    real_copyfile = shutil.copyfile
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    assert main(["quantize", str(src), str(out)]) == 2
+    assert "No space left" in capsys.readouterr().err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["sharded"]  # no temporary left
+    monkeypatch.setattr(shutil, "copyfile", real_copyfile)
+    assert main(["quantize", str(src), str(out)]) == 0
+    shards = sum(p.stat().st_size for p in src.glob("model-*.safetensors"))
+    assert f"(was {shards / 2**20:,.1f} MiB)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "quantization.json",
+                                                      "tokenizer_config.json"]
+    assert RetNet.from_pretrained(out).config == RetNet.from_pretrained(src).config

@@ -95,18 +95,44 @@ def _weights_of(model: RetNet) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: RetNet, directory: str | Path, max_shard_size: int | str | None = None) -> None:
-    """``config.json`` and the weights, one file or shards with an index (see :mod:`.shards`)."""
+    """``config.json`` and the weights, one file or shards with an index (see :mod:`.shards`).
+
+    A quantized model (``models/quantized.py``) is saved in its own format by
+    :func:`~.quantized.save_quantized` (one file: ``max_shard_size`` does not apply); its float
+    form would mix int8 codes and float scales in a file no loader reads.
+    """
+    from .quantized import QUANTIZATION_NAME, is_quantized, save_quantized
     from .shards import DEFAULT_MAX_SHARD_SIZE, save_sharded
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a directory")
+    if is_quantized(model):
+        save_quantized(model, directory)
+        return
     config_json = model.config.to_json()
     save_sharded(_weights_of(model), directory, max_shard_size or DEFAULT_MAX_SHARD_SIZE,
                  metadata={"config": config_json})
     # model_type lets transformers' AutoConfig find yet_another_retnet.hf's classes in the same file.
     file_json = json.dumps({"model_type": MODEL_TYPE, **model.config.to_dict()}, indent=2, sort_keys=True) + "\n"
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(file_json))
+    # A quantization.json left by an earlier quantized save goes last: which format a directory
+    # holds is read from its weights file (models/quantized.py: saved_quantization), so until it
+    # goes the new float files load as float, and a kill before this line loses nothing.
+    remove_stale(directory / QUANTIZATION_NAME)
+
+
+def remove_stale(path: Path) -> None:
+    """Remove ``path`` (a file an earlier save left that the new one does not use), if there, and
+    make the removal durable."""
+    if not path.exists():
+        return
+    path.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def read_config(directory: Path) -> RetNetConfig:

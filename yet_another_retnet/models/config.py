@@ -17,6 +17,14 @@ from ..ops.position import ROTATIONS
 #: ``post_norm_style`` values: torchscale's ``norm(x + f(x))`` and 0.5.1's ``x + norm(f(x))``.
 POST_NORM_STYLES = ("residual", "branch")
 
+#: The largest structural sizes a config may ask for: far above any real model, yet small enough
+#: that a hostile or mistyped ``config.json`` (``"num_layers": 100000000``, ``"d_model": 2**40``)
+#: is refused at once, naming the field, instead of building for hours or failing deep in torch.
+MAX_SIZES = {"vocab_size": 2**24, "d_model": 2**16, "num_heads": 2**16, "num_layers": 2**12,
+             "ffn_dim": 2**19, "chunk_size": 2**20}
+#: The largest value width, ``d_model * value_factor`` (the error names ``value_factor``).
+MAX_VALUE_DIM = 2**18
+
 
 class ConfigTypeError(TypeError, ValueError):
     """A configuration field of the wrong type (a ``ValueError`` too, as every config error)."""
@@ -117,6 +125,8 @@ class RetNetConfig:
                 raise ConfigTypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
             if value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if value > MAX_SIZES[name]:
+                raise ValueError(f"{name} must be at most {MAX_SIZES[name]}, got {value!r}")
         for name in ("value_factor", "dropout", "activation_dropout", "norm_eps", "embed_scale", "residual_scale",
                      "init_std"):
             value = getattr(self, name)
@@ -135,6 +145,11 @@ class RetNetConfig:
                 f"d_model / num_heads = {self.d_model // self.num_heads} must be even with relative_position"
             )
         value_dim = self.d_model * self.value_factor
+        # A finite value_factor can still make an infinite or enormous width (1e308 * d_model):
+        # refuse it by name before int() overflows or a layer tries to allocate it.
+        if not math.isfinite(value_dim) or value_dim > MAX_VALUE_DIM:
+            raise ValueError(f"value_factor ({self.value_factor}) must keep d_model * value_factor at most "
+                             f"{MAX_VALUE_DIM}")
         if self.value_factor <= 0 or value_dim != int(value_dim) or int(value_dim) % self.num_heads:
             raise ValueError(
                 f"value_factor ({self.value_factor}) must make d_model * value_factor an integer divisible by num_heads"
@@ -294,6 +309,8 @@ def loads_strict(text: str | bytes, what: str) -> Any:
         return json.loads(text, parse_constant=refuse)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"invalid {what}: {err}") from err
+    except RecursionError as err:  # thousands of nested "[": json's decoder recurses per level
+        raise ValueError(f"invalid {what}: JSON nested too deeply") from err
 
 
 #: Named configurations. ``1.3b``, ``2.7b`` and ``6.7b`` are the paper's sizes (Table 2: width,

@@ -63,7 +63,7 @@ def special_token_ids(src: Path, fla_config: dict[str, Any] | None) -> dict[str,
     if hf_path.is_file():
         try:
             hf = json.loads(hf_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):  # nested "[" too: data, not a crash
             hf = {}
         if isinstance(hf, dict) and isinstance(hf.get("add_bos_token"), bool):
             out["add_bos"] = hf["add_bos_token"]
@@ -130,10 +130,7 @@ def convert(src: str | Path, out: str | Path, source: str | None = None, target:
 
 def _fla_tokenizer_config(src: Path, tmp: Path) -> None:
     """Our tokenizer description as Hugging Face's ``tokenizer_config.json`` and the ids in fla's config."""
-    try:
-        ours = json.loads((src / TOKENIZER_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{src / TOKENIZER_CONFIG} is not valid JSON: {err}") from err
+    ours = load_json(src / TOKENIZER_CONFIG)
     if not isinstance(ours, dict) or ours.get("type") != "hf":
         return  # the byte tokenizer has no Hugging Face form
     config_path = tmp / CONFIG_NAME

@@ -23,6 +23,7 @@ other than ``d_model``) is refused with a ``ValueError`` naming the field.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 from ..ops.position import halves_to_pairs, pairs_to_halves
-from .checkpoint import CONFIG_NAME, atomic_write
+from .checkpoint import CONFIG_NAME, atomic_write, remove_stale
 from .config import FLA_ARCHITECTURE, RetNetConfig
 from .shards import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -50,12 +51,32 @@ if TYPE_CHECKING:
 
 
 def fla_intermediate_size(hidden_size: int, hidden_ratio: float | None, intermediate_size: int | None) -> int:
-    """fla's MLP width: ``intermediate_size``, or ``int(hidden * ratio * 2 / 3)`` rounded up to 256."""
+    """fla's MLP width: ``intermediate_size``, or ``int(hidden * ratio * 2 / 3)`` rounded up to 256.
+
+    ``ValueError`` naming the field for a value of the wrong type or one too big to be a width.
+    """
     if intermediate_size is not None:
-        return int(intermediate_size)
-    ratio = 4 if hidden_ratio is None else hidden_ratio
-    width = int(hidden_size * ratio * 2 / 3)
-    return 256 * ((width + 255) // 256)
+        if isinstance(intermediate_size, bool) or not isinstance(intermediate_size, int):
+            raise ValueError(f"fla config field intermediate_size must be an int or null, got "
+                             f"{type(intermediate_size).__name__} {intermediate_size!r}")
+        return intermediate_size
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int):
+        raise ValueError(f"fla config field hidden_size must be an int, got {type(hidden_size).__name__} "
+                         f"{hidden_size!r}")
+    ratio = 4 if hidden_ratio is None else _number("hidden_ratio", hidden_ratio)
+    width = hidden_size * ratio * 2 / 3
+    if not math.isfinite(width):  # int() of it would overflow; the config's bounds name ffn_dim after
+        raise ValueError(f"fla config field hidden_ratio={hidden_ratio!r} makes an infinite MLP width")
+    return 256 * ((int(width) + 255) // 256)
+
+
+def _number(field: str, value: Any) -> float:
+    """``value`` of the fla config field ``field`` as a finite float; ``ValueError`` naming the
+    field otherwise (``null``, a string, a bool, NaN: ``float()`` would raise a bare ``TypeError``
+    or, for ``"2"``, accept a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"fla config field {field} must be a finite number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def config_from_fla(fla: Mapping[str, Any]) -> RetNetConfig:
@@ -86,13 +107,14 @@ def config_from_fla(fla: Mapping[str, Any]) -> RetNetConfig:
     for field, refused, what in refusals:
         if refused:
             raise ValueError(f"fla config field {field}={fla.get(field)!r}: {what} are not supported")
-    value_factor = float(get("expand_v", 2.0))
+    value_factor = _number("expand_v", get("expand_v", 2.0))
+    norm_eps = _number("norm_eps", get("norm_eps", 1e-6))
+    ffn_dim = fla_intermediate_size(hidden, get("hidden_ratio", 2), get("intermediate_size", None))
     try:
         return RetNetConfig(
             vocab_size=get("vocab_size", 32000), d_model=hidden, num_heads=heads,
-            num_layers=get("num_hidden_layers", 24),
-            ffn_dim=fla_intermediate_size(hidden, get("hidden_ratio", 2), get("intermediate_size", None)),
-            value_factor=value_factor, norm_eps=float(get("norm_eps", 1e-6)),
+            num_layers=get("num_hidden_layers", 24), ffn_dim=ffn_dim,
+            value_factor=value_factor, norm_eps=norm_eps,
             **{**FLA_ARCHITECTURE,
                "tie_embeddings": bool(get("tie_word_embeddings", False)),
                "head_norm_weight": get("elementwise_affine", True) is not False},
@@ -221,6 +243,7 @@ def from_fla(cls: type[RetNet], source: str | Path | Mapping[str, Tensor], confi
         plan = _plan(ours, set(state), {n: tuple(t.shape) for n, t in state.items()})
         target = dtype or state["model.embeddings.weight"].dtype
         _check_shapes(cls, ours, plan, {n: tuple(t.shape) for n, t in state.items()})
+        _check_tied_head(ours, set(state), lambda name: state[name].detach())
         return _build(cls, ours, plan, lambda name: state[name].detach(), target)
     if not isinstance(source, str | Path):
         raise TypeError(f"from_fla: expected a directory or a state dict, got {type(source).__name__}")
@@ -233,8 +256,23 @@ def from_fla(cls: type[RetNet], source: str | Path | Mapping[str, Tensor], confi
     shapes = {name: shape for name, (shape, _) in tensor_shapes(files).items()}
     plan = _plan(ours, set(shapes), shapes)
     _check_shapes(cls, ours, plan, shapes)
+
+    def read(name: str) -> Tensor:
+        return read_tensor(files[name], name)
+
+    _check_tied_head(ours, set(shapes), read)
     target = dtype or stored_dtype(files)
-    return _build(cls, ours, plan, lambda name: read_tensor(files[name], name), target)
+    return _build(cls, ours, plan, read, target)
+
+
+def _check_tied_head(config: RetNetConfig, names: set[str], read: Callable[[str], Tensor]) -> None:
+    """A tied config takes no head of its own: an ``lm_head.weight`` stored anyway must be the
+    embedding, else dropping it would load a model with other logits than the checkpoint's."""
+    if config.tie_embeddings and "lm_head.weight" in names:
+        head, embed = read("lm_head.weight"), read("model.embeddings.weight")
+        if head.shape != embed.shape or not torch.equal(head, embed):
+            raise ValueError("fla weights: lm_head.weight differs from model.embeddings.weight but the config "
+                             "ties them (tie_word_embeddings)")
 
 
 def _check_shapes(cls: type[RetNet], config: RetNetConfig, plan: dict[str, tuple[str, Callable[[Tensor], Tensor]]],
@@ -252,7 +290,15 @@ def _check_shapes(cls: type[RetNet], config: RetNetConfig, plan: dict[str, tuple
 
 
 def fla_state_dict(model: RetNet) -> dict[str, Tensor]:
-    """``model``'s weights under fla's names and layout (q/k rows back in GPT-NeoX order)."""
+    """``model``'s weights under fla's names and layout (q/k rows back in GPT-NeoX order).
+
+    ``ValueError`` for a quantized model: fla checkpoints hold float weights.
+    """
+    from .quantized import is_quantized
+
+    if is_quantized(model):
+        raise ValueError(f"fla export: the model is quantized ({model.__dict__['_quantization']}); fla checkpoints "
+                         "hold float weights: export the float model (RetNet.from_pretrained without quantize)")
     config = model.config
     config_to_fla(config)
     heads = config.num_heads
@@ -282,6 +328,8 @@ def save_fla(model: RetNet, directory: str | Path, max_shard_size: int | str | N
 
     ``ValueError`` (before anything is written) when fla's RetNet cannot express the model.
     """
+    from .quantized import QUANTIZATION_NAME
+
     fla_config = config_to_fla(model.config)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -291,4 +339,5 @@ def save_fla(model: RetNet, directory: str | Path, max_shard_size: int | str | N
     fla_config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
     save_sharded(state, directory, max_shard_size or DEFAULT_MAX_SHARD_SIZE)
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(fla_config, indent=2) + "\n"))
+    remove_stale(directory / QUANTIZATION_NAME)  # an earlier quantized save's; last, as save_pretrained does
 

@@ -17,13 +17,20 @@ recurrent state stay in the model's float dtype. Such a model:
 * prefills with the same code as the float model, which reads each projection's ``weight``: the
   dequantized matrix, made per layer as it runs (one layer's float weights at a time);
 * is saved by :func:`save_quantized` (``config.json``, ``model.safetensors`` with the quantized
-  weights, their scales and the method in its metadata, ``quantization.json``) and read back by
-  ``RetNet.from_pretrained``, which refuses a file whose method or shapes do not match.
+  weights, their scales, the method and a checksum in its metadata, ``quantization.json``) and
+  read back by ``RetNet.from_pretrained``, which refuses a file whose method, shapes or checksum
+  do not match.
+
+Whether a directory holds a quantized model is read from its weights file's metadata
+(:func:`saved_quantization`), which is replaced in one atomic rename with the weights: a float
+save over a quantized one (or the other way round) killed at any point leaves a directory that
+loads as the model its weights file holds, never a float file read as int8 or the reverse.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,15 +47,24 @@ from ..ops.cpu import _extension
 from ..ops.cpu.decode_step import LayerStepPlan, decoder_layer_step, retention_step
 from ..ops.cpu.quantized import KERNEL_MAX_ROWS, interleave_int4
 from ..ops.retention import compute_dtype
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write, read_config
-from .config import RetNetConfig
+from .checkpoint import (
+    CHECKSUM_KEY,
+    CONFIG_NAME,
+    VERIFY_ENV,
+    WEIGHTS_NAME,
+    atomic_write,
+    read_config,
+    remove_stale,
+    tensors_digest,
+)
+from .config import RetNetConfig, loads_strict
 from .decoding import DecodingPlan, decoder_watch, decoding_plan, kernel_plan, layer_dependencies
 
 if TYPE_CHECKING:
     from .retnet import RetNet, RetNetDecoder, RetNetDecoderLayer, RetNetOutput, RetNetState
 
 __all__ = ["QUANTIZATION_NAME", "QUANTIZE_METHODS", "is_quantized", "load_quantized", "quantize_model",
-           "quantized_decode_step", "save_quantized"]
+           "quantized_decode_step", "save_quantized", "saved_quantization"]
 
 QUANTIZE_METHODS = ("int8", "int4", "int4-g32", "int4-g64", "int4-g256")
 QUANTIZATION_NAME = "quantization.json"
@@ -306,7 +322,14 @@ def short_prompt_prefill(model: RetNet, ids: Tensor, state: RetNetState | None) 
 
 def save_quantized(model: RetNet, directory: str | Path) -> None:
     """Write a quantized model: ``config.json``, ``model.safetensors`` (the quantized weights with
-    their float scales; the method in its metadata) and ``quantization.json``, each atomically."""
+    their float scales; the method and a checksum in its metadata) and ``quantization.json``, each
+    atomically.
+
+    Over an earlier save: its ``quantization.json`` goes before the weights are replaced (it may
+    name another method; the weights file says what it holds), and a sharded float save's index
+    and shards go after everything is written (until then ``model.safetensors`` decides)."""
+    from .shards import remove_shards
+
     method = model.__dict__.get("_quantization")
     if method is None:
         raise ValueError("save_quantized: the model is not quantized (quantize_model first)")
@@ -324,10 +347,21 @@ def save_quantized(model: RetNet, directory: str | Path) -> None:
     head = "int8" if isinstance(model.lm_head, QuantizedLinear) else method
     info = json.dumps({"method": method, "bits": 8 if group is None else 4, "group_size": group, "scheme": scheme,
                        "modules": "retention q/k/v/g/out, FFN fc1/gate/fc2, LM head", "lm_head": head})
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(
-        tensors, str(tmp), metadata={"format": "pt", "config": config_json, "quantization": method}))
+    metadata = {"format": "pt", "config": config_json, "quantization": method,
+                CHECKSUM_KEY: tensors_digest(tensors)}  # checked on load, as the float files' is
+    # An earlier quantized save's quantization.json naming another method (or damaged) would
+    # contradict the new weights until the new one is written: it goes first. One naming this
+    # method agrees with the old weights and the new ones, and stays until it is rewritten.
+    try:
+        declared = read_quantization(directory)
+    except ValueError:
+        declared = None
+    if declared != method:
+        remove_stale(directory / QUANTIZATION_NAME)
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_json))
     atomic_write(directory / QUANTIZATION_NAME, lambda tmp: tmp.write_text(info))
+    remove_shards(directory)  # an earlier sharded float save's, unused now
 
 
 def read_quantization(directory: Path) -> str | None:
@@ -335,39 +369,73 @@ def read_quantization(directory: Path) -> str | None:
     path = directory / QUANTIZATION_NAME
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    data = loads_strict(path.read_bytes(), str(path))
     method = data.get("method") if isinstance(data, dict) else None
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"{path}: unknown quantization method {method!r} (expected one of {QUANTIZE_METHODS})")
     return cast(str, method)
 
 
+def saved_quantization(directory: Path) -> str | None:
+    """The quantization method of the model saved in ``directory``; ``None`` for float weights.
+
+    The weights file decides: :func:`save_quantized` writes the method into ``model.safetensors``'
+    metadata, replaced in one rename with the weights, while ``quantization.json`` is written after
+    them and a float save removes a stale one only after its own files are complete. A
+    ``quantization.json`` beside float weights is such a stale one; beside quantized weights it
+    must name their method (``ValueError`` otherwise, as for one that is not valid).
+    """
+    from .shards import read_metadata
+
+    declared = read_quantization(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        return None  # float shards (or no weights: the float loader says so)
+    method = read_metadata(path).get("quantization")
+    if method is None:
+        return None
+    if method not in QUANTIZE_METHODS:
+        raise ValueError(f"{path}: unknown quantization method {method!r} in its metadata "
+                         f"(expected one of {QUANTIZE_METHODS})")
+    if declared is not None and declared != method:
+        raise ValueError(f"{path} does not hold {declared} weights, which {directory / QUANTIZATION_NAME} "
+                         f"names (its metadata says {method!r})")
+    return method
+
+
 def load_quantized(cls: type[RetNet], directory: Path, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> RetNet:
+                   dtype: torch.dtype | None = None, verify: bool | None = None) -> RetNet:
     """A model written by :func:`save_quantized`, built without allocating any float weights for
     the quantized matrices (the skeleton is made on the meta device and the file's tensors
-    assigned). ``dtype`` casts the float parts (embedding, norms, scales)."""
-    method = read_quantization(directory)
-    assert method is not None
+    assigned). ``dtype`` casts the float parts (embedding, norms, scales). ``verify`` (default: on
+    unless ``YARETNET_VERIFY_WEIGHTS=0``) checks the checksum saved with the weights (files
+    without one load unverified)."""
+    method = saved_quantization(directory)
+    if method is None:
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not hold quantized weights")
     config = read_config(directory)
     weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
     try:
         with safe_open(str(weights_path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise OSError(f"{weights_path} is truncated or corrupt: {err}") from err
+    if verify is None:
+        verify = os.environ.get(VERIFY_ENV, "1") != "0"
+    checksum = metadata.get(CHECKSUM_KEY)
+    if verify and checksum is not None and tensors_digest(tensors) != checksum:
+        raise OSError(f"{weights_path} is corrupt: its tensors do not match the checksum saved with them "
+                      f"(verify=False or {VERIFY_ENV}=0 loads it anyway)")
     saved = metadata.get("config")
-    if saved is not None and RetNetConfig.from_json(saved) != config:
-        raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {weights_path}")
-    if metadata.get("quantization") != method:
-        raise ValueError(f"{weights_path} does not hold {method} weights (its metadata says "
-                         f"{metadata.get('quantization')!r})")
+    if saved is not None:
+        # Metadata is data from the file: parsed as JSON text, never opened as a path.
+        try:
+            stored = RetNetConfig.from_json_text(saved)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{weights_path}: the config in its metadata is invalid: {err}") from err
+        if stored != config:
+            raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {weights_path}")
     model = cls(config, device="meta")
     group = group_size(method)
 

@@ -715,7 +715,8 @@ class RetNet(GenerationMixin, nn.Module):
 
     def save_pretrained(self, directory: str | Path, max_shard_size: int | str | None = None) -> None:
         """Write ``config.json`` and ``model.safetensors`` to ``directory``, atomically; a model
-        bigger than ``max_shard_size`` (default ``"5GB"``) goes into shards with an index."""
+        bigger than ``max_shard_size`` (default ``"5GB"``) goes into shards with an index. A
+        quantized model is written in its quantized format (one file; see ``models/quantized.py``)."""
         from .checkpoint import save_pretrained
 
         save_pretrained(self, directory, max_shard_size)
@@ -731,15 +732,15 @@ class RetNet(GenerationMixin, nn.Module):
         load (``models/quantized.py``).
         """
         from .checkpoint import load_pretrained
-        from .quantized import check_method, load_quantized, quantize_model, read_quantization
+        from .quantized import check_method, load_quantized, quantize_model, saved_quantization
 
         if quantize is not None:
             check_method(quantize)
-        saved = read_quantization(Path(directory)) if Path(directory).is_dir() else None
+        saved = saved_quantization(Path(directory)) if Path(directory).is_dir() else None
         if saved is not None:
             if quantize not in (None, saved):
                 raise ValueError(f"quantize={quantize!r}: {directory} holds {saved} weights already")
-            return load_quantized(cls, Path(directory), device=device, dtype=dtype)
+            return load_quantized(cls, Path(directory), device=device, dtype=dtype, verify=verify)
         model = load_pretrained(cls, directory, device=device, dtype=dtype, verify=verify)
         return model if quantize is None else quantize_model(model, quantize)
     @classmethod

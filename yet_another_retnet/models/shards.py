@@ -5,6 +5,13 @@ The layout is Hugging Face's: one ``model.safetensors`` when everything fits in 
 "weight_map": {name: file}}``. Shards hold whole tensors, filled in order up to ``max_shard_size``
 (default 5 GB, as ``transformers`` writes them).
 
+Every save draws a random save id and writes it into each file's metadata and into the index
+(written last, atomically). Re-saving over an earlier save with the same shard names replaces the
+shards one by one: a save killed half-way leaves new shards beside old ones under an index that
+names them all, each with a checksum of its own tensors only. On load every shard must carry
+the index's save id (an index without one, from an older save or another tool, takes shards
+without one), so such a mix is refused, never loaded.
+
 Loading builds the model on the meta device (no memory, no initialisation) and fills it one
 tensor at a time: each tensor is read from a shard opened for it alone, converted (renamed,
 permuted, cast to the dtype asked for) and set in place, and the shard is closed again, which
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,10 +40,13 @@ from .checkpoint import (
     WEIGHTS_NAME,
     atomic_write,
     digest_update,
+    remove_stale,
     tensors_digest,
 )
 
 INDEX_NAME = "model.safetensors.index.json"
+#: Metadata key (in each weights file and in the index's ``metadata``) of the save that wrote it.
+SAVE_ID_KEY = "yaretnet_save_id"
 #: Hugging Face's default largest shard, in bytes ("5GB").
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 _SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
@@ -81,11 +92,13 @@ def save_sharded(tensors: Mapping[str, Tensor], directory: str | Path,
 
     Every file is written atomically (see :func:`~.checkpoint.atomic_write`), the index last;
     shard files and an index left from an earlier save that the new one does not use are removed
-    afterwards, so the directory never names a file that is not there.
+    afterwards, so the directory never names a file that is not there. Every file and the index
+    carry this save's random id, so shards of two saves are never loaded together.
     """
     directory = Path(directory)
     groups = plan_shards(tensors, max_shard_size)
-    meta = {"format": "pt", **(metadata or {})}
+    save_id = secrets.token_hex(16)
+    meta = {"format": "pt", **(metadata or {}), SAVE_ID_KEY: save_id}
     if len(groups) == 1:
         names = [WEIGHTS_NAME]
     else:
@@ -96,7 +109,8 @@ def save_sharded(tensors: Mapping[str, Tensor], directory: str | Path,
         file_meta = {**meta, CHECKSUM_KEY: tensors_digest(part)}
         atomic_write(directory / file, lambda tmp, part=part, m=file_meta: save_file(part, str(tmp), metadata=m))
     if len(groups) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
+                              SAVE_ID_KEY: save_id},
                  "weight_map": {name: file for file, group in zip(names, groups, strict=True) for name in group}}
         atomic_write(directory / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2) + "\n"))
     else:
@@ -107,12 +121,23 @@ def save_sharded(tensors: Mapping[str, Tensor], directory: str | Path,
     return names
 
 
+def remove_shards(directory: Path) -> None:
+    """Remove the index and shard files an earlier sharded save left in ``directory``: the index
+    first, so the directory never names a file that is not there."""
+    remove_stale(directory / INDEX_NAME)
+    for stale in sorted(directory.iterdir()):
+        if _SHARD_PATTERN.fullmatch(stale.name):
+            remove_stale(stale)
+
+
 def load_json(path: Path) -> Any:
     """``path``'s JSON value; ``ValueError`` naming the file if it is not JSON."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+    except RecursionError as err:  # thousands of nested "[": json's decoder recurses per level
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from err
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:
@@ -141,7 +166,9 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
     directory = Path(directory)
     index_path = directory / INDEX_NAME
     if index_path.is_file():
-        return {name: directory / file for name, file in read_weight_map(index_path).items()}
+        files = {name: directory / file for name, file in read_weight_map(index_path).items()}
+        check_save_ids(index_path, sorted(set(files.values())))
+        return files
     single = directory / WEIGHTS_NAME
     if not single.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} or {INDEX_NAME} in {directory}")
@@ -150,6 +177,23 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
             return {name: single for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise OSError(f"{single} is truncated or corrupt: {err}") from err
+
+
+def check_save_ids(index_path: Path, shards: Iterable[Path]) -> None:
+    """``ValueError`` unless every shard carries the save id of the index at ``index_path``.
+
+    A save over an earlier one with the same shard names that was killed half-way leaves new
+    shards beside old ones (each with a valid checksum of its own tensors); the index, written
+    last, still has the old save's id, or none (a save from before ids existed). An index without
+    an id therefore takes only shards without one.
+    """
+    index = load_json(index_path)
+    meta = index.get("metadata") if isinstance(index, dict) else None
+    expected = meta.get(SAVE_ID_KEY) if isinstance(meta, dict) else None
+    mixed = sorted(path.name for path in shards if read_metadata(path).get(SAVE_ID_KEY) != expected)
+    if mixed:
+        raise ValueError(f"{index_path.parent}: {mixed[:5]} come from another save than {index_path.name} "
+                         f"(a save was interrupted and left shards of two saves); save the model again")
 
 
 def tensor_shapes(files: Mapping[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -264,6 +308,10 @@ def fill_model(model: nn.Module, sources: Iterable[tuple[str, Callable[[], Tenso
         t = make()
         if tuple(t.shape) != tuple(old.shape):
             raise ValueError(f"{name}: shape {tuple(t.shape)} does not match the config's {tuple(old.shape)}")
+        if old.dtype.is_floating_point and not t.dtype.is_floating_point:
+            # An integer (or bool, complex) tensor cast to float would load a silently wrong weight.
+            raise ValueError(f"{name}: stored as {str(t.dtype).removeprefix('torch.')}, not a floating-point "
+                             f"type; a float parameter cannot be loaded from it")
         cast = t.to(dtype)
         owned = cast.clone(memory_format=torch.contiguous_format) if cast is t else cast.contiguous()
         del t, cast  # the source view goes now: its file mapping is released before the next read

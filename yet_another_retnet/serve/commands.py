@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +68,14 @@ def _model_for(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    """Quantize SRC into OUT. OUT is built in a temporary directory beside it and renamed into
+    place once complete (weights, config and tokenizer), as ``retnet convert`` does: a kill or a
+    full disk leaves no OUT, never one without its tokenizer (which would load with the byte
+    tokenizer instead)."""
     from ..models import RetNet
+    from ..models.checkpoint import WEIGHTS_NAME
     from ..models.quantized import save_quantized
+    from ..models.shards import weight_files
 
     src, out = Path(args.model), Path(args.out)
     if not src.is_dir():
@@ -77,14 +85,43 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if out.resolve() == src.resolve():
         raise UsageError("OUT must differ from SRC")
     model = RetNet.from_pretrained(src, quantize=args.method)
-    save_quantized(model, out)
-    for name in _TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, out / name)
-    before = (src / "model.safetensors").stat().st_size
-    after = (out / "model.safetensors").stat().st_size
+    # The source's size from the files that hold its weights (one file or shards).
+    before = sum(path.stat().st_size for path in set(weight_files(src).values()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        save_quantized(model, tmp)
+        for name in _TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+                _fsync(tmp / name)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's is owner-only; OUT gets a plain mkdir's mode
+        _fsync(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(out.parent)
+    after = (out / WEIGHTS_NAME).stat().st_size
     print(f"wrote {out} ({args.method}): {after / 2**20:,.1f} MiB of weights (was {before / 2**20:,.1f} MiB)")
     return 0
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
