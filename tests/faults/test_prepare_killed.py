@@ -19,6 +19,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from yet_another_retnet.cli import main
 from yet_another_retnet.training.prepare import LOCK_NAME, PrepareError, prepare
 from yet_another_retnet.training.shards import PreparedDataError, open_prepared
 
-from .conftest import child_env, run, start
+from .conftest import assert_one_error_line, child_env, run, start
 
 UNIT_BYTES = 1 << 16  # small units and shards: many writes and several shards from 2 MB
 SHARD_TOKENS = 1 << 18
@@ -107,8 +108,10 @@ def _check_after_kill(out: Path, corpus: Path, expected: dict[str, bytes], old: 
         with pytest.raises(PrepareError, match="--overwrite"):
             prepare([str(corpus)], out, **settings)  # type: ignore[arg-type]
         assert _published(out) == old  # the refusal touched nothing
+    if found == "finished":  # whole: the same preparation is reused, and --overwrite makes it afresh
+        assert prepare([str(corpus)], out, **settings).reused  # type: ignore[arg-type]
     result = prepare([str(corpus)], out, overwrite=True, **settings)  # type: ignore[arg-type]
-    assert result.reused == (found == "finished")
+    assert not result.reused
     assert _files(out) == expected
     assert not (out / ".partial").exists()
     return found
@@ -177,3 +180,43 @@ def test_prepare_killed_at_random_points_never_leaves_a_wrong_complete_directory
     print("prepare killed at call / found:", seen)
     assert {found for _, found in seen} <= {"incomplete", "old kept", "finished"}
 
+
+
+WORKER_DIES = """
+import os, signal, sys
+from yet_another_retnet.training import prepare as p
+
+real = p.encode_unit
+
+def encode_or_die(unit):
+    if unit.start > 0:  # the worker given the second unit dies, as under the out-of-memory killer
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(unit)
+
+p.encode_unit = encode_or_die  # the forked workers see it too
+try:
+    p.prepare([sys.argv[1]], sys.argv[2], workers=2, unit_bytes=1 << 16)
+except p.PrepareError as err:  # as the command line reports it
+    print(f"retnet: error: {err}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_worker_that_dies_is_a_clear_error_not_a_hang(tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path / "corpus.jsonl", 400_000, seed=5)
+    out = tmp_path / "out"
+    script = tmp_path / "child.py"
+    script.write_text(WORKER_DIES)
+    proc = start([str(script), str(corpus), str(out)], child_env())
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("prepare waited forever for a worker that had died")
+    line = assert_one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "", err.decode()))
+    assert "worker process died" in line and "--workers" in line, line
+    assert not (out / "index.json").exists() and not (out / ".partial").exists(), sorted(out.rglob("*"))
+    # Nothing half-done is in the way of the next run.
+    assert not prepare([str(corpus)], out, workers=2, unit_bytes=1 << 16).reused
+    assert len(open_prepared(out).train) > 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -78,8 +81,8 @@ def test_bpe_tokenizer_and_dtype_that_does_not_fit(sources: Path, tmp_path: Path
     small.save(str(tmp_path / "small.json"))
     index = prepare([str(sources / "rows.jsonl")], tmp_path / "small", tokenizer=str(tmp_path / "small.json")).index
     assert index["tokenizer"]["eod_id"] == 1 and (tmp_path / "small" / "tokenizer.json").is_file()
-    big = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(70_000)} | {"[UNK]": 70_000},
-                                                unk_token="[UNK]"))
+    big = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(70_000)}
+                                                | {"[UNK]": 70_000, "<|endoftext|>": 70_001}, unk_token="[UNK]"))
     big.save(str(tmp_path / "big.json"))
     with pytest.raises(PrepareError, match="more than uint16 holds"):
         prepare([str(sources / "rows.jsonl")], tmp_path / "big", tokenizer=str(tmp_path / "big.json"), dtype="uint16")
@@ -233,3 +236,161 @@ def test_tensorboard_and_wandb_offline(sources: Path, tmp_path: Path, monkeypatc
     assert len(losses) == 3 and losses == pytest.approx([r["loss"] for r in read_metrics(out) if r["kind"] == "train"])
     assert "eval/val_loss" in events.Tags()["scalars"]
     assert list((out / "wandb").glob("offline-run-*")), "no offline W&B run written"
+
+
+def test_a_rerun_repairs_a_damaged_directory_and_overwrite_never_reuses(sources: Path, tmp_path: Path) -> None:
+    srcs = [str(sources / "docs")]
+    out = tmp_path / "p"
+    prepare(srcs, out)
+    whole = shard_bytes(out)
+    shard = out / "train-00000.bin"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 2)
+    with pytest.raises(PreparedDataError, match="run `retnet prepare` again"):
+        open_prepared(out)
+    # The advice works: the same preparation, damaged, is made again rather than reused.
+    assert not prepare(srcs, out).reused
+    assert shard_bytes(out) == whole and len(open_prepared(out).train) > 0
+    assert prepare(srcs, out).reused  # whole again: reused
+    assert not prepare(srcs, out, overwrite=True).reused  # --overwrite always prepares afresh
+    assert shard_bytes(out) == whole
+    # `retnet train` on a text path repairs the run's prepared copy the same way.
+    run = tmp_path / "run"
+    assert main(["train", "--data", srcs[0], "--out", str(run), *TINY, "--max-steps", "3", "--stop-after", "2"]) == 0
+    (run / "data" / "val.docs.npy").write_bytes(b"junk")
+    assert main(["train", "--out", str(run), "--resume"]) == 0
+    assert len(open_prepared(run / "data").val) > 0
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+def test_encodings_whose_newline_is_not_one_byte_are_refused(tmp_path: Path, encoding: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Units are cut at b"\n" bytes: in these encodings that splits characters (or, with a
+    # byte-order mark, decodes every unit after the first in the wrong byte order).
+    src = tmp_path / "wide.txt"
+    src.write_text(default_corpus_text()[:3000], encoding=encoding)
+    out = tmp_path / "out"
+    assert main(["prepare", str(src), "--out", str(out), "--quiet", "--data-encoding", encoding]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--data-encoding {encoding}" in err[0] and "UTF-8" in err[0], err
+    assert not any(p.suffix in (".bin", ".npy", ".json") for p in out.rglob("*"))
+    # A byte-order mark before UTF-8 is fine: it is dropped, the newlines are single bytes.
+    sig = tmp_path / "sig.txt"
+    sig.write_text("caf\u00e9 au lait\n" * 40, encoding="utf-8-sig")
+    prepare([str(sig)], tmp_path / "sig", encoding="utf-8-sig", val_fraction=0.3, unit_bytes=64)
+    data = open_prepared(tmp_path / "sig")
+    assert data.train.read(0, 6).tolist() == list("caf\u00e9 ".encode())  # no BOM bytes
+
+
+def test_a_tail_split_keeps_the_document_starts_it_moves(tmp_path: Path) -> None:
+    # Three documents, none held out whole at --val-fraction 0.3: the last 30% of the tokens move
+    # to validation, and the short last document starts inside them.
+    texts = [b"a" * 100, b"b" * 100, b"c" * 10]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{i}.txt").write_bytes(text)
+    prepare([str(tmp_path / f"{i}.txt") for i in range(3)], tmp_path / "p", val_fraction=0.3)
+    data = open_prepared(tmp_path / "p")
+    keep = 213 - int(213 * 0.3)  # 3 documents and 3 end ids; keep the first 150 tokens
+    assert len(data.train) == keep and np.asarray(data.train.doc_starts).tolist() == [0, 101]
+    assert np.asarray(data.val.doc_starts).tolist() == [0, 202 - keep]
+    assert data.val.read(202 - keep, 11).tolist() == [*texts[2], 256]
+    assert data.val.resets(torch.tensor([40]), 20)[0].nonzero().flatten().tolist() == [202 - keep - 40]
+
+
+def test_a_tail_split_copies_in_bounded_pieces(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from yet_another_retnet.training import prepare as prepare_module
+
+    dtype = np.dtype("<u2")
+    writers = {s: prepare_module._SplitWriter(tmp_path, s, dtype, 1 << 30) for s in ("train", "val")}
+    tokens = (np.arange(8 << 20, dtype=np.int64) % 257).astype(dtype)  # one 16 MiB shard
+    writers["train"].doc_starts.append(0)
+    for piece in np.array_split(tokens, 16):
+        writers["train"].write(piece)
+    writers["train"].finish()
+    tracemalloc.start()
+    try:
+        prepare_module._split_tail(writers, 0.5, dtype)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Not the shard, nor the tail, in memory at once: memory must not grow with the corpus.
+    assert peak < tokens.nbytes // 4, peak
+    keep = len(tokens) // 2
+    assert np.array_equal(np.fromfile(tmp_path / "train-00000.bin", dtype=dtype), tokens[:keep])
+    assert np.array_equal(np.fromfile(tmp_path / "val-00000.bin", dtype=dtype), tokens[keep:])
+
+
+def _edit_index(directory: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    index = json.loads((directory / "index.json").read_text())
+    edit(index)
+    (directory / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("field", ["splits.train.doc_starts", "tokenizer.file", "splits.val.shards[0].file"])
+def test_index_file_names_cannot_leave_the_directory(sources: Path, tmp_path: Path, field: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "<|endoftext|>": 1}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "tok.json"))
+    out = tmp_path / "p"
+    prepare([str(sources / "docs")], out, tokenizer=str(tmp_path / "tok.json"))
+    # Copies outside the directory that would read as valid: only the name check stops them.
+    (tmp_path / "train.docs.npy").write_bytes((out / "train.docs.npy").read_bytes())
+    (tmp_path / "val-00000.bin").write_bytes((out / "val-00000.bin").read_bytes())
+    if field == "splits.train.doc_starts":
+        _edit_index(out, lambda index: index["splits"]["train"].update(doc_starts="../train.docs.npy"))
+    elif field == "tokenizer.file":
+        _edit_index(out, lambda index: index["tokenizer"].update(file="../tok.json"))
+    else:
+        _edit_index(out, lambda index: index["splits"]["val"]["shards"][0].update(file=str(tmp_path / "val-00000.bin")))
+    with pytest.raises(PreparedDataError, match=rf"index.json: field '{re.escape(field)}' must be a plain file name"):
+        open_prepared(out)
+    capsys.readouterr()
+    assert main(["train", "--data", str(out), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2"]) == 2
+    assert field in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, edit", [
+    ("documents", lambda index: index.pop("documents")),
+    ("tokenizer", lambda index: index.pop("tokenizer")),
+    ("tokenizer.vocab_size", lambda index: index["tokenizer"].update(vocab_size="257")),
+    ("splits.train.tokens", lambda index: index["splits"]["train"].update(tokens="12")),
+    ("splits.val.text_bytes", lambda index: index["splits"]["val"].pop("text_bytes")),
+    ("splits.train.shards", lambda index: index["splits"]["train"].update(shards={"file": "x"})),
+    ("splits.val.shards[0].tokens", lambda index: index["splits"]["val"]["shards"][0].update(tokens=1.5)),
+    ("settings", lambda index: index.update(settings="sft")),
+])
+def test_a_structurally_wrong_index_is_one_clear_error(sources: Path, tmp_path: Path, field: str,
+                                                       edit: Callable[[dict[str, Any]], object],
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "p"
+    prepare([str(sources / "docs")], out)
+    _edit_index(out, edit)
+    with pytest.raises(PreparedDataError, match=rf"index.json: field '{re.escape(field)}'"):
+        open_prepared(out)
+    capsys.readouterr()
+    assert main(["train", "--data", str(out), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0], err
+
+
+def test_a_tokenizer_without_an_end_of_document_token_is_refused(sources: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models
+
+    tok = tokenizers.Tokenizer(models.WordLevel({"[UNK]": 0, "the": 1}, unk_token="[UNK]"))
+    tok.save(str(tmp_path / "no-eod.json"))
+    with pytest.raises(PrepareError, match=r"--tokenizer .*no-eod.json has no end-of-document token"):
+        prepare([str(sources / "docs")], tmp_path / "p", tokenizer=str(tmp_path / "no-eod.json"))
+    assert not (tmp_path / "p" / "index.json").exists()
+    capsys.readouterr()
+    assert main(["train", "--data", str(sources / "docs"), "--tokenizer", str(tmp_path / "no-eod.json"),
+                 "--out", str(tmp_path / "run"), *TINY, "--max-steps", "2"]) == 2
+    assert "no end-of-document token" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -62,6 +62,22 @@ def test_resuming_a_finished_run_to_more_steps_is_refused(
     assert _snapshot(out) == before  # nothing written
 
 
+def test_a_refused_resume_leaves_the_runs_prepared_data_alone(
+        finished: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source, corpus = finished
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    edited = tmp_path / "corpus.txt"
+    edited.write_text(corpus.read_text() + "\nOne more paragraph, added after the run started.\n")
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--data", str(edited), "--out", str(out), "--resume", "--max-steps", "3"]) == 2
+    assert "the training data differs" in _error_line(capsys)
+    # The edited text was prepared beside the run, not over its data, and removed on the refusal.
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "run"]
+
+
 def test_extend_schedule_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--out", str(tmp_path / "new"), "--extend-schedule", *TINY]) == 2
     assert "--extend-schedule applies only with --resume" in _error_line(capsys)

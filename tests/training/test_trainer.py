@@ -208,7 +208,7 @@ def test_hf_tokenizer_run_saves_and_reuses_the_tokenizer(tmp_path: Path, corpus_
     tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
-    tok.train([str(corpus_file)], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"],
+    tok.train([str(corpus_file)], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "<|endoftext|>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok_file = tmp_path / "my-tokenizer.json"
     tok.save(str(tok_file))

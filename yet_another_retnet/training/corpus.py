@@ -77,9 +77,11 @@ def load_data(config: TrainConfig, info: dist_utils.DistInfo | None = None) -> t
     No ``--data``: the embedded corpus as one in-memory byte stream (the default run, as ever).
     A directory written by ``retnet prepare``: its shards through memory maps, and the tokenizer
     it was prepared with. A text file or directory: prepared first (by rank 0 under torchrun) by
-    the same code, into ``<out>/data`` when that already holds it (reused while the text is
-    unchanged), else into a staging directory beside ``--out`` that the run moves into place once
-    every check has passed (:func:`adopt_staged_data`); a failed check removes it.
+    the same code, reusing ``<out>/data`` when that already holds it whole (the same text,
+    unchanged, the same settings), else into a staging directory beside ``--out`` that the run
+    moves into place once every check has passed (:func:`adopt_staged_data`); a failed check
+    removes it. ``<out>/data`` itself is never rewritten here: a ``--resume`` refused later (the
+    text was edited, another tokenizer) must find the run's data as it was.
     """
     info = info or dist_utils.DistInfo()
     if config.data is None:
@@ -93,7 +95,7 @@ def load_data(config: TrainConfig, info: dist_utils.DistInfo | None = None) -> t
             raise TrainingError(f"data path {source} does not exist")
         out = Path(config.out)
         directory = out / PREPARED_DIR
-        if not is_prepared(directory):
+        if not _reusable(config, directory):
             directory = staged = out.parent / f".{out.name}.{PREPARED_DIR}-staged"
         if info.is_main:
             _prepare_on_the_fly(config, directory, staged is not None)
@@ -144,13 +146,29 @@ def adopt_staged_data(corpus: Corpus, out: Path) -> None:
     corpus.staged = None
 
 
+def _reusable(config: TrainConfig, directory: Path) -> bool:
+    """Whether ``directory`` (``<out>/data``) already holds the preparation of ``config.data``,
+    whole, so that preparing reuses it and writes nothing there."""
+    from .prepare import would_reuse
+
+    if not is_prepared(directory):
+        return False
+    try:
+        return would_reuse([str(config.data)], directory, tokenizer=config.tokenizer,
+                           val_fraction=config.val_fraction, encoding=config.data_encoding)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
+
+
 def _prepare_on_the_fly(config: TrainConfig, directory: Path, fresh: bool) -> None:
-    """``retnet prepare`` of a plain text --data path into ``directory`` (nothing left on failure)."""
+    """``retnet prepare`` of a plain text --data path into ``directory`` (nothing left on failure):
+    a ``fresh`` (staging) directory is prepared anew, whatever a killed run left there; any other
+    is only reused (:func:`_reusable` said it would be)."""
     from .prepare import prepare
 
     try:
         prepare([str(config.data)], directory, tokenizer=config.tokenizer, val_fraction=config.val_fraction,
-                encoding=config.data_encoding, overwrite=True)
+                encoding=config.data_encoding, overwrite=fresh)
     except BaseException as err:
         if fresh:
             shutil.rmtree(directory, ignore_errors=True)

@@ -21,6 +21,8 @@ How it stays correct at scale:
 
 from __future__ import annotations
 
+import codecs
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -37,7 +39,16 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .shards import DTYPES, FORMAT, FORMAT_VERSION, INDEX_NAME, dtype_for_vocab, read_index
+from .shards import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_NAME,
+    PreparedDataError,
+    dtype_for_vocab,
+    open_prepared,
+    read_index,
+)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".py")
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -48,6 +59,11 @@ UNIT_BYTES = 4 << 20
 UNIT_ROWS = 8192
 #: Tokens per shard file.
 SHARD_TOKENS = 1 << 30
+#: Units handed to the worker processes per worker ahead of the one being written: enough to
+#: keep them busy, few enough that results waiting for their turn stay a bounded amount of memory.
+IN_FLIGHT_PER_WORKER = 2
+#: Tokens copied per step when the validation split is cut from the tail of the training one.
+COPY_TOKENS = 1 << 20
 PARTIAL = ".partial"
 LOCK_NAME = ".prepare.lock"
 TOKENIZER_FILE = "tokenizer.json"
@@ -522,12 +538,17 @@ def _ours(name: str) -> bool:
 
 
 def _tokenizer_identity(path: str | None) -> dict[str, Any]:
-    from .data import ByteTokenizer, HFTokenizer
+    from .data import EOD_TOKENS, ByteTokenizer, HFTokenizer
 
     if path is None:
         tok = ByteTokenizer(end_of_document=True)
         return {"type": "byte", "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "sha256": "byte"}
     hf = HFTokenizer(path)
+    if hf.eod_id is None:
+        # Documents are separated by this id alone: without one they would run together silently,
+        # and no option names another token to use instead.
+        raise PrepareError(f"--tokenizer {path} has no end-of-document token (none of {', '.join(EOD_TOKENS)}), "
+                           f"so documents would run into each other; add one of them to the tokenizer")
     return {"type": "hf", "vocab_size": hf.vocab_size, "eod_id": hf.eod_id, "file": TOKENIZER_FILE,
             "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
@@ -541,6 +562,114 @@ def _stat_key(sources: list[Source]) -> list[list[Any]]:
             st = os.stat(s.path)
             key.append([os.path.abspath(s.path), st.st_size, st.st_mtime_ns])
     return key
+
+
+@dataclass
+class _Plan:
+    """What a preparation is made of, checked: its sources, tokenizer and settings, and the
+    sources' size and modification time (what a later run compares to reuse the output)."""
+
+    found: list[Source]
+    identity: dict[str, Any]
+    settings: dict[str, Any]
+    stat_key: list[list[Any]]
+
+
+def _plan(sources: list[str], out: Path, tokenizer: str | None, field_name: str, val_fraction: float,
+          encoding: str, dtype: str | None, shard_tokens: int, sft: bool) -> _Plan:
+    """The checked arguments of :func:`prepare` (:class:`PrepareError` naming the bad one)."""
+    if not sources:
+        raise PrepareError("give at least one source")
+    if not 0.0 < val_fraction < 1.0:
+        raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
+    if dtype is not None and dtype not in DTYPES:
+        raise PrepareError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if shard_tokens < 1:
+        raise PrepareError(f"shard_tokens must be >= 1, got {shard_tokens}")
+    try:
+        "".encode(encoding)
+    except LookupError:
+        raise PrepareError(f"--data-encoding: unknown encoding {encoding!r}") from None
+    if not _cuts_at_newlines(encoding):
+        raise PrepareError(f"--data-encoding {encoding}: a newline is not the single byte 0x0A in it (as in "
+                           f"UTF-16 and UTF-32), so the files cannot be cut at lines; convert them to UTF-8 first "
+                           f"(e.g. iconv -f {encoding} -t UTF-8)")
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} exists and is not a directory")
+    found = find_sources(sources)
+    identity = _tokenizer_identity(tokenizer)
+    vocab = int(identity["vocab_size"])
+    chosen = dtype or dtype_for_vocab(vocab)
+    if vocab > np.iinfo(DTYPES[chosen].type).max + 1:
+        raise PrepareError(f"--dtype {chosen}: the tokenizer has {vocab:,} ids, more than {chosen} holds; "
+                           f"use uint32")
+    settings = {"field": field_name, "val_fraction": val_fraction, "encoding": encoding, "dtype": chosen,
+                "shard_tokens": shard_tokens, "sft": sft}
+    return _Plan(found, identity, settings, _stat_key(found))
+
+
+def _cuts_at_newlines(encoding: str) -> bool:
+    """Whether text in ``encoding`` may be cut into units at ``b"\\n"`` bytes and each unit decoded
+    on its own: a newline must be that one byte, as in UTF-8, Latin-1 and the other ASCII-based
+    encodings (a byte-order mark at the start of a file, as in utf-8-sig, is fine). In UTF-16 and
+    UTF-32 a 0x0A byte can be half of another character, and a unit after the first would lose the
+    file's byte-order mark."""
+    try:
+        encoder = codecs.getincrementalencoder(encoding)()
+        encoder.encode("a\n")  # a byte-order mark, if the encoding writes one, comes out here
+        return bool(encoder.encode("a\n") == b"a\n")
+    except (LookupError, TypeError, ValueError):
+        return False
+
+
+def _same_preparation(out: Path, plan: _Plan) -> dict[str, Any] | None:
+    """The index in ``out`` if it records this very preparation (same sources, unchanged on disk,
+    same settings and tokenizer), else ``None``; says nothing of whether its files are whole."""
+    if not (out / INDEX_NAME).is_file() or any(s.kind == "hub" for s in plan.found):
+        return None  # a hub dataset may change under the same name: never the same
+    try:
+        old = read_index(out)
+    except ValueError:
+        return None
+    if (old.get("settings") != plan.settings or old.get("source_stat") != plan.stat_key
+            or old.get("tokenizer") != plan.identity):
+        return None
+    return old
+
+
+def _whole(out: Path, plan: _Plan) -> bool:
+    """Whether the preparation in ``out`` opens as a reader would open it, with the tokenizer copy
+    it records. Checked before reusing it: reusing a damaged one would answer "nothing to do"
+    while every reader refuses it and says to run `retnet prepare` again."""
+    try:
+        open_prepared(out)
+        if plan.identity["type"] == "hf":
+            copy = out / TOKENIZER_FILE
+            return hashlib.sha256(copy.read_bytes()).hexdigest() == plan.identity["sha256"]
+    except (PreparedDataError, OSError):
+        return False
+    return True
+
+
+def would_reuse(
+    sources: list[str],
+    out: str | Path,
+    tokenizer: str | None = None,
+    field_name: str = "text",
+    val_fraction: float = 0.05,
+    encoding: str = "utf-8",
+    dtype: str | None = None,
+    shard_tokens: int = SHARD_TOKENS,
+    sft: bool = False,
+) -> bool:
+    """Whether :func:`prepare` with these arguments would reuse ``out`` as it is; writes nothing.
+
+    ``retnet train`` asks this before it prepares a text path into a run directory: data that
+    would be replaced is prepared beside it instead, so a run refused afterwards (``--resume``
+    with edited data) still has its own. Raises :class:`PrepareError` for bad arguments."""
+    out = Path(out)
+    plan = _plan(sources, out, tokenizer, field_name, val_fraction, encoding, dtype, shard_tokens, sft)
+    return _same_preparation(out, plan) is not None and _whole(out, plan)
 
 
 def prepare(
@@ -561,55 +690,31 @@ def prepare(
     """Tokenize ``sources`` into ``out`` (see the module docstring); returns the index.
 
     An ``out`` that already holds the same preparation (same sources, unchanged on disk, same
-    settings) is reused as it is. Raises :class:`PrepareError` for bad input, leaving ``out`` as
-    it was (or without an index, if an older preparation was being replaced).
+    settings), whole, is reused as it is unless ``overwrite`` asks for a fresh one; a damaged one
+    is prepared again. Raises :class:`PrepareError` for bad input, leaving ``out`` as it was (or
+    without an index, if an older preparation was being replaced).
     """
     started = time.perf_counter()
     cpu_before = _cpu_seconds()
     out = Path(out)
-    if not sources:
-        raise PrepareError("give at least one source")
-    if not 0.0 < val_fraction < 1.0:
-        raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PrepareError(f"--workers must be a positive integer, got {workers!r}")
-    if dtype is not None and dtype not in DTYPES:
-        raise PrepareError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if shard_tokens < 1:
-        raise PrepareError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    try:
-        "".encode(encoding)
-    except LookupError:
-        raise PrepareError(f"--data-encoding: unknown encoding {encoding!r}") from None
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {out} exists and is not a directory")
-    found = find_sources(sources)
-    identity = _tokenizer_identity(tokenizer)
-    vocab = int(identity["vocab_size"])
-    chosen = dtype or dtype_for_vocab(vocab)
-    if vocab > np.iinfo(DTYPES[chosen].type).max + 1:
-        raise PrepareError(f"--dtype {chosen}: the tokenizer has {vocab:,} ids, more than {chosen} holds; "
-                           f"use uint32")
-    settings = {"field": field_name, "val_fraction": val_fraction, "encoding": encoding, "dtype": chosen,
-                "shard_tokens": shard_tokens, "sft": sft}
-    stat_key = _stat_key(found)
+    plan = _plan(sources, out, tokenizer, field_name, val_fraction, encoding, dtype, shard_tokens, sft)
+    found, identity, settings, stat_key = plan.found, plan.identity, plan.settings, plan.stat_key
     if out.is_dir():
         stray = sorted(p.name for p in out.iterdir() if not _ours(p.name))
         if stray:
             raise PrepareError(f"--out {out} holds files that are not prepared data ({', '.join(stray[:3])}); "
                                f"choose an empty or new directory")
     with _locked(out):
-        if (out / INDEX_NAME).is_file():
-            try:
-                old = read_index(out)
-            except ValueError:
-                old = None
-            if (old is not None and old.get("settings") == settings and old.get("source_stat") == stat_key
-                    and old.get("tokenizer") == identity and all(s.kind != "hub" for s in found)):
+        if (out / INDEX_NAME).is_file() and not overwrite:  # --overwrite: always a fresh preparation
+            old = _same_preparation(out, plan)
+            if old is not None and _whole(out, plan):
                 return PrepareResult(out, old, reused=True, seconds=time.perf_counter() - started)
-            if not overwrite:
+            if old is None:
                 raise PrepareError(f"--out {out} already holds prepared data from other sources or settings; "
                                    f"pass --overwrite to replace it, or choose another --out")
+            # This very preparation, damaged (a truncated shard, a lost file): made again below.
         partial = out / PARTIAL
         shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
         partial.mkdir()
@@ -642,17 +747,46 @@ def _results(units: list[Unit], hub: list[Source], spec: TokenizerSpec,
         _init_worker(spec)
         yield from ((u, encode_unit(u)) for u in units)
     else:
-        import multiprocessing
-
-        # fork where there is one: the workers run numpy and tokenizers only (never torch, whose
-        # thread pools a forked child must not touch), and a spawned worker would import torch.
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
-            yield from zip(units, pool.imap(encode_unit, units, chunksize=1), strict=True)
+        yield from _pooled(units, spec, workers)
         _init_worker(spec)
     for src in hub:
         yield from ((None, r) for r in _stream_hub(src.path, spec))
+
+
+def _pooled(units: list[Unit], spec: TokenizerSpec, workers: int) -> Iterator[tuple[Unit, UnitResult]]:
+    """``units`` tokenized by ``workers`` processes; their results in unit order.
+
+    Only ``IN_FLIGHT_PER_WORKER * workers`` units are handed out ahead of the one being written
+    (results that finish early wait in memory for their turn), so memory does not grow with the
+    corpus. A worker that dies (the out-of-memory killer, kill -9) breaks the pool and is a
+    :class:`PrepareError` here, where ``multiprocessing.Pool`` would wait for its result forever.
+    """
+    import multiprocessing
+    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # fork where there is one: the workers run numpy and tokenizers only (never torch, whose
+    # thread pools a forked child must not touch), and a spawned worker would import torch.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(spec,))
+    todo = iter(units)
+    pending: collections.deque[tuple[Unit, Future[UnitResult]]] = collections.deque()
+    try:
+        for unit in itertools.islice(todo, IN_FLIGHT_PER_WORKER * workers):
+            pending.append((unit, pool.submit(encode_unit, unit)))
+        while pending:
+            unit, future = pending.popleft()
+            result = future.result()
+            for later in itertools.islice(todo, 1):  # one out, one in: the window stays the same
+                pending.append((later, pool.submit(encode_unit, later)))
+            yield unit, result
+    except BrokenProcessPool:
+        raise PrepareError(f"a tokenizing worker process died (killed by the out-of-memory killer or a signal?); "
+                           f"--out is left as it was: run again, with fewer --workers (now {workers}) if memory "
+                           f"was short") from None
+    finally:  # on an error, the units not started are dropped: only running ones are waited for
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: dict[str, Any],
@@ -739,7 +873,8 @@ def _write(found: list[Source], partial: Path, tokenizer: str | None, identity: 
 
 def _split_tail(writers: dict[str, _SplitWriter], val_fraction: float, dtype: np.dtype) -> None:
     """Too few documents to hold whole ones out: move the last ``val_fraction`` of the tokens
-    (the tail of the last document) into the validation split instead."""
+    (the tail of the token stream, which may hold the last few documents) into the validation
+    split instead."""
     train, val = writers["train"], writers["val"]
     if val.tokens and not train.tokens:  # everything went to val (one document): swap roles
         train, val = val, train
@@ -754,16 +889,18 @@ def _split_tail(writers: dict[str, _SplitWriter], val_fraction: float, dtype: np
         raise PrepareError(f"the sources hold {train.tokens + val.tokens} tokens: too few for a training "
                            f"and a validation split")
     keep = train.tokens - moved
-    # Read the tail (it may span shards), then truncate the training shards to ``keep``.
-    tail_parts = []
+    # Copy the tail (it may span shards) into the validation split a bounded piece at a time,
+    # through memory maps (a shard may be gigabytes), then truncate the training shards to ``keep``.
     offset = 0
     for shard in train.shards:
         begin = max(keep - offset, 0)
         if begin < shard["tokens"]:
-            data = np.fromfile(train.directory / shard["file"], dtype=dtype)
-            tail_parts.append(data[begin:].astype(np.uint32))
+            data = np.memmap(train.directory / shard["file"], dtype=dtype, mode="r")
+            for at in range(begin, shard["tokens"], COPY_TOKENS):
+                val.write(data[at:at + COPY_TOKENS])
+            del data  # unmapped before the file is truncated below
         offset += shard["tokens"]
-    tail = np.concatenate(tail_parts)
+    val.finish()
     offset = 0
     kept_shards = []
     for shard in train.shards:
@@ -779,11 +916,11 @@ def _split_tail(writers: dict[str, _SplitWriter], val_fraction: float, dtype: np
     share = moved / (keep + moved)
     moved_bytes = int(train.text_bytes * share)
     train.text_bytes -= moved_bytes
+    # The validation split starts at 0 (a document, or the rest of the one cut at ``keep``), and
+    # the documents that start inside the moved tail start there too: its resets must see them.
+    val.doc_starts = [0] + [s - keep for s in train.doc_starts if s > keep]
     train.doc_starts = [s for s in train.doc_starts if s < keep]
-    val.doc_starts = [0]
     val.text_bytes = moved_bytes
-    val.write(tail)
-    val.finish()
 
 
 def _publish(partial: Path, out: Path, index: dict[str, Any]) -> None:

@@ -158,7 +158,12 @@ class PreparedData:
 
 
 def read_index(path: str | Path) -> dict[str, Any]:
-    """The validated ``index.json`` of a prepared directory; :class:`PreparedDataError` if not one."""
+    """The validated ``index.json`` of a prepared directory; :class:`PreparedDataError` if not one.
+
+    Every field a reader uses is checked here, by name, so that a damaged or hand-edited index is
+    one clear error rather than a ``KeyError`` deep in training; and every file name in it must be
+    a plain name inside the directory (the index is data from elsewhere, never a path to follow).
+    """
     directory = Path(path)
     index_path = directory / INDEX_NAME
     if not directory.is_dir():
@@ -180,7 +185,55 @@ def read_index(path: str | Path) -> dict[str, Any]:
     splits = index.get("splits")
     if not isinstance(splits, dict) or any(not isinstance(splits.get(s), dict) for s in SPLITS):
         raise PreparedDataError(f"{index_path}: no train and val splits")
+    for name in ("documents", "text_bytes"):
+        _count(index_path, index, name, name)
+    if not isinstance(index.get("source_fingerprint"), str):
+        raise PreparedDataError(f"{index_path}: field 'source_fingerprint' is missing or not a string")
+    if not isinstance(index.get("settings", {}), dict):
+        raise PreparedDataError(f"{index_path}: field 'settings' is not an object")
+    tokenizer = index.get("tokenizer")
+    if not isinstance(tokenizer, dict) or tokenizer.get("type") not in ("byte", "hf"):
+        raise PreparedDataError(f"{index_path}: field 'tokenizer' is missing or not a byte or hf tokenizer")
+    _count(index_path, tokenizer, "vocab_size", "tokenizer.vocab_size")
+    if tokenizer.get("eod_id") is not None:
+        _count(index_path, tokenizer, "eod_id", "tokenizer.eod_id")
+    if tokenizer["type"] == "hf":
+        _plain_name(index_path, tokenizer.get("file", "tokenizer.json"), "tokenizer.file")
+    for split in SPLITS:
+        entry = splits[split]
+        for name in ("tokens", "documents", "text_bytes"):
+            _count(index_path, entry, name, f"splits.{split}.{name}")
+        _plain_name(index_path, entry.get("doc_starts", f"{split}.docs.npy"), f"splits.{split}.doc_starts")
+        shards = entry.get("shards", [])
+        if not isinstance(shards, list) or not all(isinstance(shard, dict) for shard in shards):
+            raise PreparedDataError(f"{index_path}: field 'splits.{split}.shards' is not a list of shards")
+        for i, shard in enumerate(shards):
+            where = f"splits.{split}.shards[{i}]"
+            _plain_name(index_path, shard.get("file"), f"{where}.file")
+            _count(index_path, shard, "tokens", f"{where}.tokens")
+            if "mask_file" in shard:
+                _plain_name(index_path, shard["mask_file"], f"{where}.mask_file")
     return index
+
+
+def _count(index_path: Path, entry: dict[str, Any], key: str, field: str) -> int:
+    """``entry[key]``, a count; :class:`PreparedDataError` naming ``field`` if it is missing or
+    not a non-negative integer (``True`` and ``"12"`` are not counts)."""
+    value = entry.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PreparedDataError(f"{index_path}: field {field!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _plain_name(index_path: Path, value: Any, field: str) -> str:
+    """``value`` as the name of a file beside ``index_path``; :class:`PreparedDataError` naming
+    ``field`` if it is anything else: an absolute path or a ``..`` in an index from elsewhere
+    would make a reader open files outside the prepared directory."""
+    if (not isinstance(value, str) or not value or Path(value).name != value or value.startswith(".")
+            or "\\" in value):
+        raise PreparedDataError(f"{index_path}: field {field!r} must be a plain file name in "
+                                f"{index_path.parent}, got {value!r}")
+    return value
 
 
 def open_prepared(path: str | Path) -> PreparedData:
@@ -198,10 +251,8 @@ def open_prepared(path: str | Path) -> PreparedData:
         entry = index["splits"][split]
         maps: list[np.memmap] = []
         mask_maps: list[np.memmap] = []
-        for shard in entry.get("shards", []):
+        for shard in entry.get("shards", []):  # names and counts checked by read_index
             name = str(shard["file"])
-            if "/" in name or "\\" in name or name.startswith("."):
-                raise PreparedDataError(f"{directory / INDEX_NAME}: shard name {name!r} is not a plain file name")
             file = directory / name
             expected = int(shard["tokens"]) * itemsize
             size = file.stat().st_size if file.is_file() else -1
@@ -211,7 +262,7 @@ def open_prepared(path: str | Path) -> PreparedData:
             if expected:
                 maps.append(np.memmap(file, dtype=dtype, mode="r"))
             if "mask_file" in shard:
-                mask_file = directory / str(shard["mask_file"]).replace("/", "_")
+                mask_file = directory / str(shard["mask_file"])
                 if (mask_file.stat().st_size if mask_file.is_file() else -1) != int(shard["tokens"]):
                     raise PreparedDataError(f"prepared data {directory}: loss mask {mask_file.name} is missing or "
                                             f"truncated; run `retnet prepare` again")
