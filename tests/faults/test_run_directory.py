@@ -93,6 +93,35 @@ def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_old_run(
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+def test_overwrite_sets_aside_and_restores_the_loggers_directories(
+        tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """tensorboard/ is a run file too: a failed --overwrite brings the old run's events back
+    (the new run's gone), a successful one leaves only the new run's events."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    log = ["--log-to", "tensorboard", "--log-interval", "1"]
+    assert _train(out, corpus_file, "--max-steps", "3", "--eval-interval", "3", *log) == 0
+    old = snapshot(out)
+    assert any(name.startswith("tensorboard/") for name in old)
+    real = trainer.lm_loss
+    calls = {"n": 0}
+
+    def failing(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the new run opened its own tensorboard/ directory
+            raise FloatingPointError("simulated failure at step 2")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trainer, "lm_loss", failing)
+    assert _train(out, corpus_file, "--max-steps", "4", "--eval-interval", "4", "--overwrite", "--seed", "5", *log) == 2
+    assert snapshot(out) == old  # the old run, its events included, and nothing of the new one
+    monkeypatch.setattr(trainer, "lm_loss", real)
+    assert _train(out, corpus_file, "--max-steps", "4", "--eval-interval", "4", "--overwrite", "--seed", "5", *log) == 0
+    event_files = list((out / "tensorboard").iterdir())
+    assert len(event_files) == 1 and f"tensorboard/{event_files[0].name}" not in old
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
 def test_overwrite_killed_at_random_points_keeps_one_whole_run(
         tmp_path: Path, corpus_file: Path, rng: random.Random) -> None:
     """kill -9 an --overwrite run anywhere: the next command finds the old run (killed before

@@ -3,11 +3,12 @@
 ``checkpoint.pt`` holds the model and optimizer state (full, unsharded tensors on the CPU, keyed
 by parameter name so DDP, FSDP and single-process runs read each other's files), the LR
 scheduler, the gradient scaler, the data sampler's generator (the data position), the RNG
-states of torch (CPU and every CUDA device) and Python, and the metrics so far. It is written
-with :func:`~yet_another_retnet.models.checkpoint.atomic_write`: a crash or ``kill -9`` at any
-moment leaves either the previous checkpoint or the new one. A SHA-256 over its whole content
-(every tensor's bytes and every other value) is saved in it and checked on load, since
-``torch.load`` reads most damaged bytes silently (a flipped bit in a tensor is a different tensor).
+states of torch (the CPU's, and each rank's CUDA device's when training on CUDA) and Python, and
+the metrics so far. It is written with :func:`~yet_another_retnet.models.checkpoint.atomic_write`:
+a crash or ``kill -9`` at any moment leaves either the previous checkpoint or the new one. A
+SHA-256 over its whole content (every tensor's bytes and every other value) is saved in it and
+checked on load, since ``torch.load`` reads most damaged bytes silently (a flipped bit in a
+tensor is a different tensor).
 """
 
 from __future__ import annotations
@@ -57,21 +58,60 @@ def payload_digest(payload: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def rng_state() -> dict[str, Any]:
-    """The state of every random number generator training touches."""
+def cuda_rng_states(device: torch.device, world_size: int) -> list[torch.Tensor] | None:
+    """The CUDA generator state of the device each rank trains on, in rank order (on the CPU), or
+    ``None`` when training is not on CUDA. Each rank's dropout masks come from its own device's
+    generator, and only rank 0 writes the checkpoint, so under ``torchrun`` the states are
+    gathered: a collective, every rank calls it."""
+    if device.type != "cuda":
+        return None
+    own = torch.cuda.get_rng_state(device)
+    if world_size == 1:
+        return [own]
+    import torch.distributed as dist
+
+    local = own.to(device)  # NCCL (the CUDA backend: distributed.py) moves CUDA tensors only
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(gathered, local)
+    return [t.cpu() for t in gathered]
+
+
+def rng_state(cuda: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """The state of every random number generator training touches: torch's CPU generator,
+    Python's, and ``cuda`` (from :func:`cuda_rng_states`: one state per rank) when given."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if cuda is not None:
+        state["cuda_ranks"] = list(cuda)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None, rank: int = 0,
+                  world_size: int = 1) -> str | None:
+    """Restore :func:`rng_state`'s generators; this rank trains on ``device``, ``rank`` of
+    ``world_size``. Returns a note for the user when the CUDA generator cannot be restored
+    exactly (the run saved another number of processes' states, or none), else ``None``."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_python_random_state(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    if device is None or device.type != "cuda":
+        return None  # a CPU run draws nothing from a CUDA generator
+    per_rank = state.get("cuda_ranks")
+    if per_rank is not None and len(per_rank) == world_size:
+        torch.cuda.set_rng_state(per_rank[rank], device)
+        return None
+    legacy = state.get("cuda")  # older checkpoints: every device, as the one saving process saw it
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if per_rank is None and legacy is not None and world_size == 1 and index < len(legacy):
+        torch.cuda.set_rng_state(legacy[index], device)
+        return None
+    if per_rank:
+        # Another number of processes: any rank's advanced state beats replaying the first masks.
+        torch.cuda.set_rng_state(per_rank[rank % len(per_rank)], device)
+        saved = f"the CUDA random state of {len(per_rank)} process(es) and this call runs {world_size}"
+    else:
+        saved = "no CUDA random state (it did not train on CUDA)" if legacy is None else \
+            "its CUDA random state in an older format that this number of processes cannot use"
+    return (f"note: the run saved {saved}: it continues, but not bit for bit "
+            f"(dropout draws other masks)")
 
 
 def _as_python_random_state(value: Any) -> tuple[Any, ...]:

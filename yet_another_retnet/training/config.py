@@ -9,6 +9,7 @@ trajectory does not depend on how many processes share it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from ..models import PRESETS
 from ..models.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .checkpoint import CHECKPOINT_NAME
 from .data import HF_TOKENIZER_FILE, TOKENIZER_CONFIG
+from .loggers import TENSORBOARD_DIR, WANDB_DIR
 from .progress import METRICS_CSV_NAME, METRICS_NAME, PLOT_NAME
 
 TRAIN_CONFIG_NAME = "train_config.json"
@@ -31,9 +33,12 @@ PREPARED_DIR = "data"
 #: Validation windows when the data is prepared and --eval-max-windows is not given (a big
 #: corpus's held-out split would otherwise be scored whole at every evaluation).
 PREPARED_EVAL_WINDOWS = 128
-#: Files a run writes; ``--overwrite`` removes exactly these and nothing else.
+#: Files a run writes; ``--overwrite`` removes exactly these and nothing else. The loggers'
+#: directories (``--log-to``) are among them, so a replacing run's events never mix with the old's.
 RUN_FILES = (TRAIN_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_CONFIG, HF_TOKENIZER_FILE,
-             CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, METRICS_CSV_NAME)
+             CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, METRICS_CSV_NAME, TENSORBOARD_DIR, WANDB_DIR)
+#: The modules each ``--log-to`` logger imports, and the package that provides it.
+LOGGER_MODULES = {"tensorboard": ("torch.utils.tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 
 class TrainingError(ValueError):
@@ -97,10 +102,17 @@ class TrainConfig:
     # --resume of a finished run to a larger --max-steps: stretch the LR schedule (refused without).
     extend_schedule: bool = False
 
-    #: Settings that define a run; --resume refuses to change them.
-    #: (The data, the tokenizer and the model are compared by content when the checkpoint loads.)
+    #: Settings that define a run; --resume refuses to change them. (The data, the tokenizer and
+    #: the model are compared by content when the checkpoint loads.) ``eval_max_windows`` picks
+    #: the validation windows: a change would mix two evaluation sets in one loss curve.
     IDENTITY = ("seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1",
-                "beta2", "grad_clip", "seed", "val_fraction", "doc_boundaries", "schedule", "decay_fraction")
+                "beta2", "grad_clip", "seed", "val_fraction", "doc_boundaries", "schedule", "decay_fraction",
+                "eval_max_windows")
+
+    #: Settings --resume may change that compute the same steps with other rounding: the run
+    #: continues with a note that it is not bit for bit (a change to or from fp16, whose gradient
+    #: scaler state does not carry over, is refused: resolve.py).
+    ROUNDING = ("precision", "grad_accum", "chunk_size")
 
     #: Settings of one invocation, not inherited by --resume (a run started under torchrun
     #: with FSDP may continue in one process, on another device, ...).
@@ -146,9 +158,17 @@ class TrainConfig:
             raise TrainingError(f"--schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise TrainingError(f"--decay-fraction must be in (0, 1], got {self.decay_fraction}")
-        unknown = [name for name in self.log_to.split(",") if name and name not in LOGGERS]
+        chosen = [name for name in self.log_to.split(",") if name]
+        unknown = [name for name in chosen if name not in LOGGERS]
         if unknown:
             raise TrainingError(f"--log-to: unknown logger {unknown[0]!r} (choose from {', '.join(LOGGERS)})")
+        for name in chosen:  # now, not once the run directory is written
+            module, package = LOGGER_MODULES[name]
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise TrainingError(f"--log-to {name} needs the `{package}` package: pip install {package} "
+                                    f"({err})") from None
         if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
             raise TrainingError(f"--peak-tflops must be a positive number, got {self.peak_tflops}")
 

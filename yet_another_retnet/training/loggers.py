@@ -18,6 +18,8 @@ from torch import nn
 from ..models import RetNetConfig
 
 TENSORBOARD_DIR = "tensorboard"
+#: Where ``wandb.init(dir=out)`` keeps its files.
+WANDB_DIR = "wandb"
 
 
 def model_flops_per_token(model: nn.Module, config: RetNetConfig, seq_len: int) -> float:
@@ -43,25 +45,39 @@ def memory_figures(device: torch.device) -> dict[str, float]:
 
 
 class Loggers:
-    """The loggers named in ``--log-to`` (``tensorboard``, ``wandb``); rank 0 only."""
+    """The loggers named in ``--log-to`` (``tensorboard``, ``wandb``); rank 0 only.
 
-    def __init__(self, names: str, out: Path, run_config: dict[str, Any], resume: bool) -> None:
+    A resumed run (``resumed_step``: the checkpoint's step) continues the same logs: TensorBoard
+    purges the events a killed call wrote after that step (they are logged again), and W&B
+    continues the run ``wandb_id`` names (saved in the checkpoint: :attr:`wandb_id`) instead of
+    starting a new one.
+    """
+
+    def __init__(self, names: str, out: Path, run_config: dict[str, Any], resumed_step: int | None = None,
+                 wandb_id: str | None = None) -> None:
         self._tb: Any = None
         self._wandb: Any = None
+        #: The W&B run's id, for the checkpoint (``None`` without W&B).
+        self.wandb_id: str | None = None
         chosen = [n for n in names.split(",") if n]
         if "tensorboard" in chosen:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
                 raise ImportError("--log-to tensorboard needs the `tensorboard` package: pip install tensorboard") from err
-            self._tb = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR))
+            # The checkpoint's step was logged before it was saved; what came after is logged again.
+            purge = None if resumed_step is None else resumed_step + 1
+            self._tb = SummaryWriter(log_dir=str(out / TENSORBOARD_DIR), purge_step=purge)
         if "wandb" in chosen:
             try:
                 import wandb
             except ImportError as err:
                 raise ImportError("--log-to wandb needs the `wandb` package: pip install wandb") from err
+            resuming = resumed_step is not None
             self._wandb = wandb.init(project="yet-another-retnet", dir=str(out), config=run_config,
-                                     name=out.name, resume="allow" if resume else None)
+                                     name=out.name, id=wandb_id if resuming else None,
+                                     resume="allow" if resuming else None)
+            self.wandb_id = str(self._wandb.id)
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics record (``kind`` train or eval, ``step``, numbers)."""

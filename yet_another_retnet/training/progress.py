@@ -73,8 +73,12 @@ class ProgressBar:
 
 
 def write_metrics(directory: Path, records: list[dict[str, Any]]) -> None:
-    """Rewrite ``metrics.jsonl`` (one JSON object per line) and ``metrics.csv`` atomically."""
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    """Rewrite ``metrics.jsonl`` (one JSON object per line) and ``metrics.csv`` atomically.
+
+    A value that is not finite (the gradient norm of an fp16 step the scaler skipped) is written
+    as ``null``: JSON has no NaN or Infinity, and strict readers reject Python's spelling of them.
+    """
+    text = "".join(json.dumps(_json_safe(r), sort_keys=True, allow_nan=False) + "\n" for r in records)
     atomic_write(directory / METRICS_NAME, lambda tmp: tmp.write_text(text))
     # The same records as one CSV table (one column per key seen, empty where a record lacks it).
     columns = sorted({k for r in records for k in r}, key=lambda k: (k not in ("kind", "step"), k))
@@ -84,6 +88,10 @@ def write_metrics(directory: Path, records: list[dict[str, Any]]) -> None:
     writer.writerows(records)
     csv_text = buffer.getvalue()
     atomic_write(directory / METRICS_CSV_NAME, lambda tmp: tmp.write_text(csv_text))
+
+
+def _json_safe(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def read_metrics(directory: Path) -> list[dict[str, Any]]:

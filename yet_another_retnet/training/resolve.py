@@ -13,7 +13,15 @@ from ..models.config import loads_strict
 from ..ops import matmul
 from . import rundir
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint
-from .config import PREPARED_DIR, RUN_FILES, TRAIN_CONFIG_NAME, TrainConfig, TrainingError, _flag
+from .config import (
+    PRECISIONS,
+    PREPARED_DIR,
+    RUN_FILES,
+    TRAIN_CONFIG_NAME,
+    TrainConfig,
+    TrainingError,
+    _flag,
+)
 from .corpus import Corpus
 from .data import ByteTokenizer, HFTokenizer
 
@@ -114,6 +122,7 @@ def check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HF
                 f"{config.max_steps}; to train further, pass a larger --max-steps with --extend-schedule"
             )
         _check_schedule(config, int(checkpoint["step"]), saved.get("train", {}).get("max_steps"), say)
+        _check_rounding(config, saved.get("train", {}), say)
         saved_backend = checkpoint.get("cpu_matmul")  # the products' rounding, as before the stop
         if saved_backend in matmul.BACKENDS and matmul.pin_cpu_backend(saved_backend) != saved_backend:
             say(f"note: the run used the {saved_backend} matmul backend, this call {matmul.cpu_backend()} "
@@ -124,6 +133,26 @@ def check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HF
 
 def _tokenizer_identity(described: dict[str, Any]) -> tuple[Any, Any]:
     return described.get("type"), described.get("vocab_size")
+
+
+def _check_rounding(config: TrainConfig, saved: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Settings a resume may change that compute the same steps with other rounding
+    (:attr:`TrainConfig.ROUNDING`: a note says the run is not bit for bit), but not a change to
+    fp16: the checkpoint holds no gradient scaler state, and a fresh scaler skips updates while it
+    calibrates its scale (from fp16, the scaler is simply no longer needed)."""
+    before = saved.get("precision")
+    if config.precision == "fp16" and before in PRECISIONS and before != "fp16":
+        raise TrainingError(
+            f"--precision fp16 differs from the run in {config.out} ({before}): its checkpoint holds no fp16 "
+            f"gradient scaler state to continue from; drop the flag or start a new run in another --out")
+    for name in TrainConfig.ROUNDING:
+        if name in saved and saved[name] != getattr(config, name):
+            say(f"note: --{_flag(name)} {_shown(getattr(config, name))}: the run used {_shown(saved[name])}; "
+                f"it continues, but not bit for bit")
+
+
+def _shown(value: object) -> str:
+    return "the default" if value is None else str(value)
 
 
 def _check_schedule(config: TrainConfig, step: int, saved_max: object, say: Callable[[str], None]) -> None:

@@ -153,7 +153,8 @@ def recover(out: Path, run_files: Sequence[str]) -> str | None:
 
 
 def set_aside(out: Path, run_files: Sequence[str]) -> None:
-    """Move the run files in ``out`` into ``.previous-run/`` (kept until :func:`checkpointed`)."""
+    """Move the run files (and directories) in ``out`` into ``.previous-run/`` (kept until
+    :func:`checkpointed`)."""
     out = Path(out)
     present = [n for n in run_files if (out / n).exists()]
     if not present:
@@ -184,12 +185,21 @@ def _restore(out: Path, run_files: Sequence[str]) -> None:
     for name in run_files:
         if name in moved:
             if (aside / name).exists():
+                if (out / name).is_dir():  # the new run's logger directory: os.replace cannot replace it
+                    remove(out / name)
                 os.replace(aside / name, out / name)
         else:
-            with contextlib.suppress(FileNotFoundError):
-                (out / name).unlink()
+            remove(out / name)
     _fsync_dir(out)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove(path: Path) -> None:
+    """Delete the run file or directory (a logger's, such as ``tensorboard/``) at ``path``, if any."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def abandon(out: Path, run_files: Sequence[str]) -> None:

@@ -8,6 +8,7 @@ stays fixed for the run; :mod:`.trainer` drives the steps.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..ops import matmul
 from . import distributed as dist_utils
 from . import rundir
 from .checkpoint import (
+    cuda_rng_states,
     full_model_state,
     full_state_dicts,
     load_full_state_dicts,
@@ -74,6 +76,7 @@ class TrainState:
     losses: list[float] = field(default_factory=list)  # each of this call's steps
     val_loss: float | None = None  # the latest evaluation's
     val_bpb: float | None = None
+    wandb_id: str | None = None  # the W&B run (--log-to wandb) a resume continues
 
     def elapsed_s(self) -> float:
         """Training time so far, the calls before a resume included."""
@@ -105,11 +108,14 @@ def build_state(run: Run, train_data: TokenSource, checkpoint: dict[str, Any] | 
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         sampler.load_state_dict(checkpoint["sampler"])
-        set_rng_state(checkpoint["rng"])
+        note = set_rng_state(checkpoint["rng"], device, run.info.rank, run.info.world_size)
+        if note:
+            run.say(note)
         state.metrics = list(checkpoint["metrics"])
         state.step = int(checkpoint["step"])
         state.elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
         state.window_losses = [float(x) for x in checkpoint.get("window_losses", [])]
+        state.wandb_id = checkpoint.get("wandb_id")
         # The schedule follows this call's --max-steps (a finished run only with --extend-schedule:
         # resolve.check_run).
         for group in optimizer.param_groups:
@@ -130,6 +136,8 @@ def save_state(run: Run, state: TrainState, plot_notes: set[str]) -> None:
     checkpoints are collectives, and the closing barrier keeps any rank from running ahead of a
     checkpoint that is not complete. ``plot_notes``: the notes already shown (said once)."""
     config, info, out = run.config, run.info, run.out
+    check_finite(run, state)  # before anything is written: the last checkpoint stays the good one
+    cuda_rng = cuda_rng_states(run.device, info.world_size)  # a collective: every rank's own state
     sharded = None
     if config.sharded_checkpoint:  # each rank writes its shards; only the model is gathered (export)
         sharded = save_sharded(out, state.step, state.model, state.optimizer, info.is_main)
@@ -142,9 +150,10 @@ def save_state(run: Run, state: TrainState, plot_notes: set[str]) -> None:
         save_checkpoint(out, {
             "step": state.step, **states,
             "scheduler": state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
-            "sampler": state.sampler.state_dict(), "rng": rng_state(), "metrics": state.metrics,
+            "sampler": state.sampler.state_dict(), "rng": rng_state(cuda_rng), "metrics": state.metrics,
             "elapsed_s": state.elapsed_s(), "run": run.record,
             "cpu_matmul": matmul.cpu_backend(), "window_losses": list(state.window_losses),
+            "wandb_id": state.wandb_id,
         })
         remove_stale_sharded(out, sharded)  # only now is the new checkpoint the valid one
         _save_model(model_state, run.model_config, out)
@@ -155,6 +164,30 @@ def save_state(run: Run, state: TrainState, plot_notes: set[str]) -> None:
             run.say(note)
             plot_notes.add(note)
     dist_utils.barrier(info)
+
+
+def nonfinite_hint(precision: str) -> str:
+    """What to try when training produced a value that is not finite, under ``--precision``
+    (a resume keeps ``--lr``, but may leave a reduced precision: resolve.check_run)."""
+    if precision == "fp32":
+        return "lower --lr in a new run"
+    better = "bf16 or fp32" if precision == "fp16" else "fp32"
+    return f"--resume with --precision {better}, or lower --lr in a new run"
+
+
+def check_finite(run: Run, state: TrainState) -> None:
+    """Raise ``FloatingPointError`` if the weights or the latest validation loss are not finite:
+    a checkpoint of them would replace the last good one. Every rank checks its own parameters
+    (its shards under FSDP) and the verdict is summed over ranks, so all of them raise together."""
+    local = [getattr(p, "to_local", lambda p=p: p)() for p in state.model.parameters()]
+    bad = torch.stack([~torch.isfinite(t).all() for t in local]).any().to(torch.float32)
+    weights_bad = float(dist_utils.all_reduce_sum(bad, run.info)) > 0
+    loss_bad = state.val_loss is not None and not math.isfinite(state.val_loss)
+    if weights_bad or loss_bad:
+        what = "weights" if weights_bad else f"validation loss ({state.val_loss})"
+        raise FloatingPointError(
+            f"the model's {what} became non-finite at step {state.step}: not saved, the checkpoint in "
+            f"{run.out} stays the last good one; {nonfinite_hint(run.config.precision)}")
 
 
 def _save_model(state: dict[str, Tensor], model_config: RetNetConfig, out: Path) -> None:

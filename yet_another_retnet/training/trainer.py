@@ -71,7 +71,7 @@ from .loggers import Loggers, memory_figures, model_flops_per_token
 from .optim import build_optimizer, lr_factor
 from .progress import ProgressBar
 from .resolve import build_model_config, check_run, resolve_config
-from .state import Run, TrainState, build_state, save_state
+from .state import Run, TrainState, build_state, nonfinite_hint, save_state
 
 __all__ = [
     "DOC_BOUNDARIES", "LOGGERS", "PRECISIONS", "PREPARED_DIR", "PREPARED_EVAL_WINDOWS", "RUN_FILES",
@@ -208,7 +208,7 @@ def _prepare_run_dir(run: Run, corpus: Corpus, tokenizer: ByteTokenizer | HFToke
         if rundir.state(out, RUN_FILES, TRAIN_CONFIG_NAME, CHECKPOINT_NAME, ignore=(PREPARED_DIR,)) in ("run", "foreign"):
             rundir.set_aside(out, RUN_FILES)
         for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
+            rundir.remove(out / name)  # a logger's directory too
     adopt_staged_data(corpus, out)
     if note:
         run.say(note)
@@ -269,7 +269,10 @@ def _train_loop(run: Run, state: TrainState, train_data: TokenSource,
     bar = ProgressBar(config.max_steps, config.log_interval, stream) if info.is_main else None
     tokens_per_step = config.batch_size * config.seq_len
     flops_per_token = model_flops_per_token(state.model, run.model_config, config.seq_len)
-    loggers = Loggers(config.log_to, run.out, run.record, resume) if info.is_main and config.log_to else None
+    loggers = None
+    if info.is_main and config.log_to:  # a resume continues the logs from the checkpoint's step
+        loggers = Loggers(config.log_to, run.out, run.record, state.step if resume else None, state.wandb_id)
+        state.wandb_id = loggers.wandb_id or state.wandb_id  # saved with each checkpoint
     save_interval = config.save_interval or config.eval_interval
     stop_at = config.max_steps if config.stop_after is None else min(config.max_steps, state.step + config.stop_after)
     stopper = _StopRequest()
@@ -280,7 +283,11 @@ def _train_loop(run: Run, state: TrainState, train_data: TokenSource,
     # On CPU, large buffers are reused from step to step instead of being page-faulted in afresh
     # (+10-25% per step at 16k tokens, ops/cpu/memory.py); the cache is freed when the loop ends.
     reuse = cached_cpu_memory() if device.type == "cpu" and config.buffer_cache else contextlib.nullcontext()
-    with stopper.installed(), reuse:
+    # The loggers are closed however the loop ends: a failed --overwrite run's directory is put
+    # back (rundir.abandon), and no writer of it may go on writing there.
+    closing: contextlib.AbstractContextManager[Any] = (
+        contextlib.closing(loggers) if loggers is not None else contextlib.nullcontext())
+    with stopper.installed(), reuse, closing:
         while state.step < stop_at:
             t0 = time.perf_counter()
             mean_loss, grad_norm, lr = _optimizer_step(run, state, train_data)
@@ -293,13 +300,18 @@ def _train_loop(run: Run, state: TrainState, train_data: TokenSource,
             if bar is not None:
                 bar.update(step, mean_loss, tokens_per_step / seconds_per_step, lr,
                            seconds_per_step * (stop_at - step))
-            if step % config.log_interval == 0 or step == stop_at:
+            # Not at a --stop-after stop: the unlogged window is saved in the checkpoint, and the
+            # resumed run logs it where an uninterrupted run would.
+            if step % config.log_interval == 0 or step == config.max_steps:
                 state.metrics.append(_train_record(run, state, lr, grad_norm, seconds_per_step, flops_per_token))
                 if loggers is not None:
                     loggers.log(state.metrics[-1])
                 state.window_losses = []
             if step % config.eval_interval == 0 or step == config.max_steps:
                 val_loss, val_bpb = run_eval()
+                if not math.isfinite(val_loss):  # neither logged nor saved: the last checkpoint stays good
+                    raise FloatingPointError(f"the validation loss became {val_loss} at step {step}; "
+                                             f"{nonfinite_hint(config.precision)}")
                 state.val_loss, state.val_bpb = val_loss, val_bpb
                 state.metrics.append({"kind": "eval", "step": step, "val_loss": val_loss, "val_bpb": val_bpb,
                                       "val_ppl": math.exp(min(val_loss, 50.0)), "elapsed_s": state.elapsed_s()})
@@ -315,16 +327,14 @@ def _train_loop(run: Run, state: TrainState, train_data: TokenSource,
                 interrupted = True
                 run.say(f"stopped by a signal at step {step}; checkpoint saved: continue with --resume")
                 break
-
-    if loggers is not None:
-        loggers.close()
     return interrupted
 
 
 def _optimizer_step(run: Run, state: TrainState, train_data: TokenSource) -> tuple[float, Tensor, float]:
     """One optimizer step on the next global batch, advancing ``state.step``. Returns the step's
     loss (the mean over every process's rows), the gradient norm before clipping and the
-    learning rate the step used; raises ``FloatingPointError`` on a loss that is not finite.
+    learning rate the step used; raises ``FloatingPointError`` on a loss that is not finite, and
+    (outside fp16, whose scaler skips such steps) on a gradient norm that is not, before the update.
 
     Every rank draws the same global batch and reads only its own rows, in ``--grad-accum``
     micro-batches whose scaled losses' gradients add up to the batch's.
@@ -356,6 +366,12 @@ def _optimizer_step(run: Run, state: TrainState, train_data: TokenSource) -> tup
                                                config.grad_clip if config.grad_clip > 0 else math.inf)
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
         grad_norm = grad_norm.full_tensor()
+    if not scaler.is_enabled() and not bool(torch.isfinite(grad_norm)):
+        # Clipping turns an inf norm into NaN gradients and AdamW into NaN weights, while the loss
+        # (computed before the update) still looks finite: stop before the update. (The norm is
+        # the same on every rank, so all of them stop; fp16's scaler skips such a step instead.)
+        raise FloatingPointError(f"the gradient norm became {float(grad_norm)} at step {state.step + 1} "
+                                 f"(not applied); {nonfinite_hint(config.precision)}")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -368,7 +384,7 @@ def _optimizer_step(run: Run, state: TrainState, train_data: TokenSource) -> tup
     state.step += 1
     mean_loss = float(dist_utils.all_reduce_mean(step_loss, info))
     if not math.isfinite(mean_loss):
-        raise FloatingPointError(f"the loss became {mean_loss} at step {state.step}; lower --lr or use fp32")
+        raise FloatingPointError(f"the loss became {mean_loss} at step {state.step}; {nonfinite_hint(config.precision)}")
     return mean_loss, grad_norm, lr
 
 
