@@ -235,3 +235,38 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_logs(
     assert [s.step for s in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert len(inits) == 2 and inits[0]["resume"] is None
     assert inits[1]["id"] == "run-1" and inits[1]["resume"] == "allow"
+
+
+def test_resume_with_another_tokenizer_of_the_same_size_is_refused(
+        tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The same vocabulary size under another mapping (two ids swapped) would train on and
+    overwrite the run's tokenizer without a word; its file's digest tells them apart."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train([str(corpus_file)], trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    first = tmp_path / "a.json"
+    tok.save(str(first))
+    data = json.loads(first.read_text())
+    vocab = data["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[10:12]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    second = tmp_path / "b.json"
+    second.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    # The embedded corpus: its fingerprint is the text's, so only the tokenizer check can see it
+    # (prepared data's fingerprint includes the tokenizer file).
+
+    def train(tokenizer: Path, *extra: str) -> int:
+        return main(["train", "--out", str(out), *TINY, "--tokenizer", str(tokenizer), "--max-steps", "4", *extra])
+
+    assert train(first, "--stop-after", "2") == 0
+    saved = (out / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    assert train(second, "--resume") == 2
+    assert "the tokenizer differs" in capsys.readouterr().err
+    assert (out / "tokenizer.json").read_bytes() == saved
+    assert train(first, "--resume") == 0

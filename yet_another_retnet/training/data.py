@@ -7,6 +7,7 @@ The default corpus needs no download: it is the English help text that every CPy
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -99,11 +100,15 @@ class HFTokenizer:
             from tokenizers import Tokenizer as _HFTokenizer
         except ImportError as err:  # an optional dependency: the [train] extra
             raise ImportError("--tokenizer needs the `tokenizers` package: pip install tokenizers") from err
+        raw = path.read_bytes()  # read once: the tokenizer and its digest come from the same bytes
         try:
-            self._tok = _HFTokenizer.from_file(str(path))
+            self._tok = _HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as err:  # tokenizers raises its own Exception subclass on a bad file
             raise ValueError(f"{path} is not a Hugging Face tokenizers JSON file: {err}") from err
         self.path = path
+        #: SHA-256 of the file: what a run records, so a resume with another mapping of the same
+        #: vocabulary size is refused rather than trained on.
+        self.sha256 = hashlib.sha256(raw).hexdigest()
         #: Special tokens a pretrained model expects (``tokenizer_config.json``): ``add_bos`` puts
         #: ``bos_token_id`` before a prompt; generation stops at ``eos_token_id``.
         self.bos_token_id, self.eos_token_id, self.add_bos = bos_token_id, eos_token_id, add_bos
@@ -146,7 +151,7 @@ class HFTokenizer:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "hf", "file": str(self.path), "vocab_size": self.vocab_size}
+        return {"type": "hf", "file": str(self.path), "vocab_size": self.vocab_size, "sha256": self.sha256}
 
 
 def _write_tokenizer_config(directory: Path, data: dict[str, Any]) -> None:

@@ -114,8 +114,9 @@ def check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HF
             raise TrainingError(f"--resume: the training data differs from the data of the run in {out}")
         if saved.get("model_config") != model_config.to_dict():
             raise TrainingError(f"--resume: the model configuration differs from the run in {out}")
-        if _tokenizer_identity(saved.get("tokenizer", {})) != _tokenizer_identity(tokenizer.describe()):
-            raise TrainingError(f"--resume: the tokenizer differs from the one of the run in {out}")
+        if not _same_tokenizer(saved.get("tokenizer", {}), tokenizer.describe()):
+            raise TrainingError(f"--resume: the tokenizer differs from the one of the run in {out} "
+                                f"(its type, vocabulary size or file content)")
         if checkpoint["step"] >= config.max_steps:
             raise TrainingError(
                 f"--resume: the run in {out} already reached step {checkpoint['step']} of --max-steps "
@@ -131,8 +132,12 @@ def check_run(config: TrainConfig, corpus: Corpus, tokenizer: ByteTokenizer | HF
 
 
 
-def _tokenizer_identity(described: dict[str, Any]) -> tuple[Any, Any]:
-    return described.get("type"), described.get("vocab_size")
+def _same_tokenizer(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Type and vocabulary size, and for a tokenizer file its content (runs recorded before the
+    digest existed compare without it)."""
+    if (saved.get("type"), saved.get("vocab_size")) != (now.get("type"), now.get("vocab_size")):
+        return False
+    return "sha256" not in saved or "sha256" not in now or saved["sha256"] == now["sha256"]
 
 
 def _check_rounding(config: TrainConfig, saved: dict[str, Any], say: Callable[[str], None]) -> None:
