@@ -8,6 +8,7 @@ so it knows nothing of the model's internals.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -74,6 +75,7 @@ class GenerationMixin:
     _forward: Any
     _check_inputs: Any
     step_: Any
+    training: bool  # nn.Module's
 
     def _check_prompt(self, input_ids: object, state: object, attention_mask: object,
                       chunk_size: object) -> Tensor | None:
@@ -132,6 +134,11 @@ class GenerationMixin:
         _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                                pad_token_id, self.config.vocab_size)
         token_mask = self._check_prompt(input_ids, None, attention_mask, chunk_size)
+        if self.training and (self.config.dropout > 0 or self.config.activation_dropout > 0):
+            # A model is built in training mode (nn.Module's default): its dropout would make two
+            # greedy calls on one prompt disagree.
+            warnings.warn("generating in training mode: dropout is active, so the tokens change from call to "
+                          "call; call model.eval() first", stacklevel=2)
         if max_new_tokens == 0:
             return
         pad = eos_token_id if pad_token_id is None else pad_token_id

@@ -315,9 +315,12 @@ def stack_linears(linears: Sequence[nn.Linear]) -> tuple[Tensor, Tensor | None]:
 def weight_version(p: Tensor) -> tuple[int, int]:
     """``(storage pointer, in-place version)`` of a weight: what a copy made of it is checked by.
 
-    Tensors made under ``torch.inference_mode`` keep no version counter; they count as unchanged
-    while their storage is the same (editing a weight in place inside inference mode is the one
-    change such a check cannot see: call ``RetNet.release_decode_cache`` after it).
+    Two in-place edits leave both the same, so the check cannot see them; call
+    ``RetNet.release_decode_cache`` after either: an edit through ``.data`` (``p.data.copy_(w)``:
+    ``.data`` is a tensor of its own, with its own counter), and any edit of a tensor made under
+    ``torch.inference_mode`` (such tensors keep no counter and count as unchanged while their
+    storage is the same). ``with torch.no_grad(): p.copy_(w)``, ``load_state_dict`` and ``.to()``
+    are seen.
     """
     return p.data_ptr(), (0 if p.is_inference() else p._version)
 

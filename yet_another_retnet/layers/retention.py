@@ -287,21 +287,30 @@ class MultiScaleRetention(nn.Module):
         memory = torch.zeros(batch_size, self.num_heads, self.key_dim, self.head_dim, dtype=ct, device=device)
         return RetentionState(memory, torch.zeros(batch_size, dtype=torch.long, device=device))
 
-    def check_state(self, state: object, batch_size: int, name: str = "prev_state") -> RetentionState:
+    def check_state(self, state: object, batch_size: int, name: str = "prev_state",
+                    check_position: bool = True) -> RetentionState:
+        """``state`` if it fits this layer and ``batch_size`` rows, else an error naming ``name``:
+        the memory's shape, its dtype (the compute dtype of the layer's weights: another one would
+        make each form return a different dtype) and its device; the positions' shape, dtype and
+        sign (a negative one would index the rotation table from its end). ``check_position``:
+        False where the caller checked the positions, which every layer shares, once."""
         if not isinstance(state, RetentionState):
             raise TypeError(f"{name} must be a RetentionState (or None), got {type(state).__name__}")
-        expected = (batch_size, self.num_heads, self.key_dim, self.head_dim)
-        if tuple(state.memory.shape) != expected:
-            raise ValueError(
-                f"{name}.memory must have shape (batch, heads, dk, dv) = {expected}, got {tuple(state.memory.shape)}"
-            )
-        if tuple(state.position.shape) != (batch_size,):
-            raise ValueError(f"{name}.position must have shape ({batch_size},), got {tuple(state.position.shape)}")
-        if state.position.is_floating_point() or state.position.dtype == torch.bool:
-            raise TypeError(f"{name}.position must be an integer tensor, got {state.position.dtype}")
-        if state.position.device.type != "meta" and state.position.numel() and bool((state.position < 0).any()):
-            raise ValueError(f"{name}.position must be >= 0, got {state.position.tolist()}")
+        self.check_memory(state.memory, batch_size, f"{name}.memory")
+        if check_position:
+            check_positions(state.position, batch_size, f"{name}.position")
         return state
+
+    def check_memory(self, memory: Tensor, batch_size: int, name: str) -> None:
+        expected = (batch_size, self.num_heads, self.key_dim, self.head_dim)
+        if tuple(memory.shape) != expected:
+            raise ValueError(f"{name} must have shape (batch, heads, dk, dv) = {expected}, got {tuple(memory.shape)}")
+        ref = self.q_proj.weight
+        if memory.dtype != compute_dtype(ref.dtype):
+            raise TypeError(f"{name} must be {compute_dtype(ref.dtype)} (the state dtype of this model), "
+                            f"got {memory.dtype}")
+        if memory.device != ref.device and "meta" not in (memory.device.type, ref.device.type):
+            raise ValueError(f"{name} is on {memory.device}, the model on {ref.device}")
 
     # ----------------------------------------------------------------------------------------
     # The shared pieces of every form
@@ -465,8 +474,12 @@ class MultiScaleRetention(nn.Module):
             for q_t, k_t, v_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), strict=True):
                 out_t, running = retention_recurrent(q_t, k_t, v_t, running, decay=self.gammas)
                 steps.append(out_t)
-            # A zero-length input leaves the state as it was (or empty).
-            new_memory = running if running is not None else self.empty_state(batch, query.device, query.dtype).memory
+            # A zero-length input leaves the state as it was (a copy: the caller may step the new
+            # one in place and still hold the old), or empty.
+            if running is None:
+                new_memory = self.empty_state(batch, query.device, query.dtype).memory
+            else:
+                new_memory = running.clone() if running is memory else running
             retained = torch.stack(steps, dim=2) if steps else v
         else:
             raise ValueError(f"mode must be 'parallel', 'chunkwise' or 'recurrent', got {mode!r}")
@@ -665,7 +678,7 @@ class MultiScaleRetention(nn.Module):
         """
         if not self.relative_position:
             return None
-        top = int(position.max())
+        top = int(position.max()) if position.numel() else 0  # no rows: any table will do
         size = max(1024, 1 << top.bit_length())
         if size > _MAX_ROTATION_TABLE:  # far positions: compute just these rows
             return rotation_factors(position, self.key_dim, dtype, self.rotation_kind)[:, :, None]
@@ -725,3 +738,14 @@ def stacked_weights(owner: nn.Module, linears: tuple[nn.Linear, ...]) -> tuple[T
 
 #: The name used in the original yet-another-retnet README.
 MultiheadRetention = MultiScaleRetention
+
+
+def check_positions(position: Tensor, batch_size: int, name: str) -> None:
+    """A state's positions: ``(batch,)`` integers, none negative; an error naming ``name``."""
+    if tuple(position.shape) != (batch_size,):
+        raise ValueError(f"{name} must have shape ({batch_size},), got {tuple(position.shape)}")
+    if position.is_floating_point() or position.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {position.dtype}")
+    if position.device.type != "meta" and position.numel() and bool((position < 0).any()):
+        raise ValueError(f"{name} must be >= 0, got {position.tolist()}")
+

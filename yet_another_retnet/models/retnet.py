@@ -26,7 +26,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..generation import GenerationMixin
 from ..layers.feedforward import ACTIVATIONS, FeedForward, build_norm
-from ..layers.retention import MultiScaleRetention, RetentionState, _is_compiling, linear_step
+from ..layers.retention import (
+    MultiScaleRetention,
+    RetentionState,
+    _is_compiling,
+    check_positions,
+    linear_step,
+)
 from ..ops.cpu import _extension as cpu_extension
 from ..ops.cpu.decode_step import LayerStepPlan
 from ..ops.cpu.matmul import linear
@@ -264,8 +270,9 @@ class RetNetDecoder(nn.Module):
             )
         if state.batch_size != batch_size:
             raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
-        for i in range(len(self.layers)):
-            self._retention(i).check_state(state.layer(i), batch_size, name=f"state.memories[{i}]")
+        check_positions(state.position, batch_size, "state.position")  # once: every layer shares them
+        for i, memory in enumerate(state.memories):
+            self._retention(i).check_memory(memory, batch_size, f"state.memories[{i}]")
         return state
 
     def forward(
@@ -416,7 +423,11 @@ class RetNet(GenerationMixin, nn.Module):
     def release_decode_cache(self) -> None:
         """Free the decoding plan: the stacked q/k/v/g (and GLU) weight copies of the fast step
         (``4 d^2``-ish extra weights per layer, about 40% of a model's), and the cached rotation
-        tables. The next fast step rebuilds what it needs."""
+        tables. The next fast step rebuilds what it needs.
+
+        Call it after editing a weight through ``.data`` or inside ``torch.inference_mode``: the
+        plan's check of each weight (storage and version counter) cannot see those edits
+        (``layers/fast.py::weight_version``)."""
         decoding.release_plan(self.decoder)
         rotation_factor_table.cache_clear()
 
@@ -687,9 +698,14 @@ class RetNet(GenerationMixin, nn.Module):
 
         Returns the logits ``(batch, vocab)``.
         """
+        if not isinstance(state, RetNetState):
+            raise TypeError(f"state must be a RetNetState, got {type(state).__name__}")
         if ids.dim() != 1 or ids.shape[0] != state.position.shape[0]:
             raise ValueError(f"ids must be (batch,) with the state's batch of {state.position.shape[0]}, "
                              f"got {tuple(ids.shape)}")
+        # The kernels would fail on a misfit state with messages that do not name it, or (a
+        # negative position) read the rotation table from its end.
+        self.decoder.check_state(state, ids.shape[0])
         with torch.inference_mode():
             if not self.training and self.__dict__.get("_fast_decode", True):
                 out = self._decode_step(ids, state, in_place=True)

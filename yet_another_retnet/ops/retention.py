@@ -349,7 +349,8 @@ def _chunkwise(
     if length == 0:
         batch, heads, _, dk = q.shape
         empty_state = torch.zeros(batch, heads, dk, v.shape[-1], dtype=ct, device=q.device)
-        return v.new_zeros(v.shape), (empty_state if state is None else state)
+        # A copy: the caller may step the returned state in place and still hold the one it gave.
+        return v.new_zeros(v.shape), (empty_state if state is None else state.clone())
 
     if fast:
         def lookup(c: int, n: int) -> ChunkTables:

@@ -227,10 +227,10 @@ def decoder_layer_step(x: Tensor, memory: Tensor, rotation: Tensor | None, plan:
             and return it as the new memory, instead of a new tensor.
 
     Returns ``(x_out (batch, d_model) in x's dtype, new memory (batch, h, dk, dv))``, or ``None``
-    where the kernel does not apply to these inputs (more than :data:`KERNEL_MAX_ROWS` rows,
+    where the kernel does not apply to these inputs (no rows or more than :data:`KERNEL_MAX_ROWS`,
     another dtype or device, autograd on): the caller then steps in PyTorch ops.
     """
-    if x.shape[0] > KERNEL_MAX_ROWS or x.dtype != plan.dtype or not _kernel_inputs(x, memory):
+    if not 0 < x.shape[0] <= KERNEL_MAX_ROWS or x.dtype != plan.dtype or not _kernel_inputs(x, memory):
         return None
     if in_place:
         if not memory.is_contiguous():
