@@ -38,6 +38,7 @@ from ..ops.cpu.decode_step import LayerStepPlan
 from ..ops.cpu.matmul import linear
 from ..ops.cpu.memory import cached_cpu_memory
 from ..ops.position import rotation_factor_table
+from ..ops.retention import compute_dtype
 from ..ops.segments import check_reset_mask, pack, segment_layout, unpack
 from . import decoding
 from .config import RetNetConfig
@@ -271,8 +272,16 @@ class RetNetDecoder(nn.Module):
         if state.batch_size != batch_size:
             raise ValueError(f"state is for batch size {state.batch_size} but input_ids has batch size {batch_size}")
         check_positions(state.position, batch_size, "state.position")  # once: every layer shares them
+        # Every step checks this (step_ too): compare each memory with the first layer's shape,
+        # dtype and device in one cheap pass, and let a layer explain a memory that differs (or
+        # accept it, for a layer of another shape).
+        first = self._retention(0)
+        proto = (batch_size, first.num_heads, first.key_dim, first.head_dim)
+        weight = first.q_proj.weight
+        dtype, device = compute_dtype(weight.dtype), weight.device
         for i, memory in enumerate(state.memories):
-            self._retention(i).check_memory(memory, batch_size, f"state.memories[{i}]")
+            if memory.shape != proto or memory.dtype != dtype or memory.device != device:
+                self._retention(i).check_memory(memory, batch_size, f"state.memories[{i}]")
         return state
 
     def forward(
