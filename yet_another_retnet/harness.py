@@ -10,7 +10,9 @@
   ``window`` tokens that carry the recurrent state, so no token loses its context (a RetNet has no
   maximum length); documents are batched, right-padded.
 - ``generate_until``: our generation (chunkwise prefill, one recurrent step per token), batched
-  by generation arguments, stopping once every row has produced one of its stop strings.
+  by generation arguments, each row stopping at one of its stop strings or at the end-of-text
+  token (as lm-eval's Hugging Face model does); generation arguments are read as lm-eval reads
+  them (``max_gen_toks`` or its aliases), and any we cannot honour is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ except ImportError as err:  # an optional dependency
 from .models.retnet import RetNet, RetNetState
 from .training.data import ByteTokenizer, HFTokenizer
 
+#: Generation arguments we do not implement, with the value at which they change nothing: a
+#: task giving another value is refused (its scores would not be what it asks for).
+_NEUTRAL_GEN_KWARGS: dict[str, Any] = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0,
+                                       "length_penalty": 1.0, "no_repeat_ngram_size": 0, "typical_p": 1.0,
+                                       "min_p": 0.0, "early_stopping": False}
+
 _TemplateLM: Any = TemplateLM  # typed as Any: lm-eval ships no type information
 
 
@@ -42,8 +50,11 @@ class RetNetLM(_TemplateLM):
         model: the RetNet (put in eval mode).
         tokenizer: :class:`ByteTokenizer` or :class:`HFTokenizer` (``load_tokenizer(dir)``).
         batch_size: requests per forward pass.
-        eot_token_id: the token that stands before a document or an empty context; default: the
-            tokenizer's end-of-text token if it has one of the usual names, else the newline's.
+        eot_token_id: the end-of-text token: it stands before a document or an empty context, and
+            generation stops at it. Default: the tokenizer's own (``eos_token_id``, else
+            ``eod_id``: the byte tokenizer's end-of-document 256, or the first of
+            ``training.data.EOD_TOKENS`` a ``tokenizer.json`` has); failing those, the newline's token,
+            which then only stands before documents (generation does not stop at it).
         window: tokens per forward pass when scoring a long document (the state carries over).
         max_gen_toks: default cap on generated tokens when a task gives none.
         add_bos_token: start every encoded text with the tokenizer's beginning-of-sequence token
@@ -72,6 +83,8 @@ class RetNetLM(_TemplateLM):
         self.window = window
         self.max_gen_toks = max_gen_toks
         self._eot = _default_eot(tokenizer) if eot_token_id is None else int(eot_token_id)
+        # The newline stand-in is no end of text: stopping there would cut multi-line answers.
+        self._stops_at_eot = eot_token_id is not None or _tokenizer_eot(tokenizer) is not None
         if not 0 <= self._eot < model.config.vocab_size:
             raise ValueError(f"eot_token_id must be a token id in [0, {model.config.vocab_size}), got {self._eot}")
         if add_bos_token is not None and not isinstance(add_bos_token, bool):
@@ -216,28 +229,42 @@ class RetNetLM(_TemplateLM):
         return results
 
     def _generate(self, contexts: list[str], gen_kwargs: dict[str, Any]) -> list[str]:
-        gen_kwargs = dict(gen_kwargs)  # shared by the group's batches: read, never consumed
-        until = gen_kwargs.pop("until", None) or []
-        if isinstance(until, str):
-            until = [until]
-        max_new = int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks))
-        temperature = float(gen_kwargs.pop("temperature", 0.0) or 0.0)
-        do_sample = bool(gen_kwargs.pop("do_sample", False)) and temperature > 0
+        # lm-eval's own reading of the arguments (a copy: the group's batches share them):
+        # max_gen_toks or its aliases (max_new_tokens, max_tokens, ...), do_sample from temperature.
+        kwargs = dict(_normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks))
+        eot = self._eot if self._stops_at_eot else None
+        # As lm-eval's HF model: the end-of-text token's text is a stop string too (our decode may
+        # drop it, as the byte tokenizer does; the token itself stops the row below).
+        eot_text = self.tok_decode([eot]) if eot is not None else ""
+        until = _handle_stop_sequences(kwargs.pop("until", None), eot_text or None)
+        max_new = int(kwargs.pop("max_gen_toks"))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        do_sample = bool(kwargs.pop("do_sample", False)) and temperature > 0
+        top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
         options: dict[str, Any] = {}
         if do_sample:
-            options = {"temperature": temperature, "top_k": gen_kwargs.pop("top_k", None),
-                       "top_p": gen_kwargs.pop("top_p", None)}
+            # transformers' "no top-k" is 0, ours None
+            options = {"temperature": temperature, "top_k": top_k or None, "top_p": top_p}
+        unsupported = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL_GEN_KWARGS or v != _NEUTRAL_GEN_KWARGS[k])
+        if unsupported:
+            raise ValueError(f"generate_until: unsupported generation arguments {unsupported} "
+                             f"({', '.join(f'{k}={kwargs[k]!r}' for k in unsupported)}); RetNetLM supports until, "
+                             "max_gen_toks (or max_new_tokens, max_tokens, max_completion_tokens), do_sample, "
+                             "temperature, top_k, top_p")
         encoded = [self.tok_encode(c) or [self._eot] for c in contexts]
         ids, mask = _left_padded(encoded)
         device = self.model.device
         new: list[list[int]] = [[] for _ in encoded]
         done = [False] * len(encoded)
-        stream = self.model.stream_generate(ids.to(device), max_new, do_sample=do_sample,
+        stream = self.model.stream_generate(ids.to(device), max_new, do_sample=do_sample, eos_token_id=eot,
                                             attention_mask=mask.to(device) if not bool(mask.all()) else None,
                                             **options)
         for token in stream:
             for row, t in enumerate(token.tolist()):
                 if not done[row]:
+                    if eot is not None and int(t) == eot:
+                        done[row] = True  # the end of text: not part of the answer
+                        continue
                     new[row].append(int(t))
                     done[row] = any(s in self.tok_decode(new[row]) for s in until)
             if all(done):
@@ -251,14 +278,63 @@ class RetNetLM(_TemplateLM):
         return texts
 
 
+def _tokenizer_eot(tokenizer: ByteTokenizer | HFTokenizer) -> int | None:
+    """The tokenizer's own end-of-text token, or ``None``: its declared ``eos_token_id`` (what
+    lm-eval's HF model uses), else its end-of-document id (the byte tokenizer's 256 when it has
+    one; a ``tokenizer.json``'s first ``training.data.EOD_TOKENS`` name)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        return int(eos)
+    eod = tokenizer.eod_id  # HFTokenizer.eod_id looks up the shared EOD_TOKENS names
+    return int(eod) if eod is not None else None
+
+
 def _default_eot(tokenizer: ByteTokenizer | HFTokenizer) -> int:
-    if isinstance(tokenizer, HFTokenizer):
-        for name in ("<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|end_of_text|>"):
-            token = tokenizer._tok.token_to_id(name)
-            if token is not None:
-                return int(token)
+    """The tokenizer's end-of-text token, else the newline's (a document separator at least)."""
+    eot = _tokenizer_eot(tokenizer)
+    if eot is not None:
+        return eot
     newline = tokenizer.encode("\n")
     return newline[0] if newline else 0
+
+
+def _normalize_gen_kwargs(gen_kwargs: dict[str, Any], default_max_gen_toks: int) -> dict[str, Any]:
+    """lm-eval's ``normalize_gen_kwargs`` (lm-eval >= 0.4.10); for older versions the same rules:
+    ``until`` a list, ``max_gen_toks`` from the first of its aliases given, ``do_sample`` from
+    the temperature when not given, greedy (temperature 0) when ``do_sample`` is False."""
+    try:
+        from lm_eval.models.utils import normalize_gen_kwargs
+    except ImportError:
+        pass
+    else:
+        return dict(normalize_gen_kwargs(gen_kwargs, default_max_gen_toks))
+    kwargs = dict(gen_kwargs)
+    until = kwargs.get("until", [])
+    kwargs["until"] = until if isinstance(until, list) else [until]
+    given = [kwargs.pop(name) for name in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+             if name in kwargs]
+    given = [v for v in given if v is not None]
+    kwargs["max_gen_toks"] = int(given[0]) if given else default_max_gen_toks
+    temperature = float(kwargs.get("temperature", 0.0))
+    if kwargs.get("do_sample") is None:
+        kwargs["do_sample"] = temperature > 0.0
+    elif kwargs["do_sample"] is False:
+        kwargs["temperature"] = 0.0
+    return kwargs
+
+
+def _handle_stop_sequences(until: str | list[str] | None, eos: str | None) -> list[str]:
+    """lm-eval's ``handle_stop_sequences``: ``until`` as a list, with ``eos`` added (once)."""
+    try:
+        from lm_eval.models.utils import handle_stop_sequences
+    except ImportError:
+        pass
+    else:
+        return list(handle_stop_sequences(until, eos=eos))
+    stops = [until] if isinstance(until, str) else list(until or [])
+    if eos is not None and eos not in stops:
+        stops.append(eos)
+    return stops
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,3 +98,25 @@ def test_without_bos_the_scores_differ_and_bad_settings_are_refused(pair) -> Non
         RetNetLM(model, HFTokenizer(tok.path), add_bos_token=True)  # no bos_token_id known
     with pytest.raises(ValueError, match="add_bos_token"):
         RetNetLM(model, tok, add_bos_token="yes")  # type: ignore[arg-type]
+
+
+def test_generation_stops_at_eos_as_lm_evals_hf_model(pair) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    ours, hflm, model, tok = pair
+    prompts = ["the sky is", "a question:"]
+    rigged = copy.deepcopy(model)
+    ids = torch.tensor([ours.tok_encode(prompts[0])])
+    free = rigged.generate(ids, 10)[0, ids.shape[1]:]
+    with torch.no_grad():  # </s> becomes the greedy choice 3 tokens into the first prompt
+        rigged.lm_head.weight[tok.eos_token_id] = rigged.lm_head.weight[int(free[3])] * 1.05
+    new = rigged.generate(ids, 10)[0, ids.shape[1]:].tolist()
+    assert new.index(tok.eos_token_id) == 3 and new[4:] != [tok.eos_token_id] * 6  # text would follow it
+    # with the eos id in the model's config, as a converted checkpoint has it (transformers' generate
+    # stops a row there; lm-eval's stop strings end a batch only when every row has one)
+    theirs = HFLM(pretrained=YaRetNetForCausalLM.from_retnet(rigged, eos_token_id=tok.eos_token_id),
+                  tokenizer=hflm.tokenizer, backend="causal", batch_size=2, device="cpu", max_length=4096)
+    requests = [(p, {"until": ["Q:"], "max_gen_toks": 10, "do_sample": False}) for p in prompts]
+    got = RetNetLM(rigged, tok, batch_size=2).generate_until(_requests("generate_until", requests))
+    assert got == theirs.generate_until(_requests("generate_until", requests))
+    assert got[0] == tok.decode(new[:3])

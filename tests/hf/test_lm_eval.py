@@ -106,6 +106,70 @@ def test_rolling_windows_carry_the_state() -> None:
         RetNetLM(model, tok, window=0)
 
 
+def _generate_requests(prompts: list[str], gen_kwargs: dict) -> list[Instance]:
+    return [Instance("generate_until", {}, (prompt, dict(gen_kwargs)), i) for i, prompt in enumerate(prompts)]
+
+
+def test_generation_stops_at_the_end_of_text_token() -> None:
+    torch.manual_seed(0)
+    model = RetNet(RetNetConfig(vocab_size=257, d_model=32, num_heads=2, num_layers=2, ffn_dim=64, dropout=0.0,
+                                chunk_size=8)).eval()
+    tok = ByteTokenizer(end_of_document=True)  # decode drops 256: no stop string can see it
+    prompts = ["The sky is", "2 + 2 ="]
+    first = torch.tensor([tok.encode(prompts[0])])
+    free = model.generate(first, 12)[0, first.shape[1]:]
+    with torch.no_grad():  # the end of text becomes the greedy choice 3 tokens into the first prompt
+        model.lm_head.weight[256] = model.lm_head.weight[int(free[3])] * 1.05
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([tok.encode(prompt)])
+        new = model.generate(ids, 12)[0, ids.shape[1]:].tolist()
+        end = new.index(256) if 256 in new else len(new)
+        if prompt == prompts[0]:  # the test can fail: text follows the end of text
+            assert end == 3 and any(t != 256 for t in new[end:]), new
+        expected.append(tok.decode(new[:end]).split("Q:")[0])
+    lm = RetNetLM(model, tok, batch_size=2, eot_token_id=256)  # the default too: see the test below
+    assert lm.generate_until(_generate_requests(prompts, {"until": ["Q:"], "max_gen_toks": 12,
+                                                          "do_sample": False})) == expected
+
+
+def test_generation_arguments_read_as_lm_eval_reads_them() -> None:
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    model, tok = _model(), ByteTokenizer()
+    lm = RetNetLM(model, tok, max_gen_toks=3)
+    prompt = "2 + 2 ="
+    ids = torch.tensor([tok.encode(prompt)])
+    for alias in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens"):
+        gen_kwargs = {"until": "Q:", alias: 9, "num_beams": 1, "repetition_penalty": 1.0}
+        n = normalize_gen_kwargs(gen_kwargs, 3)["max_gen_toks"]  # lm-eval's own reading
+        assert n == 9
+        expected = tok.decode(model.generate(ids, n)[0, ids.shape[1]:]).split("Q:")[0]
+        assert lm.generate_until(_generate_requests([prompt], gen_kwargs)) == [expected], alias
+    for unsupported in ({"num_beams": 4}, {"repetition_penalty": 1.3}, {"max_length": 40}):
+        with pytest.raises(ValueError, match=f"unsupported generation arguments.*{next(iter(unsupported))}"):
+            lm.generate_until(_generate_requests([prompt], {"until": ["Q:"], **unsupported}))
+
+
+def test_end_of_text_is_the_tokenizers_own(tmp_path: Path) -> None:
+    tokenizers = pytest.importorskip("tokenizers")
+    from yet_another_retnet.training.data import HFTokenizer
+
+    model = RetNet(RetNetConfig(vocab_size=257, d_model=32, num_heads=2, num_layers=1, ffn_dim=64, dropout=0.0)).eval()
+    vocab = {"a": 0, "b": 1, "\n": 2, "<|endoftext|>": 3, "</s>": 4}
+    raw = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="a"))
+    raw.save(str(tmp_path / "tokenizer.json"))
+    lm = RetNetLM(model, ByteTokenizer(end_of_document=True))
+    assert lm.eot_token_id == lm.prefix_token_id == 256
+    assert RetNetLM(model, HFTokenizer(tmp_path / "tokenizer.json")).eot_token_id == 3  # the first known name
+    assert RetNetLM(model, HFTokenizer(tmp_path / "tokenizer.json", eos_token_id=4)).eot_token_id == 4  # declared
+    assert RetNetLM(model, ByteTokenizer()).eot_token_id == 10  # none: the newline
+    # A document is scored after the end-of-document token it followed in training.
+    tok = ByteTokenizer(end_of_document=True)
+    got = RetNetLM(model, tok).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("short",), 0)])
+    assert abs(got[0] - _reference_loglikelihood(model, [256], tok.encode("short"))) < 1e-4
+
+
 def test_cli_eval_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _model().save_pretrained(tmp_path / "model")
     ByteTokenizer().save(tmp_path / "model")

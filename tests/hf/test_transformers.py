@@ -259,6 +259,110 @@ def test_trainer_loss_scaling_with_num_items_in_batch() -> None:
     torch.testing.assert_close(loss, total / 40)
 
 
+def test_generate_continues_from_a_passed_cache() -> None:
+    model = _model(seed=8)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    ids = torch.randint(1, 32, (2, 9), generator=torch.Generator().manual_seed(4))  # no pad (0) in it
+    expected = _ours(model, ids, 6)
+    # The cache after the first 5 tokens, under either name; generate is given the whole prompt
+    # and reads only the 4 tokens the cache has not.
+    for name in ("cache", "past_key_values"):
+        with torch.no_grad():
+            cache = hf(ids[:, :5], use_cache=True)[CACHE_KWARG]
+        got = _theirs(hf, ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **{name: cache})
+        assert torch.equal(got, expected), name
+        assert cache.get_seq_length() == 9 + 6 - 1  # the last token is returned, not read
+    # transformers' chunked prefill into an empty cache: each call gets one chunk of the prompt
+    got = _theirs(hf, ids, max_new_tokens=6, do_sample=False, pad_token_id=0, prefill_chunk_size=4,
+                  **{CACHE_KWARG: RetNetCache()})
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"relative_position": True}])
+def test_packed_documents_run_as_if_alone(overrides: dict) -> None:
+    from transformers import DataCollatorWithFlattening
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = _model(seed=7, **overrides)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(1, 32, (n,), generator=g).tolist() for n in (5, 3, 7)]
+    batch = DataCollatorWithFlattening()([{"input_ids": d} for d in docs], return_tensors="pt")
+    assert batch["position_ids"].tolist() == [[*range(5), *range(3), *range(7)]] and "attention_mask" not in batch
+    with torch.no_grad():
+        packed = hf(**batch)
+        alone = torch.cat([model(torch.tensor([d])).logits for d in docs], dim=1)
+    torch.testing.assert_close(packed.logits, alone, atol=1e-5, rtol=1e-5)
+    # the collator's labels separate the documents (-100 at each start): transformers' own loss
+    torch.testing.assert_close(packed.loss, ForCausalLMLoss(alone, batch["labels"], 32), atol=1e-5, rtol=1e-5)
+
+
+def test_position_ids_the_model_counts_are_accepted_others_refused() -> None:
+    hf = YaRetNetForCausalLM.from_retnet(_model(seed=7))
+    ids, mask = _left_padded(pad=1)
+    # transformers' own positions for left padding: cumsum of the mask - 1, padding set to 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    with torch.no_grad():
+        plain = hf(ids, attention_mask=mask).logits
+        torch.testing.assert_close(hf(ids, attention_mask=mask, position_ids=positions).logits, plain)
+        cache = hf(ids[:, :4], use_cache=True)[CACHE_KWARG]  # no padding: 4 tokens a row
+        rest = hf(ids[:, 4:], position_ids=torch.tensor([[4, 5]]), **{CACHE_KWARG: cache}).logits
+        torch.testing.assert_close(rest, hf(ids).logits[:, 4:], atol=1e-5, rtol=1e-5)
+        bad = [({"attention_mask": mask, "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2]])}, ids),  # padding
+               ({"position_ids": torch.tensor([[3, 4, 5, 6, 7, 8]])}, ids),  # not from 0
+               ({"position_ids": torch.tensor([[0, 1, 3, 4, 0, 1]])}, ids),  # a gap
+               ({"position_ids": torch.tensor([[0, 0]]), CACHE_KWARG: hf(ids, use_cache=True)[CACHE_KWARG]},
+                ids[:, :2])]  # a reset after a cache
+        for kwargs, inputs in bad:
+            with pytest.raises(ValueError, match="position_ids"):
+                hf(inputs, **kwargs)
+
+
+def test_resized_embeddings_take_new_ids(tmp_path: Path) -> None:
+    model = _model(seed=9)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    hf.resize_token_embeddings(40)
+    assert hf.config.vocab_size == 40 and hf.retnet.config.vocab_size == 40
+    resized = RetNet(_config(vocab_size=40)).eval()  # the same weights in a RetNet built for 40 ids
+    resized.load_state_dict(hf.state_dict())
+    ids = torch.tensor([[3, 35, 39, 1, 36]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, resized(ids).logits)
+    got = _theirs(hf, ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, _ours(resized, ids, 4))
+    hf.save_pretrained(tmp_path)
+    assert RetNet.from_pretrained(tmp_path).config.vocab_size == 40
+
+
+def test_loss_with_num_items_in_batch_equals_transformers_loss() -> None:
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = _model(seed=6)
+    hf = YaRetNetForCausalLM.from_retnet(model).train()
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(1))
+    scored = ids.clone()
+    scored[0, :3] = -100
+    for labels in (scored, torch.full_like(ids, -100)):  # the second: a micro-batch with nothing scored
+        hf.zero_grad()
+        loss = hf(ids, labels=labels, num_items_in_batch=torch.tensor(40)).loss
+        with torch.no_grad():
+            expected = ForCausalLMLoss(model(ids).logits, labels, 32, num_items_in_batch=torch.tensor(40))
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
+        assert all(bool(p.grad.isfinite().all()) for p in hf.parameters() if p.grad is not None)
+    assert float(loss.detach()) == 0.0
+
+
+def test_attentions_and_hidden_states_are_refused_not_ignored() -> None:
+    hf = YaRetNetForCausalLM.from_retnet(_model())
+    ids = torch.randint(0, 32, (1, 5))
+    with torch.no_grad():
+        for name in ("output_attentions", "output_hidden_states"):
+            with pytest.raises(ValueError, match=name):
+                hf(ids, **{name: True})
+            assert hf(ids, **{name: False}).logits.shape == (1, 5, 32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------

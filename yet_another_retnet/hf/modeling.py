@@ -11,11 +11,13 @@ and each later token is one recurrent step, carried in a :class:`RetNetCache`.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin as _GenerationMixin
 from transformers import PreTrainedModel as _PreTrainedModel
@@ -32,9 +34,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 
 #: Keyword arguments that transformers' generation loop or ``Trainer`` may pass and that a RetNet
-#: has no use for (positions come from its state and the attention mask).
-_IGNORED = frozenset({"position_ids", "cache_position", "token_type_ids", "output_attentions",
-                      "output_hidden_states", "next_sequence_length", "is_first_iteration"})
+#: has no use for (positions come from its state and the attention mask; ``position_ids``,
+#: ``output_attentions`` and ``output_hidden_states`` are read in ``forward``).
+_IGNORED = frozenset({"cache_position", "token_type_ids", "next_sequence_length", "is_first_iteration"})
 
 
 # Typed as Any: their signatures differ between transformers versions (see compat.py).
@@ -74,6 +76,9 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
     inside, -100 ignored; divided by ``num_items_in_batch`` instead of averaged when ``Trainer``
     passes it), and the :class:`RetNetCache` after the input. ``attention_mask`` marks left
     padding on a sequence's first call; later calls may pass the mask of the whole sequence.
+    ``position_ids`` that restart at 0 inside a row (transformers' ``DataCollatorWithFlattening``)
+    mark packed documents, each run as if alone; other positions than the model's own count are
+    refused. ``output_attentions`` and ``output_hidden_states`` are refused (``ValueError``).
     """
 
     _tied_weights_keys = TIED_WEIGHTS_KEYS
@@ -139,7 +144,19 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         for name in ("embed_tokens", "embedding_norm", "decoder", "lm_head"):
             if getattr(retnet, name) is not getattr(self, name):
                 setattr(retnet, name, getattr(self, name))
+        # resize_token_embeddings changes the embedding and our config, not the RetNet's config,
+        # whose vocab_size bounds the ids it accepts: a new token would be refused.
+        vocab = retnet.embed_tokens.num_embeddings
+        if retnet.config.vocab_size != vocab:
+            retnet.config = dataclasses.replace(retnet.config, vocab_size=vocab)
         return retnet
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``resize_token_embeddings``, with the RetNet's ``config.vocab_size``
+        following at once (it bounds the ids the RetNet accepts; see :meth:`_sync`)."""
+        result = super().resize_token_embeddings(*args, **kwargs)
+        self._sync()
+        return result
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -156,6 +173,13 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast | tuple[Any, ...]:
         cache = pick_cache(kwargs)
+        position_ids = kwargs.pop("position_ids", None)
+        for name in ("output_attentions", "output_hidden_states"):
+            # Refused, not ignored: a caller asking for them would otherwise get None silently.
+            # Retention computes no attention weights, and the fast paths (chunk-major prefill,
+            # the decoding step) never hold every layer's hidden states.
+            if kwargs.pop(name, None):
+                raise ValueError(f"{name}=True is not supported by YaRetNetForCausalLM")
         unknown = sorted(set(kwargs) - _IGNORED)
         if unknown:
             raise TypeError(f"YaRetNetForCausalLM.forward got unexpected arguments {unknown}")
@@ -173,11 +197,16 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         keep = int(logits_to_keep) if not isinstance(logits_to_keep, Tensor) else None
 
         token_mask = retnet._check_inputs(input_ids, state, None, None, labels, mask)
-        if (keep == 1 and labels is None and input_ids.shape[1] > 1 and not torch.is_grad_enabled()):
+        starts = self._document_starts(position_ids, input_ids, state, token_mask)
+        # With num_items_in_batch the loss is summed here, not averaged by the RetNet.
+        targets = labels if num_items_in_batch is None else None
+        if starts is not None:
+            out = retnet._forward_documents(input_ids, None, None, targets, None, None, starts)
+        elif (keep == 1 and labels is None and input_ids.shape[1] > 1 and not torch.is_grad_enabled()):
             # A prompt in generate: what RetNet.prefill runs (chunkwise, last position only).
             out = retnet._forward(input_ids, state, "chunkwise", None, None, token_mask, last_logits_only=True)
         else:
-            out = retnet._forward(input_ids, state, None, None, labels, token_mask)
+            out = retnet._forward(input_ids, state, None, None, targets, token_mask)
         logits = out.logits
         if isinstance(logits_to_keep, Tensor):
             logits = logits[:, logits_to_keep]
@@ -185,11 +214,12 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
             logits = logits[:, -keep:]
 
         loss = out.loss
-        if loss is not None and num_items_in_batch is not None:
+        if labels is not None and num_items_in_batch is not None:
             # Trainer's gradient accumulation: the sum over the batch's scored tokens divided by
-            # the count over all accumulated batches, not each batch's mean.
-            scored = (labels[:, 1:] != -100).sum()  # type: ignore[index]
-            loss = loss * scored / torch.as_tensor(num_items_in_batch, device=loss.device)
+            # the count over all accumulated batches, not each batch's mean (transformers'
+            # ForCausalLMLoss). Summed, not mean x count: a micro-batch with no scored token
+            # gives 0, where the mean of nothing is NaN.
+            loss = _summed_loss(out.logits, labels) / torch.as_tensor(num_items_in_batch, device=out.logits.device)
 
         new_cache = None
         if use_cache and not self.training:
@@ -215,6 +245,37 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         return cache
 
     @staticmethod
+    def _document_starts(position_ids: Any, input_ids: Tensor, state: Any, token_mask: Tensor | None) -> Tensor | None:
+        """``None`` when ``position_ids`` are absent or the positions the model counts itself (from
+        the state and the padding); the ``reset_mask`` of packed documents when they restart at 0
+        inside a row (``DataCollatorWithFlattening``: ``[[0, 1, 2, 0, 1]]``). Any other positions
+        would be silently ignored by a RetNet, so they raise ``ValueError``."""
+        if position_ids is None:
+            return None
+        if not isinstance(position_ids, Tensor) or position_ids.is_floating_point():
+            raise ValueError("position_ids must be an integer tensor of shape (batch, length)")
+        batch, length = input_ids.shape
+        positions = position_ids.to(input_ids.device).long()
+        if positions.dim() == 1:
+            positions = positions[None]
+        if positions.dim() != 2 or positions.shape[1] != length or positions.shape[0] not in (1, batch):
+            raise ValueError(f"position_ids must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(position_ids.shape)}")
+        positions = positions.expand(batch, length)
+        real = (token_mask if token_mask is not None
+                else torch.ones(batch, length, dtype=torch.bool, device=input_ids.device))
+        first = state.position.to(input_ids.device)[:, None] if state is not None else 0
+        counted = first + real.long().cumsum(1) - 1  # padding is not counted (its position is any)
+        if bool((positions == counted)[real].all()):
+            return None
+        previous = F.pad(positions[:, :-1], (1, 0), value=-1)
+        if state is None and token_mask is None and bool(((positions == 0) | (positions == previous + 1)).all()):
+            return positions == 0  # packed documents: each restarts the state, as if run alone
+        raise ValueError("position_ids must count 0, 1, 2, ... from each packed document's start (reset at "
+                         "0, without padding or a cache) or be the positions the model counts itself; a "
+                         "RetNet cannot take other positions")
+
+    @staticmethod
     def _new_token_mask(attention_mask: Tensor | None, input_ids: Tensor, cache: RetNetCache | None) -> Tensor | None:
         """The attention mask of the new tokens: transformers passes the whole sequence's."""
         if attention_mask is None:
@@ -233,16 +294,35 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | None = None,
+        next_sequence_length: int | None = None,
+        cache: Any = None,
+        past_key_values: Any = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Only the tokens the cache has not read yet; their part of the attention mask."""
+        """Only the tokens the cache has not read yet; their part of the attention mask.
+
+        The cache is named in the signature under both of transformers' names (``cache``,
+        ``past_key_values``): ``generate`` refuses model keyword arguments this signature and
+        ``forward``'s do not name, so a cache passed to ``generate`` would be refused.
+        """
         if inputs_embeds is not None:
             raise ValueError("inputs_embeds is not supported: pass input_ids")
-        cache = pick_cache(kwargs)
+        cache = pick_cache({"cache": cache, "past_key_values": past_key_values})
         seen = cache.get_seq_length() if isinstance(cache, RetNetCache) else 0
-        inputs: dict[str, Any] = {"input_ids": input_ids[:, seen:]}
+        if next_sequence_length is not None:
+            # transformers says how many columns are new (a cache passed to generate with the
+            # whole prompt; 1 per decoding step).
+            new = input_ids[:, max(input_ids.shape[1] - int(next_sequence_length), 0):]
+        elif input_ids.shape[1] > seen:
+            new = input_ids[:, seen:]
+        else:
+            new = input_ids  # only the new tokens were passed (chunked prefill hands one chunk)
+        if new.shape[1] == 0:
+            raise ValueError(f"the cache has read all {seen} tokens of input_ids: generation needs at least one "
+                             "token it has not read (a RetNetCache keeps the state, not the last logits)")
+        inputs: dict[str, Any] = {"input_ids": new}
         if attention_mask is not None:
-            inputs["attention_mask"] = attention_mask[:, seen:]
+            inputs["attention_mask"] = attention_mask[:, max(attention_mask.shape[1] - new.shape[1], 0):]
         if isinstance(cache, RetNetCache):
             inputs[CACHE_KWARG] = cache
         if use_cache is not None:
@@ -297,3 +377,12 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
             wrapped.embedding_norm = None
         wrapped.train(model.training)
         return wrapped
+
+
+def _summed_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``RetNet._lm_loss`` summed over the scored tokens instead of averaged: position t predicts
+    label t + 1, -100 ignored, half precision scored in float32."""
+    targets = F.pad(labels[:, 1:].long(), (0, 1), value=-100)
+    scores = logits.reshape(-1, logits.shape[-1])
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    return F.cross_entropy(scores, targets.reshape(-1), ignore_index=-100, reduction="sum")

@@ -17,6 +17,7 @@ the final state differentiable too (a state handed from one call to the next car
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -93,6 +94,13 @@ def launch_config(dk: int, dv: int, chunk: int) -> tuple[int, int, int, int]:
     return _pow2(chunk), bk, bv, warps
 
 
+def on_device(t: Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Make ``t``'s GPU the current one for a launch: Triton launches on the current CUDA device,
+    not the tensors', so tensors on ``cuda:1`` with ``cuda:0`` current would be read from the
+    wrong device. Nothing to do for the interpreter (CPU tensors)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 class _ChunkRetention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, log_gamma: Tensor,
@@ -107,7 +115,7 @@ class _ChunkRetention(torch.autograd.Function):
         s0c = None if s0 is None else s0.to(torch.float32).contiguous()
         bc, bk, bv, warps = launch_config(dk, dv, chunk)
         grid = (triton_cdiv(dv, bv), batch * heads)
-        with interpreter(interpret):
+        with interpreter(interpret), on_device(q):
             _chunk_fwd[grid](q, k, v, out, s0c if s0c is not None else final, final, log_gamma, scale,
                              length, heads, dk, dv, chunk, BC=bc, BK=bk, BV=bv, HAS_S0=s0c is not None,
                              STORE_S=True, num_warps=warps, num_stages=NUM_STAGES)
@@ -136,7 +144,7 @@ class _ChunkRetention(torch.autograd.Function):
         nk = triton_cdiv(dk, bkd)
         dv_ = torch.empty(nk, batch, heads, length, dv, dtype=torch.float32, device=q.device)
         ds0 = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device) if s0 is not None else None
-        with interpreter(interpret):
+        with interpreter(interpret), on_device(q):
             kernels._chunk_bwd_dq[grid](q, k, v, do, s0 if s0 is not None else dv_, dq, log_gamma, ctx.scale,
                                         length, heads, dk, dv, ctx.chunk, batch * heads, BC=bc, BK=bk, BV=bv,
                                         HAS_S0=s0 is not None, num_warps=warps,

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ._load import interpreter, kernel_module
-from .chunkwise import MAX_KEY_DIM, _pow2
+from .chunkwise import MAX_KEY_DIM, _pow2, on_device
 
 __all__ = ["MAX_KEY_DIM", "retention_step_triton", "step_with_gamma"]
 
@@ -41,7 +41,7 @@ def step_with_gamma(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None, 
     grid = (-(-dv // bv), batch * heads)
     interpret = q.device.type != "cuda"
     _step = kernel_module("decode_kernels", interpret)._step
-    with interpreter(interpret):
+    with interpreter(interpret), on_device(q):  # launch on q's GPU, not the current one
         _step[grid](q, k, v, s0 if s0 is not None else state, state, out, gamma, float(scale), heads, dk, dv,
                     BK=bk, BV=bv, HAS_S0=s0 is not None)
     return out, state
