@@ -220,3 +220,77 @@ def test_engine_arguments_are_checked(model: RetNet) -> None:
                          ({"prefill_piece": 0}, "prefill_piece")):
         with pytest.raises(ValueError, match=name):
             Engine(model, **kwargs)
+
+
+def test_an_emit_that_raises_drops_its_request_alone(model: RetNet) -> None:
+    """An ``emit`` that raises (its client's event loop closed) cancels that request: nothing
+    more is sent to it, the batch goes on, and the engine serves later requests."""
+    engine = Engine(model, max_batch=4)
+    calls: list[tuple[int | None, str | None]] = []
+
+    def closed_loop(token: int | None, finish: str | None) -> None:
+        calls.append((token, finish))
+        raise RuntimeError("Event loop is closed")
+
+    good = Collect()
+    engine.submit(Request(_prompt(5, 1), 20, closed_loop, temperature=0))
+    engine.submit(Request(_prompt(6, 2), 6, good, temperature=0))
+    engine.start()
+    try:
+        while not good.done.wait(0.05):
+            assert engine.running, "the engine's thread died"
+        later = _run(engine, [{"ids": _prompt(4, 3), "max_tokens": 3, "temperature": 0.0}])[0]
+        alone = _run(engine, [{"ids": _prompt(6, 2), "max_tokens": 6, "temperature": 0.0}])[0]
+    finally:
+        engine.stop()
+    assert len(calls) == 1 and calls[0][1] is None  # its first token, then nothing
+    assert good.finish == "length" and good.tokens == alone.tokens
+    assert later.finish == "length" and len(later.tokens) == 3
+    assert engine.active == 0
+
+
+class _Fatal(BaseException):
+    """Not an ``Exception``: the engine's loop does not catch it, its thread dies."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_answers_its_requests_and_refuses_more(model: RetNet) -> None:
+    class Dying(Gated):
+        def step_(self, *args: Any, **kwargs: Any) -> Any:
+            raise _Fatal("the thread dies here")
+
+    engine = Engine(Dying(model), max_batch=1)
+    first, queued = Collect(), Collect()
+    engine.submit(Request(_prompt(3, 1), 5, first))
+    engine.submit(Request(_prompt(3, 2), 5, queued))
+    engine.start()
+    try:
+        for out in (first, queued):  # answered, not left hanging
+            while not out.done.wait(0.05):
+                assert engine.running or out.done.is_set(), "the engine died without answering"
+        with pytest.raises(RuntimeError, match="not running"):
+            engine.submit(Request(_prompt(3, 3), 5, Collect()))
+    finally:
+        engine.stop()
+    assert str(first.finish).startswith("error: _Fatal") and str(queued.finish).startswith("error: _Fatal")
+
+
+def test_max_waiting_refuses_requests_beyond_it(model: RetNet) -> None:
+    from yet_another_retnet.serve.engine import QueueFull
+
+    with pytest.raises(ValueError, match="max_waiting"):
+        Engine(model, max_waiting=0)
+    engine = Engine(model, max_waiting=2)
+    outs = [Collect() for _ in range(2)]
+    for i, out in enumerate(outs):
+        engine.submit(Request(_prompt(3, i), 2, out, temperature=0))
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        engine.submit(Request(_prompt(3, 2), 2, Collect()))
+    engine.start()
+    try:
+        for out in outs:
+            assert out.done.wait(TIMEOUT)
+        assert _run(engine, [{"ids": _prompt(3, 2), "max_tokens": 2}])[0].finish == "length"  # room again
+    finally:
+        engine.stop()
+    assert [o.finish for o in outs] == ["length", "length"]

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +91,10 @@ def test_chat_keeps_the_state_between_turns(model_dir: Path, monkeypatch: pytest
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def served(model_dir: Path) -> Iterator[Any]:
-    """The app, running on a real server on the loopback interface (``app.state.url``)."""
+@contextmanager
+def _serving(app: Any) -> Iterator[Any]:
+    """``app``, running on a real server on the loopback interface (``app.state.url``)."""
     uvicorn = pytest.importorskip("uvicorn")
-    pytest.importorskip("fastapi")
-    from yet_another_retnet.serve.server import build_app
-
-    app = build_app(RetNet.from_pretrained(model_dir), ByteTokenizer(), max_batch=16, max_tokens_limit=500)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -109,10 +106,24 @@ def served(model_dir: Path) -> Iterator[Any]:
         time.sleep(0.05)
     assert srv.started
     app.state.url = f"http://127.0.0.1:{port}"
-    yield app
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    try:
+        yield app
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(model_dir: Path) -> Iterator[Any]:
+    """The app serving the test model with the byte tokenizer, on a real server."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("fastapi")
+    from yet_another_retnet.serve.server import build_app
+
+    with _serving(build_app(RetNet.from_pretrained(model_dir), ByteTokenizer(), max_batch=16,
+                            max_tokens_limit=500)) as app:
+        yield app
 
 
 def _body(i: int, stream: bool) -> dict[str, Any]:
@@ -246,3 +257,296 @@ def test_quantize_command_builds_out_whole_or_not_at_all(tmp_path: Path, monkeyp
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "quantization.json",
                                                       "tokenizer_config.json"]
     assert RetNet.from_pretrained(out).config == RetNet.from_pretrained(src).config
+
+
+# --------------------------------------------------------------------------------------------
+# Ends of a generation, refused requests, clients that leave
+# --------------------------------------------------------------------------------------------
+
+
+def _wait_idle(client: Any) -> dict[str, Any]:
+    """``/health`` once nothing is in flight or waiting (or after a deadline that only a hang meets)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health: dict[str, Any] = client.get("/health").json()
+        if not health["active"] and not health["waiting"]:
+            return health
+        time.sleep(0.05)
+    return dict(client.get("/health").json())
+
+
+def _completion(client: Any, body: dict[str, Any]) -> tuple[str, str]:
+    """(text, finish_reason) of a completion, streamed or not."""
+    if not body.get("stream"):
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"], r.json()["choices"][0]["finish_reason"]
+    pieces, finish = [], None
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                pieces.append(json.loads(line[6:])["choices"][0]["text"])
+                finish = json.loads(line[6:])["choices"][0]["finish_reason"]
+    return "".join(pieces), str(finish)
+
+
+def test_a_client_that_leaves_a_non_streaming_request_frees_its_slot(served: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-streaming client that disconnects has its request cancelled: a queued one never runs
+    (so no step at all), where it used to run to max_tokens for nobody."""
+    httpx = pytest.importorskip("httpx")
+    engine = served.state.engine
+    submitted: list[Any] = []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda request: (submitted.append(request), submit(request))[1])
+    port = int(served.state.url.rsplit(":", 1)[1])
+    body = json.dumps({"prompt": "long ", "max_tokens": 500, "temperature": 0}).encode()
+    with httpx.Client(base_url=served.state.url, timeout=60) as client:
+        steps = client.get("/health").json()["steps"]
+        # Held in the queue, so that the request is still waiting when its client leaves.
+        engine.stop()
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                raw.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                deadline = time.monotonic() + 30
+                while client.get("/health").json()["waiting"] < 1:
+                    assert time.monotonic() < deadline, "the request never reached the engine's queue"
+                    time.sleep(0.01)
+            assert submitted[0].cancelled.wait(30), "the server never cancelled the request of a client that left"
+        finally:
+            engine.start()
+        health = _wait_idle(client)
+    assert health["active"] == 0 and health["waiting"] == 0
+    assert health["steps"] == steps  # cancelled before it ran: no step for nobody
+
+
+class _PretrainedBytes(ByteTokenizer):
+    """Bytes, with a pretrained model's special tokens: ``bos`` starts every prompt (``add_bos``),
+    ``eos`` (here a byte the test model is known to write) ends a generation."""
+
+    def __init__(self, bos: int, eos: int) -> None:
+        super().__init__()
+        self.add_bos, self.bos_token_id, self.eos_token_id = True, bos, eos
+
+
+def test_the_server_and_chat_start_with_bos_and_stop_at_eos(model_dir: Path) -> None:
+    """As `retnet generate`: a prompt starts with the tokenizer's bos when it asks for one, and a
+    generation ends at its eos, which is not shown (finish_reason "stop")."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from yet_another_retnet.serve.chat import Chat
+    from yet_another_retnet.serve.server import build_app
+
+    # One transcript for all three: a completion's prompt, a chat request's, `retnet chat`'s turn.
+    model, bos, transcript = RetNet.from_pretrained(model_dir), 1, f"{USER}hi\n{ASSISTANT}"
+    out = model.generate(torch.tensor([[bos, *transcript.encode()]]), 60)[0, 1 + len(transcript):].tolist()
+    # The eos: a token the model writes greedily for the first time a few tokens in.
+    k = next(k for k in range(3, len(out)) if out[k] not in out[:k])
+    eos, before = out[k], out[:k]
+    assert 10 not in out[:k + 1]  # no line break: the chat replies end at the eos
+    text = bytes(before).decode("utf-8", errors="replace")
+    tokenizer = _PretrainedBytes(bos, eos)
+    body = {"max_tokens": 50, "temperature": 0}
+    with _serving(build_app(model, tokenizer, max_tokens_limit=500)) as app, \
+            httpx.Client(base_url=app.state.url, timeout=60) as client:
+        r = client.post("/v1/completions", json={"prompt": transcript, **body})
+        assert r.status_code == 200, r.text
+        data = r.json()
+        assert data["choices"][0]["text"] == text and data["choices"][0]["finish_reason"] == "stop"
+        assert data["usage"]["prompt_tokens"] == 1 + len(transcript)
+        assert data["usage"]["completion_tokens"] == len(before) + 1  # the eos was generated
+        assert _completion(client, {"prompt": transcript, "stream": True, **body}) == (text, "stop")
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == text
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+    # `retnet chat`: the conversation starts with bos; the reply ends at eos, unseen, and the model
+    # reads the eos and a line break first next turn.
+    chat = Chat(model, tokenizer, max_new_tokens=50, temperature=0)
+    assert "".join(chat.turn("hi")) == text
+    assert chat.transcript[0] == bos and chat.prefilled == [1 + len(transcript)]
+    assert chat.pending == [eos, 10]
+
+
+def test_a_chat_reply_ends_at_its_line_break(server: str) -> None:
+    """/v1/chat/completions stops where the assistant's turn ends (its line break, where the
+    transcript's next "User:" line would begin), as `retnet chat` does: finish_reason "stop"."""
+    httpx = pytest.importorskip("httpx")
+    with httpx.Client(base_url=server, timeout=60) as client:
+        # The same transcript as a plain completion, sampled with seeds until one writes a line break.
+        for seed in range(20):
+            body = {"max_tokens": 400, "temperature": 1.0, "seed": seed}
+            full = client.post("/v1/completions", json={"prompt": f"User: hi\n{ASSISTANT}", **body}).json()
+            text = full["choices"][0]["text"]
+            if "\n" in text[1:]:
+                break
+        else:
+            pytest.fail("no seed gave a line break")
+        reply = text.split("\n", 1)[0]
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], **body})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == reply
+        assert r.json()["choices"][0]["finish_reason"] == "stop"
+        assert r.json()["usage"]["completion_tokens"] < 400
+        streamed, finish = [], None
+        with client.stream("POST", "/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}], "stream": True, **body}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    streamed.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+                    finish = json.loads(line[6:])["choices"][0]["finish_reason"]
+        assert "".join(streamed) == reply and finish == "stop"
+        assert _wait_idle(client)["active"] == 0  # the stop freed the slot
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_cut_the_text(server: str, stream: bool) -> None:
+    httpx = pytest.importorskip("httpx")
+    base = {"prompt": "request 1: ", "max_tokens": 40, "temperature": 0, "stream": stream}
+    with httpx.Client(base_url=server, timeout=60) as client:
+        full, finish = _completion(client, base)
+        assert finish == "length"
+        # Three characters (three tokens or more) met first at `at`.
+        at = next(i for i in range(2, len(full) - 3) if "\ufffd" not in full[i:i + 3] and full.find(full[i:i + 3]) == i)
+        stop = full[at:at + 3]
+        assert _completion(client, {**base, "stop": stop}) == (full[:at], "stop")
+        assert _completion(client, {**base, "stop": ["\x00never\x00", stop]}) == (full[:at], "stop")
+        # The start of a stop string at the very end is held back, then sent when the text ends.
+        unmet = full[-1] + "\x00\x00"
+        assert unmet not in full
+        assert _completion(client, {**base, "stop": unmet}) == (full, "length")
+        assert _wait_idle(client)["active"] == 0  # a stop string freed its slot
+
+
+def test_unknown_and_unsupported_fields_are_refused(server: str) -> None:
+    """A field this server does not know (a typo) or does not implement, set to anything but its
+    default, is a 400 naming it, not a 200 that ignores what was asked."""
+    httpx = pytest.importorskip("httpx")
+    with httpx.Client(base_url=server, timeout=60) as client:
+        for body, field in (({"max_token": 3}, "max_token"), ({"presence_penalty": 0.5}, "presence_penalty"),
+                            ({"logprobs": 1}, "logprobs"), ({"logprobs": 0}, "logprobs"),
+                            ({"echo": True}, "echo"), ({"logit_bias": {"65": 10}}, "logit_bias"),
+                            ({"max_completion_tokens": 501}, "max_completion_tokens"),
+                            ({"max_completion_tokens": 3, "max_tokens": 4}, "max_completion_tokens"),
+                            ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop"),
+                            ({"stop": 3}, "stop")):
+            for stream in (False, True):
+                r = client.post("/v1/completions", json={"prompt": "x", "stream": stream, **body})
+                assert r.status_code == 400, (body, r.text)
+                assert r.json()["error"]["message"].startswith(field), (body, r.text)
+        r = client.post("/v1/chat/completions",
+                        json={"messages": [{"role": "user", "content": "x"}], "logprobs": True})
+        assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+        # Their defaults are accepted; max_completion_tokens is max_tokens' other name.
+        r = client.post("/v1/completions", json={"prompt": "x", "temperature": 0, "logprobs": None, "echo": False,
+                                                 "logit_bias": None, "max_completion_tokens": 3})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 3
+        # What OpenAI's own client sends along: an end-user id, zero penalties, stream options.
+        r = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "temperature": 0, "user": "u-1",
+            "presence_penalty": 0, "frequency_penalty": 0.0})
+        assert r.status_code == 200, r.text
+        chunks = []
+        with client.stream("POST", "/v1/completions", json={
+                "prompt": "x", "max_tokens": 3, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}) as s:
+            chunks = [json.loads(line[6:]) for line in s.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+        assert all(c["choices"] for c in chunks[:-1])
+        r = client.post("/v1/completions", json={"prompt": "x", "stream_options": {"include_usage": 1, "x": 2}})
+        assert r.status_code == 400
+
+
+def test_seeds_outside_the_generators_range_get_400(server: str) -> None:
+    httpx = pytest.importorskip("httpx")
+    with httpx.Client(base_url=server, timeout=60) as client:
+        for seed in (2**64, -(2**63) - 1, 10**30):
+            for stream in (False, True):
+                r = client.post("/v1/completions", json={"prompt": "x", "seed": seed, "stream": stream})
+                assert r.status_code == 400, (seed, r.text)
+                assert r.json()["error"]["message"].startswith("seed"), r.text
+        for seed in (2**64 - 1, -(2**63), -1, 0):  # what torch.Generator.manual_seed takes
+            r = client.post("/v1/completions", json={"prompt": "x", "seed": seed, "max_tokens": 2})
+            assert r.status_code == 200, (seed, r.text)
+
+
+def test_a_full_queue_gets_503_and_a_long_prompt_400(model_dir: Path) -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from yet_another_retnet.serve.server import build_app
+
+    # "User: xxxxxxxx\nAssistant:" is 25 tokens, one too many.
+    app = build_app(RetNet.from_pretrained(model_dir), ByteTokenizer(), max_waiting=2, max_prompt_tokens=24)
+
+    async def go(url: str) -> None:
+        engine = app.state.engine
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            engine.stop()  # nothing leaves the queue until the engine starts again
+            try:
+                queued = asyncio.gather(*(client.post("/v1/completions", json={"prompt": f"q{i}", "max_tokens": 2})
+                                          for i in range(2)))
+                deadline = time.monotonic() + 60
+                while (await client.get("/health")).json()["waiting"] < 2:
+                    assert time.monotonic() < deadline, "the requests never reached the engine's queue"
+                    await asyncio.sleep(0.01)
+                r = await client.post("/v1/completions", json={"prompt": "one too many", "max_tokens": 2})
+                assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+                assert "busy" in r.json()["error"]["message"]
+                r = await client.post("/v1/completions", json={"prompt": "x" * 25, "max_tokens": 2})
+                assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt"), r.text
+                r = await client.post("/v1/chat/completions",
+                                      json={"messages": [{"role": "user", "content": "x" * 8}], "max_tokens": 2})
+                assert r.status_code == 400 and r.json()["error"]["message"].startswith("messages"), r.text
+            finally:
+                engine.start()
+            assert [r.status_code for r in await queued] == [200, 200]
+            r = await client.post("/v1/completions", json={"prompt": "x" * 24, "max_tokens": 2})
+            assert r.status_code == 200, r.text
+
+    with _serving(app) as running:
+        asyncio.run(go(running.state.url))
+
+
+def test_an_abandoned_chat_turn_is_read_at_the_next(model_dir: Path) -> None:
+    """A reply whose reader stopped early: the token it ended on was never read by the model, so
+    it goes first next turn, then a line break, as for a reply cut off at --max-new-tokens."""
+    from yet_another_retnet.serve.chat import Chat
+
+    model = RetNet.from_pretrained(model_dir)
+    chat = Chat(model, ByteTokenizer(), max_new_tokens=12, temperature=0)
+    reply = chat.turn("hi there")
+    first = next(reply)
+    assert first and "\n" not in first
+    reply.close()  # the caller stops reading
+    line = f"{USER}and again\n{ASSISTANT}".encode()
+    transcript = [*chat.transcript, *line]
+    assert transcript[-len(line) - 1] == 10  # a line break ended the abandoned reply
+    second = "".join(chat.turn("and again"))
+    assert chat.prefilled[1] == 2 + len(line)  # the unread token, the line break, the new line
+    # Each reply is what greedy decoding of the whole transcript so far gives.
+    out = model.generate(torch.tensor([transcript]), 12)[0, len(transcript):].tolist()
+    assert second == bytes(out).decode("utf-8", errors="replace").split("\n")[0]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["chat", "--top-p", "0"], "--top-p"), (["chat", "--top-p", "-1"], "--top-p"),
+    (["chat", "--top-p", "nan"], "--top-p"), (["chat", "--top-p", "2"], "--top-p"),
+    (["chat", "--temperature", "-1"], "--temperature"), (["chat", "--temperature", "nan"], "--temperature"),
+    (["chat", "--temperature", "inf"], "--temperature"),
+    (["serve", "--max-tokens-limit", "0"], "--max-tokens-limit"),
+    (["serve", "--max-tokens-limit", "-5"], "--max-tokens-limit"),
+    (["serve", "--max-waiting", "0"], "--max-waiting"), (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens"),
+])
+def test_chat_and_serve_check_their_flags(argv: list[str], flag: str, model_dir: Path,
+                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    uvicorn = pytest.importorskip("uvicorn")
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("served despite a bad flag"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n\n"))
+    capsys.readouterr()
+    assert main([argv[0], str(model_dir), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and flag in err, err

@@ -77,3 +77,46 @@ def test_converted_checkpoint_brings_its_tokenizer_bos_and_eos(tmp_path: Path, c
     assert main(["convert", "--to", "fla", str(out), str(back)]) == 0
     assert (back / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     assert json.loads((back / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
+def trained_byte_level_bpe(path: Path) -> None:
+    """A GPT-2-style byte-level BPE trained here: characters it has not merged (and every byte of
+    a character outside its corpus) are byte tokens that decode to nothing whole on their own."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["hello world, the wörld is wide", "naïve café über straße", "中文 文字 hello 🙂"] * 20
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    tok.save(str(path))
+
+
+@pytest.mark.parametrize("build", [trained_byte_level_bpe, byte_fallback_tokenizer])
+def test_streaming_decodes_a_short_window_to_the_same_text(build, tmp_path: Path) -> None:
+    """A stream of thousands of tokens streams to exactly the text decoded at once, each token
+    decoding a few tokens only (re-decoding the whole stream per token is quadratic)."""
+    build(tmp_path / "tokenizer.json")
+    tok = HFTokenizer(tmp_path / "tokenizer.json")
+    # Multi-byte characters seen in training and not (漢, 😀, ж): merged pieces and bare bytes.
+    text = "hello wörld 中文 🙂 naïve 漢字😀 жук, café " * 120
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and len(ids) > 2500
+    assert len({tok._tok.id_to_token(i) for i in ids}) > 20  # not one token a character
+    decoded: list[int] = []
+    real_decode = tok.decode
+
+    def counting(ids: list[int]) -> str:
+        decoded.append(len(ids))
+        return real_decode(ids)
+
+    tok.decode = counting  # type: ignore[method-assign]
+    stream = StreamDecoder(tok)
+    pieces = [stream.push(i) for i in ids]
+    pieces.append(stream.flush())
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert max(decoded) <= 16, max(decoded)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -46,6 +47,10 @@ def add_commands(sub: Any, formatter: Any) -> None:
             p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
             p.add_argument("--max-batch", type=int, default=16, metavar="N", help="requests decoded together at most (default: 16)")
             p.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N", help="largest max_tokens a request may ask (default: 4096)")
+            p.add_argument("--max-waiting", type=int, default=256, metavar="N",
+                           help="requests queued for a slot at most; more get a 503 (default: 256)")
+            p.add_argument("--max-prompt-tokens", type=int, default=32768, metavar="N",
+                           help="longest prompt a request may send, in tokens (default: 32768)")
 
 
 _DESCRIPTIONS = {
@@ -129,8 +134,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    # What `retnet generate` refuses (generation's _check_generation_args): checked before the
+    # model loads, and named by flag, not a sampling error's traceback at the first reply.
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 for greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     model, tokenizer = _model_for(args)
     chat = Chat(model, tokenizer, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed)
@@ -160,8 +169,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-batch must be in [1, 256], got {args.max_batch}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    for flag in ("max_tokens_limit", "max_waiting", "max_prompt_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model, tokenizer = _model_for(args)
     app = build_app(model, tokenizer, name=Path(args.model).name, max_batch=args.max_batch,
-                    max_tokens_limit=args.max_tokens_limit)
+                    max_tokens_limit=args.max_tokens_limit, max_waiting=args.max_waiting,
+                    max_prompt_tokens=args.max_prompt_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -22,7 +22,8 @@ Which way a prompt goes depends on its length alone, never on the batch, and eac
 batched step is computed from that row alone, so a request's tokens are the ones it gets alone
 with the same seed. (The kernels' summation order can depend on the number of rows, which moves
 logits by float32 rounding: a token could differ only at a near tie; docs/serving.md.) Tokens go
-back through each request's ``emit`` callback (called on the engine's thread).
+back through each request's ``emit`` callback (called on the engine's thread). An ``emit`` that
+raises (its client's event loop closed, say) drops that request alone: the loop goes on.
 """
 
 from __future__ import annotations
@@ -51,6 +52,13 @@ PREFILL_FROM = 32
 #: Tokens of a long prompt prefilled per loop turn, between two batched steps: the other requests
 #: wait for one piece, not for the whole prompt. A multiple of the usual chunk sizes.
 PREFILL_PIECE = 512
+#: Requests that may wait for a slot at most (:meth:`Engine.submit` refuses more): a burst beyond
+#: it is told to come back later instead of piling up behind the batch without bound.
+MAX_WAITING = 256
+
+
+class QueueFull(RuntimeError):
+    """:meth:`Engine.submit` refused a request: ``max_waiting`` requests already wait (retry later)."""
 
 
 @dataclass
@@ -83,20 +91,26 @@ class Engine:
     """Owns ``model`` on one background thread; :meth:`submit` hands it requests.
 
     ``prefill_from``: prompts longer than this many tokens are prefilled before they join the
-    batch (default :data:`PREFILL_FROM`); ``prefill_piece``: tokens prefilled per loop turn.
+    batch (default :data:`PREFILL_FROM`); ``prefill_piece``: tokens prefilled per loop turn;
+    ``max_waiting``: requests queued for a slot at most (default :data:`MAX_WAITING`).
+
+    Requests submitted before :meth:`start` (or between :meth:`stop` and :meth:`start`) wait in
+    the queue; once the engine's thread has died, :meth:`submit` refuses them.
     """
 
     def __init__(self, model: Any, max_batch: int = 16, prefill_from: int = PREFILL_FROM,
-                 prefill_piece: int = PREFILL_PIECE) -> None:
+                 prefill_piece: int = PREFILL_PIECE, max_waiting: int = MAX_WAITING) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
         if prefill_from < 0:
             raise ValueError(f"prefill_from must be >= 0, got {prefill_from}")
         if prefill_piece < 1:
             raise ValueError(f"prefill_piece must be >= 1, got {prefill_piece}")
         self.model, self.max_batch = model, max_batch
         self.prefill_from, self.prefill_piece = prefill_from, prefill_piece
-        self._waiting: queue.Queue[Request] = queue.Queue()
+        self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_waiting)
         self._active: list[Request] = []  # rows of the batch
         self._state: Any = None  # the active requests' states stacked, row i for _active[i]
         self._prefilling: list[Request] = []  # long prompts being prefilled, first first
@@ -104,6 +118,10 @@ class Engine:
         self._joining: list[Any] = []  # states of the rows appended to _active since the last step
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Why the thread died, if it did; set under _lock, which submit() holds while queueing,
+        # so that the dying thread fails every request that made it into the queue.
+        self._died: str | None = None
+        self._lock = threading.Lock()
         self.steps = 0  # decoding steps run (each for the whole batch)
 
     # ------------------------------------------------------------------ control
@@ -121,7 +139,20 @@ class Engine:
             self._thread = None
 
     def submit(self, request: Request) -> None:
-        self._waiting.put(request)
+        """Queue ``request``. Raises :class:`QueueFull` when ``max_waiting`` requests already
+        wait, and ``RuntimeError`` when the engine's thread has died (nothing would answer)."""
+        with self._lock:
+            if self._died is not None:
+                raise RuntimeError(f"the engine is not running: its thread died ({self._died})")
+            try:
+                self._waiting.put_nowait(request)
+            except queue.Full:
+                raise QueueFull(f"{self._waiting.maxsize} requests are already waiting; retry later") from None
+
+    @property
+    def running(self) -> bool:
+        """Whether the engine's thread is alive: started, not stopped, not dead."""
+        return self._thread is not None and self._thread.is_alive()
 
     @property
     def active(self) -> int:
@@ -135,18 +166,37 @@ class Engine:
     # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._admit()
-                self._prefill_piece()
-                self._drop_cancelled()
-                if self._active:
-                    self._step()
-                    self._sample()
-            except Exception as err:  # keep serving: fail the requests in the batch, not the server
-                for request in self._active:
-                    request.emit(None, _error(err))
-                self._active, self._state, self._joining = [], None, []
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._admit()
+                    self._prefill_piece()
+                    self._drop_cancelled()
+                    if self._active:
+                        self._step()
+                        self._sample()
+                except Exception as err:  # keep serving: fail the requests in the batch, not the server
+                    for request in self._active:
+                        self._emit(request, None, _error(err))
+                    self._active, self._state, self._joining = [], None, []
+        except BaseException as err:  # the thread dies: answer everyone rather than leave them hanging
+            with self._lock:
+                self._died = f"{type(err).__name__}: {err}"
+            for request in [*self._active, *self._prefilling, *_drain(self._waiting)]:
+                self._emit(request, None, _error(err))
+            raise
+
+    def _emit(self, request: Request, token: int | None, finish: str | None) -> bool:
+        """``request.emit(token, finish)``; ``False`` if it raised. A raising ``emit`` (its event
+        loop closed, its client gone) must not reach the loop's error handler, which would fail
+        the whole batch and call the same ``emit`` again: the request is cancelled (its slot is
+        freed at the next step) and nothing more is sent to it."""
+        try:
+            request.emit(token, finish)
+        except Exception:
+            request.cancel()
+            return False
+        return True
 
     def _admit(self) -> None:
         block = not self._active and not self._prefilling  # idle: wait for work (bounded, so stop() is seen)
@@ -157,7 +207,7 @@ class Engine:
                 return
             block = False
             if request.cancelled.is_set():
-                request.emit(None, "cancelled")
+                self._emit(request, None, "cancelled")
                 continue
             try:
                 self._check(request)
@@ -167,7 +217,7 @@ class Engine:
                 else:
                     self._join(request, self._blank_state())
             except Exception as err:  # this request alone
-                request.emit(None, _error(err))
+                self._emit(request, None, _error(err))
 
     def _check(self, request: Request) -> None:
         """A bad request fails alone here, before its tokens can reach the batch's step."""
@@ -197,7 +247,7 @@ class Engine:
             request = self._prefilling[0]
             if request.cancelled.is_set():
                 self._prefilling.pop(0)
-                request.emit(None, "cancelled")
+                self._emit(request, None, "cancelled")
                 continue
             end = min(request.read + self.prefill_piece, len(request.ids) - 1)
             try:
@@ -206,7 +256,7 @@ class Engine:
                     request.prefix_state = self.model.prefill(piece, state=request.prefix_state).state
             except Exception as err:  # this request alone
                 self._prefilling.pop(0)
-                request.emit(None, _error(err))
+                self._emit(request, None, _error(err))
                 return
             request.read = end
             if end == len(request.ids) - 1:
@@ -219,7 +269,7 @@ class Engine:
         keep = [i for i, request in enumerate(self._active) if not request.cancelled.is_set()]
         for request in self._active:
             if request.cancelled.is_set():
-                request.emit(None, "cancelled")
+                self._emit(request, None, "cancelled")
         self._keep(keep)
 
     def _step(self) -> None:
@@ -249,14 +299,15 @@ class Engine:
                     token = pick_token(request.logits, request.temperature, request.top_k, request.top_p,
                                        request.generator)
             except Exception as err:  # bad sampling settings: this request alone
-                request.emit(None, _error(err))
+                self._emit(request, None, _error(err))
                 continue
             request.generated += 1
-            request.emit(token, None)
+            if not self._emit(request, token, None):  # nobody to send its tokens to: it leaves
+                continue
             if request.eos_token_id is not None and token == request.eos_token_id:
-                request.emit(None, "stop")
+                self._emit(request, None, "stop")
             elif request.generated >= request.max_tokens:
-                request.emit(None, "length")
+                self._emit(request, None, "length")
             else:
                 request.next_token = token
                 keep.append(i)
@@ -276,8 +327,18 @@ class Engine:
             self._state = _select_rows(self._state, rows) if rows else None
 
 
-def _error(err: Exception) -> str:
+def _error(err: BaseException) -> str:
     return f"error: {type(err).__name__}: {err}"
+
+
+def _drain(waiting: queue.Queue[Request]) -> list[Request]:
+    """Every request still in ``waiting``, taken out of it."""
+    out = []
+    while True:
+        try:
+            out.append(waiting.get_nowait())
+        except queue.Empty:
+            return out
 
 
 def _cat_states(states: list[Any]) -> Any:

@@ -2,10 +2,13 @@
 FastAPI/Starlette (the ``[serve]`` extra), decoding concurrent requests together (:mod:`.engine`).
 
 Endpoints: ``POST /v1/completions`` (``prompt``), ``POST /v1/chat/completions`` (``messages``, laid
-out as the ``User:``/``Assistant:`` transcript of :mod:`.chat`), ``GET /v1/models``, ``GET /health``
-(requests in flight and waiting). ``"stream": true`` sends server-sent events, one chunk per
-piece of text and ``data: [DONE]`` at the end. A client that disconnects frees its slot at the next
-step. A malformed request gets a 400 whose ``error.message`` names the field.
+out as the ``User:``/``Assistant:`` transcript of :mod:`.chat`; a reply ends at its line break),
+``GET /v1/models``, ``GET /health`` (requests in flight and waiting). ``"stream": true`` sends
+server-sent events, one chunk per piece of text and ``data: [DONE]`` at the end. Generation stops at
+the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``). A
+client that disconnects, streaming or not, frees its slot at the next step. A malformed request,
+or one with a field this server does not know or support, gets a 400 whose ``error.message`` names
+the field; a full queue gets a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -25,26 +28,54 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..training.data import StreamDecoder
-from .chat import ASSISTANT
-from .engine import Engine
+from .chat import ASSISTANT, end_token, with_bos
+from .engine import MAX_WAITING, Engine, QueueFull
 from .engine import Request as EngineRequest
+
+#: The seeds ``torch.Generator.manual_seed`` takes (a negative one counts modulo 2**64).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+#: ``stop`` strings a request may give at most (as OpenAI's API).
+MAX_STOPS = 4
+#: Seconds a client refused for a full queue is asked to wait (``Retry-After``).
+RETRY_AFTER = 1
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: A last chunk with no choices and the request's token counts, before ``[DONE]`` (OpenAI's shape).
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are refused, not ignored: a misspelt or unsupported one (``max_token``,
+    # ``best_of``) would otherwise get a 200 that does not do what was asked.
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int = Field(16, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     n: int = Field(1, ge=1, le=1)
+    stop: str | list[str] | None = None
+    stream_options: StreamOptions | None = None
+    # An end-user id OpenAI's clients may send (for its abuse monitoring): accepted, not used.
+    user: str | None = None
+    # Known but not implemented: accepted at their defaults only (null, false, absent, 0; an empty
+    # logit_bias), refused otherwise (_unsupported).
+    logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str
+    echo: bool | None = None
 
 
 class Message(BaseModel):
@@ -62,9 +93,79 @@ class BadRequest(Exception):
         self.param = param
 
 
-def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={
-        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}})
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, headers=headers, content={
+        "error": {"message": message, "type": kind, "param": param, "code": None}})
+
+
+def _unsupported(body: _Sampling) -> None:
+    """A 400 for a field this server knows but does not implement, set to anything but its default."""
+    for name in ("logprobs", "echo", "logit_bias", "presence_penalty", "frequency_penalty"):
+        value = getattr(body, name, None)
+        default = value is None or value is False or value == {} or (name.endswith("_penalty") and value == 0)
+        if not default:  # (logprobs 0 still asks for the chosen tokens' log-probabilities)
+            raise BadRequest(f"{name}: not supported by this server (leave it out, or null)", name)
+
+
+def _max_new_tokens(body: _Sampling, limit: int) -> int:
+    """``max_completion_tokens`` or else ``max_tokens``, at most ``limit``."""
+    name, value = "max_tokens", body.max_tokens
+    if body.max_completion_tokens is not None:
+        if "max_tokens" in body.model_fields_set and body.max_tokens != body.max_completion_tokens:
+            raise BadRequest("max_completion_tokens: differs from max_tokens; give one of them",
+                             "max_completion_tokens")
+        name, value = "max_completion_tokens", body.max_completion_tokens
+    if value > limit:
+        raise BadRequest(f"{name}: at most {limit} on this server, got {value}", name)
+    return value
+
+
+def _stops(body: _Sampling) -> list[str]:
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > MAX_STOPS:
+        raise BadRequest(f"stop: at most {MAX_STOPS} strings, got {len(stops)}", "stop")
+    if not all(stops):
+        raise BadRequest("stop: the strings must not be empty", "stop")
+    return stops
+
+
+class StopText:
+    """Generated text cut at the first of ``stops``, piece by piece as it streams.
+
+    Text that could be the start of a stop string is held back until the next piece settles it,
+    so a streaming client never sees part of a stop string (which may span several tokens)."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.held = ""
+        self.stopped = False  # a stop string was met: the text ended before it
+
+    def push(self, text: str) -> str:
+        """What can be sent of the held text and ``text``: up to the first stop string, if one is
+        there (``stopped`` is then set), else all but the end that may start one."""
+        text = self.held + text
+        found = [at for at in (text.find(stop) for stop in self.stops) if at >= 0]
+        if found:
+            self.held, self.stopped = "", True
+            return text[:min(found)]
+        keep = max((k for stop in self.stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        """The held text: the generation ended without completing a stop string."""
+        held, self.held = self.held, ""
+        return held
+
+
+async def _cancel_on_disconnect(http: Request, request: EngineRequest) -> None:
+    """Cancel ``request`` when the client of ``http`` goes away. The body has been read, so the
+    next message the server delivers is the disconnect (what Starlette's streaming responses
+    listen for); a non-streaming endpoint is otherwise never told."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    request.cancel()
 
 
 def chat_prompt(messages: list[Message]) -> str:
@@ -74,10 +175,19 @@ def chat_prompt(messages: list[Message]) -> str:
 
 
 def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int = 16,
-              max_tokens_limit: int = 4096) -> FastAPI:
-    """The FastAPI application serving ``model`` (its engine thread runs while the app does)."""
-    engine = Engine(model, max_batch=max_batch)
+              max_tokens_limit: int = 4096, max_waiting: int = MAX_WAITING,
+              max_prompt_tokens: int = 32768) -> FastAPI:
+    """The FastAPI application serving ``model`` (its engine thread runs while the app does).
+
+    ``max_tokens_limit``: the largest ``max_tokens`` a request may ask; ``max_waiting``: requests
+    queued for a slot at most (more get a 503); ``max_prompt_tokens``: the longest prompt (in
+    tokens, with the chat transcript's markers) a request may send."""
+    if max_tokens_limit < 1 or max_prompt_tokens < 1:
+        raise ValueError(f"max_tokens_limit and max_prompt_tokens must be >= 1, got {max_tokens_limit} and "
+                         f"{max_prompt_tokens}")
+    engine = Engine(model, max_batch=max_batch, max_waiting=max_waiting)
     vocab = int(model.config.vocab_size)
+    eos = end_token(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,7 +205,10 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         field_name = ".".join(loc) or None
-        message = f"{field_name}: {first.get('msg', 'invalid')}" if field_name else str(first.get("msg", "invalid request"))
+        msg = str(first.get("msg", "invalid"))
+        if first.get("type") == "extra_forbidden":
+            msg = "not a field this server knows (misspelt, or not supported)"
+        message = f"{field_name}: {msg}" if field_name else msg
         return _error(400, message, field_name)
 
     @app.exception_handler(BadRequest)
@@ -110,44 +223,68 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]}
 
-    def encode(text: str, body: _Sampling, field_name: str) -> list[int]:
-        if body.max_tokens > max_tokens_limit:
-            raise BadRequest(f"max_tokens: at most {max_tokens_limit} on this server, got {body.max_tokens}",
-                             "max_tokens")
-        ids = tokenizer.encode(text)
+    def encode(text: str, field_name: str) -> list[int]:
+        ids = list(tokenizer.encode(text))
         if not ids:
             raise BadRequest(f"{field_name}: must hold at least one token", field_name)
+        ids = with_bos(tokenizer, ids)  # as `retnet generate`: a pretrained model's prompts start with <s>
         if max(ids) >= vocab:
             raise BadRequest(f"{field_name}: the tokenizer gave ids beyond the model's vocabulary", field_name)
-        return list(ids)
+        if len(ids) > max_prompt_tokens:
+            raise BadRequest(f"{field_name}: {len(ids)} tokens, more than this server's limit of "
+                             f"{max_prompt_tokens}", field_name)
+        return ids
 
-    async def run(ids: list[int], body: _Sampling, chat: bool) -> Any:
+    async def run(ids: list[int], body: _Sampling, chat: bool, http: Request) -> Any:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
 
         def emit(token: int | None, finish: str | None) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (token, finish))
 
+        max_new = _max_new_tokens(body, max_tokens_limit)
+        # A chat reply ends at its line break, where the transcript's next "User:" turn would begin
+        # (as `retnet chat`'s replies do).
+        stops = _stops(body) + (["\n"] if chat else [])
+        _unsupported(body)
         seed = body.seed if body.seed is not None else random.getrandbits(63)
-        request = EngineRequest(ids, body.max_tokens, emit, body.temperature, body.top_p, body.top_k, seed)
-        engine.submit(request)
+        request = EngineRequest(ids, max_new, emit, body.temperature, body.top_p, body.top_k, seed, eos)
+        try:
+            engine.submit(request)
+        except QueueFull as err:
+            return _error(503, f"the server is busy: {err}", kind="server_error",
+                          headers={"Retry-After": str(RETRY_AFTER)})
+        except RuntimeError as err:  # the engine's thread died: nothing would answer
+            return _error(503, str(err), kind="server_error")
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        generated = 0
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
 
         async def pieces() -> AsyncIterator[tuple[str, str | None]]:
-            decoder = StreamDecoder(tokenizer)
+            nonlocal generated
+            decoder, cut = StreamDecoder(tokenizer), StopText(stops)
             try:
                 while True:
                     token, finish = await events.get()
                     if finish is not None:
-                        tail = decoder.flush()
-                        yield tail, finish
+                        text = cut.push(decoder.flush())
+                        yield text if cut.stopped else text + cut.flush(), "stop" if cut.stopped else finish
                         return
                     assert token is not None
-                    yield decoder.push(token), None
+                    generated += 1
+                    if token == eos:  # it ends the text and is none of it; the engine's "stop" follows
+                        continue
+                    text = cut.push(decoder.push(token))
+                    if cut.stopped:
+                        yield text, "stop"
+                        return
+                    yield text, None
             finally:
-                request.cancel()  # a no-op after the end; frees the slot if the client left
+                request.cancel()  # a no-op after the end; frees the slot at a stop string or if the client left
 
         def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
             if not chat:
@@ -157,14 +294,16 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
 
         if body.stream:
             async def sse() -> AsyncIterator[str]:
-                count = 0
                 async for text, finish in pieces():
                     if finish is not None and finish.startswith("error"):
                         yield f"data: {json.dumps({'error': {'message': finish}})}\n\n"
                         return
-                    count += finish is None
                     chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
                              "model": name, "choices": [choice(text, finish, True)]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
+                             "model": name, "choices": [], "usage": usage()}
                     yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
 
@@ -172,25 +311,28 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
 
         parts: list[str] = []
         reason = "length"
-        count = 0
-        async for text, finish in pieces():
-            parts.append(text)
-            if finish is not None:
-                reason = finish
-            else:
-                count += 1
+        # Nothing else tells a non-streaming endpoint that its client left (Starlette's streaming
+        # response watches for that itself): without this, its slot would stay taken to max_tokens.
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, request))
+        try:
+            async for text, finish in pieces():
+                parts.append(text)
+                if finish is not None:
+                    reason = finish
+        finally:
+            watcher.cancel()
         if reason.startswith("error"):
             return JSONResponse(status_code=500, content={"error": {"message": reason, "type": "server_error"}})
         return {"id": ident, "object": kind, "created": created, "model": name,
                 "choices": [choice("".join(parts), reason, False)],
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}}
+                "usage": usage()}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> Any:
-        return await run(encode(body.prompt, body, "prompt"), body, chat=False)
+    async def completions(body: CompletionRequest, http: Request) -> Any:
+        return await run(encode(body.prompt, "prompt"), body, False, http)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest) -> Any:
-        return await run(encode(chat_prompt(body.messages), body, "messages"), body, chat=True)
+    async def chat_completions(body: ChatRequest, http: Request) -> Any:
+        return await run(encode(chat_prompt(body.messages), "messages"), body, True, http)
 
     return app

@@ -198,37 +198,46 @@ class StreamDecoder:
     """Turn tokens into text as they arrive, never printing half a character.
 
     Byte tokens go through an incremental UTF-8 decoder (a multi-byte character is held back
-    until complete). Other tokenizers re-decode the whole tail and emit what is new, holding
-    back a trailing replacement character that a later token may complete.
+    until complete). Other tokenizers decode a short window of recent tokens (the prefix and read
+    offsets of Hugging Face's text-generation-inference): the tokens of the last piece emitted
+    (the *prefix*, context for decoders that join or strip across tokens) and those read since.
+    The window's text past the prefix's is new once it no longer ends in a replacement character
+    that a later token may complete; then the new tokens become the next prefix. Each token costs
+    a decode of a few tokens, not of the whole stream (which made a long stream quadratic), and
+    the pieces join to what decoding all the tokens at once gives.
     """
 
     def __init__(self, tokenizer: ByteTokenizer | HFTokenizer) -> None:
         self.tokenizer = tokenizer
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._ids: list[int] = []
-        self._emitted = 0
+        self._window: list[int] = []  # the last piece's tokens, then the tokens read since
+        self._read = 0  # how many of the window's tokens are already out as text (the last piece's)
 
     def push(self, token: int) -> str:
         """The text that ``token`` completes (possibly empty)."""
         if isinstance(self.tokenizer, ByteTokenizer):
             return self._utf8.decode(bytes([int(token)]) if 0 <= int(token) < 256 else b"")
-        self._ids.append(int(token))
-        text = self.tokenizer.decode(self._ids)
-        # Hold back every trailing replacement character: with byte-fallback tokenizers (Llama's
-        # SentencePiece BPE) each byte of an unfinished character decodes to one of them.
-        stable = text.rstrip("\ufffd")
-        new = stable[self._emitted:]
-        self._emitted = max(self._emitted, len(stable))
-        return new
+        self._window.append(int(token))
+        seen = self.tokenizer.decode(self._window[:self._read])
+        text = self.tokenizer.decode(self._window)
+        # Hold back a trailing replacement character: with byte-fallback tokenizers (Llama's
+        # SentencePiece BPE) and byte-level BPE, each byte of an unfinished character decodes
+        # to one, and the next tokens may complete it.
+        if len(text) <= len(seen) or text.endswith("\ufffd"):
+            return ""
+        # The tokens just emitted are the next window's prefix; those before them are done.
+        self._window = self._window[self._read:]
+        self._read = len(self._window)
+        return text[len(seen):]
 
     def flush(self) -> str:
         """Whatever is still held back, with replacement characters for incomplete input."""
         if isinstance(self.tokenizer, ByteTokenizer):
             return self._utf8.decode(b"", final=True)
-        text = self.tokenizer.decode(self._ids)
-        new = text[self._emitted:]
-        self._emitted = len(text)
-        return new
+        seen = self.tokenizer.decode(self._window[:self._read])
+        text = self.tokenizer.decode(self._window)
+        self._window, self._read = [], 0
+        return text[len(seen):]
 
 
 class WindowSampler:
