@@ -50,7 +50,7 @@ from ..ops.cpu.gemv import gemv
 from ..ops.cpu.matmul import linear
 from ..ops.cpu.retention_core import retention_core
 from ..ops.cpu.retention_core import supports as core_supports
-from ..ops.cpu.split_heads import split_heads
+from ..ops.cpu.split_heads import constant_table, split_heads
 from ..ops.cpu.split_heads import supports as split_supports
 from ..ops.decay import ChunkTables, chunk_tables, resolve_log_decay
 from ..ops.norms import key_scale
@@ -188,7 +188,7 @@ def split_projection(
         # CPU float32: split, rotation and layout in one kernel pass (ops/cpu/split_heads.py), in a
         # compiled graph too.
         cos, sin = kernel_tables(rotation)
-        if split_supports(proj, cos) and cpu_extension.load():
+        if split_supports(proj, cos) and constant_table(sin) and cpu_extension.load():
             q, k, v, gate = split_heads(proj, cos, sin, heads, dk)
             k, v = drop_padding(k, v, token_mask)
             return q, k, v, gate
@@ -228,7 +228,8 @@ def core_chunkwise(
     log_gamma = resolve_log_decay(layer.gammas, layer.num_heads, proj.device)
     tables = chunk_tables(log_gamma, chunk, 1, proj.dtype, key_scale(layer.key_dim))
     args = (tables.inner, tables.query_decay, tables.key_decay, tables.chunk_decay.view(layer.num_heads))
-    if not (core_supports(proj, cos, layer.num_heads, layer.key_dim, chunk, *args) and cpu_extension.load()):
+    if not (core_supports(proj, cos, layer.num_heads, layer.key_dim, chunk, *args) and constant_table(sin)
+            and cpu_extension.load()):
         return None
     return retention_core(proj, cos, sin, *args, memory, layer.norm_weight, layer.norm_bias, layer.norm_eps,
                           layer.num_heads, layer.key_dim, chunk)

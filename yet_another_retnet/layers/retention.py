@@ -281,7 +281,7 @@ class MultiScaleRetention(nn.Module):
     def empty_state(self, batch_size: int, device: torch.device | str | None = None,
                     dtype: torch.dtype | None = None) -> RetentionState:
         """A zero state at position 0; ``dtype`` is the model's dtype (state kept in float32+)."""
-        ref = self.q_proj.weight
+        ref = self.weight_like()
         device = ref.device if device is None else device
         ct = compute_dtype(ref.dtype if dtype is None else dtype)
         memory = torch.zeros(batch_size, self.num_heads, self.key_dim, self.head_dim, dtype=ct, device=device)
@@ -301,11 +301,17 @@ class MultiScaleRetention(nn.Module):
             check_positions(state.position, batch_size, f"{name}.position")
         return state
 
+    def weight_like(self) -> Tensor:
+        """A tensor in the dtype of the layer's weights and on their device, without touching a
+        quantized projection's ``weight`` (a property that dequantizes it): its scales."""
+        scale = self.q_proj._buffers.get("weight_scale")
+        return scale if scale is not None else self.q_proj.weight
+
     def check_memory(self, memory: Tensor, batch_size: int, name: str) -> None:
         expected = (batch_size, self.num_heads, self.key_dim, self.head_dim)
         if tuple(memory.shape) != expected:
             raise ValueError(f"{name} must have shape (batch, heads, dk, dv) = {expected}, got {tuple(memory.shape)}")
-        ref = self.q_proj.weight
+        ref = self.weight_like()
         if memory.dtype != compute_dtype(ref.dtype):
             raise TypeError(f"{name} must be {compute_dtype(ref.dtype)} (the state dtype of this model), "
                             f"got {memory.dtype}")
@@ -545,7 +551,7 @@ class MultiScaleRetention(nn.Module):
                  prev_state: RetentionState | None) -> None:
         for name, x in (("query", query), ("key", key), ("value", value)):
             _check_input(name, x, rank, self.embed_dim)
-        weight = self.q_proj.weight
+        weight = self.weight_like()
         if query.device.type == "meta" or weight.device.type == "meta":
             raise ValueError("query or the layer's weights are meta tensors (shapes without data): nothing to compute")
         if query.dtype != weight.dtype and not _autocast_enabled(query.device.type):

@@ -141,8 +141,9 @@ _Quantized = QuantizedLinear | Int4Linear
 
 def _stacked_product(owner: nn.Module, linears: tuple[_Quantized, ...], x: Tensor) -> Tensor:
     """``x`` through ``linears`` at once: their row-wise buffers and biases stacked into one
-    product (cached on ``owner``, keyed by the buffers' storage: a reload or ``.to()`` rebuilds it)."""
-    key = tuple((t.data_ptr(), t.dtype) for m in linears for t in m.qparams())
+    product (cached on ``owner``, keyed by the buffers' storage and in-place versions: a reload,
+    ``load_state_dict`` into the same buffers or ``.to()`` rebuilds it)."""
+    key = tuple((*weight_version(t), t.dtype) for m in linears for t in m.qparams())
     cache = owner.__dict__.get("_qstack_cache")
     if cache is None or cache[0] != key:
         with torch.inference_mode(False):

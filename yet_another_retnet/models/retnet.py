@@ -277,7 +277,7 @@ class RetNetDecoder(nn.Module):
         # accept it, for a layer of another shape).
         first = self._retention(0)
         proto = (batch_size, first.num_heads, first.key_dim, first.head_dim)
-        weight = first.q_proj.weight
+        weight = first.weight_like()
         dtype, device = compute_dtype(weight.dtype), weight.device
         for i, memory in enumerate(state.memories):
             if memory.shape != proto or memory.dtype != dtype or memory.device != device:
@@ -438,6 +438,8 @@ class RetNet(GenerationMixin, nn.Module):
         plan's check of each weight (storage and version counter) cannot see those edits
         (``layers/fast.py::weight_version``)."""
         decoding.release_plan(self.decoder)
+        for module in self.modules():  # the quantized layers' stacked products (models/quantized.py)
+            module.__dict__.pop("_qstack_cache", None)
         rotation_factor_table.cache_clear()
 
     def empty_state(self, batch_size: int) -> RetNetState:

@@ -146,6 +146,13 @@ def quantize_int4(weight: Tensor, group_size: int = 128) -> tuple[Tensor, Tensor
         w = torch.cat([w, w[:, -1:].expand(out, padded - cols)], dim=1) if cols else w.new_zeros(out, padded)
     g = w.view(out, groups, group)
     low, high = g.amin(dim=2), g.amax(dim=2)
+    # max - min of finite float32 values can overflow float32 (+-2e38 in one group): its codes would
+    # dequantize to inf and NaN. Refused rather than stored.
+    span = high.double() - low.double()
+    if bool((span > torch.finfo(torch.float32).max).any()):
+        row, grp = (int(i) for i in torch.nonzero(span > torch.finfo(torch.float32).max)[0])
+        raise ValueError(f"weight row {row}, group {grp}: its values span {float(span[row, grp]):.3g}, beyond "
+                         f"float32's range: it cannot be quantized to int4")
     scale = (high - low) / 15.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes = torch.round((g - low[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8)

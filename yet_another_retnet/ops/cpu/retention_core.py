@@ -28,7 +28,7 @@ from torch import Tensor
 from . import _extension
 from .chunk_kernels import chunk_retention_reference, shapes_fit, walks_spread
 from .norm_gate import norm_gate_reference
-from .split_heads import split_heads_reference
+from .split_heads import constant_table, split_heads_reference
 
 __all__ = ["retention_core", "retention_core_applies", "retention_core_reference", "supports"]
 
@@ -88,7 +88,7 @@ def retention_core(
         :func:`retention_core_reference`.
     """
     tables = (mask, query_decay, key_decay, chunk_decay)
-    if (supports(proj, cos, heads, key_dim, chunk, *tables)
+    if (supports(proj, cos, heads, key_dim, chunk, *tables) and constant_table(sin)
             and all(t.dtype == torch.float32 for t in (norm_weight, norm_bias))
             and (prev is None or prev.dtype == torch.float32) and _extension.load()):
         # The retained values and the states before each chunk are kept only for a backward.

@@ -36,12 +36,18 @@ def split_heads_reference(proj: Tensor, cos: Tensor | None, sin: Tensor | None, 
     return q, k, v.unflatten(-1, (heads, value_dim // heads)).transpose(1, 2), gate
 
 
+def constant_table(table: Tensor | None) -> bool:
+    """A rotation table the kernels read: none, or float32 needing no gradient (they return none
+    for it). Both tables are checked: a caller may make either one differentiable."""
+    return table is None or (table.dtype == torch.float32 and not table.requires_grad)
+
+
 def supports(proj: Tensor, cos: Tensor | None) -> bool:
     """Whether :func:`split_heads` takes the kernel for these inputs: a CPU float32 projection
     ``(batch, length, width)`` and tables that need no gradient, torch >= 2.4, the kernels not
     ruled out. Pure: never builds the extension."""
     return (proj.device.type == "cpu" and proj.dtype == torch.float32 and proj.dim() == 3
-            and (cos is None or (cos.dtype == torch.float32 and not cos.requires_grad))
+            and constant_table(cos)
             and _extension.HAS_REGISTER_AUTOGRAD and _extension.usable())
 
 
@@ -60,7 +66,7 @@ def split_heads(proj: Tensor, cos: Tensor | None, sin: Tensor | None, heads: int
         gate ``(batch, length, value_dim)``; differentiable in ``proj``. Contiguous from the kernel
         (where :func:`supports`), views from :func:`split_heads_reference` elsewhere.
     """
-    if supports(proj, cos) and _extension.load():
+    if supports(proj, cos) and constant_table(sin) and _extension.load():
         q, k, v, gate = torch.ops.yaretnet.split_heads(proj, cos, sin, heads, key_dim)
         return q, k, v, gate
     return split_heads_reference(proj, cos, sin, heads, key_dim)

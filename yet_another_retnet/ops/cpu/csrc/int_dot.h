@@ -63,6 +63,9 @@ inline bool quantize_activations(const float* x, int64_t ldx, int64_t n, int64_t
     }
     if (finite != 0xFFFF) return false;
     const float top = _mm512_reduce_max_ps(amax);
+    // 32767 / top overflows to inf below ~1e-34 (zeros would become NaN, the rest saturate):
+    // such a vector takes the float loop.
+    if (top > 0.0f && top < 1e-30f) return false;
     xs[v] = top > 0.0f ? top / 32767.0f : 1.0f;
     const __m512 inv = _mm512_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
     const __m512 lo = _mm512_set1_ps(-32767.0f), hi = _mm512_set1_ps(32767.0f);

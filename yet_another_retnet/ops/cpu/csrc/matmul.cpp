@@ -31,7 +31,9 @@ at::Tensor transpose_copy(const at::Tensor& x_in) {
               "transpose_copy: x must be a 2-D float32 CPU tensor, got ", x_in.dim(), "-D ", x_in.scalar_type(),
               " on ", x_in.device());
   const at::Tensor x = x_in.stride(1) == 1 ? x_in : x_in.contiguous();
-  const int64_t rows = x.size(0), cols = x.size(1), ld = std::max<int64_t>(x.stride(0), 1);
+  // The row stride as it is: 0 for a row broadcast by expand() (every row reads the same
+  // floats), which rounding it up to 1 would have read as packed rows, past the storage's end.
+  const int64_t rows = x.size(0), cols = x.size(1), ld = x.stride(0);
   at::Tensor out = at::empty({cols, rows}, x.options());
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
