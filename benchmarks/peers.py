@@ -425,8 +425,15 @@ def available(impl: str, peer_dir: Path) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
+#: The sections --sections may name.
+SECTIONS = ("decode", "prefill", "small", "training")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from yet_another_retnet.cli_common import _Parser  # absolute: workers run by path
+
+    # The CLI's parser: a bad value is retnet's one-line usage error (exit 2), not a SystemExit.
+    parser = _Parser(
         prog="retnet bench peers",
         description="Decoding and prefill speed: ours vs yet-another-retnet 0.5.1, torchscale 0.3.0 "
                     "and a HF Llama with KV cache, each in its own process.",
@@ -483,19 +490,29 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(job["threads"])
         print(json.dumps(WORKERS[job["impl"]](job)), flush=True)
         return 0
+    from yet_another_retnet.bench import common  # absolute: workers run by path
+
     load_start = os.getloadavg()[0]
-    contexts = _ints(args.contexts) if args.contexts else ([512] if args.quick else [512, 8192])
-    tokens = args.tokens or (12 if args.quick else 40)
-    rounds = args.rounds or (1 if args.quick else 3)
-    repeats = args.repeats or 1
-    if rounds < 1 or repeats < 1:
-        raise ValueError(f"--rounds and --repeats must be >= 1, got {rounds} and {repeats}")
-    prefill_length = args.prefill_length or (2048 if args.quick else 8192)
+    contexts = _ints(args.contexts) if args.contexts is not None else ([512] if args.quick else [512, 8192])
+    # `x if given else default`, not `x or default`: --tokens 0 is an error, not the default.
+    tokens = common.count(args.tokens, 12 if args.quick else 40, "--tokens")
+    rounds = common.count(args.rounds, 1 if args.quick else 3, "--rounds")
+    repeats = common.count(args.repeats, 1, "--repeats")
+    prefill_length = common.count(args.prefill_length, 2048 if args.quick else 8192, "--prefill-length")
+    common.count(args.threads, 1, "--threads")
+    common.positive_float(args.timeout, "--timeout")
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     unknown = sorted(set(impls) - set(IMPLS))
     if unknown:
         raise ValueError(f"--impls: unknown {unknown}; choose from {IMPLS}")
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections or sections - set(SECTIONS):
+        raise common.UsageError(f"--sections: unknown {sorted(sections - set(SECTIONS)) or args.sections!r}; "
+                                f"choose from {','.join(SECTIONS)}")
+    out = common.prepare_out(args.out)  # an --out that is a file: found before measuring
+    # `retnet bench peers` calls main(argv); `python benchmarks/peers.py` calls main().
+    command = (common.command_line("peers", argv) if argv is not None
+               else "python benchmarks/peers.py " + " ".join(sys.argv[1:])).strip()
     peer_dir = Path(args.peer_dir).resolve()
     skipped = {impl: why for impl in impls if (why := available(impl, peer_dir))}
     runnable = [i for i in impls if i not in skipped]
@@ -561,12 +578,10 @@ def main(argv: list[str] | None = None) -> int:
                          "prefill_length": prefill_length, "base": BASE, "small": SMALL,
                          "torch_threads": args.threads or torch.get_num_threads(), "skipped": skipped},
             "machine": machine, "results": results, "summary": summary,
-            "command": "python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.json").write_text(json.dumps(data, indent=2) + "\n")
+            "command": command}
     markdown = render_markdown(data)
-    (out / "peers.md").write_text(markdown)
+    common.write_text(out / "peers.md", markdown)
+    common.write_json(out / "peers.json", data)
     print(markdown)
     print(f"[peers] wrote {out / 'peers.json'} and {out / 'peers.md'}")
     return 0

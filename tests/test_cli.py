@@ -145,7 +145,7 @@ def test_other_commands_fail_cleanly(tmp_path: Path, trained: Path, capsys: pyte
         (["info", "--preset", "nope"], "unknown preset"),
         (["info", str(tmp_path)], "no config.json"),
         (["generate", str(trained), "--max-new-tokens", "-1"], "--max-new-tokens"),
-        (["generate", str(trained), "--top-p", "1.5"], "top_p"),
+        (["generate", str(trained), "--top-p", "1.5"], "--top-p"),
         (["bench", "nope"], "invalid choice"),
         (["frobnicate"], "invalid choice"),
     ]:
@@ -237,3 +237,104 @@ def test_bench_missing_module_is_one_line(monkeypatch: pytest.MonkeyPatch, capsy
     monkeypatch.setitem(sys.modules, "yet_another_retnet.bench.peers", None)
     assert main(["bench", "peers"]) == 2
     assert "benchmark 'peers' is not available" in one_error_line(capsys)
+
+
+# --------------------------------------------------------------------------------------------
+# Edge cases: options checked, nothing half-written
+# --------------------------------------------------------------------------------------------
+
+
+def _yar051_checkpoint(path: Path) -> Path:
+    from yet_another_retnet.retnet import RetNet as RetNet051
+
+    torch.save(RetNet051(20, d_model=16, nhead=2, num_layers=1).state_dict(), path)
+    return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the 0.5.1 API that makes the checkpoint
+def test_convert_yar051_needs_an_empty_out_and_overwrite_replaces_it_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _yar051_checkpoint(tmp_path / "old.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")  # an old run's file
+    assert main(["convert", "--from", "yar051", str(src), str(out)]) == 2
+    assert "--overwrite" in one_error_line(capsys)
+    assert snapshot(out) == {"metrics.jsonl": b"{}\n"}
+    assert main(["convert", "--from", "yar051", str(src), str(out), "--overwrite"]) == 0
+    assert "metrics.jsonl" not in snapshot(out) and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+    # A failed conversion leaves no parent directories it created.
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    assert main(["convert", "--from", "yar051", str(tmp_path / "bad.pt"), str(tmp_path / "a" / "b" / "out")]) == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_convert_refuses_yar051_options_for_other_formats(trained: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["convert", str(trained), str(tmp_path / "fla"), "--nhead", "7", "--post-norm",
+                 "--activation", "gelu"]) == 2
+    line = one_error_line(capsys)
+    assert "--nhead" in line and "--post-norm" in line and "--activation" in line and "yar051" in line
+    assert not (tmp_path / "fla").exists()
+
+
+def test_failed_fla_convert_leaves_no_parent_directories(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    model_dir = tmp_path / "model"
+    RetNet(RetNetConfig.from_preset("tiny", num_layers=2)).save_pretrained(model_dir)
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(RetNet, "to_fla", fail)
+    assert main(["convert", str(model_dir), str(tmp_path / "x" / "y" / "fla")]) == 2
+    assert "disk full" in one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_refuses_data_prepared_with_another_tokenizer(trained: Path, corpus_file: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    prepared = tmp_path / "prepared"
+    assert main(["prepare", str(corpus_file), "--out", str(prepared), "--quiet"]) == 0
+    index = json.loads((prepared / "index.json").read_text())
+    index["tokenizer"] = {"type": "hf", "file": "tokenizer.json", "vocab_size": 256, "sha256": "0" * 64}
+    (prepared / "index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(["eval", str(trained), "--data", str(prepared)]) == 2
+    assert "another tokenizer" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--output", "res.json"], "--output"),
+    (["--limit", "nan", "--tasks", "x"], "--limit"),
+    (["--num-fewshot", "-5", "--tasks", "x"], "--num-fewshot"),
+    (["--num-fewshot", "-5"], "--num-fewshot"),
+    (["--device", "mps"], "--device"),
+])
+def test_eval_option_checks(trained: Path, argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["eval", str(trained), *argv]) == 2
+    assert flag in one_error_line(capsys)
+
+
+def test_generate_checks_top_k_before_echoing_the_prompt(trained: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["generate", str(trained), "--prompt", "hello", "--top-k", "0"]) == 2
+    assert capsys.readouterr().out == ""
+    assert main(["generate", str(trained), "--prompt", "hello", "--device", "xpu"]) == 2
+    assert "cpu or cuda" in one_error_line(capsys)
+
+
+def test_info_skips_malformed_metrics_and_shows_null_as_na(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    RetNet(RetNetConfig.from_preset("tiny", num_layers=2)).save_pretrained(run)
+    (run / "metrics.jsonl").write_text(
+        '{"kind": "eval", "step": 5, "val_loss": 2.5, "val_bpb": 3.0}\n'
+        '{"kind": "eval", "step": 10, "val_loss": null, "val_bpb": null}\n'
+        '{"kind": "eval", "step": 12}\n'
+        '[1, 2]\n'
+        '{"kind": "ev\n')
+    assert main(["info", str(run)]) == 0
+    assert "last evaluation: step 10, val loss n/a, val bits/byte n/a" in capsys.readouterr().out

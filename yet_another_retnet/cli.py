@@ -120,9 +120,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                             "fp32_weights_bytes": n * 4, "bf16_weights_bytes": n * 2,
                             "recurrent_state_bytes_per_sequence": state_bytes}
     if args.model is not None:
-        from .training.progress import read_metrics
-
-        evals = [r for r in read_metrics(Path(args.model)) if r.get("kind") == "eval"]
+        evals = [r for r in _metric_records(Path(args.model))
+                 if r.get("kind") == "eval" and all(k in r for k in ("step", "val_loss", "val_bpb"))]
         if evals:
             info["last_eval"] = evals[-1]
     if args.json:
@@ -136,8 +135,36 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {key:<{width}}  {value}")
     if "last_eval" in info:
         e = info["last_eval"]
-        print(f"last evaluation: step {e['step']}, val loss {e['val_loss']:.4f}, val bits/byte {e['val_bpb']:.4f}")
+        print(f"last evaluation: step {e['step']}, val loss {_number(e['val_loss'])}, "
+              f"val bits/byte {_number(e['val_bpb'])}")
     return 0
+
+
+def _metric_records(directory: Path) -> list[dict[str, Any]]:
+    """The JSON objects of ``directory``'s metrics file. Lines that are not one (a line cut short
+    by a kill, a hand edit) are skipped: ``info`` reports the model, and one odd line must not make
+    it fail."""
+    from .training.progress import METRICS_NAME
+
+    path = directory / METRICS_NAME
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _number(value: Any) -> str:
+    """A metric to 4 decimals; the trainer writes a non-finite one as null, shown as n/a."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.4f}"
+    return "n/a"
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

@@ -35,4 +35,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     entry = getattr(module, "main", None)
     if not callable(entry):
         raise UsageError(f"benchmark {args.name!r}: {module_name} has no main(argv)")
-    return int(entry(list(args.args)) or 0)
+    try:
+        return int(entry(list(args.args)) or 0)
+    except SystemExit as done:  # `--help` (0), or a module that still exits on its own
+        if done.code is None or isinstance(done.code, int):
+            return int(done.code or 0)
+        raise UsageError(f"bench {args.name}: {done.code}") from None

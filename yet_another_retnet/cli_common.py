@@ -35,6 +35,8 @@ def _pick_device(name: str | None) -> Any:
         raise UsageError(f"--device {name!r} is not a device: {err}") from None
     if device.type == "meta":
         raise UsageError("--device meta holds no data and cannot run a model; choose cpu or cuda")
+    if device.type not in ("cpu", "cuda"):  # mps, xpu, ...: torch names them, but nothing here runs there
+        raise UsageError(f"--device {name!r} is not supported; choose cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
     return device

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .cli_common import UsageError
+
 FORMAT_HELP = ("ours (save_pretrained's directory), fla (flash-linear-attention, e.g. fla-hub/retnet-1.3B-100B), "
                "syncdoth (syncdoth/RetNet's RetNetForCausalLM, read only) or yar051 (a yet-another-retnet 0.5.1 RetNet state dict: torch.save file or .safetensors)")
 
@@ -43,6 +45,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} does not apply to --from yar051")
 
         return run(args)
+    # The 0.5.1 options describe what a 0.5.1 state dict cannot show; for other formats they would
+    # be silently ignored, so refuse them.
+    given = [flag for flag, value in (("--nhead", args.nhead), ("--post-norm", args.post_norm or None),
+                                      ("--activation", args.activation), ("--layer-norm-eps", args.layer_norm_eps),
+                                      ("--overwrite", args.overwrite or None)) if value is not None]
+    if given:
+        raise UsageError(f"convert: {', '.join(given)} only apply with --from yar051")
     import torch
 
     from .models.convert import convert

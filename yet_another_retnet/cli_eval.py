@@ -32,6 +32,20 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--output", metavar="FILE", default=None, help="also write the results to FILE as JSON")
 
 
+def _check_prepared_tokenizer(data: str, prepared: dict[str, Any], model: dict[str, Any]) -> None:
+    """Refuse prepared data tokenized otherwise than the model's tokenizer: its token ids would mean
+    other text, and the loss and bits per byte nothing. Compared as training does
+    (training/corpus.py, training/resolve.py): type and vocabulary size, and the tokenizer file's
+    sha256 where both sides record one."""
+    same = (prepared.get("type"), prepared.get("vocab_size")) == (model.get("type"), model.get("vocab_size"))
+    if same and "sha256" in prepared and "sha256" in model:
+        same = prepared["sha256"] == model["sha256"]
+    if not same:
+        raise UsageError(f"--data {data}: prepared with another tokenizer ({prepared.get('type')}, "
+                         f"{prepared.get('vocab_size')} tokens) than the model's ({model.get('type')}, "
+                         f"{model.get('vocab_size')} tokens); prepare the data with the model's tokenizer")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     from .training.data import (
@@ -47,6 +61,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.tasks is None:
+        # These options belong to the lm-eval path; without --tasks they would be silently ignored.
+        given = [flag for flag, value in (("--include-path", args.include_path), ("--num-fewshot", args.num_fewshot),
+                                          ("--limit", args.limit), ("--output", args.output)) if value is not None]
+        if given:
+            raise UsageError(f"eval: {', '.join(given)} only apply with --tasks")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and not (math.isfinite(args.limit) and args.limit > 0):
+        raise UsageError(f"--limit must be a finite number > 0, got {args.limit}")
     device = _pick_device(args.device)
     if args.tasks is not None:
         from .harness import cmd_tasks
@@ -73,6 +97,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.data is not None and is_prepared(args.data):
         # Prepared shards: their validation split, read through the memory map window by window.
+        _check_prepared_tokenizer(args.data, open_prepared(args.data).tokenizer_info, tokenizer.describe())
         val = open_prepared(args.data).val
         if len(val) < 2:
             raise UsageError(f"{args.data}: the validation split has fewer than 2 tokens")

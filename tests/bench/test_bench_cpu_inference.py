@@ -38,3 +38,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
         assert abs(r["floor_ms"] / 1e3 - floor) < 1e-9 and r["x_floor"] < r["x_weights_floor"]
     assert result["serve"]["variant"] == "int8" and result["serve"]["many_clients_tokens_per_s"] > 0
     assert "## Decoding, batch 1" in (tmp_path / "cpu_inference.md").read_text()
+    # The command as given, in both reports (not a fixed `retnet bench cpu_inference --quick`).
+    assert result["command"].startswith("retnet bench cpu_inference --quick --out ")
+    assert "--variants float32,int8,int4" in result["command"]
+    assert result["command"] in (tmp_path / "cpu_inference.md").read_text()

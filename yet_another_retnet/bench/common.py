@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -24,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..cli_common import UsageError, _Parser
+from ..models.checkpoint import atomic_write
 from ..models.config import PRESETS, RetNetConfig
 
 DTYPES: dict[str, torch.dtype] = {
@@ -52,6 +55,47 @@ def add_common_args(parser: argparse.ArgumentParser, default_out: str, default_p
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
+
+
+def parser(prog: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A benchmark's parser: the CLI's, so that a bad value is the one-line usage error (exit 2)
+    that ``retnet`` prints, not argparse's usage block and a ``SystemExit`` out of ``main()``."""
+    return _Parser(prog=prog, **kwargs)
+
+
+def count(value: int | None, default: int, flag: str) -> int:
+    """``value`` or, when the option was not given (``None``), ``default``; ``flag`` must be >= 1.
+
+    Not ``value or default``: that would record ``--steps 0`` as the default's count."""
+    if value is None:
+        return default
+    if value < 1:
+        raise UsageError(f"{flag} must be >= 1, got {value}")
+    return value
+
+
+def positive_float(value: float | None, flag: str) -> None:
+    """Refuse a float option that is not finite and > 0 (NaN would also be written as invalid JSON)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} must be a finite number > 0, got {value}")
+
+
+def prepare_out(out: str | Path) -> Path:
+    """Create the ``--out`` directory before anything is measured, so that an ``--out`` naming a
+    file (or an unwritable place) is found in a second, not after the whole run."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot create the directory ({err.strerror or err})") from None
+    return path
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a report atomically: a kill mid-write leaves the previous report, not a truncated one."""
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def positive_ints(text: str) -> list[int]:
@@ -378,8 +422,7 @@ def run_json_command(cmd: list[str], timeout: float, env: dict[str, str] | None 
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -421,8 +464,7 @@ def write_markdown(path: Path, title: str, info: dict[str, Any], command: str,
     parts = [f"# {title}\n", f"Command: `{command}`\n", f"Machine: {machine_line(info)}\n"]
     for heading, body in sections:
         parts.append(f"## {heading}\n\n{body}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
+    write_text(path, "\n".join(parts))
 
 
 def pyplot() -> Any:

@@ -34,9 +34,9 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,8 +53,8 @@ DEFAULT_OUT = "docs/results/cpu-inference"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="retnet bench cpu_inference", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("retnet bench cpu_inference", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small model and short runs (CI smoke test)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--decode-contexts", type=common.positive_ints, default=None, metavar="N,N",
@@ -179,12 +179,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     common.configure_threads(args.threads)
     quick = args.quick
     config = model_config(quick)
-    decode_contexts = args.decode_contexts or ([512, 4096] if quick else [2048, 16384])
-    prefill_contexts = args.prefill_contexts or ([512] if quick else [2048, 16384])
-    tokens = args.tokens or (8 if quick else 16)
+    decode_contexts = args.decode_contexts if args.decode_contexts is not None else ([512, 4096] if quick else [2048, 16384])
+    prefill_contexts = args.prefill_contexts if args.prefill_contexts is not None else ([512] if quick else [2048, 16384])
+    tokens = common.count(args.tokens, 8 if quick else 16, "--tokens")
     rounds_per_point = 1 if quick else 3
-    serve_tokens = args.serve_tokens or (8 if quick else 16)
+    serve_tokens = common.count(args.serve_tokens, 8 if quick else 16, "--serve-tokens")
+    clients = common.count(args.clients, 16, "--clients")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not variants:
+        raise common.UsageError(f"--variants names no variant (got {args.variants!r}); choose from "
+                                "float32, bfloat16, int8, int4")
     for v in variants:
         if v not in ("float32", "bfloat16", "int8", "int4"):
             raise ValueError(f"--variants: unknown variant {v!r} (float32, bfloat16, int8, int4)")
@@ -241,9 +245,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     "tokens_per_s": length / seconds})
                     print(json.dumps(prefill[-1]), flush=True)
         if variant == ("int8" if "int8" in variants else variants[0]):
-            result["serve"] = {"variant": variant, "tokens_per_request": serve_tokens, "clients": args.clients,
+            result["serve"] = {"variant": variant, "tokens_per_request": serve_tokens, "clients": clients,
                                "one_client_tokens_per_s": serve_throughput(model, 1, serve_tokens)[0],
-                               "many_clients_tokens_per_s": serve_throughput(model, args.clients, serve_tokens)[0]}
+                               "many_clients_tokens_per_s": serve_throughput(model, clients, serve_tokens)[0]}
             print(json.dumps(result["serve"]), flush=True)
         del model
     result["decode"], result["prefill"] = decode, prefill
@@ -257,7 +261,7 @@ def markdown(result: dict[str, Any]) -> str:
              f" ({result['parameters'] / 1e6:,.0f}M parameters, random weights)", "",
              f"Measured {m['date']} on {m['cpu']} ({m['torch_threads']} threads, load average {m['load_average_1m']} "
              f"at the start: other jobs shared the machine), torch {m['torch']}. Command: "
-             f"`retnet bench cpu_inference{' --quick' if result['quick'] else ''}`.", "",
+             f"`{result['command']}`.", "",
              f"Streaming read bandwidth at the start: {result['read_bandwidth_gb_s']:.1f} GB/s; each decoding row "
              "measures it again just before its timing (its own column: the round with the median ratio of "
              "three; all rounds in the JSON).", "",
@@ -288,11 +292,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_inference.json").write_text(json.dumps(result, indent=2))
-    (out / "cpu_inference.md").write_text(markdown(result))
-    print(markdown(result))
+    out = common.prepare_out(args.out)  # an --out that is a file: found before measuring
+    result = {"command": common.command_line("cpu_inference", argv), **run(args)}
+    # The markdown is rendered before anything is written, and both files are written atomically:
+    # a failure leaves the previous pair, never a JSON without its markdown.
+    text = markdown(result)
+    common.write_text(out / "cpu_inference.md", text)
+    common.write_text(out / "cpu_inference.json", json.dumps(result, indent=2))
+    print(text)
     return 0

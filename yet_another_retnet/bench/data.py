@@ -28,12 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..cli_common import UsageError, _Parser
 from ..training.data import default_corpus_text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retnet bench data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # The CLI's parser: a bad value is retnet's one-line usage error (exit 2), not a SystemExit.
+    p = _Parser(prog="retnet bench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-mb", type=int, default=1024, help="generated corpus size in MB (default: 1024)")
     p.add_argument("--small-mb", type=int, default=10, help="the small corpus of the memory comparison (default: 10)")
     p.add_argument("--bpe-vocab", type=int, default=8192, help="BPE vocabulary (default: 8192)")
@@ -156,8 +157,10 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     work, out = Path(args.work), Path(args.out)
-    work.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():  # found now, not after generating and timing the corpus
+        raise UsageError(f"--out {out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     workers = [int(w) for w in args.workers.split(",") if w]
     corpus = work / "corpus.jsonl"
     small = work / "small.jsonl"

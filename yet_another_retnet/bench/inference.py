@@ -45,8 +45,8 @@ MIB = 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retnet bench inference",
+    parser = common.parser(
+        "retnet bench inference",
         description="Decode latency, throughput, prefill time and memory: RetNet vs a same-size "
                     "KV-cache Transformer (Hugging Face Llama), over context length and batch size.",
     )
@@ -454,10 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     common.configure_threads(args.threads)
     quick = args.quick
     preset = args.preset if not quick or args.preset != "small" else "tiny"
-    contexts = args.contexts or ([128, 512] if quick else [512, 1024, 2048, 4096, 8192, 16384])
-    batch_sizes = args.batch_sizes or ([1, 2] if quick else [1, 2, 4, 8, 16])
-    batch_context = args.batch_context or (512 if quick else 8192)
-    steps = args.steps or (8 if quick else 48)
+    contexts = args.contexts if args.contexts is not None else ([128, 512] if quick else [512, 1024, 2048, 4096, 8192, 16384])
+    batch_sizes = args.batch_sizes if args.batch_sizes is not None else ([1, 2] if quick else [1, 2, 4, 8, 16])
+    batch_context = common.count(args.batch_context, 512 if quick else 8192, "--batch-context")
+    steps = common.count(args.steps, 8 if quick else 48, "--steps")
     warmup = args.warmup_steps if args.warmup_steps is not None else (2 if quick else 4)
     isolate = args.isolate or ("none" if quick else "subprocess")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -470,10 +470,12 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     if steps < 1 or warmup < 0 or batch_context < 1 or rounds < 1:
         raise ValueError("--steps must be >= 1, --warmup-steps >= 0, --batch-context >= 1 and --rounds >= 1")
+    common.positive_float(args.max_cache_gib, "--max-cache-gib")
+    out = common.prepare_out(args.out)
+    machine = common.machine_info(device)  # before measuring: its load average is "at start"
 
     configs = [(c, 1) for c in contexts] + [(batch_context, b) for b in batch_sizes]
     configs = list(dict.fromkeys(configs))  # (batch_context, 1) may be in both sweeps
-    out = Path(args.out)
     results: list[dict[str, Any]] = []
 
     def run(model: str, context: int, batch: int) -> dict[str, Any]:
@@ -515,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "benchmark": "inference",
         "command": common.command_line("inference", argv if argv is not None else sys.argv[1:]),
-        "machine": common.machine_info(device),
+        "machine": machine,
         "setup": {"preset": preset, "config": common.retnet_config(preset).to_dict(),
                   "transformer_ffn": common.matched_llama_ffn(common.retnet_config(preset)),
                   "parameters": params, "dtype": args.dtype, "contexts": contexts,

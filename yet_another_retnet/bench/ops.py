@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from ..ops import retention_chunkwise, retention_parallel, retention_recurrent
+from . import common
 from .common import (
     DTYPES,
     command_line,
@@ -76,8 +77,8 @@ MiB = 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retnet bench ops",
+    parser = common.parser(
+        "retnet bench ops",
         description="Time and peak memory of parallel, chunkwise and recurrent retention vs length.",
     )
     parser.add_argument("--out", default="out/bench/ops", help="output directory (default: out/bench/ops)")
@@ -419,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(forms) - set(FORMS))
     if not forms or unknown:
         parser.error(f"--forms must be a comma-separated subset of {','.join(FORMS)}, got {args.forms!r}")
-    lengths = args.lengths or (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
-    repeats = args.repeats or (2 if args.quick else 3)
+    lengths = args.lengths if args.lengths is not None else (QUICK_LENGTHS if args.quick else DEFAULT_LENGTHS)
+    repeats = common.count(args.repeats, 2 if args.quick else 3, "--repeats")
+    common.positive_float(args.case_timeout, "--case-timeout")
+    common.positive_float(args.max_memory_gb, "--max-memory-gb")
+    out_dir = common.prepare_out(args.out)
     configure_threads(args.threads)
 
     settings = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
@@ -456,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     data["checks"] = checks(results)
     with contextlib.suppress(OSError):
         info["load_average_1m_end"] = round(os.getloadavg()[0], 2)
-    out_dir = Path(args.out)
+    if not any("error" not in r and "skipped" not in r for r in results):
+        # Nothing was measured: keep the previous (good) report and say so with a non-zero exit.
+        print(f"ops: no case succeeded; {out_dir} left as it was", file=sys.stderr)
+        return 1
     write_json(out_dir / "ops.json", data)
     write_markdown(out_dir / "ops.md", "Retention ops: time and peak memory against length", info,
                    data["command"], render(data))

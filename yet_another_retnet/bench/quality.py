@@ -36,8 +36,8 @@ COLORS = {"retnet": "tab:red", "transformer": "tab:blue"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retnet bench quality",
+    parser = common.parser(
+        "retnet bench quality",
         description="Validation loss of RetNet vs a same-size Transformer (Llama) trained with the "
                     "same data, steps and optimiser on the embedded corpus.",
     )
@@ -178,13 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     common.configure_threads(args.threads)
     quick = args.quick
     preset = args.preset if not quick or args.preset != "small" else "tiny"
-    args.steps = args.steps or (12 if quick else 250)
-    args.batch = args.batch or (4 if quick else 8)
-    args.length = args.length or (64 if quick else 256)
-    eval_every = args.eval_every or max(1, args.steps // (3 if quick else 10))
-    eval_tokens = args.eval_tokens or (2048 if quick else 16384)
-    if min(args.steps, args.batch, args.length, eval_every, eval_tokens) < 1:
-        raise ValueError("--steps, --batch, --length, --eval-every and --eval-tokens must be >= 1")
+    args.steps = common.count(args.steps, 12 if quick else 250, "--steps")
+    args.batch = common.count(args.batch, 4 if quick else 8, "--batch")
+    args.length = common.count(args.length, 64 if quick else 256, "--length")
+    eval_every = common.count(args.eval_every, max(1, args.steps // (3 if quick else 10)), "--eval-every")
+    eval_tokens = common.count(args.eval_tokens, 2048 if quick else 16384, "--eval-tokens")
     if args.lr <= 0 or not 0 <= args.warmup < 1 or args.clip <= 0:
         raise ValueError("--lr and --clip must be > 0 and --warmup in [0, 1)")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -196,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
 
     tokens = encode_corpus(default_corpus_text(), ByteTokenizer())
     train, val = split_tokens(tokens, 0.05)
+    if args.length > len(val):  # one validation window, and training windows, must fit the corpus
+        raise common.UsageError(f"--length {args.length} is longer than the held-out corpus "
+                                f"({len(val)} tokens); choose --length <= {len(val)}")
+    out = common.prepare_out(args.out)
+    machine = common.machine_info(device)  # before training: its load average is "at start"
     data = batches(train, args.steps, args.batch, args.length, args.seed)
     windows = eval_windows(val, args.length, eval_tokens)
     runs = []
@@ -203,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         lm = build_model(kind, preset, device, dtype, args.seed)
         runs.append(train_one(lm, data, windows, args, device, eval_every, lambda m: print(m, flush=True)))
 
-    out = Path(args.out)
     claims: dict[str, Any] = {}
     by = {r["model"]: r for r in runs}
     if "retnet" in by and "transformer" in by:
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     data_out: dict[str, Any] = {
         "benchmark": "quality",
         "command": common.command_line("quality", argv if argv is not None else sys.argv[1:]),
-        "machine": common.machine_info(device),
+        "machine": machine,
         "setup": {"preset": preset, "config": config.to_dict(),
                   "transformer_ffn": common.matched_llama_ffn(config), "dtype": args.dtype,
                   "steps": args.steps, "batch": args.batch, "length": args.length, "lr": args.lr,

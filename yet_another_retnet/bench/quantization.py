@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ TARGETS = {8: (0.005, 0.99), 4: (0.02, 0.97)}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="retnet bench quantization", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.parser("retnet bench quantization", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="a trained model directory (float weights)")
     p.add_argument("--data", default=None, metavar="PATH",
                    help="text file or directory whose held-out split is scored (default: the embedded corpus)")
@@ -144,12 +145,13 @@ def markdown(result: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    result = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    command = common.command_line("quantization", argv or [])
+    out = common.prepare_out(args.out)  # an --out that is a file: found before measuring
+    command = common.command_line("quantization", argv)
+    result = {"command": command, **run(args)}
+    text = markdown(result, command)
+    common.write_text(out / "quantization.md", text)
     common.write_json(out / "quantization.json", result)
-    (out / "quantization.md").write_text(markdown(result, command))
-    print(markdown(result, command))
+    print(text)
     return 0

@@ -30,8 +30,8 @@ MIB = 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="retnet bench training",
+    parser = common.parser(
+        "retnet bench training",
         description="Training (forward + backward) tokens/s and peak memory over sequence length: "
                     "RetNet parallel and chunkwise vs a same-size Transformer.",
     )
@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     common.resolve_dtype(args.dtype)
     common.configure_threads(args.threads)
     preset = args.preset if not args.quick or args.preset != "small" else "tiny"
-    lengths = args.lengths or ([256, 1024] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
-    repeats = args.repeats or (1 if args.quick else 3)
+    lengths = args.lengths if args.lengths is not None else ([256, 1024] if args.quick else [512, 1024, 2048, 4096, 8192, 16384])
+    repeats = common.count(args.repeats, 1 if args.quick else 3, "--repeats")
     isolate = args.isolate or ("none" if args.quick else "subprocess")
-    chunk = args.chunk_size or (128 if args.quick else None)
+    chunk = common.count(args.chunk_size, 128, "--chunk-size") if args.chunk_size is not None or args.quick else None
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         raise ValueError(f"--models must be a comma-separated subset of {MODELS}, got {args.models!r}")
@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if "transformer" in models and not common.has_transformers():
         print("transformers is not installed: measuring RetNet only", file=sys.stderr)
         models = [m for m in models if m != "transformer"]
-    out = Path(args.out)
+    out = common.prepare_out(args.out)
+    machine = common.machine_info(device)  # before measuring: its load average is "at start"
     results: list[dict[str, Any]] = []
     for length in lengths:
         for model in models:
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "benchmark": "training",
         "command": common.command_line("training", argv if argv is not None else sys.argv[1:]),
-        "machine": common.machine_info(device),
+        "machine": machine,
         "setup": {"preset": preset, "config": config.to_dict(), "parameters": params,
                   "transformer_ffn": common.matched_llama_ffn(config), "dtype": args.dtype,
                   "lengths": lengths, "batch": args.batch, "repeats": repeats,

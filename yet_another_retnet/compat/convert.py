@@ -21,8 +21,10 @@ def add_yar051_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("--from yar051")
     g.add_argument("--nhead", type=int, default=None, help="heads (read from the checkpoint when it has thetas)")
     g.add_argument("--post-norm", action="store_true", help="the model was built with norm_first=False")
-    g.add_argument("--activation", default="swish", choices=ACTIVATIONS_051, help="its activation")
-    g.add_argument("--layer-norm-eps", type=float, default=1e-6, help="its layer_norm_eps")
+    # None, not 0.5.1's defaults, so that `retnet convert` can tell a given option from an absent one
+    # and refuse these options without --from yar051; run() fills in the defaults.
+    g.add_argument("--activation", default=None, choices=ACTIVATIONS_051, help="its activation (default: swish)")
+    g.add_argument("--layer-norm-eps", type=float, default=None, help="its layer_norm_eps (default: 1e-6)")
     g.add_argument("--overwrite", action="store_true", help="replace a model already in OUT")
 
 
@@ -54,16 +56,51 @@ def load_state_dict(path: str | Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Convert ``args.src`` into the directory ``args.out``, as models/convert.py's ``convert()``
+    does: ``OUT`` must be missing or empty (``--overwrite`` replaces it whole), and the model is
+    built in a temporary sibling directory renamed into place, so a failure writes nothing and an
+    overwrite leaves none of the old directory's files (metrics, tokenizer) beside the new model."""
+    import shutil
+    import tempfile
+
+    from ..cli_common import UsageError
     from ..models import RetNet
 
     out = Path(args.out)
-    if (out / "config.json").exists() and not args.overwrite:
-        raise ValueError(f"OUT: {out} already holds a model (pass --overwrite to replace it)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise UsageError(f"OUT: {out} exists and is not an empty directory (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"OUT: {out} is a file, not a directory; --overwrite replaces directories only")
     weights = load_state_dict(args.src)
     model = RetNet.from_yar051(weights, nhead=args.nhead, norm_first=not args.post_norm,
-                               activation=args.activation, layer_norm_eps=args.layer_norm_eps)
-    model.save_pretrained(out)
+                               activation=args.activation if args.activation is not None else "swish",
+                               layer_norm_eps=args.layer_norm_eps if args.layer_norm_eps is not None else 1e-6)
+    created = [p for p in out.absolute().parents if not p.exists()]  # removed again on failure
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old: Path | None = None
+    try:
+        model.save_pretrained(tmp)
+        if out.exists():  # an empty directory, or one --overwrite replaces: set it aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            out.rename(old / out.name)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / out.name).exists() and not out.exists():
+            (old / out.name).rename(out)  # put the previous directory back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        for parent in created:  # the parents this run created, deepest first
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     c = model.config
     print(f"converted {args.src} (yet-another-retnet 0.5.1) -> {out}: {model.num_parameters():,} parameters, "
           f"d_model {c.d_model}, {c.num_heads} heads, {c.num_layers} layers, vocab {c.vocab_size}")
     return 0
+

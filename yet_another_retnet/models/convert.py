@@ -104,6 +104,9 @@ def convert(src: str | Path, out: str | Path, source: str | None = None, target:
     else:
         fla_config = read_fla_config(src) if source == "fla" else None
         model = RetNet.from_fla(src, dtype=dtype) if source == "fla" else RetNet.from_pretrained(src, dtype=dtype)
+    # The parents this call creates, deepest first: removed again if the conversion fails, so a
+    # failed convert leaves no empty directories behind.
+    created = [p for p in out.absolute().parents if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -124,6 +127,11 @@ def convert(src: str | Path, out: str | Path, source: str | None = None, target:
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for parent in created:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         raise
     return out
 
