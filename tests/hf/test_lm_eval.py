@@ -180,7 +180,7 @@ def test_cli_eval_tasks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert 0.0 <= table["tiny_mc"]["acc,none"] <= 1.0
     assert json.loads((tmp_path / "out.json").read_text())["results"] == table
     assert main(["eval", str(tmp_path / "model"), "--tasks", "tiny_mc", "--limit", "0"]) == 2
-    assert "--limit must be > 0" in capsys.readouterr().err
+    assert "--limit must be a finite number > 0" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "model"), "--tasks", "tiny_mc", "--data", str(tmp_path)]) == 2
     assert "--data would be ignored" in capsys.readouterr().err
 
