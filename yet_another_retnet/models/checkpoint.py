@@ -59,7 +59,7 @@ def atomic_write(path: Path, write: Any) -> None:
         write(Path(tmp))
         # mkstemp (and some writers) leave the file owner-only (0600); give it the mode a plain
         # open() would have given it.
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -74,14 +74,20 @@ def atomic_write(path: Path, write: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries after a rename) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
+        os.fsync(fd)
     finally:
-        os.close(dir_fd)
+        os.close(fd)
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -172,14 +178,7 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
     checksums: dict[Path, str | None] = {}
     for path in sorted(set(files.values())):
         metadata = read_metadata(path)
-        saved = metadata.get("config")
-        if saved is not None:
-            try:
-                stored = RetNetConfig.from_json_text(saved)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"{path}: the config in its metadata is invalid: {err}") from err
-            if stored != config:
-                raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {path}")
+        check_stored_config(metadata, path, config, directory / CONFIG_NAME)
         checksums[path] = metadata.get(CHECKSUM_KEY) if verify else None
     shapes = tensor_shapes(files)
     dtypes = sorted({dtype_name for _, dtype_name in shapes.values()})
@@ -201,3 +200,18 @@ def load_pretrained(cls: type[RetNet], directory: str | Path, device: torch.devi
     tie_and_check(model)
     model.eval()
     return model.to(device=device or "cpu")
+
+
+def check_stored_config(metadata: dict[str, str], weights_path: Path, config: RetNetConfig, config_path: Path) -> None:
+    """``ValueError`` unless the config a weights file carries in its metadata (if any) is
+    ``config``, the one read from ``config_path``. Metadata is data from the file: parsed as JSON
+    text, never opened as a path."""
+    saved = metadata.get("config")
+    if saved is None:
+        return
+    try:
+        stored = RetNetConfig.from_json_text(saved)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{weights_path}: the config in its metadata is invalid: {err}") from err
+    if stored != config:
+        raise ValueError(f"{config_path} does not match the config stored with {weights_path}")

@@ -53,11 +53,12 @@ from .checkpoint import (
     VERIFY_ENV,
     WEIGHTS_NAME,
     atomic_write,
+    check_stored_config,
     read_config,
     remove_stale,
     tensors_digest,
 )
-from .config import RetNetConfig, loads_strict
+from .config import loads_strict
 from .decoding import DecodingPlan, decoder_watch, decoding_plan, kernel_plan, layer_dependencies
 
 if TYPE_CHECKING:
@@ -428,15 +429,7 @@ def load_quantized(cls: type[RetNet], directory: Path, device: torch.device | st
     if verify and checksum is not None and tensors_digest(tensors) != checksum:
         raise OSError(f"{weights_path} is corrupt: its tensors do not match the checksum saved with them "
                       f"(verify=False or {VERIFY_ENV}=0 loads it anyway)")
-    saved = metadata.get("config")
-    if saved is not None:
-        # Metadata is data from the file: parsed as JSON text, never opened as a path.
-        try:
-            stored = RetNetConfig.from_json_text(saved)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{weights_path}: the config in its metadata is invalid: {err}") from err
-        if stored != config:
-            raise ValueError(f"{directory / CONFIG_NAME} does not match the config stored with {weights_path}")
+    check_stored_config(metadata, weights_path, config, directory / CONFIG_NAME)
     model = cls(config, device="meta")
     group = group_size(method)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..cli import UsageError, _load_model, _pick_device
 from ..cli_generate import QUANTIZE_CHOICES
+from ..models.checkpoint import current_umask, fsync_path
 
 #: Files of a model directory that travel with its weights (the tokenizer).
 _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -99,34 +100,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for name in _TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-                _fsync(tmp / name)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's is owner-only; OUT gets a plain mkdir's mode
-        _fsync(tmp)
+                fsync_path(tmp / name)
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's is owner-only; OUT gets a plain mkdir's mode
+        fsync_path(tmp)
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(out.parent)
+    fsync_path(out.parent)
     after = (out / WEIGHTS_NAME).stat().st_size
     print(f"wrote {out} ({args.method}): {after / 2**20:,.1f} MiB of weights (was {before / 2**20:,.1f} MiB)")
     return 0
-
-
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file or a directory's entries) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
