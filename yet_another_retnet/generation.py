@@ -85,8 +85,12 @@ class GenerationMixin:
             raise ValueError("input_ids must hold at least one prompt token per row")
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids must hold at least one row (got a batch of 0)")
-        if token_mask is not None and not bool(token_mask[:, -1].all()):
+        if token_mask is not None and not bool(token_mask.any(1).all()):
             raise ValueError("attention_mask: every row needs at least one real (1) prompt token")
+        if token_mask is not None and not bool(token_mask[:, -1].all()):
+            # The new tokens follow the last column: after right padding they would continue it.
+            raise ValueError("attention_mask: prompts must be left-padded for generation (zeros only before a "
+                             "row's real tokens), got padding after them")
         return token_mask
 
     def prefill(

@@ -401,6 +401,68 @@ def test_trainer_trains_and_result_loads_in_both_worlds(tmp_path: Path) -> None:
         assert torch.equal(ours(ids).logits, hf.eval()(ids).logits)
 
 
+def _right_padding_collator() -> object:
+    """transformers' causal-LM collator over a word-level tokenizer that pads on the right (its
+    default side): padding 0 in ``attention_mask``, -100 in ``labels``."""
+    import tokenizers
+    from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(32)}, unk_token="w1"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", padding_side="right")
+    return DataCollatorForLanguageModeling(fast, mlm=False)
+
+
+def test_right_padded_batches_from_transformers_collator_give_each_row_its_own_answer() -> None:
+    model = _model(seed=9)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, 32, (n,), generator=g) for n in (7, 3, 5)]  # no pad id (0) inside
+    batch = _right_padding_collator()([{"input_ids": r.tolist()} for r in rows])  # type: ignore[operator]
+    assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0]
+    with torch.no_grad():
+        out = hf(**batch, use_cache=True)
+        scored = total = 0.0
+        for i, r in enumerate(rows):
+            alone = model(r[None], labels=r[None])
+            torch.testing.assert_close(out.logits[i, : len(r)], alone.logits[0], rtol=1e-5, atol=1e-5)
+            state = out[CACHE_KWARG].state  # the state after the row's last real token
+            assert int(state.position[i]) == len(r)
+            for got, want in zip(state.memories, alone.state.memories, strict=True):
+                torch.testing.assert_close(got[i], want[0], rtol=1e-5, atol=1e-5)
+            total += float(alone.loss) * (len(r) - 1)
+            scored += len(r) - 1
+    # The collator's labels are the ids with -100 on the padding: each row scores its own next
+    # tokens, so the batch's mean is that of the rows' own losses.
+    assert abs(float(out.loss) - total / scored) < 1e-5
+
+
+def test_trainer_trains_on_right_padded_batches(tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    hf = YaRetNetForCausalLM(YaRetNetConfig.from_retnet_config(_config(num_layers=1)))
+    period = [1, 5, 2, 7, 3, 9, 4, 11]
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 64
+
+        def __getitem__(self, i: int) -> dict[str, list[int]]:  # lengths 6 to 16
+            return {"input_ids": (period[i % 8:] + period * 2)[: 6 + i % 11]}
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=30,
+                             learning_rate=5e-3, logging_steps=5, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = Trainer(model=hf, args=args, train_dataset=Data(), eval_dataset=torch.utils.data.Subset(Data(), range(8)),
+                      data_collator=_right_padding_collator())
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert trainer.evaluate()["eval_loss"] < losses[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------

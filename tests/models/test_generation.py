@@ -314,6 +314,8 @@ def test_bad_prefill_inputs() -> None:
         model.prefill(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="attention_mask"):
         model.prefill(prompt(4, seed=1), attention_mask=torch.tensor([[1, 1, 1, 0]]))
+    with pytest.raises(ValueError, match="left-padded"):  # the new tokens would follow the padding
+        model.generate(prompt(4, seed=1), max_new_tokens=2, attention_mask=torch.tensor([[1, 1, 1, 0]]))
     with pytest.raises(TypeError, match="state"):
         model.prefill(prompt(4, seed=1), state="nope")
     with pytest.raises(ValueError, match="chunk_size"):

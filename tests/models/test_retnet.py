@@ -247,6 +247,43 @@ def test_left_padded_forward_matches_each_row_alone() -> None:
                 assert rel(got[i], want[0]) < 1e-9
 
 
+def test_right_and_both_side_padded_rows_match_each_row_alone() -> None:
+    """Padding after a row's real tokens (what transformers' collators make), alone or with
+    padding before them too: the real tokens' logits, the state and the loss (labels -100 on the
+    padding) are each row's own, in every mode, gradients included."""
+    model = make_model()
+    width = 8
+    runs = [(0, 8), (0, 5), (2, 6), (3, 1)]  # (padding before, real tokens) per row
+    prompts = [ids(1, n, seed=20 + i)[0] for i, (_, n) in enumerate(runs)]
+    batch = torch.full((len(runs), width), 5, dtype=torch.long)  # padding holds a real token id
+    mask = torch.zeros(len(runs), width, dtype=torch.long)
+    labels = torch.full((len(runs), width), -100, dtype=torch.long)
+    for i, ((before, n), p) in enumerate(zip(runs, prompts, strict=True)):
+        batch[i, before:before + n] = p
+        mask[i, before:before + n] = 1
+        labels[i, before + 1:before + n] = p[1:]  # a row's first token is predicted by nothing of its own
+    scored = sum(n - 1 for _, n in runs)
+    for mode in MODES:
+        model.zero_grad()
+        out = model(batch, attention_mask=mask, mode=mode, chunk_size=3, labels=labels)
+        out.loss.backward()
+        padded_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        total = torch.zeros((), dtype=F64)
+        for i, ((before, n), p) in enumerate(zip(runs, prompts, strict=True)):
+            alone = model(p[None], mode="parallel", labels=p[None])
+            assert rel(out.logits[i, before:before + n], alone.logits[0]) < 1e-9, (mode, i)
+            assert int(out.state.position[i]) == n
+            for got, want in zip(out.state.memories, alone.state.memories, strict=True):
+                assert rel(got[i], want[0]) < 1e-9, (mode, i)
+            if n > 1:
+                total = total + alone.loss * (n - 1)
+        assert abs(float(out.loss) - float(total / scored)) < 1e-12, mode
+        (total / scored).backward()
+        for name, p in model.named_parameters():
+            assert rel(padded_grads[name], p.grad) < 1e-9, (mode, name)
+
+
 def test_bfloat16_model_runs_and_tracks_float32(device: torch.device) -> None:
     model = make_model(dtype=torch.float32).to(device)
     x = ids(1, 40, seed=8).to(device)
@@ -294,7 +331,9 @@ def test_bad_inputs_raise_with_the_argument_named() -> None:
     with pytest.raises(ValueError, match="attention_mask"):
         model(x, attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="attention_mask"):
-        model(x, attention_mask=torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]))  # right/middle padding
+        model(x, attention_mask=torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]]))  # a hole in the row
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(x, attention_mask=torch.tensor([[0, 1, 0, 1, 0], [1, 1, 1, 1, 1]]))
     with pytest.raises(ValueError, match="labels"):
         model(x, labels=x[:, :3])
     with pytest.raises(TypeError, match="labels"):
@@ -316,6 +355,8 @@ def test_foreign_states_are_rejected() -> None:
         model(ids(2, 2), state=state.memories)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids(2, 2), state=state, attention_mask=torch.tensor([[0, 1], [1, 1]]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids(2, 2), state=state, attention_mask=torch.tensor([[1, 0], [1, 1]]))
 
 
 def test_autocast_keeps_retention_in_float32_and_forms_agree() -> None:

@@ -505,10 +505,13 @@ class RetNet(GenerationMixin, nn.Module):
         mask = attention_mask.to(torch.bool)
         if bool(mask.all()):
             return None
-        # Padding is supported on the left only, at the start of a sequence: a padded token
-        # after a real one would decay the state, and one after a state would shift positions.
-        if bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
-            raise ValueError("attention_mask must be left-padded: zeros may only come before the first 1 of a row")
+        # A row's real tokens must be one run: padding before it (left) and after it (right, moved
+        # to the left inside _forward). A hole would need the state to skip a step; padding
+        # after a state would shift positions.
+        runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0].long()  # where a run of ones starts
+        if bool((runs > 1).any()):
+            raise ValueError("attention_mask must mark one run of real tokens per row (padding on the left "
+                             "and/or the right), got a row with zeros between ones")
         if state is not None:
             raise ValueError("attention_mask with padding is only supported on a sequence's first call (state=None)")
         return mask
@@ -530,7 +533,10 @@ class RetNet(GenerationMixin, nn.Module):
             chunk_size: chunk length in chunkwise mode (default: ``config.chunk_size``).
             labels: ``(batch, length)`` targets; the loss is next-token cross entropy (labels are
                 shifted inside), positions labelled ``-100`` ignored.
-            attention_mask: ``(batch, length)``, 1 for real tokens, 0 for left padding.
+            attention_mask: ``(batch, length)``, 1 for real tokens, 0 for padding on the left or
+                the right of them (one run of real tokens per row; first call only). Right-padded
+                rows give what the row alone gives: the same logits at its real tokens and the
+                state after its last real token; the padding's logits are meaningless.
             reset_mask: ``(batch, length)`` bool, True where a packed document starts: the
                 recurrent state and the positions restart there, in every mode, as if each
                 document ran alone (needs ``state=None``, no padding). The returned state is
@@ -560,6 +566,25 @@ class RetNet(GenerationMixin, nn.Module):
         new_state = RetNetState([m[seg.last] for m in out.state.memories], seg.lengths[seg.last])
         return RetNetOutput(logits, new_state, None if labels is None else self._lm_loss(logits, labels))
 
+    def _forward_right_padded(self, input_ids: Tensor, mode: str | None, chunk_size: int | None,
+                              labels: Tensor | None, token_mask: Tensor, last_logits_only: bool) -> RetNetOutput:
+        """:meth:`_forward` of rows with padding after their real tokens (what transformers'
+        collators make): each row is rotated so that its padding comes first, run left-padded
+        (padding adds nothing to the state, and the zero state before a row's first token is
+        not changed by decay), and its logits rotated back. A row's real tokens see exactly
+        what they see alone, and the state is the one after its last real token."""
+        batch, length = input_ids.shape
+        columns = torch.arange(length, device=input_ids.device)
+        # Trailing zeros of each row (a row of padding only has none: it is left padding).
+        last_real = torch.where(token_mask, columns, -1).amax(1)
+        shift = torch.where(last_real >= 0, length - 1 - last_real, 0)[:, None]
+        source = (columns - shift) % length  # rotated[:, i] = original[:, i - shift]
+        out = self._forward(input_ids.gather(1, source), None, mode, chunk_size, None, token_mask.gather(1, source))
+        back = ((columns + shift) % length)[:, :, None].expand(batch, length, out.logits.shape[-1])
+        logits = out.logits.gather(1, back)
+        loss = None if labels is None else self._lm_loss(logits, labels)
+        return RetNetOutput(logits[:, -1:] if last_logits_only else logits, out.state, loss)
+
     def _forward(
         self,
         input_ids: Tensor,
@@ -573,6 +598,8 @@ class RetNet(GenerationMixin, nn.Module):
         """The unchecked forward. ``last_logits_only`` returns logits for the last position only
         ``(batch, 1, vocab)``: a prompt prefill needs no more, and at a large vocabulary and long
         prompt the full logits would dwarf the state."""
+        if token_mask is not None and input_ids.shape[1] and bool((token_mask.any(1) & ~token_mask[:, -1]).any()):
+            return self._forward_right_padded(input_ids, mode, chunk_size, labels, token_mask, last_logits_only)
         chunk = chunk_size or self.config.chunk_size
         mode = mode or self.pick_mode(input_ids.shape[1], state, chunk)
         if (mode == "recurrent" and input_ids.shape[1] == 1 and self.__dict__.get("_fast_decode", True)
