@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,6 +39,31 @@ def float32_tol(device: torch.device, tol: float) -> float:
     """The bound for a float32 result on ``device``: on CUDA our Triton kernels' float32 products
     run in TF32 (unit roundoff 2^-11), so a bound under 2e-3 is raised to it there."""
     return max(tol, 2e-3) if device.type == "cuda" else tol
+
+# ---------------------------------------------------------------------------------------------
+# `retnet train` in tests: the smallest model, and a corpus file
+# ---------------------------------------------------------------------------------------------
+
+#: ``retnet train`` options of the smallest model the tests train: on the CPU, no sample at the end.
+TINY_MODEL = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
+              "--sample-tokens", "0"]
+#: ... with 16-token windows, batches of 2 and a two-window evaluation: a few steps take a second.
+TINY = [*TINY_MODEL, "--seq-len", "16", "--batch-size", "2", "--eval-max-windows", "2"]
+
+
+def write_corpus(path: Path, chars: int = 8_000) -> Path:
+    """The first ``chars`` characters of the embedded default corpus (real text), written to ``path``."""
+    from yet_another_retnet.training.data import default_corpus_text
+
+    path.write_text(default_corpus_text()[:chars])
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~8 KB of real text, shared by the suite's training runs (read only)."""
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt")
+
 
 #: Substrings of the skip reasons that may not happen on CI.
 REQUIRED = (

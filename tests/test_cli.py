@@ -10,21 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY
 
 from yet_another_retnet import RetNet
 from yet_another_retnet.cli import BENCHMARKS, main
 from yet_another_retnet.models import PRESETS, RetNetConfig, count_parameters
-from yet_another_retnet.training.data import default_corpus_text
-
-TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
-        "--sample-tokens", "0", "--seq-len", "16", "--batch-size", "2", "--eval-max-windows", "2"]
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(default_corpus_text()[:8_000])
-    return path
 
 
 @pytest.fixture(scope="module")

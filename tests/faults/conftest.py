@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY as _TINY
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,19 +69,8 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
     return random.Random(seed)
 
 
-#: A model and run small enough that a training step takes milliseconds.
-TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
-        "--sample-tokens", "0", "--seq-len", "16", "--batch-size", "2", "--eval-max-windows", "2",
-        "--log-interval", "1000"]
-
-
-@pytest.fixture(scope="session")
-def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from yet_another_retnet.training.data import default_corpus_text
-
-    path = tmp_path_factory.mktemp("faults-data") / "corpus.txt"
-    path.write_text(default_corpus_text()[:8_000])
-    return path
+#: A model and run small enough that a training step takes milliseconds, logging no step.
+TINY = [*_TINY, "--log-interval", "1000"]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

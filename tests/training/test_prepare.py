@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from yet_another_retnet.cli import main
 from yet_another_retnet.training.data import default_corpus_text
@@ -21,8 +22,7 @@ from yet_another_retnet.training.progress import read_metrics
 from yet_another_retnet.training.shards import PreparedDataError, open_prepared
 from yet_another_retnet.training.trainer import TrainConfig, lr_factor
 
-TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
-        "--sample-tokens", "0", "--seq-len", "16", "--batch-size", "4", "--eval-interval", "3", "--log-interval", "1"]
+TINY = [*TINY_MODEL, "--seq-len", "16", "--batch-size", "4", "--eval-interval", "3", "--log-interval", "1"]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY as _TINY
 
 from yet_another_retnet.cli import main
 from yet_another_retnet.models import RetNet, RetNetConfig
@@ -24,9 +25,7 @@ from yet_another_retnet.training.evaluation import eval_window_index, evaluate
 from yet_another_retnet.training.progress import read_metrics
 from yet_another_retnet.training.trainer import TrainConfig
 
-TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
-        "--sample-tokens", "0", "--seq-len", "16", "--batch-size", "2", "--eval-max-windows", "2",
-        "--log-interval", "1", "--warmup-steps", "1"]
+TINY = [*_TINY, "--log-interval", "1", "--warmup-steps", "1"]
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:

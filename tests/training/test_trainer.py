@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL as TINY
+from conftest import write_corpus
 from safetensors.torch import load_file
 
 from yet_another_retnet import RetNet
@@ -28,22 +30,16 @@ from yet_another_retnet.training.data import (
     ByteTokenizer,
     StreamDecoder,
     WindowSampler,
-    default_corpus_text,
 )
 from yet_another_retnet.training.progress import ProgressBar, plot_losses, read_metrics
 from yet_another_retnet.training.shards import open_prepared
 from yet_another_retnet.training.trainer import TrainConfig, build_optimizer, lr_factor
 
-TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
-        "--sample-tokens", "0"]
-
 
 @pytest.fixture(scope="module")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """~20 KB of real text (the start of the default corpus)."""
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(default_corpus_text()[:20_000])
-    return path
+    """~20 KB of real text (the start of the default corpus): more windows than the suite's."""
+    return write_corpus(tmp_path_factory.mktemp("data") / "corpus.txt", 20_000)
 
 
 def run_train(out: Path, data: Path, *extra: str) -> None:

@@ -16,23 +16,13 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 
 from yet_another_retnet.cli import main
 from yet_another_retnet.training import trainer
 from yet_another_retnet.training.checkpoint import load_checkpoint
-from yet_another_retnet.training.data import default_corpus_text
 from yet_another_retnet.training.progress import read_metrics
-
-TINY = ["--d-model", "32", "--num-layers", "2", "--num-heads", "2", "--ffn-dim", "64", "--device", "cpu",
-        "--sample-tokens", "0", "--seq-len", "16", "--batch-size", "2", "--eval-max-windows", "2"]
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(default_corpus_text()[:8_000])
-    return path
 
 
 def _train(out: Path, corpus: Path, *extra: str) -> int:
