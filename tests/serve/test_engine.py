@@ -99,6 +99,22 @@ def test_a_request_gets_in_a_batch_what_it_gets_alone(quantize: str | None, pref
     assert steps <= longest + sum(-(-(n - 1) // 24) for n in prefilled) + 2
 
 
+def test_rows_freed_mid_batch_are_reused_and_no_row_is_mixed_up(model: RetNet) -> None:
+    """Three slots for eight requests of different lengths: rows leave from the middle of the
+    batch (the rows after them move up), waiting requests join the freed rows, and the row buffer
+    grows as the batch does; each request still gets what it gets alone."""
+    engine = Engine(model, max_batch=3, prefill_piece=24)
+    try:
+        specs = _specs()[::-1]  # the long prompts first: the others join while they are prefilled
+        together = _run(engine, specs, start=True)
+        alone = [_run(engine, [spec])[0] for spec in specs]
+        capacity = int(engine._rows.position.shape[0])
+    finally:
+        engine.stop()
+    assert [o.tokens for o in together] == [o.tokens for o in alone]
+    assert capacity == 3  # never more rows than max_batch
+
+
 def test_the_engine_decodes_as_the_model_does(model: RetNet) -> None:
     """Short prompts are read token by token, long ones prefilled then stepped: the same routes
     by hand give identical tokens; greedy ``generate`` (a chunkwise prefill of the whole prompt)

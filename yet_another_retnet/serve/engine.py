@@ -113,6 +113,10 @@ class Engine:
         self._waiting: queue.Queue[Request] = queue.Queue(maxsize=max_waiting)
         self._active: list[Request] = []  # rows of the batch
         self._state: Any = None  # the active requests' states stacked, row i for _active[i]
+        # Where _state lives: the first rows of a state of `capacity` rows kept across steps, so
+        # that a request joining or leaving copies its own row, never the whole batch's (at 1.3B a
+        # row is 100 MB, and a fresh batch state is faulted in page by page).
+        self._rows: Any = None
         self._prefilling: list[Request] = []  # long prompts being prefilled, first first
         self._blank: Any = None  # the state of one row before any token
         self._joining: list[Any] = []  # states of the rows appended to _active since the last step
@@ -314,17 +318,52 @@ class Engine:
         self._keep(keep)
 
     def _flush_joins(self) -> None:
-        """The joining rows' states appended to the batch's: one copy of the batch state for all
-        of them, not one each (a ``base`` row is ~4.7 MB)."""
-        if self._joining:
-            self._state = _cat_states(([] if self._state is None else [self._state]) + self._joining)
-            self._joining = []
+        """The joining rows' states copied in after the batch's rows (each row once)."""
+        if not self._joining:
+            return
+        at = 0 if self._state is None else int(self._state.position.shape[0])
+        self._reserve(at + sum(int(s.position.shape[0]) for s in self._joining), self._joining[0])
+        for state in self._joining:
+            rows = int(state.position.shape[0])
+            for into, memory in zip(self._rows.memories, state.memories, strict=True):
+                into[at:at + rows].copy_(memory)
+            self._rows.position[at:at + rows].copy_(state.position)
+            at += rows
+        self._joining = []
+        self._state = self._first_rows(at)
+
+    def _reserve(self, rows: int, like: Any) -> None:
+        """A row buffer of at least ``rows`` rows shaped like the state ``like``, the batch's rows
+        kept; it grows by doubling (up to ``max_batch``), so a burst of joins allocates once."""
+        capacity = 0 if self._rows is None else int(self._rows.position.shape[0])
+        if rows <= capacity:
+            return
+        capacity = max(rows, min(self.max_batch, 2 * capacity))
+        grown = type(like)([m.new_empty((capacity, *m.shape[1:])) for m in like.memories],
+                           like.position.new_empty(capacity))
+        if self._state is not None:
+            kept = int(self._state.position.shape[0])
+            for into, memory in zip(grown.memories, self._state.memories, strict=True):
+                into[:kept].copy_(memory)
+            grown.position[:kept].copy_(self._state.position)
+        self._rows = grown
+
+    def _first_rows(self, rows: int) -> Any:
+        """The state of the buffer's first ``rows`` rows (views: stepped in place)."""
+        return type(self._rows)([m[:rows] for m in self._rows.memories], self._rows.position[:rows])
 
     def _keep(self, rows: list[int]) -> None:
+        """Keep the batch rows ``rows`` (increasing), moved up in order: each kept row is copied
+        at most once, to a place no later kept row is read from."""
         if len(rows) != len(self._active):
             self._flush_joins()
             self._active = [self._active[i] for i in rows]
-            self._state = _select_rows(self._state, rows) if rows else None
+            for i, row in enumerate(rows):
+                if row != i:
+                    for memory in self._rows.memories:
+                        memory[i].copy_(memory[row])
+                    self._rows.position[i] = self._rows.position[row]
+            self._state = self._first_rows(len(rows)) if rows else None
 
 
 def _error(err: BaseException) -> str:
@@ -339,14 +378,3 @@ def _drain(waiting: queue.Queue[Request]) -> list[Request]:
             out.append(waiting.get_nowait())
         except queue.Empty:
             return out
-
-
-def _cat_states(states: list[Any]) -> Any:
-    """``states`` stacked along the batch axis, in order."""
-    memories = [torch.cat(layer) for layer in zip(*(s.memories for s in states), strict=True)]
-    return type(states[0])(memories, torch.cat([s.position for s in states]))
-
-
-def _select_rows(state: Any, rows: list[int]) -> Any:
-    index = torch.tensor(rows, device=state.position.device)
-    return type(state)([m.index_select(0, index) for m in state.memories], state.position.index_select(0, index))
