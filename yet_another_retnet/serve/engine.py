@@ -324,11 +324,7 @@ class Engine:
         at = 0 if self._state is None else int(self._state.position.shape[0])
         self._reserve(at + sum(int(s.position.shape[0]) for s in self._joining), self._joining[0])
         for state in self._joining:
-            rows = int(state.position.shape[0])
-            for into, memory in zip(self._rows.memories, state.memories, strict=True):
-                into[at:at + rows].copy_(memory)
-            self._rows.position[at:at + rows].copy_(state.position)
-            at += rows
+            at = _copy_rows(state, self._rows, at)
         self._joining = []
         self._state = self._first_rows(at)
 
@@ -342,10 +338,7 @@ class Engine:
         grown = type(like)([m.new_empty((capacity, *m.shape[1:])) for m in like.memories],
                            like.position.new_empty(capacity))
         if self._state is not None:
-            kept = int(self._state.position.shape[0])
-            for into, memory in zip(grown.memories, self._state.memories, strict=True):
-                into[:kept].copy_(memory)
-            grown.position[:kept].copy_(self._state.position)
+            _copy_rows(self._state, grown, 0)
         self._rows = grown
 
     def _first_rows(self, rows: int) -> Any:
@@ -364,6 +357,15 @@ class Engine:
                         memory[i].copy_(memory[row])
                     self._rows.position[i] = self._rows.position[row]
             self._state = self._first_rows(len(rows)) if rows else None
+
+
+def _copy_rows(state: Any, into: Any, at: int) -> int:
+    """``state``'s rows copied into the rows of ``into`` from ``at`` on; returns the row after them."""
+    rows = int(state.position.shape[0])
+    for target, memory in zip(into.memories, state.memories, strict=True):
+        target[at:at + rows].copy_(memory)
+    into.position[at:at + rows].copy_(state.position)
+    return at + rows
 
 
 def _error(err: BaseException) -> str:
