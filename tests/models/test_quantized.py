@@ -13,6 +13,7 @@ import pytest
 import torch
 from quantized_bounds import STEP_TOLERANCE, activation_rounding
 
+from yet_another_retnet.layers.quantized import Int4Linear, QuantizedLinear
 from yet_another_retnet.models import RetNet, RetNetConfig
 from yet_another_retnet.models.quantized import is_quantized, quantize_model, save_quantized
 from yet_another_retnet.ops import _extension
@@ -283,3 +284,65 @@ def test_a_quantized_model_saves_in_its_own_format_and_is_not_exported_to_fla(tm
     assert not (tmp_path / "to-fla").exists()
     assert main(["convert", "--to", "ours", str(tmp_path / "q"), str(tmp_path / "copy")]) == 0
     assert torch.equal(RetNet.from_pretrained(tmp_path / "copy").generate(ids, 5), want)
+
+
+def _small_rows_linear() -> torch.nn.Linear:
+    """A linear whose rows' largest weights run from ~2 down to ~2e-4: float16 scales of the
+    smaller ones are subnormal (fewer bits) or flush to zero."""
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(256, 48)
+    with torch.no_grad():
+        linear.weight.mul_(torch.logspace(1, -3, 48)[:, None] * 2)
+    return linear
+
+
+@pytest.mark.parametrize("make", [QuantizedLinear.from_linear, lambda lin: Int4Linear.from_linear(lin, 64)],
+                         ids=["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_scales_stay_float32_when_the_model_is_cast(make, dtype: torch.dtype) -> None:
+    layer = make(_small_rows_linear())
+    names = ["weight_scale"] + (["weight_low"] if isinstance(layer, Int4Linear) else [])
+    scales = {name: layer._buffers[name].clone() for name in names}
+    exact = layer.weight.double()  # q * scale in float32, exactly representable in float64
+    cast = layer.half() if dtype == torch.float16 else layer.to(dtype)
+    for name, before in scales.items():
+        assert cast._buffers[name].dtype == torch.float32 and torch.equal(cast._buffers[name], before), name
+    assert cast.float_like.dtype == dtype and cast.weight.dtype == dtype and cast.bias.dtype == dtype
+    # Each weight is rounded once, to the cast dtype: every row's product within that rounding of
+    # the exact one (with float16 scales, rows of small weights were off by up to ~28%).
+    x = torch.randn(5, 256, dtype=torch.float64)
+    got, want = x @ cast.weight.double().T, x @ exact.T
+    unit = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    bound = (x.abs() @ exact.abs().T) * unit + (x.abs() @ (exact.abs() < 6.2e-5).double().T) * 2.0**-24
+    assert ((got - want).abs() <= bound).all()
+    assert layer.float().float_like.dtype == torch.float32
+
+
+def test_a_bfloat16_quantized_model_saves_float32_scales_and_reads_older_bfloat16_ones(model: RetNet,
+                                                                                    tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    qm = quantize_model(copy.deepcopy(model).to(torch.bfloat16))
+    save_quantized(qm, tmp_path / "int8")
+    path = tmp_path / "int8" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        kinds = {f.get_tensor(n).dtype for n in f.keys() if n.endswith("weight_scale")}  # noqa: SIM118
+    assert kinds == {torch.float32}
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    want = qm.generate(ids, 5)
+    loaded = RetNet.from_pretrained(tmp_path / "int8")
+    assert loaded.dtype == torch.bfloat16 and torch.equal(loaded.generate(ids, 5), want)
+
+    def as_bfloat16(tensors: dict[str, torch.Tensor]) -> None:  # what earlier versions saved
+        for n in [n for n in tensors if n.endswith("weight_scale")]:
+            tensors[n] = tensors[n].to(torch.bfloat16)
+
+    from yet_another_retnet.models.checkpoint import CHECKSUM_KEY
+
+    _rewrite(path, as_bfloat16, **{CHECKSUM_KEY: None})
+    old = RetNet.from_pretrained(tmp_path / "int8")
+    head = old.lm_head
+    assert isinstance(head, QuantizedLinear) and head.weight_scale.dtype == torch.float32
+    assert old.dtype == torch.bfloat16 and head.float_like.dtype == torch.bfloat16
+    assert old.generate(ids, 5).shape == want.shape
+    assert RetNet.from_pretrained(tmp_path / "int8", dtype=torch.float32).lm_head.weight.dtype == torch.float32

@@ -3,9 +3,14 @@ what a quantized model's projections and head become (``models/quantized.py``).
 
 Both hold their weight as row-wise buffers (:meth:`qparams`: each a tensor with one row per output
 channel, so the rows of several layers stack into one product) and run them through
-:meth:`product`."""
+:meth:`product`. Their scales (and int4's lows) stay float32 whatever the model's dtype: cast with
+the model, a scale would lose what the kernels read it for (float16 turns the scales of rows whose
+weights are all under ~1e-2 subnormal, measured up to 28% off in a product; bfloat16 rounds
+each by up to 2^-9, a whole row off together)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +27,45 @@ from ..ops.cpu.quantized import (
 __all__ = ["Int4Linear", "QuantizedLinear"]
 
 
-class QuantizedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` held as int8 ``weight_int8`` ``(out, in)`` and float
+class _RowQuantized(nn.Module):
+    """What both quantized layers share: float32 scales through every cast, and ``float_like``, an
+    empty tensor in the layer's float dtype (the model's: its bias, its dequantized ``weight``) on
+    its device, which casts and moves with the model."""
+
+    #: The buffers kept in float32 through ``.to()``, ``.half()`` and loading.
+    _FLOAT32: tuple[str, ...] = ("weight_scale",)
+    float_like: Tensor
+
+    def _register_float_like(self, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
+        # Not in the state dict: the model's dtype is its embedding's (models/quantized.py sets it
+        # on load).
+        self.register_buffer("float_like", torch.empty(0, dtype=dtype or torch.float32, device=device),
+                             persistent=False)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> _RowQuantized:
+        kept = {name: self._buffers[name] for name in self._FLOAT32}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if before is not None and after is not None and after.dtype != torch.float32:
+                self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A file saved before the scales stayed float32 holds them in the model's dtype.
+        for name in self._FLOAT32:
+            t = state_dict.get(prefix + name)
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float32:
+                state_dict[prefix + name] = t.float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class QuantizedLinear(_RowQuantized):
+    """``y = x W^T + b`` with ``W`` held as int8 ``weight_int8`` ``(out, in)`` and float32
     ``weight_scale`` ``(out,)`` (buffers, so they go to the state dict), inference only.
 
-    ``weight`` is the dequantized matrix, made on each access in the scale's dtype: the code that
+    ``weight`` is the dequantized matrix, made on each access in the layer's float dtype
+    (``float_like``'s, the model's): the code that
     runs a whole prompt reads it (one layer's worth at a time), the decoding step reads the int8
     form through :func:`~yet_another_retnet.ops.cpu.quantized.qlinear`.
     """
@@ -40,7 +79,8 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype or torch.float32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self._register_float_like(dtype, device)
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
@@ -59,8 +99,8 @@ class QuantizedLinear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The dequantized weight ``(out, in)`` in the scale's dtype (a fresh tensor)."""
-        return dequantize_int8(self.weight_int8, self.weight_scale, self.weight_scale.dtype)
+        """The dequantized weight ``(out, in)`` in the layer's float dtype (a fresh tensor)."""
+        return dequantize_int8(self.weight_int8, self.weight_scale, self.float_like.dtype)
 
     def qparams(self) -> tuple[Tensor, ...]:
         """The weight's row-wise buffers: ``(int8 (out, in), scale (out,))``."""
@@ -81,13 +121,14 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_RowQuantized):
     """``y = x W^T + b`` with ``W`` held as int4: ``weight_int4`` uint8 ``(out, padded / 2)`` (two
-    codes a byte), ``weight_scale`` and ``weight_low`` ``(out, groups)`` per group of
+    codes a byte), float32 ``weight_scale`` and ``weight_low`` ``(out, groups)`` per group of
     ``group_size`` input columns (:func:`~yet_another_retnet.ops.cpu.quantized.quantize_int4`);
     inference only. ``weight`` is the dequantized matrix, made on each access (as for
     :class:`QuantizedLinear`)."""
 
+    _FLOAT32 = ("weight_scale", "weight_low")
     weight_int4: Tensor
     weight_scale: Tensor
     weight_low: Tensor
@@ -100,10 +141,9 @@ class Int4Linear(nn.Module):
         groups = max(1, -(-in_features // group_size))
         self.register_buffer("weight_int4", torch.zeros(out_features, groups * group_size // 2, dtype=torch.uint8,
                                                         device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype or torch.float32,
-                                                        device=device))
-        self.register_buffer("weight_low", torch.zeros(out_features, groups, dtype=dtype or torch.float32,
-                                                       device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("weight_low", torch.zeros(out_features, groups, dtype=torch.float32, device=device))
+        self._register_float_like(dtype, device)
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
@@ -124,9 +164,9 @@ class Int4Linear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The dequantized weight ``(out, in)`` in the scale's dtype (a fresh tensor)."""
+        """The dequantized weight ``(out, in)`` in the layer's float dtype (a fresh tensor)."""
         return dequantize_int4(self.weight_int4, self.weight_scale, self.weight_low, self.in_features,
-                               self.weight_scale.dtype)
+                               self.float_like.dtype)
 
     def qparams(self) -> tuple[Tensor, ...]:
         """The weight's row-wise buffers: ``(packed (out, padded / 2), scale, low (out, groups))``."""

@@ -303,9 +303,9 @@ class MultiScaleRetention(nn.Module):
 
     def weight_like(self) -> Tensor:
         """A tensor in the dtype of the layer's weights and on their device, without touching a
-        quantized projection's ``weight`` (a property that dequantizes it): its scales."""
-        scale = self.q_proj._buffers.get("weight_scale")
-        return scale if scale is not None else self.q_proj.weight
+        quantized projection's ``weight`` (a property that dequantizes it): its ``float_like``."""
+        like = self.q_proj._buffers.get("float_like")
+        return like if like is not None else self.q_proj.weight
 
     def check_memory(self, memory: Tensor, batch_size: int, name: str) -> None:
         expected = (batch_size, self.num_heads, self.key_dim, self.head_dim)

@@ -409,7 +409,7 @@ def load_quantized(cls: type[RetNet], directory: Path, device: torch.device | st
                    dtype: torch.dtype | None = None, verify: bool | None = None) -> RetNet:
     """A model written by :func:`save_quantized`, built without allocating any float weights for
     the quantized matrices (the skeleton is made on the meta device and the file's tensors
-    assigned). ``dtype`` casts the float parts (embedding, norms, scales). ``verify`` (default: on
+    assigned). ``dtype`` casts the float parts (embedding, norms, biases; the scales stay float32). ``verify`` (default: on
     unless ``YARETNET_VERIFY_WEIGHTS=0``) checks the checksum saved with the weights (files
     without one load unverified)."""
     method = saved_quantization(directory)
@@ -458,6 +458,9 @@ def load_quantized(cls: type[RetNet], directory: Path, device: torch.device | st
         raise ValueError(f"{weights_path} does not match its config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}, wrong shape or type {wrong[:5]}")
     model.load_state_dict(tensors, strict=False, assign=True)
+    for module in model.modules():  # the float dtype the file holds (its embedding's), off the meta device
+        if isinstance(module, QuantizedLinear | Int4Linear):
+            module.float_like = torch.empty(0, dtype=model.dtype)
     model.__dict__["_quantization"] = method
     model.eval()
     if dtype is not None:
