@@ -38,6 +38,7 @@ CHILD = """
 import os, signal, sys
 from yet_another_retnet.models import checkpoint
 from yet_another_retnet.training import prepare as p
+from yet_another_retnet.training.prepare import write
 
 kill_at, calls = int(sys.argv[1]), [0]
 
@@ -50,7 +51,7 @@ def counted(owner, name):
         return real(*args, **kwargs)
     setattr(owner, name, call)
 
-for owner, name in ((p._SplitWriter, "write"), (p._SplitWriter, "_open"), (p._SplitWriter, "_close"),
+for owner, name in ((write.SplitWriter, "write"), (write.SplitWriter, "_open"), (write.SplitWriter, "_close"),
                     (os, "replace"), (os, "fsync"), (checkpoint, "atomic_write")):
     counted(owner, name)
 config = __import__("json").loads(sys.argv[2])
@@ -185,15 +186,16 @@ def test_prepare_killed_at_random_points_never_leaves_a_wrong_complete_directory
 WORKER_DIES = """
 import os, signal, sys
 from yet_another_retnet.training import prepare as p
+from yet_another_retnet.training.prepare import encode
 
-real = p.encode_unit
+real = encode.encode_unit
 
 def encode_or_die(unit):
     if unit.start > 0:  # the worker given the second unit dies, as under the out-of-memory killer
         os.kill(os.getpid(), signal.SIGKILL)
     return real(unit)
 
-p.encode_unit = encode_or_die  # the forked workers see it too
+encode.encode_unit = encode_or_die  # the forked workers see it too
 try:
     p.prepare([sys.argv[1]], sys.argv[2], workers=2, unit_bytes=1 << 16)
 except p.PrepareError as err:  # as the command line reports it

@@ -300,10 +300,10 @@ def test_a_tail_split_keeps_the_document_starts_it_moves(tmp_path: Path) -> None
 def test_a_tail_split_copies_in_bounded_pieces(tmp_path: Path) -> None:
     import tracemalloc
 
-    from yet_another_retnet.training import prepare as prepare_module
+    from yet_another_retnet.training.prepare import write
 
     dtype = np.dtype("<u2")
-    writers = {s: prepare_module._SplitWriter(tmp_path, s, dtype, 1 << 30) for s in ("train", "val")}
+    writers = {s: write.SplitWriter(tmp_path, s, dtype, 1 << 30) for s in ("train", "val")}
     tokens = (np.arange(8 << 20, dtype=np.int64) % 257).astype(dtype)  # one 16 MiB shard
     writers["train"].doc_starts.append(0)
     for piece in np.array_split(tokens, 16):
@@ -311,7 +311,7 @@ def test_a_tail_split_copies_in_bounded_pieces(tmp_path: Path) -> None:
     writers["train"].finish()
     tracemalloc.start()
     try:
-        prepare_module._split_tail(writers, 0.5, dtype)
+        write.split_tail(writers, 0.5, dtype)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
