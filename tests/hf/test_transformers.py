@@ -509,3 +509,32 @@ def test_cache_from_another_batch_or_kind_is_refused() -> None:
     with pytest.raises(IndexError):
         cache.reorder_cache(torch.tensor([0, 2]))
     assert yhf.MODEL_TYPE == "yaretnet"
+
+
+def test_inputs_embeds_in_forward_and_generate() -> None:
+    """transformers' ``inputs_embeds``: forward gives what the ids give; ``generate`` from
+    embeddings (left-padded, greedy and seeded sampling) gives the tokens generating from the ids
+    gives, without the prompt, as transformers returns them."""
+    model = _model(seed=7, embedding_norm=True, embed_scale=1.5)
+    hf = YaRetNetForCausalLM.from_retnet(model)
+    ids, mask = _left_padded()
+    embeds = hf.get_input_embeddings()(ids)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask, labels=ids)
+        got = hf(inputs_embeds=embeds, attention_mask=mask, labels=ids)
+        torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got.loss, want.loss)
+        assert got[CACHE_KWARG].get_seq_length() == 6
+    for settings in ({"do_sample": False}, {"do_sample": True, "top_k": 8}):
+        torch.manual_seed(11)
+        from_ids = _theirs(hf, ids, attention_mask=mask, max_new_tokens=10, pad_token_id=0, **settings)
+        torch.manual_seed(11)
+        from_embeds = _theirs(hf, inputs_embeds=embeds, attention_mask=mask, max_new_tokens=10, pad_token_id=0,
+                              **settings)
+        assert torch.equal(from_embeds, from_ids[:, 6:]), settings
+    # A later step without the cache of the embeddings has only the sampled tokens: refused, not
+    # run as a prompt of its own.
+    with pytest.raises(ValueError, match="inputs_embeds needs use_cache=True"):
+        hf.prepare_inputs_for_generation(ids[:, :2], attention_mask=mask, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        hf(ids, inputs_embeds=embeds)

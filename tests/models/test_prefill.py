@@ -42,6 +42,11 @@ def test_chunk_major_matches_float64_parallel_form(model: RetNet, padded: bool) 
     for got, want in zip(state.memories, exact.state.memories, strict=True):
         assert (got.double() - want).abs().max() < 1e-5 * max(1.0, float(want.abs().max()))
     assert torch.equal(state.position, exact.state.position)
+    with torch.no_grad():  # inputs_embeds (transformers' generate) take the same segments
+        embedded = chunk_major_prefill(model, model.embed_tokens(ids), None, 16, token_mask, tokens=64)
+    assert embedded is not None and torch.equal(embedded[0], hidden)
+    for a, b in zip(embedded[1].memories, state.memories, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_generate_is_the_same_in_either_order(model: RetNet, monkeypatch: pytest.MonkeyPatch) -> None:

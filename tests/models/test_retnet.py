@@ -373,3 +373,58 @@ def test_autocast_keeps_retention_in_float32_and_forms_agree() -> None:
     ref = outs["parallel"].state.memories[1]
     for mode in ("chunkwise", "recurrent"):
         torch.testing.assert_close(outs[mode].state.memories[1], ref, rtol=2e-2, atol=2e-2)
+
+
+def test_inputs_embeds_give_what_the_ids_they_embed_give() -> None:
+    """``inputs_embeds`` = ``embed_tokens(ids)``: the same logits, states and loss as the ids in
+    every mode (with the embedding scale and norm applied after, as for ids), left and right
+    padding, packed documents and a continued state; gradients reach the embeddings."""
+    model = make_model(embed_scale=1.7, embedding_norm=True, tie_embeddings=False)
+    x = ids(3, 9, seed=40)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :2] = 0  # left padding
+    mask[1, 6:] = 0  # right padding
+    resets = torch.zeros(3, 9, dtype=torch.bool)
+    resets[:, [0, 4]] = True
+    embeds = model.embed_tokens(x).detach()
+    for mode in MODES:
+        for extra in ({}, {"attention_mask": mask}, {"reset_mask": resets}):
+            want = model(x, mode=mode, chunk_size=4, labels=x, **extra)
+            got = model(inputs_embeds=embeds, mode=mode, chunk_size=4, labels=x, **extra)
+            assert rel(got.logits, want.logits) < 1e-12 and abs(float((got.loss - want.loss).detach())) < 1e-12, (mode, extra)
+            for a, b in zip(got.state.memories, want.state.memories, strict=True):
+                assert rel(a, b) < 1e-12, (mode, extra)
+            assert torch.equal(got.state.position, want.state.position)
+    with torch.no_grad():  # one token on a state: the decoding step for ids, the layers for embeddings
+        state = model(x[:, :8]).state
+        step = model(x[:, 8:], state=state)
+        assert rel(model(inputs_embeds=embeds[:, 8:], state=state).logits, step.logits) < 1e-12
+    # Gradients: each embedding's gradient is what the table's row gets from that position.
+    model.zero_grad()
+    model(x, labels=x).loss.backward()
+    table = model.embed_tokens.weight.grad.clone()
+    leaf = embeds.clone().requires_grad_(True)
+    model(inputs_embeds=leaf, labels=x).loss.backward()
+    summed = torch.zeros_like(table).index_add_(0, x.reshape(-1), leaf.grad.reshape(-1, leaf.shape[-1]))
+    assert rel(summed, table) < 1e-12
+
+
+def test_inputs_embeds_are_checked() -> None:
+    model = make_model()
+    embeds = torch.zeros(2, 5, 16, dtype=F64)
+    x = ids(2, 5, seed=41)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model(x, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model()
+    with pytest.raises(TypeError, match="inputs_embeds must be a floating-point tensor"):
+        model(inputs_embeds=x)
+    with pytest.raises(ValueError, match=r"inputs_embeds must have shape \(batch, length, d_model=16\)"):
+        model(inputs_embeds=embeds[..., :8])
+    with pytest.raises(TypeError, match=r"inputs_embeds has dtype torch.float32 but the model's embeddings are "
+                                        r"torch.float64"):
+        model(inputs_embeds=embeds.float())
+    with pytest.raises(ValueError, match=r"labels must have the \(batch, length\) of inputs_embeds \(2, 5\)"):
+        model(inputs_embeds=embeds, labels=x[:, :4])
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        model(embeds)  # embeddings passed as ids are refused, not read as embeddings

@@ -183,30 +183,28 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         unknown = sorted(set(kwargs) - _IGNORED)
         if unknown:
             raise TypeError(f"YaRetNetForCausalLM.forward got unexpected arguments {unknown}")
-        if inputs_embeds is not None:
-            raise ValueError("inputs_embeds is not supported: pass input_ids")
-        if input_ids is None:
-            raise ValueError("input_ids is required")
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a (batch, length) tensor")
         retnet = self._sync()
-        cache = self._check_cache(cache, input_ids.shape[0])
+        # Token ids (batch, length), or embeddings (batch, length, d_model) from inputs_embeds.
+        inputs = retnet._pick_inputs(input_ids, inputs_embeds)
+        if not isinstance(inputs, Tensor) or inputs.dim() < 2:
+            raise ValueError("input_ids must be a (batch, length) tensor")
+        cache = self._check_cache(cache, inputs.shape[0])
         use_cache = self.config.use_cache if use_cache is None else use_cache
         state = cache.state if cache is not None else None
-        mask = self._new_token_mask(attention_mask, input_ids, cache)
+        mask = self._new_token_mask(attention_mask, inputs, cache)
         keep = int(logits_to_keep) if not isinstance(logits_to_keep, Tensor) else None
 
-        token_mask = retnet._check_inputs(input_ids, state, None, None, labels, mask)
-        starts = self._document_starts(position_ids, input_ids, state, token_mask)
+        token_mask = retnet._check_inputs(inputs, state, None, None, labels, mask, embeds=inputs_embeds is not None)
+        starts = self._document_starts(position_ids, inputs, state, token_mask)
         # With num_items_in_batch the loss is summed here, not averaged by the RetNet.
         targets = labels if num_items_in_batch is None else None
         if starts is not None:
-            out = retnet._forward_documents(input_ids, None, None, targets, None, None, starts)
-        elif (keep == 1 and labels is None and input_ids.shape[1] > 1 and not torch.is_grad_enabled()):
+            out = retnet._forward_documents(inputs, None, None, targets, None, None, starts)
+        elif (keep == 1 and labels is None and inputs.shape[1] > 1 and not torch.is_grad_enabled()):
             # A prompt in generate: what RetNet.prefill runs (chunkwise, last position only).
-            out = retnet._forward(input_ids, state, "chunkwise", None, None, token_mask, last_logits_only=True)
+            out = retnet._forward(inputs, state, "chunkwise", None, None, token_mask, last_logits_only=True)
         else:
-            out = retnet._forward(input_ids, state, None, None, targets, token_mask)
+            out = retnet._forward(inputs, state, None, None, targets, token_mask)
         logits = out.logits
         if isinstance(logits_to_keep, Tensor):
             logits = logits[:, logits_to_keep]
@@ -224,7 +222,7 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         new_cache = None
         if use_cache and not self.training:
             new_cache = cache if cache is not None else RetNetCache()
-            new_cache.update_state(out.state, input_ids.shape[1])
+            new_cache.update_state(out.state, inputs.shape[1])
         output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: new_cache})
         if return_dict is False:
             return output.to_tuple()
@@ -245,7 +243,7 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         return cache
 
     @staticmethod
-    def _document_starts(position_ids: Any, input_ids: Tensor, state: Any, token_mask: Tensor | None) -> Tensor | None:
+    def _document_starts(position_ids: Any, inputs: Tensor, state: Any, token_mask: Tensor | None) -> Tensor | None:
         """``None`` when ``position_ids`` are absent or the positions the model counts itself (from
         the state and the padding); the ``reset_mask`` of packed documents when they restart at 0
         inside a row (``DataCollatorWithFlattening``: ``[[0, 1, 2, 0, 1]]``). Any other positions
@@ -254,17 +252,17 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
             return None
         if not isinstance(position_ids, Tensor) or position_ids.is_floating_point():
             raise ValueError("position_ids must be an integer tensor of shape (batch, length)")
-        batch, length = input_ids.shape
-        positions = position_ids.to(input_ids.device).long()
+        batch, length = inputs.shape[:2]
+        positions = position_ids.to(inputs.device).long()
         if positions.dim() == 1:
             positions = positions[None]
         if positions.dim() != 2 or positions.shape[1] != length or positions.shape[0] not in (1, batch):
-            raise ValueError(f"position_ids must have the shape of input_ids {tuple(input_ids.shape)}, got "
+            raise ValueError(f"position_ids must have the (batch, length) of the input {(batch, length)}, got "
                              f"{tuple(position_ids.shape)}")
         positions = positions.expand(batch, length)
         real = (token_mask if token_mask is not None
-                else torch.ones(batch, length, dtype=torch.bool, device=input_ids.device))
-        first = state.position.to(input_ids.device)[:, None] if state is not None else 0
+                else torch.ones(batch, length, dtype=torch.bool, device=inputs.device))
+        first = state.position.to(inputs.device)[:, None] if state is not None else 0
         counted = first + real.long().cumsum(1) - 1  # padding is not counted (its position is any)
         if bool((positions == counted)[real].all()):
             return None
@@ -276,12 +274,12 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
                          "RetNet cannot take other positions")
 
     @staticmethod
-    def _new_token_mask(attention_mask: Tensor | None, input_ids: Tensor, cache: RetNetCache | None) -> Tensor | None:
+    def _new_token_mask(attention_mask: Tensor | None, inputs: Tensor, cache: RetNetCache | None) -> Tensor | None:
         """The attention mask of the new tokens: transformers passes the whole sequence's."""
         if attention_mask is None:
             return None
         seen = cache.seen_tokens if cache is not None else 0
-        if seen and attention_mask.dim() == 2 and attention_mask.shape[1] == seen + input_ids.shape[1]:
+        if seen and attention_mask.dim() == 2 and attention_mask.shape[1] == seen + inputs.shape[1]:
             return attention_mask[:, seen:]
         return attention_mask
 
@@ -304,11 +302,23 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         The cache is named in the signature under both of transformers' names (``cache``,
         ``past_key_values``): ``generate`` refuses model keyword arguments this signature and
         ``forward``'s do not name, so a cache passed to ``generate`` would be refused.
+
+        ``generate(inputs_embeds=...)``: the embeddings feed the first step (transformers says
+        which with ``is_first_iteration``), the sampled tokens' ids the later ones; ``input_ids``
+        then holds the new tokens alone, so the later steps need the cache and transformers'
+        ``next_sequence_length``.
         """
-        if inputs_embeds is not None:
-            raise ValueError("inputs_embeds is not supported: pass input_ids")
         cache = pick_cache({"cache": cache, "past_key_values": past_key_values})
         seen = cache.get_seq_length() if isinstance(cache, RetNetCache) else 0
+        if inputs_embeds is not None and kwargs.get("is_first_iteration"):
+            prompt = inputs_embeds
+            if next_sequence_length is not None:
+                prompt = inputs_embeds[:, max(inputs_embeds.shape[1] - int(next_sequence_length), 0):]
+            return self._generation_inputs({"inputs_embeds": prompt}, prompt.shape[1], attention_mask, cache,
+                                           use_cache, logits_to_keep)
+        if inputs_embeds is not None and (next_sequence_length is None or not isinstance(cache, RetNetCache)):
+            raise ValueError("generate with inputs_embeds needs use_cache=True: the later steps read the sampled "
+                             "tokens alone, on the cache of the embeddings")
         if next_sequence_length is not None:
             # transformers says how many columns are new (a cache passed to generate with the
             # whole prompt; 1 per decoding step).
@@ -320,9 +330,15 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         if new.shape[1] == 0:
             raise ValueError(f"the cache has read all {seen} tokens of input_ids: generation needs at least one "
                              "token it has not read (a RetNetCache keeps the state, not the last logits)")
-        inputs: dict[str, Any] = {"input_ids": new}
+        return self._generation_inputs({"input_ids": new}, new.shape[1], attention_mask, cache, use_cache,
+                                       logits_to_keep)
+
+    @staticmethod
+    def _generation_inputs(inputs: dict[str, Any], length: int, attention_mask: Tensor | None, cache: Any,
+                           use_cache: bool | None, logits_to_keep: int | None) -> dict[str, Any]:
+        """``inputs`` (the new ``length`` columns) with their part of the mask and the settings."""
         if attention_mask is not None:
-            inputs["attention_mask"] = attention_mask[:, max(attention_mask.shape[1] - new.shape[1], 0):]
+            inputs["attention_mask"] = attention_mask[:, max(attention_mask.shape[1] - length, 0):]
         if isinstance(cache, RetNetCache):
             inputs[CACHE_KWARG] = cache
         if use_cache is not None:

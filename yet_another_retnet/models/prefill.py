@@ -91,7 +91,7 @@ def chunk_major_prefill(model: RetNet, input_ids: Tensor, state: RetNetState | N
                         token_mask: Tensor | None = None,
                         tokens: int | None = None) -> tuple[Tensor, RetNetState] | None:
     """``(normed hidden state of the last position (batch, 1, d_model), state after the prompt)``
-    for ``input_ids`` ``(batch, length)``, or ``None`` when the prompt fits in one segment (the
+    for ``input_ids`` ``(batch, length)`` (or embeddings ``(batch, length, d_model)``), or ``None`` when the prompt fits in one segment (the
     caller's layer-major pass is then the same thing).
 
     ``token_mask`` ``(batch, length)`` marks left padding (first call only, as for the model);
@@ -101,7 +101,7 @@ def chunk_major_prefill(model: RetNet, input_ids: Tensor, state: RetNetState | N
     """
     from .retnet import RetNetState  # late: retnet.py imports this module
 
-    batch, length = input_ids.shape
+    batch, length = input_ids.shape[:2]
     budget = SEGMENT_TOKENS if tokens is None else tokens
     seg = segment_length(batch, chunk, budget)
     if length <= seg:

@@ -458,23 +458,31 @@ class RetNet(GenerationMixin, nn.Module):
     # ----------------------------------------------------------------------------------------
 
     def _check_inputs(self, input_ids: object, state: object, mode: object, chunk_size: object,
-                      labels: object, attention_mask: object) -> Tensor | None:
+                      labels: object, attention_mask: object, embeds: bool = False) -> Tensor | None:
+        """The checks of :meth:`forward`'s arguments; returns the padding mask (``None`` for none).
+        ``embeds``: ``input_ids`` holds ``inputs_embeds``."""
+        name = "inputs_embeds" if embeds else "input_ids"
         if not isinstance(input_ids, Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype not in (torch.long, torch.int32):
-            raise TypeError(f"input_ids must be an integer tensor (torch.long or torch.int32), got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(input_ids).__name__}")
+        if embeds:
+            self._check_embeds(input_ids)
+        else:
+            if input_ids.dtype not in (torch.long, torch.int32):
+                raise TypeError(f"input_ids must be an integer tensor (torch.long or torch.int32), got dtype "
+                                f"{input_ids.dtype}")
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must have shape (batch, length), got {tuple(input_ids.shape)}")
         if input_ids.device.type == "meta" or self.device.type == "meta":
-            raise ValueError("input_ids or the model's weights are meta tensors (shapes without data): load "
+            raise ValueError(f"{name} or the model's weights are meta tensors (shapes without data): load "
                              "weights (from_pretrained, load_state_dict(assign=True)) before running the model")
-        if input_ids.numel():
+        if input_ids.numel() and not embeds:
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
                 raise IndexError(
                     f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), found values in [{low}, {high}]"
                 )
-        batch = input_ids.shape[0]
+        shape = tuple(input_ids.shape[:2])  # (batch, length)
+        batch = shape[0]
         if state is not None:
             self.decoder.check_state(state, batch)
         if mode is not None and mode not in MODES:
@@ -484,8 +492,8 @@ class RetNet(GenerationMixin, nn.Module):
         if labels is not None:
             if not isinstance(labels, Tensor) or labels.is_floating_point():
                 raise TypeError("labels must be an integer tensor of shape (batch, length)")
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+            if tuple(labels.shape) != shape:
+                raise ValueError(f"labels must have the (batch, length) of {name} {shape}, got {tuple(labels.shape)}")
             if labels.dtype == torch.bool:
                 raise TypeError("labels must be an integer tensor of shape (batch, length), got dtype torch.bool")
             scored = labels[labels != -100]
@@ -496,9 +504,9 @@ class RetNet(GenerationMixin, nn.Module):
             return None
         if not isinstance(attention_mask, Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
-        if attention_mask.shape != input_ids.shape:
+        if tuple(attention_mask.shape) != shape:
             raise ValueError(
-                f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+                f"attention_mask must have the (batch, length) of {name} {shape}, got {tuple(attention_mask.shape)}"
             )
         if attention_mask.dtype != torch.bool and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
             raise ValueError(f"attention_mask must hold only 0 and 1, got values {attention_mask.unique().tolist()[:8]}")
@@ -516,19 +524,40 @@ class RetNet(GenerationMixin, nn.Module):
             raise ValueError("attention_mask with padding is only supported on a sequence's first call (state=None)")
         return mask
 
+    def _check_embeds(self, inputs_embeds: Tensor) -> None:
+        """``inputs_embeds`` must be what the embedding table gives: ``(batch, length, d_model)`` in
+        the model's dtype, on its device."""
+        d = self.config.d_model
+        if not inputs_embeds.is_floating_point():
+            raise TypeError(f"inputs_embeds must be a floating-point tensor (batch, length, d_model={d}), got dtype "
+                            f"{inputs_embeds.dtype} (token ids go in input_ids)")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d:
+            raise ValueError(f"inputs_embeds must have shape (batch, length, d_model={d}), got "
+                             f"{tuple(inputs_embeds.shape)}")
+        if inputs_embeds.dtype != self.dtype:
+            raise TypeError(f"inputs_embeds has dtype {inputs_embeds.dtype} but the model's embeddings are "
+                            f"{self.dtype}: cast it (inputs_embeds.to(model.dtype))")
+        if inputs_embeds.device != self.device and "meta" not in (inputs_embeds.device.type, self.device.type):
+            raise ValueError(f"inputs_embeds is on {inputs_embeds.device}, the model on {self.device}")
+
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         state: RetNetState | None = None,
         mode: str | None = None,
         chunk_size: int | None = None,
         labels: Tensor | None = None,
         attention_mask: Tensor | None = None,
         reset_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> RetNetOutput:
         """Logits for ``input_ids`` ``(batch, length)``, continuing from ``state`` if given.
 
         Args:
+            inputs_embeds: ``(batch, length, d_model)`` in place of ``input_ids``: what
+                ``embed_tokens`` gives for token ids (soft prompts, other modalities' features),
+                in the model's dtype. The model's embedding scale and norm, if any, apply to it as
+                to looked-up ids. Every argument below works with it; ``labels`` are still ids.
             mode: ``"parallel"``, ``"chunkwise"``, ``"recurrent"`` or ``None`` (fastest correct).
             chunk_size: chunk length in chunkwise mode (default: ``config.chunk_size``).
             labels: ``(batch, length)`` targets; the loss is next-token cross entropy (labels are
@@ -542,10 +571,20 @@ class RetNet(GenerationMixin, nn.Module):
                 document ran alone (needs ``state=None``, no padding). The returned state is
                 each row's last document's.
         """
-        token_mask = self._check_inputs(input_ids, state, mode, chunk_size, labels, attention_mask)
+        inputs = self._pick_inputs(input_ids, inputs_embeds)
+        token_mask = self._check_inputs(inputs, state, mode, chunk_size, labels, attention_mask,
+                                        embeds=inputs_embeds is not None)
         if reset_mask is not None:
-            return self._forward_documents(input_ids, mode, chunk_size, labels, token_mask, state, reset_mask)
-        return self._forward(input_ids, state, mode, chunk_size, labels, token_mask)
+            return self._forward_documents(inputs, mode, chunk_size, labels, token_mask, state, reset_mask)
+        return self._forward(inputs, state, mode, chunk_size, labels, token_mask)
+
+    @staticmethod
+    def _pick_inputs(input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+        """The one of ``input_ids`` and ``inputs_embeds`` given (the private forms below take
+        either: embeddings are the floating-point one)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        return cast(Tensor, input_ids if inputs_embeds is None else inputs_embeds)
 
     def _forward_documents(self, input_ids: Tensor, mode: str | None, chunk_size: int | None,
                            labels: Tensor | None, token_mask: Tensor | None, state: RetNetState | None,
@@ -557,10 +596,11 @@ class RetNet(GenerationMixin, nn.Module):
             raise ValueError("reset_mask: packed documents start from an empty state (state must be None)")
         if token_mask is not None:
             raise ValueError("reset_mask cannot be combined with padding in attention_mask")
-        batch, length = input_ids.shape
+        batch, length = input_ids.shape[:2]
         seg = segment_layout(check_reset_mask(reset_mask.to(input_ids.device), (batch, length)))
-        packed = torch.where(seg.valid, pack(input_ids, seg), torch.zeros((), dtype=input_ids.dtype,
-                                                                           device=input_ids.device))
+        valid = seg.valid if input_ids.dim() == 2 else seg.valid[:, :, None]  # (embeddings: a vector a token)
+        packed = torch.where(valid, pack(input_ids, seg), torch.zeros((), dtype=input_ids.dtype,
+                                                                      device=input_ids.device))
         out = self._forward(packed, None, mode, chunk_size, None, seg.valid if seg.padded else None)
         logits = unpack(out.logits, seg, batch, length)
         new_state = RetNetState([m[seg.last] for m in out.state.memories], seg.lengths[seg.last])
@@ -573,13 +613,14 @@ class RetNet(GenerationMixin, nn.Module):
         (padding adds nothing to the state, and the zero state before a row's first token is
         not changed by decay), and its logits rotated back. A row's real tokens see exactly
         what they see alone, and the state is the one after its last real token."""
-        batch, length = input_ids.shape
+        batch, length = input_ids.shape[:2]
         columns = torch.arange(length, device=input_ids.device)
         # Trailing zeros of each row (a row of padding only has none: it is left padding).
         last_real = torch.where(token_mask, columns, -1).amax(1)
         shift = torch.where(last_real >= 0, length - 1 - last_real, 0)[:, None]
         source = (columns - shift) % length  # rotated[:, i] = original[:, i - shift]
-        out = self._forward(input_ids.gather(1, source), None, mode, chunk_size, None, token_mask.gather(1, source))
+        rows = source if input_ids.dim() == 2 else source[:, :, None].expand(input_ids.shape)
+        out = self._forward(input_ids.gather(1, rows), None, mode, chunk_size, None, token_mask.gather(1, source))
         back = ((columns + shift) % length)[:, :, None].expand(batch, length, out.logits.shape[-1])
         logits = out.logits.gather(1, back)
         loss = None if labels is None else self._lm_loss(logits, labels)
@@ -595,19 +636,21 @@ class RetNet(GenerationMixin, nn.Module):
         token_mask: Tensor | None = None,
         last_logits_only: bool = False,
     ) -> RetNetOutput:
-        """The unchecked forward. ``last_logits_only`` returns logits for the last position only
-        ``(batch, 1, vocab)``: a prompt prefill needs no more, and at a large vocabulary and long
-        prompt the full logits would dwarf the state."""
+        """The unchecked forward, of token ids ``(batch, length)`` or embeddings ``(batch, length,
+        d_model)`` (``inputs_embeds``). ``last_logits_only`` returns logits for the last position
+        only ``(batch, 1, vocab)``: a prompt prefill needs no more, and at a large vocabulary and
+        long prompt the full logits would dwarf the state."""
+        ids = not input_ids.is_floating_point()
         if token_mask is not None and input_ids.shape[1] and bool((token_mask.any(1) & ~token_mask[:, -1]).any()):
             return self._forward_right_padded(input_ids, mode, chunk_size, labels, token_mask, last_logits_only)
         chunk = chunk_size or self.config.chunk_size
         mode = mode or self.pick_mode(input_ids.shape[1], state, chunk)
         if (mode == "recurrent" and input_ids.shape[1] == 1 and self.__dict__.get("_fast_decode", True)
-                and labels is None
+                and labels is None and ids
                 and token_mask is None and not self.training and not torch.is_grad_enabled()):
             # Decoding: the fast single-token step (same numbers as the layer-by-layer path).
             return self._decode_step(input_ids[:, 0], state)
-        if (last_logits_only and labels is None and token_mask is None and not self.training
+        if (last_logits_only and labels is None and token_mask is None and not self.training and ids
                 and self.__dict__.get("_quantization") is not None):  # a short prompt: the int8/int4 kernels
             from .quantized import short_prompt_prefill
             short = short_prompt_prefill(self, input_ids, state)
@@ -620,7 +663,7 @@ class RetNet(GenerationMixin, nn.Module):
                 return RetNetOutput(self._head(done[0]), done[1])
         # Long CPU inputs: every layer asks for the same large buffers, so reuse the previous
         # layer's instead of page-faulting fresh ones (8k-token d768 prefill +7-20%, ops/cpu/memory.py).
-        reuse = (input_ids.device.type == "cpu" and input_ids.numel() >= _CACHE_FROM_TOKENS
+        reuse = (input_ids.device.type == "cpu" and input_ids.shape[0] * input_ids.shape[1] >= _CACHE_FROM_TOKENS
                  and not _is_compiling())
         with cached_cpu_memory() if reuse else contextlib.nullcontext():
             x = self._embed(input_ids)
@@ -649,8 +692,9 @@ class RetNet(GenerationMixin, nn.Module):
         return cast(Tensor, self.lm_head(hidden))
 
     def _embed(self, input_ids: Tensor) -> Tensor:
-        """Token ids ``(batch, ...)`` -> embeddings ``(batch, ..., d_model)``, scaled and normed."""
-        x = self.embed_tokens(input_ids)
+        """Token ids ``(batch, ...)`` -> embeddings ``(batch, ..., d_model)``, scaled and normed
+        (``inputs_embeds``, floating point, skip the table)."""
+        x = input_ids if input_ids.is_floating_point() else self.embed_tokens(input_ids)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         return x if self.embedding_norm is None else self.embedding_norm(x)
