@@ -35,6 +35,7 @@ class _RowQuantized(nn.Module):
     #: The buffers kept in float32 through ``.to()``, ``.half()`` and loading.
     _FLOAT32: tuple[str, ...] = ("weight_scale",)
     float_like: Tensor
+    bias: nn.Parameter | None
 
     def _register_float_like(self, dtype: torch.dtype | None, device: torch.device | str | None) -> None:
         # Not in the state dict: the model's dtype is its embedding's (models/quantized.py sets it
@@ -50,6 +51,19 @@ class _RowQuantized(nn.Module):
             if before is not None and after is not None and after.dtype != torch.float32:
                 self._buffers[name] = before.to(device=after.device, dtype=torch.float32)
         return self
+
+    def qparams(self) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _take(self, linear: nn.Linear, parts: tuple[Tensor, ...]) -> None:
+        """The quantized ``parts`` of ``linear``'s weight into the row-wise buffers (in
+        :meth:`qparams`' order), and its bias."""
+        with torch.no_grad():
+            for buffer, part in zip(self.qparams(), parts, strict=True):
+                buffer.copy_(part)
+            if linear.bias is not None:
+                assert self.bias is not None
+                self.bias.copy_(linear.bias)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # A file saved before the scales stayed float32 holds them in the model's dtype.
@@ -87,14 +101,9 @@ class QuantizedLinear(_RowQuantized):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> QuantizedLinear:
         """The int8 form of ``linear`` (its weight quantized per output row; bias kept)."""
-        q, scale = quantize_int8(linear.weight)
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight.device, weight.dtype)
-        layer.weight_int8.copy_(q)
-        layer.weight_scale.copy_(scale)
-        if linear.bias is not None:
-            assert layer.bias is not None
-            layer.bias.data.copy_(linear.bias.detach())
+        layer._take(linear, quantize_int8(weight))
         return layer
 
     @property
@@ -150,16 +159,10 @@ class Int4Linear(_RowQuantized):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
         """The int4 form of ``linear`` (groups of ``group_size`` input columns; bias kept)."""
-        packed, scale, low = quantize_int4(linear.weight, group_size)
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size, weight.device,
                     weight.dtype)
-        layer.weight_int4.copy_(packed)
-        layer.weight_scale.copy_(scale)
-        layer.weight_low.copy_(low)
-        if linear.bias is not None:
-            assert layer.bias is not None
-            layer.bias.data.copy_(linear.bias.detach())
+        layer._take(linear, quantize_int4(weight, group_size))
         return layer
 
     @property
