@@ -1,8 +1,8 @@
 """Text generation for RetNet: chunkwise prompt prefill, then O(1) recurrent decoding.
 
 :class:`GenerationMixin` gives a model ``generate`` and ``stream_generate``. It relies only on the
-model's ``_forward(input_ids, state, mode, chunk_size, labels, token_mask)`` and ``_check_inputs``,
-so it knows nothing of the model's internals.
+model's ``_forward(input_ids, state, mode, chunk_size, labels, token_mask)``, ``_check_inputs`` and
+``_pick_inputs``, so it knows nothing of the model's internals.
 """
 
 from __future__ import annotations
@@ -74,17 +74,20 @@ class GenerationMixin:
     config: Any
     _forward: Any
     _check_inputs: Any
+    _pick_inputs: Any
     step_: Any
     training: bool  # nn.Module's
 
     def _check_prompt(self, input_ids: object, state: object, attention_mask: object,
-                      chunk_size: object) -> Tensor | None:
-        token_mask: Tensor | None = self._check_inputs(input_ids, state, None, chunk_size, None, attention_mask)
+                      chunk_size: object, embeds: bool = False) -> Tensor | None:
+        token_mask: Tensor | None = self._check_inputs(input_ids, state, None, chunk_size, None, attention_mask,
+                                                       embeds=embeds)
         assert isinstance(input_ids, Tensor)
+        name = "inputs_embeds" if embeds else "input_ids"
         if input_ids.shape[1] == 0:
-            raise ValueError("input_ids must hold at least one prompt token per row")
+            raise ValueError(f"{name} must hold at least one prompt token per row")
         if input_ids.shape[0] == 0:
-            raise ValueError("input_ids must hold at least one row (got a batch of 0)")
+            raise ValueError(f"{name} must hold at least one row (got a batch of 0)")
         if token_mask is not None and not bool(token_mask.any(1).all()):
             raise ValueError("attention_mask: every row needs at least one real (1) prompt token")
         if token_mask is not None and not bool(token_mask[:, -1].all()):
@@ -95,10 +98,11 @@ class GenerationMixin:
 
     def prefill(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         state: Any = None,
         attention_mask: Tensor | None = None,
         chunk_size: int | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Any:
         """Read a prompt ``input_ids`` ``(batch, length)``: a ``RetNetOutput`` with the logits at
         its last position ``(batch, 1, vocab)`` and the state after it.
@@ -108,11 +112,14 @@ class GenerationMixin:
         without autograd, and the last layer computes only what its last position and the state
         need, so this does less work than ``model(input_ids)`` (whose logits at the last position
         and state are the same, to rounding). ``state`` continues an earlier sequence;
-        ``attention_mask`` marks left padding (on a first call only).
+        ``attention_mask`` marks left padding (on a first call only). ``inputs_embeds``
+        ``(batch, length, d_model)`` in place of ``input_ids``: a prompt of embeddings (a soft
+        prompt), as for ``forward``.
         """
-        token_mask = self._check_prompt(input_ids, state, attention_mask, chunk_size)
+        prompt = self._pick_inputs(input_ids, inputs_embeds)
+        token_mask = self._check_prompt(prompt, state, attention_mask, chunk_size, embeds=inputs_embeds is not None)
         with torch.no_grad():
-            return self._forward(input_ids, state, "chunkwise", chunk_size, None, token_mask, last_logits_only=True)
+            return self._forward(prompt, state, "chunkwise", chunk_size, None, token_mask, last_logits_only=True)
 
     def stream_generate(
         self,

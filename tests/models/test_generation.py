@@ -320,3 +320,23 @@ def test_bad_prefill_inputs() -> None:
         model.prefill(prompt(4, seed=1), state="nope")
     with pytest.raises(ValueError, match="chunk_size"):
         model.prefill(prompt(4, seed=1), chunk_size=0)
+
+
+def test_prefill_of_embeddings_gives_what_the_ids_give() -> None:
+    """A prompt of embeddings (a soft prompt) prefilled, left-padded and from a state, gives the
+    logits and state of the ids it embeds; decoding goes on from it with ids."""
+    model = make_model()
+    prompts = [prompt(n, seed=40 + n)[0] for n in (9, 4)]
+    batch, mask = left_pad(prompts, pad=5)
+    embeds = model.embed_tokens(batch).detach()
+    want, got = model.prefill(batch, attention_mask=mask), model.prefill(inputs_embeds=embeds, attention_mask=mask)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got.state.memories, want.state.memories, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    rest = model.prefill(inputs_embeds=model.embed_tokens(prompt(3, seed=50, batch=2)).detach(), state=got.state)
+    torch.testing.assert_close(rest.logits, model.prefill(prompt(3, seed=50, batch=2), state=want.state).logits,
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="inputs_embeds must hold at least one prompt token per row"):
+        model.prefill(inputs_embeds=embeds[:, :0])
+    with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
+        model.prefill(batch, inputs_embeds=embeds)
