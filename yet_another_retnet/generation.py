@@ -123,8 +123,8 @@ class GenerationMixin:
 
     def stream_generate(
         self,
-        input_ids: Tensor,
-        max_new_tokens: int,
+        input_ids: Tensor | None = None,
+        max_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -134,17 +134,21 @@ class GenerationMixin:
         generator: torch.Generator | None = None,
         pad_token_id: int | None = None,
         chunk_size: int | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Iterator[Tensor]:
         """Yield the next token of every row, ``(batch,)`` long, one step at a time.
 
-        The prompt ``input_ids`` ``(batch, length)`` is prefilled in chunkwise form; each new token
-        costs one recurrent step, whatever the context length. Rows that produced
-        ``eos_token_id`` yield ``pad_token_id`` (default: the eos id) from then on; the stream ends
-        after ``max_new_tokens`` or when every row has finished.
+        The prompt ``input_ids`` ``(batch, length)`` (or ``inputs_embeds`` ``(batch, length,
+        d_model)``, a prompt of embeddings as ``forward`` takes them) is prefilled in chunkwise
+        form; each new token costs one recurrent step, whatever the context length. Rows that
+        produced ``eos_token_id`` yield ``pad_token_id`` (default: the eos id) from then on; the
+        stream ends after ``max_new_tokens`` (required) or when every row has finished.
         """
         _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                                pad_token_id, self.config.vocab_size)
-        token_mask = self._check_prompt(input_ids, None, attention_mask, chunk_size)
+        assert max_new_tokens is not None
+        prompt = self._pick_inputs(input_ids, inputs_embeds)
+        token_mask = self._check_prompt(prompt, None, attention_mask, chunk_size, embeds=inputs_embeds is not None)
         if self.training and (self.config.dropout > 0 or self.config.activation_dropout > 0):
             # A model is built in training mode (nn.Module's default): its dropout would make two
             # greedy calls on one prompt disagree.
@@ -156,8 +160,8 @@ class GenerationMixin:
         # Each model call runs under inference_mode, but never across a ``yield``: grad mode is
         # thread-local, and a generator suspended inside the context would leak it to the caller.
         with torch.inference_mode():
-            out = self._forward(input_ids, None, "chunkwise", chunk_size, None, token_mask, last_logits_only=True)
-            finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            out = self._forward(prompt, None, "chunkwise", chunk_size, None, token_mask, last_logits_only=True)
+            finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         state, logits = out.state, out.logits[:, -1]
         for step in range(max_new_tokens):
             with torch.inference_mode():
@@ -175,8 +179,8 @@ class GenerationMixin:
 
     def generate(
         self,
-        input_ids: Tensor,
-        max_new_tokens: int,
+        input_ids: Tensor | None = None,
+        max_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
@@ -186,8 +190,11 @@ class GenerationMixin:
         generator: torch.Generator | None = None,
         pad_token_id: int | None = None,
         chunk_size: int | None = None,
+        inputs_embeds: Tensor | None = None,
     ) -> Tensor:
-        """The prompt followed by up to ``max_new_tokens`` tokens: ``(batch, prompt + new)`` long.
+        """The prompt followed by up to ``max_new_tokens`` (required) tokens: ``(batch, prompt +
+        new)`` long; from ``inputs_embeds`` (a prompt of embeddings, no ids) the new tokens alone
+        ``(batch, new)``, as transformers returns them.
 
         Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and
         ``top_p`` from ``generator``. Left-padded prompts (``attention_mask`` 0 on the left) give
@@ -196,8 +203,13 @@ class GenerationMixin:
         """
         new = list(self.stream_generate(
             input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-            attention_mask, generator, pad_token_id, chunk_size,
+            attention_mask, generator, pad_token_id, chunk_size, inputs_embeds,
         ))
+        if input_ids is None:  # (inputs_embeds: stream_generate checked it)
+            assert inputs_embeds is not None
+            if not new:
+                return torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long, device=inputs_embeds.device)
+            return torch.stack(new, dim=1)
         if not new:
             return input_ids.clone()
         return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)

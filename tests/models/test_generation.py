@@ -322,9 +322,9 @@ def test_bad_prefill_inputs() -> None:
         model.prefill(prompt(4, seed=1), chunk_size=0)
 
 
-def test_prefill_of_embeddings_gives_what_the_ids_give() -> None:
+def test_prompts_of_embeddings_give_what_the_ids_give() -> None:
     """A prompt of embeddings (a soft prompt) prefilled, left-padded and from a state, gives the
-    logits and state of the ids it embeds; decoding goes on from it with ids."""
+    logits and state of the ids it embeds, and ``generate`` from it their new tokens."""
     model = make_model()
     prompts = [prompt(n, seed=40 + n)[0] for n in (9, 4)]
     batch, mask = left_pad(prompts, pad=5)
@@ -338,5 +338,15 @@ def test_prefill_of_embeddings_gives_what_the_ids_give() -> None:
                                rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="inputs_embeds must hold at least one prompt token per row"):
         model.prefill(inputs_embeds=embeds[:, :0])
+    # generate from embeddings: the new tokens the ids give (without a prompt to repeat).
+    for settings in ({}, {"do_sample": True, "top_k": 5}):
+        from_ids = model.generate(batch, 6, attention_mask=mask, generator=torch.Generator().manual_seed(3),
+                                  **settings)
+        from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=6, attention_mask=mask,
+                                     generator=torch.Generator().manual_seed(3), **settings)
+        assert torch.equal(from_embeds, from_ids[:, batch.shape[1]:]), settings
+    assert model.generate(inputs_embeds=embeds, max_new_tokens=0).shape == (2, 0)
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 0, got None"):
+        model.generate(inputs_embeds=embeds)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         model.prefill(batch, inputs_embeds=embeds)
