@@ -149,6 +149,54 @@ def test_the_engine_decodes_as_the_model_does(model: RetNet) -> None:
             assert out.tokens == generated[0, len(ids):].tolist()
 
 
+def test_logit_bias_and_penalties_follow_openais_definition(model: RetNet) -> None:
+    """Requests with a logit bias and presence/frequency penalties, batched with plain ones: each
+    gets the tokens of a loop by hand that adds the bias and subtracts the penalties from the
+    logits (written out here, not through the engine's helper)."""
+    specs = [{"ids": _prompt(5, 3), "max_tokens": 14, "temperature": 0.0, "frequency_penalty": -2.0},
+             {"ids": _prompt(4, 2), "max_tokens": 14, "temperature": 0.7, "seed": 5, "presence_penalty": 2.0,
+              "frequency_penalty": -0.5, "logit_bias": {7: 4.0, 9: -100.0}},
+             {"ids": _prompt(5, 3), "max_tokens": 6, "temperature": 0.0, "logit_bias": {42: 100.0}},
+             {"ids": _prompt(5, 3), "max_tokens": 14, "temperature": 0.0}]
+    engine = Engine(model, max_batch=4)
+    try:
+        outs = _run(engine, specs, start=True)
+    finally:
+        engine.stop()
+    assert outs[2].tokens == [42] * 6  # a bias of +100 decides every token
+    assert len(set(outs[0].tokens)) < len(set(outs[3].tokens))  # a negative penalty: it repeats itself
+    for spec, out in zip(specs, outs, strict=True):
+        gen = torch.Generator().manual_seed(spec.get("seed", 0))
+        bias = spec.get("logit_bias", {})
+        presence, frequency = spec.get("presence_penalty", 0.0), spec.get("frequency_penalty", 0.0)
+        by_hand: list[int] = []
+        with torch.inference_mode():
+            step = model(torch.tensor([spec["ids"]]), mode="recurrent")
+            for _ in range(spec["max_tokens"]):
+                logits = step.logits[0, -1].float().clone()
+                for token, value in bias.items():
+                    logits[token] += value
+                for token in set(by_hand):
+                    logits[token] -= by_hand.count(token) * frequency + presence
+                by_hand.append(pick_token(logits, spec["temperature"], None, None, gen))
+                step = model(torch.tensor([by_hand[-1:]]), state=step.state)
+        assert out.tokens == by_hand, spec
+
+
+def test_bad_bias_or_penalty_fails_its_request_alone(model: RetNet) -> None:
+    engine = Engine(model, max_batch=2)
+    bad = [{"presence_penalty": 2.5}, {"frequency_penalty": -3.0}, {"logit_bias": {256: 1.0}},
+           {"logit_bias": {3: 101.0}}, {"logit_bias": {3: float("nan")}}]
+    try:
+        outs = _run(engine, [{"ids": [1, 2], "max_tokens": 2, **b} for b in bad] + [{"ids": [1, 2], "max_tokens": 2}],
+                    start=True)
+    finally:
+        engine.stop()
+    for b, out in zip(bad, outs[:-1], strict=True):
+        assert out.finish is not None and out.finish.startswith("error: ValueError") and next(iter(b)) in out.finish
+    assert outs[-1].finish == "length" and len(outs[-1].tokens) == 2
+
+
 class Gated:
     """``model`` whose prefill and batched step wait, the first time each runs, for the test."""
 

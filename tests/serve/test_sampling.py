@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from yet_another_retnet.generation import filter_logits
-from yet_another_retnet.serve.sampling import pick_token
+from yet_another_retnet.serve.sampling import adjust_logits, pick_token
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, None, None), (0.7, None, 0.8), (1.5, 3, None)])
@@ -48,3 +48,13 @@ def test_pick_token_never_picks_a_filtered_token_at_the_top_of_the_draw(monkeypa
     monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.tensor(1.0))
     assert pick_token(logits, 1.0, 3, None, None) == 2
     assert pick_token(torch.tensor([1.0, 2.0, 0.5, 0.3]), 1.0, None, None, None) == 3
+
+
+def test_adjust_logits_applies_openais_bias_and_penalties() -> None:
+    logits = torch.tensor([1.0, 2.0, -0.5, 0.25, 3.0])
+    assert adjust_logits(logits, {}, 0.0, 0.0, None) is logits  # nothing applies: untouched
+    assert adjust_logits(logits, {1: 3}, 0.0, 0.0, {}) is logits
+    got = adjust_logits(logits, {1: 3, 4: 1}, presence_penalty=0.5, frequency_penalty=0.25,
+                        logit_bias={0: 10.0, 4: -100.0})
+    want = [1.0 + 10.0, 2.0 - 3 * 0.25 - 0.5, -0.5, 0.25, 3.0 - 100.0 - 0.25 - 0.5]
+    assert got.tolist() == want and logits.tolist() == [1.0, 2.0, -0.5, 0.25, 3.0]

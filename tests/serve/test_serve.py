@@ -420,14 +420,32 @@ def test_stop_strings_cut_the_text(server: str, stream: bool) -> None:
         assert _wait_idle(client)["active"] == 0  # a stop string freed its slot
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logit_bias_and_penalties_reach_the_tokens(server: str, stream: bool) -> None:
+    """Over HTTP: a +100 bias on one byte's id makes every token that byte (the byte tokenizer's
+    ids are the bytes); a -100 bias on the greedy text's first byte keeps it out; a negative
+    frequency penalty (repeats rewarded) changes the greedy text."""
+    httpx = pytest.importorskip("httpx")
+    base = {"prompt": "hello ", "max_tokens": 12, "temperature": 0, "stream": stream}
+    with httpx.Client(base_url=server, timeout=60) as client:
+        full, _ = _completion(client, base)
+        assert _completion(client, {**base, "logit_bias": {str(ord("q")): 100}}) == ("q" * 12, "length")
+        banned, _ = _completion(client, {**base, "logit_bias": {str(ord(full[0])): -100}})
+        assert full[0] not in banned
+        assert _completion(client, {**base, "frequency_penalty": -2, "presence_penalty": -2})[0] != full
+        assert _completion(client, {**base, "frequency_penalty": 0, "logit_bias": {}}) == (full, "length")
+
+
 def test_unknown_and_unsupported_fields_are_refused(server: str) -> None:
     """A field this server does not know (a typo) or does not implement, set to anything but its
-    default, is a 400 naming it, not a 200 that ignores what was asked."""
+    default, or set out of its range, is a 400 naming it, not a 200 that ignores what was asked."""
     httpx = pytest.importorskip("httpx")
     with httpx.Client(base_url=server, timeout=60) as client:
-        for body, field in (({"max_token": 3}, "max_token"), ({"presence_penalty": 0.5}, "presence_penalty"),
+        for body, field in (({"max_token": 3}, "max_token"), ({"presence_penalty": 2.5}, "presence_penalty"),
+                            ({"frequency_penalty": -2.01}, "frequency_penalty"),
                             ({"logprobs": 1}, "logprobs"), ({"logprobs": 0}, "logprobs"),
-                            ({"echo": True}, "echo"), ({"logit_bias": {"65": 10}}, "logit_bias"),
+                            ({"echo": True}, "echo"), ({"logit_bias": {"abc": 10}}, "logit_bias"),
+                            ({"logit_bias": {"256": 1}}, "logit_bias"), ({"logit_bias": {"65": 100.5}}, "logit_bias"),
                             ({"max_completion_tokens": 501}, "max_completion_tokens"),
                             ({"max_completion_tokens": 3, "max_tokens": 4}, "max_completion_tokens"),
                             ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop"),

@@ -14,9 +14,10 @@ batching requests is stacking their states along the batch axis; nothing is padd
 3. one decoding step for the whole batch: each row consumes its next prompt token or its last
    sampled token, at its own position (``RetNetState.position`` is per row). The batched layer
    kernels read each weight once per step for the whole batch;
-4. each request that has read its whole prompt picks its next token from its own logits with its
-   own seeded generator (:mod:`.sampling`: one uniform draw a token); the finished ones leave the
-   batch. Logits of prompt tokens before the last are not looked at.
+4. each request that has read its whole prompt picks its next token from its own logits (with its
+   own logit bias and penalties) with its own seeded generator (:mod:`.sampling`: one uniform draw
+   a token); the finished ones leave the batch. Logits of prompt tokens before the last are not
+   looked at.
 
 Which way a prompt goes depends on its length alone, never on the batch, and each row of a
 batched step is computed from that row alone, so a request's tokens are the ones it gets alone
@@ -37,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .sampling import pick_token
+from .sampling import adjust_logits, pick_token
 
 #: ``emit(token, finish_reason)``: a token (``finish_reason`` ``None``), or the end (``token`` ``None``,
 #: ``finish_reason`` ``"length"``, ``"stop"``, ``"cancelled"`` or ``"error: ..."``).
@@ -73,9 +74,15 @@ class Request:
     top_k: int | None = None
     seed: int = 0
     eos_token_id: int | None = None
+    # OpenAI's adjustments (serve/sampling.py's adjust_logits): a bias per token id, and penalties on
+    # the tokens generated so far.
+    logit_bias: dict[int, float] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the engine.
     generated: int = 0
+    counts: dict[int, int] = field(default_factory=dict)  # times each token was generated
     next_token: int = 0
     logits: Tensor | None = None
     generator: torch.Generator | None = None
@@ -234,6 +241,15 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
         if request.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {request.temperature}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(request, name)
+            if not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        for token, bias in (request.logit_bias or {}).items():
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+                raise ValueError(f"logit_bias: token ids must lie in [0, {vocab}), got {token!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias: biases must be in [-100, 100], got {bias} for token {token}")
 
     def _blank_state(self) -> Any:
         if self._blank is None:
@@ -300,12 +316,14 @@ class Engine:
                 continue
             try:
                 with torch.inference_mode():
-                    token = pick_token(request.logits, request.temperature, request.top_k, request.top_p,
-                                       request.generator)
+                    logits = adjust_logits(request.logits, request.counts, request.presence_penalty,
+                                           request.frequency_penalty, request.logit_bias)
+                    token = pick_token(logits, request.temperature, request.top_k, request.top_p, request.generator)
             except Exception as err:  # bad sampling settings: this request alone
                 self._emit(request, None, _error(err))
                 continue
             request.generated += 1
+            request.counts[token] = request.counts.get(token, 0) + 1
             if not self._emit(request, token, None):  # nobody to send its tokens to: it leaves
                 continue
             if request.eos_token_id is not None and token == request.eos_token_id:

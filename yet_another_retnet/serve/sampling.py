@@ -18,6 +18,26 @@ from torch import Tensor
 from ..generation import filter_logits
 
 
+def adjust_logits(logits: Tensor, counts: dict[int, int], presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, logit_bias: dict[int, float] | None = None) -> Tensor:
+    """OpenAI's sampling adjustments on one request's ``logits`` ``(vocab,)``, in float32:
+    ``logit[j] + bias[j] - count[j] * frequency_penalty - (count[j] > 0) * presence_penalty``,
+    ``count[j]`` the times token ``j`` was generated so far for the request. The logits
+    themselves when nothing applies."""
+    penalise = bool(counts) and (presence_penalty != 0 or frequency_penalty != 0)
+    if not logit_bias and not penalise:
+        return logits
+    out = logits.float().clone()
+    if logit_bias:
+        out.index_add_(0, torch.tensor(list(logit_bias), device=out.device),
+                       torch.tensor(list(logit_bias.values()), dtype=out.dtype, device=out.device))
+    if penalise:
+        times = torch.tensor(list(counts.values()), dtype=out.dtype, device=out.device)
+        out.index_add_(0, torch.tensor(list(counts), device=out.device),
+                       -(times * frequency_penalty + (times > 0).to(out.dtype) * presence_penalty))
+    return out
+
+
 def pick_token(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
                generator: torch.Generator | None) -> int:
     """The next token for one request's ``logits`` ``(vocab,)``: the argmax at ``temperature`` 0,

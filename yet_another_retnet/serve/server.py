@@ -5,8 +5,9 @@ Endpoints: ``POST /v1/completions`` (``prompt``), ``POST /v1/chat/completions`` 
 out as the ``User:``/``Assistant:`` transcript of :mod:`.chat`; a reply ends at its line break),
 ``GET /v1/models``, ``GET /health`` (requests in flight and waiting). ``"stream": true`` sends
 server-sent events, one chunk per piece of text and ``data: [DONE]`` at the end. Generation stops at
-the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``). A
-client that disconnects, streaming or not, frees its slot at the next step. A malformed request,
+the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``).
+``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` adjust each request's logits as
+OpenAI's API defines them. A client that disconnects, streaming or not, frees its slot at the next step. A malformed request,
 or one with a field this server does not know or support, gets a 400 whose ``error.message`` names
 the field; a full queue gets a 503 with ``Retry-After``.
 """
@@ -65,12 +66,14 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     # An end-user id OpenAI's clients may send (for its abuse monitoring): accepted, not used.
     user: str | None = None
-    # Known but not implemented: accepted at their defaults only (null, false, absent, 0; an empty
-    # logit_bias), refused otherwise (_unsupported).
-    logprobs: bool | int | None = None
+    # OpenAI's: a bias (-100 to 100) added to the logit of each token id named (as a string), and
+    # penalties on tokens by whether and how often the completion has generated them.
     logit_bias: dict[str, float] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # Known but not implemented: accepted at their defaults only (null, false, absent), refused
+    # otherwise (_unsupported).
+    logprobs: bool | int | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -101,11 +104,28 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
 
 def _unsupported(body: _Sampling) -> None:
     """A 400 for a field this server knows but does not implement, set to anything but its default."""
-    for name in ("logprobs", "echo", "logit_bias", "presence_penalty", "frequency_penalty"):
+    for name in ("logprobs", "echo"):
         value = getattr(body, name, None)
-        default = value is None or value is False or value == {} or (name.endswith("_penalty") and value == 0)
-        if not default:  # (logprobs 0 still asks for the chosen tokens' log-probabilities)
+        if not (value is None or value is False):  # (logprobs 0 still asks for the chosen tokens' log-probabilities)
             raise BadRequest(f"{name}: not supported by this server (leave it out, or null)", name)
+
+
+def _logit_bias(body: _Sampling, vocab: int) -> dict[int, float] | None:
+    """``logit_bias`` with its keys read as token ids in ``[0, vocab)`` and its values checked."""
+    if not body.logit_bias:
+        return None
+    bias: dict[int, float] = {}
+    for key, value in body.logit_bias.items():
+        try:
+            token: int | None = int(key)
+        except ValueError:
+            token = None
+        if token is None or not 0 <= token < vocab:
+            raise BadRequest(f"logit_bias: keys must be token ids in [0, {vocab}), got {key!r}", "logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise BadRequest(f"logit_bias: values must be in [-100, 100], got {value} for {key!r}", "logit_bias")
+        bias[token] = value
+    return bias
 
 
 def _max_new_tokens(body: _Sampling, limit: int) -> int:
@@ -248,7 +268,9 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
         stops = _stops(body) + (["\n"] if chat else [])
         _unsupported(body)
         seed = body.seed if body.seed is not None else random.getrandbits(63)
-        request = EngineRequest(ids, max_new, emit, body.temperature, body.top_p, body.top_k, seed, eos)
+        request = EngineRequest(ids, max_new, emit, body.temperature, body.top_p, body.top_k, seed, eos,
+                                logit_bias=_logit_bias(body, vocab), presence_penalty=body.presence_penalty or 0.0,
+                                frequency_penalty=body.frequency_penalty or 0.0)
         try:
             engine.submit(request)
         except QueueFull as err:
