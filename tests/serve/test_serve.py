@@ -4,6 +4,7 @@ HTTP client against a real server on the loopback interface)."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import io
 import json
 import socket
@@ -436,6 +437,65 @@ def test_logit_bias_and_penalties_reach_the_tokens(server: str, stream: bool) ->
         assert _completion(client, {**base, "frequency_penalty": 0, "logit_bias": {}}) == (full, "length")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_are_the_models_own(served: Any, model_dir: Path, stream: bool) -> None:
+    """``logprobs`` in both shapes: each generated token's log-probability and its alternatives
+    are the log-softmax of the model's logits at that step (computed here by hand), in OpenAI's
+    layout; streamed, the chunks' entries join to the same list."""
+    httpx = pytest.importorskip("httpx")
+    model = RetNet.from_pretrained(model_dir)
+    prompt = "logprobs: "
+    ids = list(prompt.encode())
+    out = model.generate(torch.tensor([ids]), 8)[0, len(ids):].tolist()  # greedy, as asked below
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + out[:-1]])).logits[0, len(ids) - 1:]
+    want = torch.log_softmax(logits.float(), dim=-1)
+
+    def post(path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        body = {**body, "max_tokens": 8, "temperature": 0, "stream": stream}
+        if not stream:
+            r = httpx.post(server + path, json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            return [r.json()["choices"][0]["logprobs"]]
+        with httpx.stream("POST", server + path, json=body, timeout=60) as r:
+            return [json.loads(line[6:])["choices"][0]["logprobs"] for line in r.iter_lines()
+                    if line.startswith("data: {")]
+
+    server = str(served.state.url)
+    parts = post("/v1/completions", {"prompt": prompt, "logprobs": 3})
+    tokens = [t for p in parts for t in p["tokens"]]
+    assert tokens == [bytes([t]).decode("utf-8", errors="replace") for t in out]
+    for i, lp in enumerate(t for p in parts for t in p["token_logprobs"]):
+        assert abs(lp - float(want[i, out[i]])) < 1e-4
+    tops = [t for p in parts for t in p["top_logprobs"]]
+    assert all(len(top) <= 3 for top in tops) and len(tops) == len(out)
+    # A token's text offset: the characters the tokens before it decoded to (a byte that starts
+    # a character adds none until the character is complete).
+    utf8, at, offsets = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0, []
+    for t in out:
+        offsets.append(at)
+        at += len(utf8.decode(bytes([t])))
+    assert [o for p in parts for o in p["text_offset"]] == offsets
+    # Chat: the tokens' own bytes, and top_logprobs in order (most likely first).
+    transcript = list(f"User: hi\n{ASSISTANT}".encode())
+    chat_out = model.generate(torch.tensor([transcript]), 8)[0, len(transcript):].tolist()
+    with torch.no_grad():
+        chat_logits = model(torch.tensor([transcript + chat_out[:-1]])).logits[0, len(transcript) - 1:]
+    chat_want = torch.log_softmax(chat_logits.float(), dim=-1)
+    parts = post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                          "top_logprobs": 4})
+    entries = [e for p in parts for e in p["content"]]
+    reply = chat_out[:chat_out.index(10) + 1] if 10 in chat_out else chat_out  # the reply ends at its line break
+    assert [e["bytes"] for e in entries] == [[t] for t in reply]
+    for i, e in enumerate(entries):
+        assert abs(e["logprob"] - float(chat_want[i, reply[i]])) < 1e-4
+        best = torch.topk(chat_want[i], 4)
+        assert [a["bytes"] for a in e["top_logprobs"]] == [[t] for t in best.indices.tolist()]
+        assert all(abs(a["logprob"] - float(v)) < 1e-4 for a, v in zip(e["top_logprobs"], best.values, strict=True))
+    r = httpx.post(server + "/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=60)
+    assert r.json()["choices"][0]["logprobs"] is None  # not asked, not computed
+
+
 def test_unknown_and_unsupported_fields_are_refused(server: str) -> None:
     """A field this server does not know (a typo) or does not implement, set to anything but its
     default, or set out of its range, is a 400 naming it, not a 200 that ignores what was asked."""
@@ -443,7 +503,8 @@ def test_unknown_and_unsupported_fields_are_refused(server: str) -> None:
     with httpx.Client(base_url=server, timeout=60) as client:
         for body, field in (({"max_token": 3}, "max_token"), ({"presence_penalty": 2.5}, "presence_penalty"),
                             ({"frequency_penalty": -2.01}, "frequency_penalty"),
-                            ({"logprobs": 1}, "logprobs"), ({"logprobs": 0}, "logprobs"),
+                            ({"logprobs": 6}, "logprobs"), ({"logprobs": True}, "logprobs"),
+                            ({"logprobs": -1}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
                             ({"echo": True}, "echo"), ({"logit_bias": {"abc": 10}}, "logit_bias"),
                             ({"logit_bias": {"256": 1}}, "logit_bias"), ({"logit_bias": {"65": 100.5}}, "logit_bias"),
                             ({"max_completion_tokens": 501}, "max_completion_tokens"),
@@ -454,9 +515,10 @@ def test_unknown_and_unsupported_fields_are_refused(server: str) -> None:
                 r = client.post("/v1/completions", json={"prompt": "x", "stream": stream, **body})
                 assert r.status_code == 400, (body, r.text)
                 assert r.json()["error"]["message"].startswith(field), (body, r.text)
-        r = client.post("/v1/chat/completions",
-                        json={"messages": [{"role": "user", "content": "x"}], "logprobs": True})
-        assert r.status_code == 400 and "logprobs" in r.json()["error"]["message"]
+        for body, field in (({"logprobs": 2}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"),
+                            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs")):
+            r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], **body})
+            assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), (body, r.text)
         # Their defaults are accepted; max_completion_tokens is max_tokens' other name.
         r = client.post("/v1/completions", json={"prompt": "x", "temperature": 0, "logprobs": None, "echo": False,
                                                  "logit_bias": None, "max_completion_tokens": 3})

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs, token_logprobs
 from .sampling import adjust_logits, pick_token
 
 #: ``emit(token, finish_reason)``: a token (``finish_reason`` ``None``), or the end (``token`` ``None``,
@@ -79,10 +80,14 @@ class Request:
     logit_bias: dict[int, float] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # With a number: each token's log-probability and that many alternatives' (.logprobs), set on
+    # the request just before its token is emitted.
+    top_logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the engine.
     generated: int = 0
     counts: dict[int, int] = field(default_factory=dict)  # times each token was generated
+    logprobs: TokenLogprobs | None = None  # the token being emitted's (with top_logprobs)
     next_token: int = 0
     logits: Tensor | None = None
     generator: torch.Generator | None = None
@@ -250,6 +255,9 @@ class Engine:
                 raise ValueError(f"logit_bias: token ids must lie in [0, {vocab}), got {token!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias: biases must be in [-100, 100], got {bias} for token {token}")
+        top = request.top_logprobs
+        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+            raise ValueError(f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}] or None, got {top!r}")
 
     def _blank_state(self) -> Any:
         if self._blank is None:
@@ -319,6 +327,8 @@ class Engine:
                     logits = adjust_logits(request.logits, request.counts, request.presence_penalty,
                                            request.frequency_penalty, request.logit_bias)
                     token = pick_token(logits, request.temperature, request.top_k, request.top_p, request.generator)
+                    if request.top_logprobs is not None:  # the model's own distribution (serve/logprobs.py)
+                        request.logprobs = token_logprobs(request.logits, token, request.top_logprobs)
             except Exception as err:  # bad sampling settings: this request alone
                 self._emit(request, None, _error(err))
                 continue

@@ -7,7 +7,8 @@ out as the ``User:``/``Assistant:`` transcript of :mod:`.chat`; a reply ends at 
 server-sent events, one chunk per piece of text and ``data: [DONE]`` at the end. Generation stops at
 the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``).
 ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` adjust each request's logits as
-OpenAI's API defines them. A client that disconnects, streaming or not, frees its slot at the next step. A malformed request,
+OpenAI's API defines them; ``logprobs`` (and chat's ``top_logprobs``) return each token's
+log-probability (:mod:`.logprobs`). A client that disconnects, streaming or not, frees its slot at the next step. A malformed request,
 or one with a field this server does not know or support, gets a 400 whose ``error.message`` names
 the field; a full queue gets a 503 with ``Retry-After``.
 """
@@ -32,6 +33,7 @@ from ..training.data import StreamDecoder
 from .chat import ASSISTANT, end_token, with_bos
 from .engine import MAX_WAITING, Engine, QueueFull
 from .engine import Request as EngineRequest
+from .logprobs import MAX_COMPLETION_LOGPROBS, MAX_TOP_LOGPROBS, LogprobsLayout, TokenLogprobs
 
 #: The seeds ``torch.Generator.manual_seed`` takes (a negative one counts modulo 2**64).
 SEED_RANGE = (-(2**63), 2**64 - 1)
@@ -71,13 +73,14 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    # Known but not implemented: accepted at their defaults only (null, false, absent), refused
-    # otherwise (_unsupported).
+    # Completions: how many alternatives per token (0 to 5) with each token's log-probability;
+    # chat: whether to return them (with top_logprobs alternatives). See serve/logprobs.py.
     logprobs: bool | int | None = None
 
 
 class CompletionRequest(_Sampling):
     prompt: str
+    # Known but not implemented: accepted at its default only (null, false), refused otherwise.
     echo: bool | None = None
 
 
@@ -88,6 +91,7 @@ class Message(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class BadRequest(Exception):
@@ -104,10 +108,25 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
 
 def _unsupported(body: _Sampling) -> None:
     """A 400 for a field this server knows but does not implement, set to anything but its default."""
-    for name in ("logprobs", "echo"):
-        value = getattr(body, name, None)
-        if not (value is None or value is False):  # (logprobs 0 still asks for the chosen tokens' log-probabilities)
-            raise BadRequest(f"{name}: not supported by this server (leave it out, or null)", name)
+    value = getattr(body, "echo", None)
+    if not (value is None or value is False):
+        raise BadRequest("echo: not supported by this server (leave it out, or null)", "echo")
+
+
+def _top_logprobs(body: _Sampling) -> int | None:
+    """The alternatives per token the request asks log-probabilities for; ``None``: none asked."""
+    if isinstance(body, ChatRequest):
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise BadRequest("logprobs: true or false in a chat request (top_logprobs says how many)", "logprobs")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise BadRequest("top_logprobs: needs logprobs: true", "top_logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if body.logprobs is None:
+        return None
+    if isinstance(body.logprobs, bool) or not 0 <= body.logprobs <= MAX_COMPLETION_LOGPROBS:
+        raise BadRequest(f"logprobs: an integer from 0 to {MAX_COMPLETION_LOGPROBS} (the alternatives per token), "
+                         f"got {body.logprobs!r}", "logprobs")
+    return body.logprobs
 
 
 def _logit_bias(body: _Sampling, vocab: int) -> dict[int, float] | None:
@@ -257,20 +276,24 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
 
     async def run(ids: list[int], body: _Sampling, chat: bool, http: Request) -> Any:
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int | None, str | None]] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int | None, str | None, TokenLogprobs | None]] = asyncio.Queue()
 
         def emit(token: int | None, finish: str | None) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, (token, finish))
+            # (Read here, on the engine's thread: the next token replaces it.)
+            info = request.logprobs if token is not None else None
+            loop.call_soon_threadsafe(events.put_nowait, (token, finish, info))
 
         max_new = _max_new_tokens(body, max_tokens_limit)
         # A chat reply ends at its line break, where the transcript's next "User:" turn would begin
         # (as `retnet chat`'s replies do).
         stops = _stops(body) + (["\n"] if chat else [])
         _unsupported(body)
+        top = _top_logprobs(body)
+        layout = LogprobsLayout(tokenizer, chat) if top is not None else None
         seed = body.seed if body.seed is not None else random.getrandbits(63)
         request = EngineRequest(ids, max_new, emit, body.temperature, body.top_p, body.top_k, seed, eos,
                                 logit_bias=_logit_bias(body, vocab), presence_penalty=body.presence_penalty or 0.0,
-                                frequency_penalty=body.frequency_penalty or 0.0)
+                                frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=top)
         try:
             engine.submit(request)
         except QueueFull as err:
@@ -289,9 +312,10 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
         async def pieces() -> AsyncIterator[tuple[str, str | None]]:
             nonlocal generated
             decoder, cut = StreamDecoder(tokenizer), StopText(stops)
+            decoded = 0  # characters the tokens so far decoded to (a token's text offset)
             try:
                 while True:
-                    token, finish = await events.get()
+                    token, finish, info = await events.get()
                     if finish is not None:
                         text = cut.push(decoder.flush())
                         yield text if cut.stopped else text + cut.flush(), "stop" if cut.stopped else finish
@@ -300,7 +324,11 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
                     generated += 1
                     if token == eos:  # it ends the text and is none of it; the engine's "stop" follows
                         continue
-                    text = cut.push(decoder.push(token))
+                    if layout is not None and info is not None:
+                        layout.add(info, decoded)
+                    piece = decoder.push(token)
+                    decoded += len(piece)
+                    text = cut.push(piece)
                     if cut.stopped:
                         yield text, "stop"
                         return
@@ -309,10 +337,12 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
                 request.cancel()  # a no-op after the end; frees the slot at a stop string or if the client left
 
         def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
+            logprobs = layout.take() if layout is not None else None  # the tokens since the last chunk's
             if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
             key = "delta" if delta else "message"
-            return {"index": 0, key: {"role": "assistant", "content": text}, "finish_reason": finish}
+            return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": finish}
 
         if body.stream:
             async def sse() -> AsyncIterator[str]:

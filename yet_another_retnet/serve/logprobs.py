@@ -1,0 +1,92 @@
+"""Log-probabilities of the generated tokens, as OpenAI's API returns them (``logprobs``).
+
+The engine computes, for a request that asks, each chosen token's log-probability and the
+``top`` most likely alternatives (:func:`token_logprobs`) from the model's own next-token
+distribution: the log-softmax of the raw logits in float32, before the request's temperature,
+``top_k``/``top_p``, logit bias and penalties (what the model thinks, not what was sampled from).
+The server lays them out in the two shapes of the API (:class:`LogprobsLayout`):
+
+* completions (``logprobs: N``, 0 to 5): ``{"tokens", "token_logprobs", "top_logprobs",
+  "text_offset"}``, ``top_logprobs`` one ``{token text: logprob}`` per token;
+* chat (``logprobs: true``, ``top_logprobs: N``, 0 to 20): ``{"content": [{"token", "logprob",
+  "bytes", "top_logprobs": [...]}]}``.
+
+A token's text is its decoding alone (a byte of an unfinished character decodes to U+FFFD;
+``bytes`` are the token's own bytes for the byte tokenizer, the UTF-8 of its text otherwise). The
+end-of-sequence token, which ends the text and is none of it, gets no entry; the tokens of a stop
+string that ends the text get theirs (their text is cut). A token's ``text_offset`` counts the
+characters the tokens before it decoded to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: The most alternatives a request may ask per token: completions' ``logprobs``, chat's
+#: ``top_logprobs`` (OpenAI's limits).
+MAX_COMPLETION_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token: its id and log-probability, and the ``top`` most likely ids with
+    theirs (most likely first)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprobs:
+    """``token``'s log-probability under ``logits`` ``(vocab,)`` and the ``top`` best ids'."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, min(top, logp.shape[0])) if top > 0 else None
+    pairs = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprobs(int(token), float(logp[token]), pairs)
+
+
+def token_piece(tokenizer: Any, token: int) -> tuple[str, list[int]]:
+    """``(text, bytes)`` of one token decoded alone."""
+    from ..training.data import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        raw = bytes([token]) if 0 <= token < 256 else b""
+        return raw.decode("utf-8", errors="replace"), list(raw)
+    text = tokenizer.decode([token])
+    return text, list(text.encode("utf-8"))
+
+
+class LogprobsLayout:
+    """The ``logprobs`` object of a choice, in the completions or the chat shape, for the tokens
+    added since the last :meth:`take` (a streamed chunk's) or all of them (a whole reply)."""
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tokenizer, self.chat = tokenizer, chat
+        self._entries: list[tuple[TokenLogprobs, int]] = []  # (token, its text's offset)
+
+    def add(self, entry: TokenLogprobs, offset: int) -> None:
+        """A generated token whose text starts ``offset`` characters into the completion."""
+        self._entries.append((entry, offset))
+
+    def take(self) -> dict[str, Any]:
+        """The object for the tokens added since the last call."""
+        entries, self._entries = self._entries, []
+        if self.chat:
+            return {"content": [self._chat_entry(e) for e, _ in entries]}
+        texts = [token_piece(self.tokenizer, e.token)[0] for e, _ in entries]
+        return {"tokens": texts, "token_logprobs": [e.logprob for e, _ in entries],
+                "top_logprobs": [{token_piece(self.tokenizer, t)[0]: lp for t, lp in e.top} for e, _ in entries],
+                "text_offset": [offset for _, offset in entries]}
+
+    def _chat_entry(self, entry: TokenLogprobs) -> dict[str, Any]:
+        text, raw = token_piece(self.tokenizer, entry.token)
+        top = []
+        for token, logprob in entry.top:
+            t, b = token_piece(self.tokenizer, token)
+            top.append({"token": t, "logprob": logprob, "bytes": b})
+        return {"token": text, "logprob": entry.logprob, "bytes": raw, "top_logprobs": top}
