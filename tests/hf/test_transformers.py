@@ -538,3 +538,5 @@ def test_inputs_embeds_in_forward_and_generate() -> None:
         hf.prepare_inputs_for_generation(ids[:, :2], attention_mask=mask, inputs_embeds=embeds)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         hf(ids, inputs_embeds=embeds)
+    with pytest.raises(ValueError, match=r"inputs_embeds must be a \(batch, length, d_model\) tensor"):
+        hf(inputs_embeds=embeds[0])

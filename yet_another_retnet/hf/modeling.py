@@ -186,8 +186,9 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         retnet = self._sync()
         # Token ids (batch, length), or embeddings (batch, length, d_model) from inputs_embeds.
         inputs = retnet._pick_inputs(input_ids, inputs_embeds)
-        if not isinstance(inputs, Tensor) or inputs.dim() < 2:
-            raise ValueError("input_ids must be a (batch, length) tensor")
+        if not isinstance(inputs, Tensor) or inputs.dim() != (2 if inputs_embeds is None else 3):
+            raise ValueError("input_ids must be a (batch, length) tensor" if inputs_embeds is None
+                             else "inputs_embeds must be a (batch, length, d_model) tensor")
         cache = self._check_cache(cache, inputs.shape[0])
         use_cache = self.config.use_cache if use_cache is None else use_cache
         state = cache.state if cache is not None else None
