@@ -145,6 +145,35 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_kind(cpuinfo: str | None = None) -> str | None:
+    """Which kind of x86 CPU this is, from ``/proc/cpuinfo`` (or its text ``cpuinfo``): the
+    vendor's family and model, the core it means where known (AMD family 25 with AVX-512: Zen 4;
+    family 26: Zen 5), and the instructions the kernels choose between (AVX512-VNNI and -BF16,
+    AMX). ``None`` off Linux. Shared VMs report one model name for several kinds, and each kind
+    runs these benchmarks at its own speed."""
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    flags = set(fields.get("flags", "").split())
+    vendor, family, model = fields.get("vendor_id", ""), fields.get("cpu family", "?"), fields.get("model", "?")
+    core = None
+    if vendor == "AuthenticAMD":
+        core = {"25": "Zen 4" if "avx512f" in flags else "Zen 3", "26": "Zen 5"}.get(family)
+    units = [name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("amx_tile", "AMX")) if flag in flags]
+    parts = [f"family {family} model {model}"] + ([core] if core else []) + units
+    return ", ".join(parts)
+
+
 def transformers_version() -> str | None:
     try:
         import transformers
@@ -160,6 +189,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_kind": cpu_kind(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

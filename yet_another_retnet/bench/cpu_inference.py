@@ -257,9 +257,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     m, c = result["machine"], result["config"]
+    kind = f" ({m['cpu_kind']})" if m.get("cpu_kind") else ""
     lines = [f"# CPU inference at d {c['d_model']}, {c['num_layers']} layers, {c['num_heads']} heads, vocab {c['vocab_size']}"
              f" ({result['parameters'] / 1e6:,.0f}M parameters, random weights)", "",
-             f"Measured {m['date']} on {m['cpu']} ({m['torch_threads']} threads, load average {m['load_average_1m']} "
+             f"Measured {m['date']} on {m['cpu']}{kind} ({m['torch_threads']} threads, load average {m['load_average_1m']} "
              f"at the start: other jobs shared the machine), torch {m['torch']}. Command: "
              f"`{result['command']}`.", "",
              f"Streaming read bandwidth at the start: {result['read_bandwidth_gb_s']:.1f} GB/s; each decoding row "
