@@ -8,9 +8,9 @@ server-sent events, one chunk per piece of text and ``data: [DONE]`` at the end.
 the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``).
 ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` adjust each request's logits as
 OpenAI's API defines them; ``logprobs`` (and chat's ``top_logprobs``) return each token's
-log-probability (:mod:`.logprobs`). A client that disconnects, streaming or not, frees its slot at the next step. A malformed request,
-or one with a field this server does not know or support, gets a 400 whose ``error.message`` names
-the field; a full queue gets a 503 with ``Retry-After``.
+log-probability (:mod:`.logprobs`). A client that disconnects, streaming or not, frees its slot at
+the next step. A malformed request, or one with a field this server does not know or support, gets
+a 400 whose ``error.message`` names the field; a full queue gets a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
