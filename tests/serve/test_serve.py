@@ -496,6 +496,41 @@ def test_logprobs_are_the_models_own(served: Any, model_dir: Path, stream: bool)
     assert r.json()["choices"][0]["logprobs"] is None  # not asked, not computed
 
 
+def test_n_choices_are_the_requests_of_their_seeds(server: str) -> None:
+    """``n`` choices, streamed or not: choice i is what a request of its own with seed + i gets
+    (with logprobs too), each chunk names its choice, the usage counts them all; a client leaving
+    a stream of several choices frees every slot; more choices than the batch is a 400 naming n."""
+    httpx = pytest.importorskip("httpx")
+    base = {"prompt": "three ways ", "max_tokens": 9, "temperature": 0.9, "seed": 7}
+    with httpx.Client(base_url=server, timeout=60) as client:
+        alone = [client.post("/v1/completions", json={**base, "seed": 7 + i, "logprobs": 1}).json()["choices"][0]
+                 for i in range(3)]
+        r = client.post("/v1/completions", json={**base, "n": 3, "logprobs": 1})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert [c["index"] for c in got["choices"]] == [0, 1, 2]
+        assert [c["text"] for c in got["choices"]] == [a["text"] for a in alone]
+        for c, a in zip(got["choices"], alone, strict=True):  # (batched rows round a little differently)
+            assert c["logprobs"]["tokens"] == a["logprobs"]["tokens"]
+            assert c["logprobs"]["token_logprobs"] == pytest.approx(a["logprobs"]["token_logprobs"], abs=1e-4)
+        assert len({a["text"] for a in alone}) > 1  # the seeds differ, so do the choices
+        assert got["usage"]["completion_tokens"] == 27
+        texts: dict[int, str] = {0: "", 1: "", 2: ""}
+        with client.stream("POST", "/v1/completions", json={**base, "n": 3, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    (c,) = json.loads(line[6:])["choices"]
+                    texts[c["index"]] += c["text"]
+        assert [texts[i] for i in range(3)] == [a["text"] for a in alone]
+        with client.stream("POST", "/v1/completions",
+                           json={"prompt": "long ", "max_tokens": 500, "n": 3, "stream": True}) as s:
+            assert next(line for line in s.iter_lines() if line.startswith("data: "))
+        health = _wait_idle(client)
+        assert health["active"] == 0 and health["waiting"] == 0
+        r = client.post("/v1/completions", json={**base, "n": 17})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("n: at most 16")
+
+
 def test_unknown_and_unsupported_fields_are_refused(server: str) -> None:
     """A field this server does not know (a typo) or does not implement, set to anything but its
     default, or set out of its range, is a 400 naming it, not a 200 that ignores what was asked."""

@@ -8,9 +8,10 @@ server-sent events, one chunk per piece of text and ``data: [DONE]`` at the end.
 the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``).
 ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` adjust each request's logits as
 OpenAI's API defines them; ``logprobs`` (and chat's ``top_logprobs``) return each token's
-log-probability (:mod:`.logprobs`). A client that disconnects, streaming or not, frees its slot at
-the next step. A malformed request, or one with a field this server does not know or support, gets
-a 400 whose ``error.message`` names the field; a full queue gets a 503 with ``Retry-After``.
+log-probability (:mod:`.logprobs`); ``n`` choices run as requests of their own (seeds ``seed +
+i``). A client that disconnects, streaming or not, frees its slots at the next step. A malformed
+request, or one with a field this server does not know or support, gets a 400 whose
+``error.message`` names the field; a full queue gets a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=128)  # choices, each a request of its own (at most the server's batch)
     stop: str | list[str] | None = None
     stream_options: StreamOptions | None = None
     # An end-user id OpenAI's clients may send (for its abuse monitoring): accepted, not used.
@@ -198,13 +199,68 @@ class StopText:
         return held
 
 
-async def _cancel_on_disconnect(http: Request, request: EngineRequest) -> None:
-    """Cancel ``request`` when the client of ``http`` goes away. The body has been read, so the
+async def _cancel_on_disconnect(http: Request, requests: list[EngineRequest]) -> None:
+    """Cancel ``requests`` when the client of ``http`` goes away. The body has been read, so the
     next message the server delivers is the disconnect (what Starlette's streaming responses
     listen for); a non-streaming endpoint is otherwise never told."""
     while (await http.receive())["type"] != "http.disconnect":
         pass
-    request.cancel()
+    for request in requests:
+        request.cancel()
+
+
+class _Choice:
+    """One choice of a response (``n`` of them run as requests of their own): its engine request,
+    the tokens its ``emit`` hands over from the engine's thread, and the text they make."""
+
+    def __init__(self, index: int, make_request: Any, tokenizer: Any, eos: int | None, stops: list[str],
+                 layout: LogprobsLayout | None) -> None:
+        self.index, self.tokenizer, self.eos, self.stops, self.layout = index, tokenizer, eos, stops, layout
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue[tuple[int | None, str | None, TokenLogprobs | None]] = asyncio.Queue()
+        self.generated = 0
+        self.request: EngineRequest = make_request(self._emit)
+
+    def _emit(self, token: int | None, finish: str | None) -> None:
+        # (Read here, on the engine's thread: the next token replaces it.)
+        info = self.request.logprobs if token is not None else None
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (token, finish, info))
+
+    async def pieces(self) -> AsyncIterator[tuple[str, str | None]]:
+        """``(text, finish_reason)`` as the tokens come; the last one has a finish reason."""
+        decoder, cut = StreamDecoder(self.tokenizer), StopText(self.stops)
+        decoded = 0  # characters the tokens so far decoded to (a token's text offset)
+        try:
+            while True:
+                token, finish, info = await self.events.get()
+                if finish is not None:
+                    text = cut.push(decoder.flush())
+                    yield text if cut.stopped else text + cut.flush(), "stop" if cut.stopped else finish
+                    return
+                assert token is not None
+                self.generated += 1
+                if token == self.eos:  # it ends the text and is none of it; the engine's "stop" follows
+                    continue
+                if self.layout is not None and info is not None:
+                    self.layout.add(info, decoded)
+                piece = decoder.push(token)
+                decoded += len(piece)
+                text = cut.push(piece)
+                if cut.stopped:
+                    yield text, "stop"
+                    return
+                yield text, None
+        finally:
+            self.request.cancel()  # a no-op after the end; frees the slot at a stop string or if the client left
+
+    def choice(self, text: str, finish: str | None, chat: bool, delta: bool) -> dict[str, Any]:
+        """The choice object of a chunk (``delta``) or of the whole reply."""
+        logprobs = self.layout.take() if self.layout is not None else None  # the tokens since the last chunk's
+        if not chat:
+            return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        key = "delta" if delta else "message"
+        return {"index": self.index, key: {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": finish}
 
 
 def chat_prompt(messages: list[Message]) -> str:
@@ -275,84 +331,71 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
         return ids
 
     async def run(ids: list[int], body: _Sampling, chat: bool, http: Request) -> Any:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int | None, str | None, TokenLogprobs | None]] = asyncio.Queue()
-
-        def emit(token: int | None, finish: str | None) -> None:
-            # (Read here, on the engine's thread: the next token replaces it.)
-            info = request.logprobs if token is not None else None
-            loop.call_soon_threadsafe(events.put_nowait, (token, finish, info))
-
         max_new = _max_new_tokens(body, max_tokens_limit)
         # A chat reply ends at its line break, where the transcript's next "User:" turn would begin
         # (as `retnet chat`'s replies do).
         stops = _stops(body) + (["\n"] if chat else [])
         _unsupported(body)
+        if body.n > max_batch:
+            raise BadRequest(f"n: at most {max_batch} on this server (its batch), got {body.n}", "n")
         top = _top_logprobs(body)
-        layout = LogprobsLayout(tokenizer, chat) if top is not None else None
+        bias = _logit_bias(body, vocab)
         seed = body.seed if body.seed is not None else random.getrandbits(63)
-        request = EngineRequest(ids, max_new, emit, body.temperature, body.top_p, body.top_k, seed, eos,
-                                logit_bias=_logit_bias(body, vocab), presence_penalty=body.presence_penalty or 0.0,
-                                frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=top)
+
+        def maker(index: int) -> Any:
+            # Choice i samples from seed + i (modulo 2**64, as torch reads a seed): n choices differ,
+            # and choice 0 is what the request gets with n 1.
+            return lambda emit: EngineRequest(
+                ids, max_new, emit, body.temperature, body.top_p, body.top_k, (seed + index) % 2**64, eos,
+                logit_bias=bias, presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=top)
+
+        choices = [_Choice(i, maker(i), tokenizer, eos, stops, LogprobsLayout(tokenizer, chat) if top is not None
+                           else None) for i in range(body.n)]
+        submitted: list[_Choice] = []
         try:
-            engine.submit(request)
-        except QueueFull as err:
-            return _error(503, f"the server is busy: {err}", kind="server_error",
-                          headers={"Retry-After": str(RETRY_AFTER)})
-        except RuntimeError as err:  # the engine's thread died: nothing would answer
-            return _error(503, str(err), kind="server_error")
+            for c in choices:
+                engine.submit(c.request)
+                submitted.append(c)
+        except (QueueFull, RuntimeError) as err:
+            for c in submitted:  # all or nothing: the ones queued leave at their turn
+                c.request.cancel()
+            if isinstance(err, QueueFull):
+                return _error(503, f"the server is busy: {err}", kind="server_error",
+                              headers={"Retry-After": str(RETRY_AFTER)})
+            return _error(503, str(err), kind="server_error")  # the engine's thread died: nothing would answer
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        generated = 0
 
         def usage() -> dict[str, int]:
+            generated = sum(c.generated for c in choices)
             return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
-
-        async def pieces() -> AsyncIterator[tuple[str, str | None]]:
-            nonlocal generated
-            decoder, cut = StreamDecoder(tokenizer), StopText(stops)
-            decoded = 0  # characters the tokens so far decoded to (a token's text offset)
-            try:
-                while True:
-                    token, finish, info = await events.get()
-                    if finish is not None:
-                        text = cut.push(decoder.flush())
-                        yield text if cut.stopped else text + cut.flush(), "stop" if cut.stopped else finish
-                        return
-                    assert token is not None
-                    generated += 1
-                    if token == eos:  # it ends the text and is none of it; the engine's "stop" follows
-                        continue
-                    if layout is not None and info is not None:
-                        layout.add(info, decoded)
-                    piece = decoder.push(token)
-                    decoded += len(piece)
-                    text = cut.push(piece)
-                    if cut.stopped:
-                        yield text, "stop"
-                        return
-                    yield text, None
-            finally:
-                request.cancel()  # a no-op after the end; frees the slot at a stop string or if the client left
-
-        def choice(text: str, finish: str | None, delta: bool) -> dict[str, Any]:
-            logprobs = layout.take() if layout is not None else None  # the tokens since the last chunk's
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-            key = "delta" if delta else "message"
-            return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": logprobs,
-                    "finish_reason": finish}
 
         if body.stream:
             async def sse() -> AsyncIterator[str]:
-                async for text, finish in pieces():
-                    if finish is not None and finish.startswith("error"):
-                        yield f"data: {json.dumps({'error': {'message': finish}})}\n\n"
-                        return
-                    chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
-                             "model": name, "choices": [choice(text, finish, True)]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                # Each choice's pieces as they come, one chunk each (its index in it).
+                merged: asyncio.Queue[tuple[_Choice, str, str | None]] = asyncio.Queue()
+
+                async def pump(c: _Choice) -> None:
+                    async for text, finish in c.pieces():
+                        await merged.put((c, text, finish))
+
+                tasks = [asyncio.create_task(pump(c)) for c in choices]
+                try:
+                    ended = 0
+                    while ended < len(choices):
+                        c, text, finish = await merged.get()
+                        if finish is not None and finish.startswith("error"):
+                            yield f"data: {json.dumps({'error': {'message': finish}})}\n\n"
+                            return
+                        chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
+                                 "model": name, "choices": [c.choice(text, finish, chat, True)]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                        ended += finish is not None
+                finally:  # the client left, or an error: every choice's request is cancelled
+                    for task in tasks:
+                        task.cancel()
                 if body.stream_options is not None and body.stream_options.include_usage:
                     chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
                              "model": name, "choices": [], "usage": usage()}
@@ -361,22 +404,28 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
 
             return StreamingResponse(sse(), media_type="text/event-stream")
 
-        parts: list[str] = []
-        reason = "length"
-        # Nothing else tells a non-streaming endpoint that its client left (Starlette's streaming
-        # response watches for that itself): without this, its slot would stay taken to max_tokens.
-        watcher = asyncio.create_task(_cancel_on_disconnect(http, request))
-        try:
-            async for text, finish in pieces():
+        async def whole(c: _Choice) -> tuple[str, str]:
+            parts: list[str] = []
+            reason = "length"
+            async for text, finish in c.pieces():
                 parts.append(text)
                 if finish is not None:
                     reason = finish
+            return "".join(parts), reason
+
+        # Nothing else tells a non-streaming endpoint that its client left (Starlette's streaming
+        # response watches for that itself): without this, its slots would stay taken to max_tokens.
+        watcher = asyncio.create_task(_cancel_on_disconnect(http, [c.request for c in choices]))
+        try:
+            replies = await asyncio.gather(*(whole(c) for c in choices))
         finally:
             watcher.cancel()
-        if reason.startswith("error"):
-            return JSONResponse(status_code=500, content={"error": {"message": reason, "type": "server_error"}})
+        errors = [reason for _, reason in replies if reason.startswith("error")]
+        if errors:
+            return JSONResponse(status_code=500, content={"error": {"message": errors[0], "type": "server_error"}})
         return {"id": ident, "object": kind, "created": created, "model": name,
-                "choices": [choice("".join(parts), reason, False)],
+                "choices": [c.choice(text, reason, chat, False) for c, (text, reason) in zip(choices, replies,
+                                                                                            strict=True)],
                 "usage": usage()}
 
     @app.post("/v1/completions")
