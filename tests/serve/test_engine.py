@@ -197,6 +197,36 @@ def test_bad_bias_or_penalty_fails_its_request_alone(model: RetNet) -> None:
     assert outs[-1].finish == "length" and len(outs[-1].tokens) == 2
 
 
+def test_prompt_logprobs_score_every_prompt_token_across_pieces(model: RetNet) -> None:
+    """A prompt scored (``echo`` with logprobs) goes through the prefill route in pieces, short or
+    long, and its entries are the log-softmax of the model's logits at the position before each
+    token; the tokens generated after it are what the request gets without scoring."""
+    engine = Engine(model, max_batch=2, prefill_from=8, prefill_piece=16)
+    ids = [_prompt(40, 4), _prompt(5, 5)]
+    specs = [{"ids": p, "max_tokens": 4, "temperature": 0.0, "prompt_logprobs": 3} for p in ids]
+    requests = []
+    try:
+        outs = [Collect() for _ in specs]
+        for spec, out in zip(specs, outs, strict=True):
+            requests.append(Request(emit=out, **spec))
+            engine.submit(requests[-1])
+        engine.start()
+        for out in outs:
+            assert out.done.wait(TIMEOUT)
+        plain = _run(engine, [{k: v for k, v in spec.items() if k != "prompt_logprobs"} for spec in specs])
+    finally:
+        engine.stop()
+    for prompt, request, out, alone in zip(ids, requests, outs, plain, strict=True):
+        assert out.tokens == alone.tokens
+        with torch.inference_mode():
+            want = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), dim=-1)
+        entries = request.prompt_entries
+        assert entries is not None and [e.token for e in entries] == prompt[1:]
+        for i, e in enumerate(entries):
+            assert e.logprob is not None and abs(e.logprob - float(want[i, prompt[i + 1]])) < 1e-4
+            assert [t for t, _ in e.top] == torch.topk(want[i], 3).indices.tolist()
+
+
 class Gated:
     """``model`` whose prefill and batched step wait, the first time each runs, for the test."""
 

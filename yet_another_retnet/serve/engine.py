@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs, token_logprobs
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs, prompt_logprobs, token_logprobs
 from .sampling import adjust_logits, pick_token
 
 #: ``emit(token, finish_reason)``: a token (``finish_reason`` ``None``), or the end (``token`` ``None``,
@@ -83,11 +83,16 @@ class Request:
     # With a number: each token's log-probability and that many alternatives' (.logprobs), set on
     # the request just before its token is emitted.
     top_logprobs: int | None = None
+    # With a number: the prompt's tokens' log-probabilities too (each from the positions before it,
+    # that many alternatives), in .prompt_entries before the first token is emitted. Such a prompt
+    # is prefilled with its logits (the prefill route, whatever its length).
+    prompt_logprobs: int | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     # Filled in by the engine.
     generated: int = 0
     counts: dict[int, int] = field(default_factory=dict)  # times each token was generated
     logprobs: TokenLogprobs | None = None  # the token being emitted's (with top_logprobs)
+    prompt_entries: list[TokenLogprobs] | None = None  # the prompt's tokens after the first (prompt_logprobs)
     next_token: int = 0
     logits: Tensor | None = None
     generator: torch.Generator | None = None
@@ -228,7 +233,10 @@ class Engine:
             try:
                 self._check(request)
                 request.generator = torch.Generator(device=self.model.device).manual_seed(request.seed)
-                if len(request.ids) > max(self.prefill_from, 1):  # something to prefill
+                if request.prompt_logprobs is not None:
+                    request.prompt_entries = []  # filled piece by piece as the prompt is prefilled
+                scored = request.prompt_logprobs is not None and len(request.ids) > 1
+                if len(request.ids) > max(self.prefill_from, 1) or scored:  # something to prefill
                     self._prefilling.append(request)
                 else:
                     self._join(request, self._blank_state())
@@ -255,9 +263,11 @@ class Engine:
                 raise ValueError(f"logit_bias: token ids must lie in [0, {vocab}), got {token!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias: biases must be in [-100, 100], got {bias} for token {token}")
-        top = request.top_logprobs
-        if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
-            raise ValueError(f"top_logprobs must be an int in [0, {MAX_TOP_LOGPROBS}] or None, got {top!r}")
+        for name in ("top_logprobs", "prompt_logprobs"):
+            top = getattr(request, name)
+            if top is not None and (isinstance(top, bool) or not isinstance(top, int)
+                                    or not 0 <= top <= MAX_TOP_LOGPROBS):
+                raise ValueError(f"{name} must be an int in [0, {MAX_TOP_LOGPROBS}] or None, got {top!r}")
 
     def _blank_state(self) -> Any:
         if self._blank is None:
@@ -281,7 +291,14 @@ class Engine:
             try:
                 with torch.inference_mode():
                     piece = torch.tensor([request.ids[request.read:end]], device=self.model.device)
-                    request.prefix_state = self.model.prefill(piece, state=request.prefix_state).state
+                    if request.prompt_logprobs is None:
+                        request.prefix_state = self.model.prefill(piece, state=request.prefix_state).state
+                    else:  # every position's logits: they score the prompt's next tokens
+                        out = self.model(piece, state=request.prefix_state)
+                        request.prefix_state = out.state
+                        assert request.prompt_entries is not None
+                        request.prompt_entries += prompt_logprobs(out.logits[0], request.ids[request.read + 1:end + 1],
+                                                                  request.prompt_logprobs)
             except Exception as err:  # this request alone
                 self._prefilling.pop(0)
                 self._emit(request, None, _error(err))

@@ -11,8 +11,12 @@ The server lays them out in the two shapes of the API (:class:`LogprobsLayout`):
 * chat (``logprobs: true``, ``top_logprobs: N``, 0 to 20): ``{"content": [{"token", "logprob",
   "bytes", "top_logprobs": [...]}]}``.
 
-A token's text is its decoding alone (a byte of an unfinished character decodes to U+FFFD;
-``bytes`` are the token's own bytes for the byte tokenizer, the UTF-8 of its text otherwise). The
+With completions' ``echo`` the prompt's tokens come first (:func:`prompt_logprobs`: each scored by
+the logits of the position before it; the first, which nothing predicts, has a null logprob).
+
+A token's text is its decoding alone; with the byte tokenizer, a byte of a longer character is
+named ``bytes:\\xNN`` as OpenAI names such tokens. ``bytes`` are the token's own bytes for the
+byte tokenizer, the UTF-8 of its text otherwise (U+FFFD's for part of a character). The
 end-of-sequence token, which ends the text and is none of it, gets no entry; the tokens of a stop
 string that ends the text get theirs (their text is cut). A token's ``text_offset`` counts the
 characters the tokens before it decoded to.
@@ -34,11 +38,11 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass(frozen=True)
 class TokenLogprobs:
-    """One generated token: its id and log-probability, and the ``top`` most likely ids with
-    theirs (most likely first)."""
+    """One token: its id and log-probability (``None`` for a prompt's first token, which nothing
+    predicts), and the ``top`` most likely ids with theirs (most likely first)."""
 
     token: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...]
 
 
@@ -50,13 +54,28 @@ def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprobs:
     return TokenLogprobs(int(token), float(logp[token]), pairs)
 
 
+def prompt_logprobs(logits: Tensor, following: list[int], top: int) -> list[TokenLogprobs]:
+    """Each of ``following`` scored by the logits ``(positions, vocab)`` of the position before it
+    (``echo`` with ``logprobs``: a prompt's tokens after its first)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(following)), torch.tensor(following)].tolist()
+    best = torch.topk(logp, min(top, logp.shape[-1]), dim=-1) if top > 0 else None
+    entries = []
+    for i, (token, value) in enumerate(zip(following, chosen, strict=True)):
+        pairs = () if best is None else tuple(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True))
+        entries.append(TokenLogprobs(token, value, pairs))
+    return entries
+
+
 def token_piece(tokenizer: Any, token: int) -> tuple[str, list[int]]:
     """``(text, bytes)`` of one token decoded alone."""
     from ..training.data import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
         raw = bytes([token]) if 0 <= token < 256 else b""
-        return raw.decode("utf-8", errors="replace"), list(raw)
+        # A byte of a longer character is no text alone: named as OpenAI names such tokens, so that
+        # alternatives do not all read U+FFFD (and merge in completions' top_logprobs).
+        return (f"bytes:\\x{token:02x}" if raw and raw[0] >= 0x80 else raw.decode("utf-8")), list(raw)
     text = tokenizer.decode([token])
     return text, list(text.encode("utf-8"))
 
@@ -80,7 +99,8 @@ class LogprobsLayout:
             return {"content": [self._chat_entry(e) for e, _ in entries]}
         texts = [token_piece(self.tokenizer, e.token)[0] for e, _ in entries]
         return {"tokens": texts, "token_logprobs": [e.logprob for e, _ in entries],
-                "top_logprobs": [{token_piece(self.tokenizer, t)[0]: lp for t, lp in e.top} for e, _ in entries],
+                "top_logprobs": [None if e.logprob is None else {token_piece(self.tokenizer, t)[0]: lp for t, lp in e.top}
+                                 for e, _ in entries],
                 "text_offset": [offset for _, offset in entries]}
 
     def _chat_entry(self, entry: TokenLogprobs) -> dict[str, Any]:

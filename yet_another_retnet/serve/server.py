@@ -8,10 +8,11 @@ server-sent events, one chunk per piece of text and ``data: [DONE]`` at the end.
 the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``).
 ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` adjust each request's logits as
 OpenAI's API defines them; ``logprobs`` (and chat's ``top_logprobs``) return each token's
-log-probability (:mod:`.logprobs`); ``n`` choices run as requests of their own (seeds ``seed +
-i``). A client that disconnects, streaming or not, frees its slots at the next step. A malformed
-request, or one with a field this server does not know or support, gets a 400 whose
-``error.message`` names the field; a full queue gets a 503 with ``Retry-After``.
+log-probability (:mod:`.logprobs`; with ``echo``, the prompt's tokens' too); ``n`` choices run as
+requests of their own (seeds ``seed + i``). A client that disconnects, streaming or not, frees its
+slots at the next step. A malformed request, or one with a field this server does not know or
+support, gets a 400 whose ``error.message`` names the field; a full queue gets a 503 with
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str
-    # Known but not implemented: accepted at its default only (null, false), refused otherwise.
+    # The prompt's text before the completion's (and with logprobs, its tokens' entries first: the
+    # first token's logprob null, each other's from the positions before it).
     echo: bool | None = None
 
 
@@ -105,13 +107,6 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
            headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(status_code=status, headers=headers, content={
         "error": {"message": message, "type": kind, "param": param, "code": None}})
-
-
-def _unsupported(body: _Sampling) -> None:
-    """A 400 for a field this server knows but does not implement, set to anything but its default."""
-    value = getattr(body, "echo", None)
-    if not (value is None or value is False):
-        raise BadRequest("echo: not supported by this server (leave it out, or null)", "echo")
 
 
 def _top_logprobs(body: _Sampling) -> int | None:
@@ -214,8 +209,9 @@ class _Choice:
     the tokens its ``emit`` hands over from the engine's thread, and the text they make."""
 
     def __init__(self, index: int, make_request: Any, tokenizer: Any, eos: int | None, stops: list[str],
-                 layout: LogprobsLayout | None) -> None:
+                 layout: LogprobsLayout | None, echo: str | None = None) -> None:
         self.index, self.tokenizer, self.eos, self.stops, self.layout = index, tokenizer, eos, stops, layout
+        self.echo = echo  # the prompt's text, sent before the completion's (completions' echo)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int | None, str | None, TokenLogprobs | None]] = asyncio.Queue()
         self.generated = 0
@@ -230,9 +226,17 @@ class _Choice:
         """``(text, finish_reason)`` as the tokens come; the last one has a finish reason."""
         decoder, cut = StreamDecoder(self.tokenizer), StopText(self.stops)
         decoded = 0  # characters the tokens so far decoded to (a token's text offset)
+        echoed = self.echo is None
         try:
             while True:
                 token, finish, info = await self.events.get()
+                if not echoed:  # at the first event the engine has scored the prompt, if asked
+                    echoed = True
+                    assert self.echo is not None
+                    self._prompt_entries()
+                    decoded = len(self.echo)
+                    if finish is None or not finish.startswith("error"):
+                        yield self.echo, None
                 if finish is not None:
                     text = cut.push(decoder.flush())
                     yield text if cut.stopped else text + cut.flush(), "stop" if cut.stopped else finish
@@ -252,6 +256,18 @@ class _Choice:
                 yield text, None
         finally:
             self.request.cancel()  # a no-op after the end; frees the slot at a stop string or if the client left
+
+    def _prompt_entries(self) -> None:
+        """The prompt's tokens into the logprobs, when they were asked and scored: the first with no
+        logprob, each other with the engine's entry; offsets from their own decoding."""
+        entries = self.request.prompt_entries
+        ids = self.request.ids
+        if self.layout is None or entries is None or len(entries) != len(ids) - 1:
+            return
+        decoder, at = StreamDecoder(self.tokenizer), 0
+        for i, token in enumerate(ids):
+            self.layout.add(TokenLogprobs(token, None, ()) if i == 0 else entries[i - 1], at)
+            at += len(decoder.push(token))
 
     def choice(self, text: str, finish: str | None, chat: bool, delta: bool) -> dict[str, Any]:
         """The choice object of a chunk (``delta``) or of the whole reply."""
@@ -335,7 +351,6 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
         # A chat reply ends at its line break, where the transcript's next "User:" turn would begin
         # (as `retnet chat`'s replies do).
         stops = _stops(body) + (["\n"] if chat else [])
-        _unsupported(body)
         if body.n > max_batch:
             raise BadRequest(f"n: at most {max_batch} on this server (its batch), got {body.n}", "n")
         top = _top_logprobs(body)
@@ -348,10 +363,12 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
             return lambda emit: EngineRequest(
                 ids, max_new, emit, body.temperature, body.top_p, body.top_k, (seed + index) % 2**64, eos,
                 logit_bias=bias, presence_penalty=body.presence_penalty or 0.0,
-                frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=top)
+                frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=top,
+                prompt_logprobs=top if echo is not None else None)
 
+        echo = body.prompt if isinstance(body, CompletionRequest) and body.echo else None
         choices = [_Choice(i, maker(i), tokenizer, eos, stops, LogprobsLayout(tokenizer, chat) if top is not None
-                           else None) for i in range(body.n)]
+                           else None, echo) for i in range(body.n)]
         submitted: list[_Choice] = []
         try:
             for c in choices:
