@@ -572,6 +572,31 @@ def test_echo_returns_the_prompt_and_scores_its_tokens(served: Any, model_dir: P
     assert offsets == list(range(len(ids) + 1))
 
 
+def test_prompts_of_token_ids_and_several_prompts(server: str) -> None:
+    """OpenAI's other prompt forms: token ids (what a client with the model's tokenizer sends,
+    lm-eval's completions models among them), and a list of prompts, each with its n choices
+    (index = prompt * n + choice), each what it gets alone."""
+    httpx = pytest.importorskip("httpx")
+    base = {"max_tokens": 6, "temperature": 0.8, "seed": 3}
+    with httpx.Client(base_url=server, timeout=60) as client:
+        def texts(body: dict[str, Any]) -> list[str]:
+            r = client.post("/v1/completions", json={**base, **body})
+            assert r.status_code == 200, r.text
+            return [c["text"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+
+        alone = {p: texts({"prompt": p, "n": 2}) for p in ("first ", "second one ")}
+        assert texts({"prompt": list(b"first "), "n": 2}) == alone["first "]
+        assert texts({"prompt": ["first ", "second one "], "n": 2}) == alone["first "] + alone["second one "]
+        assert texts({"prompt": [list(b"second one "), list(b"first ")]}) == [alone["second one "][0],
+                                                                              alone["first "][0]]
+        r = client.post("/v1/completions", json={**base, "prompt": list(b"echo"), "echo": True})
+        assert r.json()["choices"][0]["text"].startswith("echo")
+        for prompt, field in (([], "prompt"), ([1, 999], "prompt"), ([[1], []], "prompt[1]"),
+                              ([["a"]], "prompt"), ([1, "a"], "prompt"), (["a"] * 17, "prompt")):
+            r = client.post("/v1/completions", json={**base, "prompt": prompt})
+            assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), (prompt, r.text)
+
+
 def test_unknown_and_unsupported_fields_are_refused(server: str) -> None:
     """A field this server does not know (a typo) or does not implement, set to anything but its
     default, or set out of its range, is a 400 naming it, not a 200 that ignores what was asked."""

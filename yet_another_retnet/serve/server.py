@@ -1,11 +1,12 @@
 """``retnet serve``: an HTTP API in the shape of OpenAI's completions and chat completions, on
 FastAPI/Starlette (the ``[serve]`` extra), decoding concurrent requests together (:mod:`.engine`).
 
-Endpoints: ``POST /v1/completions`` (``prompt``), ``POST /v1/chat/completions`` (``messages``, laid
-out as the ``User:``/``Assistant:`` transcript of :mod:`.chat`; a reply ends at its line break),
-``GET /v1/models``, ``GET /health`` (requests in flight and waiting). ``"stream": true`` sends
-server-sent events, one chunk per piece of text and ``data: [DONE]`` at the end. Generation stops at
-the tokenizer's end-of-sequence token and at the ``stop`` strings (``finish_reason`` ``"stop"``).
+Endpoints: ``POST /v1/completions`` (``prompt``: a text, token ids, or a list of either), ``POST
+/v1/chat/completions`` (``messages``, laid out as the ``User:``/``Assistant:`` transcript of
+:mod:`.chat`; a reply ends at its line break), ``GET /v1/models``, ``GET /health`` (requests in
+flight and waiting). ``"stream": true`` sends server-sent events, one chunk per piece of text and
+``data: [DONE]`` at the end. Generation stops at the tokenizer's end-of-sequence token and at the
+``stop`` strings (``finish_reason`` ``"stop"``).
 ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` adjust each request's logits as
 OpenAI's API defines them; ``logprobs`` (and chat's ``top_logprobs``) return each token's
 log-probability (:mod:`.logprobs`; with ``echo``, the prompt's tokens' too); ``n`` choices run as
@@ -24,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -81,7 +82,8 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str
+    # A text, token ids, or several of either (each its own choices, index = prompt * n + choice).
+    prompt: str | list[int] | list[str] | list[list[int]]
     # The prompt's text before the completion's (and with logprobs, its tokens' entries first: the
     # first token's logprob null, each other's from the positions before it).
     echo: bool | None = None
@@ -346,29 +348,57 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
                              f"{max_prompt_tokens}", field_name)
         return ids
 
-    async def run(ids: list[int], body: _Sampling, chat: bool, http: Request) -> Any:
+    def token_prompt(ids: list[int], field_name: str) -> tuple[list[int], str]:
+        """A prompt of token ids (as the client's tokenizer made them: no BOS added) and its text."""
+        if not ids:
+            raise BadRequest(f"{field_name}: must hold at least one token", field_name)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise BadRequest(f"{field_name}: token ids must lie in [0, {vocab})", field_name)
+        if len(ids) > max_prompt_tokens:
+            raise BadRequest(f"{field_name}: {len(ids)} tokens, more than this server's limit of "
+                             f"{max_prompt_tokens}", field_name)
+        return list(ids), tokenizer.decode(list(ids))
+
+    def completion_prompts(body: CompletionRequest) -> list[tuple[list[int], str]]:
+        """``(ids, text)`` of each prompt of a completions request."""
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            return [(encode(prompt, "prompt"), prompt)]
+        if not prompt:
+            raise BadRequest("prompt: an empty list", "prompt")
+        if all(isinstance(t, int) for t in prompt):
+            return [token_prompt(cast(list[int], prompt), "prompt")]
+        prompts: list[tuple[list[int], str]] = []
+        for i, p in enumerate(cast(list[str | list[int]], prompt)):
+            prompts.append((encode(p, f"prompt[{i}]"), p) if isinstance(p, str) else token_prompt(p, f"prompt[{i}]"))
+        return prompts
+
+    async def run(prompts: list[tuple[list[int], str]], body: _Sampling, chat: bool, http: Request) -> Any:
         max_new = _max_new_tokens(body, max_tokens_limit)
         # A chat reply ends at its line break, where the transcript's next "User:" turn would begin
         # (as `retnet chat`'s replies do).
         stops = _stops(body) + (["\n"] if chat else [])
-        if body.n > max_batch:
-            raise BadRequest(f"n: at most {max_batch} on this server (its batch), got {body.n}", "n")
+        if len(prompts) * body.n > max_batch:
+            field_name = "n" if len(prompts) == 1 else "prompt"
+            raise BadRequest(f"{field_name}: at most {max_batch} choices on this server (its batch), got "
+                             f"{len(prompts)} prompt(s) x n {body.n}", field_name)
         top = _top_logprobs(body)
         bias = _logit_bias(body, vocab)
         seed = body.seed if body.seed is not None else random.getrandbits(63)
+        echo = isinstance(body, CompletionRequest) and bool(body.echo)
 
-        def maker(index: int) -> Any:
-            # Choice i samples from seed + i (modulo 2**64, as torch reads a seed): n choices differ,
-            # and choice 0 is what the request gets with n 1.
+        def maker(ids: list[int], index: int) -> Any:
+            # Choice i of a prompt samples from seed + i (modulo 2**64, as torch reads a seed): n
+            # choices differ, and choice 0 is what the request gets with n 1.
             return lambda emit: EngineRequest(
                 ids, max_new, emit, body.temperature, body.top_p, body.top_k, (seed + index) % 2**64, eos,
                 logit_bias=bias, presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=top,
-                prompt_logprobs=top if echo is not None else None)
+                prompt_logprobs=top if echo else None)
 
-        echo = body.prompt if isinstance(body, CompletionRequest) and body.echo else None
-        choices = [_Choice(i, maker(i), tokenizer, eos, stops, LogprobsLayout(tokenizer, chat) if top is not None
-                           else None, echo) for i in range(body.n)]
+        choices = [_Choice(p * body.n + i, maker(ids, i), tokenizer, eos, stops,
+                           LogprobsLayout(tokenizer, chat) if top is not None else None, text if echo else None)
+                   for p, (ids, text) in enumerate(prompts) for i in range(body.n)]
         submitted: list[_Choice] = []
         try:
             for c in choices:
@@ -387,7 +417,8 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
 
         def usage() -> dict[str, int]:
             generated = sum(c.generated for c in choices)
-            return {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
+            read = sum(len(ids) for ids, _ in prompts)
+            return {"prompt_tokens": read, "completion_tokens": generated, "total_tokens": read + generated}
 
         if body.stream:
             async def sse() -> AsyncIterator[str]:
@@ -447,10 +478,11 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request) -> Any:
-        return await run(encode(body.prompt, "prompt"), body, False, http)
+        return await run(completion_prompts(body), body, False, http)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http: Request) -> Any:
-        return await run(encode(chat_prompt(body.messages), "messages"), body, True, http)
+        text = chat_prompt(body.messages)
+        return await run([(encode(text, "messages"), text)], body, True, http)
 
     return app
