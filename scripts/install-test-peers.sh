@@ -4,7 +4,8 @@
 #   would pull torchvision; the tests shim the one timm function torchscale imports);
 # - Hugging Face transformers, the KV-cache Transformer baseline of the benchmarks, and what
 #   yet_another_retnet.hf is tested against (with accelerate, which its Trainer needs);
-# - lm-evaluation-harness, which `retnet eval --tasks` runs; pyarrow, datasets, TensorBoard, W&B;
+# - lm-evaluation-harness, which `retnet eval --tasks` runs (with its [api] extra: its OpenAI-completions
+#   model is run against `retnet serve`); pyarrow, datasets, TensorBoard, W&B;
 # - flash-linear-attention 0.6.0, whose own RetNet the fla checkpoint tests compare against (it
 #   needs transformers >= 5.6.2 and imports triton);
 # - triton, whose interpreter runs our GPU kernels on CPU in tests/ops/triton/test_triton_interpreter.py.
@@ -17,7 +18,7 @@ pip_install() { python -m pip install --quiet --disable-pip-version-check -c "$c
 pip_install --no-deps "torchscale==0.3.0" "fairscale==0.4.13"
 pip_install "transformers>=5.6.2,<6" "accelerate>=1.1.0" "triton>=3.3" "einops"
 pip_install "flash-linear-attention==0.6.0" "fla-core==0.6.0"
-pip_install "lm-eval>=0.4.5"
+pip_install "lm-eval[api]>=0.4.5"
 # retnet prepare's parquet / datasets sources and --log-to tensorboard,wandb (the [data] and
 # [logging] extras).
 pip_install "pyarrow>=12" "datasets>=2.14" "tensorboard>=2.14" "wandb>=0.16"

@@ -731,3 +731,47 @@ def test_chat_and_serve_check_their_flags(argv: list[str], flag: str, model_dir:
     assert main([argv[0], str(model_dir), *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and flag in err, err
+
+
+def test_lm_evals_completions_model_scores_and_generates_through_the_server(tmp_path: Path) -> None:
+    """lm-eval's own OpenAI-completions model (``local-completions``) against ``retnet serve``:
+    it tokenizes with the model's tokenizer (transformers loads it from the directory), sends
+    token ids with ``echo`` and ``logprobs``, and reads the continuation's scores out of the
+    prompt's entries. Its log-likelihoods and greedy flags equal the model's own (computed here
+    by hand); its generation, with a stop word, is the model's greedy text cut there."""
+    pytest.importorskip("lm_eval")
+    tokenizers = pytest.importorskip("tokenizers")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from yet_another_retnet.serve.server import build_app
+    from yet_another_retnet.training.data import HFTokenizer
+
+    words = {f"w{i}": i for i in range(32)} | {"</s>": 32}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.decoder = tokenizers.decoders.WordPiece(prefix="##")  # words joined by spaces
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = HFTokenizer(tmp_path / "tokenizer.json")
+    ours.save(tmp_path)  # tokenizer_config.json: what transformers' AutoTokenizer reads
+    torch.manual_seed(1)
+    model = RetNet(RetNetConfig.from_preset("tiny", num_layers=2, vocab_size=33, init_std=0.2,
+                                            tie_embeddings=False)).eval()
+    pairs = [("w1 w2 w3", " w4 w5"), ("w7", " w7 w7 w7"), ("w3 w9 w12 w3", " w30")]
+    with _serving(build_app(model, ours, max_batch=4)) as app:
+        lm = LocalCompletionsAPI(base_url=f"{app.state.url}/v1/completions", model="retnet",
+                                 tokenizer_backend="huggingface", tokenizer=str(tmp_path), tokenized_requests=True,
+                                 max_retries=1)
+        scored = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+        generated = lm.generate_until([Instance("generate_until", {}, ("w1 w2", {"until": ["w5"], "max_gen_toks": 8}),
+                                                0)])
+    for (context, continuation), (logprob, greedy) in zip(pairs, scored, strict=True):
+        ctx, cont = ours.encode(context), ours.encode(continuation)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ctx + cont])).logits[0].float(), dim=-1)
+        rows = logp[len(ctx) - 1:-1]
+        assert abs(logprob - float(rows[torch.arange(len(cont)), torch.tensor(cont)].sum())) < 1e-3
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
+    out = model.generate(torch.tensor([ours.encode("w1 w2")]), 8)[0, 2:].tolist()
+    text = ours.decode(out)
+    assert generated == [text.split("w5")[0]]
