@@ -500,7 +500,8 @@ def test_logprobs_are_the_models_own(served: Any, model_dir: Path, stream: bool)
 def test_n_choices_are_the_requests_of_their_seeds(server: str) -> None:
     """``n`` choices, streamed or not: choice i is what a request of its own with seed + i gets
     (with logprobs too), each chunk names its choice, the usage counts them all; a client leaving
-    a stream of several choices frees every slot; more choices than the batch is a 400 naming n."""
+    a stream of several choices frees every slot; choices beyond the batch wait for its rows, and
+    more than may wait is a 400 naming the field."""
     httpx = pytest.importorskip("httpx")
     base = {"prompt": "three ways ", "max_tokens": 9, "temperature": 0.9, "seed": 7}
     with httpx.Client(base_url=server, timeout=60) as client:
@@ -528,8 +529,13 @@ def test_n_choices_are_the_requests_of_their_seeds(server: str) -> None:
             assert next(line for line in s.iter_lines() if line.startswith("data: "))
         health = _wait_idle(client)
         assert health["active"] == 0 and health["waiting"] == 0
-        r = client.post("/v1/completions", json={**base, "n": 17})
-        assert r.status_code == 400 and r.json()["error"]["message"].startswith("n: at most 16")
+        # More choices than the batch's 16 rows wait for free ones: all answered, each its seed's.
+        r = client.post("/v1/completions", json={**base, "n": 18, "max_tokens": 3})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 18
+        assert r.json()["choices"][17]["text"] == client.post("/v1/completions", json={
+            **base, "seed": 7 + 17, "max_tokens": 3}).json()["choices"][0]["text"]
+        r = client.post("/v1/completions", json={**base, "prompt": ["a", "b", "c"], "n": 100})
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith("prompt: at most 256")
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -592,7 +598,7 @@ def test_prompts_of_token_ids_and_several_prompts(server: str) -> None:
         r = client.post("/v1/completions", json={**base, "prompt": list(b"echo"), "echo": True})
         assert r.json()["choices"][0]["text"].startswith("echo")
         for prompt, field in (([], "prompt"), ([1, 999], "prompt"), ([[1], []], "prompt[1]"),
-                              ([["a"]], "prompt"), ([1, "a"], "prompt"), (["a"] * 17, "prompt")):
+                              ([["a"]], "prompt"), ([1, "a"], "prompt"), (["a"] * 257, "prompt")):
             r = client.post("/v1/completions", json={**base, "prompt": prompt})
             assert r.status_code == 400 and r.json()["error"]["message"].startswith(field), (prompt, r.text)
 

@@ -10,10 +10,10 @@ flight and waiting). ``"stream": true`` sends server-sent events, one chunk per 
 ``logit_bias``, ``presence_penalty`` and ``frequency_penalty`` adjust each request's logits as
 OpenAI's API defines them; ``logprobs`` (and chat's ``top_logprobs``) return each token's
 log-probability (:mod:`.logprobs`; with ``echo``, the prompt's tokens' too); ``n`` choices run as
-requests of their own (seeds ``seed + i``). A client that disconnects, streaming or not, frees its
-slots at the next step. A malformed request, or one with a field this server does not know or
-support, gets a 400 whose ``error.message`` names the field; a full queue gets a 503 with
-``Retry-After``.
+requests of their own (seeds ``seed + i``; those beyond the batch wait for its rows). A client that
+disconnects, streaming or not, frees its slots at the next step. A malformed request, or one with a
+field this server does not know or support, gets a 400 whose ``error.message`` names the field; a
+full queue gets a 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
-    n: int = Field(1, ge=1, le=128)  # choices, each a request of its own (at most the server's batch)
+    n: int = Field(1, ge=1, le=128)  # choices, each a request of its own (OpenAI's limit: 128)
     stop: str | list[str] | None = None
     stream_options: StreamOptions | None = None
     # An end-user id OpenAI's clients may send (for its abuse monitoring): accepted, not used.
@@ -378,9 +378,9 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
         # A chat reply ends at its line break, where the transcript's next "User:" turn would begin
         # (as `retnet chat`'s replies do).
         stops = _stops(body) + (["\n"] if chat else [])
-        if len(prompts) * body.n > max_batch:
+        if len(prompts) * body.n > max_waiting:  # (more than the batch wait for its free rows)
             field_name = "n" if len(prompts) == 1 else "prompt"
-            raise BadRequest(f"{field_name}: at most {max_batch} choices on this server (its batch), got "
+            raise BadRequest(f"{field_name}: at most {max_waiting} choices on this server (--max-waiting), got "
                              f"{len(prompts)} prompt(s) x n {body.n}", field_name)
         top = _top_logprobs(body)
         bias = _logit_bias(body, vocab)
