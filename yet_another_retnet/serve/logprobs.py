@@ -14,9 +14,10 @@ The server lays them out in the two shapes of the API (:class:`LogprobsLayout`):
 With completions' ``echo`` the prompt's tokens come first (:func:`prompt_logprobs`: each scored by
 the logits of the position before it; the first, which nothing predicts, has a null logprob).
 
-A token's text is its decoding alone; with the byte tokenizer, a byte of a longer character is
-named ``bytes:\\xNN`` as OpenAI names such tokens. ``bytes`` are the token's own bytes for the
-byte tokenizer, the UTF-8 of its text otherwise (U+FFFD's for part of a character). The
+A token's text is its decoding alone. A token that is part of a character (a byte of the byte
+tokenizer, a byte-fallback ``<0xE2>`` token, a byte-level BPE piece) gets its own ``bytes`` and is
+named ``bytes:\\xe2...`` as OpenAI names such tokens; other tokens' ``bytes`` are their text's
+UTF-8 (U+FFFD's for a part of a character in a vocabulary of neither kind). The
 end-of-sequence token, which ends the text and is none of it, gets no entry; the tokens of a stop
 string that ends the text get theirs (their text is cut). A token's ``text_offset`` counts the
 characters the tokens before it decoded to.
@@ -67,16 +68,54 @@ def prompt_logprobs(logits: Tensor, following: list[int], top: int) -> list[Toke
     return entries
 
 
+def _byte_level_table() -> dict[str, int]:
+    """The characters byte-level BPE vocabularies (GPT-2's, and the many after it) write for each
+    byte: the printable ones stand for themselves, the other 68 for 256, 257, ... in byte order."""
+    direct = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in direct]
+    return {chr(b): b for b in direct} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def _own_bytes(piece: str | None) -> bytes | None:
+    """A token's own bytes from its vocabulary string where the decoded text cannot give them (part
+    of a character): a byte-fallback token (``<0xE2>``) or a byte-level BPE piece; else ``None``."""
+    if piece is None:
+        return None
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    if piece and all(c in _BYTE_LEVEL for c in piece):
+        return bytes(_BYTE_LEVEL[c] for c in piece)
+    return None
+
+
+def _named(raw: bytes) -> str:
+    """Text for a token's bytes: their UTF-8 text if they are whole characters, else named as
+    OpenAI names such tokens (``bytes:\\xe2\\x82``), so that alternatives do not all read U+FFFD
+    (and merge in completions' ``top_logprobs``)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
 def token_piece(tokenizer: Any, token: int) -> tuple[str, list[int]]:
     """``(text, bytes)`` of one token decoded alone."""
     from ..training.data import ByteTokenizer
 
     if isinstance(tokenizer, ByteTokenizer):
-        raw = bytes([token]) if 0 <= token < 256 else b""
-        # A byte of a longer character is no text alone: named as OpenAI names such tokens, so that
-        # alternatives do not all read U+FFFD (and merge in completions' top_logprobs).
-        return (f"bytes:\\x{token:02x}" if raw and raw[0] >= 0x80 else raw.decode("utf-8")), list(raw)
+        one = bytes([token]) if 0 <= token < 256 else b""
+        return _named(one), list(one)
     text = tokenizer.decode([token])
+    if "\ufffd" in text and hasattr(tokenizer, "id_to_token"):  # part of a character: its own bytes
+        own = _own_bytes(tokenizer.id_to_token(token))
+        if own is not None:
+            return _named(own), list(own)
     return text, list(text.encode("utf-8"))
 
 

@@ -135,6 +135,11 @@ class HFTokenizer:
             ids = ids.tolist()
         return str(self._tok.decode([int(i) for i in ids], skip_special_tokens=False))
 
+    def id_to_token(self, token: int) -> str | None:
+        """The vocabulary's string for ``token`` (before decoding), or ``None`` if it has none."""
+        found = self._tok.id_to_token(int(token))
+        return None if found is None else str(found)
+
     def save(self, directory: Path) -> None:
         """Copy the JSON file next to the model and record it in ``tokenizer_config.json``."""
         from ..models.checkpoint import atomic_write
