@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs, prompt_logprobs, token_logprobs
+from .logprobs import MAX_TOP_LOGPROBS, TokenLogprobs, score_tokens, token_logprobs
 from .sampling import adjust_logits, pick_token
 
 #: ``emit(token, finish_reason)``: a token (``finish_reason`` ``None``), or the end (``token`` ``None``,
@@ -297,8 +297,8 @@ class Engine:
                         out = self.model(piece, state=request.prefix_state)
                         request.prefix_state = out.state
                         assert request.prompt_entries is not None
-                        request.prompt_entries += prompt_logprobs(out.logits[0], request.ids[request.read + 1:end + 1],
-                                                                  request.prompt_logprobs)
+                        request.prompt_entries += score_tokens(out.logits[0], request.ids[request.read + 1:end + 1],
+                                                               request.prompt_logprobs)
             except Exception as err:  # this request alone
                 self._prefilling.pop(0)
                 self._emit(request, None, _error(err))

@@ -11,7 +11,7 @@ The server lays them out in the two shapes of the API (:class:`LogprobsLayout`):
 * chat (``logprobs: true``, ``top_logprobs: N``, 0 to 20): ``{"content": [{"token", "logprob",
   "bytes", "top_logprobs": [...]}]}``.
 
-With completions' ``echo`` the prompt's tokens come first (:func:`prompt_logprobs`: each scored by
+With completions' ``echo`` the prompt's tokens come first (:func:`score_tokens`: each scored by
 the logits of the position before it; the first, which nothing predicts, has a null logprob).
 
 A token's text is its decoding alone. A token that is part of a character (a byte of the byte
@@ -49,15 +49,12 @@ class TokenLogprobs:
 
 def token_logprobs(logits: Tensor, token: int, top: int) -> TokenLogprobs:
     """``token``'s log-probability under ``logits`` ``(vocab,)`` and the ``top`` best ids'."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(logp, min(top, logp.shape[0])) if top > 0 else None
-    pairs = () if best is None else tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
-    return TokenLogprobs(int(token), float(logp[token]), pairs)
+    return score_tokens(logits[None], [int(token)], top)[0]
 
 
-def prompt_logprobs(logits: Tensor, following: list[int], top: int) -> list[TokenLogprobs]:
-    """Each of ``following`` scored by the logits ``(positions, vocab)`` of the position before it
-    (``echo`` with ``logprobs``: a prompt's tokens after its first)."""
+def score_tokens(logits: Tensor, following: list[int], top: int) -> list[TokenLogprobs]:
+    """Each of ``following`` scored by the logits ``(positions, vocab)`` of the position before it,
+    with the ``top`` best ids' (``echo`` with ``logprobs``: a prompt's tokens after its first)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp[torch.arange(len(following)), torch.tensor(following)].tolist()
     best = torch.topk(logp, min(top, logp.shape[-1]), dim=-1) if top > 0 else None

@@ -210,14 +210,15 @@ class _Choice:
     """One choice of a response (``n`` of them run as requests of their own): its engine request,
     the tokens its ``emit`` hands over from the engine's thread, and the text they make."""
 
-    def __init__(self, index: int, make_request: Any, tokenizer: Any, eos: int | None, stops: list[str],
+    def __init__(self, index: int, settings: dict[str, Any], tokenizer: Any, stops: list[str],
                  layout: LogprobsLayout | None, echo: str | None = None) -> None:
-        self.index, self.tokenizer, self.eos, self.stops, self.layout = index, tokenizer, eos, stops, layout
+        """``settings``: the engine request's fields but ``emit`` (this choice's)."""
+        self.index, self.tokenizer, self.stops, self.layout = index, tokenizer, stops, layout
         self.echo = echo  # the prompt's text, sent before the completion's (completions' echo)
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[tuple[int | None, str | None, TokenLogprobs | None]] = asyncio.Queue()
         self.generated = 0
-        self.request: EngineRequest = make_request(self._emit)
+        self.request = EngineRequest(emit=self._emit, **settings)
 
     def _emit(self, token: int | None, finish: str | None) -> None:
         # (Read here, on the engine's thread: the next token replaces it.)
@@ -245,7 +246,7 @@ class _Choice:
                     return
                 assert token is not None
                 self.generated += 1
-                if token == self.eos:  # it ends the text and is none of it; the engine's "stop" follows
+                if token == self.request.eos_token_id:  # it ends the text and is none of it; "stop" follows
                     continue
                 if self.layout is not None and info is not None:
                     self.layout.add(info, decoded)
@@ -336,28 +337,29 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]}
 
-    def encode(text: str, field_name: str) -> list[int]:
-        ids = list(tokenizer.encode(text))
+    def checked(ids: list[int], field_name: str, beyond: str) -> list[int]:
+        """A prompt's ids: at least one, each in the vocabulary (else ``beyond``), at most
+        ``max_prompt_tokens``."""
         if not ids:
             raise BadRequest(f"{field_name}: must hold at least one token", field_name)
-        ids = with_bos(tokenizer, ids)  # as `retnet generate`: a pretrained model's prompts start with <s>
-        if max(ids) >= vocab:
-            raise BadRequest(f"{field_name}: the tokenizer gave ids beyond the model's vocabulary", field_name)
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise BadRequest(f"{field_name}: {beyond}", field_name)
         if len(ids) > max_prompt_tokens:
             raise BadRequest(f"{field_name}: {len(ids)} tokens, more than this server's limit of "
                              f"{max_prompt_tokens}", field_name)
         return ids
 
+    def encode(text: str, field_name: str) -> list[int]:
+        ids = list(tokenizer.encode(text))
+        if not ids:  # (checked before the BOS: a BOS alone is no prompt)
+            raise BadRequest(f"{field_name}: must hold at least one token", field_name)
+        # As `retnet generate`: a pretrained model's prompts start with <s>.
+        return checked(with_bos(tokenizer, ids), field_name, "the tokenizer gave ids beyond the model's vocabulary")
+
     def token_prompt(ids: list[int], field_name: str) -> tuple[list[int], str]:
         """A prompt of token ids (as the client's tokenizer made them: no BOS added) and its text."""
-        if not ids:
-            raise BadRequest(f"{field_name}: must hold at least one token", field_name)
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise BadRequest(f"{field_name}: token ids must lie in [0, {vocab})", field_name)
-        if len(ids) > max_prompt_tokens:
-            raise BadRequest(f"{field_name}: {len(ids)} tokens, more than this server's limit of "
-                             f"{max_prompt_tokens}", field_name)
-        return list(ids), tokenizer.decode(list(ids))
+        ids = checked(list(ids), field_name, f"token ids must lie in [0, {vocab})")
+        return ids, tokenizer.decode(ids)
 
     def completion_prompts(body: CompletionRequest) -> list[tuple[list[int], str]]:
         """``(ids, text)`` of each prompt of a completions request."""
@@ -386,17 +388,13 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
         bias = _logit_bias(body, vocab)
         seed = body.seed if body.seed is not None else random.getrandbits(63)
         echo = isinstance(body, CompletionRequest) and bool(body.echo)
-
-        def maker(ids: list[int], index: int) -> Any:
-            # Choice i of a prompt samples from seed + i (modulo 2**64, as torch reads a seed): n
-            # choices differ, and choice 0 is what the request gets with n 1.
-            return lambda emit: EngineRequest(
-                ids, max_new, emit, body.temperature, body.top_p, body.top_k, (seed + index) % 2**64, eos,
-                logit_bias=bias, presence_penalty=body.presence_penalty or 0.0,
-                frequency_penalty=body.frequency_penalty or 0.0, top_logprobs=top,
-                prompt_logprobs=top if echo else None)
-
-        choices = [_Choice(p * body.n + i, maker(ids, i), tokenizer, eos, stops,
+        shared = {"max_tokens": max_new, "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                  "eos_token_id": eos, "logit_bias": bias, "presence_penalty": body.presence_penalty or 0.0,
+                  "frequency_penalty": body.frequency_penalty or 0.0, "top_logprobs": top,
+                  "prompt_logprobs": top if echo else None}
+        # Choice i of a prompt samples from seed + i (modulo 2**64, as torch reads a seed): n
+        # choices differ, and choice 0 is what the request gets with n 1.
+        choices = [_Choice(p * body.n + i, {**shared, "ids": ids, "seed": (seed + i) % 2**64}, tokenizer, stops,
                            LogprobsLayout(tokenizer, chat) if top is not None else None, text if echo else None)
                    for p, (ids, text) in enumerate(prompts) for i in range(body.n)]
         submitted: list[_Choice] = []
@@ -420,6 +418,12 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
             read = sum(len(ids) for ids, _ in prompts)
             return {"prompt_tokens": read, "completion_tokens": generated, "total_tokens": read + generated}
 
+        def event(parts: list[dict[str, Any]], **more: Any) -> str:
+            """One server-sent event: a chunk of ``parts`` (its choices) and ``more``."""
+            chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created, "model": name,
+                     "choices": parts, **more}
+            return f"data: {json.dumps(chunk)}\n\n"
+
         if body.stream:
             async def sse() -> AsyncIterator[str]:
                 # Each choice's pieces as they come, one chunk each (its index in it).
@@ -437,17 +441,13 @@ def build_app(model: Any, tokenizer: Any, name: str = "retnet", max_batch: int =
                         if finish is not None and finish.startswith("error"):
                             yield f"data: {json.dumps({'error': {'message': finish}})}\n\n"
                             return
-                        chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
-                                 "model": name, "choices": [c.choice(text, finish, chat, True)]}
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        yield event([c.choice(text, finish, chat, True)])
                         ended += finish is not None
                 finally:  # the client left, or an error: every choice's request is cancelled
                     for task in tasks:
                         task.cancel()
                 if body.stream_options is not None and body.stream_options.include_usage:
-                    chunk = {"id": ident, "object": kind + (".chunk" if chat else ""), "created": created,
-                             "model": name, "choices": [], "usage": usage()}
-                    yield f"data: {json.dumps(chunk)}\n\n"
+                    yield event([], usage=usage())
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(sse(), media_type="text/event-stream")
