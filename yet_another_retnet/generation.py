@@ -205,11 +205,9 @@ class GenerationMixin:
             input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
             attention_mask, generator, pad_token_id, chunk_size, inputs_embeds,
         ))
-        if input_ids is None:  # (inputs_embeds: stream_generate checked it)
-            assert inputs_embeds is not None
-            if not new:
-                return torch.zeros(inputs_embeds.shape[0], 0, dtype=torch.long, device=inputs_embeds.device)
-            return torch.stack(new, dim=1)
-        if not new:
-            return input_ids.clone()
-        return torch.cat([input_ids, torch.stack(new, dim=1).to(input_ids.dtype)], dim=1)
+        prompt = self._pick_inputs(input_ids, inputs_embeds)  # (stream_generate checked them)
+        tokens = (torch.stack(new, dim=1) if new
+                  else torch.zeros(prompt.shape[0], 0, dtype=torch.long, device=prompt.device))
+        if input_ids is None:  # embeddings: no prompt ids to repeat
+            return tokens
+        return torch.cat([input_ids, tokens.to(input_ids.dtype)], dim=1)

@@ -135,22 +135,9 @@ def retnet_config(preset: str, **overrides: Any) -> RetNetConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_kind(cpuinfo: str | None = None) -> str | None:
-    """Which kind of x86 CPU this is, from ``/proc/cpuinfo`` (or its text ``cpuinfo``): the
-    vendor's family and model, the core it means where known (AMD family 25 with AVX-512: Zen 4;
-    family 26: Zen 5), and the instructions the kernels choose between (AVX512-VNNI and -BF16,
-    AMX). ``None`` off Linux. Shared VMs report one model name for several kinds, and each kind
-    runs these benchmarks at its own speed."""
+def _first_cpu(cpuinfo: str | None = None) -> dict[str, str] | None:
+    """The fields of the first processor in ``/proc/cpuinfo`` (or its text ``cpuinfo``); ``None``
+    where there is no such file."""
     text = cpuinfo
     if text is None:
         try:
@@ -163,6 +150,23 @@ def cpu_kind(cpuinfo: str | None = None) -> str | None:
             break  # the first processor's block is enough
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_model() -> str:
+    fields = _first_cpu() or {}
+    return fields.get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str | None:
+    """Which kind of x86 CPU this is, from ``/proc/cpuinfo`` (or its text ``cpuinfo``): the
+    vendor's family and model, the core it means where known (AMD family 25 with AVX-512: Zen 4;
+    family 26: Zen 5), and the instructions the kernels choose between (AVX512-VNNI and -BF16,
+    AMX). ``None`` off Linux. Shared VMs report one model name for several kinds, and each kind
+    runs these benchmarks at its own speed."""
+    fields = _first_cpu(cpuinfo)
+    if fields is None:
+        return None
     flags = set(fields.get("flags", "").split())
     vendor, family, model = fields.get("vendor_id", ""), fields.get("cpu family", "?"), fields.get("model", "?")
     core = None

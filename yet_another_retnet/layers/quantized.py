@@ -79,9 +79,9 @@ class QuantizedLinear(_RowQuantized):
     ``weight_scale`` ``(out,)`` (buffers, so they go to the state dict), inference only.
 
     ``weight`` is the dequantized matrix, made on each access in the layer's float dtype
-    (``float_like``'s, the model's): the code that
-    runs a whole prompt reads it (one layer's worth at a time), the decoding step reads the int8
-    form through :func:`~yet_another_retnet.ops.cpu.quantized.qlinear`.
+    (``float_like``'s, the model's): the code that runs a whole prompt reads it (one layer's worth
+    at a time), the decoding step reads the int8 form through
+    :func:`~yet_another_retnet.ops.cpu.quantized.qlinear`.
     """
 
     weight_int8: Tensor

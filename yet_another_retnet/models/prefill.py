@@ -91,8 +91,8 @@ def chunk_major_prefill(model: RetNet, input_ids: Tensor, state: RetNetState | N
                         token_mask: Tensor | None = None,
                         tokens: int | None = None) -> tuple[Tensor, RetNetState] | None:
     """``(normed hidden state of the last position (batch, 1, d_model), state after the prompt)``
-    for ``input_ids`` ``(batch, length)`` (or embeddings ``(batch, length, d_model)``), or ``None`` when the prompt fits in one segment (the
-    caller's layer-major pass is then the same thing).
+    for ``input_ids`` ``(batch, length)`` (or embeddings ``(batch, length, d_model)``), or ``None``
+    when the prompt fits in one segment (the caller's layer-major pass is then the same thing).
 
     ``token_mask`` ``(batch, length)`` marks left padding (first call only, as for the model);
     padding in a later segment belongs to a row whose state is still zero, which padding leaves

@@ -409,9 +409,9 @@ def load_quantized(cls: type[RetNet], directory: Path, device: torch.device | st
                    dtype: torch.dtype | None = None, verify: bool | None = None) -> RetNet:
     """A model written by :func:`save_quantized`, built without allocating any float weights for
     the quantized matrices (the skeleton is made on the meta device and the file's tensors
-    assigned). ``dtype`` casts the float parts (embedding, norms, biases; the scales stay float32). ``verify`` (default: on
-    unless ``YARETNET_VERIFY_WEIGHTS=0``) checks the checksum saved with the weights (files
-    without one load unverified)."""
+    assigned). ``dtype`` casts the float parts (embedding, norms, biases; the scales stay float32).
+    ``verify`` (default: on unless ``YARETNET_VERIFY_WEIGHTS=0``) checks the checksum saved with
+    the weights (files without one load unverified)."""
     method = saved_quantization(directory)
     if method is None:
         raise ValueError(f"{directory / WEIGHTS_NAME} does not hold quantized weights")
