@@ -43,18 +43,3 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert "--variants float32,int8,int4" in result["command"]
     assert result["command"] in (tmp_path / "cpu_inference.md").read_text()
 
-
-def test_cpu_kind_names_the_machine_kinds_the_results_come_from() -> None:
-    from yet_another_retnet.bench.common import cpu_kind
-
-    def info(vendor: str, family: int, model: int, flags: str) -> str:
-        block = f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: {model}\nflags\t\t: {flags}\n"
-        return block + "\n" + block.replace("processor\t: 0", "processor\t: 1")
-
-    zen4 = info("AuthenticAMD", 25, 17, "fpu sse avx2 avx512f avx512_vnni avx512_bf16")
-    assert cpu_kind(zen4) == "family 25 model 17, Zen 4, AVX512-VNNI, AVX512-BF16"
-    assert cpu_kind(info("AuthenticAMD", 26, 2, "avx512f avx512_vnni avx512_bf16")) == (
-        "family 26 model 2, Zen 5, AVX512-VNNI, AVX512-BF16")
-    assert cpu_kind(info("AuthenticAMD", 25, 1, "avx2")) == "family 25 model 1, Zen 3"
-    assert cpu_kind(info("GenuineIntel", 6, 143, "avx512f avx512_vnni avx512_bf16 amx_tile amx_bf16")) == (
-        "family 6 model 143, AVX512-VNNI, AVX512-BF16, AMX")

@@ -28,6 +28,7 @@ from torch import nn
 from ..cli_common import UsageError, _Parser
 from ..models.checkpoint import atomic_write
 from ..models.config import PRESETS, RetNetConfig
+from ..ops.cpu.machine import cpu_kind, first_cpu
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -135,47 +136,9 @@ def retnet_config(preset: str, **overrides: Any) -> RetNetConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def _first_cpu(cpuinfo: str | None = None) -> dict[str, str] | None:
-    """The fields of the first processor in ``/proc/cpuinfo`` (or its text ``cpuinfo``); ``None``
-    where there is no such file."""
-    text = cpuinfo
-    if text is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            break  # the first processor's block is enough
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
-
-
 def cpu_model() -> str:
-    fields = _first_cpu() or {}
+    fields = first_cpu() or {}
     return fields.get("model name") or platform.processor() or platform.machine()
-
-
-def cpu_kind(cpuinfo: str | None = None) -> str | None:
-    """Which kind of x86 CPU this is, from ``/proc/cpuinfo`` (or its text ``cpuinfo``): the
-    vendor's family and model, the core it means where known (AMD family 25 with AVX-512: Zen 4;
-    family 26: Zen 5), and the instructions the kernels choose between (AVX512-VNNI and -BF16,
-    AMX). ``None`` off Linux. Shared VMs report one model name for several kinds, and each kind
-    runs these benchmarks at its own speed."""
-    fields = _first_cpu(cpuinfo)
-    if fields is None:
-        return None
-    flags = set(fields.get("flags", "").split())
-    vendor, family, model = fields.get("vendor_id", ""), fields.get("cpu family", "?"), fields.get("model", "?")
-    core = None
-    if vendor == "AuthenticAMD":
-        core = {"25": "Zen 4" if "avx512f" in flags else "Zen 3", "26": "Zen 5"}.get(family)
-    units = [name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"),
-                                     ("amx_tile", "AMX")) if flag in flags]
-    parts = [f"family {family} model {model}"] + ([core] if core else []) + units
-    return ", ".join(parts)
 
 
 def transformers_version() -> str | None:

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .machine import decode_prefetch, first_cpu
+
 _log = logging.getLogger(__name__)
 
 #: The environment variable that turns every CPU kernel off (``0``) for the whole process.
@@ -103,17 +105,7 @@ def usable() -> bool:
 def _cpu_digest(cpuinfo: str | None = None) -> str:
     """8 hex digits naming this CPU: the vendor, model name and feature flags of the first processor
     in ``cpuinfo`` (default: ``/proc/cpuinfo``; ``platform.processor()`` where there is none)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    fields: dict[str, str] = {}
-    for line in cpuinfo.splitlines():
-        if not line.strip():
-            break
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
+    fields = first_cpu(cpuinfo) or {}
     info = "|".join(fields.get(k, "") for k in ("vendor_id", "model name", "flags"))
     if not fields:
         info = platform.processor() or platform.machine()
@@ -164,6 +156,7 @@ def _build() -> bool:
     if not switch_on():
         return False
     arch = march()  # a malformed value is the user's mistake: raised, not a silent fallback
+    floats, ints, _ = decode_prefetch()  # the same
     try:
         from ._build import build_and_load
 
@@ -172,6 +165,7 @@ def _build() -> bool:
         _log.info("loading the CPU extension %s (built once per machine)", name)
         library = build_and_load(name, _SOURCES, cflags=cflags, ldflags=ldflags, headers=_HEADERS,
                                  include_dirs=[CSRC], notice=COMPILE_NOTICE)
+        torch.ops.yaretnet.set_decode_prefetch(floats, ints)
         for family in _REGISTERING:
             importlib.import_module(f"{__package__}.{family}").register()
         return True

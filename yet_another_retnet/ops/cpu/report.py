@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import _extension
+from . import _extension, machine
 
 __all__ = ["FAST_PATHS", "FastPath", "cmd_kernels", "format_report", "kernel_report"]
 
@@ -128,13 +128,27 @@ def _isa() -> str:
     return f"-march={arch}: {branches}"
 
 
+def _prefetch_text(loaded: bool) -> str:
+    """The decoding products' software prefetch distances in this process, and why."""
+    try:
+        floats, ints, why = machine.decode_prefetch()
+    except ValueError as err:
+        return f"unusable: {err}"
+    if loaded:  # what the kernels were given
+        floats, ints = torch.ops.yaretnet.decode_prefetch()
+    if floats == ints == 0:
+        return f"off ({why})"
+    return f"float32/bfloat16 {floats} bytes, int8/int4 {ints} bytes ahead ({why})"
+
+
 def kernel_report() -> dict[str, Any]:
     """The state of every CPU fast path in this process, as JSON-ready data.
 
     Loads the extension (building it first if this machine has no build yet, as the first
     training step would) unless the switch is off. Keys: ``switch``, ``extension`` (``loaded`` and
-    ``library`` or ``problem``), ``torch``, ``threads``, ``isa``, ``matmul_backend``, and
-    ``paths``: one entry per :data:`FAST_PATHS` with ``taken`` (bool) and ``why_not`` (``None``
+    ``library`` or ``problem``), ``torch``, ``threads``, ``isa``, ``matmul_backend``,
+    ``decode_prefetch`` (the decoding products' software prefetch: :func:`.machine.decode_prefetch`)
+    and ``paths``: one entry per :data:`FAST_PATHS` with ``taken`` (bool) and ``why_not`` (``None``
     where taken)."""
     problem = _build_problem()
     threads = torch.get_num_threads()
@@ -162,7 +176,7 @@ def kernel_report() -> dict[str, Any]:
         "extension": {"loaded": problem is None, "library": None if library is None else str(library),
                       "problem": problem},
         "torch": torch.__version__, "threads": threads, "isa": _isa(), "matmul_backend": backend,
-        "paths": paths,
+        "decode_prefetch": _prefetch_text(problem is None), "paths": paths,
     }
 
 
@@ -172,7 +186,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"CPU fast paths (switch: {report['switch']}; torch {report['torch']}, {report['threads']} threads, "
              f"{report['isa']})",
              f"extension: {ext['library'] if ext['loaded'] else 'not loaded: ' + ext['problem']}",
-             f"large float32 products: {report['matmul_backend']}", ""]
+             f"large float32 products: {report['matmul_backend']}",
+             f"decoding products' software prefetch: {report['decode_prefetch']}", ""]
     for path in report["paths"]:
         verdict = "yes" if path["taken"] else f"no: {path['why_not']}"
         lines += [f"{path['name']}: {verdict}",

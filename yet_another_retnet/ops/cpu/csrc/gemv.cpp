@@ -28,7 +28,9 @@
 namespace {
 
 using yaretnet_cpu::bf16_to_float;
+using yaretnet_cpu::float_prefetch_ahead;
 using yaretnet_cpu::gemv_parallel;
+using yaretnet_cpu::int_prefetch_ahead;
 
 // A float32 copy of a float32 or bfloat16 vector (decoding vectors are a few thousand elements).
 std::vector<float> to_float(const at::Tensor& t) {
@@ -95,11 +97,27 @@ bool gemv_bf16_dot() {
 #endif
 }
 
+// The decoding products' software prefetch distances in bytes (gemv.h), set once at load from
+// ops/cpu/machine.py's choice for this CPU; read back as (float32/bfloat16, int8/int4).
+void set_decode_prefetch(int64_t float_bytes, int64_t int_bytes) {
+  for (const int64_t bytes : {float_bytes, int_bytes})
+    TORCH_CHECK(bytes >= 0 && bytes <= 8192 && bytes % 64 == 0,
+                "yaretnet::set_decode_prefetch: a distance must be a multiple of 64 bytes from 0 to 8192, got ", bytes);
+  float_prefetch_ahead.store(float_bytes, std::memory_order_relaxed);
+  int_prefetch_ahead.store(int_bytes, std::memory_order_relaxed);
+}
+
+std::vector<int64_t> decode_prefetch() {
+  return {float_prefetch_ahead.load(std::memory_order_relaxed), int_prefetch_ahead.load(std::memory_order_relaxed)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(yaretnet, m) {
   m.def("gemv(Tensor weight, Tensor x, Tensor? add=None) -> Tensor");
   m.def("gemv_bf16_dot() -> bool", &gemv_bf16_dot);  // no tensors: a catch-all kernel
+  m.def("set_decode_prefetch(int float_bytes, int int_bytes) -> ()", &set_decode_prefetch);
+  m.def("decode_prefetch() -> int[]", &decode_prefetch);
 }
 
 TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {

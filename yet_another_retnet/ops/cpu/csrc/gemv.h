@@ -7,6 +7,7 @@
 #include "team.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -68,14 +69,16 @@ constexpr int kMaxVectors = 8;
 // by a fifth: docs/performance.md). `accumulators` caps S * N so the sums stay in
 // registers (the float kernels keep one per stream and vector, the int4 one two), and at least
 // `least` streams remain for N vectors (one stream at 8 vectors ran 1.3x slower than two).
-// How far ahead of each stream the kernels prefetch, in bytes (once per cache line). The machine's
-// read rate moves between ~50 and ~80 GB/s (shared VMs); at the higher rate more bytes must be in
-// flight. The float kernels read as fast at 1 KB as at 2 KB in both; the integer kernels of
-// int_dot.h (more instructions per byte, so their demand loads come later) gained 13% (int8) and
-// 20% (int4) at the higher rate from 2 KB, and lost 2% and 4.5% at the lower one
-// (docs/performance.md).
-constexpr int64_t kPrefetchAhead = 1024;
-constexpr int64_t kIntPrefetchAhead = 2048;
+// How far ahead of each stream the kernels prefetch, in bytes (once per cache line; 0: not at all),
+// chosen per CPU at load (ops/cpu/machine.py: decode_prefetch; set_decode_prefetch in gemv.cpp).
+// By default 1 KB for the float kernels and 2 KB for the integer kernels of int_dot.h (more
+// instructions per byte, so their demand loads come later): on the AMD EPYC Zen 5 kind, whose read
+// rate moves between ~50 and ~80 GB/s, the float kernels read as fast at 1 KB as at 2 KB, and the
+// integer ones gained 13% (int8) and 20% (int4) at the higher rate from 2 KB and lost 2% and 4.5%
+// at the lower one. On the Zen 4 kind the hardware prefetcher alone is faster (docs/performance.md).
+// Read once per call of a row kernel; relaxed: a distance never changes what is computed.
+inline std::atomic<int64_t> float_prefetch_ahead{1024};
+inline std::atomic<int64_t> int_prefetch_ahead{2048};
 
 template <int N>
 constexpr int decode_streams(int accumulators = 16, int least = 2) {
@@ -95,7 +98,7 @@ inline void bf16_dot_rows(const uint16_t* w, int64_t r, int64_t stride, const __
   __m512 acc[S][N];
   for (int i = 0; i < S; ++i)
     for (int v = 0; v < N; ++v) acc[i][v] = _mm512_setzero_ps();
-  const int64_t full = cols / 32;
+  const int64_t full = cols / 32, ahead = float_prefetch_ahead.load(std::memory_order_relaxed);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t c = b * 32;
     for (int i = 0; i < S; ++i) {
@@ -103,7 +106,7 @@ inline void bf16_dot_rows(const uint16_t* w, int64_t r, int64_t stride, const __
                                    : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << (cols - c)) - 1ull),
                                                               rows[i] + c);
       for (int v = 0; v < N; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)raw, xb[v * blocks + b]);
-      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + kPrefetchAhead, _MM_HINT_T0);
+      if (ahead != 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + ahead, _MM_HINT_T0);
     }
   }
   for (int i = 0; i < S; ++i)
@@ -141,7 +144,7 @@ void gemv_rows_bf16_dot(const uint16_t* w, const float* x, int64_t ldx, float* y
 template <typename W, int S, int N>
 inline void float_dot_rows(const W* w, int64_t r, int64_t stride, const float* x, int64_t ldx, int64_t cols, float* y,
                            int64_t ldy) {
-  const int64_t full = cols - cols % 16;
+  const int64_t full = cols - cols % 16, ahead = float_prefetch_ahead.load(std::memory_order_relaxed);
   const __mmask16 tail = static_cast<__mmask16>((1u << (cols % 16)) - 1u);
   const W* rows[S];
   for (int i = 0; i < S; ++i) rows[i] = w + (r + i * stride) * cols;
@@ -155,10 +158,10 @@ inline void float_dot_rows(const W* w, int64_t r, int64_t stride, const float* x
       const __m512 wv = load16(rows[i] + c);
       for (int v = 0; v < N; ++v) acc[i][v] = _mm512_fmadd_ps(wv, xv[v], acc[i][v]);
     }
-    // Software prefetch kPrefetchAhead bytes ahead in every stream, once per cache line (prefetches
-    // never fault, so running past a row's end is harmless). Measured: bfloat16 ~12% faster.
-    if ((c * sizeof(W)) % 64 == 0)
-      for (int i = 0; i < S; ++i) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + kPrefetchAhead, _MM_HINT_T0);
+    // Software prefetch `ahead` bytes ahead in every stream, once per cache line (prefetches never
+    // fault, so running past a row's end is harmless).
+    if (ahead != 0 && (c * sizeof(W)) % 64 == 0)
+      for (int i = 0; i < S; ++i) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + ahead, _MM_HINT_T0);
   }
   if (tail) {
     for (int i = 0; i < S; ++i) {

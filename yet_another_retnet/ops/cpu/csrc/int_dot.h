@@ -23,7 +23,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "gemv.h"  // decode_streams, kIntPrefetchAhead
+#include "gemv.h"  // decode_streams, int_prefetch_ahead
 #include "quantized.h"  // Int4Weight
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
@@ -93,7 +93,7 @@ inline void int8_dot_rows(const int8_t* w, int64_t r, int64_t stride, const int1
   const int8_t* rows[S];
   for (int i = 0; i < S; ++i) rows[i] = w + (r + i * stride) * cols;
   float total[S][N] = {};
-  const int64_t full = cols - cols % 32;
+  const int64_t full = cols - cols % 32, ahead = int_prefetch_ahead.load(std::memory_order_relaxed);
   for (int64_t c0 = 0; c0 < cols; c0 += kFlushColumns) {
     const int64_t c1 = std::min(cols, c0 + kFlushColumns);
     __m512i acc[S][N];
@@ -106,8 +106,8 @@ inline void int8_dot_rows(const int8_t* w, int64_t r, int64_t stride, const int1
             _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + c)));
         for (int v = 0; v < N; ++v)
           acc[i][v] = _mm512_dpwssd_epi32(acc[i][v], wv, _mm512_loadu_si512(xq + v * ldq + c));
-        // One software prefetch a cache line, kIntPrefetchAhead bytes ahead in every stream.
-        if (c % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + kIntPrefetchAhead, _MM_HINT_T0);
+        // One software prefetch a cache line, `ahead` bytes ahead in every stream (gemv.h).
+        if (ahead != 0 && c % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c) + ahead, _MM_HINT_T0);
       }
     }
     if (c < c1) {  // the last, partial block of 32 columns (xq's padding is zero)
@@ -148,6 +148,7 @@ template <int S, int N, int G>
 inline void int4_dot_rows(const Int4Weight& w, int64_t r, int64_t stride, const int16_t* xq, int64_t ldq,
                           const float* xs, const float* xsum, float* y, int64_t ldy) {
   const int64_t padded = w.padded, group = G > 0 ? G : w.group, groups = padded / group;
+  const int64_t ahead = int_prefetch_ahead.load(std::memory_order_relaxed);
   const uint8_t* rows[S];
   const float* scales[S];
   for (int i = 0; i < S; ++i) {
@@ -189,7 +190,7 @@ inline void int4_dot_rows(const Int4Weight& w, int64_t r, int64_t stride, const 
           acc[i][v] = _mm512_dpwssd_epi32(acc[i][v], lo, _mm512_loadu_si512(xv));
           acc[i][v] = _mm512_dpwssd_epi32(acc[i][v], hi, _mm512_loadu_si512(xv + 32));
         }
-        if (c % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c / 2) + kIntPrefetchAhead, _MM_HINT_T0);
+        if (ahead != 0 && c % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(rows[i] + c / 2) + ahead, _MM_HINT_T0);
       }
     }
     const int64_t g = u0 / group;

@@ -1,0 +1,106 @@
+"""What the kernels need to know of this CPU: the first processor's ``/proc/cpuinfo`` fields, its
+kind, and the software prefetch distance the decoding products use on it.
+
+The decoding products (``csrc/gemv.h``, ``csrc/int_dot.h``) read each weight once and are bound by
+how fast memory streams. On most of our machines a software prefetch a fixed distance ahead of
+each row stream keeps more lines in flight than the hardware prefetcher alone. On the AMD Zen 4
+kind (family 25 with AVX-512) it does the opposite: the 1.3B step in int8, bfloat16 and int4 ran
+9-13% faster without it (docs/performance.md), so there the kernels leave prefetching to the
+hardware. ``YARETNET_DECODE_PREFETCH`` overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["PREFETCH_ENV", "cpu_kind", "decode_prefetch", "first_cpu"]
+
+#: The environment variable that overrides the decoding products' prefetch distances.
+PREFETCH_ENV = "YARETNET_DECODE_PREFETCH"
+
+#: (float32/bfloat16 kernels, int8/int4 kernels) bytes ahead where nothing says otherwise. The
+#: integer kernels spend more instructions a byte, so their loads come later and want more ahead.
+DEFAULT_PREFETCH = (1024, 2048)
+
+#: The largest distance accepted: past a few KB a prefetched line is evicted before it is read.
+MAX_PREFETCH = 8192
+
+
+def first_cpu(cpuinfo: str | None = None) -> dict[str, str] | None:
+    """The fields of the first processor in ``/proc/cpuinfo`` (or in its text ``cpuinfo``);
+    ``None`` where there is no such file."""
+    text = cpuinfo
+    if text is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def _core(fields: dict[str, str]) -> str | None:
+    """The AMD core a vendor family means (AMD family 25 with AVX-512: Zen 4, without: Zen 3;
+    family 26: Zen 5); ``None`` where not known."""
+    if fields.get("vendor_id") != "AuthenticAMD":
+        return None
+    wide = "avx512f" in fields.get("flags", "").split()
+    return {"25": "Zen 4" if wide else "Zen 3", "26": "Zen 5"}.get(fields.get("cpu family", ""))
+
+
+def cpu_kind(cpuinfo: str | None = None) -> str | None:
+    """Which kind of x86 CPU this is, from ``/proc/cpuinfo`` (or its text ``cpuinfo``): the
+    vendor's family and model, the core it means where known, and the instructions the kernels
+    choose between (AVX512-VNNI and -BF16, AMX). ``None`` off Linux. Shared VMs report one model
+    name for several kinds, and each kind runs the benchmarks at its own speed."""
+    fields = first_cpu(cpuinfo)
+    if fields is None:
+        return None
+    flags = set(fields.get("flags", "").split())
+    core = _core(fields)
+    units = [name for flag, name in (("avx512_vnni", "AVX512-VNNI"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("amx_tile", "AMX")) if flag in flags]
+    head = f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}"
+    return ", ".join([head] + ([core] if core else []) + units)
+
+
+def _parse_prefetch(value: str) -> tuple[int, int]:
+    """``YARETNET_DECODE_PREFETCH``'s value as (float, integer) bytes ahead."""
+    text = value.strip().lower()
+    if text in ("0", "off", "none", "no", "false"):
+        return (0, 0)
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+        sizes = [int(p) for p in parts]
+        if all(s % 64 == 0 and s <= MAX_PREFETCH for s in sizes):
+            return (sizes[0], sizes[-1])
+    raise ValueError(
+        f"{PREFETCH_ENV} must be auto (the default: chosen for this CPU), 0 or off (no software prefetch), "
+        f"or bytes ahead as N or FLOAT,INT (multiples of 64 up to {MAX_PREFETCH}), got {value!r}")
+
+
+def decode_prefetch(cpuinfo: str | None = None, env: str | None = None) -> tuple[int, int, str]:
+    """How far ahead of each weight stream the decoding products prefetch on this CPU:
+    ``(float32/bfloat16 bytes, int8/int4 bytes, why)``, 0 meaning no software prefetch.
+
+    ``env`` (default: ``$YARETNET_DECODE_PREFETCH``) decides where set to anything but ``auto``;
+    otherwise the CPU kind does (``cpuinfo``: the text of ``/proc/cpuinfo``, default this one's).
+
+    Raises:
+        ValueError: the variable is malformed (not ``auto``, ``0``/``off``, ``N`` or ``FLOAT,INT``
+            with multiples of 64 up to 8192).
+    """
+    value = os.environ.get(PREFETCH_ENV) if env is None else env
+    if value is not None and value.strip().lower() not in ("", "auto"):
+        floats, ints = _parse_prefetch(value)
+        return floats, ints, f"{PREFETCH_ENV}={value}"
+    fields = first_cpu(cpuinfo) or {}
+    if _core(fields) == "Zen 4":
+        return 0, 0, "AMD Zen 4: the hardware prefetcher alone streams faster"
+    return (*DEFAULT_PREFETCH, "the default")
