@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .machine import decode_prefetch, first_cpu
+from .machine import decode_tuning, first_cpu
 
 _log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def _build() -> bool:
     if not switch_on():
         return False
     arch = march()  # a malformed value is the user's mistake: raised, not a silent fallback
-    floats, ints, _ = decode_prefetch()  # the same
+    tuning = decode_tuning()  # the same
     try:
         from ._build import build_and_load
 
@@ -165,7 +165,7 @@ def _build() -> bool:
         _log.info("loading the CPU extension %s (built once per machine)", name)
         library = build_and_load(name, _SOURCES, cflags=cflags, ldflags=ldflags, headers=_HEADERS,
                                  include_dirs=[CSRC], notice=COMPILE_NOTICE)
-        torch.ops.yaretnet.set_decode_prefetch(floats, ints)
+        torch.ops.yaretnet.set_decode_tuning(tuning.float_prefetch, tuning.int_prefetch, tuning.stream_state)
         for family in _REGISTERING:
             importlib.import_module(f"{__package__}.{family}").register()
         return True

@@ -1,23 +1,28 @@
 """What the kernels need to know of this CPU: the first processor's ``/proc/cpuinfo`` fields, its
-kind, and the software prefetch distance the decoding products use on it.
+kind, and how the decoding kernels move memory on it.
 
 The decoding products (``csrc/gemv.h``, ``csrc/int_dot.h``) read each weight once and are bound by
 how fast memory streams. On most of our machines a software prefetch a fixed distance ahead of
-each row stream keeps more lines in flight than the hardware prefetcher alone. On the AMD Zen 4
-kind (family 25 with AVX-512) it does the opposite: the 1.3B step in int8, bfloat16 and int4 ran
-9-13% faster without it (docs/performance.md), so there the kernels leave prefetching to the
-hardware. ``YARETNET_DECODE_PREFETCH`` overrides the choice.
+each row stream keeps more lines in flight than the hardware prefetcher alone, and the core writes
+each layer's new state with streaming stores. On the AMD Zen 4 kind (family 25 with AVX-512) both
+cost time: the 1.3B step ran 9-13% faster without the prefetch and another 4-15% faster without
+the streaming stores (docs/performance.md), so there the kernels use neither.
+``YARETNET_DECODE_PREFETCH`` and ``YARETNET_DECODE_STREAM_STATE`` override the choice.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["PREFETCH_ENV", "cpu_kind", "decode_prefetch", "first_cpu"]
+__all__ = ["PREFETCH_ENV", "STREAM_ENV", "DecodeTuning", "cpu_kind", "decode_tuning", "first_cpu"]
 
 #: The environment variable that overrides the decoding products' prefetch distances.
 PREFETCH_ENV = "YARETNET_DECODE_PREFETCH"
+#: The environment variable that overrides the streaming stores of the decoding core's state.
+STREAM_ENV = "YARETNET_DECODE_STREAM_STATE"
 
 #: (float32/bfloat16 kernels, int8/int4 kernels) bytes ahead where nothing says otherwise. The
 #: integer kernels spend more instructions a byte, so their loads come later and want more ahead.
@@ -85,22 +90,54 @@ def _parse_prefetch(value: str) -> tuple[int, int]:
         f"or bytes ahead as N or FLOAT,INT (multiples of 64 up to {MAX_PREFETCH}), got {value!r}")
 
 
-def decode_prefetch(cpuinfo: str | None = None, env: str | None = None) -> tuple[int, int, str]:
-    """How far ahead of each weight stream the decoding products prefetch on this CPU:
-    ``(float32/bfloat16 bytes, int8/int4 bytes, why)``, 0 meaning no software prefetch.
+@dataclass(frozen=True)
+class DecodeTuning:
+    """How the decoding kernels move memory (none of it changes a result)."""
 
-    ``env`` (default: ``$YARETNET_DECODE_PREFETCH``) decides where set to anything but ``auto``;
-    otherwise the CPU kind does (``cpuinfo``: the text of ``/proc/cpuinfo``, default this one's).
+    #: Bytes ahead of each weight stream the float32/bfloat16 products prefetch (0: no prefetch).
+    float_prefetch: int
+    #: The same for the int8/int4 products.
+    int_prefetch: int
+    #: Whether the core writes a large new state (2 MB a layer and more) with streaming stores.
+    stream_state: bool
+    #: Where the choice came from, in words.
+    why: str
+
+
+def _parse_stream(value: str) -> bool:
+    text = value.strip().lower()
+    if text in ("1", "on", "yes", "true"):
+        return True
+    if text in ("0", "off", "no", "false"):
+        return False
+    raise ValueError(f"{STREAM_ENV} must be auto (the default: chosen for this CPU), 1 (streaming stores) "
+                     f"or 0 (plain stores), got {value!r}")
+
+
+def decode_tuning(cpuinfo: str | None = None, env: Mapping[str, str] | None = None) -> DecodeTuning:
+    """How the decoding kernels move memory on this CPU (``cpuinfo``: the text of
+    ``/proc/cpuinfo``, default this one's): on AMD Zen 4 no software prefetch and plain stores,
+    elsewhere 1 KB (float) and 2 KB (integer) ahead and streaming stores.
+
+    ``env`` (default: ``os.environ``) overrides each part where its variable is set to anything
+    but ``auto``: ``YARETNET_DECODE_PREFETCH`` (``0``/``off``, ``N`` or ``FLOAT,INT`` bytes) and
+    ``YARETNET_DECODE_STREAM_STATE`` (``1`` or ``0``).
 
     Raises:
-        ValueError: the variable is malformed (not ``auto``, ``0``/``off``, ``N`` or ``FLOAT,INT``
-            with multiples of 64 up to 8192).
+        ValueError: a variable is malformed (the message names it).
     """
-    value = os.environ.get(PREFETCH_ENV) if env is None else env
-    if value is not None and value.strip().lower() not in ("", "auto"):
-        floats, ints = _parse_prefetch(value)
-        return floats, ints, f"{PREFETCH_ENV}={value}"
+    env = os.environ if env is None else env
     fields = first_cpu(cpuinfo) or {}
-    if _core(fields) == "Zen 4":
-        return 0, 0, "AMD Zen 4: the hardware prefetcher alone streams faster"
-    return (*DEFAULT_PREFETCH, "the default")
+    zen4 = _core(fields) == "Zen 4"
+    floats, ints = (0, 0) if zen4 else DEFAULT_PREFETCH
+    stream = not zen4
+    reasons = ["AMD Zen 4: the hardware prefetcher alone and plain stores are faster" if zen4 else "the default"]
+    prefetch = env.get(PREFETCH_ENV, "")
+    if prefetch.strip().lower() not in ("", "auto"):
+        floats, ints = _parse_prefetch(prefetch)
+        reasons.append(f"{PREFETCH_ENV}={prefetch}")
+    streaming = env.get(STREAM_ENV, "")
+    if streaming.strip().lower() not in ("", "auto"):
+        stream = _parse_stream(streaming)
+        reasons.append(f"{STREAM_ENV}={streaming}")
+    return DecodeTuning(floats, ints, stream, "; ".join(reasons))

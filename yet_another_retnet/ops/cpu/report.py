@@ -128,17 +128,18 @@ def _isa() -> str:
     return f"-march={arch}: {branches}"
 
 
-def _prefetch_text(loaded: bool) -> str:
-    """The decoding products' software prefetch distances in this process, and why."""
+def _tuning_text(loaded: bool) -> str:
+    """How the decoding kernels move memory in this process, and why."""
     try:
-        floats, ints, why = machine.decode_prefetch()
+        tuning = machine.decode_tuning()
     except ValueError as err:
         return f"unusable: {err}"
+    floats, ints, stream = tuning.float_prefetch, tuning.int_prefetch, tuning.stream_state
     if loaded:  # what the kernels were given
-        floats, ints = torch.ops.yaretnet.decode_prefetch()
-    if floats == ints == 0:
-        return f"off ({why})"
-    return f"float32/bfloat16 {floats} bytes, int8/int4 {ints} bytes ahead ({why})"
+        floats, ints, stream = torch.ops.yaretnet.decode_tuning()
+    prefetch = (f"prefetch float32/bfloat16 {floats} bytes, int8/int4 {ints} bytes ahead" if floats or ints
+                else "no software prefetch")
+    return f"{prefetch}, {'streaming' if stream else 'plain'} stores for the state ({tuning.why})"
 
 
 def kernel_report() -> dict[str, Any]:
@@ -147,7 +148,7 @@ def kernel_report() -> dict[str, Any]:
     Loads the extension (building it first if this machine has no build yet, as the first
     training step would) unless the switch is off. Keys: ``switch``, ``extension`` (``loaded`` and
     ``library`` or ``problem``), ``torch``, ``threads``, ``isa``, ``matmul_backend``,
-    ``decode_prefetch`` (the decoding products' software prefetch: :func:`.machine.decode_prefetch`)
+    ``decode_tuning`` (how the decoding kernels move memory: :func:`.machine.decode_tuning`)
     and ``paths``: one entry per :data:`FAST_PATHS` with ``taken`` (bool) and ``why_not`` (``None``
     where taken)."""
     problem = _build_problem()
@@ -176,7 +177,7 @@ def kernel_report() -> dict[str, Any]:
         "extension": {"loaded": problem is None, "library": None if library is None else str(library),
                       "problem": problem},
         "torch": torch.__version__, "threads": threads, "isa": _isa(), "matmul_backend": backend,
-        "decode_prefetch": _prefetch_text(problem is None), "paths": paths,
+        "decode_tuning": _tuning_text(problem is None), "paths": paths,
     }
 
 
@@ -187,7 +188,7 @@ def format_report(report: dict[str, Any]) -> str:
              f"{report['isa']})",
              f"extension: {ext['library'] if ext['loaded'] else 'not loaded: ' + ext['problem']}",
              f"large float32 products: {report['matmul_backend']}",
-             f"decoding products' software prefetch: {report['decode_prefetch']}", ""]
+             f"decoding memory: {report['decode_tuning']}", ""]
     for path in report["paths"]:
         verdict = "yes" if path["taken"] else f"no: {path['why_not']}"
         lines += [f"{path['name']}: {verdict}",

@@ -32,6 +32,7 @@
 #include "gemv.h"
 #include "quantized.h"
 #include "team.h"
+#include "tuning.h"
 #include "vec16.h"
 
 #include <algorithm>
@@ -154,12 +155,12 @@ void step_head(const In* row, const float* rot, const float* memory, float* new_
   }
   // S' = gamma S + k v^T and y = q S' in one pass over the memory.
 #if defined(__AVX512F__)
-  // A memory too large to stay in cache until the next step (a layer of a 1.3B model: 4 MB) is
-  // written with streaming stores: a normal store first reads each line it fills, a third pass
-  // over the memory that the weights' stream competes with. (Fenced in run_core.) Row by row, in
-  // memory order, with y's dv sums in L1: walking it in columns of 16 (one register of sums)
-  // jumps a row's length every line, and read 1.4x (into a new memory) to 2.3x (in place)
-  // slower.
+  // A memory too large to stay in cache until the next step (a layer of a 1.3B model: 4 MB) may be
+  // written with streaming stores (tuning.h: stream_state): a normal store into a new memory first
+  // reads each line it fills, a third pass over the memory that the weights' stream competes with.
+  // (Fenced in run_core.) Row by row, in memory order, with y's dv sums in L1: walking it in
+  // columns of 16 (one register of sums) jumps a row's length every line, and read 1.4x (into a
+  // new memory) to 2.3x (in place) slower.
   if (stream && dv % 16 == 0 && reinterpret_cast<uintptr_t>(new_memory) % 64 == 0) {
     const __m512 g = _mm512_set1_ps(gamma);
     for (int64_t i = 0; i < dk; ++i) {
@@ -242,7 +243,7 @@ void run_core(const yaretnet_cpu::Member& member, const In* proj, int64_t row_st
   const int64_t tasks = batch * d.heads, bytes = tasks * state * static_cast<int64_t>(sizeof(float));
   // Streaming stores past 2 MB a layer (see step_head); a memory under 128 KB is stepped on one
   // thread (waking the other costs more than its share of the work).
-  const bool stream = bytes >= (int64_t{2} << 20);
+  const bool stream = yaretnet_cpu::stream_state.load(std::memory_order_relaxed) && bytes >= (int64_t{2} << 20);
   const int64_t grain = bytes < (int64_t{128} << 10) ? tasks : 1;
   const auto walk = [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {

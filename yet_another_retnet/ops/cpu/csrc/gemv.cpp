@@ -23,6 +23,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -97,18 +98,22 @@ bool gemv_bf16_dot() {
 #endif
 }
 
-// The decoding products' software prefetch distances in bytes (gemv.h), set once at load from
-// ops/cpu/machine.py's choice for this CPU; read back as (float32/bfloat16, int8/int4).
-void set_decode_prefetch(int64_t float_bytes, int64_t int_bytes) {
-  for (const int64_t bytes : {float_bytes, int_bytes})
+// The decoding kernels' memory choices (tuning.h), set once at load from ops/cpu/machine.py's
+// choice for this CPU; read back as (float32/bfloat16 prefetch bytes, int8/int4 prefetch bytes,
+// streaming stores for the state).
+void set_decode_tuning(int64_t float_prefetch, int64_t int_prefetch, bool stream) {
+  for (const int64_t bytes : {float_prefetch, int_prefetch})
     TORCH_CHECK(bytes >= 0 && bytes <= 8192 && bytes % 64 == 0,
-                "yaretnet::set_decode_prefetch: a distance must be a multiple of 64 bytes from 0 to 8192, got ", bytes);
-  float_prefetch_ahead.store(float_bytes, std::memory_order_relaxed);
-  int_prefetch_ahead.store(int_bytes, std::memory_order_relaxed);
+                "yaretnet::set_decode_tuning: a prefetch distance must be a multiple of 64 bytes from 0 to 8192, got ",
+                bytes);
+  float_prefetch_ahead.store(float_prefetch, std::memory_order_relaxed);
+  int_prefetch_ahead.store(int_prefetch, std::memory_order_relaxed);
+  yaretnet_cpu::stream_state.store(stream, std::memory_order_relaxed);
 }
 
-std::vector<int64_t> decode_prefetch() {
-  return {float_prefetch_ahead.load(std::memory_order_relaxed), int_prefetch_ahead.load(std::memory_order_relaxed)};
+std::tuple<int64_t, int64_t, bool> decode_tuning() {
+  return {float_prefetch_ahead.load(std::memory_order_relaxed), int_prefetch_ahead.load(std::memory_order_relaxed),
+          yaretnet_cpu::stream_state.load(std::memory_order_relaxed)};
 }
 
 }  // namespace
@@ -116,8 +121,8 @@ std::vector<int64_t> decode_prefetch() {
 TORCH_LIBRARY(yaretnet, m) {
   m.def("gemv(Tensor weight, Tensor x, Tensor? add=None) -> Tensor");
   m.def("gemv_bf16_dot() -> bool", &gemv_bf16_dot);  // no tensors: a catch-all kernel
-  m.def("set_decode_prefetch(int float_bytes, int int_bytes) -> ()", &set_decode_prefetch);
-  m.def("decode_prefetch() -> int[]", &decode_prefetch);
+  m.def("set_decode_tuning(int float_prefetch, int int_prefetch, bool stream_state) -> ()", &set_decode_tuning);
+  m.def("decode_tuning() -> (int, int, bool)", &decode_tuning);
 }
 
 TORCH_LIBRARY_IMPL(yaretnet, CPU, m) {

@@ -5,9 +5,9 @@
 #include <ATen/Parallel.h>
 
 #include "team.h"
+#include "tuning.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -69,17 +69,6 @@ constexpr int kMaxVectors = 8;
 // by a fifth: docs/performance.md). `accumulators` caps S * N so the sums stay in
 // registers (the float kernels keep one per stream and vector, the int4 one two), and at least
 // `least` streams remain for N vectors (one stream at 8 vectors ran 1.3x slower than two).
-// How far ahead of each stream the kernels prefetch, in bytes (once per cache line; 0: not at all),
-// chosen per CPU at load (ops/cpu/machine.py: decode_prefetch; set_decode_prefetch in gemv.cpp).
-// By default 1 KB for the float kernels and 2 KB for the integer kernels of int_dot.h (more
-// instructions per byte, so their demand loads come later): on the AMD EPYC Zen 5 kind, whose read
-// rate moves between ~50 and ~80 GB/s, the float kernels read as fast at 1 KB as at 2 KB, and the
-// integer ones gained 13% (int8) and 20% (int4) at the higher rate from 2 KB and lost 2% and 4.5%
-// at the lower one. On the Zen 4 kind the hardware prefetcher alone is faster (docs/performance.md).
-// Read once per call of a row kernel; relaxed: a distance never changes what is computed.
-inline std::atomic<int64_t> float_prefetch_ahead{1024};
-inline std::atomic<int64_t> int_prefetch_ahead{2048};
-
 template <int N>
 constexpr int decode_streams(int accumulators = 16, int least = 2) {
   return std::min(4, std::max(least, accumulators / N));
