@@ -388,3 +388,103 @@ def test_max_waiting_refuses_requests_beyond_it(model: RetNet) -> None:
     finally:
         engine.stop()
     assert [o.finish for o in outs] == ["length", "length"]
+
+
+class Counted(Gated):
+    """:class:`Gated` that counts the prefill calls (and the full forwards of scored prompts)."""
+
+    def __init__(self, model: RetNet, gate: bool = False) -> None:
+        super().__init__(model)
+        self.prefills = 0
+        if not gate:
+            for event in self.go.values():
+                event.set()
+
+    def prefill(self, *args: Any, **kwargs: Any) -> Any:
+        self.prefills += 1
+        return super().prefill(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.prefills += 1
+        return super().__call__(*args, **kwargs)
+
+
+def test_requests_with_one_prompt_share_its_prefill(model: RetNet) -> None:
+    """Four choices of one 70-token prompt (each its own seed and temperature) and one other
+    prompt: each long prompt is prefilled once, in 3 pieces of 24, and every request gets what it
+    gets alone."""
+    counted = Counted(model)
+    engine = Engine(counted, max_batch=8, prefill_from=8, prefill_piece=24)
+    shared = _prompt(70, 1)
+    specs = [{"ids": shared, "max_tokens": 6, "temperature": 0.0 if i == 0 else 1.0, "seed": i} for i in range(4)]
+    specs.append({"ids": _prompt(70, 2), "max_tokens": 6, "temperature": 1.0, "seed": 9})
+    try:
+        together = _run(engine, specs, start=True)
+        assert counted.prefills == 2 * 3
+        alone = [_run(engine, [spec])[0] for spec in specs]
+    finally:
+        engine.stop()
+    assert [o.finish for o in together] == ["length"] * len(specs)
+    assert [o.tokens for o in together] == [o.tokens for o in alone]
+    assert len({tuple(o.tokens) for o in together[1:4]}) > 1  # the seeds did differ
+    assert engine.active == 0
+
+
+def test_a_cancelled_leader_hands_its_prefill_to_a_follower(model: RetNet) -> None:
+    """The request reading a shared prompt is cancelled during its first piece, and one follower
+    too: the next follower carries the prefill on from the second piece (3 pieces in all, none
+    read twice), the cancelled ones end with no tokens, and the rest get what they get alone."""
+    counted = Counted(model, gate=True)
+    counted.go["step"].set()
+    engine = Engine(counted, max_batch=4, prefill_from=8, prefill_piece=24)
+    shared = _prompt(70, 3)
+    specs = [{"ids": shared, "max_tokens": 5, "temperature": 1.0, "seed": 20 + i} for i in range(4)]
+    outs = [Collect() for _ in specs]
+    requests = [Request(emit=out, **spec) for spec, out in zip(specs, outs, strict=True)]
+    try:
+        for request in requests:
+            engine.submit(request)
+        engine.start()
+        assert counted.entered["prefill"].wait(TIMEOUT)  # the first piece is being read
+        assert engine.active == 4
+        requests[0].cancel()
+        requests[2].cancel()
+        counted.go["prefill"].set()
+        for out in outs:
+            assert out.done.wait(TIMEOUT)
+        assert counted.prefills == 3
+        alone = [_run(engine, [spec])[0] for spec in specs]
+    finally:
+        engine.stop()
+    assert [o.finish for o in outs] == ["cancelled", "length", "cancelled", "length"]
+    assert outs[0].tokens == outs[2].tokens == []
+    assert [outs[1].tokens, outs[3].tokens] == [alone[1].tokens, alone[3].tokens]
+    assert engine.active == 0
+
+
+def test_scored_choices_share_the_scoring_and_get_the_same_entries(model: RetNet) -> None:
+    """Three choices of a prompt scored with ``prompt_logprobs`` (``echo``): one pass over it, and
+    each gets the whole prompt's entries; a choice of the same prompt unscored does not share."""
+    counted = Counted(model)
+    engine = Engine(counted, max_batch=4, prefill_from=8, prefill_piece=16)
+    prompt = _prompt(40, 6)
+    specs: list[dict[str, Any]] = [{"ids": prompt, "max_tokens": 3, "temperature": 1.0, "seed": i,
+                                    "prompt_logprobs": 2} for i in range(3)]
+    specs.append({"ids": prompt, "max_tokens": 3, "temperature": 1.0, "seed": 7})
+    requests = []
+    try:
+        outs = [Collect() for _ in specs]
+        for spec, out in zip(specs, outs, strict=True):
+            requests.append(Request(emit=out, **spec))
+            engine.submit(requests[-1])
+        engine.start()
+        for out in outs:
+            assert out.done.wait(TIMEOUT) and out.finish == "length"
+        assert counted.prefills == 2 * 3  # 39 tokens in pieces of 16, once scored, once not
+    finally:
+        engine.stop()
+    first = requests[0].prompt_entries
+    assert first is not None and [e.token for e in first] == prompt[1:]
+    for other in requests[1:3]:
+        assert other.prompt_entries is not None and other.prompt_entries is not first
+        assert [(e.token, e.logprob, e.top) for e in other.prompt_entries] == [(e.token, e.logprob, e.top) for e in first]

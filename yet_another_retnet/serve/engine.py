@@ -19,6 +19,11 @@ batching requests is stacking their states along the batch axis; nothing is padd
    a token); the finished ones leave the batch. Logits of prompt tokens before the last are not
    looked at.
 
+Requests admitted with the same long prompt while it is prefilled (the ``n`` choices of one API
+request, say) share that prefill: the first reads it, the others wait as its followers (holding
+their slots) and join the batch with the same state once it is done; if the first is cancelled, a
+follower carries the work on from where it stopped.
+
 Which way a prompt goes depends on its length alone, never on the batch, and each row of a
 batched step is computed from that row alone, so a request's tokens are the ones it gets alone
 with the same seed. (The kernels' summation order can depend on the number of rows, which moves
@@ -98,6 +103,8 @@ class Request:
     generator: torch.Generator | None = None
     read: int = 0  # prompt tokens the model has read (prefilled or stepped)
     prefix_state: Any = None  # a long prompt's state while it is being prefilled
+    # Requests with the same prompt that share this one's prefill (module docstring).
+    followers: list[Request] = field(default_factory=list)
 
     def cancel(self) -> None:
         """The client went away: the engine frees the slot at its next step."""
@@ -178,7 +185,7 @@ class Engine:
     @property
     def active(self) -> int:
         """Requests in flight (their slots are taken): in the batch or being prefilled."""
-        return len(self._active) + len(self._prefilling)
+        return len(self._active) + sum(1 + len(r.followers) for r in self._prefilling)
 
     @property
     def waiting(self) -> int:
@@ -203,7 +210,8 @@ class Engine:
         except BaseException as err:  # the thread dies: answer everyone rather than leave them hanging
             with self._lock:
                 self._died = f"{type(err).__name__}: {err}"
-            for request in [*self._active, *self._prefilling, *_drain(self._waiting)]:
+            followers = [f for r in self._prefilling for f in r.followers]
+            for request in [*self._active, *self._prefilling, *followers, *_drain(self._waiting)]:
                 self._emit(request, None, _error(err))
             raise
 
@@ -237,7 +245,11 @@ class Engine:
                     request.prompt_entries = []  # filled piece by piece as the prompt is prefilled
                 scored = request.prompt_logprobs is not None and len(request.ids) > 1
                 if len(request.ids) > max(self.prefill_from, 1) or scored:  # something to prefill
-                    self._prefilling.append(request)
+                    leader = self._same_prompt(request)
+                    if leader is None:
+                        self._prefilling.append(request)
+                    else:
+                        leader.followers.append(request)
                 else:
                     self._join(request, self._blank_state())
             except Exception as err:  # this request alone
@@ -279,13 +291,33 @@ class Engine:
         self._active.append(request)
         self._joining.append(state)
 
+    def _same_prompt(self, request: Request) -> Request | None:
+        """The request being prefilled whose prefill ``request`` can share: the same prompt, scored
+        the same way (``None``: there is none)."""
+        for leader in self._prefilling:
+            if (leader.ids == request.ids and leader.prompt_logprobs == request.prompt_logprobs
+                    and not leader.cancelled.is_set()):
+                return leader
+        return None
+
     def _prefill_piece(self) -> None:
-        """The next piece of the first long prompt; once only its last token is left, it joins."""
+        """The next piece of the first long prompt; once only its last token is left, it joins
+        (with its followers)."""
         while self._prefilling:
             request = self._prefilling[0]
+            for follower in [f for f in request.followers if f.cancelled.is_set()]:
+                request.followers.remove(follower)
+                self._emit(follower, None, "cancelled")
             if request.cancelled.is_set():
                 self._prefilling.pop(0)
                 self._emit(request, None, "cancelled")
+                if request.followers:  # the first follower carries the prefill on from here
+                    heir = request.followers.pop(0)
+                    heir.followers, request.followers = request.followers, []
+                    heir.read, heir.prefix_state = request.read, request.prefix_state
+                    if request.prompt_entries is not None:
+                        heir.prompt_entries = request.prompt_entries
+                    self._prefilling.insert(0, heir)
                 continue
             end = min(request.read + self.prefill_piece, len(request.ids) - 1)
             try:
@@ -299,15 +331,23 @@ class Engine:
                         assert request.prompt_entries is not None
                         request.prompt_entries += score_tokens(out.logits[0], request.ids[request.read + 1:end + 1],
                                                                request.prompt_logprobs)
-            except Exception as err:  # this request alone
+            except Exception as err:  # this prompt alone (and its followers: the same prompt)
                 self._prefilling.pop(0)
-                self._emit(request, None, _error(err))
+                for failed in [request, *request.followers]:
+                    self._emit(failed, None, _error(err))
+                request.followers = []
                 return
             request.read = end
             if end == len(request.ids) - 1:
                 self._prefilling.pop(0)
                 state, request.prefix_state = request.prefix_state, None
                 self._join(request, state)
+                for follower in request.followers:  # each copies the state in as its own row
+                    follower.read = end
+                    if request.prompt_entries is not None:
+                        follower.prompt_entries = list(request.prompt_entries)
+                    self._join(follower, state)
+                request.followers = []
             return
 
     def _drop_cancelled(self) -> None:
