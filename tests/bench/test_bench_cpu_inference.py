@@ -13,10 +13,10 @@ from yet_another_retnet.models import RetNet, RetNetConfig
 
 def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
     assert main(["bench", "cpu_inference", "--quick", "--out", str(tmp_path), "--variants", "float32,int8,int4",
-                 "--decode-contexts", "64", "--prefill-contexts", "64", "--tokens", "2", "--clients", "2",
+                 "--decode-contexts", "64,128", "--prefill-contexts", "64", "--tokens", "2", "--clients", "2",
                  "--serve-tokens", "2"]) == 0
     result = json.loads((tmp_path / "cpu_inference.json").read_text())
-    rows = {r["variant"]: r for r in result["decode"]}
+    rows = {r["variant"]: r for r in result["decode"] if r["context"] == 64}
     assert set(rows) == {"float32", "int8", "int4"}
     # int8 reads about a quarter of float32's bytes (plus float norms and scales). int4: 0.5625
     # bytes a projection weight (two codes a byte, a float32 scale and low value per 128), the LM
@@ -36,6 +36,15 @@ def test_quick_run_writes_json_and_markdown(tmp_path: Path) -> None:
         assert r["state_bytes"] == state
         floor = (r["weight_bytes"] + state) / (r["read_bandwidth_gb_s"] * 1e9)
         assert abs(r["floor_ms"] / 1e3 - floor) < 1e-9 and r["x_floor"] < r["x_weights_floor"]
+    # Both contexts timed in one round, their ratio for each variant.
+    flat = {f["variant"]: f for f in result["decode_flatness"]}
+    assert set(flat) == {"float32", "int8", "int4"}
+    for variant, f in flat.items():
+        times = {r["context"]: r for r in result["decode"] if r["variant"] == variant}
+        assert (f["short"], f["long"]) == (64, 128) and len(f["rounds"]) == len(times[64]["rounds"]) == 1
+        ratio = times[128]["rounds"][0]["ms_per_token"] / times[64]["rounds"][0]["ms_per_token"]
+        assert abs(f["ratio"] - ratio) < 1e-9
+    assert "| int8 | 128 / 64 |" in (tmp_path / "cpu_inference.md").read_text()
     assert result["serve"]["variant"] == "int8" and result["serve"]["many_clients_tokens_per_s"] > 0
     assert "## Decoding, batch 1" in (tmp_path / "cpu_inference.md").read_text()
     # The command as given, in both reports (not a fixed `retnet bench cpu_inference --quick`).

@@ -17,7 +17,9 @@ Everything is measured side by side in one process:
   weights' time alone (the floor the issue first stated).
 * **Decode**: ms per token at batch 1 with the state at position 2k and 16k (the decoding cost of
   a RetNet does not depend on what the state holds, only the rotation table's position does; the
-  state is random, the prefill is measured separately).
+  state is random, the prefill is measured separately). Each round times every context one after
+  another, and the report gives each round's longest context over its shortest: flatness at one
+  memory speed, where the rows' own times may come from different phases of the machine.
 * **Prefill**: tokens/s for a prompt of each ``--prefill-contexts`` length: the float32 model, the
   float32 model with its products in bfloat16 (``ops/bf16_products.py``: oneDNN's bf16 products,
   float32 accumulation, where the CPU has AVX512-BF16/AMX) and the model cast to bfloat16, next to
@@ -202,6 +204,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["product_peak_gflops"] = {"float32": product_peak(torch.float32, 1024 if quick else 2048),
                                      "bfloat16": product_peak(torch.bfloat16, 1024 if quick else 2048)}
     decode: list[dict[str, Any]] = []
+    flatness: list[dict[str, Any]] = []
     prefill: list[dict[str, Any]] = []
     # One variant at a time, each built on its own (random weights) and dropped after use: at
     # 1.3B the float32 model alone is 5.4 GB; the int8 one is quantized from a bfloat16 build, so
@@ -216,23 +219,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             model = quantize_model(RetNet(config, dtype=torch.bfloat16), variant).float()
         gc.collect()
         nbytes, sbytes = decode_bytes(model), state_bytes(model)
-        for position in decode_contexts:
-            # Rounds of (the bandwidth of this moment, then the decoding timing beside it); the
-            # row is the round with the median ratio of the two.
-            rounds = []
-            for _ in range(rounds_per_point):
+        # Rounds of (the bandwidth of this moment, then the decoding timing beside it), the
+        # contexts interleaved within each round; a row is the round with the median ratio of the
+        # two. Side by side, a round's longest context over its shortest shows whether decoding
+        # stays flat, whatever the machine's memory speed did between rounds.
+        rounds: dict[int, list[tuple[float, float, float]]] = {p: [] for p in decode_contexts}
+        for _ in range(rounds_per_point):
+            for position in decode_contexts:
                 here = read_bandwidth(probe)
                 seconds = time_decode(model, position, tokens)
-                rounds.append((seconds / ((nbytes + sbytes) / here), seconds, here))
-            _, seconds, here = sorted(rounds)[len(rounds) // 2]
+                rounds[position].append((seconds / ((nbytes + sbytes) / here), seconds, here))
+        for position in decode_contexts:
+            _, seconds, here = sorted(rounds[position])[len(rounds[position]) // 2]
             floor = (nbytes + sbytes) / here
             decode.append({"variant": variant, "context": position, "ms_per_token": seconds * 1e3,
                            "tokens_per_s": 1 / seconds, "weight_bytes": nbytes, "state_bytes": sbytes,
                            "read_bandwidth_gb_s": here / 1e9, "floor_ms": floor * 1e3, "x_floor": seconds / floor,
                            "x_weights_floor": seconds / (nbytes / here),
                            "rounds": [{"ms_per_token": t * 1e3, "read_bandwidth_gb_s": b / 1e9, "x_floor": x}
-                                      for x, t, b in rounds]})
+                                      for x, t, b in rounds[position]]})
             print(json.dumps(decode[-1]), flush=True)
+        if len(decode_contexts) > 1:
+            short, long = min(decode_contexts), max(decode_contexts)
+            ratios = [b[1] / a[1] for a, b in zip(rounds[short], rounds[long], strict=True)]
+            flatness.append({"variant": variant, "short": short, "long": long,
+                             "ratio": statistics.median(ratios), "rounds": ratios})
+            print(json.dumps(flatness[-1]), flush=True)
         if variant not in ("int8", "int4"):
             for length in prefill_contexts:
                 runs = [(variant, False)] + ([("float32 + bf16 products", True)] if variant == "float32" else [])
@@ -250,7 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                "many_clients_tokens_per_s": serve_throughput(model, clients, serve_tokens)[0]}
             print(json.dumps(result["serve"]), flush=True)
         del model
-    result["decode"], result["prefill"] = decode, prefill
+    result["decode"], result["decode_flatness"], result["prefill"] = decode, flatness, prefill
     gc.collect()
     return result
 
@@ -277,6 +289,13 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['weight_bytes'] / 1e6:,.0f} | {r['state_bytes'] / 1e6:,.0f} | "
                      f"{r['read_bandwidth_gb_s']:.1f} | {r['floor_ms']:.2f} | {r['x_floor']:.2f} | "
                      f"{r['x_weights_floor']:.2f} |")
+    if result.get("decode_flatness"):
+        lines += ["", "Flat in context: each round times every context one after another, so a round's longest "
+                  "context over its shortest compares them at one memory speed.", "",
+                  "| variant | contexts | time ratio (median) | each round |", "|---|---|---:|---|"]
+        for f in result["decode_flatness"]:
+            lines.append(f"| {f['variant']} | {f['long']} / {f['short']} | {f['ratio']:.3f} | "
+                         f"{', '.join(f'{x:.3f}' for x in f['rounds'])} |")
     peaks = result["product_peak_gflops"]
     lines += ["", "## Prefill, batch 1", "",
               f"Product peaks measured here: float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s.", "",
