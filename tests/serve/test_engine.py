@@ -56,17 +56,25 @@ def _prompt(length: int, salt: int) -> list[int]:
     return [(7 * t + 13 * salt + 1) % 256 for t in range(length)]
 
 
-def _run(engine: Engine, specs: list[dict[str, Any]], start: bool = False) -> list[Collect]:
+def _run_requests(engine: Engine, specs: list[dict[str, Any]],
+                  start: bool = False) -> tuple[list[Request], list[Collect]]:
     """Submit every request at once and wait for all of them; ``start``: start the engine once all
-    are queued, so that they are admitted together however fast this machine's threads switch."""
+    are queued, so that they are admitted together however fast this machine's threads switch.
+    Returns the requests (with what the engine filled in) and what each emitted."""
     outs = [Collect() for _ in specs]
-    for spec, out in zip(specs, outs, strict=True):
-        engine.submit(Request(emit=out, **spec))
+    requests = [Request(emit=out, **spec) for spec, out in zip(specs, outs, strict=True)]
+    for request in requests:
+        engine.submit(request)
     if start:
         engine.start()
     for out in outs:
         assert out.done.wait(TIMEOUT), "request never finished"
-    return outs
+    return requests, outs
+
+
+def _run(engine: Engine, specs: list[dict[str, Any]], start: bool = False) -> list[Collect]:
+    """:func:`_run_requests`' emitted tokens alone."""
+    return _run_requests(engine, specs, start)[1]
 
 
 def _specs() -> list[dict[str, Any]]:
@@ -204,15 +212,8 @@ def test_prompt_logprobs_score_every_prompt_token_across_pieces(model: RetNet) -
     engine = Engine(model, max_batch=2, prefill_from=8, prefill_piece=16)
     ids = [_prompt(40, 4), _prompt(5, 5)]
     specs = [{"ids": p, "max_tokens": 4, "temperature": 0.0, "prompt_logprobs": 3} for p in ids]
-    requests = []
     try:
-        outs = [Collect() for _ in specs]
-        for spec, out in zip(specs, outs, strict=True):
-            requests.append(Request(emit=out, **spec))
-            engine.submit(requests[-1])
-        engine.start()
-        for out in outs:
-            assert out.done.wait(TIMEOUT)
+        requests, outs = _run_requests(engine, specs, start=True)
         plain = _run(engine, [{k: v for k, v in spec.items() if k != "prompt_logprobs"} for spec in specs])
     finally:
         engine.stop()
@@ -471,15 +472,9 @@ def test_scored_choices_share_the_scoring_and_get_the_same_entries(model: RetNet
     specs: list[dict[str, Any]] = [{"ids": prompt, "max_tokens": 3, "temperature": 1.0, "seed": i,
                                     "prompt_logprobs": 2} for i in range(3)]
     specs.append({"ids": prompt, "max_tokens": 3, "temperature": 1.0, "seed": 7})
-    requests = []
     try:
-        outs = [Collect() for _ in specs]
-        for spec, out in zip(specs, outs, strict=True):
-            requests.append(Request(emit=out, **spec))
-            engine.submit(requests[-1])
-        engine.start()
-        for out in outs:
-            assert out.done.wait(TIMEOUT) and out.finish == "length"
+        requests, outs = _run_requests(engine, specs, start=True)
+        assert [o.finish for o in outs] == ["length"] * 4
         assert counted.prefills == 2 * 3  # 39 tokens in pieces of 16, once scored, once not
     finally:
         engine.stop()
