@@ -62,6 +62,18 @@ echo "== clean environment with the wheel (at ${SECONDS} s)"
 # --without-pip: the environment runs this Python's pip from the shared site-packages (saves
 # ensurepip's minute on a slow host); it installs into the environment all the same.
 python -m venv --system-site-packages --without-pip "$work/venv"
+# Run from inside a virtual environment, --system-site-packages reaches the base interpreter's
+# packages, not this environment's torch: name this Python's site-packages in a .pth file too (as
+# paths, so their own .pth hooks, an editable install of this package among them, stay out).
+python - "$work/venv/bin/python" <<'PY'
+import subprocess, sys, sysconfig
+from pathlib import Path
+
+ask = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+target = Path(subprocess.check_output([sys.argv[1], "-c", ask], text=True).strip())
+ours = sorted({sysconfig.get_paths()[k] for k in ("purelib", "platlib")})
+(target / "_release_check_parent.pth").write_text("".join(p + "\n" for p in ours))
+PY
 "$work/venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "$work"/dist/*.whl
 cd "$work"  # not the repository: its source tree must not be importable
 
