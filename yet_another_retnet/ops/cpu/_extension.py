@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .machine import decode_tuning, first_cpu
+from .machine import OFF_WORDS, ON_WORDS, decode_tuning, first_cpu
 
 _log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ _switch: bool | None = None
 #: Why the build failed (``None``: it did not, or has not been tried).
 error: str | None = None
 
-_OFF, _ON = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
-
 
 def switch_on() -> bool:
     """Whether the environment allows the CPU kernels in this process (read once, on first use).
@@ -91,9 +89,9 @@ def _read_switch() -> bool:
     if value is None:
         return old is None or old.strip() != "0"
     value = value.strip().lower()
-    if value not in (*_OFF, *_ON):
+    if value not in (*OFF_WORDS, *ON_WORDS):
         raise ValueError(f"{SWITCH} must be 1 (CPU kernels on, the default) or 0 (off), got {value!r}")
-    return value in _ON
+    return value in ON_WORDS
 
 
 def usable() -> bool:

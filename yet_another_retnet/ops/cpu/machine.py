@@ -31,6 +31,10 @@ DEFAULT_PREFETCH = (1024, 2048)
 #: The largest distance accepted: past a few KB a prefetched line is evicted before it is read.
 MAX_PREFETCH = 8192
 
+#: The words an on/off environment variable of the kernels accepts (any case), here and in
+#: ``_extension.py``'s ``YARETNET_FAST_PATH``.
+OFF_WORDS, ON_WORDS = ("0", "false", "off", "no"), ("1", "true", "on", "yes")
+
 
 def first_cpu(cpuinfo: str | None = None) -> dict[str, str] | None:
     """The fields of the first processor in ``/proc/cpuinfo`` (or in its text ``cpuinfo``);
@@ -78,7 +82,7 @@ def cpu_kind(cpuinfo: str | None = None) -> str | None:
 def _parse_prefetch(value: str) -> tuple[int, int]:
     """``YARETNET_DECODE_PREFETCH``'s value as (float, integer) bytes ahead."""
     text = value.strip().lower()
-    if text in ("0", "off", "none", "no", "false"):
+    if text in (*OFF_WORDS, "none"):
         return (0, 0)
     parts = [p.strip() for p in text.split(",")]
     if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
@@ -106,9 +110,9 @@ class DecodeTuning:
 
 def _parse_stream(value: str) -> bool:
     text = value.strip().lower()
-    if text in ("1", "on", "yes", "true"):
+    if text in ON_WORDS:
         return True
-    if text in ("0", "off", "no", "false"):
+    if text in OFF_WORDS:
         return False
     raise ValueError(f"{STREAM_ENV} must be auto (the default: chosen for this CPU), 1 (streaming stores) "
                      f"or 0 (plain stores), got {value!r}")
