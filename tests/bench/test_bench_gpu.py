@@ -22,7 +22,9 @@ def test_quick_run_writes_every_section(tmp_path, monkeypatch):
     assert "GPU" in rows["fla"]["error"]
     if importlib.util.find_spec("triton") is not None:
         assert rows["ours-triton"].get("tokens_per_s", 0) > 0, rows["ours-triton"]
+        assert rows["ours-triton-fused"].get("tokens_per_s", 0) > 0, rows["ours-triton-fused"]
         assert result["kernel_ratios"][0]["vs ours-torch"] > 0
+        assert result["kernel_ratios"][0]["vs ours-triton-fused"] > 0
     training = {r["model"]: r for r in result["training"]}
     assert training["retnet"]["tokens_per_s"] > 0 and training["retnet"]["mfu_measured"] > 0
     decode = result["decode_ratios"]

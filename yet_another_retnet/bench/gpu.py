@@ -2,8 +2,8 @@
 
 Three sections, all in bfloat16 on one CUDA device:
 
-- ``kernels``: chunkwise retention forward + backward, tokens/s, for our Triton kernels, our plain
-  PyTorch form, flash-linear-attention's ``chunk_retention`` (where installed) and
+- ``kernels``: chunkwise retention forward + backward, tokens/s, for our Triton kernels (the default
+  split schedule, and the fused one), our plain PyTorch form, flash-linear-attention's ``chunk_retention`` (where installed) and
   ``F.scaled_dot_product_attention`` with the flash backend (causal), at key head dims 128 and 256
   (as many heads as make a width of 2,048; value dim = key dim), lengths 2k to 32k, 32k tokens per
   call (batch = 32k / length). The decay is Eq. 8 (the only one fla takes).
@@ -25,9 +25,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,16 @@ import torch.nn.functional as F
 from ..models import RetNet, RetNetConfig
 from ..ops import backends, retention_chunkwise
 from ..ops import triton as our_triton
+from ..ops.triton.chunkwise import SCHEDULE_ENV
 from . import common
 
 MODULE = "yet_another_retnet.bench.gpu"
 #: H100 SXM5 dense bf16 tensor-core peak (datasheet), FLOP/s: a second denominator for utilisation.
 H100_BF16_PEAK = 989e12
 SECTIONS = ("kernels", "training", "decode")
-IMPLS = ("ours-triton", "ours-torch", "fla", "sdpa-flash")
+#: In the order they run (fla and flash attention straight after ours, so that a row cut by the time
+#: budget is a less important one). ``ours-triton-fused``: our kernels' other schedule.
+IMPLS = ("ours-triton", "fla", "sdpa-flash", "ours-torch", "ours-triton-fused")
 
 
 def fla_13b_config(**overrides: Any) -> RetNetConfig:
@@ -96,12 +100,28 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, size: int) -> float:
 
 
 def _retention_call(impl: str, chunk: int) -> Callable[..., Any]:
-    backend = {"ours-triton": "triton", "ours-torch": "torch", "fla": "fla"}[impl]
+    backend = {"ours-triton": "triton", "ours-triton-fused": "triton", "ours-torch": "torch", "fla": "fla"}[impl]
+    schedule = "fused" if impl == "ours-triton-fused" else "split"
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return retention_chunkwise(q, k, v, None, chunk, decay="eq8", backend=backend)[0]
+        # The schedule is read when the forward runs; the backward belongs to that forward.
+        with _environment(SCHEDULE_ENV, schedule):
+            return retention_chunkwise(q, k, v, None, chunk, decay="eq8", backend=backend)[0]
 
     return run
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _sdpa_call(device: torch.device) -> Callable[..., Any]:
@@ -123,7 +143,7 @@ def impl_unavailable(impl: str, device: torch.device) -> str | None:
             return "fla's kernels need a GPU"
         if not backends.fla_available():
             return "flash-linear-attention not installed"
-    if impl == "ours-triton":
+    if impl.startswith("ours-triton"):
         if not our_triton.triton_available():
             return "triton not installed"
         if device.type != "cuda" and not our_triton.interpreting():
@@ -184,7 +204,7 @@ def kernel_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (dk, length), rates in sorted(table.items()):
         ours = rates.get("ours-triton")
         row: dict[str, Any] = {"d_head": dk, "length": length}
-        for peer in ("ours-torch", "fla", "sdpa-flash"):
+        for peer in ("ours-torch", "fla", "sdpa-flash", "ours-triton-fused"):
             if ours is not None and peer in rates:
                 row[f"vs {peer}"] = ours / rates[peer]
         out.append(row)
@@ -401,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows, [("impl", "implementation"), ("d_head", "d_head"), ("heads", "heads"), ("length", "length"),
                    ("batch", "batch"), ("ms", "ms"), ("tokens_per_s", "tokens/s"), ("error", "not run")])))
         ratio_cols = [("d_head", "d_head"), ("length", "length"), ("vs ours-torch", "ours / plain PyTorch"),
-                      ("vs fla", "ours / fla"), ("vs sdpa-flash", "ours / flash attention")]
+                      ("vs fla", "ours / fla"), ("vs sdpa-flash", "ours / flash attention"),
+                      ("vs ours-triton-fused", "split / fused schedule")]
         md.append(("Ours (Triton) against each peer", common.markdown_table(result["kernel_ratios"], ratio_cols)))
     config = quick_config() if quick else fla_13b_config()
     if "training" in sections:

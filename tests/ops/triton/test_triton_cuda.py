@@ -19,6 +19,7 @@ from reference import F64, reference_gammas, reference_retention, rel_err
 import yet_another_retnet.ops.retention as retention_module
 from yet_another_retnet import RetNet, RetNetConfig
 from yet_another_retnet.ops import backends, retention_chunkwise, retention_recurrent
+from yet_another_retnet.ops.triton.chunkwise import SCHEDULE_ENV
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
                                 reason="needs a CUDA device and triton")
@@ -49,9 +50,16 @@ def grads(out, state, inputs, seed=1):
 SHAPES = [(2, 4, 1000, 64, 128, 64), (1, 2, 777, 128, 128, 64), (1, 2, 300, 256, 256, 100), (1, 3, 129, 32, 48, 16)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+# Every dtype through the default (split) schedule; the fused one in bfloat16 (each case compiles
+# its own kernels, which the device check's time limit counts).
+SCHEDULE_CASES = [("split", torch.float32), ("split", torch.bfloat16), ("split", torch.float16),
+                  ("fused", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(("schedule", "dtype"), SCHEDULE_CASES, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_kernels_match_reference_on_cuda(dtype, shape):
+def test_kernels_match_reference_on_cuda(schedule, dtype, shape, monkeypatch):
+    monkeypatch.setenv(SCHEDULE_ENV, schedule)
     batch, heads, length, dk, dv, chunk = shape
     (q, k, v, s0), (gq, gk, gv, gs0) = make(batch, heads, length, dk, dv, dtype)
     decay = torch.linspace(0.9, 0.999, heads, dtype=F64)

@@ -28,6 +28,7 @@ from reference import F64, reference_gammas, reference_retention, rel_err
 from yet_another_retnet.ops import backends, retention_chunkwise, retention_recurrent
 from yet_another_retnet.ops.decay import resolve_log_decay
 from yet_another_retnet.ops.triton import chunk_retention_triton, supports, supports_step
+from yet_another_retnet.ops.triton.chunkwise import SCHEDULE_ENV, SCHEDULES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -38,6 +39,13 @@ TOL = {torch.float32: 2e-3, torch.float16: 5e-3}
 def interpret(monkeypatch):
     """CPU tensors may take the kernels (Triton's interpreter)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(params=SCHEDULES)
+def schedule(request, monkeypatch):
+    """Each chunkwise test runs both schedules of the kernels, chosen as users choose them."""
+    monkeypatch.setenv(SCHEDULE_ENV, request.param)
+    return request.param
 
 
 def make(batch, heads, length, dk, dv, dtype=torch.float32, seed=0, state=True, grad=False):
@@ -71,7 +79,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[2]}-dk{c[3]}-dv{c[4]}-c{c[5]}-{c[6]}")
-def test_forward_and_state_match_reference(interpret, case):
+def test_forward_and_state_match_reference(interpret, schedule, case):
     batch, heads, length, dk, dv, chunk, kind, with_state = case
     decay, gammas = gammas_for(kind, heads)
     q, k, v, s0 = make(batch, heads, length, dk, dv, state=with_state)
@@ -92,7 +100,7 @@ def _grads(out, state, inputs, seed=1):
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], CASES[5]],
                          ids=["eq8-state", "log-spaced-2vblocks", "custom-bigchunk", "2kblocks"])
-def test_gradients_match_reference(interpret, case):
+def test_gradients_match_reference(interpret, schedule, case):
     """Gradients w.r.t. q, k, v and the initial state, through the output and the final state."""
     batch, heads, length, dk, dv, chunk, kind, with_state = case
     decay, gammas = gammas_for(kind, heads)
@@ -105,7 +113,7 @@ def test_gradients_match_reference(interpret, case):
         assert rel_err(g, w) < TOL[torch.float32], name
 
 
-def test_state_hand_off_equals_one_call(interpret):
+def test_state_hand_off_equals_one_call(interpret, schedule):
     """Two calls, the state handed on (mid-chunk split), equal one call: values and gradients."""
     q, k, v, s0 = make(1, 2, 29, 16, 16, grad=True)
     out, state = retention_chunkwise(q, k, v, s0, 8, backend="triton")
@@ -120,7 +128,7 @@ def test_state_hand_off_equals_one_call(interpret):
         assert rel_err(g2, g1) < 1e-5
 
 
-def test_float16_inputs(interpret):
+def test_float16_inputs(interpret, schedule):
     """fp16 in, fp16 out, float32 state, float32 accumulation; gradients in fp16."""
     q, k, v, s0 = make(2, 2, 33, 16, 32, dtype=torch.float16, grad=True)
     out, state = retention_chunkwise(q, k, v, s0, 16, backend="triton")
@@ -137,7 +145,7 @@ def test_float16_inputs(interpret):
         assert rel_err(g, w) < TOL[torch.float16]
 
 
-def test_direct_launcher_agrees_with_public_api(interpret):
+def test_direct_launcher_agrees_with_public_api(interpret, schedule):
     """The launcher the dispatch calls, given log(gamma) from ops/decay.py, and the public API
     on the plain PyTorch form: the same function."""
     q, k, v, s0 = make(1, 3, 26, 8, 12)
@@ -146,6 +154,35 @@ def test_direct_launcher_agrees_with_public_api(interpret):
     ref_out, ref_state = retention_chunkwise(q, k, v, s0, 5, decay="log-spaced", scale=0.3, backend="torch")
     assert rel_err(out, ref_out) < TOL[torch.float32]
     assert rel_err(state, ref_state) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 70, 80, 24, 64), (1, 2, 130, 16, 72, 100), (1, 1, 9, 4, 4, None)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_split_and_fused_schedules_agree(interpret, shape):
+    """The two schedules compute one function: outputs, states and every gradient agree to float32
+    rounding (the split schedule runs 64-row chunks at any key dim, the fused one 32 over dk 64)."""
+    batch, heads, length, dk, dv, chunk = shape
+    q, k, v, s0 = make(batch, heads, length, dk, dv, grad=True, seed=3)
+    log_gamma = resolve_log_decay("log-spaced", heads, q.device)
+    results = {}
+    for name in SCHEDULES:
+        out, state = chunk_retention_triton(q, k, v, s0, chunk, log_gamma, dk**-0.5, schedule=name)
+        results[name] = (out, state, *_grads(out, state, [q, k, v, s0]))
+    for a, b in zip(results["split"], results["fused"], strict=True):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_schedule_choice_errors_name_the_setting(interpret, monkeypatch):
+    q, k, v, s0 = make(1, 2, 9, 8, 8)
+    log_gamma = resolve_log_decay("eq8", 2, q.device)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        chunk_retention_triton(q, k, v, s0, 4, log_gamma, 0.3, schedule="fast")
+    monkeypatch.setenv(SCHEDULE_ENV, "Fused ")
+    fused = chunk_retention_triton(q, k, v, s0, 4, log_gamma, 0.3)
+    assert rel_err(fused[0], chunk_retention_triton(q, k, v, s0, 4, log_gamma, 0.3, schedule="split")[0]) < 1e-5
+    monkeypatch.setenv(SCHEDULE_ENV, "parallel")
+    with pytest.raises(ValueError, match=SCHEDULE_ENV):
+        retention_chunkwise(q, k, v, s0, 4, backend="triton")
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,7 +211,7 @@ def test_step_kernel_matches_recurrent_form(interpret, dtype):
     assert rel_err(state_t, ref_state) < TOL[dtype]
 
 
-def test_step_kernel_continues_a_chunkwise_prefill(interpret):
+def test_step_kernel_continues_a_chunkwise_prefill(interpret, schedule):
     """A prefill through the chunkwise kernel, then steps through the step kernel: the reference."""
     q, k, v, _ = make(1, 2, 20, 16, 16, state=False)
     with torch.no_grad():
@@ -309,11 +346,13 @@ def test_kernels_compile_for_sm90_without_a_gpu():
 
     try:
         usage = compile_check.compile_chunkwise(torch.float16, 16, 32)
+        usage.update(compile_check.compile_split(torch.float16, 16, 32))
         usage["step"] = compile_check.compile_step(torch.float16, 16, 32)
     except (RuntimeError, FileNotFoundError) as exc:  # a Triton build without the CUDA toolchain
         if "ptxas" in str(exc) or isinstance(exc, FileNotFoundError):
             pytest.skip(f"Triton cannot compile for CUDA here: {exc}")
         raise
-    assert set(usage) == {"forward", "backward dq", "backward dk dv", "step"}
+    assert set(usage) == {"forward", "backward dq", "backward dk dv", "split states", "split out",
+                          "split state grads", "split dq dk", "split dv", "step"}
     for name, u in usage.items():
         assert 0 <= u.shared <= compile_check.SHARED_LIMIT, name

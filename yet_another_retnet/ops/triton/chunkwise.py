@@ -1,23 +1,29 @@
-"""Chunkwise retention on CUDA through our own Triton kernels (``chunkwise_kernels.py``).
+"""Chunkwise retention on CUDA through our own Triton kernels, in two schedules.
 
 :func:`chunk_retention_triton` is the same function as
 :func:`~yet_another_retnet.ops.retention.retention_chunkwise` on checked inputs, with its own
 backward (an ``autograd.Function``): gradients for ``q``, ``k``, ``v`` and the initial state, and
 the final state differentiable too (a state handed from one call to the next carries gradients).
 
+- Schedules (:data:`SCHEDULES`, chosen by ``schedule=`` or :data:`SCHEDULE_ENV`): ``"split"`` (the
+  default; ``chunkwise_split_kernels.py``) writes the state before every chunk, then forms all
+  chunks' outputs at once; ``"fused"`` (``chunkwise_kernels.py``) walks the chunks in one program
+  per head and value block, keeping the state in registers.
 - Decay: one ``log(gamma)`` per head, from :mod:`yet_another_retnet.ops.decay` (any schedule or
   tensor of gammas), computed there in float64 and handed over in float32.
 - Precision: inputs in float32, bfloat16 or float16; every product accumulates in float32 and
-  states are float32. On a GPU the kernels' float32 products use TF32 (Triton's default), which
+  the returned state is float32. The split schedule's products take operands in the inputs'
+  dtype; the fused one's in float32. On a GPU float32 products use TF32 (Triton's default), which
   is why the tests' tolerances are set for TF32.
-- Any length and chunk size: the last chunk may be shorter. The kernels work in chunks of at most
-  :func:`max_chunk` rows (64, or 32 for key dims over 64); a larger ``chunk_size`` runs in
+- Any length and chunk size: the last chunk may be shorter. A ``chunk_size`` over what a schedule
+  holds at once (64 rows; the fused one 32 for key dims over 64, :func:`max_chunk`) runs in
   chunks of that size, which computes the same function (every chunking does, up to rounding).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -30,11 +36,15 @@ __all__ = [
     "MAX_CHUNK",
     "MAX_KEY_DIM",
     "NUM_STAGES",
+    "SCHEDULES",
+    "SCHEDULE_ENV",
     "chunk_retention_triton",
     "kernel_chunk",
     "key_block",
     "launch_config",
     "max_chunk",
+    "schedule_from_env",
+    "split_blocks",
 ]
 
 #: The most rows per chunk the kernels hold at once.
@@ -158,12 +168,119 @@ class _ChunkRetention(torch.autograd.Function):
         return (dq.sum(0).to(q.dtype), dk_.sum(0).to(k.dtype), dv_.sum(0).to(v.dtype), grad_s0, None, None, None)
 
 
+class _SplitChunkRetention(torch.autograd.Function):
+    """The ``"split"`` schedule (``chunkwise_split_kernels.py``): the states per chunk first, then
+    every chunk's output at once; the backward likewise. ``h`` is recomputed in the backward
+    rather than kept (at fla's 1.3B sizes it is ~270 MB a layer for 8k tokens in bf16)."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, s0: Tensor | None, log_gamma: Tensor,
+                scale: float, chunk: int) -> tuple[Tensor, Tensor]:
+        interpret = q.device.type != "cuda"
+        kernels = kernel_module("chunkwise_split_kernels", interpret)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        s0c = None if s0 is None else s0.to(torch.float32).contiguous()
+        out = torch.empty_like(v)
+        h, final = _split_states(kernels, k, v, s0c, log_gamma, scale, chunk, want_final=True)
+        batch, heads, length, dk = q.shape
+        dv = v.shape[-1]
+        bc, bk, bv = split_blocks(dk, dv, chunk)
+        with interpreter(interpret), on_device(q):
+            kernels._split_out[(triton_cdiv(dv, bv), h.shape[1], batch * heads)](
+                q, k, v, h, out, log_gamma, scale, length, heads, dk, dv, chunk, h.shape[1],
+                BC=bc, BK=bk, BV=bv, num_warps=SPLIT_WARPS, num_stages=NUM_STAGES)
+        del h
+        ctx.save_for_backward(q, k, v, s0c, log_gamma)
+        ctx.scale, ctx.chunk, ctx.s0_dtype = scale, chunk, None if s0 is None else s0.dtype
+        assert final is not None
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, d_out: Tensor | None, d_final: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, s0, log_gamma = ctx.saved_tensors
+        interpret = q.device.type != "cuda"
+        kernels = kernel_module("chunkwise_split_kernels", interpret)
+        batch, heads, length, dk = q.shape
+        dv = v.shape[-1]
+        chunk = ctx.chunk
+        bc, bk, bv = split_blocks(dk, dv, chunk)
+        nk, nv, nt = triton_cdiv(dk, bk), triton_cdiv(dv, bv), triton_cdiv(length, chunk)
+        do = torch.zeros_like(v) if d_out is None else d_out.to(v.dtype).contiguous()
+        dst = None if d_final is None else d_final.to(torch.float32).contiguous()
+        h, _ = _split_states(kernels, k, v, s0, log_gamma, ctx.scale, chunk, want_final=False)
+        dh = torch.empty_like(h)
+        ds0 = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device) if s0 is not None else None
+        dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        sizes = (length, heads, dk, dv, chunk, nt)
+        with interpreter(interpret), on_device(q):
+            kernels._split_state_grads[(nk, nv, batch * heads)](
+                q, do, dh, dst if dst is not None else dh, ds0 if ds0 is not None else dh, log_gamma, *sizes,
+                BC=bc, BK=bk, BV=bv, HAS_DST=dst is not None, STORE_DS0=ds0 is not None,
+                num_warps=SPLIT_WARPS, num_stages=NUM_STAGES)
+            kernels._split_dqk[(nk, nt, batch * heads)](
+                q, k, v, do, h, dh, dq, dk_, log_gamma, ctx.scale, *sizes, BC=bc, BK=bk, BV=bv,
+                num_warps=SPLIT_WARPS, num_stages=NUM_STAGES)
+            kernels._split_dv[(nv, nt, batch * heads)](
+                q, k, do, dh, dv_, log_gamma, ctx.scale, *sizes, BC=bc, BK=bk, BV=bv,
+                num_warps=SPLIT_WARPS, num_stages=NUM_STAGES)
+        grad_s0 = None if ds0 is None else ds0.to(ctx.s0_dtype)
+        return dq, dk_, dv_, grad_s0, None, None, None
+
+
+#: Warps per program of the split schedule's kernels. Compiled for sm_90 (``compile_check.py``),
+#: at 64 x 64 tiles no kernel spills with 4 warps or 8; 8 halves each thread's share of a tile
+#: (71-128 registers), which most helps the two recurrences, whose chunks run one after another.
+#: Not yet tuned on a GPU.
+SPLIT_WARPS = 8
+
+
+def split_blocks(dk: int, dv: int, chunk: int) -> tuple[int, int, int]:
+    """``(BC, BK, BV)`` of the split schedule: tiles of at most 64 key and 64 value columns (every
+    kernel there tiles both dims, so any ``dk <= MAX_KEY_DIM`` fits, in chunks of 64)."""
+    return _pow2(chunk), min(_pow2(dk), 64), min(_pow2(dv), 64)
+
+
+def _split_states(kernels: Any, k: Tensor, v: Tensor, s0: Tensor | None, log_gamma: Tensor, scale: float,
+                  chunk: int, want_final: bool) -> tuple[Tensor, Tensor | None]:
+    """``h`` ``(batch * heads, n_chunks, dk, dv)`` in the inputs' dtype: the state before each
+    chunk; and the final state (float32) when ``want_final``."""
+    batch, heads, length, dk = k.shape
+    dv = v.shape[-1]
+    bc, bk, bv = split_blocks(dk, dv, chunk)
+    nt = triton_cdiv(length, chunk)
+    h = torch.empty(batch * heads, nt, dk, dv, dtype=k.dtype, device=k.device)
+    final = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=k.device) if want_final else None
+    with interpreter(k.device.type != "cuda"), on_device(k):
+        kernels._split_states[(triton_cdiv(dk, bk), triton_cdiv(dv, bv), batch * heads)](
+            k, v, h, s0 if s0 is not None else h, final if final is not None else h, log_gamma, scale,
+            length, heads, dk, dv, chunk, nt, BC=bc, BK=bk, BV=bv, HAS_S0=s0 is not None,
+            STORE_S=want_final, num_warps=SPLIT_WARPS, num_stages=NUM_STAGES)
+    return h, final
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+#: The environment variable that picks the chunkwise kernels' schedule (read on each call).
+SCHEDULE_ENV = "YARETNET_TRITON_SCHEDULE"
+#: ``"split"`` (the default): states first, then all chunks at once (``chunkwise_split_kernels.py``);
+#: ``"fused"``: one program per head and value block walks every chunk (``chunkwise_kernels.py``).
+SCHEDULES = ("split", "fused")
+
+
+def schedule_from_env() -> str:
+    """``YARETNET_TRITON_SCHEDULE`` (``split`` when unset or empty); anything else is a ``ValueError``."""
+    wanted = os.environ.get(SCHEDULE_ENV, "").strip().lower() or "split"
+    if wanted not in SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV} must be one of {SCHEDULES}, got {wanted!r}")
+    return wanted
+
+
 def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None,
-                           chunk_size: int | None, log_gamma: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+                           chunk_size: int | None, log_gamma: Tensor, scale: float,
+                           schedule: str | None = None) -> tuple[Tensor, Tensor]:
     """Chunkwise retention through the Triton kernels, differentiable.
 
     Args:
@@ -174,10 +291,18 @@ def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor |
         log_gamma: ``(heads,)`` ``log(gamma)`` (float64 from ``ops/decay.py``; handed to the kernels
             in float32).
         scale: the key scale.
+        schedule: ``"split"`` or ``"fused"`` (see :data:`SCHEDULES`); ``None`` reads
+            :data:`SCHEDULE_ENV`.
 
     Returns ``(out (batch, heads, length, dv) in q's dtype, state (batch, heads, dk, dv) float32)``.
     """
-    chunk = kernel_chunk(chunk_size, q.shape[2], max_chunk(q.dtype, q.shape[-1]))
+    schedule = schedule_from_env() if schedule is None else schedule
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
+    if schedule == "split":
+        chunk = kernel_chunk(chunk_size, q.shape[2], MAX_CHUNK)
+        return _SplitChunkRetention.apply(q, k, v, prev_state, lg, float(scale), chunk)
+    chunk = kernel_chunk(chunk_size, q.shape[2], max_chunk(q.dtype, q.shape[-1]))
     out, final = _ChunkRetention.apply(q, k, v, prev_state, lg, float(scale), chunk)
     return out, final

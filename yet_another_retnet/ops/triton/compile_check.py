@@ -25,13 +25,25 @@ from typing import NamedTuple
 import torch
 
 from ._load import kernel_module
-from .chunkwise import DKV_WARPS, NUM_STAGES, kernel_chunk, key_block, launch_config, max_chunk
+from .chunkwise import (
+    DKV_WARPS,
+    MAX_CHUNK,
+    NUM_STAGES,
+    SPLIT_WARPS,
+    kernel_chunk,
+    key_block,
+    launch_config,
+    max_chunk,
+    split_blocks,
+)
 from .decode import _pow2
 
-__all__ = ["SHARED_LIMIT", "Usage", "compile_chunkwise", "compile_step"]
+__all__ = ["SHARED_LIMIT", "Usage", "compile_chunkwise", "compile_split", "compile_step"]
 
 #: Shared memory one block may use on an H100 (sm_90): 227 KiB.
 SHARED_LIMIT = 227 * 1024
+#: Integer arguments the report compiles as multiples of 16 (see ``_compile``).
+_MULTIPLES_OF_16 = ("L", "DK", "DV", "CHUNK")
 _TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -55,7 +67,14 @@ def _compile(fn: object, pointers: dict[str, str], constants: dict[str, object],
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=fn, signature=_signature(fn, pointers, constants), constexprs=constants)
+    signature = _signature(fn, pointers, constants)
+    # As Triton's JIT specializes a launch: pointers 16-byte aligned (as torch allocates) and the
+    # sizes divisible by 16 (the lengths, head dims and chunks measured are). Without these hints
+    # the compiler can prove no alignment and emits scalar, unpipelined loads.
+    names: list[str] = fn.arg_names  # type: ignore[attr-defined]
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if signature[n].startswith("*") or n in _MULTIPLES_OF_16}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     registers = stack = None
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -91,6 +110,28 @@ def compile_chunkwise(dtype: torch.dtype, dk: int, dv: int, chunk_size: int = 64
     }
 
 
+def compile_split(dtype: torch.dtype, dk: int, dv: int, chunk_size: int = 64, arch: int = 90) -> dict[str, Usage]:
+    """The resources of the split schedule's five kernels as its launcher would configure them."""
+    bc, bk, bv = split_blocks(dk, dv, kernel_chunk(chunk_size, 1 << 30, MAX_CHUNK))
+    io = _TYPES[dtype]
+    pointers = {n: f"*{io}" for n in ("q", "k", "v", "o", "do", "h", "dh", "dq", "dk", "dv")}
+    pointers.update({n: "*fp32" for n in ("s0", "sT", "lg_ptr", "dsT", "ds0")})
+    pointers["scale"] = "fp32"
+    kernels = kernel_module("chunkwise_split_kernels", interpret=False)
+    blocks: dict[str, object] = {"BC": bc, "BK": bk, "BV": bv}
+
+    options = {"num_warps": SPLIT_WARPS, "num_stages": NUM_STAGES}
+    return {
+        "split states": _compile(kernels._split_states, pointers, {**blocks, "HAS_S0": True, "STORE_S": True},
+                                 arch, options),
+        "split out": _compile(kernels._split_out, pointers, blocks, arch, options),
+        "split state grads": _compile(kernels._split_state_grads, pointers,
+                                      {**blocks, "HAS_DST": True, "STORE_DS0": True}, arch, options),
+        "split dq dk": _compile(kernels._split_dqk, pointers, blocks, arch, options),
+        "split dv": _compile(kernels._split_dv, pointers, blocks, arch, options),
+    }
+
+
 def compile_step(dtype: torch.dtype, dk: int, dv: int, arch: int = 90) -> Usage:
     """The resources of the decoding step kernel as its launcher configures it."""
     bk = _pow2(dk)
@@ -113,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for dtype in _TYPES:
         for dk in (int(x) for x in args.head_dims.split(",")):
             shared = compile_chunkwise(dtype, dk, 2 * dk, arch=args.arch)
+            shared.update(compile_split(dtype, dk, 2 * dk, arch=args.arch))
             shared["step"] = compile_step(dtype, dk, 2 * dk, arch=args.arch)
             worst = max(u.shared for u in shared.values())
             misses += worst > SHARED_LIMIT
