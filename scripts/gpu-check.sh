@@ -42,7 +42,7 @@ status=0
 log "1/2 CUDA tests"
 timeout 115 "$PY" -m pytest -q -p no:cacheprovider tests/ops/triton/test_triton_cuda.py tests/ops/triton/test_triton_interpreter.py \
     2>&1 | tee "$OUT/tests-triton.log" | tail -15 || status=1
-timeout 40 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_retention_forms.py tests/models/test_retnet.py tests/models/test_generation.py \
+timeout 40 "$PY" -m pytest -q -p no:cacheprovider -k cuda tests/ops/test_retention_forms.py tests/models/test_retnet.py tests/models/test_generation.py tests/models/test_cuda_graph.py \
     2>&1 | tee "$OUT/tests-devices.log" | tail -5 || status=1
 
 log "2/2 benchmark"

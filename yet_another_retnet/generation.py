@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -135,6 +135,7 @@ class GenerationMixin:
         pad_token_id: int | None = None,
         chunk_size: int | None = None,
         inputs_embeds: Tensor | None = None,
+        cuda_graph: bool = False,
     ) -> Iterator[Tensor]:
         """Yield the next token of every row, ``(batch,)`` long, one step at a time.
 
@@ -143,6 +144,10 @@ class GenerationMixin:
         form; each new token costs one recurrent step, whatever the context length. Rows that
         produced ``eos_token_id`` yield ``pad_token_id`` (default: the eos id) from then on; the
         stream ends after ``max_new_tokens`` (required) or when every row has finished.
+
+        ``cuda_graph=True`` (a model on a CUDA device) runs the steps as replays of one captured
+        CUDA graph (:class:`~yet_another_retnet.models.cuda_graph.GraphedDecoder`): one launch per
+        token instead of a dozen per layer, the same numbers.
         """
         _check_generation_args(max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
                                pad_token_id, self.config.vocab_size)
@@ -154,6 +159,8 @@ class GenerationMixin:
             # greedy calls on one prompt disagree.
             warnings.warn("generating in training mode: dropout is active, so the tokens change from call to "
                           "call; call model.eval() first", stacklevel=2)
+        if cuda_graph and prompt.device.type != "cuda":
+            raise ValueError(f"cuda_graph: a CUDA graph needs a model on a CUDA device, this one is on {prompt.device}")
         if max_new_tokens == 0:
             return
         pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -163,6 +170,13 @@ class GenerationMixin:
             out = self._forward(prompt, None, "chunkwise", chunk_size, None, token_mask, last_logits_only=True)
             finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         state, logits = out.state, out.logits[:, -1]
+        graphed = None
+        if cuda_graph and max_new_tokens > 1:
+            from .models.cuda_graph import GraphedDecoder
+
+            # The steps write positions up to the last row's next one plus max_new_tokens - 2.
+            top = int(state.position.max()) if state.position.numel() else 0
+            graphed = GraphedDecoder(cast(Any, self), state, max_position=top + max_new_tokens)
         for step in range(max_new_tokens):
             with torch.inference_mode():
                 token = next_tokens(logits, do_sample, temperature, top_k, top_p, generator)
@@ -175,7 +189,7 @@ class GenerationMixin:
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(finished.all())):
                 return
             # The state is this loop's alone: stepped in place, nothing allocated per token.
-            logits = self.step_(token, state)
+            logits = self.step_(token, state) if graphed is None else graphed.step(token)
 
     def generate(
         self,
@@ -191,6 +205,7 @@ class GenerationMixin:
         pad_token_id: int | None = None,
         chunk_size: int | None = None,
         inputs_embeds: Tensor | None = None,
+        cuda_graph: bool = False,
     ) -> Tensor:
         """The prompt followed by up to ``max_new_tokens`` (required) tokens: ``(batch, prompt +
         new)`` long; from ``inputs_embeds`` (a prompt of embeddings, no ids) the new tokens alone
@@ -199,11 +214,11 @@ class GenerationMixin:
         Greedy by default; ``do_sample=True`` samples with ``temperature``, ``top_k`` and
         ``top_p`` from ``generator``. Left-padded prompts (``attention_mask`` 0 on the left) give
         each row what its prompt gives alone. Generation stops early once every row has emitted
-        ``eos_token_id``.
+        ``eos_token_id``. ``cuda_graph=True``: see :meth:`stream_generate`.
         """
         new = list(self.stream_generate(
             input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-            attention_mask, generator, pad_token_id, chunk_size, inputs_embeds,
+            attention_mask, generator, pad_token_id, chunk_size, inputs_embeds, cuda_graph,
         ))
         prompt = self._pick_inputs(input_ids, inputs_embeds)  # (stream_generate checked them)
         tokens = (torch.stack(new, dim=1) if new

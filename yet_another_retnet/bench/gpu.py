@@ -13,8 +13,9 @@ Three sections, all in bfloat16 on one CUDA device:
   heads and parameter count with SDPA attention; model-FLOPs utilisation counted as in
   docs/performance.md, over the measured rate of an 8,192^3 bf16 matrix product (and, for
   reference, over H100 SXM's datasheet 989 TFLOP/s).
-- ``decode``: ms per generated token at that size, bf16 weights, RetNet's recurrent step against
-  Llama with a KV cache, after a prefill of the context: batch 1 at 8k and 32k, batch 16 at 8k.
+- ``decode``: ms per generated token at that size, bf16 weights, RetNet's recurrent step (eager,
+  and replayed as one CUDA graph) against Llama with a KV cache (eager), after a prefill of the
+  context: batch 1 at 8k and 32k, batch 16 at 8k.
 
 ``--quick`` runs every code path at toy sizes, on CPU too (what the CI smoke test runs; its
 numbers mean nothing). Targets and how to run: docs/gpu.md.
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..models import RetNet, RetNetConfig
+from ..models.cuda_graph import GraphedDecoder
 from ..ops import backends, retention_chunkwise
 from ..ops import triton as our_triton
 from ..ops.triton.chunkwise import SCHEDULE_ENV
@@ -291,19 +293,29 @@ def bench_training(device: torch.device, config: RetNetConfig, batch: int, lengt
 
 
 @torch.no_grad()
-def _retnet_decode_ms(model: RetNet, batch: int, context: int, steps: int, device: torch.device) -> float:
+def _retnet_decode_ms(model: RetNet, batch: int, context: int, steps: int, device: torch.device,
+                      graphed: bool = False) -> float:
+    """ms per greedy step after a prefill of ``context`` tokens: eager steps, or (``graphed``) the
+    replays of one CUDA graph (:class:`~yet_another_retnet.models.cuda_graph.GraphedDecoder`)."""
     gen = torch.Generator().manual_seed(context)
     prompt = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
     out = model.prefill(prompt)
-    state, token = out.state, out.logits[:, -1].argmax(-1, keepdim=True)
+    state, token = out.state, out.logits[:, -1].argmax(-1)
+    if graphed:
+        decoder = GraphedDecoder(model, state, max_position=context + steps + 2)
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            return decoder.step(ids)
+    else:
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            return model.step_(ids, state)
+
     for _ in range(2):  # warm-up steps (the state is handed on, as in generation)
-        out = model(token, state=state)
-        state, token = out.state, out.logits[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1)
     common.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(token, state=state)
-        state, token = out.state, out.logits[:, -1].argmax(-1, keepdim=True)
+        token = step(token).argmax(-1)
     common.synchronize(device)
     return (time.perf_counter() - start) / steps * 1e3
 
@@ -334,12 +346,18 @@ def bench_decode(device: torch.device, dtype: torch.dtype, config: RetNetConfig,
     torch.manual_seed(0)
     retnet = RetNet(config, device=device, dtype=dtype).eval()
     for batch, context in cases:
-        row: dict[str, Any] = {"model": "retnet", "batch": batch, "context": context}
-        try:
-            row["ms_per_token"] = _retnet_decode_ms(retnet, batch, context, steps, device)
-        except Exception as exc:
-            row["error"] = _error_text(exc)
-        rows.append(row)
+        for model, graphed in (("retnet", False), ("retnet-graph", True)):
+            row: dict[str, Any] = {"model": model, "batch": batch, "context": context}
+            if graphed and device.type != "cuda":
+                row["error"] = "CUDA graphs need a GPU"
+            else:
+                try:
+                    row["ms_per_token"] = _retnet_decode_ms(retnet, batch, context, steps, device, graphed)
+                except Exception as exc:
+                    row["error"] = _error_text(exc)
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     del retnet
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -366,8 +384,10 @@ def decode_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if model != "retnet":
             continue
         llama = by.get(("llama", batch, context))
-        out.append({"batch": batch, "context": context, "retnet_ms": ms, "llama_ms": llama,
-                    "speedup": llama / ms if ms and llama else None})
+        graph = by.get(("retnet-graph", batch, context))
+        out.append({"batch": batch, "context": context, "retnet_ms": ms, "retnet_graph_ms": graph,
+                    "llama_ms": llama, "speedup": llama / ms if ms and llama else None,
+                    "graph_speedup": llama / graph if graph and llama else None})
     return out
 
 
@@ -440,7 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["decode_ratios"] = decode_summary(rows)
         md.append(("Decoding (ms per token after a prefill of the context)", common.markdown_table(
             result["decode_ratios"], [("batch", "batch"), ("context", "context"), ("retnet_ms", "RetNet ms"),
-                                      ("llama_ms", "Llama + KV cache ms"), ("speedup", "speed-up")])))
+                                      ("retnet_graph_ms", "RetNet, CUDA graph ms"),
+                                      ("llama_ms", "Llama + KV cache ms"), ("speedup", "speed-up"),
+                                      ("graph_speedup", "speed-up, CUDA graph")])))
         errors = [r for r in rows if "error" in r]
         if errors:
             md.append(("Decoding runs that failed", common.markdown_table(
