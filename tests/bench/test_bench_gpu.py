@@ -50,3 +50,24 @@ def test_fla_13b_layer_sizes():
     config = gpu.fla_13b_config()
     assert config.d_model // config.num_heads == 256 and config.value_factor == 2.0
     assert count_parameters(config) == pytest.approx(1_351_727_104, rel=2e-3)
+
+
+def test_a_run_stopped_by_its_time_limit_writes_what_it_measured(tmp_path, monkeypatch):
+    """``timeout`` stops a section with SIGTERM: the rows finished by then are written, and the
+    report says it stopped (a device session has one try)."""
+    import os
+    import signal
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # as gpu-check.sh's timeout does
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(gpu, "bench_training", stopped)
+    with pytest.raises(SystemExit) as stop:
+        gpu.main(["--quick", "--device", "cpu", "--sections", "kernels,training", "--out", str(tmp_path)])
+    assert stop.value.code == 124
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert result["stopped"] == "stopped by SIGTERM"
+    assert any("tokens_per_s" in r for r in result["kernels"]) and result["kernel_ratios"]
+    assert "Stopped" in (tmp_path / "gpu.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back

@@ -27,7 +27,9 @@ import argparse
 import contextlib
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -155,10 +157,11 @@ def impl_unavailable(impl: str, device: torch.device) -> str | None:
 
 def bench_kernels(device: torch.device, dtype: torch.dtype, head_dims: Sequence[int], lengths: Sequence[int],
                   tokens: int, width: int, chunk: int, warmup: int, repeats: int,
-                  deadline: float = math.inf) -> list[dict[str, Any]]:
-    """Rows of the kernels section; rows not started by ``deadline`` (``time.monotonic()``) are
-    marked skipped, so that a run under a time limit still writes what it measured."""
-    rows = []
+                  deadline: float = math.inf, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rows of the kernels section, appended to ``rows`` (a new list by default) as they finish;
+    rows not started by ``deadline`` (``time.monotonic()``) are marked skipped, so that a run under
+    a time limit still writes what it measured."""
+    rows = [] if rows is None else rows
     for dk in head_dims:
         heads = max(1, width // dk)
         for length in lengths:
@@ -238,8 +241,8 @@ def llama_flops_per_token(config: RetNetConfig, matmul_params: int, length: int)
 
 
 def bench_training(device: torch.device, config: RetNetConfig, batch: int, length: int, warmup: int,
-                   repeats: int, peak: float) -> list[dict[str, Any]]:
-    rows = []
+                   repeats: int, peak: float, rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    rows = [] if rows is None else rows
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (batch, length + 1), generator=gen).to(device)
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
@@ -341,8 +344,9 @@ def _llama_decode_ms(model: torch.nn.Module, vocab: int, batch: int, context: in
 
 
 def bench_decode(device: torch.device, dtype: torch.dtype, config: RetNetConfig,
-                 cases: Sequence[tuple[int, int]], steps: int) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
+                 cases: Sequence[tuple[int, int]], steps: int,
+                 rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    rows = [] if rows is None else rows
     torch.manual_seed(0)
     retnet = RetNet(config, device=device, dtype=dtype).eval()
     for batch, context in cases:
@@ -408,6 +412,51 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def render(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The Markdown sections of whatever ``result`` holds so far (a run cut short renders too)."""
+    md: list[tuple[str, str]] = []
+    if "kernels" in result:
+        result["kernel_ratios"] = kernel_summary(result["kernels"])
+        md.append(("Chunkwise retention forward + backward (tokens/s)", common.markdown_table(
+            result["kernels"], [("impl", "implementation"), ("d_head", "d_head"), ("heads", "heads"),
+                                ("length", "length"), ("batch", "batch"), ("ms", "ms"),
+                                ("tokens_per_s", "tokens/s"), ("error", "not run")])))
+        ratio_cols = [("d_head", "d_head"), ("length", "length"), ("vs ours-torch", "ours / plain PyTorch"),
+                      ("vs fla", "ours / fla"), ("vs sdpa-flash", "ours / flash attention"),
+                      ("vs ours-triton-fused", "split / fused schedule")]
+        md.append(("Ours (Triton) against each peer", common.markdown_table(result["kernel_ratios"], ratio_cols)))
+    if "training" in result:
+        md.append(("Training step (forward, backward, AdamW; bf16 autocast)", common.markdown_table(
+            result["training"], [("model", "model"), ("parameters", "parameters"), ("batch", "batch"),
+                                 ("length", "length"), ("tokens_per_s", "tokens/s"),
+                                 ("mfu_measured", "MFU (measured matmul)"), ("mfu_datasheet", "MFU (989 TFLOP/s)"),
+                                 ("peak_gib", "peak GiB"), ("error", "not run")])))
+    if "decode" in result:
+        result["decode_ratios"] = decode_summary(result["decode"])
+        md.append(("Decoding (ms per token after a prefill of the context)", common.markdown_table(
+            result["decode_ratios"], [("batch", "batch"), ("context", "context"), ("retnet_ms", "RetNet ms"),
+                                      ("retnet_graph_ms", "RetNet, CUDA graph ms"),
+                                      ("llama_ms", "Llama + KV cache ms"), ("speedup", "speed-up"),
+                                      ("graph_speedup", "speed-up, CUDA graph")])))
+        errors = [r for r in result["decode"] if "error" in r]
+        if errors:
+            md.append(("Decoding runs that failed", common.markdown_table(
+                errors, [("model", "model"), ("batch", "batch"), ("context", "context"), ("error", "error")])))
+    if "matmul_flops" in result:
+        md.append(("Denominator", f"{result['dtype']} {result['matmul_size']}^3 matrix product measured here: "
+                                  f"{common.fmt(result['matmul_flops'] / 1e12)} TFLOP/s.\n"))
+    if result.get("stopped"):
+        md.append(("Stopped", f"{result['stopped']}: the rows above are those finished before it.\n"))
+    return md
+
+
+def write(out: Path, result: dict[str, Any], info: Any) -> None:
+    md = render(result)
+    common.write_json(out / "gpu.json", result)
+    title = "GPU benchmark" + (" (quick smoke run: numbers mean nothing)" if result["quick"] else "")
+    common.write_markdown(out / "gpu.md", title, info, result["command"], md)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -424,57 +473,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The interpreter has no bfloat16: a quick CPU run uses float32.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     info = common.machine_info(device)
+    out = Path(args.out)
     result: dict[str, Any] = {"machine": info, "quick": quick, "dtype": str(dtype).removeprefix("torch."),
                               "command": " ".join(["python -m", MODULE, *(argv if argv is not None else [])])}
-    peak = matmul_flops(device, dtype, 256 if quick else 8192)
-    result["matmul_flops"] = peak
-    md: list[tuple[str, str]] = []
-    if "kernels" in sections:
-        rows = bench_kernels(device, dtype, head_dims=(16,) if quick else (128, 256),
-                             lengths=(48,) if quick else (2048, 4096, 8192, 16384, 32768),
-                             tokens=64 if quick else 32768, width=32 if quick else 2048,
-                             chunk=16 if quick else 64, warmup=1 if quick else 2, repeats=1 if quick else 5,
-                             deadline=math.inf if args.budget_s is None else time.monotonic() + args.budget_s)
-        result["kernels"] = rows
-        result["kernel_ratios"] = kernel_summary(rows)
-        md.append(("Chunkwise retention forward + backward (tokens/s)", common.markdown_table(
-            rows, [("impl", "implementation"), ("d_head", "d_head"), ("heads", "heads"), ("length", "length"),
-                   ("batch", "batch"), ("ms", "ms"), ("tokens_per_s", "tokens/s"), ("error", "not run")])))
-        ratio_cols = [("d_head", "d_head"), ("length", "length"), ("vs ours-torch", "ours / plain PyTorch"),
-                      ("vs fla", "ours / fla"), ("vs sdpa-flash", "ours / flash attention"),
-                      ("vs ours-triton-fused", "split / fused schedule")]
-        md.append(("Ours (Triton) against each peer", common.markdown_table(result["kernel_ratios"], ratio_cols)))
-    config = quick_config() if quick else fla_13b_config()
-    if "training" in sections:
-        rows = bench_training(device, config, batch=2 if quick else 4, length=32 if quick else 2048,
-                              warmup=1 if quick else 2, repeats=1 if quick else 5, peak=peak)
-        result["training"] = rows
-        md.append(("Training step (forward, backward, AdamW; bf16 autocast)", common.markdown_table(
-            rows, [("model", "model"), ("parameters", "parameters"), ("batch", "batch"), ("length", "length"),
-                   ("tokens_per_s", "tokens/s"), ("mfu_measured", "MFU (measured matmul)"),
-                   ("mfu_datasheet", "MFU (989 TFLOP/s)"), ("peak_gib", "peak GiB"), ("error", "not run")])))
-    if "decode" in sections:
-        cases = [(2, 24)] if quick else [(1, 8192), (1, 32768), (16, 8192)]
-        rows = bench_decode(device, dtype, config, cases, steps=2 if quick else 32)
-        result["decode"] = rows
-        result["decode_ratios"] = decode_summary(rows)
-        md.append(("Decoding (ms per token after a prefill of the context)", common.markdown_table(
-            result["decode_ratios"], [("batch", "batch"), ("context", "context"), ("retnet_ms", "RetNet ms"),
-                                      ("retnet_graph_ms", "RetNet, CUDA graph ms"),
-                                      ("llama_ms", "Llama + KV cache ms"), ("speedup", "speed-up"),
-                                      ("graph_speedup", "speed-up, CUDA graph")])))
-        errors = [r for r in rows if "error" in r]
-        if errors:
-            md.append(("Decoding runs that failed", common.markdown_table(
-                errors, [("model", "model"), ("batch", "batch"), ("context", "context"), ("error", "error")])))
-    md.append(("Denominator", f"{dtype} {256 if quick else 8192}^3 matrix product measured here: "
-                              f"{common.fmt(peak / 1e12)} TFLOP/s.\n"))
-    out = Path(args.out)
-    common.write_json(out / "gpu.json", result)
-    common.write_markdown(out / "gpu.md", "GPU benchmark" + (" (quick smoke run: numbers mean nothing)" if quick else ""),
-                          info, result["command"], md)
+    with _written_when_stopped(out, result, info):
+        result["matmul_size"] = 256 if quick else 8192
+        result["matmul_flops"] = peak = matmul_flops(device, dtype, result["matmul_size"])
+        if "kernels" in sections:
+            bench_kernels(device, dtype, head_dims=(16,) if quick else (128, 256),
+                          lengths=(48,) if quick else (2048, 4096, 8192, 16384, 32768),
+                          tokens=64 if quick else 32768, width=32 if quick else 2048,
+                          chunk=16 if quick else 64, warmup=1 if quick else 2, repeats=1 if quick else 5,
+                          deadline=math.inf if args.budget_s is None else time.monotonic() + args.budget_s,
+                          rows=result.setdefault("kernels", []))
+        config = quick_config() if quick else fla_13b_config()
+        if "training" in sections:
+            bench_training(device, config, batch=2 if quick else 4, length=32 if quick else 2048,
+                           warmup=1 if quick else 2, repeats=1 if quick else 5, peak=peak,
+                           rows=result.setdefault("training", []))
+        if "decode" in sections:
+            cases = [(2, 24)] if quick else [(1, 8192), (1, 32768), (16, 8192)]
+            bench_decode(device, dtype, config, cases, steps=2 if quick else 32, rows=result.setdefault("decode", []))
+    write(out, result, info)
     print(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'}")
     return 0
+
+
+@contextlib.contextmanager
+def _written_when_stopped(out: Path, result: dict[str, Any], info: Any) -> Iterator[None]:
+    """Where a time limit stops the run (``timeout`` sends SIGTERM) or it is interrupted, write the
+    rows finished so far before exiting: a device session has one try."""
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        result["stopped"] = f"stopped by {exc.args[0] if exc.args else 'SIGINT'}"
+        write(out, result, info)
+        print(f"{result['stopped']}: wrote what was measured to {out / 'gpu.json'}")
+        raise SystemExit(124) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
