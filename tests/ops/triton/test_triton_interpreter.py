@@ -172,6 +172,25 @@ def test_split_and_fused_schedules_agree(interpret, shape):
         assert rel_err(a, b) < 1e-5
 
 
+def test_split_prefill_in_pieces_equals_one_call(interpret, monkeypatch):
+    """Without gradients a long split call runs in pieces of whole chunks (h bounded): the same
+    outputs and state as one call, to float32 rounding, whatever the piece."""
+    from yet_another_retnet.ops.triton import chunkwise
+
+    q, k, v, s0 = make(1, 2, 77, 16, 24, seed=5)
+    log_gamma = resolve_log_decay("eq8", 2, q.device)
+    with torch.no_grad():
+        whole = chunk_retention_triton(q, k, v, s0, 8, log_gamma, 0.25, schedule="split")
+        per_chunk = 1 * 2 * 16 * 24 * q.element_size()
+        for chunks in (1, 3):
+            monkeypatch.setattr(chunkwise, "SPLIT_STATES_BUDGET", chunks * per_chunk)
+            assert chunkwise._split_piece(q, v, 8) == chunks * 8
+            pieces = chunk_retention_triton(q, k, v, s0, 8, log_gamma, 0.25, schedule="split")
+            assert rel_err(pieces[0], whole[0]) < 1e-6 and rel_err(pieces[1], whole[1]) < 1e-6
+    ref_out, ref_state = reference_retention(q, k, v, reference_gammas(2), prev_state=s0, scale=0.25)
+    assert rel_err(pieces[0], ref_out) < TOL[torch.float32] and rel_err(pieces[1], ref_state) < TOL[torch.float32]
+
+
 def test_schedule_choice_errors_name_the_setting(interpret, monkeypatch):
     q, k, v, s0 = make(1, 2, 9, 8, 8)
     log_gamma = resolve_log_decay("eq8", 2, q.device)

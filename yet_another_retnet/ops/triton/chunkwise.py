@@ -38,6 +38,7 @@ __all__ = [
     "NUM_STAGES",
     "SCHEDULES",
     "SCHEDULE_ENV",
+    "SPLIT_STATES_BUDGET",
     "chunk_retention_triton",
     "kernel_chunk",
     "key_block",
@@ -241,6 +242,20 @@ def split_blocks(dk: int, dv: int, chunk: int) -> tuple[int, int, int]:
     return _pow2(chunk), min(_pow2(dk), 64), min(_pow2(dv), 64)
 
 
+#: Bytes of ``h`` (the state before every chunk) a split call without gradients holds at once:
+#: a longer prefill runs in pieces (at fla's 1.3B sizes ``h`` is 32 KiB a token in bf16, so a
+#: million-token prompt would otherwise need 32 GiB for it).
+SPLIT_STATES_BUDGET = 1 << 30
+
+
+def _split_piece(q: Tensor, v: Tensor, chunk: int) -> int:
+    """Tokens per piece of a split call without gradients: whole chunks whose ``h`` fits
+    :data:`SPLIT_STATES_BUDGET` (at least one chunk)."""
+    batch, heads, _, dk = q.shape
+    per_chunk = batch * heads * dk * v.shape[-1] * q.element_size()
+    return max(1, SPLIT_STATES_BUDGET // max(1, per_chunk)) * chunk
+
+
 def _split_states(kernels: Any, k: Tensor, v: Tensor, s0: Tensor | None, log_gamma: Tensor, scale: float,
                   chunk: int, want_final: bool) -> tuple[Tensor, Tensor | None]:
     """``h`` ``(batch * heads, n_chunks, dk, dv)`` in the inputs' dtype: the state before each
@@ -302,7 +317,21 @@ def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor |
     lg = log_gamma.detach().to(device=q.device, dtype=torch.float32).contiguous()
     if schedule == "split":
         chunk = kernel_chunk(chunk_size, q.shape[2], MAX_CHUNK)
-        return _SplitChunkRetention.apply(q, k, v, prev_state, lg, float(scale), chunk)
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, prev_state))
+        piece = _split_piece(q, v, chunk)
+        if wants_grad or piece >= q.shape[2]:
+            return _SplitChunkRetention.apply(q, k, v, prev_state, lg, float(scale), chunk)
+        # Without gradients (a prefill), pieces of whole chunks with the state handed on: the
+        # same chunks, so the same function, with h held for one piece at a time.
+        outs, state = [], prev_state
+        for t0 in range(0, q.shape[2], piece):
+            part = slice(t0, t0 + piece)
+            out, state = _SplitChunkRetention.apply(q[:, :, part], k[:, :, part], v[:, :, part], state, lg,
+                                                    float(scale), chunk)
+            outs.append(out)
+        assert state is not None
+        return torch.cat(outs, dim=2), state
     chunk = kernel_chunk(chunk_size, q.shape[2], max_chunk(q.dtype, q.shape[-1]))
     out, final = _ChunkRetention.apply(q, k, v, prev_state, lg, float(scale), chunk)
     return out, final
