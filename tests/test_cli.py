@@ -315,6 +315,8 @@ def test_generate_checks_top_k_before_echoing_the_prompt(trained: Path, capsys: 
     assert capsys.readouterr().out == ""
     assert main(["generate", str(trained), "--prompt", "hello", "--device", "xpu"]) == 2
     assert "cpu or cuda" in one_error_line(capsys)
+    assert main(["generate", str(trained), "--prompt", "hello", "--device", "cpu", "--cuda-graph"]) == 2
+    assert "--cuda-graph" in one_error_line(capsys)
 
 
 def test_info_skips_malformed_metrics_and_shows_null_as_na(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,6 +26,8 @@ def add_parser(sub: Any) -> None:
                    help="cast the weights (default: as saved); bfloat16 decodes ~1.5x faster on CPUs with AVX512-BF16")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step (first token waits for the compiler; faster after)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="on a CUDA GPU, replay each decoding step as one captured CUDA graph (docs/gpu.md)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="int8 weights (per output channel) for the projections and head: ~4x fewer bytes a token; "
                         "int4: 4-bit weights with a scale per group of 128 inputs (int4-gN: groups of N), ~7x fewer")
@@ -50,6 +52,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     device = _pick_device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise UsageError(f"--cuda-graph needs a CUDA device (--device cuda), got {device.type}")
+    if args.cuda_graph and (args.compile or args.quantize):
+        raise UsageError("--cuda-graph replays the float decoding step: drop --compile and --quantize")
     model, tokenizer = _load_model(args.model, device, args.quantize)
     if args.dtype is not None:
         model = model.to(getattr(torch, args.dtype))
@@ -76,7 +82,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.tensor([ids], device=device), args.max_new_tokens, do_sample=not greedy,
         temperature=1.0 if greedy else args.temperature, top_k=args.top_k,
         top_p=None if greedy else args.top_p, generator=generator,
-        eos_token_id=eos,
+        eos_token_id=eos, cuda_graph=args.cuda_graph,
     )
     for token in stream:
         if eos is not None and int(token[0]) == eos:
