@@ -35,7 +35,37 @@ import triton
 import triton.language as tl
 
 # Only Triton's builtins, as in chunkwise_kernels.py (this module may run interpreted in a process
-# that imported Triton compiled).
+# that imported Triton compiled), and the helpers below: they are decorated with the kernels, in
+# the same mode.
+
+
+@triton.jit
+def _chunk_rows(n, CHUNK, L, ri):
+    """Chunk ``n``'s length ``c``, which of the block's ``BC`` rows it has, and their indices."""
+    t0 = n * CHUNK
+    c = tl.minimum(CHUNK, L - t0)
+    return c, ri < c, t0 + ri
+
+
+@triton.jit
+def _pair_decays(lg, ri, scale):
+    """``M`` ``(BC, BC)``: ``s g^(i-j)`` for ``i >= j``, else 0 (the exponent clamped so that the
+    unused upper triangle cannot overflow)."""
+    dist = ri[:, None] - ri[None, :]
+    return tl.where(dist >= 0, tl.exp(lg * tl.maximum(dist, 0).to(tl.float32)), 0.0) * scale
+
+
+@triton.jit
+def _query_decays(lg, ri):
+    """``a`` ``(BC,)``: ``g^(i+1)``, the weight of the state before the chunk in row ``i``'s output."""
+    return tl.exp(lg * (ri + 1).to(tl.float32))
+
+
+@triton.jit
+def _key_decays(lg, ri, c, mr, scale):
+    """``b`` ``(BC,)``: ``s g^(c-1-j)``, row ``j``'s weight in the state after the chunk (0 past the
+    chunk's end, never a negative power of g)."""
+    return tl.where(mr, tl.exp(lg * tl.maximum(c - 1 - ri, 0).to(tl.float32)) * scale, 0.0)
 
 
 @triton.jit
@@ -62,15 +92,11 @@ def _split_states(k, v, h, s0, sT, lg_ptr, scale, L, H, DK, DV, CHUNK, NT,
     else:
         S = tl.full([BK, BV], 0.0, dtype=tl.float32)
     for n in range(0, NT):
-        t0 = n * CHUNK
-        c = tl.minimum(CHUNK, L - t0)
-        mr = ri < c
-        rows = t0 + ri
+        c, mr, rows = _chunk_rows(n, CHUNK, L, ri)
         tl.store(h + (bh.to(tl.int64) * NT + n) * DK * DV + tile, S.to(h.dtype.element_ty), mask=mtile)
         bk = tl.load(k + k_base + rows[:, None] * DK + rk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         bv = tl.load(v + v_base + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
-        # b_j = s g^(c-1-j); rows past the chunk's end get 0, never a negative power of g.
-        b = tl.where(mr, tl.exp(lg * tl.maximum(c - 1 - ri, 0).to(tl.float32)) * scale, 0.0)
+        b = _key_decays(lg, ri, c, mr, scale)
         kb = (bk.to(tl.float32) * b[:, None]).to(k.dtype.element_ty)
         S = S * tl.exp(lg * c.to(tl.float32)) + tl.dot(tl.trans(kb), bv)
     if STORE_S:
@@ -88,10 +114,7 @@ def _split_out(q, k, v, h, o, lg_ptr, scale, L, H, DK, DV, CHUNK, NT,
     ri = tl.arange(0, BC)
     rv = pv * BV + tl.arange(0, BV)
     mv = rv < DV
-    t0 = n * CHUNK
-    c = tl.minimum(CHUNK, L - t0)
-    mr = ri < c
-    rows = t0 + ri
+    _, mr, rows = _chunk_rows(n, CHUNK, L, ri)
     k_base = bh.to(tl.int64) * L * DK
     v_base = bh.to(tl.int64) * L * DV
     h_base = (bh.to(tl.int64) * NT + n) * DK * DV
@@ -105,10 +128,8 @@ def _split_out(q, k, v, h, o, lg_ptr, scale, L, H, DK, DV, CHUNK, NT,
         bhn = tl.load(h + h_base + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         scores += tl.dot(bq, tl.trans(bk))
         past += tl.dot(bq, bhn.to(q.dtype.element_ty))
-    # M (the exponent clamped so that the unused upper triangle cannot overflow) and a.
-    dist = ri[:, None] - ri[None, :]
-    M = tl.where(dist >= 0, tl.exp(lg * tl.maximum(dist, 0).to(tl.float32)), 0.0) * scale
-    a = tl.exp(lg * (ri + 1).to(tl.float32))
+    M = _pair_decays(lg, ri, scale)
+    a = _query_decays(lg, ri)
     bv = tl.load(v + v_base + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
     out = tl.dot((scores * M).to(v.dtype.element_ty), bv) + past * a[:, None]
     tl.store(o + v_base + rows[:, None] * DV + rv[None, :], out.to(o.dtype.element_ty), mask=mr[:, None] & mv[None, :])
@@ -138,13 +159,10 @@ def _split_state_grads(q, do, dh, dsT, ds0, lg_ptr, L, H, DK, DV, CHUNK, NT,
         dS = tl.load(dsT + s_base + tile, mask=mtile, other=0.0).to(tl.float32)
     else:
         dS = tl.full([BK, BV], 0.0, dtype=tl.float32)
-    a = tl.exp(lg * (ri + 1).to(tl.float32))
+    a = _query_decays(lg, ri)
     for m in range(0, NT):
         n = NT - 1 - m
-        t0 = n * CHUNK
-        c = tl.minimum(CHUNK, L - t0)
-        mr = ri < c
-        rows = t0 + ri
+        c, mr, rows = _chunk_rows(n, CHUNK, L, ri)
         tl.store(dh + (bh.to(tl.int64) * NT + n) * DK * DV + tile, dS.to(dh.dtype.element_ty), mask=mtile)
         bq = tl.load(q + q_base + rows[:, None] * DK + rk[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
         bdo = tl.load(do + v_base + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
@@ -166,10 +184,7 @@ def _split_dqk(q, k, v, do, h, dh, dq, dk, lg_ptr, scale, L, H, DK, DV, CHUNK, N
     ri = tl.arange(0, BC)
     rk = pk * BK + tl.arange(0, BK)
     mk = rk < DK
-    t0 = n * CHUNK
-    c = tl.minimum(CHUNK, L - t0)
-    mr = ri < c
-    rows = t0 + ri
+    c, mr, rows = _chunk_rows(n, CHUNK, L, ri)
     mrk = mr[:, None] & mk[None, :]
     k_base = bh.to(tl.int64) * L * DK
     v_base = bh.to(tl.int64) * L * DV
@@ -188,10 +203,9 @@ def _split_dqk(q, k, v, do, h, dh, dq, dk, lg_ptr, scale, L, H, DK, DV, CHUNK, N
         ds += tl.dot(bdo, tl.trans(bv))
         bdq += tl.dot(bdo, tl.trans(bhn))
         bdk += tl.dot(bv, tl.trans(bdh))
-    dist = ri[:, None] - ri[None, :]
-    M = tl.where(dist >= 0, tl.exp(lg * tl.maximum(dist, 0).to(tl.float32)), 0.0) * scale
-    a = tl.exp(lg * (ri + 1).to(tl.float32))
-    b = tl.where(mr, tl.exp(lg * tl.maximum(c - 1 - ri, 0).to(tl.float32)) * scale, 0.0)
+    M = _pair_decays(lg, ri, scale)
+    a = _query_decays(lg, ri)
+    b = _key_decays(lg, ri, c, mr, scale)
     ds = (ds * M).to(k.dtype.element_ty)
     bq = tl.load(q + k_base + rows[:, None] * DK + rk[None, :], mask=mrk, other=0.0)
     bk = tl.load(k + k_base + rows[:, None] * DK + rk[None, :], mask=mrk, other=0.0)
@@ -212,10 +226,7 @@ def _split_dv(q, k, do, dh, dv, lg_ptr, scale, L, H, DK, DV, CHUNK, NT,
     ri = tl.arange(0, BC)
     rv = pv * BV + tl.arange(0, BV)
     mv = rv < DV
-    t0 = n * CHUNK
-    c = tl.minimum(CHUNK, L - t0)
-    mr = ri < c
-    rows = t0 + ri
+    c, mr, rows = _chunk_rows(n, CHUNK, L, ri)
     k_base = bh.to(tl.int64) * L * DK
     v_base = bh.to(tl.int64) * L * DV
     h_base = (bh.to(tl.int64) * NT + n) * DK * DV
@@ -230,9 +241,8 @@ def _split_dv(q, k, do, dh, dv, lg_ptr, scale, L, H, DK, DV, CHUNK, NT,
         bdh = tl.load(dh + h_base + rk[:, None] * DV + rv[None, :], mask=mk[:, None] & mv[None, :], other=0.0)
         sT += tl.dot(bk, tl.trans(bq))
         kdh += tl.dot(bk, bdh.to(k.dtype.element_ty))
-    dist = ri[:, None] - ri[None, :]
-    M = tl.where(dist >= 0, tl.exp(lg * tl.maximum(dist, 0).to(tl.float32)), 0.0) * scale
-    b = tl.where(mr, tl.exp(lg * tl.maximum(c - 1 - ri, 0).to(tl.float32)) * scale, 0.0)
+    M = _pair_decays(lg, ri, scale)
+    b = _key_decays(lg, ri, c, mr, scale)
     bdo = tl.load(do + v_base + rows[:, None] * DV + rv[None, :], mask=mr[:, None] & mv[None, :], other=0.0)
     bdv = tl.dot((sT * tl.trans(M)).to(do.dtype.element_ty), bdo) + kdh * b[:, None]
     tl.store(dv + v_base + rows[:, None] * DV + rv[None, :], bdv.to(dv.dtype.element_ty), mask=mr[:, None] & mv[None, :])
