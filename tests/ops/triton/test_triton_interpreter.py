@@ -191,6 +191,31 @@ def test_split_prefill_in_pieces_equals_one_call(interpret, monkeypatch):
     assert rel_err(pieces[0], ref_out) < TOL[torch.float32] and rel_err(pieces[1], ref_state) < TOL[torch.float32]
 
 
+def test_torch_compile_runs_the_kernels_as_a_graph_break(interpret, schedule):
+    """Under torch.compile the kernels run eagerly between compiled pieces (tracing into the
+    launchers fails: under the interpreter dynamo would trace NumPy): the same values and gradients."""
+    q, k, v, s0 = make(1, 2, 40, 16, 16, grad=True, seed=6)
+    log_gamma = resolve_log_decay("eq8", 2, q.device)
+
+    def loss(q, k, v, s0):
+        out, state = chunk_retention_triton(q, k, v, s0, 8, log_gamma, 0.25)
+        return (out * 2).sum() + state.square().sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(loss, backend="eager")(q, k, v, s0)
+    got_grads = torch.autograd.grad(got, [q, k, v, s0])
+    want = loss(q, k, v, s0)
+    want_grads = torch.autograd.grad(want, [q, k, v, s0])
+    assert rel_err(got, want) < 1e-6
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert rel_err(g, w) < 1e-6
+    with torch.no_grad():
+        step = torch.compile(lambda q, k, v, s: retention_recurrent(q, k, v, s, backend="triton"), backend="eager")
+        out, state = step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0)
+        ref_out, ref_state = retention_recurrent(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0, backend="torch")
+    assert rel_err(out, ref_out) < 1e-5 and rel_err(state, ref_state) < 1e-5
+
+
 def test_schedule_choice_errors_name_the_setting(interpret, monkeypatch):
     q, k, v, s0 = make(1, 2, 9, 8, 8)
     log_gamma = resolve_log_decay("eq8", 2, q.device)

@@ -293,6 +293,10 @@ def schedule_from_env() -> str:
     return wanted
 
 
+# torch.compile runs this eagerly, as a graph break: tracing into the launchers (module loading,
+# the interpreter's environment switch, Triton's own launch code) fails or, under the interpreter,
+# traces NumPy. The rest of a compiled model (projections, norms, gate) still compiles around it.
+@torch.compiler.disable
 def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None,
                            chunk_size: int | None, log_gamma: Tensor, scale: float,
                            schedule: str | None = None) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,7 @@ def retention_step_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | 
     return step_with_gamma(q, k, v, prev_state, gamma, scale)
 
 
+@torch.compiler.disable  # a graph break under torch.compile, as chunk_retention_triton
 def step_with_gamma(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None, gamma: Tensor,
                     scale: float) -> tuple[Tensor, Tensor]:
     """:func:`retention_step_triton` with the decays given as ``gamma`` ``(heads,)`` float32 (what a
