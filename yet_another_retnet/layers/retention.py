@@ -693,7 +693,8 @@ class MultiScaleRetention(nn.Module):
 
     def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
              residual: Tensor | None = None,
-             tables: tuple[Tensor, Tensor | None, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+             tables: tuple[Tensor, Tensor | None, Tensor] | None = None,
+             in_place: bool = False) -> tuple[Tensor, Tensor]:
         """One token through the layer, inference only: the fast form of ``retain(..., "recurrent")``.
 
         Args:
@@ -705,6 +706,8 @@ class MultiScaleRetention(nn.Module):
                 matrix-vector product (saves the caller's separate add).
             tables: :meth:`decode_tables` for ``memory.dtype`` (made here when ``None``; a model
                 passes those of its decoding plan).
+            in_place: the new memory may be written over ``memory`` (where the CUDA step kernel
+                runs; see :func:`~yet_another_retnet.ops.cpu.decode_step.retention_step`).
 
         Returns ``(y (batch, embed_dim), new_memory)``, ``y`` including ``residual``. No autograd (the
         fused weights are a detached copy) and no dropout: callers use it only in eval mode with
@@ -713,9 +716,14 @@ class MultiScaleRetention(nn.Module):
         weight, bias, gamma = tables if tables is not None else self.decode_tables(memory.dtype)
         proj = linear_step(x, weight, bias)
         # Under torch.compile the PyTorch form (inductor fuses it); eager, one kernel call.
-        step = retention_step_reference if _is_compiling() else retention_step
-        y, new_memory = step(proj, memory, rotation, gamma, *self.head_norm_affine(), self.norm_eps,
-                             self.head_norm == "rmsnorm", GATE_ACTIVATIONS[self.gate_activation])
+        if _is_compiling():
+            y, new_memory = retention_step_reference(proj, memory, rotation, gamma, *self.head_norm_affine(),
+                                                     self.norm_eps, self.head_norm == "rmsnorm",
+                                                     GATE_ACTIVATIONS[self.gate_activation])
+        else:
+            y, new_memory = retention_step(proj, memory, rotation, gamma, *self.head_norm_affine(), self.norm_eps,
+                                           self.head_norm == "rmsnorm", GATE_ACTIVATIONS[self.gate_activation],
+                                           in_place)
         return linear_step(y, self.out_proj.weight, self.out_proj.bias, residual), new_memory
 
     def _fused_chunkwise(

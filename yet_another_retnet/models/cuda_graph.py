@@ -105,9 +105,10 @@ class GraphedDecoder:
             else:
                 key_dim, kind = self._rotation
                 rotation = rotation_factors(self.position, key_dim, self.memories[0].dtype, kind)[:, :, None]
-        logits, new = self.model._decode_logits(self.ids, self.memories, rotation, self._tables)
+        logits, new = self.model._decode_logits(self.ids, self.memories, rotation, self._tables, in_place=True)
         for memory, fresh in zip(self.memories, new, strict=True):
-            memory.copy_(fresh)
+            if fresh is not memory:  # a layer that did not update in place
+                memory.copy_(fresh)
         self.position.add_(1)
         return logits
 

@@ -178,7 +178,8 @@ def run_layers(decoder: RetNetDecoder, hidden: Tensor, memories: list[Tensor], p
     """
     rotation = decoder._retention(0).step_rotation(position, plan.dtype)
     if plan.kernels is None:
-        return cast(tuple[Tensor, list[Tensor]], decoder.step_layers(hidden, list(memories), rotation, plan.tables))
+        return cast(tuple[Tensor, list[Tensor]],
+                    decoder.step_layers(hidden, list(memories), rotation, plan.tables, in_place))
     # Both the kernel and the PyTorch step take the rotation in reals: converted once, not per layer.
     if rotation is not None:
         rotation = torch.view_as_real(rotation)

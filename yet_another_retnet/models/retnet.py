@@ -190,11 +190,12 @@ class RetNetDecoderLayer(nn.Module):
         return decoding.layer_tables(self, dtype)
 
     def step(self, x: Tensor, memory: Tensor, rotation: Tensor | None,
-             tables: LayerTables | None = None) -> tuple[Tensor, Tensor]:
+             tables: LayerTables | None = None, in_place: bool = False) -> tuple[Tensor, Tensor]:
         """One token, inference only: ``x`` ``(batch, d_model)`` -> same, and the layer's new memory.
 
         The fast form of ``forward(x[:, None], state, "recurrent")`` (eval mode, no autograd).
-        ``tables`` is :meth:`decode_tables` for ``memory.dtype`` (made here when ``None``).
+        ``tables`` is :meth:`decode_tables` for ``memory.dtype`` (made here when ``None``);
+        ``in_place``: the new memory may be written over ``memory`` (the CUDA step kernel).
         These are PyTorch ops: the reference of the one-call layer kernel that
         :meth:`RetNetDecoder.step` runs on CPU (:meth:`step_plan`), and the path everywhere else.
         """
@@ -203,15 +204,15 @@ class RetNetDecoderLayer(nn.Module):
         scale = self.residual_scale
         # Each residual is added inside the branch's last matrix-vector product.
         if self.branch_norm:
-            h, memory = retention.step(x, memory, rotation, None, attn_tables)
+            h, memory = retention.step(x, memory, rotation, None, attn_tables, in_place)
             x = (x if scale == 1.0 else x * scale) + self.retention_norm(h)
             return (x if scale == 1.0 else x * scale) + self.ffn_norm(self._ffn_step(x, torch.zeros_like(x), glu)), memory
         if not self.pre_norm:
-            h, memory = retention.step(x, memory, rotation, x if scale == 1.0 else x * scale, attn_tables)
+            h, memory = retention.step(x, memory, rotation, x if scale == 1.0 else x * scale, attn_tables, in_place)
             x = self.retention_norm(h)
             return self.ffn_norm(self._ffn_step(x, x if scale == 1.0 else x * scale, glu)), memory
         x, memory = retention.step(self.retention_norm(x), memory, rotation,
-                                   x if scale == 1.0 else x * scale, attn_tables)
+                                   x if scale == 1.0 else x * scale, attn_tables, in_place)
         return self._ffn_step(self.ffn_norm(x), x if scale == 1.0 else x * scale, glu), memory
 
     def step_plan(self, tables: LayerTables) -> LayerStepPlan | None:
@@ -339,12 +340,14 @@ class RetNetDecoder(nn.Module):
         return cast(list[LayerStepPlan] | None, decoding.decoding_plan(self, dtype).kernels)
 
     def step_layers(self, hidden: Tensor, memories: list[Tensor], rotation: Tensor | None,
-                    tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
+                    tables: list[LayerTables], in_place: bool = False) -> tuple[Tensor, list[Tensor]]:
         """The body of :meth:`step`: tensors in, tensors out, no cache lookups or Python-side state,
-        so ``torch.compile`` can trace it whole (see :meth:`RetNet.compile_decode`)."""
+        so ``torch.compile`` can trace it whole (see :meth:`RetNet.compile_decode`). ``in_place``:
+        a layer may write its new memory over the old one (the CUDA step kernel); the memories
+        returned are then those tensors."""
         new_memories = []
         for layer, memory, layer_tables in zip(self.layers, memories, tables, strict=True):
-            hidden, memory = cast(RetNetDecoderLayer, layer).step(hidden, memory, rotation, layer_tables)
+            hidden, memory = cast(RetNetDecoderLayer, layer).step(hidden, memory, rotation, layer_tables, in_place)
             new_memories.append(memory)
         return self.norm(hidden), new_memories
 
@@ -801,10 +804,11 @@ class RetNet(GenerationMixin, nn.Module):
         return out.logits[:, -1]
 
     def _decode_logits(self, ids: Tensor, memories: list[Tensor], rotation: Tensor | None,
-                       tables: list[LayerTables]) -> tuple[Tensor, list[Tensor]]:
+                       tables: list[LayerTables], in_place: bool = False) -> tuple[Tensor, list[Tensor]]:
         """``(logits (batch, vocab), new memories)`` for one token per row: what
-        :meth:`compile_decode` compiles (tensors in, tensors out, no Python-side lookups)."""
-        hidden, memories = self.decoder.step_layers(self._embed(ids), memories, rotation, tables)
+        :meth:`compile_decode` compiles (tensors in, tensors out, no Python-side lookups).
+        ``in_place`` as for :meth:`RetNetDecoder.step_layers`."""
+        hidden, memories = self.decoder.step_layers(self._embed(ids), memories, rotation, tables, in_place)
         return linear_step(hidden, self.lm_head.weight, self.lm_head.bias), memories
 
     # ----------------------------------------------------------------------------------------

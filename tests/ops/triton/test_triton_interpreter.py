@@ -358,6 +358,15 @@ def test_model_decoding_step_with_triton_core(rms_norm):
             want_y, want_m = retention_step_reference(*args)
             got_y, got_m = retention_step_reference(*args, triton_core=True)
             assert rel_err(got_y, want_y) < TOL[torch.float32] and rel_err(got_m, want_m) < 1e-6
+            # In place: the kernel writes the new memory over the old one and returns that tensor.
+            over = memory.clone()
+            in_y, in_m = retention_step_reference(proj, over, *args[2:], triton_core=True, in_place=True)
+            assert in_m is over and torch.equal(in_m, got_m) and torch.equal(in_y, got_y)
+    from yet_another_retnet.ops.triton.decode import step_with_gamma
+
+    q1 = torch.randn(batch, heads, dk)
+    with pytest.raises(ValueError, match="out_state"):
+        step_with_gamma(q1, q1, torch.randn(batch, heads, dv), memory, gamma.reshape(-1), 1.0, memory.double())
 
 
 def test_kernels_use_only_triton_builtins():

@@ -65,7 +65,7 @@ def supports(proj: Tensor, memory: Tensor, norm_weight: Tensor | None, norm_bias
 
 def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma: Tensor,
                    norm_weight: Tensor | None, norm_bias: Tensor | None, eps: float, rms_norm: bool,
-                   act: Activation | None) -> tuple[Tensor, Tensor]:
+                   act: Activation | None, in_place: bool = False) -> tuple[Tensor, Tensor]:
     """``(out (batch, h dv) in proj's dtype, new memory (batch, h, dk, dv))`` for one token per row.
 
     Args:
@@ -79,6 +79,9 @@ def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma:
         eps: the head norm's epsilon.
         rms_norm: RMS norm over each head instead of the group norm (with ``norm_weight`` if given).
         act: the gate activation (``None`` for identity).
+        in_place: where the step runs the Triton kernel (CUDA), write the new memory over ``memory``
+            and return it (the caller keeps no copy of the old one); elsewhere ignored: the new
+            memory is a new tensor.
     """
     if supports(proj, memory, norm_weight, norm_bias, act) and _extension.load():
         out, new_memory = torch.ops.yaretnet.retention_step(proj, memory.contiguous(), _real(rotation),
@@ -90,14 +93,16 @@ def retention_step(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma:
              and _triton.triton_available() and default_cuda_backend() != "torch"
              and memory.shape[2] <= _triton.MAX_KEY_DIM)
     return retention_step_reference(proj, memory, rotation, gamma, norm_weight, norm_bias, eps, rms_norm, act,
-                                    triton_core=fused)
+                                    triton_core=fused, in_place=in_place)
 
 
 def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | None, gamma: Tensor,
                              norm_weight: Tensor | None, norm_bias: Tensor | None, eps: float, rms_norm: bool,
-                             act: Activation | None, *, triton_core: bool = False) -> tuple[Tensor, Tensor]:
+                             act: Activation | None, *, triton_core: bool = False,
+                             in_place: bool = False) -> tuple[Tensor, Tensor]:
     """:func:`retention_step` in PyTorch ops (same arguments and results); with ``triton_core`` the
-    memory update and ``q S'`` go through the Triton step kernel (CUDA, float32 memory)."""
+    memory update and ``q S'`` go through the Triton step kernel (CUDA, float32 memory), which with
+    ``in_place`` (a contiguous memory) writes the new memory over ``memory`` and returns it."""
     batch, heads, dk, dv = memory.shape
     key_dim, value_dim = heads * dk, heads * dv
     qk = proj[:, : 2 * key_dim]
@@ -117,8 +122,9 @@ def retention_step_reference(proj: Tensor, memory: Tensor, rotation: Tensor | No
         q, k = qk.view(batch, 2, heads, dk).unbind(1)
         k = k * key_scale(dk)
     if triton_core:  # k already carries dk^-0.5
+        over = memory if in_place and memory.is_contiguous() else None
         y, new_memory = step_with_gamma(q.reshape(batch, heads, dk), k.reshape(batch, heads, dk),
-                                        v.reshape(batch, heads, dv), memory, gamma.reshape(-1), 1.0)
+                                        v.reshape(batch, heads, dv), memory, gamma.reshape(-1), 1.0, over)
         y = y.view(batch, value_dim)
     else:
         new_memory = torch.addcmul(memory * gamma, k.view(batch, heads, dk, 1), v.view(batch, heads, 1, dv))

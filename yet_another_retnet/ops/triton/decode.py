@@ -27,15 +27,23 @@ def retention_step_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | 
 
 @torch.compiler.disable  # a graph break under torch.compile, as chunk_retention_triton
 def step_with_gamma(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None, gamma: Tensor,
-                    scale: float) -> tuple[Tensor, Tensor]:
+                    scale: float, out_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`retention_step_triton` with the decays given as ``gamma`` ``(heads,)`` float32 (what a
-    model's decoding step keeps at hand)."""
+    model's decoding step keeps at hand). ``out_state``: where the new state goes (a contiguous
+    float32 ``(batch, heads, dk, dv)``; it may be ``prev_state`` itself: each program reads its
+    tile before writing it, so the step updates a state in place), else a new tensor."""
     batch, heads, dk = q.shape
     dv = v.shape[-1]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     gamma = gamma.to(device=q.device, dtype=torch.float32).contiguous()
     s0 = None if prev_state is None else prev_state.to(torch.float32).contiguous()
-    state = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device)
+    if out_state is None:
+        state = torch.empty(batch, heads, dk, dv, dtype=torch.float32, device=q.device)
+    else:
+        if (out_state.dtype != torch.float32 or not out_state.is_contiguous()
+                or tuple(out_state.shape) != (batch, heads, dk, dv) or out_state.device != q.device):
+            raise ValueError(f"out_state must be a contiguous float32 {(batch, heads, dk, dv)} tensor on {q.device}")
+        state = out_state
     out = torch.empty_like(v)
     bk = _pow2(dk)
     bv = min(_pow2(dv), 64 if bk <= 64 else 32)
