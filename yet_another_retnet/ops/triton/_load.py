@@ -10,13 +10,19 @@ set for the duration of that load only.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any, TypeVar
+
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _lock = threading.Lock()
 _loaded: dict[tuple[str, bool], ModuleType] = {}
@@ -58,3 +64,20 @@ def interpreter(on: bool) -> Iterator[None]:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = before
+
+
+def outside_graphs(fn: F) -> F:
+    """``fn`` as ``torch.compile`` should meet it: run eagerly, as a graph break (tracing into a
+    launcher fails: module loading, the interpreter's environment switch, Triton's launch code;
+    under the interpreter dynamo would trace NumPy). ``torch.compiler.disable`` is applied on the
+    first call, not here: it imports dynamo (~70 MiB, ~1 s), which a process that never launches
+    a kernel (CPU training) should not pay for."""
+    disabled: list[Callable[..., Any]] = []
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call  # type: ignore[return-value]

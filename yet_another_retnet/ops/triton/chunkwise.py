@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._load import interpreter, kernel_module
+from ._load import interpreter, kernel_module, outside_graphs
 
 __all__ = [
     "KEY_BLOCK",
@@ -293,10 +293,9 @@ def schedule_from_env() -> str:
     return wanted
 
 
-# torch.compile runs this eagerly, as a graph break: tracing into the launchers (module loading,
-# the interpreter's environment switch, Triton's own launch code) fails or, under the interpreter,
-# traces NumPy. The rest of a compiled model (projections, norms, gate) still compiles around it.
-@torch.compiler.disable
+# torch.compile runs this eagerly, as a graph break (_load.outside_graphs); the rest of a compiled
+# model (projections, norms, gate) still compiles around it.
+@outside_graphs
 def chunk_retention_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None,
                            chunk_size: int | None, log_gamma: Tensor, scale: float,
                            schedule: str | None = None) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._load import interpreter, kernel_module
+from ._load import interpreter, kernel_module, outside_graphs
 from .chunkwise import MAX_KEY_DIM, _pow2, on_device
 
 __all__ = ["MAX_KEY_DIM", "retention_step_triton", "step_with_gamma"]
@@ -25,7 +25,7 @@ def retention_step_triton(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | 
     return step_with_gamma(q, k, v, prev_state, gamma, scale)
 
 
-@torch.compiler.disable  # a graph break under torch.compile, as chunk_retention_triton
+@outside_graphs  # a graph break under torch.compile, as chunk_retention_triton
 def step_with_gamma(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None, gamma: Tensor,
                     scale: float, out_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`retention_step_triton` with the decays given as ``gamma`` ``(heads,)`` float32 (what a
