@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
 import signal
 import statistics
 import threading
@@ -42,6 +41,7 @@ from ..models import RetNet, RetNetConfig
 from ..models.cuda_graph import GraphedDecoder
 from ..ops import backends, retention_chunkwise
 from ..ops import triton as our_triton
+from ..ops.triton._load import environment
 from ..ops.triton.chunkwise import SCHEDULE_ENV
 from . import common
 
@@ -109,23 +109,10 @@ def _retention_call(impl: str, chunk: int) -> Callable[..., Any]:
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # The schedule is read when the forward runs; the backward belongs to that forward.
-        with _environment(SCHEDULE_ENV, schedule):
+        with environment(SCHEDULE_ENV, schedule):
             return retention_chunkwise(q, k, v, None, chunk, decay="eq8", backend=backend)[0]
 
     return run
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
 
 
 def _sdpa_call(device: torch.device) -> Callable[..., Any]:

@@ -4,8 +4,9 @@ On a GPU a decoding step at batch 1 is a few hundred small kernel launches (abou
 layer), and launching them costs more than running them: at fla's 1.3B sizes the weights take
 ~0.8 ms to read on an H100, while eager launches take several milliseconds. A CUDA graph records
 the whole step once and replays it with one launch. :class:`GraphedDecoder` owns the buffers the
-graph reads and writes (the token ids, the state, the positions) and copies each step's new state
-over the old one inside the graph, so a replay needs nothing from the host but the next ids.
+graph reads and writes (the token ids, the state, the positions); the step kernel writes each
+layer's new state over the old one inside the graph (a layer that cannot is copied back), so a
+replay needs nothing from the host but the next ids.
 
 The step is the model's fast decoding step (:meth:`RetNet._decode_logits`, what
 ``compile_decode`` compiles) with the rotation read from a table indexed on the device: the eager

@@ -51,19 +51,25 @@ def kernel_module(name: str, interpret: bool) -> ModuleType:
         return module
 
 
-@contextlib.contextmanager
-def interpreter(on: bool) -> Iterator[None]:
+def interpreter(on: bool) -> contextlib.AbstractContextManager[None]:
     """``TRITON_INTERPRET`` set to ``on`` for the duration (Triton reads it when a kernel is
     decorated and again in parts of a launch), then restored."""
-    before = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    return environment("TRITON_INTERPRET", "1" if on else "0")
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` for the duration, then restored (or
+    removed, where it was unset)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            del os.environ["TRITON_INTERPRET"]
+            del os.environ[name]
         else:
-            os.environ["TRITON_INTERPRET"] = before
+            os.environ[name] = before
 
 
 def outside_graphs(fn: F) -> F:

@@ -119,7 +119,6 @@ def compile_split(dtype: torch.dtype, dk: int, dv: int, chunk_size: int = 64, ar
     pointers["scale"] = "fp32"
     kernels = kernel_module("chunkwise_split_kernels", interpret=False)
     blocks: dict[str, object] = {"BC": bc, "BK": bk, "BV": bv}
-
     options = {"num_warps": SPLIT_WARPS, "num_stages": NUM_STAGES}
     return {
         "split states": _compile(kernels._split_states, pointers, {**blocks, "HAS_S0": True, "STORE_S": True},
