@@ -79,6 +79,10 @@ def test_the_callers_state_is_left_alone_and_errors_name_the_argument():
         graphed.step(torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="ids must be"):
         graphed.step(torch.tensor([1]))
+    with pytest.raises(TypeError, match="integer"):
+        graphed.step(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 37\)"):
+        graphed.step(torch.tensor([1, VOCAB]))
     with pytest.raises(ValueError, match="max_position"):
         GraphedDecoder(model, state, max_position=4, capture=False)
     with pytest.raises(ValueError, match="capture"):

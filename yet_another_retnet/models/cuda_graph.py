@@ -136,6 +136,13 @@ class GraphedDecoder:
         """Logits ``(batch, vocab)`` after one token per row ``ids`` ``(batch,)``; the state advances."""
         if ids.shape != (self.batch,):
             raise ValueError(f"ids must be ({self.batch},), got {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
+        # Read on the host (one sync): an id out of range would be a device-side assert inside
+        # the replay, which leaves the CUDA context unusable.
+        vocab = self.model.config.vocab_size
+        if bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(f"ids must lie in [0, {vocab}), got {ids.tolist()}")
         if self._next > self.max_position:
             raise ValueError(f"max_position: this step would write position {self._next}, past {self.max_position}")
         with torch.inference_mode():
