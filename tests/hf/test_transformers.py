@@ -535,6 +535,8 @@ def test_inputs_embeds_in_forward_and_generate() -> None:
     # A later step without the cache of the embeddings has only the sampled tokens: refused, not
     # run as a prompt of its own.
     with pytest.raises(ValueError, match="inputs_embeds needs use_cache=True"):
+        hf.prepare_inputs_for_generation(ids[:, :2], attention_mask=mask, inputs_embeds=embeds, is_first_iteration=False)
+    with pytest.raises(ValueError, match="inputs_embeds needs use_cache=True"):  # as transformers 4.x calls it
         hf.prepare_inputs_for_generation(ids[:, :2], attention_mask=mask, inputs_embeds=embeds)
     with pytest.raises(ValueError, match="exactly one of input_ids and inputs_embeds"):
         hf(ids, inputs_embeds=embeds)

@@ -311,6 +311,13 @@ class YaRetNetForCausalLM(YaRetNetPreTrainedModel, GenerationMixin):
         """
         cache = pick_cache({"cache": cache, "past_key_values": past_key_values})
         seen = cache.get_seq_length() if isinstance(cache, RetNetCache) else 0
+        if inputs_embeds is not None and "is_first_iteration" not in kwargs and next_sequence_length is None:
+            # transformers 4.x says neither: its input_ids start empty and then hold the sampled
+            # tokens alone, one new per step.
+            if input_ids.shape[1] == 0:
+                kwargs["is_first_iteration"] = True
+            elif seen > 0:
+                next_sequence_length = 1
         if inputs_embeds is not None and kwargs.get("is_first_iteration"):
             prompt = inputs_embeds
             if next_sequence_length is not None:
