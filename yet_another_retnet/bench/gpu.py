@@ -139,6 +139,8 @@ def impl_unavailable(impl: str, device: torch.device) -> str | None:
             return "triton not installed"
         if device.type != "cuda" and not our_triton.interpreting():
             return "CPU: only under TRITON_INTERPRET=1"
+        if device.type != "cuda" and our_triton.interpreter_problem() is not None:
+            return our_triton.interpreter_problem()
     return None
 
 

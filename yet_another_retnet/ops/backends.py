@@ -131,6 +131,8 @@ def _triton_problem(q: Tensor) -> str:
         return f"dtype {q.dtype} (float32, bfloat16 or float16 only)"
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         return "Triton's interpreter has no bfloat16"
+    if q.device.type == "cpu" and _triton.interpreter_problem() is not None:
+        return str(_triton.interpreter_problem())
     if q.device.type not in ("cpu", "cuda"):
         return f"device {q.device}"
     return f"key dim {q.shape[-1]} (1 to {_triton.MAX_KEY_DIM}), or an empty input"

@@ -27,7 +27,12 @@ from reference import F64, reference_gammas, reference_retention, rel_err
 
 from yet_another_retnet.ops import backends, retention_chunkwise, retention_recurrent
 from yet_another_retnet.ops.decay import resolve_log_decay
-from yet_another_retnet.ops.triton import chunk_retention_triton, supports, supports_step
+from yet_another_retnet.ops.triton import (
+    chunk_retention_triton,
+    interpreter_problem,
+    supports,
+    supports_step,
+)
 from yet_another_retnet.ops.triton.chunkwise import SCHEDULE_ENV, SCHEDULES
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -37,7 +42,11 @@ TOL = {torch.float32: 2e-3, torch.float16: 5e-3}
 
 @pytest.fixture
 def interpret(monkeypatch):
-    """CPU tensors may take the kernels (Triton's interpreter)."""
+    """CPU tensors may take the kernels (Triton's interpreter), where this Triton's interpreter runs
+    under this NumPy (a skip naming the versions otherwise: the GPU machine's image pairs Triton 3.6
+    with a NumPy it cannot run under)."""
+    if interpreter_problem() is not None:
+        pytest.skip(interpreter_problem())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -214,6 +223,37 @@ def test_torch_compile_runs_the_kernels_as_a_graph_break(interpret, schedule):
         out, state = step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0)
         ref_out, ref_state = retention_recurrent(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0, backend="torch")
     assert rel_err(out, ref_out) < 1e-5 and rel_err(state, ref_state) < 1e-5
+
+
+@pytest.mark.parametrize("versions, broken", [
+    ({"triton": "3.6.0", "numpy": "2.4.6"}, True),
+    ({"triton": "3.6.0", "numpy": "2.3.5"}, False),
+    ({"triton": "3.7.0", "numpy": "2.4.6"}, False),
+    ({"triton": "3.10.1", "numpy": "2.5.2"}, False),
+])
+def test_an_interpreter_that_cannot_run_is_refused_by_name(monkeypatch, versions, broken):
+    """Triton < 3.7 under NumPy >= 2.4 (the GPU machine's image) fails inside every kernel with a
+    loop: CPU calls are then not routed to the interpreter, and a demand for it says why."""
+    import importlib.metadata
+
+    from yet_another_retnet.ops import triton as our_triton
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
+    our_triton.interpreter_problem.cache_clear()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    try:
+        problem = interpreter_problem()
+        q, k, v, s0 = make(1, 2, 9, 8, 8)
+        assert supports(q, k, v, s0) is not broken and supports_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0) is not broken
+        if broken:
+            assert problem is not None and "Triton 3.6" in problem and "NumPy 2.4" in problem
+            with pytest.raises(ValueError, match=r"backend='triton'.*Triton 3\.6's interpreter"):
+                retention_chunkwise(q, k, v, s0, 4, backend="triton")
+        else:
+            assert problem is None
+    finally:
+        monkeypatch.undo()
+        our_triton.interpreter_problem.cache_clear()
 
 
 def test_schedule_choice_errors_name_the_setting(interpret, monkeypatch):

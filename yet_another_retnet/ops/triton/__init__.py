@@ -13,8 +13,10 @@ here is decided in :mod:`yet_another_retnet.ops.backends`.
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
+import re
 
 import torch
 from torch import Tensor
@@ -26,6 +28,7 @@ __all__ = [
     "MAX_CHUNK",
     "MAX_KEY_DIM",
     "chunk_retention_triton",
+    "interpreter_problem",
     "interpreting",
     "kernel_chunk",
     "retention_step_triton",
@@ -49,11 +52,36 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _release(package: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of an installed distribution, read from its metadata (nothing imported)."""
+    try:
+        found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (int(found[1]), int(found[2])) if found else None
+
+
+@functools.lru_cache(maxsize=1)
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernels in this environment (``None``: it can).
+
+    Triton before 3.7 passes a kernel's integer arguments to the interpreted body as one-element
+    arrays and converts them with ``int()``, which NumPy 2.4 made an error for arrays that are not
+    0-d: every kernel with a loop bound fails there (seen with Triton 3.6 and NumPy 2.4; Triton 3.7
+    and NumPy 2.3 each work). Compiled kernels on a GPU are not affected."""
+    triton_release, numpy_release = _release("triton"), _release("numpy")
+    if triton_release and numpy_release and triton_release < (3, 7) and numpy_release >= (2, 4):
+        return (f"Triton {'.'.join(map(str, triton_release))}'s interpreter fails under NumPy "
+                f"{'.'.join(map(str, numpy_release))} (needs Triton >= 3.7 or NumPy < 2.4)")
+    return None
+
+
 def _device_ok(x: Tensor) -> bool:
     if x.device.type == "cuda":
         return True
     # The interpreter runs on CPU tensors, in NumPy, which has no bfloat16.
-    return x.device.type == "cpu" and interpreting() and x.dtype != torch.bfloat16
+    return (x.device.type == "cpu" and interpreting() and x.dtype != torch.bfloat16
+            and interpreter_problem() is None)
 
 
 def supports(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None = None) -> bool:
