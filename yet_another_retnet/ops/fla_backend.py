@@ -12,9 +12,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .triton._load import outside_graphs
+
 __all__ = ["chunk_retention_fla"]
 
 
+# A graph break under torch.compile, as our own launchers: fla's autotuned Triton functions are
+# not ours to promise traceable, and its import must not happen inside a trace.
+@outside_graphs
 def chunk_retention_fla(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None,
                         scale: float) -> tuple[Tensor, Tensor]:
     """``(out (b, h, L, dv) in q's dtype, state (b, h, dk, dv) float32)`` through fla.
