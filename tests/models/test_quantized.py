@@ -44,8 +44,9 @@ def test_quantize_int8_rounds_each_row_to_its_scale() -> None:
                                          (20, (130, 64)), (32, (257, 300))])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_kernel_matches_float64(rows: int, shape: tuple[int, int], xdtype: torch.dtype) -> None:
+    kernel = _extension.load()
     if HAS_TOOLCHAIN:
-        assert _extension.load()
+        assert kernel
     gen = torch.Generator().manual_seed(zlib.crc32(repr((rows, shape, xdtype)).encode()))
     q, scale = quantize_int8(torch.randn(shape, generator=gen))
     x = torch.randn(rows, shape[1], generator=gen).to(xdtype)
@@ -58,6 +59,8 @@ def test_kernel_matches_float64(rows: int, shape: tuple[int, int], xdtype: torch
     magnitude = x.double().abs() @ w.abs().T + bias.double().abs() + add.double().abs()
     tol = shape[1] * 2**-23 * magnitude + (exact.abs() * 2**-8 if xdtype == torch.bfloat16 else 0)
     tol = tol + activation_rounding(x, w.abs().sum(1))
+    if xdtype == torch.bfloat16 and not kernel:  # the fallback (no compiler, or switched off) rounds
+        tol = tol + magnitude * 2**-8            # the weights to bfloat16 for a bfloat16 product
     assert bool(((got.double() - exact).abs() <= tol + 1e-30).all())
 
 

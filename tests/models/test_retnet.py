@@ -34,8 +34,8 @@ def make_model(seed: int = 0, dtype: torch.dtype = F64, **overrides: object) -> 
     with torch.no_grad():
         # Norm weights and biases start at 1 and 0: move them so every parameter matters.
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
+            if "norm" in name:  # drawn in float64 whatever the dtype: the same model in each
+                p.add_(0.2 * torch.randn(p.shape, dtype=F64).to(p.dtype))
     return model
 
 
