@@ -16,6 +16,7 @@ its reason names one of :data:`REQUIRED`. ``YARETNET_ALLOW_SKIPS=1`` turns the p
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,15 @@ def float32_tol(device: torch.device, tol: float) -> float:
     """The bound for a float32 result on ``device``: on CUDA our Triton kernels' float32 products
     run in TF32 (unit roundoff 2^-11), so a bound under 2e-3 is raised to it there."""
     return max(tol, 2e-3) if device.type == "cuda" else tol
+
+
+def kernels_expected() -> bool:
+    """Whether the C++ CPU kernels must build here: a C++ compiler and ninja on PATH, and the
+    kernels not switched off (``YARETNET_FAST_PATH=0`` or its deprecated alias). Tests that assert
+    a kernel ran ask this, so a run with the kernels switched off tests the fallback instead."""
+    from yet_another_retnet.ops.cpu import _extension
+
+    return shutil.which("c++") is not None and shutil.which("ninja") is not None and _extension.switch_on()
 
 # ---------------------------------------------------------------------------------------------
 # `retnet train` in tests: the smallest model, and a corpus file

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +11,12 @@ import time
 
 import pytest
 import torch
+from conftest import kernels_expected
 
 from yet_another_retnet import RetNet, RetNetConfig
 from yet_another_retnet.ops.memory import cached_cpu_memory
 
-HAS_TOOLCHAIN = shutil.which("c++") is not None and os.environ.get("YARETNET_CPU_KERNELS", "1") != "0"
+HAS_TOOLCHAIN = kernels_expected()
 
 
 def faults() -> int:

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import zlib
 
 import pytest
 import torch
+from conftest import kernels_expected
 
 from yet_another_retnet.ops.gemv import bf16_dot, gemv, gemv_kernel_available
 
-HAS_TOOLCHAIN = shutil.which("c++") is not None and os.environ.get("YARETNET_CPU_KERNELS", "1") != "0"
+HAS_TOOLCHAIN = kernels_expected()
 SHAPES = [(1, 1), (7, 5), (8, 16), (9, 17), (37, 45), (64, 64), (300, 257), (3072, 768)]
 
 

@@ -7,7 +7,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kernels_expected
 
 from yet_another_retnet.ops.cpu import _build, _extension
 
 #: The checkout (wherever this file sits under tests/).
 ROOT = next(d for d in Path(__file__).resolve().parents if (d / "pyproject.toml").is_file())
-HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
+HAS_TOOLCHAIN = kernels_expected()
 #: The previous layout's modules (``yet_another_retnet.ops.<name>``) and predicate names.
 OLD_MODULES = ("_build", "_extension", "chunk_kernels", "chunk_scan", "decode_step", "gemv", "matmul", "memory",
                "mlp", "norm_gate", "quantized", "retention_core", "split_heads")

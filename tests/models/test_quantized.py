@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kernels_expected
 from quantized_bounds import STEP_TOLERANCE, activation_rounding
 
 from yet_another_retnet.layers.quantized import Int4Linear, QuantizedLinear
@@ -23,7 +23,7 @@ from yet_another_retnet.ops.cpu.quantized import (
     quantize_int8,
 )
 
-HAS_TOOLCHAIN = shutil.which("c++") is not None and _extension.switch_on()
+HAS_TOOLCHAIN = kernels_expected()
 
 
 def test_quantize_int8_rounds_each_row_to_its_scale() -> None:
