@@ -135,8 +135,8 @@ def impl_unavailable(impl: str, device: torch.device) -> str | None:
         if not backends.fla_available():
             return "flash-linear-attention not installed"
     if impl.startswith("ours-triton"):
-        if not our_triton.triton_available():
-            return "triton not installed"
+        if our_triton.triton_problem() is not None:
+            return our_triton.triton_problem()
         if device.type != "cuda" and not our_triton.interpreting():
             return "CPU: only under TRITON_INTERPRET=1"
         if device.type != "cuda" and our_triton.interpreter_problem() is not None:

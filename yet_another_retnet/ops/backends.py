@@ -123,8 +123,8 @@ def recurrent_backend(backend: str | None, q: Tensor, k: Tensor, v: Tensor, prev
 
 
 def _triton_problem(q: Tensor) -> str:
-    if not _triton.triton_available():
-        return "triton is not installed"
+    if _triton.triton_problem() is not None:
+        return str(_triton.triton_problem())
     if q.device.type == "cpu" and not _triton.interpreting():
         return "CPU tensors run the kernels only under TRITON_INTERPRET=1"
     if q.dtype not in _triton.KERNEL_DTYPES:

@@ -19,7 +19,7 @@ rounded inputs.
 
 from __future__ import annotations
 
-import importlib.util
+import re
 
 import pytest
 import torch
@@ -32,10 +32,11 @@ from yet_another_retnet.ops.triton import (
     interpreter_problem,
     supports,
     supports_step,
+    triton_problem,
 )
 from yet_another_retnet.ops.triton.chunkwise import SCHEDULE_ENV, SCHEDULES
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(triton_problem() is not None, reason=str(triton_problem()))
 
 TOL = {torch.float32: 2e-3, torch.float16: 5e-3}
 
@@ -225,35 +226,38 @@ def test_torch_compile_runs_the_kernels_as_a_graph_break(interpret, schedule):
     assert rel_err(out, ref_out) < 1e-5 and rel_err(state, ref_state) < 1e-5
 
 
-@pytest.mark.parametrize("versions, broken", [
-    ({"triton": "3.6.0", "numpy": "2.4.6"}, True),
-    ({"triton": "3.6.0", "numpy": "2.3.5"}, False),
-    ({"triton": "3.7.0", "numpy": "2.4.6"}, False),
-    ({"triton": "3.10.1", "numpy": "2.5.2"}, False),
+@pytest.mark.parametrize("versions, refusal", [
+    ({"triton": "3.6.0", "numpy": "2.4.6"}, "Triton 3.6's interpreter fails under NumPy 2.4"),
+    ({"triton": "3.1.0", "numpy": "1.26.4"}, "Triton 3.1 is older than 3.2"),
+    ({"triton": "3.6.0", "numpy": "2.3.5"}, None),
+    ({"triton": "3.7.0", "numpy": "2.4.6"}, None),
+    ({"triton": "3.10.1", "numpy": "2.5.2"}, None),
 ])
-def test_an_interpreter_that_cannot_run_is_refused_by_name(monkeypatch, versions, broken):
-    """Triton < 3.7 under NumPy >= 2.4 (the GPU machine's image) fails inside every kernel with a
-    loop: CPU calls are then not routed to the interpreter, and a demand for it says why."""
+def test_a_triton_that_cannot_run_the_kernels_is_refused_by_name(monkeypatch, versions, refusal):
+    """Triton < 3.2 (PyTorch < 2.6's CUDA wheels) cannot run the kernels at all, and Triton < 3.7
+    under NumPy >= 2.4 (the GPU machine's image) fails inside every interpreted kernel with a loop:
+    such calls are not routed to the kernels, and a demand for them says why."""
     import importlib.metadata
 
     from yet_another_retnet.ops import triton as our_triton
 
+    def clear():
+        our_triton.triton_problem.cache_clear()
+        our_triton.interpreter_problem.cache_clear()
+
     monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
-    our_triton.interpreter_problem.cache_clear()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    clear()
     try:
-        problem = interpreter_problem()
         q, k, v, s0 = make(1, 2, 9, 8, 8)
-        assert supports(q, k, v, s0) is not broken and supports_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0) is not broken
-        if broken:
-            assert problem is not None and "Triton 3.6" in problem and "NumPy 2.4" in problem
-            with pytest.raises(ValueError, match=r"backend='triton'.*Triton 3\.6's interpreter"):
+        ok = supports(q, k, v, s0)
+        assert ok == supports_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], s0) == (refusal is None)
+        if refusal is not None:
+            with pytest.raises(ValueError, match="backend='triton'.*" + re.escape(refusal)):
                 retention_chunkwise(q, k, v, s0, 4, backend="triton")
-        else:
-            assert problem is None
     finally:
         monkeypatch.undo()
-        our_triton.interpreter_problem.cache_clear()
+        clear()
 
 
 def test_schedule_choice_errors_name_the_setting(interpret, monkeypatch):

@@ -35,21 +35,11 @@ __all__ = [
     "supports",
     "supports_step",
     "triton_available",
+    "triton_problem",
 ]
 
 #: Input dtypes the kernels take (they compute in float32 whatever the input).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    """Whether the ``triton`` package can be imported (checked once, without importing it)."""
-    return importlib.util.find_spec("triton") is not None
-
-
-def interpreting() -> bool:
-    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _release(package: str) -> tuple[int, int] | None:
@@ -59,6 +49,35 @@ def _release(package: str) -> tuple[int, int] | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     return (int(found[1]), int(found[2])) if found else None
+
+
+#: The oldest Triton release our kernels run on (3.1's language refuses them; 3.2 to 3.9 were run
+#: under the interpreter, 3.3 to 3.9 also compiled for sm_90).
+MIN_TRITON = (3, 2)
+
+
+@functools.lru_cache(maxsize=1)
+def triton_problem() -> str | None:
+    """Why our kernels cannot run in this environment at all (``None``: they can): ``triton``
+    missing, or older than :data:`MIN_TRITON` (PyTorch before 2.6 brings such a release with its
+    CUDA wheels; CUDA calls then take the plain PyTorch form). Checked once, without importing it."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    release = _release("triton")
+    if release is not None and release < MIN_TRITON:
+        return (f"Triton {release[0]}.{release[1]} is older than {MIN_TRITON[0]}.{MIN_TRITON[1]}, the oldest "
+                "release our kernels run on")
+    return None
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed at a release our kernels run on (see :func:`triton_problem`)."""
+    return triton_problem() is None
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,7 +105,7 @@ def _device_ok(x: Tensor) -> bool:
 
 def supports(q: Tensor, k: Tensor, v: Tensor, prev_state: Tensor | None = None) -> bool:
     """Whether :func:`chunk_retention_triton` takes ``q``, ``k`` ``(b, h, L, dk)``, ``v`` ``(b, h, L, dv)``
-    and ``prev_state``: Triton importable, CUDA tensors (or CPU ones under the interpreter),
+    and ``prev_state``: a Triton our kernels run on, CUDA tensors (or CPU ones under the interpreter),
     float32/bfloat16/float16, ``1 <= dk <= MAX_KEY_DIM``, at least one token."""
     return (triton_available() and q.dim() == 4 and q.dtype in KERNEL_DTYPES and _device_ok(q)
             and 1 <= q.shape[-1] <= MAX_KEY_DIM and q.shape[2] >= 1 and v.shape[-1] >= 1
