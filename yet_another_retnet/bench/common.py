@@ -311,6 +311,15 @@ def has_transformers() -> bool:
     return transformers_version() is not None
 
 
+def without_missing_transformer(models: list[str], doing: str) -> list[str]:
+    """``models`` less ``"transformer"`` where transformers is not installed, saying so on stderr
+    (after the arguments were checked: a usage error stays the one line printed)."""
+    if "transformer" not in models or has_transformers():
+        return models
+    print(f"transformers is not installed: {doing} RetNet only (pip install transformers)", file=sys.stderr)
+    return [m for m in models if m != "transformer"]
+
+
 def matched_llama_ffn(config: RetNetConfig) -> int:
     """The Llama FFN width that gives the RetNet's parameter count at the same width and depth.
 

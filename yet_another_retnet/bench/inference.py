@@ -463,15 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         raise ValueError(f"--models must be a comma-separated subset of {MODELS}, got {args.models!r}")
-    if "transformer" in models and not common.has_transformers():
-        print("transformers is not installed: measuring RetNet only (pip install transformers)",
-              file=sys.stderr)
-        models = [m for m in models if m != "transformer"]
     rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
     if steps < 1 or warmup < 0 or batch_context < 1 or rounds < 1:
         raise ValueError("--steps must be >= 1, --warmup-steps >= 0, --batch-context >= 1 and --rounds >= 1")
     common.positive_float(args.max_cache_gib, "--max-cache-gib")
     out = common.prepare_out(args.out)
+    models = common.without_missing_transformer(models, "measuring")
     machine = common.machine_info(device)  # before measuring: its load average is "at start"
 
     configs = [(c, 1) for c in contexts] + [(batch_context, b) for b in batch_sizes]

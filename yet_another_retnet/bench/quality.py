@@ -188,9 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or any(m not in MODELS for m in models):
         raise ValueError(f"--models must be a comma-separated subset of {MODELS}, got {args.models!r}")
-    if "transformer" in models and not common.has_transformers():
-        print("transformers is not installed: training RetNet only", file=sys.stderr)
-        models = [m for m in models if m != "transformer"]
 
     tokens = encode_corpus(default_corpus_text(), ByteTokenizer())
     train, val = split_tokens(tokens, 0.05)
@@ -198,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         raise common.UsageError(f"--length {args.length} is longer than the held-out corpus "
                                 f"({len(val)} tokens); choose --length <= {len(val)}")
     out = common.prepare_out(args.out)
+    models = common.without_missing_transformer(models, "training")
     machine = common.machine_info(device)  # before training: its load average is "at start"
     data = batches(train, args.steps, args.batch, args.length, args.seed)
     windows = eval_windows(val, args.length, eval_tokens)

@@ -196,10 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--models must be a comma-separated subset of {MODELS}, got {args.models!r}")
     if args.batch < 1 or repeats < 1:
         raise ValueError("--batch and --repeats must be >= 1")
-    if "transformer" in models and not common.has_transformers():
-        print("transformers is not installed: measuring RetNet only", file=sys.stderr)
-        models = [m for m in models if m != "transformer"]
     out = common.prepare_out(args.out)
+    models = common.without_missing_transformer(models, "measuring")
     machine = common.machine_info(device)  # before measuring: its load average is "at start"
     results: list[dict[str, Any]] = []
     for length in lengths:
