@@ -42,6 +42,21 @@ def float32_tol(device: torch.device, tol: float) -> float:
     return max(tol, 2e-3) if device.type == "cuda" else tol
 
 
+def fsdp2_problem() -> str | None:
+    """Why ``--fsdp`` cannot run with this torch (``None``: it can): FSDP2 is torch >= 2.4."""
+    from yet_another_retnet.training.distributed import fsdp2
+
+    try:
+        fsdp2()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+#: fp16 training off CUDA needs ``torch.amp.GradScaler`` (torch >= 2.3); torch 2.2 refuses it by name.
+CPU_FP16 = hasattr(torch.amp, "GradScaler")
+
+
 def kernels_expected() -> bool:
     """Whether the C++ CPU kernels must build here: a C++ compiler and ninja on PATH, and the
     kernels not switched off (``YARETNET_FAST_PATH=0`` or its deprecated alias). Tests that assert

@@ -14,7 +14,7 @@ import torch
 from conftest import kernels_expected
 
 from yet_another_retnet import RetNet, RetNetConfig
-from yet_another_retnet.ops.memory import cached_cpu_memory
+from yet_another_retnet.ops.memory import cache_built, cached_cpu_memory
 
 HAS_TOOLCHAIN = kernels_expected()
 
@@ -26,6 +26,8 @@ def faults() -> int:
 def test_cache_turns_on_where_the_extension_builds() -> None:
     if not HAS_TOOLCHAIN:
         pytest.skip("no C++ compiler (or kernels disabled)")
+    if not cache_built():
+        pytest.skip(f"torch {torch.__version__} ships no caching allocator header: the cache stays off")
     with cached_cpu_memory() as on:
         assert on
 
@@ -66,7 +68,7 @@ def test_training_steps_inside_the_cache_equal_steps_outside() -> None:
     plain_losses, plain_params = run()
     with cached_cpu_memory(min_bytes=1024) as on:  # small threshold: most buffers go through it
         cached_losses, cached_params = run()
-    assert on or not HAS_TOOLCHAIN
+    assert on or not HAS_TOOLCHAIN or not cache_built()
     assert cached_losses == pytest.approx(plain_losses, rel=1e-6)
     for a, b in zip(plain_params, cached_params, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

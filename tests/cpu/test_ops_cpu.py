@@ -98,7 +98,9 @@ def test_supports_never_builds_the_extension(tmp_path: Path) -> None:
     done = _run(SUPPORTS, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
     assert done.returncode == 0, done.stderr
     result = eval(done.stdout)
-    assert all(result["answers"].values()), result["answers"]
+    # Paths whose backward is registered through torch.library.register_autograd need torch >= 2.4.
+    autograd = {"chunk_scan", "chunk_kernels", "chunk_retention", "norm_gate", "split_heads", "retention_core"}
+    assert result["answers"] == {k: _extension.HAS_REGISTER_AUTOGRAD or k not in autograd for k in result["answers"]}
     assert result["loaded"] is None and result["built"] == []
     assert _extension.COMPILE_NOTICE not in done.stderr
 
@@ -149,7 +151,8 @@ def test_a_build_says_so_on_stderr_once(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(cpp_extension, "load", fake_build)
     monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
     first = _build.build_and_load("probe", [source], include_dirs=[tmp_path], notice="compiling the probe...")
-    assert capsys.readouterr().err == "compiling the probe...\n" and builds == [[str(tmp_path)]]
+    err = capsys.readouterr().err  # (torch 2.2's CUDA wheels also say there is no CUDA runtime)
+    assert err.endswith("compiling the probe...\n") and err.count("compiling") == 1 and builds == [[str(tmp_path)]]
     again = _build.build_and_load("probe", [source], include_dirs=[tmp_path], notice="compiling the probe...")
     assert again == first and first.is_file() and capsys.readouterr().err == "" and len(builds) == 1
     header = tmp_path / "probe.h"
@@ -182,7 +185,8 @@ def test_info_kernels_lists_every_path_taken_where_the_kernels_build() -> None:
     from yet_another_retnet.ops.cpu.report import FAST_PATHS
 
     for path in FAST_PATHS:
-        assert f"{path.name}: yes" in text and path.test in text and path.reference in text
+        taken = _extension.HAS_REGISTER_AUTOGRAD or not path.needs_autograd
+        assert f"{path.name}: {'yes' if taken else 'no'}" in text and path.test in text and path.reference in text
     threads = int(re.search(r"(\d+) threads", text).group(1))  # type: ignore[union-attr]
     assert f"a multiple of {threads} or at least {4 * threads}" in text  # the thread-count condition
     done = _info("info", "some-dir", "--kernels")

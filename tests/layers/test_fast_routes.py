@@ -111,7 +111,8 @@ def test_every_route_gives_the_reference_numbers(dtype: torch.dtype, mode: str, 
     # The core kernel runs only on its route, and only for CPU float32 (else the route goes on fused).
     on_core = routes[0] == fast.CORE and dtype == torch.float32
     assert len(cores) <= int(on_core)
-    if on_core and _extension.load() and torch.get_num_threads() in (1, 2, 4):  # 4 walks spread evenly
+    if on_core and _extension.load() and _extension.HAS_REGISTER_AUTOGRAD and torch.get_num_threads() in (1, 2, 4):
+        # (4 walks spread evenly; the kernel's backward needs torch >= 2.4)
         assert cores == [1]
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert rel(y, want) < tol and rel(state.memory, want_state.memory) < tol

@@ -15,12 +15,17 @@ from yet_another_retnet.ops import retention_chunkwise
 from yet_another_retnet.ops.fla_backend import chunk_retention_fla
 
 
+def _is_compiling() -> bool:
+    compiler_check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(compiler_check() if compiler_check is not None else torch._dynamo.is_compiling())
+
+
 def _fake_fla(monkeypatch, seen: list[bool]) -> None:
     """Install ``fla.ops.retention.chunk_retention`` as fla documents it: ``(b, L, h, d)`` inputs,
     ``o = scale * q S`` with a state that holds no scale, computed here by our torch form."""
 
     def chunk_retention(q, k, v, scale, initial_state, output_final_state):
-        seen.append(torch.compiler.is_compiling())
+        seen.append(_is_compiling())
         assert output_final_state
         prev = None if initial_state is None else initial_state * scale
         out, state = retention_chunkwise(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), prev, 8,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import fsdp2_problem
 from safetensors.torch import load_file
 
 from yet_another_retnet.cli import main
@@ -70,6 +71,7 @@ def test_ddp_two_processes_equal_one(setup: tuple[Path, Path]) -> None:
     assert_same_weights(out, single)
 
 
+@pytest.mark.skipif(fsdp2_problem() is not None, reason=str(fsdp2_problem()))
 def test_fsdp_checkpoint_resumes_in_one_process(setup: tuple[Path, Path]) -> None:
     data, single = setup
     out = single.parent / "fsdp"

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import fsdp2_problem
 from safetensors.torch import load_file
 
 from yet_another_retnet.cli import main
@@ -19,7 +20,7 @@ from yet_another_retnet.training.data import default_corpus_text
 from yet_another_retnet.training.prepare import prepare
 from yet_another_retnet.training.progress import read_metrics
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(fsdp2_problem() is not None, reason=str(fsdp2_problem())),
               pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                  reason="torch.distributed with gloo is not available")]
 

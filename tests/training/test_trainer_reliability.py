@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import CPU_FP16, TINY
 from safetensors.torch import load_file
 
 from yet_another_retnet.cli import main
@@ -116,6 +116,7 @@ def test_a_non_finite_validation_loss_is_never_saved(
     assert all(math.isfinite(r["val_loss"]) for r in read_metrics(out) if r["kind"] == "eval")
 
 
+@pytest.mark.skipif(not CPU_FP16, reason="fp16 on CPU needs torch >= 2.3 (torch.amp.GradScaler)")
 def test_metrics_jsonl_stays_valid_json_when_fp16_skips_a_step(
         tmp_path: Path, corpus_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """fp16's scaler skips a step with inf gradients (by design, no error); its gradient norm is

@@ -108,8 +108,12 @@ class RetNetDecoderLayer(nn.Module):
         for p in (self.retention.norm_weight, self.retention.norm_bias):
             if p is not None:
                 p.requires_grad_(False)
-        self.register_state_dict_post_hook(_layer_to_yar051)
-        self.register_load_state_dict_pre_hook(_layer_from_yar051)
+        if hasattr(self, "register_state_dict_post_hook"):
+            self.register_state_dict_post_hook(_layer_to_yar051)
+            self.register_load_state_dict_pre_hook(_layer_from_yar051)
+        else:  # PyTorch 2.2 has these hooks under private names only
+            self._register_state_dict_hook(_layer_to_yar051)
+            self._register_load_state_dict_pre_hook(_layer_from_yar051, with_module=True)
 
     @property
     def layer(self) -> _OurLayer:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..models.checkpoint import atomic_write
 
@@ -126,9 +126,25 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
     A collective under FSDP: every rank must call it (rank 0 receives the tensors).
     """
+    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # In one process the offload is ours: torch 2.2 asks the (absent) process group for this
+    # rank when it offloads. Tensors already on the CPU are not copied, as with its offload.
+    together = dist.is_available() and dist.is_initialized()
+    model_state, optimizer_state = get_state_dict(model, optimizer,
+                                                  options=StateDictOptions(full_state_dict=True, cpu_offload=together))
+    return (model_state, optimizer_state) if together else (_on_cpu(model_state), _on_cpu(optimizer_state))
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.to("cpu")
+    if isinstance(value, dict):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
 
 
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
@@ -194,7 +210,8 @@ def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: torch.
     if distributed:
         dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(target),
+    # A storage writer rather than checkpoint_id=, which torch 2.2's dcp.save does not take.
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, storage_writer=dcp.FileSystemWriter(str(target)),
              no_dist=not distributed)
     return name
 
@@ -212,7 +229,8 @@ def load_sharded(directory: Path, name: str, model: nn.Module, optimizer: torch.
     state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
     import torch.distributed as dist
 
-    dcp.load(state, checkpoint_id=str(path), no_dist=not (dist.is_available() and dist.is_initialized()))
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)),
+             no_dist=not (dist.is_available() and dist.is_initialized()))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -93,6 +94,20 @@ def broadcast_flag(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def fsdp2() -> Any:
+    """FSDP2's ``fully_shard``: ``torch.distributed.fsdp`` from torch 2.6, its ``_composable`` home in
+    2.4 and 2.5. Raises ``ValueError`` naming ``--fsdp`` on older torch (FSDP2 did not exist)."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import fully_shard
+        except ImportError:
+            raise ValueError(f"--fsdp needs torch >= 2.4 (FSDP2's fully_shard); this is torch {torch.__version__}: "
+                             "upgrade torch, or train with DDP (drop --fsdp)") from None
+    return fully_shard
+
+
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, fsdp: bool) -> nn.Module:
     """The module to train: ``model`` itself, DDP around it, or ``model`` sharded with FSDP2.
 
@@ -105,8 +120,7 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, fsdp: boo
             raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node=N")
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
-
+        fully_shard = fsdp2()
         for layer in model.decoder.layers:  # type: ignore[union-attr]
             fully_shard(layer)
         fully_shard(model)

@@ -65,7 +65,7 @@ class TrainState:
     forward_module: nn.Module  # what a step calls: ``train_module``, compiled under --compile --fsdp
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
+    scaler: Any  # torch.amp.GradScaler (torch.cuda.amp's on torch 2.2): grad_scaler()
     sampler: WindowSampler  # its generator is the data position
     started: float  # ``time.perf_counter()`` when this call began
     metrics: list[dict[str, Any]] = field(default_factory=list)  # every record, earlier calls' too
@@ -83,6 +83,14 @@ class TrainState:
         return self.elapsed_before + time.perf_counter() - self.started
 
 
+def grad_scaler(device_type: str, enabled: bool) -> Any:
+    """The fp16 gradient scaler (a pass-through unless ``enabled``). ``torch.amp.GradScaler`` is
+    torch >= 2.3; torch 2.2 has CUDA's alone (fp16 off CUDA is refused there: TrainConfig)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled and device_type == "cuda")
+
+
 def build_state(run: Run, train_data: TokenSource, checkpoint: dict[str, Any] | None,
                 started: float) -> TrainState:
     """The model, optimizer, schedule, gradient scaler and data sampler, initialised from
@@ -97,7 +105,7 @@ def build_state(run: Run, train_data: TokenSource, checkpoint: dict[str, Any] | 
     train_module = dist_utils.wrap_model(model, run.info, device, config.fsdp)
     optimizer = build_optimizer(model, config, fused_ok=device.type == "cuda" and not config.fsdp)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler = grad_scaler(device.type, enabled=config.precision == "fp16")
     sampler = WindowSampler(train_data, config.seq_len, config.seed)
     state = TrainState(model, train_module, train_module, optimizer, scheduler, scaler, sampler, started)
     if checkpoint is not None:

@@ -132,7 +132,8 @@ def build_and_load(name: str, sources: Sequence[Path], cflags: Sequence[str] = (
                                        extra_cflags=list(cflags), extra_ldflags=list(ldflags),
                                        extra_include_paths=[str(d) for d in include_dirs],
                                        is_python_module=False, verbose=False)
-            _install(Path(str(built)), final)
+            # PyTorch 2.2 returns None here, later releases the library's path: the same file.
+            _install(Path(build_dir) / f"{name}.so" if built is None else Path(str(built)), final)
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
     return final

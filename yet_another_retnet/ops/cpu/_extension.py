@@ -23,6 +23,7 @@ import importlib
 import logging
 import os
 import platform
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -178,7 +179,10 @@ def is_compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return bool(compiler.is_compiling())
-    return bool(torch._dynamo.is_compiling())
+    # torch 2.2: dynamo's own answer, where it is loaded at all (nothing compiles without it, and
+    # importing it here would cost every process ~70 MiB).
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo is not None and bool(dynamo.is_compiling())
 
 
 def autocast_enabled(device_type: str) -> bool:

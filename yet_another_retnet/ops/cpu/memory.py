@@ -32,19 +32,27 @@ import torch
 
 from . import _extension
 
-__all__ = ["cached_cpu_memory", "supports"]
+__all__ = ["cache_built", "cached_cpu_memory", "supports"]
 
 #: Allocations below this go to the plain allocator: glibc serves them from its heap without faults.
 DEFAULT_MIN_BYTES = 1 << 20
 
 _lock = threading.Lock()
 _depth = 0
+_active = False  # whether the outermost use turned the cache on
 
 
 def supports() -> bool:
     """Whether :func:`cached_cpu_memory` can turn the cache on: the kernels not ruled out. Pure:
     never builds the extension."""
     return _extension.usable()
+
+
+def cache_built() -> bool:
+    """Whether the extension builds here (it is built if need be) and holds the cache: PyTorch's
+    wheels ship the caching allocator's header only from some 2.x release on (2.2's do not), and
+    without it :func:`cached_cpu_memory` always yields ``False``."""
+    return _extension.load() and bool(torch.ops.yaretnet.cpu_memory_cache_built())
 
 
 @contextmanager
@@ -66,9 +74,11 @@ def cached_cpu_memory(min_bytes: int = DEFAULT_MIN_BYTES) -> Iterator[bool]:
     if not (supports() and _extension.load()):
         yield False
         return
+    global _active
     with _lock:
-        outermost = _depth == 0
-        active = bool(torch.ops.yaretnet.cpu_memory_cache_enable(min_bytes)) if outermost else True
+        if _depth == 0:  # nested uses report what the outermost one got
+            _active = bool(torch.ops.yaretnet.cpu_memory_cache_enable(min_bytes))
+        active = _active
         _depth += 1
     try:
         yield active

@@ -19,18 +19,29 @@
 // is on the allocation path except one relaxed atomic load.
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+
+// PyTorch's wheels ship the caching allocator's header only from some 2.x release on (2.2's do
+// not). Without it the cache is never on: enabling it answers false, as when another allocator
+// outranks ours, and everything else in the extension builds as usual.
+#if __has_include(<c10/mobile/CPUCachingAllocator.h>)
+#define YARETNET_CPU_CACHE 1
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/mobile/CPUCachingAllocator.h>
-#include <torch/library.h>
 
 #include <pthread.h>
 
 #include <atomic>
-#include <cstdint>
 #include <mutex>
+#endif
 
 namespace {
+
+#ifdef YARETNET_CPU_CACHE
 
 class CachingFront final : public c10::Allocator {
  public:
@@ -66,8 +77,10 @@ class CachingFront final : public c10::Allocator {
 
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
+  // Pure virtual in the releases that have it; not declared `override`, so that releases whose
+  // Allocator has no copy_data still build.
+  void copy_data(void* dest, const void* src, std::size_t count) const {
+    std::memcpy(dest, src, count);
   }
 
   // Switch the cache on for allocations of at least `min_bytes` (a new cache if none is on).
@@ -126,9 +139,31 @@ bool cpu_memory_cache_enable(int64_t min_bytes) {
 
 void cpu_memory_cache_disable() { front()->disable(); }
 
+#else  // no caching allocator in this PyTorch
+
+bool cpu_memory_cache_enable(int64_t min_bytes) {
+  TORCH_CHECK(min_bytes >= 1, "min_bytes must be >= 1, got ", min_bytes);
+  return false;
+}
+
+void cpu_memory_cache_disable() {}
+
+#endif
+
+}  // namespace
+
+namespace {
+bool cpu_memory_cache_built() {
+#ifdef YARETNET_CPU_CACHE
+  return true;
+#else
+  return false;
+#endif
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(yaretnet, m) {
   m.def("cpu_memory_cache_enable(int min_bytes) -> bool", &cpu_memory_cache_enable);
   m.def("cpu_memory_cache_disable() -> ()", &cpu_memory_cache_disable);
+  m.def("cpu_memory_cache_built() -> bool", &cpu_memory_cache_built);
 }
