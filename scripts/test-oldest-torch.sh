@@ -8,6 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${1:-.venv/torch-2.2}"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+venv="$(cd "$venv" && pwd)"
 constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 printf 'torch==2.2.2\nnumpy<2\n' > "$constraints"   # torch 2.2 was built against NumPy 1.x
@@ -15,4 +16,4 @@ printf 'torch==2.2.2\nnumpy<2\n' > "$constraints"   # torch 2.2 was built agains
     torch==2.2.2 "numpy<2" pytest hypothesis tokenizers safetensors psutil ninja matplotlib
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps -e .
 # The C++ kernels are built for each torch: a folder of their own, beside the venv.
-TORCH_EXTENSIONS_DIR="$PWD/$venv/torch_extensions" CI= "$venv/bin/python" -m pytest -q -p no:cacheprovider tests
+TORCH_EXTENSIONS_DIR="$venv/torch_extensions" CI= "$venv/bin/python" -m pytest -q -p no:cacheprovider tests
