@@ -126,12 +126,13 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
     A collective under FSDP: every rank must call it (rank 0 receives the tensors).
     """
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    from .distributed import in_process_group
 
     # In one process the offload is ours: torch 2.2 asks the (absent) process group for this
     # rank when it offloads. Tensors already on the CPU are not copied, as with its offload.
-    together = dist.is_available() and dist.is_initialized()
+    together = in_process_group()
     model_state, optimizer_state = get_state_dict(model, optimizer,
                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=together))
     return (model_state, optimizer_state) if together else (_on_cpu(model_state), _on_cpu(optimizer_state))
@@ -200,13 +201,15 @@ def save_sharded(directory: Path, step: int, model: nn.Module, optimizer: torch.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from .distributed import in_process_group
+
     name = f"{SHARDED_PREFIX}{step:06d}"
     target = directory / name
     if is_main and target.exists():  # a half-written one from a killed run
         import shutil
 
         shutil.rmtree(target)
-    distributed = dist.is_available() and dist.is_initialized()
+    distributed = in_process_group()
     if distributed:
         dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -227,10 +230,9 @@ def load_sharded(directory: Path, name: str, model: nn.Module, optimizer: torch.
         raise OSError(f"{directory / CHECKPOINT_NAME} points at a sharded checkpoint {name!r} that is missing")
     model_state, optimizer_state = get_state_dict(model, optimizer)  # the shapes to fill (this world size)
     state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
-    import torch.distributed as dist
+    from .distributed import in_process_group
 
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)),
-             no_dist=not (dist.is_available() and dist.is_initialized()))
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), no_dist=not in_process_group())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -199,15 +199,15 @@ class TrainConfig:
                 raise TrainingError("--device meta holds no data and cannot train; choose cpu or cuda")
             if device.type == "cuda" and not torch.cuda.is_available():
                 raise TrainingError(f"--device {self.device}: no CUDA device is available")
-        if self.fsdp:  # before anything is written: FSDP2 is torch >= 2.4
-            from .distributed import fsdp2
+        from .distributed import default_device, fsdp2
 
+        if self.fsdp:  # before anything is written: FSDP2 is torch >= 2.4
             try:
                 fsdp2()
             except ValueError as err:
                 raise TrainingError(str(err)) from None
         if self.precision == "fp16" and not hasattr(torch.amp, "GradScaler"):  # torch 2.2
-            on = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            on = torch.device(default_device(self.device))
             if on.type != "cuda":
                 raise TrainingError(f"--precision fp16 on {on.type} needs torch >= 2.3 (PyTorch 2.2's gradient scaler "
                                     "is CUDA's only); use bf16 or fp32, or upgrade torch")

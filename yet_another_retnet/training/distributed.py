@@ -42,9 +42,7 @@ def init_distributed(device: str | None) -> tuple[DistInfo, torch.device]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = torch.device(default_device(device))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     if world_size > 1:
@@ -58,8 +56,18 @@ def init_distributed(device: str | None) -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world_size, local_rank), dev
 
 
+def in_process_group() -> bool:
+    """Whether this process has joined a process group (``torchrun`` with several processes)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def default_device(device: str | None) -> str:
+    """The user's ``--device``, or CUDA where it is available and the CPU otherwise."""
+    return device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if in_process_group():
         dist.destroy_process_group()
 
 
